@@ -1,0 +1,15 @@
+"""moon3-sdk: compiled edge deployment of reasoning-aware multimodal product embeddings.
+
+`import sdk` stays light: it never imports torch, onnxruntime or tensorrt.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from sdk.errors import SdkError
+
+try:
+    __version__ = version("moon3-sdk")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = ["SdkError", "__version__"]

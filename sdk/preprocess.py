@@ -1,0 +1,192 @@
+"""Image and text preprocessing shared by training and the runtime (numpy + Pillow + tokenizers).
+
+Training code calls these same functions, so what the runtime feeds a model is, by construction,
+what the model saw while it was trained.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdk.errors import InvalidInputError
+
+# A 20000x20000 RGB image is 1.2 GB decoded; product photos are far below this.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How an image becomes the image tower's input.
+
+    Attributes:
+        size: output side in pixels (square).
+        resize: "squash" resizes the whole photo to size x size (the catalog's 3:4 photos are
+            squashed, as a part of the catalog already is); "center_crop" resizes the short side
+            and crops the centre.
+        scale: "pm1" maps pixels to [-1, 1] (x*2-1); "imagenet" uses ImageNet mean/std.
+    """
+
+    size: int = 224
+    resize: str = "squash"
+    scale: str = "pm1"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.size <= 1024:
+            raise ValueError(f"ImagePreprocess.size must be in [16, 1024], got {self.size}")
+        if self.resize not in ("squash", "center_crop"):
+            raise ValueError(f"ImagePreprocess.resize must be 'squash' or 'center_crop', got {self.resize!r}")
+        if self.scale not in ("pm1", "imagenet"):
+            raise ValueError(f"ImagePreprocess.scale must be 'pm1' or 'imagenet', got {self.scale!r}")
+
+
+def load_image(src: Any, *, name: str = "image"):
+    """Open an image from a path, bytes, a PIL image or an HWC uint8 array, as RGB PIL.
+
+    Raises:
+        InvalidInputError: the source is missing, not an image, corrupt, or of an unusable shape.
+    """
+    from PIL import Image, ImageOps
+
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        return _array_to_pil(src, name)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise InvalidInputError(f"{name}: empty bytes, expected an encoded image (JPEG/PNG/WebP)")
+        img = _open(io.BytesIO(bytes(src)), name)
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise InvalidInputError(f"{name}: file not found: {path}")
+        if path.stat().st_size == 0:
+            raise InvalidInputError(f"{name}: file is empty (0 bytes): {path}")
+        img = _open(path, name)
+    else:
+        raise InvalidInputError(
+            f"{name}: unsupported image type {type(src).__name__}; "
+            "pass a path, bytes, a PIL image or an HWC uint8 array"
+        )
+    try:
+        img = ImageOps.exif_transpose(img)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Composite on white, as product photos are shown.
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, rgba)
+        img = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInputError(f"{name}: could not decode image ({exc})") from exc
+    if min(img.size) < 1:
+        raise InvalidInputError(f"{name}: image has no pixels ({img.size[0]}x{img.size[1]})")
+    return img
+
+
+def _open(fp, name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(fp)  # reads the header only
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise InvalidInputError(
+                f"{name}: image too large ({w}x{h} = {w * h} pixels, limit {MAX_IMAGE_PIXELS}); "
+                "downscale it before embedding"
+            )
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise InvalidInputError(f"{name}: image too large (limit {MAX_IMAGE_PIXELS} pixels): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidInputError(f"{name}: not a recognised image format") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInputError(f"{name}: corrupt or truncated image ({exc})") from exc
+    return img
+
+
+def _array_to_pil(arr: np.ndarray, name: str):
+    from PIL import Image
+
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise InvalidInputError(f"{name}: array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise InvalidInputError(f"{name}: array dtype must be uint8 (0..255), got {arr.dtype}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InvalidInputError(f"{name}: array has no pixels, shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    return img.convert("RGB") if img.mode != "RGBA" else load_image(img, name=name)
+
+
+def image_to_array(img, cfg: ImagePreprocess = ImagePreprocess()) -> np.ndarray:
+    """RGB PIL image -> (3, size, size) float32 array, resized and scaled as `cfg` says."""
+    from PIL import Image
+
+    s = cfg.size
+    if cfg.resize == "squash":
+        img = img.resize((s, s), Image.BILINEAR)
+    else:
+        w, h = img.size
+        k = s / min(w, h)
+        img = img.resize((max(s, round(w * k)), max(s, round(h * k))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    if cfg.scale == "pm1":
+        x = x * 2.0 - 1.0
+    else:
+        x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+
+
+@dataclass
+class TextTokenizer:
+    """WordPiece tokenizer from a `tokenizer.json` file, padding to the longest item in a batch.
+
+    Attributes:
+        path: the tokenizer.json file.
+        max_length: tokens kept per text (including [CLS]/[SEP]); longer text is truncated.
+    """
+
+    path: str | os.PathLike
+    max_length: int = 32
+    _tok: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"TextTokenizer.max_length must be >= 2, got {self.max_length}")
+        from tokenizers import Tokenizer
+
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
+        self._tok = Tokenizer.from_file(str(self.path))
+        self._tok.no_padding()
+        self._tok.enable_truncation(self.max_length)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize texts -> (ids, mask), both (B, T) int64, T = longest item (>= 1)."""
+        encs = self._tok.encode_batch(list(texts))
+        t = max((len(e.ids) for e in encs), default=1)
+        ids = np.zeros((len(encs), t), np.int64)
+        mask = np.zeros((len(encs), t), np.int64)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return ids, mask

@@ -1,0 +1,145 @@
+"""The reference embedder's architecture, on tiny configs built in code."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sdk.train.embedder import (  # noqa: E402
+    IMAGE,
+    TEXT,
+    EmbedderConfig,
+    FusionEmbedder,
+    LinearEmbedder,
+    build_embedder,
+    load_embedder,
+    matryoshka,
+    save_embedder,
+)
+
+TINY = dict(d_model=32, n_heads=4, image_dim=24, shallow_dim=8, text_dim=16, n_image_tokens=9,
+            n_image_layers=2, fire_hidden=16, n_fusion_layers=2, out_dim=32, matryoshka_dims=(8, 16, 32), dropout=0.0)
+
+
+def inputs(B=5, T=6, S=3, seed=0, present=(1, 1, 0)):
+    g = torch.Generator().manual_seed(seed)
+    deep = torch.randn(B, 9, 24, generator=g)
+    shallow = torch.randn(B, 9, 8, generator=g)
+    text = torch.randn(B, T, 16, generator=g)
+    mask = torch.ones(B, T)
+    mask[0, 3:] = 0  # a padded item
+    trace = torch.randn(B, S, 16, generator=g)
+    tmask = torch.ones(B, S)
+    pres = torch.tensor([list(present)] * B, dtype=torch.float32)
+    return deep, shallow, text, mask, trace, tmask, pres
+
+
+def trained_like(model):
+    """Move zero-initialised parameters (FIRE scale, fusion out-proj) off zero, as training does."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["full", "no_fire", "linear"])
+def test_output_is_normalised_and_shaped(variant):
+    torch.manual_seed(0)
+    model = trained_like(build_embedder(EmbedderConfig(variant=variant, **TINY)))
+    for present in [(1, 1, 0), (1, 0, 0), (0, 1, 0), (1, 1, 1)]:
+        e = model(*inputs(present=present))
+        assert e.shape == (5, 32)
+        assert torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-5)
+        assert torch.isfinite(e).all()
+
+
+@pytest.mark.parametrize("variant", ["full", "linear"])
+def test_absent_modality_has_no_influence(variant):
+    torch.manual_seed(0)
+    model = trained_like(build_embedder(EmbedderConfig(variant=variant, **TINY)))
+    a = inputs(present=(0, 1, 0))
+    b = list(a)
+    b[0] = a[0] * 100 + 3  # different image tokens, but the image is marked absent
+    b[1] = -a[1]
+    b[4] = a[4] * 0 + 1  # different trace tokens, trace absent
+    assert torch.allclose(model(*a), model(*b), atol=1e-5)
+
+
+def test_padding_does_not_change_the_vector():
+    torch.manual_seed(0)
+    model = trained_like(FusionEmbedder(EmbedderConfig(**TINY)))
+    deep, shallow, text, mask, trace, tmask, pres = inputs(B=1)
+    short = model(deep, shallow, text[:, :3], mask[:, :3], trace, tmask, pres)
+    padded_text = torch.cat([text[:, :3], torch.randn(1, 7, 16)], dim=1)
+    padded_mask = torch.cat([mask[:, :3], torch.zeros(1, 7)], dim=1)
+    long = model(deep, shallow, padded_text, padded_mask, trace, tmask, pres)
+    assert torch.allclose(short, long, atol=1e-5)
+
+
+def test_fire_is_identity_at_init_and_learns():
+    torch.manual_seed(0)
+    model = FusionEmbedder(EmbedderConfig(**TINY)).eval()
+    a = inputs()
+    b = list(a)
+    b[1] = a[1] * 5  # other shallow tokens
+    assert torch.allclose(model(*a), model(*b), atol=1e-6)
+    with torch.no_grad():  # the zero-initialised fusion out-projections move first in training
+        for layer in model.fusion:
+            layer.out.weight.normal_(0, 0.5)
+    model.train()
+    model(*a).sum().backward()
+    assert all(f.scale.grad is not None and f.scale.grad.abs() > 0 for f in model.image.fire.values())
+
+
+def test_gate_weights_cover_present_modalities_only():
+    torch.manual_seed(0)
+    model = trained_like(FusionEmbedder(EmbedderConfig(**TINY)))
+    model(*inputs(present=(1, 0, 0)))
+    gate = model.last_gate
+    assert torch.allclose(gate[:, IMAGE], torch.ones(5)) and gate[:, TEXT].max() == 0
+    model(*inputs(present=(1, 1, 0)))
+    assert torch.allclose(model.last_gate.sum(-1), torch.ones(5), atol=1e-6)
+
+
+def test_matryoshka_prefix_is_normalised():
+    e = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    m = matryoshka(e, 8)
+    assert m.shape == (4, 8) and torch.allclose(m.norm(dim=-1), torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"variant": "big"}, "variant"),
+        ({"d_model": 30, "n_heads": 4}, "divisible"),
+        ({"fire_depths": (1,)}, ">= 2 depths"),
+        ({"fire_depths": (1, 5)}, "outside"),
+        ({"matryoshka_dims": (8, 16)}, "end at out_dim"),
+        ({"matryoshka_dims": (16, 8, 32)}, "increasing"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        EmbedderConfig(**{**TINY, **kw})
+
+
+def test_no_fire_variant_drops_fire():
+    assert EmbedderConfig(variant="no_fire", **TINY).fire_depths == ()
+    assert isinstance(build_embedder(EmbedderConfig(variant="linear", **TINY)), LinearEmbedder)
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = trained_like(FusionEmbedder(EmbedderConfig(**TINY)))
+    save_embedder(model, tmp_path, metrics={"R@10": 0.5})
+    meta = json.loads((tmp_path / "embedder.json").read_text())
+    assert meta["metrics"] == {"R@10": 0.5} and meta["config"]["d_model"] == 32
+    again = load_embedder(tmp_path)
+    x = inputs()
+    assert torch.allclose(model(*x), again(*x))
+    with pytest.raises(FileNotFoundError, match="embedder file not found"):
+        load_embedder(tmp_path / "missing")

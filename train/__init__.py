@@ -1,0 +1,1 @@
+"""Reference PyTorch models (teacher embedder) and their training recipes (needs `sdk[export]`)."""

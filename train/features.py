@@ -1,0 +1,143 @@
+"""Cache the frozen towers' features for a catalog, so training touches only the trained parts.
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
+
+Writes, per product (rows in catalog order, ids in meta.json):
+  img_deep (N, 49, 1280) fp16, img_shallow (N, 49, 152) fp16, has_image (N,) bool,
+  title_tok (N, 32, 384) fp16 + title_mask, detail_tok (N, 96, 384) fp16 + detail_mask,
+  and for validation products the horizontally flipped photo's maps (img_*_flip) as a second view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
+from .catalog import Product, is_validation, read_catalog
+from .towers import (
+    DEEP_DIM,
+    SHALLOW_DIM,
+    TEXT_DIM,
+    load_image_tower,
+    load_text_tower,
+    text_tower_path,
+)
+
+TITLE_LEN = 32
+DETAIL_LEN = 96
+
+
+@torch.no_grad()
+def image_features(tower, images, cfg: ImagePreprocess, batch: int = 32, flip: bool = False, desc="images"):
+    """Run the image tower over PIL-loadable sources -> (deep, shallow) fp16 arrays."""
+    n = len(images)
+    deep = np.zeros((n, 49, DEEP_DIM), np.float16)
+    shallow = np.zeros((n, 49, SHALLOW_DIM), np.float16)
+    for s in tqdm(range(0, n, batch), desc=desc, unit="batch"):
+        xs = [image_to_array(load_image(p, name=str(p)), cfg) for p in images[s : s + batch]]
+        x = torch.from_numpy(np.stack(xs))
+        if flip:
+            x = torch.flip(x, dims=[3])
+        d, sh = tower(x)
+        deep[s : s + len(xs)] = d.numpy()
+        shallow[s : s + len(xs)] = sh.numpy()
+    return deep, shallow
+
+
+@torch.no_grad()
+def text_features(model, tok: TextTokenizer, texts: list[str], batch: int = 64, desc="texts"):
+    """MiniLM token states for texts, length-sorted for speed -> (states fp16, mask uint8)."""
+    n, t = len(texts), tok.max_length
+    states = np.zeros((n, t, TEXT_DIM), np.float16)
+    mask = np.zeros((n, t), np.uint8)
+    order = np.argsort([len(x) for x in texts], kind="stable")
+    for s in tqdm(range(0, n, batch), desc=desc, unit="batch"):
+        idx = order[s : s + batch]
+        ids, m = tok([texts[i] for i in idx])
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(m))
+        h = out.last_hidden_state.numpy()
+        states[idx, : h.shape[1]] = h
+        mask[idx, : m.shape[1]] = m
+    return states, mask
+
+
+def compare_scaling(tower, products: list[Product], n: int = 800) -> dict:
+    """Leave-one-out 1-NN article-type accuracy of pooled image features, per input scaling."""
+    with_img = [p for p in products if p.image is not None]
+    rng = np.random.default_rng(0)
+    pick = [with_img[i] for i in rng.choice(len(with_img), size=min(n, len(with_img)), replace=False)]
+    labels = np.array([p.article_type for p in pick])
+    result = {}
+    for scale in ("pm1", "imagenet"):
+        deep, _ = image_features(tower, [p.image for p in pick], ImagePreprocess(scale=scale), desc=f"scale={scale}")
+        v = deep.astype(np.float32).mean(1)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        sim = v @ v.T
+        np.fill_diagonal(sim, -np.inf)
+        result[scale] = float((labels[sim.argmax(1)] == labels).mean())
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", required=True, help="folder holding items.jsonl and images/")
+    ap.add_argument("--out", default=".cache/features", help="output folder")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N products (smoke runs)")
+    ap.add_argument("--compare-scaling", type=int, default=0, metavar="N",
+                    help="first measure 1-NN article-type accuracy of both input scalings on N photos")
+    ap.add_argument("--scale", choices=("pm1", "imagenet"), default="pm1")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    products = read_catalog(args.catalog)
+    if args.limit:
+        products = products[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tower = load_image_tower()
+    meta: dict = {"ids": [p.id for p in products], "catalog": str(args.catalog), "scale": args.scale}
+    if args.compare_scaling:
+        meta["scaling_1nn_article_type"] = compare_scaling(tower, products, args.compare_scaling)
+        print("input scaling, 1-NN article-type accuracy:", meta["scaling_1nn_article_type"])
+    cfg = ImagePreprocess(scale=args.scale)
+
+    has = np.array([p.image is not None for p in products])
+    deep = np.zeros((len(products), 49, DEEP_DIM), np.float16)
+    shallow = np.zeros((len(products), 49, SHALLOW_DIM), np.float16)
+    rows = np.flatnonzero(has)
+    d, s = image_features(tower, [products[i].image for i in rows], cfg)
+    deep[rows], shallow[rows] = d, s
+    np.save(out / "img_deep.npy", deep)
+    np.save(out / "img_shallow.npy", shallow)
+    np.save(out / "has_image.npy", has)
+    del deep, shallow, d, s
+
+    val_rows = np.array([i for i in rows if is_validation(products[i].id)], np.int64)
+    d, s = image_features(tower, [products[i].image for i in val_rows], cfg, flip=True, desc="val flipped")
+    np.save(out / "val_flip_rows.npy", val_rows)
+    np.save(out / "img_deep_flip.npy", d)
+    np.save(out / "img_shallow_flip.npy", s)
+
+    text = load_text_tower()
+    tok_path = text_tower_path() / "tokenizer.json"
+    st, m = text_features(text, TextTokenizer(tok_path, TITLE_LEN), [p.title for p in products], desc="titles")
+    np.save(out / "title_tok.npy", st)
+    np.save(out / "title_mask.npy", m)
+    st, m = text_features(text, TextTokenizer(tok_path, DETAIL_LEN), [p.detail_text for p in products], desc="details")
+    np.save(out / "detail_tok.npy", st)
+    np.save(out / "detail_mask.npy", m)
+    meta["seconds"] = round(time.time() - t0, 1)
+    (out / "meta.json").write_text(json.dumps(meta))
+    print(f"features for {len(products)} products in {meta['seconds']} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The end-to-end reference embedder in PyTorch: raw photos and text -> 256-d vectors.
+
+Composes the frozen towers (`towers.py`) with the trained fusion model (`embedder.py`) and the
+SDK's own preprocessing (`sdk.preprocess`), so it is the FP32 teacher every compiled engine is
+measured against.
+
+    from sdk.train.reference import ReferenceEmbedder
+    ref = ReferenceEmbedder()                     # the committed weights in sdk/train/weights
+    v = ref.embed(images=["shoe.jpg", None], texts=[None, "red running shoes"])  # (2, 256)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sdk.errors import InvalidInputError
+from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
+
+from .embedder import IMAGE, TEXT, TRACE, load_embedder
+from .features import TITLE_LEN
+from .towers import load_image_tower, load_text_tower, text_tower_path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+class ReferenceEmbedder:
+    """FP32 PyTorch teacher: towers + fusion. Thread-unsafe; CPU."""
+
+    def __init__(self, weights: str | Path = WEIGHTS_DIR, text_max_length: int = TITLE_LEN):
+        self.model = load_embedder(weights)
+        self.image_tower = load_image_tower()
+        self.text_tower = load_text_tower()
+        self.tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", text_max_length)
+        self.preprocess = ImagePreprocess()
+        self.dim = self.model.cfg.out_dim
+
+    @torch.no_grad()
+    def embed(
+        self,
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+        traces: Sequence[str | None] | None = None,
+        dim: int | None = None,
+        batch_size: int = 32,
+    ) -> np.ndarray:
+        """Embed items; item i uses images[i], texts[i] and traces[i] where not None.
+
+        Returns:
+            (N, dim) float32, L2-normalised (a Matryoshka prefix when dim < 256).
+
+        Raises:
+            InvalidInputError: an item has no modality, or an image cannot be decoded.
+        """
+        n = max(len(x) for x in (images, texts, traces) if x is not None) if any(
+            x is not None for x in (images, texts, traces)
+        ) else 0
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        traces = list(traces) if traces is not None else [None] * n
+        if not len(images) == len(texts) == len(traces):
+            raise InvalidInputError(
+                f"images, texts and traces must have one entry per item, got {len(images)}, {len(texts)}, {len(traces)}"
+            )
+        dim = dim or self.dim
+        out = np.zeros((n, dim), np.float32)
+        for s in range(0, n, batch_size):
+            out[s : s + batch_size] = self._embed_batch(
+                images[s : s + batch_size], texts[s : s + batch_size], traces[s : s + batch_size], s
+            )[:, :dim]
+        if dim < self.dim:
+            out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+        return out
+
+    def _text_states(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        filled = [t if t else "" for t in texts]
+        ids, mask = self.tokenizer(filled)
+        h = self.text_tower(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+        mask_t = torch.from_numpy(mask).float()
+        present = torch.tensor([1.0 if t else 0.0 for t in texts])
+        return h, mask_t * present[:, None]
+
+    def _embed_batch(self, images, texts, traces, offset: int) -> np.ndarray:
+        B = len(images)
+        for i in range(B):
+            for kind, seq in (("text", texts), ("trace", traces)):
+                if seq[i] is not None and not isinstance(seq[i], str):
+                    raise InvalidInputError(f"item {offset + i}: {kind} must be str or None, got {type(seq[i]).__name__}")
+            if images[i] is None and not (texts[i] or "").strip() and not (traces[i] or "").strip():
+                raise InvalidInputError(f"item {offset + i}: no image and no text; give at least one modality")
+        pix = np.zeros((B, 3, self.preprocess.size, self.preprocess.size), np.float32)
+        present = torch.zeros(B, 3)
+        for i, src in enumerate(images):
+            if src is not None:
+                pix[i] = image_to_array(load_image(src, name=f"item {offset + i} image"), self.preprocess)
+                present[i, IMAGE] = 1.0
+        texts = [t if t and t.strip() else None for t in texts]
+        traces = [t if t and t.strip() else None for t in traces]
+        present[:, TEXT] = torch.tensor([t is not None for t in texts], dtype=torch.float32)
+        present[:, TRACE] = torch.tensor([t is not None for t in traces], dtype=torch.float32)
+        deep, shallow = self.image_tower(torch.from_numpy(pix))
+        text_tok, text_mask = self._text_states(texts)
+        trace_tok, trace_mask = self._text_states(traces)
+        e = self.model(deep, shallow, text_tok, text_mask, trace_tok, trace_mask, present)
+        return e.numpy()

@@ -1,0 +1,301 @@
+"""Train the reference embedder on cached tower features (see `sdk.train.features`).
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
+    python -m sdk.train.train_embedder --features .cache/features --variant full --out sdk/models/embedder
+
+Loss (each term in-batch InfoNCE, symmetric, averaged over the Matryoshka prefixes 64/128/256):
+  text -> multimodal, image -> multimodal, multimodal -> multimodal (two views: photo + title vs.
+  photo with 30% of its tokens dropped + brand/description), image <-> text.
+Batches are built from groups of products of one article type, so in-batch negatives include
+hard ones; products that share a title (same design, other colour/size) are masked out of each
+other's negatives. Products without a photo take part in the text-only terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .catalog import is_validation
+from .embedder import IMAGE, TEXT, EmbedderConfig, build_embedder, matryoshka, save_embedder
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 16
+    batch_size: int = 256
+    group_size: int = 8  # products of one article type placed together in a batch
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 60
+    temperature: float = 0.05
+    image_token_drop: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.group_size < 1:
+            raise ValueError(f"bad TrainConfig sizes: {self}")
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
+        if not 0.0 < self.temperature < 1.0:
+            raise ValueError(f"temperature must be in (0, 1), got {self.temperature}")
+        if not 0.0 <= self.image_token_drop < 1.0:
+            raise ValueError(f"image_token_drop must be in [0, 1), got {self.image_token_drop}")
+
+
+class Features:
+    """Cached tower features in memory (fp16), with per-row lookups as fp32 tensors."""
+
+    def __init__(self, folder: str | Path, catalog_meta: dict | None = None):
+        folder = Path(folder)
+        if not (folder / "meta.json").is_file():
+            raise FileNotFoundError(f"no feature cache in {folder}: run python -m sdk.train.features first")
+        self.meta = json.loads((folder / "meta.json").read_text())
+        load = lambda name: torch.from_numpy(np.load(folder / f"{name}.npy"))  # noqa: E731
+        self.ids = np.asarray(self.meta["ids"], np.int64)
+        self.deep, self.shallow, self.has_image = load("img_deep"), load("img_shallow"), load("has_image")
+        self.title, self.title_mask = load("title_tok"), load("title_mask")
+        self.detail, self.detail_mask = load("detail_tok"), load("detail_mask")
+        self.flip_rows = np.load(folder / "val_flip_rows.npy")
+        self.deep_flip, self.shallow_flip = load("img_deep_flip"), load("img_shallow_flip")
+        self.titles = self.meta.get("titles")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False):
+    """Model inputs for rows: image on/off, text None/'title'/'detail'; trace absent."""
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    B = len(rows)
+    if flip:
+        pos = {int(r): i for i, r in enumerate(f.flip_rows)}
+        sel = torch.tensor([pos[int(r)] for r in rows], dtype=torch.long)
+        deep, shallow = f.deep_flip[sel].float(), f.shallow_flip[sel].float()
+    else:
+        deep, shallow = f.deep[rows].float(), f.shallow[rows].float()
+    if text == "detail":
+        tok, mask = f.detail[rows].float(), f.detail_mask[rows].float()
+    else:
+        tok, mask = f.title[rows].float(), f.title_mask[rows].float()
+    t = int(mask.sum(1).max().clamp(min=1))
+    tok, mask = tok[:, :t], mask[:, :t]
+    present = torch.zeros(B, 3)
+    present[:, IMAGE] = f.has_image[rows].float() if image else 0.0
+    if text is not None:
+        present[:, TEXT] = 1.0
+    else:
+        mask = torch.zeros_like(mask)
+    trace_tok, trace_mask = torch.zeros(B, 1, tok.shape[-1]), torch.zeros(B, 1)
+    return deep, shallow, tok, mask, trace_tok, trace_mask, present
+
+
+def info_nce(a, b, same, valid_a, valid_b, scale):
+    """Symmetric InfoNCE between rows of a and b (B, D); `same` (B, B) masks non-diagonal positives."""
+    logits = scale * a @ b.T  # (B, B)
+    eye = torch.eye(len(a), dtype=torch.bool)
+    blocked = (same & ~eye) | ~valid_b[None, :]
+    l_ab = logits.masked_fill(blocked, -1e4)
+    blocked_t = (same & ~eye) | ~valid_a[None, :]
+    l_ba = logits.T.masked_fill(blocked_t, -1e4)
+    target = torch.arange(len(a))
+    ce_ab = F.cross_entropy(l_ab, target, reduction="none")[valid_a & valid_b]
+    ce_ba = F.cross_entropy(l_ba, target, reduction="none")[valid_a & valid_b]
+    if ce_ab.numel() == 0:
+        return logits.sum() * 0.0
+    return 0.5 * (ce_ab.mean() + ce_ba.mean())
+
+
+def make_batches(rows: np.ndarray, groups: np.ndarray, cfg: TrainConfig, rng: np.random.Generator):
+    """Batches of `batch_size` rows made of `group_size` chunks of one article type."""
+    chunks = []
+    for g in np.unique(groups):
+        members = rows[groups == g]
+        rng.shuffle(members)
+        chunks += [members[i : i + cfg.group_size] for i in range(0, len(members), cfg.group_size)]
+    order = rng.permutation(len(chunks))
+    flat = np.concatenate([chunks[i] for i in order])
+    return [flat[i : i + cfg.batch_size] for i in range(0, len(flat) - cfg.batch_size + 1, cfg.batch_size)]
+
+
+@torch.no_grad()
+def embed_rows(model, f: Features, rows, *, image: bool, text: str | None, flip: bool = False, bs: int = 256):
+    model.eval()
+    out = [model(*batch_inputs(f, rows[i : i + bs], image=image, text=text, flip=flip)) for i in range(0, len(rows), bs)]
+    return torch.cat(out)
+
+
+def recall_at(q: torch.Tensor, g: torch.Tensor, q_key: np.ndarray, g_key: np.ndarray, ks=(1, 10)) -> dict:
+    """Recall@k where a gallery item is relevant when its key (title group) equals the query's."""
+    sim = q @ g.T
+    top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices.numpy()
+    hit = g_key[top] == q_key[:, None]  # (Q, kmax)
+    return {f"R@{k}": float(hit[:, :k].any(1).mean()) for k in ks}
+
+
+def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, dims=(256,)) -> dict:
+    """Validation retrieval; relevance = same id or same title (one design)."""
+    img_rows = val_rows[f.has_image[val_rows].numpy().astype(bool)]
+    e_img = embed_rows(model, f, img_rows, image=True, text=None)
+    e_txt_img = embed_rows(model, f, img_rows, image=False, text="title")
+    e_txt_all = embed_rows(model, f, val_rows, image=False, text="title")
+    e_mm = embed_rows(model, f, img_rows, image=True, text="title")
+    e_mm2 = embed_rows(model, f, img_rows, image=True, text="detail", flip=True)
+    e_detail = embed_rows(model, f, img_rows, image=False, text="detail")
+    k_img, k_all = title_key[img_rows], title_key[val_rows]
+    res = {}
+    for d in dims:
+        m = lambda e: matryoshka(e, d)  # noqa: E731
+        sfx = "" if d == max(dims) else f"@{d}d"
+        for name, q, g, qk, gk in (
+            ("text->image", e_txt_img, e_img, k_img, k_img),
+            ("image->text", e_img, e_txt_all, k_img, k_all),
+            ("mm->mm", e_mm, e_mm2, k_img, k_img),
+            ("description->mm", e_detail, e_mm, k_img, k_img),
+        ):
+            for key, v in recall_at(m(q), m(g), qk, gk).items():
+                res[f"{name} {key}{sfx}"] = round(v, 4)
+    return res
+
+
+def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
+    """Integer key per row: rows sharing a title share a key (falls back to the row index)."""
+    if catalog is None:
+        return np.arange(len(f))
+    from .catalog import read_catalog
+
+    titles = {p.id: p.title.strip().lower() for p in read_catalog(catalog)}
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(titles[int(i)], len(index)) for i in f.ids])
+
+
+def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
+    if catalog is None:
+        return np.zeros(len(f), np.int64)
+    from .catalog import read_catalog
+
+    at = {p.id: p.article_type for p in read_catalog(catalog)}
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(at[int(i)], len(index)) for i in f.ids])
+
+
+def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    keys = title_keys(f, catalog)
+    types = article_types(f, catalog)
+    is_val = np.array([is_validation(i) for i in f.ids])
+    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    model = build_embedder(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "query" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n and "query" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = len(train_rows) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_rows)} training products are fewer than one batch of {cfg.batch_size}")
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+    scale = 1.0 / cfg.temperature
+    dims = model_cfg.matryoshka_dims
+    history = []
+    t0 = time.time()
+    bar = tqdm(total=total, desc=f"train {model_cfg.variant}", unit="step")
+    metrics: dict = {}
+    for epoch in range(cfg.epochs):
+        model.train()
+        for rows in make_batches(train_rows, types[train_rows], cfg, rng):
+            rows_t = torch.as_tensor(rows)
+            same = torch.as_tensor(keys[rows][:, None] == keys[rows][None, :])
+            has_img = f.has_image[rows_t].bool()
+            all_ok = torch.ones(len(rows), dtype=torch.bool)
+            keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
+            e_mm1 = model(*batch_inputs(f, rows, image=True, text="title"))
+            e_mm2 = model(*batch_inputs(f, rows, image=True, text="detail"), image_keep=keep)
+            e_img = model(*batch_inputs(f, rows, image=True, text=None))
+            e_txt = model(*batch_inputs(f, rows, image=False, text="title"))
+            loss = 0.0
+            for d in dims:
+                mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))
+                loss = loss + (
+                    info_nce(tx, mm1, same, all_ok, all_ok, scale)
+                    + info_nce(im, mm1, same, has_img, all_ok, scale)
+                    + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
+                    + info_nce(im, tx, same, has_img, all_ok, scale)
+                ) / len(dims)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        metrics = evaluate(model, f, val_rows, keys)
+        history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), **metrics})
+        log(json.dumps(history[-1]))
+    bar.close()
+    final = evaluate(model, f, val_rows, keys, dims=dims)
+    fire_scales = {
+        f"fire@{k}": round(m.scale.item(), 4) for k, m in getattr(getattr(model, "image", None), "fire", {}).items()
+    }
+    result = {
+        "variant": model_cfg.variant,
+        "params": n_params,
+        "train_items": int(len(train_rows)),
+        "val_items": int(len(val_rows)),
+        "seconds": round(time.time() - t0, 1),
+        "final": final,
+        "fire_scales": fire_scales,
+        "history": history,
+        "train_config": cfg.__dict__,
+    }
+    if out is not None:
+        save_embedder(model, out, metrics=result)
+        log(f"saved {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", default=".cache/features", help="feature cache from sdk.train.features")
+    ap.add_argument("--catalog", default=None, help="catalog folder (for title groups and article types)")
+    ap.add_argument("--variant", choices=("full", "no_fire", "linear"), default="full")
+    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--out", default=None, help="folder to write embedder.safetensors + embedder.json")
+    ap.add_argument("--report", default=None, help="also write the metrics JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    f = Features(args.features)
+    catalog = args.catalog or f.meta.get("catalog")
+    res = train(
+        EmbedderConfig(variant=args.variant),
+        TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size),
+        f,
+        catalog,
+        Path(args.out) if args.out else None,
+        log=tqdm.write,
+    )
+    print(json.dumps(res["final"], indent=2))
+    if args.report:
+        Path(args.report).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
