@@ -1,0 +1,1 @@
+"""Calibration data sets drawn from a catalog and calibrators (`sdk.calib`)."""

@@ -25,8 +25,8 @@ class Product:
     @property
     def detail_text(self) -> str:
         """Second text view of a product: brand and description."""
-        desc = " ".join(self.description.split())
-        return f"{self.brand}. {desc}" if desc else f"{self.brand}. {self.title}"
+        desc = " ".join(self.description.split()) or self.title
+        return f"{self.brand}. {desc}" if self.brand else desc
 
 
 def read_catalog(root: str | Path) -> list[Product]:

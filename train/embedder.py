@@ -6,7 +6,8 @@
 
     ImageEncoder: project deep tokens to d, transformer layers; FIRE re-injects the shallow tokens
                   after chosen layers through a per-token saliency gate (scale initialised at 0).
-    ModalityFusion (x n_fusion_layers): a learned query attends to each modality with its own
+    ModalityFusion (x n_fusion_layers): a learned query (offset by the mean of the present
+                  modalities' pooled tokens) attends to each modality with its own
                   multi-head cross-attention; a softmax gate over present modalities, computed from
                   the query and each modality's summary, mixes them; residual with a
                   zero-initialised output projection; then an FFN.
@@ -216,6 +217,10 @@ class FusionEmbedder(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.out_dim))
         self.last_gate: torch.Tensor | None = None
 
+    def encode_image(self, img_deep: torch.Tensor, img_shallow: torch.Tensor) -> torch.Tensor:
+        """Image token states (B, 49, d); independent of the text, so one pass serves many views."""
+        return self.image(img_deep, img_shallow)
+
     def forward(
         self,
         img_deep: torch.Tensor,  # (B, 49, 1280)
@@ -226,14 +231,19 @@ class FusionEmbedder(nn.Module):
         trace_mask: torch.Tensor,  # (B, S)
         present: torch.Tensor,  # (B, 3) float 0/1: image, text, trace
         image_keep: torch.Tensor | None = None,  # (B, 49) optional token dropout mask (training)
+        image_tokens: torch.Tensor | None = None,  # (B, 49, d) from encode_image, to reuse across calls
     ) -> torch.Tensor:
-        img = self.image(img_deep, img_shallow)
+        img = self.encode_image(img_deep, img_shallow) if image_tokens is None else image_tokens
         img_mask = torch.ones(img.shape[:2], dtype=img.dtype, device=img.device)
         if image_keep is not None:
             img_mask = img_mask * image_keep
         tokens = [img, self.text_proj(text_tok), self.trace_proj(trace_tok)]
         masks = [img_mask * present[:, IMAGE:IMAGE + 1], text_mask.to(img.dtype), trace_mask.to(img.dtype)]
-        q = self.query.expand(img.shape[0], -1, -1)
+        # The query starts from the learned vector plus the mean of the present modalities' pooled
+        # tokens, so the zero-initialised fusion rounds refine an informative state.
+        pooled = torch.stack([masked_mean(t, m) for t, m in zip(tokens, masks)], dim=1)  # (B, M, d)
+        start = (pooled * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp(min=1.0)
+        q = self.query + start.unsqueeze(1)  # (B, 1, d)
         for layer in self.fusion:
             q, gate = layer(q, tokens, masks, present)
         self.last_gate = gate.detach()
@@ -250,7 +260,12 @@ class LinearEmbedder(nn.Module):
         self.text = nn.Linear(cfg.text_dim, cfg.out_dim)
         self.trace = nn.Linear(cfg.text_dim, cfg.out_dim)
 
-    def forward(self, img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_keep=None):
+    def encode_image(self, img_deep: torch.Tensor, img_shallow: torch.Tensor) -> torch.Tensor:
+        return img_deep
+
+    def forward(
+        self, img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_keep=None, image_tokens=None
+    ):
         keep = torch.ones(img_deep.shape[:2], dtype=img_deep.dtype, device=img_deep.device)
         if image_keep is not None:
             keep = keep * image_keep

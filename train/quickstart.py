@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_QUERIES = (
-    "red running shoes",
-    "women black leather handbag",
-    "men analog watch with metal strap",
-    "blue denim jeans",
-    "white cotton t-shirt for boys",
+DEFAULT_QUERIES = (  # title-like queries, as the model was trained on product titles
+    "Men Black Analog Watch",
+    "Women Black Handbag",
+    "Men Blue Jeans",
+    "Boys White T-shirt",
+    "Men Sports Shoes",
 )
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 

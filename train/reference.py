@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sdk.errors import InvalidInputError
+from sdk.ops import l2_normalize
 from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
 
 from .embedder import IMAGE, TEXT, TRACE, load_embedder
@@ -55,9 +56,10 @@ class ReferenceEmbedder:
         Raises:
             InvalidInputError: an item has no modality, or an image cannot be decoded.
         """
-        n = max(len(x) for x in (images, texts, traces) if x is not None) if any(
-            x is not None for x in (images, texts, traces)
-        ) else 0
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        given = [x for x in (images, texts, traces) if x is not None]
+        n = len(given[0]) if given else 0
         images = list(images) if images is not None else [None] * n
         texts = list(texts) if texts is not None else [None] * n
         traces = list(traces) if traces is not None else [None] * n
@@ -65,15 +67,15 @@ class ReferenceEmbedder:
             raise InvalidInputError(
                 f"images, texts and traces must have one entry per item, got {len(images)}, {len(texts)}, {len(traces)}"
             )
-        dim = dim or self.dim
-        out = np.zeros((n, dim), np.float32)
+        dim = self.dim if dim is None else dim
+        if not 1 <= dim <= self.dim:
+            raise InvalidInputError(f"dim must be in [1, {self.dim}], got {dim}")
+        out = np.zeros((n, self.dim), np.float32)
         for s in range(0, n, batch_size):
             out[s : s + batch_size] = self._embed_batch(
                 images[s : s + batch_size], texts[s : s + batch_size], traces[s : s + batch_size], s
-            )[:, :dim]
-        if dim < self.dim:
-            out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
-        return out
+            )
+        return l2_normalize(out, dim) if dim < self.dim else out
 
     def _text_states(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
         filled = [t if t else "" for t in texts]

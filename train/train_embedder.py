@@ -31,12 +31,12 @@ from .embedder import IMAGE, TEXT, EmbedderConfig, build_embedder, matryoshka, s
 
 @dataclass
 class TrainConfig:
-    epochs: int = 16
+    epochs: int = 10
     batch_size: int = 256
     group_size: int = 8  # products of one article type placed together in a batch
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 60
+    warmup_steps: int = 30
     temperature: float = 0.05
     image_token_drop: float = 0.3
     seed: int = 0
@@ -225,10 +225,12 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             has_img = f.has_image[rows_t].bool()
             all_ok = torch.ones(len(rows), dtype=torch.bool)
             keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-            e_mm1 = model(*batch_inputs(f, rows, image=True, text="title"))
-            e_mm2 = model(*batch_inputs(f, rows, image=True, text="detail"), image_keep=keep)
-            e_img = model(*batch_inputs(f, rows, image=True, text=None))
-            e_txt = model(*batch_inputs(f, rows, image=False, text="title"))
+            title = batch_inputs(f, rows, image=True, text="title")
+            img_tok = model.encode_image(title[0], title[1])  # shared by the three views with a photo
+            e_mm1 = model(*title, image_tokens=img_tok)
+            e_mm2 = model(*batch_inputs(f, rows, image=True, text="detail"), image_keep=keep, image_tokens=img_tok)
+            e_img = model(*batch_inputs(f, rows, image=True, text=None), image_tokens=img_tok)
+            e_txt = model(*batch_inputs(f, rows, image=False, text="title"), image_tokens=img_tok)
             loss = 0.0
             for d in dims:
                 mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))
