@@ -19,7 +19,7 @@ the TorchScript exporter (dynamo=False) cannot export the image tower at all —
 `adaptive_avg_pool2d(h, 7)` taps lose their spatial sizes once the batch axis is dynamic
 ("input size not accessible") — and it is deprecated, so it is kept only as the fallback of
 `exporter="auto"` for towers it can handle. The dynamo exporter keeps text_len / trace_len
-symbolic through transformers 5 BERT. One of its bugs is worked around here: naming the output
+symbolic through transformers 5 BERT (bounded by its position table). One of its bugs is worked around here: naming the output
 "embedding" through `output_names` collides with BERT's own Gather value "embedding" and yields an
 invalid model (pytorch#158094), so the output is renamed in the ONNX IR after freeing the name.
 Whatever the exporter, parity on padded mixed-length batches of other shapes decides.
@@ -62,9 +62,6 @@ _HARMLESS_WARNINGS = (
     (UserWarning, r"# The axis name: .* will not be used"),
     # torch internals calling their own deprecated APIs.
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
-    (DeprecationWarning, r"The feature will be removed\. Please remove usage of this function"),
-    # Choosing the TorchScript exporter is deliberate here (a fallback, itself announced by a warning).
-    (DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export"),
 )
 
 
@@ -125,8 +122,6 @@ class EmbedderGraph(nn.Module):
         text_m = attention_mask.to(text_tok.dtype) * present[:, _TEXT : _TEXT + 1]  # (B, T)
         trace_m = trace_mask.to(trace_tok.dtype) * present[:, _TRACE : _TRACE + 1]  # (B, S)
         return self.fusion(deep, shallow, text_tok, text_m, trace_tok, trace_m, present)  # (B, out_dim)
-
-
 
 
 @dataclass
@@ -374,7 +369,7 @@ def export_embedder_onnx(graph: nn.Module, cfg: OnnxExportConfig) -> Path:
     Raises:
         ExportError: the exporter failed, the file is malformed, or parity is below
             cfg.min_cosine (the report is still written, with "passed": false).
-        BackendUnavailableError: torch / onnx / onnxruntime is missing.
+        BackendUnavailableError: onnx or onnxruntime is missing.
     """
     _require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
     graph.eval()
@@ -390,13 +385,15 @@ def export_embedder_onnx(graph: nn.Module, cfg: OnnxExportConfig) -> Path:
     errors: list[str] = []
     last: Exception | None = None
     for exporter in ("dynamo", "torchscript") if cfg.exporter == "auto" else (cfg.exporter,):
+        export_warnings: list[str] = []
         try:
-            (_export_dynamo if exporter == "dynamo" else _export_torchscript)(graph, args, cfg)
+            export_warnings = (_export_dynamo if exporter == "dynamo" else _export_torchscript)(graph, args, cfg)
             _check_structure(cfg.output)
             report = verify_embedder_onnx(graph, cfg.output, cfg)
         except ExportError as exc:
             if exc.report is not None:  # keep the evidence beside the failing model
-                cfg.parity_path.write_text(json.dumps({**exc.report, **_export_meta(exporter, cfg)}, indent=2))
+                meta = _export_meta(exporter, cfg, export_warnings)
+                cfg.parity_path.write_text(json.dumps({**exc.report, **meta}, indent=2))
             errors.append(f"{exporter}: {exc}")
             last = exc
             continue
@@ -405,7 +402,7 @@ def export_embedder_onnx(graph: nn.Module, cfg: OnnxExportConfig) -> Path:
             errors.append(f"{exporter} exporter failed: {type(exc).__name__}: {first}")
             last = exc
             continue
-        cfg.parity_path.write_text(json.dumps({**report, **_export_meta(exporter, cfg)}, indent=2))
+        cfg.parity_path.write_text(json.dumps({**report, **_export_meta(exporter, cfg, export_warnings)}, indent=2))
         if errors:
             warnings.warn(f"ONNX export fell back to the {exporter} exporter ({'; '.join(errors)})", stacklevel=2)
         return cfg.output
@@ -478,7 +475,7 @@ def _harmless_warnings_ignored():
         yield
 
 
-def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> None:
+def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> list[str]:
     from torch.export import Dim
 
     # Bounds given up front: BERT's position table caps both lengths, and a Dim without that max
@@ -499,19 +496,23 @@ def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> None:
         )
     _rename_output(program.model, OUTPUT_NAME)
     program.save(str(cfg.output), external_data=False)
+    return []  # unknown warnings were not caught: they reached the caller
 
 
-def _export_torchscript(graph, args, cfg: OnnxExportConfig) -> None:
+def _export_torchscript(graph, args, cfg: OnnxExportConfig) -> list[str]:
     if cfg.opset > TORCHSCRIPT_OPSET_MAX:
         raise ExportError(f"the torchscript exporter handles opset <= {TORCHSCRIPT_OPSET_MAX}, got {cfg.opset}")
-    with _harmless_warnings_ignored(), torch.no_grad(), warnings.catch_warnings():
-        # TracerWarnings flag Python branches frozen at the example's shapes (transformers has
-        # several); whether they matter is exactly what the parity check on other shapes decides.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    # The deprecated tracer warns at length (TracerWarning on every Python branch frozen at the
+    # example's shapes, aten::index caveats, its own deprecation). Whether any of it matters is
+    # exactly what the parity check on other shapes decides, so the warnings are recorded in the
+    # parity report rather than raised; the fallback itself is announced by one warning.
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
         torch.onnx.export(
             graph, args, str(cfg.output), dynamo=False, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
             dynamic_axes=cfg.dynamic_axes(), opset_version=cfg.opset, do_constant_folding=True,
         )
+    return sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in caught})
 
 
 def _rename_output(model, name: str) -> None:
@@ -556,7 +557,7 @@ def _check_structure(path: Path) -> None:
         raise ExportError(f"{path}: inputs {got_in} / outputs {got_out}, expected {list(INPUT_NAMES)} / [{OUTPUT_NAME!r}]")
 
 
-def _export_meta(exporter: str, cfg: OnnxExportConfig) -> dict[str, Any]:
+def _export_meta(exporter: str, cfg: OnnxExportConfig, export_warnings: list[str]) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     def v(pkg: str) -> str | None:
@@ -572,5 +573,6 @@ def _export_meta(exporter: str, cfg: OnnxExportConfig) -> dict[str, Any]:
         "outputs": [OUTPUT_NAME],
         "dynamic_axes": {k: {str(i): a for i, a in d.items()} for k, d in cfg.dynamic_axes().items()},
         "example_shape": [cfg.example_batch, cfg.example_text_len, cfg.example_trace_len],
+        "export_warnings": export_warnings,
         "versions": {p: v(p) for p in ("moon3-sdk", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")},
     }

@@ -72,7 +72,7 @@ def tiny_fusion(variant="full"):
     return model.eval()
 
 
-@pytest.fixture(scope="package", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     # A training job may share these 2 cores; with 2 intra-op threads a contended conv stalls for
     # seconds at each barrier, with 1 it does not. Restored afterwards.

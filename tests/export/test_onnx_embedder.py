@@ -205,6 +205,7 @@ def test_auto_falls_back_to_torchscript_when_dynamo_fails(monkeypatch, pooled_gr
         path = export_embedder_onnx(pooled_graph, cfg)
     report = json.loads(cfg.parity_path.read_text())
     assert path.is_file() and report["exporter"] == "torchscript" and report["passed"] is True
+    assert any("TracerWarning" in w for w in report["export_warnings"])  # recorded, not raised
 
 
 def test_auto_names_every_exporter_when_all_fail(monkeypatch, pooled_graph, tmp_path):

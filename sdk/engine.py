@@ -1,0 +1,153 @@
+"""The `moon3.engine` bundle: one file holding a JSON manifest and named binary parts.
+
+Layout (all integers little-endian)::
+
+    magic      8 bytes   b"MOON3ENG"
+    version    u32       FORMAT_VERSION
+    n_manifest u64       length of the manifest JSON in bytes
+    digest     32 bytes  SHA-256 of the manifest JSON
+    manifest   n_manifest bytes of UTF-8 JSON; manifest["parts"] lists every part as
+               {"name", "offset", "size", "sha256"}, offsets relative to the end of the manifest
+    parts      the part bytes, back to back
+
+Reading never executes anything from the file (JSON and raw bytes only), checks every digest, and
+refuses unknown versions, truncation, tampering and part names that look like paths out of a
+folder. Parts are ONNX graphs, tokenizer files, TensorRT plans and the like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from sdk.errors import EngineError
+
+MAGIC = b"MOON3ENG"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ32s")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}){0,3}$")
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name.split("/"):
+        raise EngineError(f"invalid part name {name!r}: use letters, digits, '_', '-', '.' and at most 3 '/'")
+
+
+def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Mapping[str, bytes]) -> Path:
+    """Write an engine file atomically (a temporary file, then rename).
+
+    Args:
+        path: output file.
+        manifest: JSON-serialisable metadata; its "parts" key is written by this function.
+        parts: part name -> bytes.
+
+    Returns:
+        The path written.
+
+    Raises:
+        EngineError: a part name is invalid or the manifest is not JSON-serialisable.
+    """
+    path = Path(path)
+    index, offset = [], 0
+    for name, data in parts.items():
+        _check_name(name)
+        data = bytes(data)
+        index.append({"name": name, "offset": offset, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        offset += len(data)
+    try:
+        body = json.dumps({**manifest, "parts": index}, sort_keys=True, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"manifest is not JSON-serialisable: {exc}") from exc
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()))
+        f.write(body)
+        for data in parts.values():
+            f.write(bytes(data))
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class EngineFile:
+    """A verified, read-only view of an engine file (all parts are read into memory).
+
+    Use `EngineFile.read(path)`; `manifest` is the parsed JSON, `part(name)` the bytes of a part.
+    """
+
+    path: Path
+    manifest: dict
+    _parts: dict
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "EngineFile":
+        """Read and verify an engine file.
+
+        Raises:
+            EngineError: missing file, wrong magic, unsupported version, truncated or tampered
+                content, or a malformed manifest; the message says which.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise EngineError(f"engine file not found: {path}")
+        raw = path.read_bytes()
+        if len(raw) < _HEADER.size:
+            raise EngineError(f"{path}: not a moon3 engine (only {len(raw)} bytes, truncated?)")
+        magic, version, n, digest = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise EngineError(f"{path}: not a moon3 engine file (bad magic {magic!r})")
+        if version != FORMAT_VERSION:
+            raise EngineError(
+                f"{path}: engine format version {version} is not supported by this sdk (reads version "
+                f"{FORMAT_VERSION}); rebuild the engine with this sdk or install the matching sdk"
+            )
+        if n > MAX_MANIFEST_BYTES or _HEADER.size + n > len(raw):
+            raise EngineError(f"{path}: manifest length {n} exceeds the file size; the file is truncated or corrupt")
+        body = raw[_HEADER.size : _HEADER.size + n]
+        if hashlib.sha256(body).digest() != digest:
+            raise EngineError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
+        try:
+            manifest = json.loads(body.decode("utf-8"))
+            index = manifest["parts"]
+            if not isinstance(index, list):
+                raise TypeError("parts is not a list")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise EngineError(f"{path}: malformed manifest ({exc})") from exc
+        data_start = _HEADER.size + n
+        parts = {}
+        for entry in index:
+            try:
+                name, off, size, sha = entry["name"], int(entry["offset"]), int(entry["size"]), str(entry["sha256"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EngineError(f"{path}: malformed part entry {entry!r}") from exc
+            _check_name(name)
+            lo, hi = data_start + off, data_start + off + size
+            if off < 0 or size < 0 or hi > len(raw):
+                raise EngineError(f"{path}: part {name!r} extends past the end of the file; the file is truncated")
+            blob = raw[lo:hi]
+            if hashlib.sha256(blob).hexdigest() != sha:
+                raise EngineError(f"{path}: checksum mismatch in part {name!r}; the file was modified or corrupted")
+            parts[name] = blob
+        return cls(path=path, manifest=manifest, _parts=parts)
+
+    @property
+    def part_names(self) -> list[str]:
+        return list(self._parts)
+
+    def part(self, name: str) -> bytes:
+        """Bytes of a part.
+
+        Raises:
+            EngineError: the engine has no part of that name (the message lists those it has).
+        """
+        try:
+            return self._parts[name]
+        except KeyError:
+            raise EngineError(f"{self.path}: engine has no part {name!r}; it has {sorted(self._parts)}") from None

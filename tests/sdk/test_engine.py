@@ -1,0 +1,117 @@
+"""The engine file: round trip, and refusal of every kind of damage with a clear message."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+
+from sdk.engine import FORMAT_VERSION, MAGIC, EngineFile, write_engine
+from sdk.errors import EngineError
+
+PARTS = {"embedder.onnx": b"\x08\x01graph-bytes" * 50, "tokenizer.json": b'{"model": {}}', "plans/sm90.plan": b""}
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    return write_engine(tmp_path / "m.engine", {"format": "moon3", "dims": {"embedding": 256}}, PARTS)
+
+
+def test_round_trip(engine):
+    e = EngineFile.read(engine)
+    assert e.manifest["dims"] == {"embedding": 256}
+    assert e.part_names == list(PARTS)
+    for name, data in PARTS.items():
+        assert e.part(name) == data
+    with pytest.raises(EngineError, match="no part 'x.onnx'"):
+        e.part("x.onnx")
+
+
+def test_missing_and_tiny_files(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        EngineFile.read(tmp_path / "none.engine")
+    (tmp_path / "t").write_bytes(b"MOON")
+    with pytest.raises(EngineError, match="truncated"):
+        EngineFile.read(tmp_path / "t")
+
+
+def test_bad_magic(engine):
+    raw = bytearray(engine.read_bytes())
+    raw[0:8] = b"PK\x03\x04abcd"
+    engine.write_bytes(bytes(raw))
+    with pytest.raises(EngineError, match="bad magic"):
+        EngineFile.read(engine)
+
+
+def test_unknown_version(engine):
+    raw = bytearray(engine.read_bytes())
+    raw[8:12] = struct.pack("<I", FORMAT_VERSION + 1)
+    engine.write_bytes(bytes(raw))
+    with pytest.raises(EngineError, match=f"version {FORMAT_VERSION + 1} is not supported"):
+        EngineFile.read(engine)
+
+
+@pytest.mark.parametrize("cut", [1, 100, 400])
+def test_truncated(engine, cut):
+    raw = engine.read_bytes()
+    engine.write_bytes(raw[:-cut])
+    with pytest.raises(EngineError, match="truncated"):
+        EngineFile.read(engine)
+
+
+def test_flipped_byte_in_a_part(engine):
+    raw = bytearray(engine.read_bytes())
+    raw[-20] ^= 0xFF
+    engine.write_bytes(bytes(raw))
+    with pytest.raises(EngineError, match="checksum mismatch in part 'embedder.onnx'"):
+        EngineFile.read(engine)
+
+
+def test_edited_manifest(engine):
+    raw = engine.read_bytes()
+    edited = raw.replace(b'"embedding": 256', b'"embedding": 512')
+    assert edited != raw
+    engine.write_bytes(edited)
+    with pytest.raises(EngineError, match="manifest checksum mismatch"):
+        EngineFile.read(engine)
+
+
+def test_swapped_manifest_with_valid_digest_is_still_checked(engine):
+    """A forged manifest with a recomputed digest cannot point parts at other bytes unnoticed."""
+    raw = engine.read_bytes()
+    n = struct.unpack_from("<Q", raw, 12)[0]
+    man = json.loads(raw[52 : 52 + n])
+    man["parts"][0]["offset"] += 1
+    body = json.dumps(man).encode()
+    forged = struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body + raw[52 + n :]
+    engine.write_bytes(forged)
+    with pytest.raises(EngineError, match="checksum mismatch in part"):
+        EngineFile.read(engine)
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/../../b", "", "x" * 300, "a\\b", ".hidden"])
+def test_path_tricks_in_part_names_are_refused(tmp_path, name):
+    with pytest.raises(EngineError, match="invalid part name"):
+        write_engine(tmp_path / "e", {}, {name: b"x"})
+
+
+def test_forged_path_name_is_refused_on_read(engine):
+    raw = engine.read_bytes()
+    n = struct.unpack_from("<Q", raw, 12)[0]
+    man = json.loads(raw[52 : 52 + n])
+    man["parts"][1]["name"] = "../../etc/passwd"
+    body = json.dumps(man).encode()
+    engine.write_bytes(struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body + raw[52 + n :])
+    with pytest.raises(EngineError, match="invalid part name"):
+        EngineFile.read(engine)
+
+
+def test_manifest_must_be_json(tmp_path):
+    with pytest.raises(EngineError, match="not JSON-serialisable"):
+        write_engine(tmp_path / "e", {"x": object()}, {})
+    with pytest.raises(EngineError, match="not JSON-serialisable"):
+        write_engine(tmp_path / "e", {"x": float("nan")}, {})
+
+
+def test_write_is_atomic(tmp_path, engine):
+    assert not list(tmp_path.glob("*.tmp"))
