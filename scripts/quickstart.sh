@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, then embed the shipped sample products with the
-# trained reference embedder and print the nearest products of a few queries.
+# The main job on a fresh machine: install, build moon3.engine from the committed weights
+# (export -> INT8 with fidelity gates against the FP32 teacher), then embed the shipped sample
+# products with the torch-free runtime and print the nearest products of a few queries.
+# Extra arguments go to `moon3 search` (e.g. --query "Women Red Heels").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HF_HUB_OFFLINE=1 .venv/bin/python -m sdk.train.quickstart "$@"
+export HF_HUB_OFFLINE=1
+if [ ! moon3.engine -nt train/weights/embedder.safetensors ]; then
+  .venv/bin/moon3 build --out moon3.engine --precision int8
+fi
+.venv/bin/moon3 inspect moon3.engine
+if [ "$#" -eq 0 ]; then
+  set -- --query "Men Black Analog Watch" --query "Women Black Handbag" --query "Men Blue Jeans" \
+         --query "Boys White T-shirt" --query "Men Sports Shoes" \
+         --image data/samples/images/2040.jpg --image data/samples/images/6490.jpg
+fi
+.venv/bin/moon3 search moon3.engine --catalog data/samples "$@"

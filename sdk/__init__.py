@@ -12,4 +12,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["SdkError", "__version__"]
+__all__ = ["Embedder", "SdkError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `from sdk import Embedder` loads the runtime (and onnxruntime, when an Embedder is
+    # created) only when asked for, so `import sdk` stays light.
+    if name == "Embedder":
+        from sdk.embedder import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'sdk' has no attribute {name!r}")

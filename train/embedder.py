@@ -52,7 +52,7 @@ class EmbedderConfig:
     ffn_mult: int = 4
     out_dim: int = 256
     matryoshka_dims: tuple[int, ...] = (64, 128, 256)
-    dropout: float = 0.1
+    dropout: float = 0.2
 
     def __post_init__(self) -> None:
         self.fire_depths = tuple(int(k) for k in self.fire_depths)

@@ -5,7 +5,8 @@
 
 Loss (each term in-batch InfoNCE, symmetric, averaged over the Matryoshka prefixes 64/128/256):
   text -> multimodal, image -> multimodal, multimodal -> multimodal (two views: photo + title vs.
-  photo with 30% of its tokens dropped + brand/description), image <-> text.
+  photo with 30% of its tokens dropped + brand/description), image <-> text; the photo-only view
+  also drops 30% of its tokens (another random draw).
 Batches are built from groups of products of one article type, so in-batch negatives include
 hard ones; products that share a title (same design, other colour/size) are masked out of each
 other's negatives. Products without a photo take part in the text-only terms.
@@ -35,7 +36,7 @@ class TrainConfig:
     batch_size: int = 256
     group_size: int = 8  # products of one article type placed together in a batch
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.1
     warmup_steps: int = 30
     temperature: float = 0.05
     image_token_drop: float = 0.3
@@ -229,7 +230,8 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             img_tok = model.encode_image(title[0], title[1])  # shared by the three views with a photo
             e_mm1 = model(*title, image_tokens=img_tok)
             e_mm2 = model(*batch_inputs(f, rows, image=True, text="detail"), image_keep=keep, image_tokens=img_tok)
-            e_img = model(*batch_inputs(f, rows, image=True, text=None), image_tokens=img_tok)
+            keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
+            e_img = model(*batch_inputs(f, rows, image=True, text=None), image_keep=keep_img, image_tokens=img_tok)
             e_txt = model(*batch_inputs(f, rows, image=False, text="title"), image_tokens=img_tok)
             loss = 0.0
             for d in dims:

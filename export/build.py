@@ -1,0 +1,295 @@
+"""Build `moon3.engine` from the trained reference embedder: export, quantize, gate, package.
+
+    moon3 build --out moon3.engine --precision int8            # gates measured on data/samples
+    moon3 build --out moon3.engine --catalog ../shared/data/catalog --eval-items 400
+
+Steps: (1) the FP32 PyTorch graph (towers + committed fusion weights) is exported to one ONNX
+graph and checked against PyTorch on padded mixed-length batches; (2) for int8 the graph's
+MatMul/Gemm weights are quantized per channel with onnxruntime's dynamic quantizer, trying
+`INT8_CANDIDATES` in order (each keeps more layer groups in FP32) until one passes; (3) the
+candidate engine is loaded with the runtime (`sdk.Embedder`, exactly what users run) and
+measured against the FP32 teacher on real products: cosine (mean, min) of photo+title,
+photo-only and title-only vectors, and the text->image recall@10 delta; (4) gates decide, and
+the report goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdk.errors import SdkError
+
+PRECISIONS = ("fp32", "int8")
+REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+
+class GateError(SdkError):
+    """A built engine failed a fidelity gate; `.report` holds the measurements."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class FidelityGates:
+    """Minimum fidelity of an engine against the FP32 teacher (per-item cosine, retrieval)."""
+
+    min_cosine_mean: float = 0.995
+    min_cosine_min: float = 0.97
+    max_recall_drop: float = 0.01  # absolute R@10 drop allowed (0.01 = 1 point)
+
+    def __post_init__(self) -> None:
+        for name in ("min_cosine_mean", "min_cosine_min"):
+            v = getattr(self, name)
+            if not -1.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [-1, 1], got {v}")
+        if not 0.0 <= self.max_recall_drop <= 1.0:
+            raise ValueError(f"max_recall_drop must be in [0, 1], got {self.max_recall_drop}")
+
+
+@dataclass
+class BuildConfig:
+    """What to build and how to check it.
+
+    Attributes:
+        out: the engine file to write.
+        precision: "fp32" or "int8" (dynamic per-channel INT8 MatMul/Gemm weights).
+        weights: folder with the trained fusion weights (default: the committed ones).
+        samples: catalog folder (items.jsonl + images) of the evaluation products, used when
+            `catalog` is None (default: the repo's data/samples).
+        catalog: a full catalog; its validation split (ids ending in 0) is used for the gates.
+        eval_items: at most this many evaluation products (photo + title).
+        gates: fidelity gates; enforce=False writes the engine even when a gate fails.
+        threads: onnxruntime threads while measuring (0 = default).
+    """
+
+    out: str | Path = "moon3.engine"
+    precision: str = "int8"
+    weights: str | Path | None = None
+    samples: str | Path = REPO_SAMPLES
+    catalog: str | Path | None = None
+    eval_items: int = 400
+    gates: FidelityGates = field(default_factory=FidelityGates)
+    enforce: bool = True
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.eval_items < 20:
+            raise ValueError(f"eval_items must be >= 20 for a meaningful recall, got {self.eval_items}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+
+def _eval_products(cfg: BuildConfig) -> list[tuple[Path, str]]:
+    """(photo path, title) of the evaluation products."""
+    if cfg.catalog is not None:
+        from sdk.train.catalog import is_validation, read_catalog
+
+        items = [(p.image, p.title) for p in read_catalog(cfg.catalog) if is_validation(p.id) and p.image]
+    else:
+        root = Path(cfg.samples)
+        path = root / "items.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no evaluation products: {path} does not exist (pass --catalog)")
+        recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        items = [(root / r["image"], r["title"]) for r in recs if r.get("image")]
+    return items[: cfg.eval_items]
+
+
+def recall_at_10(text: np.ndarray, photos: np.ndarray, titles: list[str]) -> float:
+    """Text->image R@10 where a hit is a photo whose product has the query's title."""
+    keys = np.array([t.strip().lower() for t in titles])
+    top = np.argsort(-(text @ photos.T), axis=1)[:, :10]
+    return float((keys[top] == keys[:, None]).any(1).mean())
+
+
+def embed_views(embed, products: list[tuple[Path, str]]) -> dict[str, np.ndarray]:
+    """The three views of each product with an `embed(images=, texts=)` callable."""
+    imgs = [p for p, _ in products]
+    titles = [t for _, t in products]
+    return {
+        "photo+title": embed(images=imgs, texts=titles),
+        "photo": embed(images=imgs, texts=None),
+        "title": embed(images=None, texts=titles),
+    }
+
+
+def fidelity_report(teacher: dict, engine: dict, titles: list[str], gates: FidelityGates) -> dict:
+    """Compare engine vectors with the teacher's, view by view, and apply the gates."""
+    report: dict = {"items": len(titles), "views": {}}
+    worst_mean, worst_min = 1.0, 1.0
+    for view, t in teacher.items():
+        cos = np.sum(t * engine[view], axis=1)  # both L2-normalised
+        report["views"][view] = {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
+        worst_mean, worst_min = min(worst_mean, float(cos.mean())), min(worst_min, float(cos.min()))
+    r_t = recall_at_10(teacher["title"], teacher["photo"], titles)
+    r_e = recall_at_10(engine["title"], engine["photo"], titles)
+    report["text->image R@10"] = {"teacher": round(r_t, 4), "engine": round(r_e, 4), "drop": round(r_t - r_e, 4)}
+    failed = []
+    if worst_mean < gates.min_cosine_mean:
+        failed.append(f"cosine mean {worst_mean:.4f} < {gates.min_cosine_mean}")
+    if worst_min < gates.min_cosine_min:
+        failed.append(f"cosine min {worst_min:.4f} < {gates.min_cosine_min}")
+    if r_t - r_e > gates.max_recall_drop:
+        failed.append(f"R@10 drop {r_t - r_e:.4f} > {gates.max_recall_drop}")
+    report["gates"] = asdict(gates)
+    report["passed"] = not failed
+    report["failed"] = failed
+    return report
+
+
+# INT8 candidates, most aggressive first: (label, regex of module paths whose MatMul/Gemm stay
+# FP32). The first candidate that passes the gates is shipped: an accuracy-driven fallback by
+# layer group. (Attention-score matmuls have no constant input; the dynamic quantizer leaves
+# them in FP32 anyway.)
+INT8_CANDIDATES: tuple[tuple[str, str | None], ...] = (
+    ("all MatMul/Gemm int8", None),
+    ("text FFN down-projections fp32", r"^text_encoder\.encoder\.layer\.\d+\.output\.dense$"),
+    ("text FFN fp32", r"^text_encoder\.encoder\.layer\.\d+\.(intermediate|output)\.dense$"),
+    ("text tower fp32", r"^text_encoder\."),
+)
+
+
+def matmul_scopes(path: Path) -> dict[str, str]:
+    """Node name -> PyTorch module path of each MatMul/Gemm (from the exporter's node metadata)."""
+    import ast
+
+    import onnx
+
+    scopes = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            meta = {p.key: p.value for p in node.metadata_props}
+            try:
+                # [..., "text_encoder.encoder.layer.0.output.dense", "linear_5"]: module, then op
+                scopes[node.name] = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))[-2]
+            except (ValueError, SyntaxError, IndexError):
+                scopes[node.name] = ""
+    return scopes
+
+
+def fold_constants(src: Path, dst: Path) -> Path:
+    """onnxruntime's pre-quantization pass (constant folding, shape inference).
+
+    The exporter feeds shared text-tower weights (title and trace use one encoder) through
+    Transpose nodes; only MatMuls whose weight is an initializer get quantized, so fold first.
+    Node names survive, so module paths from `matmul_scopes` still apply.
+    """
+    from onnxruntime.quantization import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst
+
+
+def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None) -> Path:
+    """Dynamic per-channel INT8 of MatMul/Gemm (weights offline, activations at run time).
+
+    Args:
+        src: a constant-folded ONNX graph (`fold_constants`); dst: output path;
+        exclude: node names kept in FP32.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(exclude or []),
+    )
+    return dst
+
+
+def build_engine(cfg: BuildConfig, log=print) -> Path:
+    """Build, measure and write the engine described by `cfg`.
+
+    Returns:
+        The engine path.
+
+    Raises:
+        GateError: a fidelity gate failed and cfg.enforce is True (nothing is written).
+        ExportError: ONNX export or its parity check failed.
+    """
+    from sdk.embedder import Embedder
+    from sdk.train.reference import WEIGHTS_DIR, ReferenceEmbedder
+    from sdk.train.towers import text_tower_path
+
+    from .bundle import package_embedder
+    from .onnx_embedder import OnnxExportConfig, build_reference_graph, export_embedder_onnx
+
+    t0 = time.time()
+    weights = Path(cfg.weights or WEIGHTS_DIR)
+    products = _eval_products(cfg)
+    titles = [t for _, t in products]
+    log(f"[1/4] teacher: FP32 reference embedder on {len(products)} evaluation products")
+    teacher = ReferenceEmbedder(weights)
+    teacher_views = embed_views(teacher.embed, products)
+    dims = list(teacher.model.cfg.matryoshka_dims)
+    text_len = teacher.tokenizer.max_length
+    del teacher
+    tokenizer_json = (text_tower_path() / "tokenizer.json").read_bytes()
+    with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
+        tmp = Path(tmp)
+        log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
+        onnx_path = export_embedder_onnx(build_reference_graph(weights), OnnxExportConfig(tmp / "embedder.onnx"))
+        parity = json.loads(onnx_path.with_suffix(".parity.json").read_text())
+        precision = {"fp32": "fp32", "int8": "int8-dynamic"}[cfg.precision]
+        if cfg.precision == "int8":
+            scopes = matmul_scopes(onnx_path)
+            folded = fold_constants(onnx_path, tmp / "embedder.folded.onnx")
+            candidates = INT8_CANDIDATES
+        else:
+            candidates = (("fp32", None),)
+        tried = []
+        for n, (label, pattern) in enumerate(candidates, 1):
+            if cfg.precision == "int8":
+                exclude = sorted(name for name, scope in scopes.items() if pattern and re.search(pattern, scope))
+                log(f"[3/4] quantize: INT8 dynamic per channel, candidate {n}/{len(candidates)}: {label} "
+                    f"({len(exclude)} of {len(scopes)} matmuls fp32)")
+                graph = quantize_int8(folded, tmp / f"embedder.int8.{n}.onnx", exclude)
+            else:
+                log("[3/4] quantize: skipped (fp32)")
+                graph = onnx_path
+            candidate = package_embedder(
+                tmp / "candidate.engine", graph.read_bytes(), tokenizer_json,
+                dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
+            )
+            log("[4/4] fidelity: the candidate engine through sdk.Embedder vs the FP32 teacher")
+            runtime = Embedder(candidate, threads=cfg.threads or None)
+            engine_views = embed_views(lambda **kw: runtime.embed(**kw, errors="raise"), products)
+            del runtime
+            report = fidelity_report(teacher_views, engine_views, titles, cfg.gates)
+            for view, v in report["views"].items():
+                log(f"      {view:12s} cosine mean {v['cosine_mean']:.5f}  min {v['cosine_min']:.5f}")
+            r = report["text->image R@10"]
+            log(f"      text->image R@10 teacher {r['teacher']:.4f}  engine {r['engine']:.4f}  drop {r['drop']:+.4f}"
+                f"  -> {'passed' if report['passed'] else 'failed: ' + '; '.join(report['failed'])}")
+            tried.append({"candidate": label, "passed": report["passed"], "failed": report["failed"],
+                          "views": report["views"], "text->image R@10": report["text->image R@10"]})
+            if report["passed"]:
+                break
+        report["candidate"] = tried[-1]["candidate"]
+        report["candidates_tried"] = tried
+        report["onnx_parity"] = {k: parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
+        report["eval_source"] = str(cfg.catalog or cfg.samples)
+        if not report["passed"]:
+            msg = f"engine failed its fidelity gates: {'; '.join(report['failed'])}"
+            if cfg.enforce:
+                raise GateError(msg + " (nothing written; --no-enforce writes it anyway)", report)
+            log(f"WARNING: {msg}; written anyway (--no-enforce)")
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        out = package_embedder(
+            cfg.out, graph.read_bytes(), tokenizer_json,
+            dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
+            fidelity=report, extra={"build": {"precision": cfg.precision, "weights": str(weights), "seconds": round(time.time() - t0, 1)}},
+        )
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
+    return out

@@ -1,0 +1,114 @@
+"""Write an embedder engine (`moon3.engine`) from an exported ONNX graph and its tokenizer.
+
+The manifest written here is the contract the runtime (`sdk.Embedder`) reads:
+
+    manifest["embedder"] = {
+        "part": "embedder.onnx",            # ONNX graph part
+        "precision": "fp32" | "int8-dynamic" | ...,
+        "inputs": {name: {"dtype", "shape"}},  # pixels, input_ids, attention_mask, trace_ids,
+                                               # trace_mask, present (see EmbedderGraph.forward)
+        "output": "embedding",
+        "dim": 256, "matryoshka_dims": [64, 128, 256],
+        "modalities": ["image", "text", "trace"],
+    }
+    manifest["preprocess"] = {
+        "image": {"size", "resize", "scale", "mean", "std"},   # sdk.preprocess.ImagePreprocess
+        "text": {"tokenizer": "tokenizer.json", "max_length": 32},
+        "trace": {"tokenizer": "tokenizer.json", "max_length": 128},
+    }
+    manifest["fidelity"] = {...}   # measured against the FP32 teacher at build time
+    manifest["versions"] = {"sdk", "onnx", "onnxruntime", "torch", "transformers"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sdk.engine import FORMAT_VERSION, write_engine
+from sdk.preprocess import ImagePreprocess
+
+EMBEDDER_INPUTS = {
+    "pixels": {"dtype": "float32", "shape": ["batch", 3, "size", "size"]},
+    "input_ids": {"dtype": "int64", "shape": ["batch", "text_len"]},
+    "attention_mask": {"dtype": "int64", "shape": ["batch", "text_len"]},
+    "trace_ids": {"dtype": "int64", "shape": ["batch", "trace_len"]},
+    "trace_mask": {"dtype": "int64", "shape": ["batch", "trace_len"]},
+    "present": {"dtype": "float32", "shape": ["batch", 3]},
+}
+
+
+def library_versions() -> dict[str, str | None]:
+    def v(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {p: v(p) for p in ("moon3-sdk", "onnx", "onnxruntime", "torch", "transformers", "tensorrt")}
+
+
+def package_embedder(
+    out: str | Path,
+    onnx_model: bytes,
+    tokenizer_json: bytes,
+    *,
+    dim: int,
+    matryoshka_dims: Sequence[int],
+    precision: str = "fp32",
+    image: ImagePreprocess = ImagePreprocess(),
+    text_max_length: int = 32,
+    trace_max_length: int = 128,
+    fidelity: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a `moon3.engine` holding one embedder graph.
+
+    Args:
+        out: engine file to write.
+        onnx_model: the serialized ONNX graph (inputs as in `EMBEDDER_INPUTS`, output "embedding").
+        tokenizer_json: the `tokenizers` JSON of the text tower.
+        dim: embedding width; matryoshka_dims: valid prefix widths (the last equals dim).
+        precision: label of the graph's precision.
+        image: image preprocessing the graph expects.
+        text_max_length / trace_max_length: token budget of title text and reasoning trace.
+        fidelity: the fidelity report measured against the FP32 teacher.
+        extra: more manifest keys (e.g. "build" settings).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: inconsistent dims or lengths.
+    """
+    dims = [int(d) for d in matryoshka_dims]
+    if not dims or dims[-1] != dim or dims != sorted(set(dims)):
+        raise ValueError(f"matryoshka_dims must be increasing and end at dim={dim}, got {dims}")
+    if text_max_length < 2 or trace_max_length < 2:
+        raise ValueError(f"token budgets must be >= 2, got text {text_max_length}, trace {trace_max_length}")
+    manifest = {
+        "format": "moon3.engine",
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "embedder": {
+            "part": "embedder.onnx",
+            "precision": precision,
+            "inputs": EMBEDDER_INPUTS,
+            "output": "embedding",
+            "dim": int(dim),
+            "matryoshka_dims": dims,
+            "modalities": ["image", "text", "trace"],
+        },
+        "preprocess": {
+            "image": dataclasses.asdict(image),
+            "text": {"tokenizer": "tokenizer.json", "max_length": int(text_max_length)},
+            "trace": {"tokenizer": "tokenizer.json", "max_length": int(trace_max_length)},
+        },
+        "fidelity": dict(fidelity or {}),
+        **dict(extra or {}),
+    }
+    return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json})

@@ -1,0 +1,5 @@
+import sys
+
+from sdk.cli import main
+
+sys.exit(main())

