@@ -25,7 +25,7 @@ from sdk.export.onnx_embedder import (  # noqa: E402
     verify_embedder_onnx,
 )
 
-VOCAB = 100  # the tiny BERT of conftest.py
+from tiny_models import VOCAB  # noqa: E402  (the tiny BERT vocabulary)
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "train" / "weights"
 SAMPLES = REPO / "data" / "samples"

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-VOCAB = 100
-TEXT_DIM = 16
+VOCAB = 100  # the tiny BERT vocabulary of tests/tiny_models.py
+
 TEXT_MAX = 12  # small, so truncation is easy to trigger
 TRACE_MAX = 16
 WORDS = ["red", "blue", "black", "white", "shoe", "shoes", "shirt", "running", "cotton", "men", "women",
@@ -36,36 +36,12 @@ def tiny_tokenizer_json() -> str:
 
 def _tiny_graph():
     import torch
-    from torch import nn
-    from transformers import BertConfig, BertModel
+    from tiny_models import PooledImageTower, tiny_bert, tiny_fusion
 
     from sdk.export.onnx_embedder import EmbedderGraph
-    from sdk.train.embedder import EmbedderConfig, FusionEmbedder
-
-    class PooledImageTower(nn.Module):
-        """ImageTower contract: (B, 3, 224, 224) -> (B, 49, 1280), (B, 49, 152)."""
-
-        def __init__(self):
-            super().__init__()
-            self.deep = nn.Linear(3, 1280)
-            self.shallow = nn.Linear(3, 152)
-
-        def forward(self, x):
-            t = nn.functional.avg_pool2d(x, 32).flatten(2).transpose(1, 2)  # (B, 49, 3)
-            return torch.relu(self.deep(t)), self.shallow(t)
 
     torch.manual_seed(3)
-    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=TEXT_DIM, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=32)).eval()
-    cfg = EmbedderConfig(variant="full", d_model=32, n_heads=4, image_dim=1280, shallow_dim=152,
-                         text_dim=TEXT_DIM, n_image_tokens=49, n_image_layers=2, fire_hidden=16,
-                         n_fusion_layers=2, out_dim=32, matryoshka_dims=(16, 32), dropout=0.0)
-    fusion = FusionEmbedder(cfg)
-    with torch.no_grad():  # zero-initialised paths (FIRE scale, out-projection) take part
-        for p in fusion.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.5)
-    return EmbedderGraph(PooledImageTower(), bert, fusion.eval()).eval()
+    return EmbedderGraph(PooledImageTower(), tiny_bert(), tiny_fusion()).eval()
 
 
 @pytest.fixture(scope="session")
