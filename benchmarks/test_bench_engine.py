@@ -3,7 +3,7 @@ inputs, same run (compare the ratios; absolute times drift on shared machines).
 
     moon3 build --out moon3.engine
     MOON3_ENGINE=moon3.engine .venv/bin/python -m pytest benchmarks/test_bench_engine.py \
-        --benchmark-columns=median,ops,rounds --benchmark-group-by=param:batch
+        --benchmark-columns=median,ops,rounds --benchmark-group-by=group
 """
 
 import json
@@ -44,6 +44,7 @@ def test_embed_photo_and_title(benchmark, runners, products, runner, batch):
         pytest.skip("the PyTorch teacher needs moon3-sdk[export]")
     imgs = [p for p, _ in products[:batch]]
     texts = [t for _, t in products[:batch]]
+    benchmark.group = f"photo+title, batch {batch}"
     v = benchmark(runners[runner], images=imgs, texts=texts, batch_size=batch)
     assert v.shape == (batch, 256)
     benchmark.extra_info["items_per_s"] = batch / benchmark.stats["median"]
@@ -53,5 +54,6 @@ def test_embed_photo_and_title(benchmark, runners, products, runner, batch):
 def test_embed_text_query(benchmark, runners, runner):
     if runner not in runners:
         pytest.skip("the PyTorch teacher needs moon3-sdk[export]")
+    benchmark.group = "text query, batch 1"
     v = benchmark(runners[runner], texts=["Men Black Analog Watch"])
     assert v.shape == (1, 256)
