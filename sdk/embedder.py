@@ -34,7 +34,6 @@ This module never imports torch; onnxruntime is imported when an `Embedder` is c
 from __future__ import annotations
 
 import copy
-import operator
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from sdk.errors import (
     SdkError,
     TruncationWarning,
 )
-from sdk.ops import l2_normalize
+from sdk.ops import check_dim, l2_normalize
 from sdk.preprocess import ImagePreprocess, image_to_array, load_image
 
 __all__ = ["BACKENDS", "Backend", "Embedder", "Embeddings", "available_backends"]
@@ -562,19 +561,7 @@ class Embedder:
         return Embeddings(vectors, dict(sorted(errors.items())), truncated)
 
     def _check_dim(self, dim: Any) -> int:
-        if dim is None:
-            return self._dim
-        if isinstance(dim, (bool, np.bool_)):
-            raise InvalidInputError(f"dim must be an int, got {dim!r}")
-        try:
-            dim = operator.index(dim)
-        except TypeError:
-            raise InvalidInputError(f"dim must be an int, got {type(dim).__name__} {dim!r}") from None
-        if not 1 <= dim <= self._dim:
-            raise InvalidInputError(
-                f"dim must be in [1, {self._dim}], got {dim}; the trained widths are {list(self._matryoshka)}"
-            )
-        return dim
+        return check_dim(dim, self._dim, hint=f"the trained widths are {list(self._matryoshka)}")
 
 
 # ---------------------------------------------------------------------------------------------

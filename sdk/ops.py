@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from sdk.errors import InvalidInputError
 
-__all__ = ["HAVE_C", "L2_NORMALIZE_ATOL", "L2_NORMALIZE_EPS", "l2_normalize", "l2_normalize_ref"]
+__all__ = ["HAVE_C", "L2_NORMALIZE_ATOL", "L2_NORMALIZE_EPS", "check_dim", "l2_normalize", "l2_normalize_ref"]
 
 # Same eps as torch.nn.functional.normalize: rows with a smaller norm are divided by eps instead.
 L2_NORMALIZE_EPS = 1e-12
@@ -47,6 +47,25 @@ def _load_compiled() -> ModuleType | None:
 
 _C: Any = _load_compiled()
 HAVE_C: bool = _C is not None  # read at every call, so tests can monkeypatch it to False
+
+
+def check_dim(dim: Any, width: int, hint: str = "the embedding width") -> int:
+    """Validate a Matryoshka width: None means `width`; else an int in [1, width].
+
+    Raises:
+        InvalidInputError: `dim` is not an int (bools included) or is out of range.
+    """
+    if dim is None:
+        return width
+    if isinstance(dim, (bool, np.bool_)):
+        raise InvalidInputError(f"dim must be an int, got {dim!r}")
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise InvalidInputError(f"dim must be an int, got {type(dim).__name__} {dim!r}") from None
+    if not 1 <= dim <= width:
+        raise InvalidInputError(f"dim must be in [1, {width}] ({hint}), got {dim}")
+    return dim
 
 
 def l2_normalize_ref(x: npt.ArrayLike, dim: int | None = None) -> npt.NDArray[np.float32]:
@@ -113,17 +132,7 @@ def l2_normalize(
     if width == 0:
         raise InvalidInputError(f"x has no components (shape {arr.shape[1:] if squeeze else arr.shape})")
 
-    if dim is None:
-        dim = width
-    else:
-        if isinstance(dim, (bool, np.bool_)):
-            raise InvalidInputError(f"dim must be an int, got {dim!r}")
-        try:
-            dim = operator.index(dim)
-        except TypeError:
-            raise InvalidInputError(f"dim must be an int, got {type(dim).__name__} {dim!r}") from None
-        if not 1 <= dim <= width:
-            raise InvalidInputError(f"dim must be in [1, {width}] (the embedding width), got {dim}")
+    dim = check_dim(dim, width)
 
     src_dtype = arr.dtype
     if not (src_dtype == np.float32 and arr.flags.c_contiguous and arr.flags.aligned):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sdk.errors import InvalidInputError
-from sdk.ops import l2_normalize
+from sdk.ops import check_dim, l2_normalize
 from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
 
 from .embedder import IMAGE, TEXT, TRACE, load_embedder
@@ -67,9 +67,7 @@ class ReferenceEmbedder:
             raise InvalidInputError(
                 f"images, texts and traces must have one entry per item, got {len(images)}, {len(texts)}, {len(traces)}"
             )
-        dim = self.dim if dim is None else dim
-        if not 1 <= dim <= self.dim:
-            raise InvalidInputError(f"dim must be in [1, {self.dim}], got {dim}")
+        dim = check_dim(dim, self.dim)
         out = np.zeros((n, self.dim), np.float32)
         for s in range(0, n, batch_size):
             out[s : s + batch_size] = self._embed_batch(
