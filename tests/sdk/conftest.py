@@ -59,7 +59,7 @@ def tiny_engine(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("engine")
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared with training jobs
+    torch.set_num_threads(1)  # one thread: no stalls on a busy 2-core machine
     try:
         graph = _tiny_graph()
         onnx_path = export_embedder_onnx(
