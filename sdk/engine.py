@@ -22,6 +22,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -135,6 +136,7 @@ class EngineFile:
             if hashlib.sha256(blob).hexdigest() != sha:
                 raise EngineError(f"{path}: checksum mismatch in part {name!r}; the file was modified or corrupted")
             parts[name] = blob
+        _warn_if_newer(path, manifest)
         return cls(path=path, manifest=manifest, _parts=parts)
 
     @property
@@ -151,3 +153,22 @@ class EngineFile:
             return self._parts[name]
         except KeyError:
             raise EngineError(f"{self.path}: engine has no part {name!r}; it has {sorted(self._parts)}") from None
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(m) for m in re.findall(r"\d+", str(v).split("+")[0])[:3])
+
+
+def _warn_if_newer(path: Path, manifest: dict) -> None:
+    """An engine written by a newer sdk may use manifest fields this one ignores: say so."""
+    from sdk import __version__
+
+    versions = manifest.get("versions")
+    built = versions.get("moon3-sdk") if isinstance(versions, dict) else None
+    if built and _version_tuple(built) > _version_tuple(__version__):
+        warnings.warn(
+            f"{path} was built by moon3-sdk {built}, newer than this {__version__}; "
+            "upgrade moon3-sdk if anything looks wrong",
+            UserWarning,
+            stacklevel=3,
+        )

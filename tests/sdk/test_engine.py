@@ -115,3 +115,11 @@ def test_manifest_must_be_json(tmp_path):
 
 def test_write_is_atomic(tmp_path, engine):
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_engine_from_a_newer_sdk_warns(tmp_path):
+    path = write_engine(tmp_path / "n.engine", {"versions": {"moon3-sdk": "99.0.0"}}, PARTS)
+    with pytest.warns(UserWarning, match="built by moon3-sdk 99.0.0, newer than this"):
+        EngineFile.read(path)
+    same = write_engine(tmp_path / "s.engine", {"versions": {"moon3-sdk": "0.0.1"}}, PARTS)
+    EngineFile.read(same)  # older or equal: silent (filterwarnings=error would fail otherwise)
