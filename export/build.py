@@ -91,20 +91,21 @@ class BuildConfig:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
 
 
-def _eval_products(cfg: BuildConfig) -> list[tuple[Path, str]]:
-    """(photo path, title) of the evaluation products."""
-    if cfg.catalog is not None:
+def eval_products(catalog, samples, limit: int) -> list[tuple[Path, str]]:
+    """(photo path, title) of at most `limit` evaluation products: the validation split of
+    `catalog` when given, else every product with a photo in the `samples` folder."""
+    if catalog is not None:
         from sdk.train.catalog import is_validation, read_catalog
 
-        items = [(p.image, p.title) for p in read_catalog(cfg.catalog) if is_validation(p.id) and p.image]
+        items = [(p.image, p.title) for p in read_catalog(catalog) if is_validation(p.id) and p.image]
     else:
-        root = Path(cfg.samples)
+        root = Path(samples)
         path = root / "items.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"no evaluation products: {path} does not exist (pass --catalog)")
         recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         items = [(root / r["image"], r["title"]) for r in recs if r.get("image")]
-    return items[: cfg.eval_items]
+    return items[:limit]
 
 
 def recall_at_10(text: np.ndarray, photos: np.ndarray, titles: list[str]) -> float:
@@ -179,6 +180,58 @@ def matmul_scopes(path: Path) -> dict[str, str]:
     return scopes
 
 
+def measure_engine(engine: Path, teacher_views: dict, products, gates: FidelityGates, threads: int = 0, log=print) -> dict:
+    """Run an engine through the runtime on `products` and compare with the teacher's vectors."""
+    from sdk.embedder import Embedder
+
+    runtime = Embedder(engine, threads=threads or None)
+    engine_views = embed_views(lambda **kw: runtime.embed(**kw, errors="raise"), products)
+    report = fidelity_report(teacher_views, engine_views, [t for _, t in products], gates)
+    for view, v in report["views"].items():
+        log(f"      {view:12s} cosine mean {v['cosine_mean']:.5f}  min {v['cosine_min']:.5f}")
+    r = report["text->image R@10"]
+    log(f"      text->image R@10 teacher {r['teacher']:.4f}  engine {r['engine']:.4f}  drop {r['drop']:+.4f}"
+        f"  -> {'passed' if report['passed'] else 'failed: ' + '; '.join(report['failed'])}")
+    return report
+
+
+def validate_engine(
+    engine: str | Path,
+    *,
+    catalog: str | Path | None = None,
+    samples: str | Path = REPO_SAMPLES,
+    eval_items: int = 400,
+    gates: FidelityGates | None = None,
+    weights: str | Path | None = None,
+    threads: int = 0,
+    log=print,
+) -> dict:
+    """Measure an existing engine against the FP32 teacher (the committed weights by default).
+
+    Returns:
+        The fidelity report; report["passed"] says whether every gate passed.
+
+    Raises:
+        EngineError: the engine file is missing or damaged.
+        FileNotFoundError: no evaluation products.
+    """
+    from sdk.engine import EngineFile
+    from sdk.train.reference import WEIGHTS_DIR, ReferenceEmbedder
+
+    EngineFile.read(engine)  # refuse a damaged file before loading the teacher
+    products = eval_products(catalog, samples, eval_items)
+    if len(products) < 20:
+        raise ValueError(f"only {len(products)} evaluation products with a photo; need >= 20")
+    log(f"teacher: FP32 reference embedder on {len(products)} products ({catalog or samples})")
+    teacher = ReferenceEmbedder(Path(weights or WEIGHTS_DIR))
+    teacher_views = embed_views(teacher.embed, products)
+    del teacher
+    log(f"engine: {engine}")
+    report = measure_engine(Path(engine), teacher_views, products, gates or FidelityGates(), threads, log)
+    report["eval_source"] = str(catalog or samples)
+    return report
+
+
 def fold_constants(src: Path, dst: Path) -> Path:
     """onnxruntime's pre-quantization pass (constant folding, shape inference).
 
@@ -218,7 +271,6 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         GateError: a fidelity gate failed and cfg.enforce is True (nothing is written).
         ExportError: ONNX export or its parity check failed.
     """
-    from sdk.embedder import Embedder
     from sdk.train.reference import WEIGHTS_DIR, ReferenceEmbedder
     from sdk.train.towers import text_tower_path
 
@@ -227,7 +279,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
 
     t0 = time.time()
     weights = Path(cfg.weights or WEIGHTS_DIR)
-    products = _eval_products(cfg)
+    products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
     titles = [t for _, t in products]
     log(f"[1/4] teacher: FP32 reference embedder on {len(products)} evaluation products")
     teacher = ReferenceEmbedder(weights)
@@ -263,15 +315,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                 dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
             )
             log("[4/4] fidelity: the candidate engine through sdk.Embedder vs the FP32 teacher")
-            runtime = Embedder(candidate, threads=cfg.threads or None)
-            engine_views = embed_views(lambda **kw: runtime.embed(**kw, errors="raise"), products)
-            del runtime
-            report = fidelity_report(teacher_views, engine_views, titles, cfg.gates)
-            for view, v in report["views"].items():
-                log(f"      {view:12s} cosine mean {v['cosine_mean']:.5f}  min {v['cosine_min']:.5f}")
-            r = report["text->image R@10"]
-            log(f"      text->image R@10 teacher {r['teacher']:.4f}  engine {r['engine']:.4f}  drop {r['drop']:+.4f}"
-                f"  -> {'passed' if report['passed'] else 'failed: ' + '; '.join(report['failed'])}")
+            report = measure_engine(candidate, teacher_views, products, cfg.gates, cfg.threads, log)
             tried.append({"candidate": label, "passed": report["passed"], "failed": report["failed"],
                           "views": report["views"], "text->image R@10": report["text->image R@10"]})
             if report["passed"]:

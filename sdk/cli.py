@@ -1,6 +1,6 @@
-"""Command line: `moon3 build | inspect | embed | search` (also `python -m sdk`).
+"""Command line: `moon3 build | validate | inspect | embed | search` (also `python -m sdk`).
 
-`build` needs the toolchain (`pip install 'moon3-sdk[export]'`); the other commands need only
+`build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); the other commands need only
 the runtime (numpy + onnxruntime), never torch.
 """
 
@@ -36,6 +36,26 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"error: {exc}\n{json.dumps(exc.report, indent=2)}", file=sys.stderr)
         return 3
     return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        from sdk.export.build import FidelityGates, validate_engine
+    except ImportError as exc:
+        raise SdkError(f"`validate` needs the export toolchain ({exc}): pip install 'moon3-sdk[export]'") from exc
+    report = validate_engine(
+        args.engine,
+        catalog=args.catalog,
+        eval_items=args.eval_items,
+        gates=FidelityGates(args.min_cosine_mean, args.min_cosine_min, args.max_recall_drop),
+        weights=args.weights,
+        threads=args.threads,
+        **({"samples": args.samples} if args.samples else {}),
+    )
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    print(f"{args.engine}: fidelity gates {'passed' if report['passed'] else 'FAILED: ' + '; '.join(report['failed'])}")
+    return 0 if report["passed"] else 3
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -157,6 +177,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-cosine-mean", type=float, default=0.995)
+    p.add_argument("--min-cosine-min", type=float, default=0.97)
+    p.add_argument("--max-recall-drop", type=float, default=0.01)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moon3", description="moon3-sdk: build, inspect and run product-embedding engines")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -168,12 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--catalog", default=None, help="measure the gates on this catalog's validation split")
     b.add_argument("--samples", default=None, help="evaluation products when no --catalog (default: data/samples)")
     b.add_argument("--eval-items", type=int, default=400)
-    b.add_argument("--min-cosine-mean", type=float, default=0.995)
-    b.add_argument("--min-cosine-min", type=float, default=0.97)
-    b.add_argument("--max-recall-drop", type=float, default=0.01)
+    _gate_args(b)
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)
+
+    v = sub.add_parser("validate", help="measure an engine against the FP32 teacher (needs [export]); exit 3 if a gate fails")
+    v.add_argument("engine")
+    v.add_argument("--catalog", default=None, help="use this catalog's validation split")
+    v.add_argument("--samples", default=None, help="evaluation products when no --catalog (default: data/samples)")
+    v.add_argument("--eval-items", type=int, default=400)
+    v.add_argument("--weights", default=None, help="teacher weights folder (default: committed)")
+    v.add_argument("--report", default=None, help="write the fidelity report (JSON) here")
+    _gate_args(v)
+    v.add_argument("--threads", type=int, default=0)
+    v.set_defaults(func=_cmd_validate)
 
     i = sub.add_parser("inspect", help="print an engine's manifest: precision, dims, fidelity, parts")
     i.add_argument("engine")

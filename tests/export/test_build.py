@@ -126,3 +126,18 @@ def test_cli_inspect_embed_search(int8_engine, tmp_path, capsys):
     assert main(["search", str(int8_engine), "--catalog", str(SAMPLES), "--query", "Women Black Handbag", "--k", "3"]) == 0
     out = capsys.readouterr().out
     assert 'text query "Women Black Handbag":' in out and "  3. " in out
+
+
+def test_validate_an_existing_engine(int8_engine, tmp_path, capsys):
+    from sdk.cli import main
+    from sdk.export.build import validate_engine
+
+    rep = validate_engine(int8_engine, eval_items=24, log=lambda *_: None)
+    assert rep["passed"] and rep["items"] == 24 and rep["views"]["photo"]["cosine_mean"] > 0.999
+    strict = ["--min-cosine-mean", "1.0", "--min-cosine-min", "1.0"]
+    out = tmp_path / "rep.json"
+    assert main(["validate", str(int8_engine), "--eval-items", "24", "--report", str(out), *strict]) == 3
+    assert "fidelity gates FAILED" in capsys.readouterr().out
+    assert json.loads(out.read_text())["passed"] is False
+    assert main(["validate", str(tmp_path / "missing.engine")]) == 2
+    assert "engine file not found" in capsys.readouterr().err
