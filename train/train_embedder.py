@@ -56,7 +56,7 @@ class TrainConfig:
 class Features:
     """Cached tower features in memory (fp16), with per-row lookups as fp32 tensors."""
 
-    def __init__(self, folder: str | Path, catalog_meta: dict | None = None):
+    def __init__(self, folder: str | Path):
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
             raise FileNotFoundError(f"no feature cache in {folder}: run python -m sdk.train.features first")
@@ -68,17 +68,22 @@ class Features:
         self.detail, self.detail_mask = load("detail_tok"), load("detail_mask")
         self.flip_rows = np.load(folder / "val_flip_rows.npy")
         self.deep_flip, self.shallow_flip = load("img_deep_flip"), load("img_shallow_flip")
-        self.titles = self.meta.get("titles")
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False):
-    """Model inputs for rows: image on/off, text None/'title'/'detail'; trace absent."""
+def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False, image_features=None):
+    """Model inputs for rows: image on/off, text None/'title'/'detail'; trace absent.
+
+    `image_features` (deep, shallow) of these rows from an earlier call are reused as they are,
+    so the views of one training step gather and convert the image features once.
+    """
     rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
     B = len(rows)
-    if flip:
+    if image_features is not None:
+        deep, shallow = image_features
+    elif flip:
         pos = {int(r): i for i, r in enumerate(f.flip_rows)}
         sel = torch.tensor([pos[int(r)] for r in rows], dtype=torch.long)
         deep, shallow = f.deep_flip[sel].float(), f.shallow_flip[sel].float()
@@ -227,12 +232,17 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             all_ok = torch.ones(len(rows), dtype=torch.bool)
             keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
             title = batch_inputs(f, rows, image=True, text="title")
-            img_tok = model.encode_image(title[0], title[1])  # shared by the three views with a photo
+            feats = title[:2]  # (deep, shallow), gathered once for the four views
+            img_tok = model.encode_image(*feats)  # shared by the three views with a photo
             e_mm1 = model(*title, image_tokens=img_tok)
-            e_mm2 = model(*batch_inputs(f, rows, image=True, text="detail"), image_keep=keep, image_tokens=img_tok)
+            e_mm2 = model(
+                *batch_inputs(f, rows, image=True, text="detail", image_features=feats), image_keep=keep, image_tokens=img_tok
+            )
             keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-            e_img = model(*batch_inputs(f, rows, image=True, text=None), image_keep=keep_img, image_tokens=img_tok)
-            e_txt = model(*batch_inputs(f, rows, image=False, text="title"), image_tokens=img_tok)
+            e_img = model(
+                *batch_inputs(f, rows, image=True, text=None, image_features=feats), image_keep=keep_img, image_tokens=img_tok
+            )
+            e_txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats), image_tokens=img_tok)
             loss = 0.0
             for d in dims:
                 mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))
