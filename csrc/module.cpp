@@ -15,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
     m.attr("__version__") = "dev";
 #endif
     moon3::register_l2norm(m);
+    moon3::register_fused(m);
 }

@@ -27,6 +27,7 @@ import numpy as np
 from sdk.errors import SdkError
 
 PRECISIONS = ("fp32", "int8")
+LAYOUTS = ("split", "single")
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
@@ -69,6 +70,8 @@ class BuildConfig:
         eval_items: at most this many evaluation products (photo + title).
         gates: fidelity gates; enforce=False writes the engine even when a gate fails.
         threads: onnxruntime threads while measuring (0 = default).
+        layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
+            for the items that have its modality) or "single" (one ONNX graph).
     """
 
     out: str | Path = "moon3.engine"
@@ -80,9 +83,12 @@ class BuildConfig:
     gates: FidelityGates = field(default_factory=FidelityGates)
     enforce: bool = True
     threads: int = 0
+    layout: str = "split"
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.eval_items < 20:
@@ -274,8 +280,9 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     from sdk.train.reference import WEIGHTS_DIR, ReferenceEmbedder
     from sdk.train.towers import text_tower_path
 
-    from .bundle import package_embedder
+    from .bundle import package_embedder, package_split_embedder
     from .onnx_embedder import OnnxExportConfig, build_reference_graph, export_embedder_onnx
+    from .onnx_split import SplitExportConfig, export_split_onnx
 
     t0 = time.time()
     weights = Path(cfg.weights or WEIGHTS_DIR)
@@ -288,32 +295,49 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     text_len = teacher.tokenizer.max_length
     del teacher
     tokenizer_json = (text_tower_path() / "tokenizer.json").read_bytes()
+    precision = {"fp32": "fp32", "int8": "int8-dynamic"}[cfg.precision]
+    common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
         tmp = Path(tmp)
-        log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
-        onnx_path = export_embedder_onnx(build_reference_graph(weights), OnnxExportConfig(tmp / "embedder.onnx"))
-        parity = json.loads(onnx_path.with_suffix(".parity.json").read_text())
-        precision = {"fp32": "fp32", "int8": "int8-dynamic"}[cfg.precision]
+        graph = build_reference_graph(weights)
+        if cfg.layout == "split":
+            log("[2/4] export: image graph + text graph + head, parity vs PyTorch on padded batches")
+            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split"))
+            parity = json.loads((tmp / "split" / "split.parity.json").read_text())
+            text_graph, image_graph = paths["text"], paths["image"]
+        else:
+            log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
+            text_graph = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx"))
+            parity = json.loads(text_graph.with_suffix(".parity.json").read_text())
+        del graph
         if cfg.precision == "int8":
-            scopes = matmul_scopes(onnx_path)
-            folded = fold_constants(onnx_path, tmp / "embedder.folded.onnx")
+            # The candidates' patterns name text-tower modules; in a split engine the image graph
+            # (its image-encoder matmuls) is quantized once, whole.
+            scopes = matmul_scopes(text_graph)
+            folded = fold_constants(text_graph, tmp / "text.folded.onnx")
+            if cfg.layout == "split":
+                image_graph = quantize_int8(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.int8.onnx")
             candidates = INT8_CANDIDATES
         else:
             candidates = (("fp32", None),)
+
+        def package(out: Path, graph: Path, **extra) -> Path:
+            if cfg.layout == "split":
+                return package_split_embedder(out, image_graph.read_bytes(), graph.read_bytes(), paths["head"].read_bytes(),
+                                              tokenizer_json, **common, **extra)
+            return package_embedder(out, graph.read_bytes(), tokenizer_json, **common, **extra)
+
         tried = []
         for n, (label, pattern) in enumerate(candidates, 1):
             if cfg.precision == "int8":
                 exclude = sorted(name for name, scope in scopes.items() if pattern and re.search(pattern, scope))
                 log(f"[3/4] quantize: INT8 dynamic per channel, candidate {n}/{len(candidates)}: {label} "
-                    f"({len(exclude)} of {len(scopes)} matmuls fp32)")
-                graph = quantize_int8(folded, tmp / f"embedder.int8.{n}.onnx", exclude)
+                    f"({len(exclude)} of {len(scopes)} text-graph matmuls fp32)")
+                graph = quantize_int8(folded, tmp / f"text.int8.{n}.onnx", exclude)
             else:
                 log("[3/4] quantize: skipped (fp32)")
-                graph = onnx_path
-            candidate = package_embedder(
-                tmp / "candidate.engine", graph.read_bytes(), tokenizer_json,
-                dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
-            )
+                graph = text_graph
+            candidate = package(tmp / "candidate.engine", graph)
             log("[4/4] fidelity: the candidate engine through sdk.Embedder vs the FP32 teacher")
             report = measure_engine(candidate, teacher_views, products, cfg.gates, cfg.threads, log)
             tried.append({"candidate": label, "passed": report["passed"], "failed": report["failed"],
@@ -330,10 +354,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                 raise GateError(msg + " (nothing written; --no-enforce writes it anyway)", report)
             log(f"WARNING: {msg}; written anyway (--no-enforce)")
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        out = package_embedder(
-            cfg.out, graph.read_bytes(), tokenizer_json,
-            dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
-            fidelity=report, extra={"build": {"precision": cfg.precision, "weights": str(weights), "seconds": round(time.time() - t0, 1)}},
-        )
+        out = package(cfg.out, graph, fidelity=report, extra={"build": {
+            "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
+            "seconds": round(time.time() - t0, 1)}})
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
     return out

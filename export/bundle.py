@@ -3,7 +3,7 @@
 The manifest written here is the contract the runtime (`sdk.Embedder`) reads:
 
     manifest["embedder"] = {
-        "part": "embedder.onnx",            # ONNX graph part
+        "part": "embedder.onnx",            # ONNX graph part (layout "single", the default)
         "precision": "fp32" | "int8-dynamic" | ...,
         "inputs": {name: {"dtype", "shape"}},  # pixels, input_ids, attention_mask, trace_ids,
                                                # trace_mask, present (see EmbedderGraph.forward)
@@ -11,6 +11,10 @@ The manifest written here is the contract the runtime (`sdk.Embedder`) reads:
         "dim": 256, "matryoshka_dims": [64, 128, 256],
         "modalities": ["image", "text", "trace"],
     }
+    # layout "split" (package_split_embedder) has instead:
+    #   "layout": "split", "parts": {"image": "image.onnx", "text": "text.onnx", "head": "head.npz"}
+    #   image.onnx: pixels -> image_tokens; text.onnx: input_ids, attention_mask -> token_states;
+    #   head.npz: sdk.head.FusionHead weights (see sdk.export.onnx_split)
     manifest["preprocess"] = {
         "image": {"size", "resize", "scale", "mean", "std"},   # sdk.preprocess.ImagePreprocess
         "text": {"tokenizer": "tokenizer.json", "max_length": 32},
@@ -84,21 +88,60 @@ def package_embedder(
     Raises:
         ValueError: inconsistent dims or lengths.
     """
+    embedder = {"part": "embedder.onnx", "precision": precision, "inputs": EMBEDDER_INPUTS, "output": "embedding"}
+    manifest = _manifest(embedder, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra)
+    return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json})
+
+
+def package_split_embedder(
+    out: str | Path,
+    image_onnx: bytes,
+    text_onnx: bytes,
+    head: bytes,
+    tokenizer_json: bytes,
+    *,
+    dim: int,
+    matryoshka_dims: Sequence[int],
+    precision: str = "fp32",
+    image: ImagePreprocess = ImagePreprocess(),
+    text_max_length: int = 32,
+    trace_max_length: int = 128,
+    fidelity: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a `moon3.engine` holding a split embedder (see `sdk.export.onnx_split`).
+
+    Args:
+        image_onnx: graph pixels -> image_tokens; text_onnx: graph input_ids, attention_mask ->
+            token_states; head: `sdk.head.FusionHead.to_bytes()`. Other arguments as in
+            `package_embedder`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: inconsistent dims or lengths.
+    """
+    embedder = {"layout": "split", "parts": {"image": "image.onnx", "text": "text.onnx", "head": "head.npz"},
+                "precision": precision, "output": "embedding"}
+    manifest = _manifest(embedder, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra)
+    parts = {"image.onnx": image_onnx, "text.onnx": text_onnx, "head.npz": head, "tokenizer.json": tokenizer_json}
+    return write_engine(out, manifest, parts)
+
+
+def _manifest(embedder: dict, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra) -> dict:
     dims = [int(d) for d in matryoshka_dims]
     if not dims or dims[-1] != dim or dims != sorted(set(dims)):
         raise ValueError(f"matryoshka_dims must be increasing and end at dim={dim}, got {dims}")
     if text_max_length < 2 or trace_max_length < 2:
         raise ValueError(f"token budgets must be >= 2, got text {text_max_length}, trace {trace_max_length}")
-    manifest = {
+    return {
         "format": "moon3.engine",
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "embedder": {
-            "part": "embedder.onnx",
-            "precision": precision,
-            "inputs": EMBEDDER_INPUTS,
-            "output": "embedding",
+            **embedder,
             "dim": int(dim),
             "matryoshka_dims": dims,
             "modalities": ["image", "text", "trace"],
@@ -111,4 +154,3 @@ def package_embedder(
         "fidelity": dict(fidelity or {}),
         **dict(extra or {}),
     }
-    return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json})

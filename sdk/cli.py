@@ -28,6 +28,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         gates=FidelityGates(args.min_cosine_mean, args.min_cosine_min, args.max_recall_drop),
         enforce=not args.no_enforce,
         threads=args.threads,
+        layout=args.layout,
         **({"samples": args.samples} if args.samples else {}),
     )
     try:
@@ -70,7 +71,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     fid = m.get("fidelity", {})
     print(f"{e.path}: moon3 engine format {m.get('format_version')}, created {m.get('created')}")
     print(f"  embedder: {emb.get('precision')}  dim {emb.get('dim')}  matryoshka {emb.get('matryoshka_dims')}")
-    print(f"  inputs:   {', '.join(emb.get('inputs', {}))} -> {emb.get('output')}")
+    if emb.get("layout") == "split":
+        print(f"  layout:   split: {', '.join(f'{k} {v}' for k, v in emb.get('parts', {}).items())} -> {emb.get('output')}")
+    else:
+        print(f"  inputs:   {', '.join(emb.get('inputs', {}))} -> {emb.get('output')}")
     pre = m.get("preprocess", {})
     print(f"  image:    {pre.get('image')}")
     print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; trace max {pre.get('trace', {}).get('max_length')}")
@@ -190,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build moon3.engine from the trained reference embedder (needs [export])")
     b.add_argument("--out", default="moon3.engine")
     b.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    b.add_argument("--layout", choices=("split", "single"), default="split",
+                   help="split: image graph + text graph + fused-op head, each tower run only for the items "
+                        "that have its modality (default); single: one ONNX graph")
     b.add_argument("--weights", default=None, help="folder with embedder.safetensors (default: committed)")
     b.add_argument("--catalog", default=None, help="measure the gates on this catalog's validation split")
     b.add_argument("--samples", default=None, help="evaluation products when no --catalog (default: data/samples)")

@@ -213,14 +213,31 @@ class Embedder:
         if threads is not None:
             opts.intra_op_num_threads = threads
         requested = [BACKENDS[n].provider for n in names]
-        graph = engine.part(spec["part"])
-        try:
-            session = ort.InferenceSession(graph, opts, providers=requested)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
-            raise EngineError(
-                f"{self._path}: onnxruntime {ort.__version__} cannot load part {spec['part']!r}: {exc}"
-            ) from exc
-        _check_graph(session, self._path, self._output, self._dim, self._image_cfg.size)
+
+        def load(part: str):
+            try:
+                return ort.InferenceSession(engine.part(part), opts, providers=requested)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
+                raise EngineError(
+                    f"{self._path}: onnxruntime {ort.__version__} cannot load part {part!r}: {exc}"
+                ) from exc
+
+        self._layout: str = spec["layout"]
+        if self._layout == "split":
+            from sdk.head import FusionHead, SplitRunner
+
+            parts = spec["parts"]
+            image_s, text_s = load(parts["image"]), load(parts["text"])
+            _check_split_graphs(image_s, text_s, self._path, self._image_cfg.size)
+            head = FusionHead.from_bytes(engine.part(parts["head"]), f"{self._path}: part {parts['head']!r}")
+            if head.out_dim != self._dim:
+                raise EngineError(f"{self._path}: the head gives {head.out_dim}-d vectors, the manifest says dim {self._dim}")
+            self._split: SplitRunner | None = SplitRunner(image_s, text_s, head)
+            session = image_s
+        else:
+            session = load(spec["parts"]["embedder"])
+            _check_graph(session, self._path, self._output, self._dim, self._image_cfg.size)
+            self._split = None
         self._session = session
         active = list(session.get_providers())
         self._providers = tuple(active)
@@ -280,8 +297,9 @@ class Embedder:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Release the ONNX Runtime session; later calls raise `SdkError`."""
+        """Release the ONNX Runtime sessions; later calls raise `SdkError`."""
         self._session = None
+        self._split = None
 
     def __enter__(self) -> "Embedder":
         return self
@@ -534,7 +552,7 @@ class Embedder:
             tids, tmask = _pad([tok[i][1] for i in chunk])  # (B, S)
             feed = dict(zip(INPUT_NAMES, (pix, ids, mask, tids, tmask, present)))
             try:
-                out = session.run([self._output], feed)[0]  # (B, D)
+                out = session.run([self._output], feed)[0] if self._split is None else self._split(feed)  # (B, D)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 shapes = {k: tuple(v.shape) for k, v in feed.items()}
                 raise EngineError(f"{self._path}: the embedder graph failed on inputs {shapes}: {exc}") from exc
@@ -627,10 +645,17 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
     try:
         emb = m["embedder"]
         pre = m["preprocess"]
-        part = emb["part"]
+        layout = str(emb.get("layout", "single"))
+        if layout not in ("single", "split"):
+            raise EngineError(f"{where}: unknown embedder layout {layout!r}; install a newer moon3-sdk")
+        if layout == "split":
+            parts = {k: str(emb["parts"][k]) for k in ("image", "text", "head")}
+            inputs = list(INPUT_NAMES)  # the runtime builds the split graphs' feeds itself
+        else:
+            parts = {"embedder": str(emb["part"])}
+            inputs = list(emb["inputs"])
         dim = int(emb["dim"])
         mdims = tuple(int(d) for d in emb["matryoshka_dims"])
-        inputs = list(emb["inputs"])
         output = str(emb["output"])
         precision = str(emb.get("precision", "fp32"))
         image_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in pre["image"].items()}
@@ -664,9 +689,23 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
             raise EngineError(f"{where}: tokenizer part {p!r} cannot be loaded: {exc}") from exc
     return {
-        "part": part, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
+        "layout": layout, "parts": parts, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
         "image": image, "text_tokenizer": toks[text_part, text_len], "trace_tokenizer": toks[trace_part, trace_len],
     }
+
+
+def _check_split_graphs(image, text, where: Path, size: int) -> None:
+    """The split engine's graphs take and give what `sdk.head.SplitRunner` feeds and reads."""
+    for sess, ins, out, what in ((image, ["pixels"], "image_tokens", "image"),
+                                 (text, ["input_ids", "attention_mask"], "token_states", "text")):
+        got_in = sorted(i.name for i in sess.get_inputs())
+        got_out = [o.name for o in sess.get_outputs()]
+        if got_in != sorted(ins) or out not in got_out:
+            raise EngineError(f"{where}: the {what} graph has inputs {got_in} / outputs {got_out}, "
+                              f"expected {ins} / [{out!r}]")
+    shape = image.get_inputs()[0].shape
+    if len(shape) != 4 or any(isinstance(s, int) and s != size for s in shape[2:]):
+        raise EngineError(f"{where}: the image graph's pixels input is {shape}, the manifest preprocesses to {size}x{size}")
 
 
 def _check_graph(session, where: Path, output: str, dim: int, size: int) -> None:

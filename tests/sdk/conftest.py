@@ -76,3 +76,31 @@ def tiny_engine(tmp_path_factory):
     )
     return SimpleNamespace(path=engine, graph=graph, tokenizer=tok_path, text_max=TEXT_MAX, trace_max=TRACE_MAX,
                            words=list(WORDS))
+
+
+@pytest.fixture(scope="session")
+def tiny_split_engine(tmp_path_factory, tiny_engine):
+    """The tiny embedder of `tiny_engine` (same weights) as a split engine: .path, .graph, .parity."""
+    import json
+
+    import torch
+
+    from sdk.export.bundle import package_split_embedder
+    from sdk.export.onnx_split import SplitExportConfig, export_split_onnx
+    from sdk.preprocess import ImagePreprocess
+
+    folder = tmp_path_factory.mktemp("split")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = export_split_onnx(tiny_engine.graph, SplitExportConfig(folder, num_threads=1,
+                                                                       check_batches=((2, 5, 3), (7, 9, 4))))
+    finally:
+        torch.set_num_threads(before)
+    engine = package_split_embedder(
+        folder / "tiny_split.engine", paths["image"].read_bytes(), paths["text"].read_bytes(),
+        paths["head"].read_bytes(), tiny_engine.tokenizer.read_bytes(), dim=32, matryoshka_dims=(16, 32),
+        image=ImagePreprocess(size=224), text_max_length=TEXT_MAX, trace_max_length=TRACE_MAX,
+    )
+    parity = json.loads((folder / "split.parity.json").read_text())
+    return SimpleNamespace(path=engine, graph=tiny_engine.graph, parity=parity, parts=paths)

@@ -75,11 +75,13 @@ def cosine(a, b):
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-@pytest.fixture(scope="module")
-def emb(tiny_engine):
+@pytest.fixture(scope="module", params=["single", "split"])
+def emb(request, tiny_engine):
+    """The runtime on the tiny engine, in both layouts (one graph; towers + NumPy/fused head)."""
     from sdk import Embedder
 
-    with Embedder(tiny_engine.path, threads=1) as e:
+    engine = tiny_engine if request.param == "single" else request.getfixturevalue("tiny_split_engine")
+    with Embedder(engine.path, threads=1) as e:
         yield e
 
 

@@ -1,0 +1,225 @@
+"""The embedder head in NumPy + fused ops: tower token states -> L2-normalised embeddings.
+
+A split engine (see `sdk.export.bundle.package_split_embedder`) runs the image graph
+(EfficientNet-Lite0 + image encoder with FIRE -> image token states) and the text graph (MiniLM
+token states, for titles and traces) in ONNX Runtime, each only on the items that have that
+modality, and this head on the CPU:
+
+    text/trace projection (Linear + LayerNorm)
+    query start = learned query + mean of the present modalities' pooled tokens
+    n rounds of modality fusion: per-modality cross-attention of the query -> gate logits ->
+        `fusion_epilogue` (gate softmax, weighted sum, output projection, residual, LayerNorm)
+        -> FFN residual
+    `project_normalize` (LayerNorm, projection, Matryoshka truncation, L2 norm)
+
+It computes what `sdk.train.embedder.FusionEmbedder.forward` computes (given the image token
+states), in float32; the export check holds the two to cosine >= 0.9999. An absent modality's
+states are never read into the result: its gate weight is exactly 0 and the query start skips it,
+so callers pass zeros for them without running a tower. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from sdk.errors import EngineError
+from sdk.fused import fusion_epilogue, gelu, layer_norm, linear, project_normalize
+
+_F32 = np.float32
+HEAD_FORMAT = 1
+
+
+def _masked_mean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    # x: (B, T, C), mask: (B, T) -> (B, C); an all-zero mask gives zeros
+    s = np.einsum("btc,bt->bc", x, mask).astype(_F32)
+    return s / np.maximum(mask.sum(1, keepdims=True), _F32(1.0))
+
+
+class FusionHead:
+    """NumPy inference of the fusion embedder's head.
+
+    Args:
+        state: float32 arrays keyed by `FusionEmbedder.state_dict()` names (the image encoder's
+            "image.*" entries are not needed).
+        config: the `EmbedderConfig` fields as a dict (d_model, n_heads, n_fusion_layers, out_dim...).
+
+    Raises:
+        EngineError: a weight is missing or has the wrong shape.
+    """
+
+    def __init__(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]):
+        try:
+            self.d = int(config["d_model"])
+            self.h = int(config["n_heads"])
+            self.n_layers = int(config["n_fusion_layers"])
+            self.out_dim = int(config["out_dim"])
+            self.text_dim = int(config["text_dim"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"the head config lacks a field: {exc}") from exc
+        self.config = dict(config)
+        self._w: dict[str, np.ndarray] = {}
+        d, c = self.d, self.text_dim
+        need: dict[str, tuple[int, ...]] = {"query": (1, 1, d), "head.0.weight": (d,), "head.0.bias": (d,),
+                                            "head.1.weight": (self.out_dim, d), "head.1.bias": (self.out_dim,)}
+        for p in ("text_proj", "trace_proj"):
+            need |= {f"{p}.0.weight": (d, c), f"{p}.0.bias": (d,), f"{p}.1.weight": (d,), f"{p}.1.bias": (d,)}
+        for k in range(self.n_layers):
+            f = f"fusion.{k}."
+            need |= {f + "q_norm.weight": (d,), f + "q_norm.bias": (d,), f + "gate.0.weight": (d, 2 * d),
+                     f + "gate.0.bias": (d,), f + "gate.2.weight": (1, d), f + "gate.2.bias": (1,),
+                     f + "out.weight": (d, d), f + "out.bias": (d,), f + "ffn.0.weight": (d,), f + "ffn.0.bias": (d,)}
+            mult = int(config.get("ffn_mult", 4))
+            need |= {f + "ffn.1.weight": (mult * d, d), f + "ffn.1.bias": (mult * d,),
+                     f + "ffn.4.weight": (d, mult * d), f + "ffn.4.bias": (d,)}
+            for m in range(3):
+                need |= {f"{f}kv_norms.{m}.weight": (d,), f"{f}kv_norms.{m}.bias": (d,),
+                         f"{f}attn.{m}.q.weight": (d, d), f"{f}attn.{m}.q.bias": (d,),
+                         f"{f}attn.{m}.kv.weight": (2 * d, d), f"{f}attn.{m}.kv.bias": (2 * d,),
+                         f"{f}attn.{m}.o.weight": (d, d), f"{f}attn.{m}.o.bias": (d,)}
+        for name, shape in need.items():
+            if name not in state:
+                raise EngineError(f"the head weights lack {name!r}")
+            arr = np.ascontiguousarray(state[name], _F32)
+            if arr.shape != shape:
+                raise EngineError(f"head weight {name!r} has shape {arr.shape}, expected {shape}")
+            self._w[name] = arr
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_bytes(self) -> bytes:
+        """`.npz` bytes of the weights plus the config (no pickle)."""
+        buf = io.BytesIO()
+        meta = np.frombuffer(json.dumps({"format": HEAD_FORMAT, "config": self.config}).encode(), np.uint8)
+        np.savez(buf, __meta__=meta, **self._w)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, where: str = "head") -> "FusionHead":
+        """Load what `to_bytes` wrote; object arrays (pickle) are refused."""
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001 - zipfile/numpy/json raise many types
+            raise EngineError(f"{where}: the head weights cannot be read ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT or not isinstance(meta.get("config"), dict):
+            raise EngineError(f"{where}: unknown head weights format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        return cls(arrays, meta["config"])
+
+    # ------------------------------------------------------------------ inference
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        return linear(x, self._w[name + ".weight"], self._w[name + ".bias"])
+
+    def _ln(self, x: np.ndarray, name: str) -> np.ndarray:
+        return layer_norm(x, self._w[name + ".weight"], self._w[name + ".bias"])
+
+    def _attend(self, qn: np.ndarray, kv: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
+        # qn: (B, d) one query per row; kv: (B, T, d) normed context; mask: (B, T) -> (B, d)
+        B, T, d = kv.shape
+        h, c = self.h, d // self.h
+        q = self._linear(qn, name + ".q").reshape(B, h, c)  # (B, h, c)
+        kvp = self._linear(kv, name + ".kv").reshape(B, T, 2, h, c)
+        k, v = kvp[:, :, 0], kvp[:, :, 1]  # (B, T, h, c)
+        att = np.einsum("bhc,bthc->bht", q, k) * _F32(1.0 / math.sqrt(c))  # (B, h, T)
+        att = att + ((_F32(1.0) - mask) * _F32(-1e4))[:, None, :]
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = np.einsum("bht,bthc->bhc", att, v).reshape(B, d)  # (B, d)
+        return self._linear(y, name + ".o")
+
+    def __call__(
+        self,
+        image_tokens: np.ndarray,  # (B, N, d) image token states (zeros where absent)
+        text_states: np.ndarray,  # (B, T, text_dim) title token states
+        text_mask: np.ndarray,  # (B, T) 1 on real tokens, 0 on padding and where the text is absent
+        trace_states: np.ndarray,  # (B, S, text_dim)
+        trace_mask: np.ndarray,  # (B, S)
+        present: np.ndarray,  # (B, 3) 0/1: image, text, trace
+        dim: int | None = None,
+    ) -> np.ndarray:
+        """Embeddings (B, dim) float32, L2-normalised; dim defaults to the full width."""
+        present = np.asarray(present, _F32)
+        B = present.shape[0]
+        img_mask = np.broadcast_to(present[:, :1], image_tokens.shape[:2]).astype(_F32)
+        tokens = [
+            np.asarray(image_tokens, _F32),
+            self._ln(self._linear(np.asarray(text_states, _F32), "text_proj.0"), "text_proj.1"),
+            self._ln(self._linear(np.asarray(trace_states, _F32), "trace_proj.0"), "trace_proj.1"),
+        ]
+        masks = [img_mask, np.asarray(text_mask, _F32), np.asarray(trace_mask, _F32)]
+        pooled = np.stack([_masked_mean(t, m) for t, m in zip(tokens, masks)], 1)  # (B, 3, d)
+        start = np.einsum("bmd,bm->bd", pooled, present) / np.maximum(present.sum(1, keepdims=True), _F32(1.0))
+        q = (self._w["query"].reshape(1, -1) + start).astype(_F32)  # (B, d)
+        has = [present[:, m] > 0 for m in range(3)]
+        for k in range(self.n_layers):
+            f = f"fusion.{k}."
+            qn = self._ln(q, f + "q_norm")  # (B, d)
+            outs = np.zeros((B, 3, self.d), _F32)
+            logits = np.zeros((B, 3), _F32)
+            for m, (tok, mask) in enumerate(zip(tokens, masks)):
+                # only the rows that have modality m: an absent one gets gate weight 0 anyway
+                rows = slice(None) if has[m].all() else np.flatnonzero(has[m])
+                if not has[m].any():
+                    continue
+                kv = self._ln(tok[rows], f"{f}kv_norms.{m}")  # (b, T_m, d)
+                outs[rows, m] = self._attend(qn[rows], kv, mask[rows], f"{f}attn.{m}")
+                gin = np.concatenate([qn[rows], _masked_mean(kv, mask[rows])], -1)  # (b, 2d)
+                logits[rows, m] = linear(np.tanh(self._linear(gin, f + "gate.0")), self._w[f + "gate.2.weight"])[:, 0] \
+                    + self._w[f + "gate.2.bias"][0]
+            q, hq, _ = fusion_epilogue(q, outs, logits, present, self._w[f + "out.weight"], self._w[f + "out.bias"],
+                                       self._w[f + "ffn.0.weight"], self._w[f + "ffn.0.bias"])
+            q = q + self._linear(gelu(self._linear(hq, f + "ffn.1")), f + "ffn.4")
+        return project_normalize(q, self._w["head.0.weight"], self._w["head.0.bias"], self._w["head.1.weight"],
+                                 self._w["head.1.bias"], self.out_dim if dim is None else int(dim))
+
+
+class SplitRunner:
+    """Runs a split engine on one padded batch in the embedder graph's input format.
+
+    Args:
+        image_session: ONNX Runtime session of the image graph (pixels -> image_tokens).
+        text_session: session of the text graph (input_ids, attention_mask -> token_states),
+            used for titles and traces alike.
+        head: the `FusionHead`.
+
+    Each tower runs only on the rows that have its modality; the other rows get zeros, which the
+    head never reads into the result.
+    """
+
+    def __init__(self, image_session, text_session, head: FusionHead):
+        self.image_session = image_session
+        self.text_session = text_session
+        self.head = head
+
+    def _states(self, ids: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        B, T = ids.shape
+        out = np.zeros((B, T, self.head.text_dim), _F32)  # (B, T, C)
+        if rows.size:
+            n = max(int(mask[rows].sum(1).max()), 1)  # longest real sequence among the rows
+            feed = {"input_ids": np.ascontiguousarray(ids[rows, :n]),
+                    "attention_mask": np.ascontiguousarray(mask[rows, :n])}
+            out[rows, :n] = self.text_session.run(["token_states"], feed)[0]
+        return out
+
+    def __call__(self, feed: Mapping[str, np.ndarray], dim: int | None = None) -> np.ndarray:
+        """Embeddings (B, dim) of a feed keyed like `sdk.export.onnx_embedder.INPUT_NAMES`."""
+        present = np.asarray(feed["present"], _F32)  # (B, 3)
+        pixels = feed["pixels"]  # (B, 3, H, W)
+        B = present.shape[0]
+        n_tok = int(self.head.config.get("n_image_tokens", 49))
+        image = np.zeros((B, n_tok, self.head.d), _F32)  # (B, N, d)
+        rows = np.flatnonzero(present[:, 0] > 0)
+        if rows.size:
+            image[rows] = self.image_session.run(["image_tokens"], {"pixels": np.ascontiguousarray(pixels[rows])})[0]
+        text_rows, trace_rows = np.flatnonzero(present[:, 1] > 0), np.flatnonzero(present[:, 2] > 0)
+        text = self._states(feed["input_ids"], feed["attention_mask"], text_rows)
+        trace = self._states(feed["trace_ids"], feed["trace_mask"], trace_rows)
+        text_mask = feed["attention_mask"].astype(_F32) * present[:, 1:2]
+        trace_mask = feed["trace_mask"].astype(_F32) * present[:, 2:3]
+        return self.head(image, text, text_mask, trace, trace_mask, present, dim)
