@@ -43,7 +43,8 @@ def test_recall_counts_title_groups():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"precision": "int3"}, "precision"), ({"eval_items": 5}, "eval_items"), ({"threads": -1}, "threads")],
+    [({"precision": "int3"}, "precision"), ({"eval_items": 5}, "eval_items"), ({"threads": -1}, "threads"),
+     ({"layout": "pipelined"}, "layout")],
 )
 def test_build_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -75,6 +76,7 @@ def test_int8_build_meets_its_gates_and_records_them(int8_engine):
     fid = m["fidelity"]
     assert fid["passed"] and fid["items"] == 40
     assert m["embedder"]["precision"] == "int8-dynamic"
+    assert m["embedder"]["layout"] == "split" and m["build"]["layout"] == "split"
     for view in ("photo+title", "photo", "title"):
         assert fid["views"][view]["cosine_mean"] >= 0.995
     assert fid["onnx_parity"]["min_cosine"] >= 0.9999
@@ -100,7 +102,8 @@ def test_failed_gate_writes_nothing(tmp_path):
     out = tmp_path / "strict.engine"
     impossible = FidelityGates(min_cosine_mean=1.0, min_cosine_min=1.0)  # even FP32 ONNX differs in the 7th digit
     with pytest.raises(GateError, match="fidelity gates") as exc:
-        build_engine(BuildConfig(out=out, precision="fp32", eval_items=20, gates=impossible), log=lambda *_: None)
+        build_engine(BuildConfig(out=out, precision="fp32", eval_items=20, gates=impossible, layout="single"),
+                     log=lambda *_: None)
     assert not out.exists()
     assert exc.value.report["passed"] is False
 
@@ -111,6 +114,7 @@ def test_cli_inspect_embed_search(int8_engine, tmp_path, capsys):
     assert main(["inspect", str(int8_engine)]) == 0
     out = capsys.readouterr().out
     assert "int8-dynamic" in out and "fidelity vs FP32 teacher (40 products" in out
+    assert "layout:   split: " in out and "image image.onnx" in out and "head head.npz" in out
 
     items = [json.loads(x) for x in (SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()][:5]
     items.append({"id": -1, "title": "broken", "image": "images/does-not-exist.jpg"})

@@ -1,0 +1,192 @@
+"""The embedder head and its fused ops: sdk._C against the NumPy reference and the same sub-graph
+in ONNX Runtime; and end-to-end split-engine latency with and without the compiled ops.
+
+    .venv/bin/python -m pytest benchmarks/test_bench_head.py --benchmark-group-by=group \
+        --benchmark-columns=median,ops,rounds
+    MOON3_ENGINE=moon3.engine .venv/bin/python -m pytest benchmarks/test_bench_head.py -k end_to_end ...
+
+Weights: the committed trained embedder (sdk/train/weights), so shapes and values are the real
+ones (d=256, 49 image tokens, FIRE hidden 128). Implementations:
+    "c"            sdk._C kernels (AVX2+FMA where the CPU has it), one thread
+    "numpy"        the NumPy references (sdk.fused.*_ref; NumPy's BLAS with its own threads)
+    "onnxruntime"  the same sub-graph exported from PyTorch and run by ONNX Runtime (CPU, its
+                   default threads, all graph optimisations)
+Every benchmark checks the vector it timed against the PyTorch module.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from sdk import fused, ops  # noqa: E402
+from sdk.fused import FUSED_ATOL, FireParams  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+IMPLS = ["c", "numpy", "onnxruntime"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from sdk.train.embedder import load_embedder
+    from sdk.train.reference import WEIGHTS_DIR
+
+    return load_embedder(WEIGHTS_DIR)
+
+
+def _onnx(module, args, names, dynamic, path):
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.get_outputs()[0].name
+    return lambda *xs: sess.run([out], dict(zip(names, xs)))[0]
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, fusion):
+        super().__init__()
+        self.fusion = fusion
+
+    def forward(self, image_tokens, text_states, text_mask, trace_states, trace_mask, present):
+        return self.fusion(image_tokens, image_tokens, text_states, text_mask, trace_states, trace_mask, present,
+                           image_tokens=image_tokens)
+
+
+def _head_inputs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, S = 14, 9
+    x = (torch.randn(batch, 49, 256, generator=g), torch.randn(batch, T, 384, generator=g), torch.ones(batch, T),
+         torch.randn(batch, S, 384, generator=g), torch.ones(batch, S), torch.ones(batch, 3))
+    x[2][:, T // 2:] = 0  # padded titles
+    x[5][:, 2] = 0  # no trace
+    x[4][:] = 0
+    return x
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_head(benchmark, model, tmp_path_factory, batch, impl):
+    from sdk.export.onnx_split import head_state
+    from sdk.head import FusionHead
+
+    x = _head_inputs(batch)
+    with torch.inference_mode():
+        want = model(*x[:1], x[0], *x[1:], image_tokens=x[0]).numpy()
+    xs = [t.numpy() for t in x]
+    if impl == "onnxruntime":
+        from torch.export import Dim
+
+        b, t, s = Dim("batch", min=1), Dim("text_len", min=1, max=512), Dim("trace_len", min=1, max=512)
+        dyn = {"image_tokens": {0: b}, "text_states": {0: b, 1: t}, "text_mask": {0: b, 1: t},
+               "trace_states": {0: b, 1: s}, "trace_mask": {0: b, 1: s}, "present": {0: b}}
+        ex = _head_inputs(3)
+        fn = _onnx(_Head(model).eval(), ex, list(dyn), dyn, tmp_path_factory.mktemp("head") / "head.onnx")
+    else:
+        head = FusionHead(head_state(model), json.loads(model.cfg.to_json()))
+        have_c = impl == "c"
+        if have_c and not ops.HAVE_C:
+            pytest.skip("sdk._C is not built")
+
+        def fn(*a):
+            saved, ops.HAVE_C = ops.HAVE_C, have_c
+            try:
+                return head(*a)
+            finally:
+                ops.HAVE_C = saved
+    for _ in range(3):
+        fn(*xs)
+    benchmark.group = f"head (fusion + projection), batch {batch}"
+    benchmark.extra_info.update(impl=impl, batch=batch)
+    got = benchmark(fn, *xs)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def _fire(model):
+    return model.image.fire["1"].eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fire_residual(benchmark, model, tmp_path_factory, batch, impl):
+    block = _fire(model)
+    g = torch.Generator().manual_seed(1)
+    h, s = torch.randn(batch, 49, 256, generator=g), torch.randn(batch, 49, 152, generator=g)
+    with torch.inference_mode():
+        want = block(h, s).numpy()
+    p = FireParams.from_state({k: v.numpy() for k, v in block.state_dict().items()}, "")
+    if impl == "onnxruntime":
+        from torch.export import Dim
+
+        b = Dim("batch", min=1)
+        fn = _onnx(block, (torch.randn(3, 49, 256), torch.randn(3, 49, 152)), ["h", "shallow"],
+                   {"h": {0: b}, "shallow": {0: b}}, tmp_path_factory.mktemp("fire") / "fire.onnx")
+    elif impl == "c":
+        if not ops.HAVE_C:
+            pytest.skip("sdk._C is not built")
+        fn = lambda hh, ss: fused.fire_residual(hh, ss, p)  # noqa: E731
+    else:
+        fn = lambda hh, ss: fused.fire_residual_ref(hh, ss, p)  # noqa: E731
+    benchmark.group = f"FIRE residual (49 tokens x d=256, hidden 128), batch {batch}"
+    benchmark.extra_info.update(impl=impl, batch=batch)
+    got = benchmark(fn, h.numpy(), s.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["c", "numpy"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_fusion_epilogue_and_projection(benchmark, model, batch, impl):
+    if impl == "c" and not ops.HAVE_C:
+        pytest.skip("sdk._C is not built")
+    f, hd = model.fusion[0], model.head
+    w = lambda t: t.detach().numpy()  # noqa: E731
+    rng = np.random.default_rng(0)
+    q, outs = rng.standard_normal((batch, 256), np.float32), rng.standard_normal((batch, 3, 256), np.float32)
+    logits, present = rng.standard_normal((batch, 3), np.float32), np.ones((batch, 3), np.float32)
+    ep = (w(f.out.weight), w(f.out.bias), w(f.ffn[0].weight), w(f.ffn[0].bias))
+    pj = (w(hd[0].weight), w(hd[0].bias), w(hd[1].weight), w(hd[1].bias))
+    if impl == "c":
+        run = lambda: (ops._C.fusion_epilogue(q, outs, logits, present, *ep), ops._C.project_normalize(q, *pj, 256))  # noqa: E731
+    else:
+        run = lambda: (fused.fusion_epilogue_ref(q, outs, logits, present, *ep),  # noqa: E731
+                       fused.project_normalize_ref(q, *pj, 256))
+    benchmark.group = f"fusion epilogue + projection/L2, batch {batch}"
+    benchmark.extra_info.update(impl=impl, batch=batch)
+    (qn, h, gate), e = benchmark(run)
+    want_q = fused.fusion_epilogue_ref(q, outs, logits, present, *ep)[0]
+    np.testing.assert_allclose(qn, want_q, rtol=0, atol=FUSED_ATOL)
+    np.testing.assert_allclose(e, fused.project_normalize_ref(q, *pj, 256), rtol=0, atol=FUSED_ATOL)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["with_C", "numpy_only"])
+@pytest.mark.parametrize("kind", ["photo+title", "title"])
+def test_end_to_end(benchmark, compiled, kind):
+    """A split engine (MOON3_ENGINE) through sdk.Embedder at batch 1, with and without sdk._C."""
+    engine = Path(os.environ.get("MOON3_ENGINE", "moon3.engine"))
+    if not engine.is_file():
+        pytest.skip(f"no engine at {engine}: build one with `moon3 build` or set MOON3_ENGINE")
+    if compiled and not ops.HAVE_C:
+        pytest.skip("sdk._C is not built")
+    from sdk.embedder import Embedder
+
+    e = Embedder(engine)
+    if e.manifest["embedder"].get("layout") != "split":
+        pytest.skip(f"{engine} is a single-graph engine; the head ops run in split engines")
+    item = json.loads((SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    kw = {"texts": [item["title"]]}
+    if kind == "photo+title":
+        kw["images"] = [SAMPLES / item["image"]]
+    saved, ops.HAVE_C = ops.HAVE_C, compiled
+    try:
+        want = e.embed(**kw)
+        benchmark.group = f"end to end, split engine, {kind}, batch 1"
+        benchmark.extra_info.update(compiled=compiled, kind=kind)
+        got = benchmark(e.embed, **kw)
+    finally:
+        ops.HAVE_C = saved
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
