@@ -1,0 +1,238 @@
+"""Supervised fine-tuning (from scratch) of the product reasoner on a catalog, and its evaluation.
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features   # photo features, once
+    python -m sdk.train.train_reasoner --catalog ../shared/data/catalog --features .cache/features \
+        --out sdk/train/weights/reasoner
+
+Every training product gives `--tasks-per-item` examples per epoch, drawn from `reasoner.TASKS`
+(a fresh draw each epoch); the loss is next-token cross-entropy on the answer tokens only. Half of
+the non-captioning examples also get the title as context, and a share of those drop the photo,
+so the model answers from photo, title, or both. Validation products (ids ending in 0) are never
+trained on; `evaluate` reports captioning, category, attribute and trace-format metrics on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdk.train.catalog import is_validation, read_catalog
+from sdk.train.reasoner import (
+    PAD,
+    TASKS,
+    Reasoner,
+    ReasonerConfig,
+    cosine_schedule,
+    decode,
+    encode_example,
+    examples,
+    format_attributes,
+    n_params,
+    parse_attributes,
+    record_attributes,
+    save_reasoner,
+    trace_target,
+    train_tokenizer,
+)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 50
+    tasks_per_item: int = 2
+    drop_photo: float = 0.3  # share of titled examples trained without the photo
+    seed: int = 0
+    threads: int = 2
+    eval_items: int = 300
+    max_new_tokens: int = 64
+
+
+def tokenizer_corpus(records) -> list[str]:
+    rng = random.Random(0)
+    out = list(TASKS.values())
+    for r in records:
+        out.append(r["title"])
+        out.append(format_attributes(record_attributes(r)))
+        out.append(trace_target(r))
+        out += [str(r.get(k) or "") for k in ("brand", "article_type", "sub_category", "season", "usage")]
+        out += [p for _, p, _, _ in examples(r, rng)]
+    return out
+
+
+def batch_tensors(tok, batch, deep_rows, features):
+    """(ids, labels, deep, visual_mask) for a list of (record, task, prompt, answer, use_title, photo)."""
+    seqs, starts = [], []
+    for r, _task, prompt, answer, use_title, _photo in batch:
+        ids, start = encode_example(tok, prompt, answer, r["title"] if use_title else None)
+        seqs.append(ids)
+        starts.append(start)
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, st - 1 : len(s) - 1] = torch.tensor(s[st:])  # predict answer tokens and <eos>
+    rows = [deep_rows.get(r["id"]) for r, *_ in batch]
+    vmask = torch.tensor([float(row is not None and photo) for row, (*_, photo) in zip(rows, batch)])
+    deep = torch.zeros(len(batch), *features.shape[1:])
+    have = [i for i, row in enumerate(rows) if row is not None]
+    if have:
+        order = np.array([rows[i] for i in have])
+        srt = np.argsort(order)
+        block = torch.from_numpy(np.asarray(features[order[srt]], dtype=np.float32))  # sorted read of the memmap
+        deep[torch.tensor(have)[srt]] = block
+    return ids, labels, deep, vmask
+
+
+def token_f1(pred: str, gold: str) -> float:
+    p, g = pred.lower().split(), gold.lower().split()
+    if not p or not g:
+        return float(p == g)
+    common = sum(min(p.count(w), g.count(w)) for w in set(p))
+    if not common:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def attribute_f1(preds: list[dict], golds: list[dict]) -> float:
+    tp = fp = fn = 0
+    for p, g in zip(preds, golds):
+        pi = {(k, v.lower()) for k, v in p.items()}
+        gi = {(k, v.lower()) for k, v in g.items()}
+        tp += len(pi & gi)
+        fp += len(pi - gi)
+        fn += len(gi - pi)
+    return 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+@torch.inference_mode()
+def evaluate(model, tok, records, deep_rows, features, limit: int, max_new_tokens: int = 64, log=print) -> dict:
+    """Greedy generation on validation products, photo only and title only."""
+    model.eval()
+    recs = [r for r in records if r["id"] in deep_rows][:limit]
+
+    def gen(r, instruction, photo, title):
+        ids, _ = encode_example(tok, instruction, None, r["title"] if title else None)
+        deep = torch.from_numpy(np.asarray(features[deep_rows[r["id"]]], dtype=np.float32)) if photo else None
+        return decode(tok, model.generate(ids, deep, max_new_tokens=max_new_tokens))
+
+    res: dict = {"items": len(recs)}
+    t0 = time.time()
+    caps = [(gen(r, TASKS["caption"], True, False), r["title"]) for r in recs]
+    res["caption_exact"] = float(np.mean([p.lower() == g.lower() for p, g in caps]))
+    res["caption_token_f1"] = float(np.mean([token_f1(p, g) for p, g in caps]))
+    for mode, photo, title in (("photo", True, False), ("title", False, True)):
+        cat = [gen(r, TASKS["category"], photo, title) == r["article_type"] for r in recs]
+        res[f"category_acc_{mode}"] = float(np.mean(cat))
+        preds = [parse_attributes(gen(r, TASKS["attributes"], photo, title)) for r in recs]
+        res[f"attribute_f1_{mode}"] = attribute_f1(preds, [dict(record_attributes(r)) for r in recs])
+    traces = [gen(r, TASKS["trace"], True, True) for r in recs[:100]]
+    res["trace_format_ok"] = float(np.mean([t.startswith("<think>") and "</think>" in t and
+                                            len(t.split("</think>")[-1].strip()) > 0 for t in traces]))
+    res["examples"] = [{"id": r["id"], "title": r["title"], "caption": c} for r, (c, _) in zip(recs[:5], caps[:5])]
+    res["trace_example"] = traces[0] if traces else ""
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    log(json.dumps({k: v for k, v in res.items() if k not in ("examples",)}, indent=None))
+    return res
+
+
+def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: ReasonerConfig, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = random.Random(cfg.seed)
+    products = read_catalog(catalog)
+    records = [p.record for p in products]
+    meta = json.loads((features_dir / "meta.json").read_text())
+    features = np.load(features_dir / "img_deep.npy", mmap_mode="r")  # (N, 49, 1280) float16
+    has = np.load(features_dir / "has_image.npy")
+    deep_rows = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
+    tr = [r for r in records if not is_validation(r["id"])]
+    va = [r for r in records if is_validation(r["id"])]
+    log(f"catalog: {len(tr)} train / {len(va)} validation products; {len(deep_rows)} with photo features")
+    tok = train_tokenizer(tokenizer_corpus(tr), mcfg.vocab_size)
+    model = Reasoner(mcfg)
+    log(f"reasoner: {n_params(model) / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d={mcfg.d_model}, vocab {mcfg.vocab_size}")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    steps_per_epoch = (len(tr) * cfg.tasks_per_item) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    step, t0, history = 0, time.time(), []
+    for epoch in range(cfg.epochs):
+        model.train()
+        data = []
+        for r in tr:
+            tasks = rng.sample(list(TASKS), cfg.tasks_per_item)
+            for task, prompt, answer, use_title in examples(r, rng, tasks):
+                photo = r["id"] in deep_rows and not (use_title and rng.random() < cfg.drop_photo)
+                if task == "caption" and not photo:
+                    continue
+                data.append((r, task, prompt, answer, use_title, photo))
+        rng.shuffle(data)
+        # length-sorted chunks of 50 batches: little padding, still shuffled across the epoch
+        chunk = cfg.batch_size * 50
+        batches = []
+        for c in range(0, len(data), chunk):
+            part = sorted(data[c:c + chunk], key=lambda e: len(e[3]) + len(e[2]))
+            batches += [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
+        rng.shuffle(batches)
+        losses = []
+        for batch in batches[:steps_per_epoch]:
+            ids, labels, deep, vmask = batch_tensors(tok, batch, deep_rows, features)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * cosine_schedule(step, total, cfg.warmup)
+            logits, _ = model(ids, deep, vmask)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if step % 50 == 0:
+                gates = [round(float(torch.tanh(layer.gate)), 3) for layer in model.layers]
+                log(f"epoch {epoch + 1} step {step}/{total} loss {np.mean(losses[-50:]):.3f} "
+                    f"tanh(g) {gates} {time.time() - t0:.0f}s")
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None})
+    train_s = time.time() - t0
+    metrics = evaluate(model, tok, va, deep_rows, features, cfg.eval_items, cfg.max_new_tokens, log)
+    metrics.update(train_seconds=round(train_s, 1), history=history, params=n_params(model),
+                   train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate)) for layer in model.layers])
+    save_reasoner(model, tok, out, metrics)
+    (out / "reasoner_report.json").write_text(json.dumps(metrics, indent=2))
+    log(f"saved {out} ({train_s / 60:.1f} min training)")
+    return metrics
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--catalog", required=True, type=Path)
+    ap.add_argument("--features", required=True, type=Path, help="folder written by sdk.train.features")
+    ap.add_argument("--out", required=True, type=Path)
+    for f, v in asdict(TrainConfig()).items():
+        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    for f in ("d_model", "n_layers", "vocab_size"):
+        ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(ReasonerConfig(), f))
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(TrainConfig())})
+    mcfg = ReasonerConfig(d_model=a.d_model, n_layers=a.n_layers, vocab_size=a.vocab_size)
+    train(a.catalog, a.features, a.out, cfg, mcfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
