@@ -68,6 +68,7 @@ def package_embedder(
     trace_max_length: int = 128,
     fidelity: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    extra_parts: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a `moon3.engine` holding one embedder graph.
 
@@ -80,7 +81,8 @@ def package_embedder(
         image: image preprocessing the graph expects.
         text_max_length / trace_max_length: token budget of title text and reasoning trace.
         fidelity: the fidelity report measured against the FP32 teacher.
-        extra: more manifest keys (e.g. "build" settings).
+        extra: more manifest keys (e.g. "build" settings, "reasoner").
+        extra_parts: more parts (e.g. the reasoner's, from `reasoner_parts`).
 
     Returns:
         The path written.
@@ -90,7 +92,8 @@ def package_embedder(
     """
     embedder = {"part": "embedder.onnx", "precision": precision, "inputs": EMBEDDER_INPUTS, "output": "embedding"}
     manifest = _manifest(embedder, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra)
-    return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json})
+    return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json,
+                                        **dict(extra_parts or {})})
 
 
 def package_split_embedder(
@@ -108,6 +111,7 @@ def package_split_embedder(
     trace_max_length: int = 128,
     fidelity: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    extra_parts: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a `moon3.engine` holding a split embedder (see `sdk.export.onnx_split`).
 
@@ -125,8 +129,29 @@ def package_split_embedder(
     embedder = {"layout": "split", "parts": {"image": "image.onnx", "text": "text.onnx", "head": "head.npz"},
                 "precision": precision, "output": "embedding"}
     manifest = _manifest(embedder, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra)
-    parts = {"image.onnx": image_onnx, "text.onnx": text_onnx, "head.npz": head, "tokenizer.json": tokenizer_json}
+    parts = {"image.onnx": image_onnx, "text.onnx": text_onnx, "head.npz": head, "tokenizer.json": tokenizer_json,
+             **dict(extra_parts or {})}
     return write_engine(out, manifest, parts)
+
+
+def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[str, str], max_len: int,
+                   image: ImagePreprocess = ImagePreprocess(), parity: Mapping[str, Any] | None = None,
+                   metrics: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest's "reasoner" section and its parts, from graphs written by
+    `sdk.export.onnx_reasoner.export_reasoner_onnx` into `folder`.
+
+    Pass them to `package_embedder` / `package_split_embedder` as `extra={"reasoner": section}`
+    and `extra_parts=parts`; `sdk.Reasoner` reads them.
+    """
+    from .onnx_reasoner import DECODE_PART, PREFILL_PART, VISUAL_PART
+
+    folder = Path(folder)
+    names = {"visual": VISUAL_PART, "prefill": PREFILL_PART, "decode": DECODE_PART, "tokenizer": "reasoner_tokenizer.json"}
+    parts = {names[k]: (folder / names[k]).read_bytes() for k in ("visual", "prefill", "decode")}
+    parts[names["tokenizer"]] = tokenizer_json
+    section = {"parts": names, "tasks": dict(tasks), "max_len": int(max_len), "image": dataclasses.asdict(image),
+               "decoding": "greedy", "parity": dict(parity or {}), "metrics": dict(metrics or {})}
+    return section, parts
 
 
 def _manifest(embedder: dict, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra) -> dict:

@@ -517,23 +517,32 @@ def _export_torchscript(graph, args, cfg: OnnxExportConfig) -> list[str]:
 
 def _rename_output(model, name: str) -> None:
     """Give the graph's single output `name`, first renaming any other value that holds it."""
+    if len(model.graph.outputs) != 1:
+        raise ExportError(f"expected one graph output, the exporter produced {len(model.graph.outputs)}")
+    _rename_outputs_to(model, [name])
+
+
+def _rename_outputs_to(model, names: list[str]) -> None:
+    """Give the graph's outputs `names` (in order), first renaming other values that hold them."""
     graph = model.graph
-    if len(graph.outputs) != 1:
-        raise ExportError(f"expected one graph output, the exporter produced {len(graph.outputs)}")
-    out = graph.outputs[0]
-    if out.name == name:
-        return
+    outs = list(graph.outputs)
+    if len(outs) != len(names):
+        raise ExportError(f"expected {len(names)} graph outputs, the exporter produced {len(outs)}")
     values = list(graph.inputs) + list(graph.initializers.values())
     values += [v for node in graph.all_nodes() for v in node.outputs]
     taken = {v.name for v in values}
-    for v in values:
-        if v is not out and v.name == name:
-            k = 1
-            while f"{name}_{k}" in taken:
-                k += 1
-            v.name = f"{name}_{k}"
-            taken.add(v.name)
-    out.name = name
+    for out, name in zip(outs, names):
+        if out.name == name:
+            continue
+        for v in values:
+            if v is not out and v.name == name:
+                k = 1
+                while f"{name}_{k}" in taken:
+                    k += 1
+                v.name = f"{name}_{k}"
+                taken.add(v.name)
+        out.name = name
+        taken.add(name)
 
 
 def _check_structure(path: Path) -> None:

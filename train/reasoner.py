@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")
+from sdk.reasoner import SPECIALS, decode_ids  # noqa: E402 - the runtime's token contract
+
 PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
 
 # Fields of the catalog record used for attributes, in the order they are written; catalog
@@ -338,18 +339,7 @@ def _encode_answer(tok, answer: str) -> list[int]:
 
 
 def decode(tok, ids: Sequence[int]) -> str:
-    parts, run = [], []
-    for i in ids:
-        if i in (THINK, END_THINK):
-            if run:
-                parts.append(tok.decode(run).strip())
-                run = []
-            parts.append(SPECIALS[i])
-        elif i >= len(SPECIALS):
-            run.append(i)
-    if run:
-        parts.append(tok.decode(run).strip())
-    return " ".join(p for p in parts if p)
+    return decode_ids(tok, ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,9 +203,9 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
             opt.step()
             losses.append(loss.item())
             step += 1
-            if step % 50 == 0:
+            if step % 10 == 0:
                 gates = [round(float(torch.tanh(layer.gate)), 3) for layer in model.layers]
-                log(f"epoch {epoch + 1} step {step}/{total} loss {np.mean(losses[-50:]):.3f} "
+                log(f"epoch {epoch + 1} step {step}/{total} loss {np.mean(losses[-10:]):.3f} "
                     f"tanh(g) {gates} {time.time() - t0:.0f}s")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None})
     train_s = time.time() - t0

@@ -1,0 +1,172 @@
+"""Export the product reasoner to three ONNX graphs the runtime generates with, then prove them.
+
+    visual.onnx   pixels (B, 3, H, W) -> visual_k, visual_v (L, B, h, n, c)
+                  image tower + resampler + every layer's PUMGPT adapter, run once per photo
+    prefill.onnx  input_ids (B, T), visual_k, visual_v, visual_mask (B,)
+                  -> logits (B, V) of the last position, present_k, present_v (L, B, h, T, c)
+    decode.onnx   input_ids (B, 1), past_k, past_v (L, B, h, P, c), visual_k, visual_v, visual_mask
+                  -> logits (B, V), present_k, present_v (L, B, h, P + 1, c)
+
+An item without a photo feeds zeros as visual_k / visual_v and visual_mask 0 (the adapters then add
+nothing). Parity: greedy generation with ONNX Runtime (`sdk.reasoner.generate_onnx`, the runtime's
+own loop) must give exactly the tokens of `Reasoner.generate` in PyTorch, and the prefill / decode
+logits must match to `max_abs_err`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdk.export.onnx_embedder import ExportError, _harmless_warnings_ignored, _ort_session, _rename_outputs_to
+
+VISUAL_PART, PREFILL_PART, DECODE_PART = "reasoner_visual.onnx", "reasoner_prefill.onnx", "reasoner_decode.onnx"
+
+
+class VisualGraph(nn.Module):
+    def __init__(self, image_tower: nn.Module, reasoner: nn.Module):
+        super().__init__()
+        self.image_tower = image_tower
+        self.reasoner = reasoner
+
+    def forward(self, pixels):
+        deep, _ = self.image_tower(pixels)  # (B, 49, 1280)
+        kv = self.reasoner.visual(deep)
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])  # (L, B, h, n, c) each
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, reasoner: nn.Module):
+        super().__init__()
+        self.reasoner = reasoner
+
+    def forward(self, input_ids, visual_k, visual_v, visual_mask):
+        vkv = list(zip(visual_k.unbind(0), visual_v.unbind(0)))
+        logits, cache = self.reasoner(input_ids, visual_mask=visual_mask, visual_kv=vkv)
+        return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, reasoner: nn.Module):
+        super().__init__()
+        self.reasoner = reasoner
+
+    def forward(self, input_ids, past_k, past_v, visual_k, visual_v, visual_mask):
+        vkv = list(zip(visual_k.unbind(0), visual_v.unbind(0)))
+        past = list(zip(past_k.unbind(0), past_v.unbind(0)))
+        logits, cache = self.reasoner(input_ids, visual_mask=visual_mask, past=past, visual_kv=vkv)
+        return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+
+
+@dataclass
+class ReasonerExportConfig:
+    folder: str | Path
+    opset: int = 18
+    image_size: int = 224
+    max_abs_err: float = 1e-3  # logits, ONNX Runtime vs PyTorch
+    check_new_tokens: int = 24
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+
+
+def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: ReasonerExportConfig,
+                         check_prompts: list[list[int]] | None = None) -> dict[str, Path]:
+    """Write visual / prefill / decode graphs into cfg.folder and check them against PyTorch.
+
+    Returns:
+        {"visual": path, "prefill": path, "decode": path}; `reasoner.parity.json` is written beside.
+
+    Raises:
+        ExportError: an export failed, logits differ by more than cfg.max_abs_err, or greedy
+            generation gives other tokens (the report is written, with "passed": false).
+    """
+    from torch.export import Dim
+
+    reasoner.eval()
+    image_tower.eval()
+    cfg.folder.mkdir(parents=True, exist_ok=True)
+    paths = {"visual": cfg.folder / VISUAL_PART, "prefill": cfg.folder / PREFILL_PART, "decode": cfg.folder / DECODE_PART}
+    rcfg = reasoner.cfg
+    L, h, c, n = rcfg.n_layers, rcfg.n_heads, rcfg.d_model // rcfg.n_heads, rcfg.n_visual
+    g = torch.Generator().manual_seed(0)
+    B, T, P = 2, 5, 3
+    pixels = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    vk, vv = torch.randn(L, B, h, n, c, generator=g), torch.randn(L, B, h, n, c, generator=g)
+    ids = torch.randint(6, rcfg.vocab_size, (B, T), generator=g)
+    vmask = torch.tensor([1.0, 0.0])
+    pk, pv = torch.randn(L, B, h, P, c, generator=g), torch.randn(L, B, h, P, c, generator=g)
+    batch = Dim("batch", min=1)
+    seq = Dim("seq", min=1, max=rcfg.max_len)
+    past = Dim("past", min=1, max=rcfg.max_len - 1)
+    vis = {0: None, 1: batch}
+    jobs = (
+        (VisualGraph(image_tower, reasoner), (pixels,), {"pixels": {0: batch}}, ["visual_k", "visual_v"], "visual"),
+        (PrefillGraph(reasoner), (ids, vk, vv, vmask),
+         {"input_ids": {0: batch, 1: seq}, "visual_k": vis, "visual_v": vis, "visual_mask": {0: batch}},
+         ["logits", "present_k", "present_v"], "prefill"),
+        (DecodeGraph(reasoner), (ids[:, :1], pk, pv, vk, vv, vmask),
+         {"input_ids": {0: batch}, "past_k": {1: batch, 3: past}, "past_v": {1: batch, 3: past},
+          "visual_k": vis, "visual_v": vis, "visual_mask": {0: batch}},
+         ["logits", "present_k", "present_v"], "decode"),
+    )
+    for module, args, dyn, outs, key in jobs:
+        try:
+            with _harmless_warnings_ignored(), torch.no_grad():
+                program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dyn,
+                                            opset_version=cfg.opset, optimize=True, verbose=False)
+            _rename_outputs_to(program.model, outs)
+            program.save(str(paths[key]), external_data=False)
+        except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ExportError(f"reasoner {key} export failed: {type(exc).__name__}: {first}") from exc
+    report = verify_reasoner(image_tower, reasoner, paths, cfg, check_prompts)
+    (cfg.folder / "reasoner.parity.json").write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise ExportError(report["failure"], report)
+    return paths
+
+
+def verify_reasoner(image_tower, reasoner, paths, cfg: ReasonerExportConfig, prompts=None) -> dict[str, Any]:
+    from sdk.reasoner import OnnxDecoder
+
+    dec = OnnxDecoder(*(_ort_session(paths[k], cfg.num_threads) for k in ("visual", "prefill", "decode")))
+    rcfg = reasoner.cfg
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    prompts = prompts or [[1, *torch.randint(6, rcfg.vocab_size, (k,), generator=g).tolist(), 3] for k in (4, 9)]
+    worst, mismatches, rows = 0.0, [], 0
+    with torch.inference_mode():
+        deep = image_tower(pixels)[0]
+    vk, vv = dec.visual(pixels.numpy())
+    for i, prompt in enumerate(prompts):
+        for photo in (True, False):
+            d = deep[i % 2] if photo else None
+            want = reasoner.generate(prompt, d, max_new_tokens=cfg.check_new_tokens)
+            got, logits = dec.generate(prompt, (vk[:, i % 2 : i % 2 + 1], vv[:, i % 2 : i % 2 + 1]) if photo else None,
+                                       cfg.check_new_tokens, return_logits=True)
+            with torch.inference_mode():
+                ref, _ = reasoner(torch.tensor([prompt + got[:-1]]) if got else torch.tensor([prompt]),
+                                  d[None] if photo else None, torch.ones(1) if photo else None)
+            ref = ref[0, len(prompt) - 1 :].numpy()  # logits at every generated position
+            err = float(np.abs(np.stack(logits)[: len(ref)] - ref[: len(logits)]).max()) if logits else 0.0
+            worst = max(worst, err)
+            rows += 1
+            if got != want:
+                mismatches.append({"prompt": i, "photo": photo, "onnx": got, "torch": want})
+    failure = None
+    if mismatches:
+        failure = f"reasoner ONNX greedy tokens differ from PyTorch in {len(mismatches)} of {rows} generations"
+    elif not worst <= cfg.max_abs_err:
+        failure = f"reasoner ONNX logits differ from PyTorch by {worst:.3g} > {cfg.max_abs_err}"
+    report = {"generations": rows, "max_abs_err_logits": worst, "mismatches": mismatches[:3], "passed": failure is None}
+    if failure:
+        report["failure"] = failure
+    return report

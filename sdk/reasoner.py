@@ -1,0 +1,200 @@
+"""The product reasoner at run time: greedy generation with ONNX Runtime and a NumPy KV cache.
+
+    from sdk.reasoner import Reasoner
+    r = Reasoner("moon3.engine")
+    r.generate(image="shoe.jpg", task="caption")                 # -> "Nike Men Black Running Shoes"
+    r.generate(text="Puma Men Blue T-shirt", task="attributes")  # -> "article type: Tshirts; colour: Blue; ..."
+    r.generate(image="shoe.jpg", task="attribute_qa", key="colour")
+    r.last_stats                                                  # prefill / decode tokens per second
+
+The engine's "reasoner" section names three graphs (see `sdk.export.onnx_reasoner`): the visual
+graph (photo -> every decoder layer's adapter keys/values, run once per photo), the prefill graph
+(prompt -> logits + cache) and the decode graph (one token + cache -> logits + cache). Decoding is
+greedy, so the same inputs always give the same text. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sdk.errors import EngineError, InvalidInputError
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # ids 0..5, as sdk.train.reasoner
+BOS, EOS, SEP, THINK, END_THINK = 1, 2, 3, 4, 5
+
+
+class OnnxDecoder:
+    """Greedy generation over the three reasoner graphs (ONNX Runtime sessions)."""
+
+    def __init__(self, visual, prefill, decode):
+        self.visual_session, self.prefill, self.decode = visual, prefill, decode
+        shape = {i.name: i.shape for i in prefill.get_inputs()}["visual_k"]  # (L, B, h, n, c)
+        self.L, self.h, self.n, self.c = (int(shape[k]) for k in (0, 2, 3, 4))
+
+    def visual(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Adapter keys/values (L, B, h, n, c) of preprocessed photos (B, 3, H, W)."""
+        vk, vv = self.visual_session.run(["visual_k", "visual_v"], {"pixels": np.ascontiguousarray(pixels, np.float32)})
+        return vk, vv
+
+    def generate(self, prompt: Sequence[int], visual_kv: tuple[np.ndarray, np.ndarray] | None, max_new_tokens: int,
+                 return_logits: bool = False, stats: dict | None = None):
+        """Greedy tokens after `prompt` (stops at <eos> or the budget); one item."""
+        if visual_kv is None:
+            vk = vv = np.zeros((self.L, 1, self.h, self.n, self.c), np.float32)
+            vmask = np.zeros(1, np.float32)
+        else:
+            vk, vv = visual_kv
+            vmask = np.ones(1, np.float32)
+        t0 = time.perf_counter()
+        logits, pk, pv = self.prefill.run(None, {"input_ids": np.asarray([prompt], np.int64), "visual_k": vk,
+                                                 "visual_v": vv, "visual_mask": vmask})
+        t1 = time.perf_counter()
+        out: list[int] = []
+        seen: list[np.ndarray] = []
+        for _ in range(max_new_tokens):
+            if return_logits:
+                seen.append(logits[0])
+            nxt = int(np.argmax(logits[0]))
+            if nxt == EOS:
+                break
+            out.append(nxt)
+            if len(out) == max_new_tokens:
+                break
+            logits, pk, pv = self.decode.run(None, {"input_ids": np.asarray([[nxt]], np.int64), "past_k": pk,
+                                                    "past_v": pv, "visual_k": vk, "visual_v": vv, "visual_mask": vmask})
+        t2 = time.perf_counter()
+        if stats is not None:
+            stats.update(prompt_tokens=len(prompt), new_tokens=len(out), prefill_s=t1 - t0, decode_s=t2 - t1,
+                         prefill_tokens_per_s=len(prompt) / max(t1 - t0, 1e-9),
+                         decode_tokens_per_s=max(len(out) - 1, 0) / max(t2 - t1, 1e-9))
+        return (out, seen) if return_logits else out
+
+
+@dataclass
+class Generation:
+    """What `Reasoner.generate` wrote, with its cost."""
+
+    text: str
+    tokens: int
+    stats: dict
+
+
+class Reasoner:
+    """Writes titles, categories, attributes, answers and reasoning traces for products.
+
+    Args:
+        path: a `moon3.engine` with a reasoner section.
+        threads: ONNX Runtime intra-op threads (None: its default).
+
+    Raises:
+        EngineError: the file is damaged or has no reasoner.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        from sdk.embedder import _onnxruntime
+        from sdk.engine import EngineFile
+        from sdk.preprocess import ImagePreprocess
+
+        engine = EngineFile.read(path)
+        self._path = Path(path)
+        spec = engine.manifest.get("reasoner")
+        if not isinstance(spec, dict):
+            raise EngineError(f"{self._path}: this engine has no reasoner; build one with `moon3 build --reasoner`")
+        try:
+            parts = {k: str(spec["parts"][k]) for k in ("visual", "prefill", "decode", "tokenizer")}
+            self.tasks: dict[str, str] = dict(spec["tasks"])
+            self.max_len = int(spec["max_len"])
+            image_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["image"].items()}
+            self._image = ImagePreprocess(**image_kw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{self._path}: the reasoner section is unusable ({type(exc).__name__}: {exc})") from exc
+        ort = _onnxruntime()
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        sessions = []
+        for k in ("visual", "prefill", "decode"):
+            try:
+                sessions.append(ort.InferenceSession(engine.part(parts[k]), opts, providers=["CPUExecutionProvider"]))
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
+        from tokenizers import Tokenizer
+
+        try:
+            self._tok = Tokenizer.from_str(engine.part(parts["tokenizer"]).decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001
+            raise EngineError(f"{self._path}: reasoner tokenizer cannot be loaded: {exc}") from exc
+        self._dec = OnnxDecoder(*sessions)
+        self.last_stats: dict = {}
+
+    def prompt_ids(self, task: str, text: str | None = None, **fields: str) -> list[int]:
+        """`<bos> instruction [title: text] <sep>` as token ids."""
+        if task not in self.tasks:
+            raise InvalidInputError(f"unknown task {task!r}; the engine's tasks are {sorted(self.tasks)}")
+        try:
+            instruction = self.tasks[task].format(**fields)
+        except KeyError as exc:
+            raise InvalidInputError(f"task {task!r} needs {exc.args[0]}=... ({self.tasks[task]!r})") from None
+        prompt = f"{instruction} title: {text}" if text else instruction
+        return [BOS] + self._tok.encode(prompt).ids + [SEP]
+
+    def generate(self, image: Any = None, text: str | None = None, task: str = "trace", max_new_tokens: int = 96,
+                 **fields: str) -> str:
+        """Greedy text for one product (photo and/or title); see `self.tasks` for the tasks.
+
+        Args:
+            image: a path, bytes, PIL image or HWC uint8 array; or None.
+            text: the product title (context); or None.
+            task: "caption", "category", "attributes", "attribute_qa" (key=...), "qa" (question=...), "trace".
+            max_new_tokens: token budget of the answer.
+
+        Raises:
+            InvalidInputError: no input, an unreadable image, a bad budget or an unknown task.
+        """
+        from sdk.preprocess import image_to_array, load_image
+
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InvalidInputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if text is not None and not isinstance(text, str):
+            raise InvalidInputError(f"text must be a str or None, got {type(text).__name__}")
+        text = text.strip() if text else None
+        if image is None and not text and task != "qa":
+            raise InvalidInputError("nothing to reason about: give an image and/or a text")
+        ids = self.prompt_ids(task, text, **fields)
+        if len(ids) >= self.max_len:
+            raise InvalidInputError(f"the prompt is {len(ids)} tokens; the reasoner reads at most {self.max_len - 1}")
+        vkv = None
+        if image is not None:
+            pixels = image_to_array(load_image(image, name="image"), self._image)[None]
+            vkv = self._dec.visual(pixels)
+        stats: dict = {}
+        budget = min(max_new_tokens, self.max_len - len(ids))
+        out = self._dec.generate(ids, vkv, budget, stats=stats)
+        self.last_stats = stats
+        return self.decode(out)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated token ids (<think> / </think> kept as words)."""
+        return decode_ids(self._tok, ids)
+
+
+def decode_ids(tok, ids: Sequence[int]) -> str:
+    """Text of token ids with a `tokenizers` tokenizer; <think> / </think> are kept, other specials dropped."""
+    parts, run = [], []
+    for i in ids:
+        if i in (THINK, END_THINK):
+            if run:
+                parts.append(tok.decode(run).strip())
+                run = []
+            parts.append(SPECIALS[i])
+        elif i >= len(SPECIALS):
+            run.append(i)
+    if run:
+        parts.append(tok.decode(run).strip())
+    return " ".join(p for p in parts if p)

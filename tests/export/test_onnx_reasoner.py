@@ -1,0 +1,122 @@
+"""Reasoner export (visual / prefill / decode graphs) and the torch-free runtime generating with them."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from tiny_models import PooledImageTower
+
+    from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
+    from sdk.train.reasoner import Reasoner, ReasonerConfig
+
+    torch.manual_seed(0)
+    model = Reasoner(ReasonerConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64, n_visual=4,
+                                    dropout=0.0)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.gate.fill_(0.8)  # adapters active, so the photo path is part of the check
+    tower = PooledImageTower().eval()
+    folder = tmp_path_factory.mktemp("reasoner")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = export_reasoner_onnx(tower, model, ReasonerExportConfig(folder, num_threads=1, check_new_tokens=12))
+    finally:
+        torch.set_num_threads(before)
+    return model, tower, paths, json.loads((folder / "reasoner.parity.json").read_text())
+
+
+def test_greedy_tokens_match_pytorch(exported):
+    _, _, _, report = exported
+    assert report["passed"] and report["generations"] == 4 and report["mismatches"] == []
+    assert report["max_abs_err_logits"] < 1e-3
+
+
+def test_runtime_decoder_matches_on_other_prompts_and_reports_speed(exported):
+    from sdk.export.onnx_embedder import _ort_session
+    from sdk.reasoner import OnnxDecoder
+
+    model, tower, paths, _ = exported
+    dec = OnnxDecoder(*(_ort_session(paths[k], 1) for k in ("visual", "prefill", "decode")))
+    pixels = torch.rand(1, 3, 224, 224) * 2 - 1
+    vkv = dec.visual(pixels.numpy())
+    with torch.inference_mode():
+        deep = tower(pixels)[0][0]
+    for prompt in ([1, 7, 8, 9, 3], [1, *range(20, 50), 3]):
+        stats = {}
+        assert dec.generate(prompt, vkv, 16, stats=stats) == model.generate(prompt, deep, max_new_tokens=16)
+        assert dec.generate(prompt, None, 16) == model.generate(prompt, None, max_new_tokens=16)
+        assert stats["prompt_tokens"] == len(prompt) and stats["prefill_tokens_per_s"] > 0
+    assert dec.generate([1, 3], None, 0) == []
+
+
+@pytest.fixture(scope="module")
+def reasoner_engine(exported, tmp_path_factory):
+    from sdk.engine import FORMAT_VERSION, write_engine
+    from sdk.export.bundle import reasoner_parts
+    from sdk.train.reasoner import TASKS, train_tokenizer
+
+    model, _, paths, parity = exported
+    tok = train_tokenizer(["red shoe blue shirt black watch title colour", *TASKS.values()] * 5, vocab_size=300)
+    section, parts = reasoner_parts(paths["visual"].parent, tok.to_str().encode(), tasks=TASKS, max_len=64,
+                                    parity=parity)
+    path = tmp_path_factory.mktemp("eng") / "r.engine"
+    write_engine(path, {"format": "moon3.engine", "format_version": FORMAT_VERSION, "reasoner": section}, parts)
+    return path, tok
+
+
+def test_sdk_reasoner_generates_what_pytorch_generates(exported, reasoner_engine):
+    from PIL import Image
+
+    from sdk.preprocess import ImagePreprocess, image_to_array
+    from sdk.reasoner import Reasoner
+    from sdk.train.reasoner import encode_example
+
+    model, tower, _, _ = exported
+    path, tok = reasoner_engine
+    r = Reasoner(path, threads=1)
+    photo = np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        deep = tower(torch.from_numpy(image_to_array(Image.fromarray(photo), ImagePreprocess())[None]))[0][0]
+    for task, text, fields, img in (("caption", None, {}, photo), ("attribute_qa", "red shoe", {"key": "colour"}, None),
+                                    ("trace", "blue shirt", {}, photo)):
+        ids, _ = encode_example(tok, r.tasks[task].format(**fields), None, text)
+        assert r.prompt_ids(task, text, **fields) == ids
+        want = model.generate(ids, deep if img is not None else None, max_new_tokens=10)
+        got = r.generate(image=img, text=text, task=task, max_new_tokens=10, **fields)
+        assert got == r.decode(want)
+        assert r.last_stats["new_tokens"] == len(want) and r.last_stats["prompt_tokens"] == len(ids)
+
+
+def test_sdk_reasoner_bad_input(reasoner_engine, tmp_path):
+    from sdk.engine import FORMAT_VERSION, write_engine
+    from sdk.errors import EngineError, InvalidInputError
+    from sdk.reasoner import Reasoner
+
+    r = Reasoner(reasoner_engine[0], threads=1)
+    with pytest.raises(InvalidInputError, match="unknown task 'poem'"):
+        r.generate(text="x", task="poem")
+    with pytest.raises(InvalidInputError, match="needs key="):
+        r.generate(text="x", task="attribute_qa")
+    with pytest.raises(InvalidInputError, match="nothing to reason about"):
+        r.generate(text="   ", task="caption")
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        r.generate(text="x", max_new_tokens=-1)
+    with pytest.raises(InvalidInputError, match="text must be a str"):
+        r.generate(text=b"x")
+    with pytest.raises(InvalidInputError, match="image"):
+        r.generate(image=b"not an image")
+    with pytest.raises(InvalidInputError, match="reads at most"):
+        r.generate(text="red " * 80)
+    assert r.generate(text="red shoe", max_new_tokens=0) == ""
+    write_engine(tmp_path / "e.engine", {"format": "moon3.engine", "format_version": FORMAT_VERSION}, {})
+    with pytest.raises(EngineError, match="has no reasoner"):
+        Reasoner(tmp_path / "e.engine")
