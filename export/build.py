@@ -70,6 +70,8 @@ class BuildConfig:
         eval_items: at most this many evaluation products (photo + title).
         gates: fidelity gates; enforce=False writes the engine even when a gate fails.
         threads: onnxruntime threads while measuring (0 = default).
+        reasoner: folder of trained reasoner weights to add (exported to ONNX, greedy parity
+            checked); "auto" adds the committed ones when present; None leaves it out.
         layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
             for the items that have its modality) or "single" (one ONNX graph).
     """
@@ -84,6 +86,15 @@ class BuildConfig:
     enforce: bool = True
     threads: int = 0
     layout: str = "split"
+    reasoner: str | Path | None = "auto"
+
+    def reasoner_dir(self) -> Path | None:
+        if self.reasoner is None:
+            return None
+        if self.reasoner == "auto":
+            d = Path(__file__).resolve().parent.parent / "train" / "weights" / "reasoner"
+            return d if (d / "reasoner.safetensors").is_file() else None
+        return Path(self.reasoner)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -344,6 +355,10 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                           "views": report["views"], "text->image R@10": report["text->image R@10"]})
             if report["passed"]:
                 break
+        extra, extra_parts = {}, {}
+        rdir = cfg.reasoner_dir()
+        if rdir is not None:
+            extra, extra_parts = _reasoner_section(rdir, tmp / "reasoner", log)
         report["candidate"] = tried[-1]["candidate"]
         report["candidates_tried"] = tried
         report["onnx_parity"] = {k: parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
@@ -354,8 +369,28 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                 raise GateError(msg + " (nothing written; --no-enforce writes it anyway)", report)
             log(f"WARNING: {msg}; written anyway (--no-enforce)")
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        out = package(cfg.out, graph, fidelity=report, extra={"build": {
+        out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
             "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
-            "seconds": round(time.time() - t0, 1)}})
+            "reasoner": str(rdir) if rdir else None, "seconds": round(time.time() - t0, 1)}})
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
     return out
+
+
+def _reasoner_section(folder: Path, work: Path, log=print) -> tuple[dict, dict[str, bytes]]:
+    """Export the trained reasoner in `folder` and return ({"reasoner": section}, parts)."""
+    from sdk.train.reasoner import TASKS, load_reasoner
+    from sdk.train.towers import load_image_tower
+
+    from .bundle import reasoner_parts
+    from .onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
+
+    log(f"[+] reasoner: {folder} -> visual / prefill / decode graphs, greedy parity vs PyTorch")
+    model, tok = load_reasoner(folder)
+    export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work))
+    parity = json.loads((work / "reasoner.parity.json").read_text())
+    report = folder / "reasoner_report.json"
+    metrics = json.loads(report.read_text()) if report.is_file() else {}
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    section, parts = reasoner_parts(work, tok.to_str().encode(), tasks=TASKS, max_len=model.cfg.max_len,
+                                    parity=parity, metrics=metrics)
+    return {"reasoner": section}, parts

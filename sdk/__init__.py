@@ -12,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["Embedder", "SdkError", "__version__"]
+__all__ = ["Embedder", "Reasoner", "SdkError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,4 +22,8 @@ def __getattr__(name: str):
         from sdk.embedder import Embedder
 
         return Embedder
+    if name == "Reasoner":
+        from sdk.reasoner import Reasoner
+
+        return Reasoner
     raise AttributeError(f"module 'sdk' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: `moon3 build | validate | inspect | embed | search` (also `python -m sdk`).
+"""Command line: `moon3 build | validate | inspect | embed | reason | search` (also `python -m sdk`).
 
 `build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); the other commands need only
 the runtime (numpy + onnxruntime), never torch.
@@ -29,6 +29,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         enforce=not args.no_enforce,
         threads=args.threads,
         layout=args.layout,
+        reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         **({"samples": args.samples} if args.samples else {}),
     )
     try:
@@ -75,6 +76,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  layout:   split: {', '.join(f'{k} {v}' for k, v in emb.get('parts', {}).items())} -> {emb.get('output')}")
     else:
         print(f"  inputs:   {', '.join(emb.get('inputs', {}))} -> {emb.get('output')}")
+    rs = m.get("reasoner")
+    if isinstance(rs, dict):
+        met = rs.get("metrics", {})
+        print(f"  reasoner: {', '.join(rs.get('tasks', {}))}; greedy, max {rs.get('max_len')} tokens"
+              + (f"; validation caption token-F1 {met['caption_token_f1']:.3f}" if "caption_token_f1" in met else ""))
     pre = m.get("preprocess", {})
     print(f"  image:    {pre.get('image')}")
     print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; trace max {pre.get('trace', {}).get('max_length')}")
@@ -145,6 +151,23 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _cmd_reason(args: argparse.Namespace) -> int:
+    from sdk.reasoner import Reasoner
+
+    r = Reasoner(args.engine, threads=args.threads)
+    fields = {k: v for k, v in (("key", args.key), ("question", args.question)) if v}
+    tasks = list(r.tasks) if args.task == "all" else [args.task]
+    for task in tasks:
+        if task in ("attribute_qa", "qa") and args.task == "all" and not fields:
+            continue
+        text = r.generate(image=args.image, text=args.text, task=task, max_new_tokens=args.max_new_tokens, **fields)
+        st = r.last_stats
+        print(f"{task:13s} {text}")
+        print(f"{'':13s} ({st['new_tokens']} tokens; prefill {st['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {st['decode_tokens_per_s']:.0f} tok/s)", file=sys.stderr)
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import time
 
@@ -202,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", default=None, help="evaluation products when no --catalog (default: data/samples)")
     b.add_argument("--eval-items", type=int, default=400)
     _gate_args(b)
+    b.add_argument("--reasoner", default=None, help="trained reasoner folder to add (default: the committed one, if any)")
+    b.add_argument("--no-reasoner", action="store_true", help="leave the reasoner out of the engine")
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)
@@ -230,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: full)")
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=_cmd_embed)
+
+    r = sub.add_parser("reason", help="let the engine's reasoner describe a product (photo and/or title)")
+    r.add_argument("engine")
+    r.add_argument("--image", default=None, help="product photo")
+    r.add_argument("--text", default=None, help="product title")
+    r.add_argument("--task", default="all", help="caption | category | attributes | attribute_qa | qa | trace | all")
+    r.add_argument("--key", default=None, help="attribute for attribute_qa, e.g. colour")
+    r.add_argument("--question", default=None, help="question for qa")
+    r.add_argument("--max-new-tokens", type=int, default=96)
+    r.add_argument("--threads", type=int, default=None)
+    r.set_defaults(func=_cmd_reason)
 
     s = sub.add_parser("search", help="nearest products of a catalog folder for text or photo queries")
     s.add_argument("engine")

@@ -120,3 +120,17 @@ def test_sdk_reasoner_bad_input(reasoner_engine, tmp_path):
     write_engine(tmp_path / "e.engine", {"format": "moon3.engine", "format_version": FORMAT_VERSION}, {})
     with pytest.raises(EngineError, match="has no reasoner"):
         Reasoner(tmp_path / "e.engine")
+
+
+def test_cli_reason(reasoner_engine, capsys):
+    from sdk.cli import main
+
+    path, _ = reasoner_engine
+    assert main(["reason", str(path), "--text", "red shoe", "--task", "category", "--max-new-tokens", "5"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("category ") and "tok/s" in cap.err
+    assert main(["reason", str(path), "--text", "red shoe", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert all(t in out for t in ("caption", "category", "attributes", "trace")) and "attribute_qa" not in out
+    assert main(["reason", str(path), "--task", "caption"]) == 2
+    assert "nothing to reason about" in capsys.readouterr().err
