@@ -1,1 +1,213 @@
-"""Calibration data sets drawn from a catalog and calibrators (`sdk.calib`)."""
+"""Calibration sets, calibrators and static INT8 (Q/DQ) quantization with a sensitivity sweep.
+
+    from sdk.calib import CalibrationSet, quantize_static_qdq, sensitivity_sweep
+    cal = CalibrationSet.text_from_catalog("../shared/data/catalog", "tokenizer.json", n=256)
+    quantize_static_qdq("text.onnx", "text.qdq.onnx", cal, method="percentile", cache="text.calib.json")
+
+A calibration set is any list of named numpy feeds (dicts keyed by the graph's input names);
+`CalibrationSet.text_from_catalog` / `image_from_catalog` draw one from a catalog, stratified by
+article type (round robin over types, so rare categories are represented), preprocessed exactly
+as the runtime does (`sdk.preprocess`). Calibrators are onnxruntime's (min-max, entropy,
+percentile); the computed ranges are cached in a JSON file, so the candidates of a sweep are
+quantized without calibrating again. Q/DQ with symmetric INT8 activations and per-channel weights
+is the explicit-quantization format TensorRT builds INT8 plans from.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class CalibrationSet:
+    """Named numpy feeds for one graph, plus where they came from."""
+
+    feeds: list[dict[str, np.ndarray]]
+    source: str = "given"
+    ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.feeds:
+            raise ValueError("a calibration set needs at least one feed")
+        names = set(self.feeds[0])
+        for k, f in enumerate(self.feeds):
+            if set(f) != names:
+                raise ValueError(f"feed {k} has inputs {sorted(f)}, feed 0 has {sorted(names)}")
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    @staticmethod
+    def stratified(records: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+        """Up to n records, round robin over article types (shuffled within each type)."""
+        rng = random.Random(seed)
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            groups[str(r.get("article_type") or "")].append(r)
+        for g in groups.values():
+            rng.shuffle(g)
+        order = sorted(groups, key=lambda k: (-len(groups[k]), k))
+        out: list[dict] = []
+        while len(out) < n and any(groups.values()):
+            for k in order:
+                if groups[k] and len(out) < n:
+                    out.append(groups[k].pop())
+        return out
+
+    @classmethod
+    def text_from_catalog(cls, root: str | Path, tokenizer_json: str | Path, *, n: int = 256, batch: int = 16,
+                          max_length: int = 32, seed: int = 0, train_only: bool = True) -> "CalibrationSet":
+        """Title feeds (input_ids, attention_mask) for a text graph."""
+        from sdk.preprocess import TextTokenizer
+
+        records = _records(root, train_only)
+        picked = cls.stratified(records, n, seed)
+        tok = TextTokenizer(str(tokenizer_json), max_length)
+        feeds = []
+        for i in range(0, len(picked), batch):
+            ids, mask = tok([r["title"] for r in picked[i : i + batch]])
+            feeds.append({"input_ids": ids, "attention_mask": mask})
+        return cls(feeds, f"{root} ({len(picked)} titles, stratified)", [int(r["id"]) for r in picked])
+
+    @classmethod
+    def image_from_catalog(cls, root: str | Path, *, n: int = 64, batch: int = 8, seed: int = 0,
+                           train_only: bool = True, image=None) -> "CalibrationSet":
+        """Photo feeds (pixels) for an image graph; products without a readable photo are skipped."""
+        from sdk.errors import InvalidInputError
+        from sdk.preprocess import ImagePreprocess, image_to_array, load_image
+
+        image = image or ImagePreprocess()
+        root = Path(root)
+        records = [r for r in _records(root, train_only) if r.get("image")]
+        pix, ids = [], []
+        for r in cls.stratified(records, n, seed):
+            try:
+                pix.append(image_to_array(load_image(root / r["image"]), image))
+                ids.append(int(r["id"]))
+            except InvalidInputError:
+                continue
+        feeds = [{"pixels": np.stack(pix[i : i + batch])} for i in range(0, len(pix), batch)]
+        return cls(feeds, f"{root} ({len(pix)} photos, stratified)", ids)
+
+
+def _records(root: str | Path, train_only: bool) -> list[dict]:
+    import json
+
+    from sdk.train.catalog import is_validation
+
+    path = Path(root) / "items.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"catalog file not found: {path}")
+    recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    kept = [r for r in recs if not (train_only and is_validation(r["id"]))]
+    return kept or recs  # a folder holding only validation products (data/samples) still calibrates
+
+
+def _reader(feeds: Sequence[Mapping[str, np.ndarray]]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Feeds(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(feeds)
+
+        def __len__(self):
+            return len(feeds)
+
+        def set_range(self, start_index: int, end_index: int):
+            self._it = iter(list(feeds)[start_index:end_index])
+
+    return _Feeds()
+
+
+def quantize_static_qdq(src: str | Path, dst: str | Path, calibration: CalibrationSet | None, *,
+                        method: str = "minmax", exclude: Iterable[str] = (), cache: str | Path | None = None,
+                        op_types: Sequence[str] = ("MatMul", "Gemm"), percentile: float = 99.999) -> Path:
+    """Static INT8 Q/DQ: symmetric INT8 activations (ranges from `calibration`), per-channel INT8 weights.
+
+    Args:
+        src: the FP32 graph (run `sdk.export.build.fold_constants` first); dst: output path.
+        calibration: feeds to calibrate on; may be None when `cache` already holds the ranges.
+        method: "minmax", "entropy" or "percentile" (onnxruntime's calibrators).
+        exclude: node names kept in FP32.
+        cache: JSON file of the computed ranges (written on the first call, reused after).
+        op_types: op types to quantize.
+        percentile: the percentile of |activation| kept by the "percentile" method.
+
+    Raises:
+        ValueError: an unknown method, or neither calibration nor a cache.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if calibration is None and not (cache and Path(cache).is_file()):
+        raise ValueError("give a calibration set or an existing calibration cache")
+    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+          "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if method == "percentile":
+        extra.update(CalibPercentile=percentile, CalibTensorRangeSymmetric=True)
+    quantize_static(
+        str(src), str(dst), None if calibration is None else _reader(calibration.feeds),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+        calibrate_method=cm, extra_options=extra, calibration_cache_path=None if cache is None else str(cache),
+    )
+    return Path(dst)
+
+
+def output_cosine(reference: str | Path, candidate: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                  reduce: Callable[[np.ndarray, Mapping[str, np.ndarray]], np.ndarray] | None = None) -> float:
+    """Mean cosine between two graphs' first outputs over feeds (each output reduced to one
+    vector per item by `reduce`, default: flatten)."""
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+    reduce = reduce or (lambda y, _f: y.reshape(y.shape[0], -1))
+    cos = []
+    for f in feeds:
+        ya, yb = (reduce(s.run(None, dict(f))[0], f).astype(np.float64) for s in (a, b))
+        den = np.linalg.norm(ya, axis=1) * np.linalg.norm(yb, axis=1)
+        cos.append((ya * yb).sum(1) / np.where(den > 0, den, 1.0))
+    return float(np.concatenate(cos).mean())
+
+
+def sensitivity_sweep(src: str | Path, groups: Mapping[str, Sequence[str]], calibration: CalibrationSet,
+                      work: str | Path, *, method: str = "minmax", cache: str | Path | None = None,
+                      reduce=None, log=print) -> list[tuple[str, float]]:
+    """Quantize one node group at a time and measure the output cosine against FP32.
+
+    Args:
+        src: the FP32 graph; groups: group name -> node names (e.g. one per transformer sublayer).
+        calibration: feeds for calibration and for the measurement.
+
+    Returns:
+        (group, cosine) pairs, most sensitive (lowest cosine) first.
+    """
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    everything = {n for names in groups.values() for n in names}
+    out = []
+    for k, (name, nodes) in enumerate(groups.items()):
+        dst = work / f"sweep.{k}.onnx"
+        quantize_static_qdq(src, dst, calibration, method=method, exclude=sorted(everything - set(nodes)), cache=cache)
+        cos = output_cosine(src, dst, calibration.feeds, reduce)
+        log(f"      sensitivity {name:40s} cosine {cos:.6f}")
+        out.append((name, cos))
+        dst.unlink(missing_ok=True)
+    return sorted(out, key=lambda t: t[1])

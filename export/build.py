@@ -26,7 +26,7 @@ import numpy as np
 
 from sdk.errors import SdkError
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-static")
 LAYOUTS = ("split", "single")
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -70,6 +70,8 @@ class BuildConfig:
         eval_items: at most this many evaluation products (photo + title).
         gates: fidelity gates; enforce=False writes the engine even when a gate fails.
         threads: onnxruntime threads while measuring (0 = default).
+        calib_method, calib_items: calibrator ("minmax", "entropy", "percentile") and number of
+            titles (stratified by article type; the catalog's train split) for "int8-static".
         reasoner: folder of trained reasoner weights to add (exported to ONNX, greedy parity
             checked); "auto" adds the committed ones when present; None leaves it out.
         layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
@@ -87,6 +89,8 @@ class BuildConfig:
     threads: int = 0
     layout: str = "split"
     reasoner: str | Path | None = "auto"
+    calib_method: str = "percentile"
+    calib_items: int = 256
 
     def reasoner_dir(self) -> Path | None:
         if self.reasoner is None:
@@ -100,6 +104,12 @@ class BuildConfig:
         self.out = Path(self.out)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.precision == "int8-static" and self.layout != "split":
+            raise ValueError("precision 'int8-static' needs layout 'split'")
+        from sdk.calib import METHODS
+
+        if self.calib_method not in METHODS:
+            raise ValueError(f"calib_method must be one of {METHODS}, got {self.calib_method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.eval_items < 20:
@@ -305,8 +315,9 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     dims = list(teacher.model.cfg.matryoshka_dims)
     text_len = teacher.tokenizer.max_length
     del teacher
-    tokenizer_json = (text_tower_path() / "tokenizer.json").read_bytes()
-    precision = {"fp32": "fp32", "int8": "int8-dynamic"}[cfg.precision]
+    tokenizer_path = text_tower_path() / "tokenizer.json"
+    tokenizer_json = tokenizer_path.read_bytes()
+    precision = {"fp32": "fp32", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
     common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
         tmp = Path(tmp)
@@ -321,16 +332,20 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             text_graph = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx"))
             parity = json.loads(text_graph.with_suffix(".parity.json").read_text())
         del graph
-        if cfg.precision == "int8":
-            # The candidates' patterns name text-tower modules; in a split engine the image graph
-            # (its image-encoder matmuls) is quantized once, whole.
+        if cfg.precision.startswith("int8"):
+            # The candidates name text-tower modules; in a split engine the image graph (its
+            # image-encoder matmuls) is quantized once, whole, dynamically.
             scopes = matmul_scopes(text_graph)
             folded = fold_constants(text_graph, tmp / "text.folded.onnx")
             if cfg.layout == "split":
                 image_graph = quantize_int8(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.int8.onnx")
-            candidates = INT8_CANDIDATES
+        if cfg.precision == "int8":
+            candidates = [(label, sorted(n for n, sc in scopes.items() if pattern and re.search(pattern, sc)))
+                          for label, pattern in INT8_CANDIDATES]
+        elif cfg.precision == "int8-static":
+            candidates = _static_candidates(folded, scopes, tokenizer_path, cfg, tmp, log)
         else:
-            candidates = (("fp32", None),)
+            candidates = [("fp32", [])]
 
         def package(out: Path, graph: Path, **extra) -> Path:
             if cfg.layout == "split":
@@ -339,12 +354,15 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             return package_embedder(out, graph.read_bytes(), tokenizer_json, **common, **extra)
 
         tried = []
-        for n, (label, pattern) in enumerate(candidates, 1):
-            if cfg.precision == "int8":
-                exclude = sorted(name for name, scope in scopes.items() if pattern and re.search(pattern, scope))
-                log(f"[3/4] quantize: INT8 dynamic per channel, candidate {n}/{len(candidates)}: {label} "
+        for n, (label, exclude) in enumerate(candidates, 1):
+            if cfg.precision.startswith("int8"):
+                kind = "static Q/DQ" if cfg.precision == "int8-static" else "dynamic"
+                log(f"[3/4] quantize: INT8 {kind} per channel, candidate {n}/{len(candidates)}: {label} "
                     f"({len(exclude)} of {len(scopes)} text-graph matmuls fp32)")
-                graph = quantize_int8(folded, tmp / f"text.int8.{n}.onnx", exclude)
+                if cfg.precision == "int8":
+                    graph = quantize_int8(folded, tmp / f"text.int8.{n}.onnx", exclude)
+                else:
+                    graph = _quantize_static(folded, tmp / f"text.qdq.{n}.onnx", exclude, tmp, cfg)
             else:
                 log("[3/4] quantize: skipped (fp32)")
                 graph = text_graph
@@ -394,3 +412,50 @@ def _reasoner_section(folder: Path, work: Path, log=print) -> tuple[dict, dict[s
     section, parts = reasoner_parts(work, tok.to_str().encode(), tasks=TASKS, max_len=model.cfg.max_len,
                                     parity=parity, metrics=metrics)
     return {"reasoner": section}, parts
+
+
+def text_layer_groups(scopes: dict[str, str]) -> dict[str, list[str]]:
+    """Text-graph matmuls grouped by transformer sublayer ("layer 3 attention", "layer 3 ffn in", ...)."""
+    groups: dict[str, list[str]] = {}
+    for node, scope in sorted(scopes.items()):
+        m = re.search(r"encoder\.layer\.(\d+)\.(attention|intermediate|output)", scope)
+        name = f"layer {m.group(1)} {dict(attention='attention', intermediate='ffn in', output='ffn out')[m.group(2)]}" \
+            if m else "other"
+        groups.setdefault(name, []).append(node)
+    return groups
+
+
+def _calibration(cfg: BuildConfig, tokenizer_path: Path):
+    from sdk.calib import CalibrationSet
+
+    root = Path(cfg.catalog or cfg.samples)
+    return CalibrationSet.text_from_catalog(root, tokenizer_path, n=cfg.calib_items)
+
+
+def _static_candidates(folded: Path, scopes: dict[str, str], tokenizer_path: Path, cfg: BuildConfig, tmp: Path, log):
+    """Static INT8 candidates: the sublayers most sensitive to quantization return to FP32 first."""
+    from sdk.calib import sensitivity_sweep
+
+    cal = _calibration(cfg, tokenizer_path)
+    log(f"[3/4] calibrate: {cfg.calib_method} on {cal.source}; sensitivity of each text sublayer alone")
+    groups = text_layer_groups(scopes)
+
+    def mean_tokens(y, feed):  # token states -> masked mean per title (what the head pools)
+        m = feed["attention_mask"][..., None].astype(np.float64)
+        return (y * m).sum(1) / np.maximum(m.sum(1), 1.0)
+
+    ranking = sensitivity_sweep(folded, groups, cal, tmp / "sweep", method=cfg.calib_method,
+                                cache=tmp / "text.calib.json", reduce=mean_tokens, log=log)
+    out = []
+    for k in (0, 1, 2, 4, 8):
+        if k <= len(ranking):
+            keep = [name for name, _ in ranking[:k]]
+            label = "all static" if not k else f"{k} most sensitive fp32 ({', '.join(keep)})"
+            out.append((label, sorted(n for g in keep for n in groups[g])))
+    return out
+
+
+def _quantize_static(folded: Path, dst: Path, exclude: list[str], tmp: Path, cfg: BuildConfig) -> Path:
+    from sdk.calib import quantize_static_qdq
+
+    return quantize_static_qdq(folded, dst, None, method=cfg.calib_method, exclude=exclude, cache=tmp / "text.calib.json")

@@ -29,6 +29,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         enforce=not args.no_enforce,
         threads=args.threads,
         layout=args.layout,
+        calib_method=args.calib_method,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         **({"samples": args.samples} if args.samples else {}),
     )
@@ -216,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build moon3.engine from the trained reference embedder (needs [export])")
     b.add_argument("--out", default="moon3.engine")
-    b.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    b.add_argument("--precision", choices=("fp32", "int8", "int8-static"), default="int8",
+                   help="int8: dynamic per-channel INT8 matmuls; int8-static: calibrated Q/DQ INT8 of the text "
+                        "graph (TensorRT's explicit-quantization format) with a sensitivity-ranked FP32 fallback")
+    b.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="percentile")
     b.add_argument("--layout", choices=("split", "single"), default="split",
                    help="split: image graph + text graph + fused-op head, each tower run only for the items "
                         "that have its modality (default); single: one ONNX graph")

@@ -44,7 +44,8 @@ def test_recall_counts_title_groups():
 @pytest.mark.parametrize(
     "kw, match",
     [({"precision": "int3"}, "precision"), ({"eval_items": 5}, "eval_items"), ({"threads": -1}, "threads"),
-     ({"layout": "pipelined"}, "layout")],
+     ({"layout": "pipelined"}, "layout"), ({"precision": "int8-static", "layout": "single"}, "needs layout 'split'"),
+     ({"calib_method": "kl"}, "calib_method")],
 )
 def test_build_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
