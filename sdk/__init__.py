@@ -12,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["Embedder", "Reasoner", "SdkError", "__version__"]
+__all__ = ["Embedder", "Pipeline", "Reasoner", "SdkError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from sdk.embedder import Embedder
 
         return Embedder
+    if name == "Pipeline":
+        from sdk.pipeline import Pipeline
+
+        return Pipeline
     if name == "Reasoner":
         from sdk.reasoner import Reasoner
 

@@ -64,3 +64,32 @@ def tiny_fusion(variant="full"):
             if not p.abs().sum():
                 p.normal_(0, 0.5)
     return model.eval()
+
+
+def tiny_reasoner_export(folder):
+    """A tiny reasoner (adapters switched on) exported with `PooledImageTower`: (model, tower, paths, parity)."""
+    import json
+
+    from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
+    from sdk.train.reasoner import Reasoner, ReasonerConfig
+
+    torch.manual_seed(0)
+    model = Reasoner(ReasonerConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64, n_visual=4,
+                                    dropout=0.0)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.gate.fill_(0.8)  # adapters active, so the photo path is part of the check
+    tower = PooledImageTower().eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = export_reasoner_onnx(tower, model, ReasonerExportConfig(folder, num_threads=1, check_new_tokens=12))
+    finally:
+        torch.set_num_threads(before)
+    return model, tower, paths, json.loads((folder / "reasoner.parity.json").read_text())
+
+
+def tiny_reasoner_tokenizer():
+    from sdk.train.reasoner import TASKS, train_tokenizer
+
+    return train_tokenizer(["red shoe blue shirt black watch title colour", *TASKS.values()] * 5, vocab_size=300)

@@ -1,7 +1,5 @@
 """Reasoner export (visual / prefill / decode graphs) and the torch-free runtime generating with them."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -12,26 +10,9 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from tiny_models import PooledImageTower
+    from tiny_models import tiny_reasoner_export
 
-    from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
-    from sdk.train.reasoner import Reasoner, ReasonerConfig
-
-    torch.manual_seed(0)
-    model = Reasoner(ReasonerConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64, n_visual=4,
-                                    dropout=0.0)).eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.gate.fill_(0.8)  # adapters active, so the photo path is part of the check
-    tower = PooledImageTower().eval()
-    folder = tmp_path_factory.mktemp("reasoner")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        paths = export_reasoner_onnx(tower, model, ReasonerExportConfig(folder, num_threads=1, check_new_tokens=12))
-    finally:
-        torch.set_num_threads(before)
-    return model, tower, paths, json.loads((folder / "reasoner.parity.json").read_text())
+    return tiny_reasoner_export(tmp_path_factory.mktemp("reasoner"))
 
 
 def test_greedy_tokens_match_pytorch(exported):
@@ -62,10 +43,12 @@ def test_runtime_decoder_matches_on_other_prompts_and_reports_speed(exported):
 def reasoner_engine(exported, tmp_path_factory):
     from sdk.engine import FORMAT_VERSION, write_engine
     from sdk.export.bundle import reasoner_parts
-    from sdk.train.reasoner import TASKS, train_tokenizer
+    from tiny_models import tiny_reasoner_tokenizer
+
+    from sdk.train.reasoner import TASKS
 
     model, _, paths, parity = exported
-    tok = train_tokenizer(["red shoe blue shirt black watch title colour", *TASKS.values()] * 5, vocab_size=300)
+    tok = tiny_reasoner_tokenizer()
     section, parts = reasoner_parts(paths["visual"].parent, tok.to_str().encode(), tasks=TASKS, max_len=64,
                                     parity=parity)
     path = tmp_path_factory.mktemp("eng") / "r.engine"

@@ -1,0 +1,183 @@
+"""Think-then-embed: the engine's reasoner writes, the embedder embeds, with a persistent cache.
+
+    from sdk import Pipeline
+    p = Pipeline("moon3.engine", complete_title=True, cache="traces.sqlite")
+    v = p.embed(images=["a.jpg", "b.jpg"], texts=["Puma Men Blue T-shirt", None], ids=[17, 18])
+    p.last_generated     # {1: {"caption": "..."}}: what the reasoner wrote for which item
+
+Two uses of the reasoner:
+- `complete_title=True` (MMPCBench's missing-modality completion): an item with a photo but no
+  title gets a title written from its photo, and is embedded as photo + that title.
+- `reason="on"` / `"cached"` (Think-Then-Embed): every item gets a `<think> ... </think>` trace,
+  fed to the embedder's trace modality. This needs an embedder trained with traces (the
+  manifest says so with `embedder.trace_trained`); an engine whose embedder never saw traces
+  refuses it rather than feed an untrained modality.
+
+Generated text is cached in SQLite, keyed by the reasoner's checksums and the item (its id, or a
+hash of its photo bytes and title), so a catalog's side is generated once, offline, and a query
+pays only for what is new. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sdk.errors import EngineError, InvalidInputError
+
+REASON = ("off", "on", "cached")
+
+
+class TextCache:
+    """Generated texts in SQLite: (reasoner fingerprint, kind, item key) -> text. Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+            self._db.execute("CREATE TABLE IF NOT EXISTS generated (reasoner TEXT, kind TEXT, key TEXT, text TEXT, "
+                             "PRIMARY KEY (reasoner, kind, key))")
+            self._db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise InvalidInputError(f"{self.path}: not a usable trace cache ({exc})") from exc
+
+    def get(self, reasoner: str, kind: str, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT text FROM generated WHERE reasoner=? AND kind=? AND key=?",
+                                   (reasoner, kind, key)).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, reasoner: str, kind: str, key: str, text: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO generated VALUES (?, ?, ?, ?)", (reasoner, kind, key, text))
+            self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM generated").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def item_key(image: Any, text: str | None, item_id: Any = None) -> str:
+    """The cache key of an item: its id when given, else a hash of its photo bytes and title."""
+    if item_id is not None:
+        return f"id:{item_id}"
+    h = hashlib.sha256()
+    if image is not None:
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                h.update(Path(image).read_bytes())
+            except OSError:
+                h.update(str(image).encode())  # unreadable: the embedder reports it
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            h.update(bytes(image))
+        elif isinstance(image, np.ndarray):
+            h.update(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes())
+        elif hasattr(image, "tobytes"):
+            h.update(repr(getattr(image, "size", "")).encode() + image.tobytes())
+        else:
+            h.update(repr(image).encode())
+    h.update(b"\x00" + (text or "").encode("utf-8", "surrogatepass"))
+    return "sha256:" + h.hexdigest()
+
+
+class Pipeline:
+    """Reasoner + embedder over one engine.
+
+    Args:
+        path: a `moon3.engine` with an embedder and a reasoner.
+        reason: "off" (no traces), "on" (generate a trace per item) or "cached" (as "on", and
+            reuse / store traces in `cache`).
+        complete_title: write a title from the photo for items that have a photo but no title.
+        cache: SQLite file for generated titles and traces (None: no cache; required for "cached").
+        max_trace_tokens: the reasoning budget per item.
+        threads: onnxruntime threads of both models.
+
+    Raises:
+        ValueError: a bad `reason`, or "cached" without a cache.
+        EngineError: the engine has no reasoner, or reason is not "off" and its embedder was not
+            trained with traces.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str = "off", complete_title: bool = False,
+                 cache: str | os.PathLike | None = None, max_trace_tokens: int = 96, threads: int | None = None):
+        from sdk.embedder import Embedder
+        from sdk.reasoner import Reasoner
+
+        if reason not in REASON:
+            raise ValueError(f"reason must be one of {REASON}, got {reason!r}")
+        if reason == "cached" and cache is None:
+            raise ValueError('reason="cached" needs a cache file (cache="traces.sqlite")')
+        self.embedder = Embedder(path, threads=threads)
+        emb = self.embedder.manifest.get("embedder", {})
+        if reason != "off" and not emb.get("trace_trained", False):
+            raise EngineError(f"{path}: this engine's embedder was not trained with reasoning traces; "
+                              f'use reason="off" (complete_title=True still uses the reasoner)')
+        self.reasoner = Reasoner(path, threads=threads) if (reason != "off" or complete_title) else None
+        parts = {p["name"]: p["sha256"] for p in self.embedder.manifest.get("parts", [])}
+        spec = self.embedder.manifest.get("reasoner") or {}
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [parts.get(n) for n in sorted((spec.get("parts") or {}).values())]).encode()).hexdigest()[:16]
+        self.reason, self.complete_title, self.max_trace_tokens = reason, complete_title, max_trace_tokens
+        self.cache = TextCache(cache) if cache is not None else None
+        self.last_generated: dict[int, dict[str, str]] = {}
+        self.cache_hits = 0
+
+    def _text(self, kind: str, key: str, make) -> str:
+        if self.cache is not None:
+            hit = self.cache.get(self.fingerprint, kind, key)
+            if hit is not None:
+                self.cache_hits += 1
+                return hit
+        text = make()
+        if self.cache is not None:
+            self.cache.put(self.fingerprint, kind, key, text)
+        return text
+
+    def embed(self, images: Sequence[Any] | None = None, texts: Sequence[str | None] | None = None, *,
+              ids: Sequence[Any] | None = None, dim: int | None = None, errors: str = "report") -> np.ndarray:
+        """Embed items after letting the reasoner complete titles and/or write traces.
+
+        Items the reasoner cannot read (a bad photo) are left as they are; the embedder then
+        reports them as usual (`BatchError` with per-index messages, or raises with errors="raise").
+        """
+        n = len(images) if images is not None else len(texts) if texts is not None else 0
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        if len(images) != n or len(texts) != n or (ids is not None and len(ids) != n):
+            raise InvalidInputError("images, texts and ids must have one entry per item")
+        self.last_generated = {}
+        traces: list[str | None] = [None] * n
+        for i in range(n):
+            img, txt = images[i], texts[i]
+            title = txt.strip() if isinstance(txt, str) and txt.strip() else None
+            key = item_key(img, title, None if ids is None else ids[i])
+            try:
+                if self.complete_title and title is None and img is not None:
+                    title = self._text("caption", key, lambda: self.reasoner.generate(image=img, task="caption"))
+                    texts[i] = title
+                    self.last_generated.setdefault(i, {})["caption"] = title
+                if self.reason != "off" and (img is not None or title):
+                    trace = self._text("trace", key, lambda: self.reasoner.generate(
+                        image=img, text=title, task="trace", max_new_tokens=self.max_trace_tokens))
+                    traces[i] = trace
+                    self.last_generated.setdefault(i, {})["trace"] = trace
+            except InvalidInputError:
+                continue  # the embedder reports the bad input for this index
+        return self.embedder.embed(images, texts, traces if self.reason != "off" else None, dim=dim, errors=errors)
+
+    def close(self) -> None:
+        self.embedder.close()
+        if self.cache is not None:
+            self.cache.close()

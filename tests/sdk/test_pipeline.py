@@ -1,0 +1,105 @@
+"""sdk.Pipeline: reasoner completions and traces feeding the embedder, with the SQLite cache."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sdk.errors import BatchError, EngineError, InvalidInputError
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_split_engine, tmp_path_factory):
+    """The tiny split embedder plus a tiny reasoner in one engine; and a copy marked trace-trained."""
+    from tiny_models import tiny_reasoner_export, tiny_reasoner_tokenizer
+
+    from sdk.engine import EngineFile, write_engine
+    from sdk.export.bundle import reasoner_parts
+    from sdk.train.reasoner import TASKS
+
+    folder = tmp_path_factory.mktemp("pipe")
+    model, tower, paths, parity = tiny_reasoner_export(folder / "r")
+    section, rparts = reasoner_parts(folder / "r", tiny_reasoner_tokenizer().to_str().encode(), tasks=TASKS,
+                                     max_len=64, parity=parity)
+    src = EngineFile.read(tiny_split_engine.path)
+    manifest = json.loads(json.dumps(src.manifest))
+    manifest["reasoner"] = section
+    parts = {n: src.part(n) for n in src.part_names} | rparts
+    write_engine(folder / "both.engine", manifest, parts)
+    manifest["embedder"]["trace_trained"] = True
+    write_engine(folder / "traced.engine", manifest, parts)
+    return folder / "both.engine", folder / "traced.engine"
+
+
+def photo(seed):
+    return np.random.default_rng(seed).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+
+
+def test_completes_missing_titles_from_the_photo(engines, tmp_path):
+    from sdk import Embedder
+    from sdk.pipeline import Pipeline
+    from sdk.reasoner import Reasoner
+
+    both, _ = engines
+    p = Pipeline(both, complete_title=True, cache=tmp_path / "c.sqlite", threads=1)
+    imgs, texts = [photo(0), photo(1), None], [None, "red shoe", "blue shirt"]
+    v = p.embed(imgs, texts)
+    caption = Reasoner(both, threads=1).generate(image=imgs[0], task="caption")
+    assert p.last_generated == {0: {"caption": caption}}  # only the photo without a title
+    want = Embedder(both, threads=1).embed(imgs, [caption or None, "red shoe", "blue shirt"])
+    np.testing.assert_allclose(v, want, atol=1e-6)
+    # cached: the same photo again is not generated again (by content hash), vectors unchanged
+    hits = p.cache_hits
+    np.testing.assert_allclose(p.embed([photo(0)], [None]), v[:1], atol=1e-6)
+    assert p.cache_hits == hits + 1
+
+
+def test_reasoning_needs_a_trace_trained_embedder(engines, tmp_path):
+    from sdk.pipeline import Pipeline
+
+    both, traced = engines
+    with pytest.raises(EngineError, match="not trained with reasoning traces"):
+        Pipeline(both, reason="on")
+    with pytest.raises(ValueError, match="needs a cache file"):
+        Pipeline(traced, reason="cached")
+    with pytest.raises(ValueError, match="reason must be one of"):
+        Pipeline(traced, reason="always")
+
+
+def test_traces_are_generated_cached_and_embedded(engines, tmp_path):
+    from sdk import Embedder
+    from sdk.pipeline import Pipeline
+    from sdk.reasoner import Reasoner
+
+    _, traced = engines
+    cache = tmp_path / "t.sqlite"
+    p = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    imgs, texts, ids = [photo(2), None], ["red shoe", "black watch"], [7, 8]
+    v = p.embed(imgs, texts, ids=ids)
+    r = Reasoner(traced, threads=1)
+    traces = [r.generate(image=imgs[0], text="red shoe", task="trace", max_new_tokens=8),
+              r.generate(text="black watch", task="trace", max_new_tokens=8)]
+    assert [p.last_generated[i]["trace"] for i in (0, 1)] == traces
+    want = Embedder(traced, threads=1).embed(imgs, texts, [t or None for t in traces])
+    np.testing.assert_allclose(v, want, atol=1e-6)
+    p.close()
+    p2 = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    np.testing.assert_allclose(p2.embed(imgs, texts, ids=ids), v, atol=1e-6)
+    assert p2.cache_hits == 2  # the catalog side is generated once
+
+
+def test_bad_items_are_reported_not_lost(engines, tmp_path):
+    from sdk.pipeline import Pipeline
+
+    both, _ = engines
+    p = Pipeline(both, complete_title=True, threads=1)
+    with pytest.raises(BatchError) as exc:
+        p.embed([photo(0), b"not an image", None], [None, None, "red"])
+    assert list(exc.value.errors) == [1] and np.isfinite(exc.value.vectors[[0, 2]]).all()
+    with pytest.raises(InvalidInputError, match="one entry per item"):
+        p.embed([photo(0)], ["a", "b"])
+    (tmp_path / "bad.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(InvalidInputError, match="not a usable trace cache"):
+        Pipeline(both, complete_title=True, cache=tmp_path / "bad.sqlite")
