@@ -2,7 +2,7 @@
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features   # photo features, once
     python -m sdk.train.train_reasoner --catalog ../shared/data/catalog --features .cache/features \
-        --out sdk/train/weights/reasoner
+        --out train/weights/reasoner
 
 Every training product gives `--tasks-per-item` examples per epoch, drawn from `reasoner.TASKS`
 (a fresh draw each epoch); the loss is next-token cross-entropy on the answer tokens only. Half of
@@ -248,7 +248,7 @@ Reproduce:
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
     python -m sdk.train.train_reasoner --catalog ../shared/data/catalog --features .cache/features \\
-        --out sdk/train/weights/reasoner --epochs {tc.get('epochs')} --tasks-per-item {tc.get('tasks_per_item')}
+        --out train/weights/reasoner --epochs {tc.get('epochs')} --tasks-per-item {tc.get('tasks_per_item')}
 
 ## Validation ({m.get('items')} held-out products, ids ending in 0; greedy decoding)
 
