@@ -91,34 +91,22 @@ def package_embedder(
         ValueError: inconsistent dims or lengths.
     """
     embedder = {"part": "embedder.onnx", "precision": precision, "inputs": EMBEDDER_INPUTS, "output": "embedding"}
-    manifest = _manifest(embedder, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra)
+    manifest = _manifest(embedder, dim=dim, matryoshka_dims=matryoshka_dims, image=image, text_max_length=text_max_length,
+                         trace_max_length=trace_max_length, fidelity=fidelity, extra=extra)
     return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json,
                                         **dict(extra_parts or {})})
 
 
 def package_split_embedder(
-    out: str | Path,
-    image_onnx: bytes,
-    text_onnx: bytes,
-    head: bytes,
-    tokenizer_json: bytes,
-    *,
-    dim: int,
-    matryoshka_dims: Sequence[int],
-    precision: str = "fp32",
-    image: ImagePreprocess = ImagePreprocess(),
-    text_max_length: int = 32,
-    trace_max_length: int = 128,
-    fidelity: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    extra_parts: Mapping[str, bytes] | None = None,
+    out: str | Path, image_onnx: bytes, text_onnx: bytes, head: bytes, tokenizer_json: bytes, **options: Any
 ) -> Path:
     """Write a `moon3.engine` holding a split embedder (see `sdk.export.onnx_split`).
 
     Args:
         image_onnx: graph pixels -> image_tokens; text_onnx: graph input_ids, attention_mask ->
-            token_states; head: `sdk.head.FusionHead.to_bytes()`. Other arguments as in
-            `package_embedder`.
+            token_states; head: `sdk.head.FusionHead.to_bytes()`. The keyword options (dim,
+            matryoshka_dims, precision, image, text_max_length, trace_max_length, fidelity, extra,
+            extra_parts) are those of `package_embedder`.
 
     Returns:
         The path written.
@@ -126,9 +114,10 @@ def package_split_embedder(
     Raises:
         ValueError: inconsistent dims or lengths.
     """
+    extra_parts = options.pop("extra_parts", None)
     embedder = {"layout": "split", "parts": {"image": "image.onnx", "text": "text.onnx", "head": "head.npz"},
-                "precision": precision, "output": "embedding"}
-    manifest = _manifest(embedder, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra)
+                "precision": options.pop("precision", "fp32"), "output": "embedding"}
+    manifest = _manifest(embedder, **options)
     parts = {"image.onnx": image_onnx, "text.onnx": text_onnx, "head.npz": head, "tokenizer.json": tokenizer_json,
              **dict(extra_parts or {})}
     return write_engine(out, manifest, parts)
@@ -154,7 +143,9 @@ def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[
     return section, parts
 
 
-def _manifest(embedder: dict, dim, matryoshka_dims, image, text_max_length, trace_max_length, fidelity, extra) -> dict:
+def _manifest(embedder: dict, *, dim: int, matryoshka_dims: Sequence[int], image: ImagePreprocess = ImagePreprocess(),
+              text_max_length: int = 32, trace_max_length: int = 128, fidelity: Mapping[str, Any] | None = None,
+              extra: Mapping[str, Any] | None = None) -> dict:
     dims = [int(d) for d in matryoshka_dims]
     if not dims or dims[-1] != dim or dims != sorted(set(dims)):
         raise ValueError(f"matryoshka_dims must be increasing and end at dim={dim}, got {dims}")
