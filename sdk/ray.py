@@ -73,8 +73,8 @@ def run_ray(
         providers: `sdk.Embedder` backends; None = ["cpu"], or ["cuda", "cpu"] when num_gpus > 0.
         threads: ONNX Runtime intra-op threads per actor.
         overwrite: as in `sdk.batch.plan`.
-        address: a Ray cluster to join ("auto", "ray://..."); None starts a local one unless Ray
-            is already initialised in this process.
+        address: a Ray cluster to join ("auto", "ray://..."); None starts a local one (on
+            loopback, no dashboard) unless Ray is already initialised in this process.
         init_kwargs: more `ray.init` arguments when this call starts Ray.
         on_shard: called on the driver with each finished shard's counts.
 
@@ -96,7 +96,10 @@ def run_ray(
     if pending:
         started = False
         if not ray.is_initialized():
-            kw = {"include_dashboard": False, **(init_kwargs or {})}
+            kw: dict[str, Any] = {"include_dashboard": False}
+            if address is None:  # a local instance for this job: loopback only
+                kw["_node_ip_address"] = "127.0.0.1"
+            kw.update(init_kwargs or {})
             ray.init(address=address or "local", **kw)
             started = True
         try:
