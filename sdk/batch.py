@@ -223,16 +223,18 @@ def _scan_parquet(path: Path, shard_size: int) -> tuple[str, list[Any], list[tup
     return _file_sha256(path), ids, bounds
 
 
-def _engine_dim(engine: Path) -> tuple[str, int, tuple[int, ...]]:
+def _engine_identity(engine: Path) -> tuple[str, int]:
+    """(sha256 identifying the engine, its full width). The manifest lists every part's sha256 and
+    EngineFile.read verifies them, so hashing the manifest identifies the whole file in one read."""
     from sdk.engine import EngineFile
+    from sdk.errors import EngineError
 
     m = EngineFile.read(engine).manifest
     try:
-        return _file_sha256(engine), int(m["embedder"]["dim"]), tuple(int(d) for d in m["embedder"]["matryoshka_dims"])
+        dim = int(m["embedder"]["dim"])
     except (KeyError, TypeError, ValueError) as exc:
-        from sdk.errors import EngineError
-
         raise EngineError(f"{engine}: the manifest has no usable embedder section ({exc})") from exc
+    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest(), dim
 
 
 def plan(job: CatalogJob, *, overwrite: bool = False) -> Plan:
@@ -264,7 +266,7 @@ def plan(job: CatalogJob, *, overwrite: bool = False) -> Plan:
         dup = next(i for i in ids if i in seen or seen.add(i))
         raise InvalidInputError(f"{job.input}: duplicate id {dup!r}; ids must be unique to be embedded exactly once")
     id_type = "string" if types == {str} else "int64"
-    engine_sha, full_dim, _ = _engine_dim(job.engine)
+    engine_sha, full_dim = _engine_identity(job.engine)
     dim = full_dim if job.dim is None else job.dim
     if dim > full_dim:
         raise ValueError(f"dim {dim} is wider than the engine's {full_dim}")
@@ -272,7 +274,7 @@ def plan(job: CatalogJob, *, overwrite: bool = False) -> Plan:
 
     identity = {
         "format": FORMAT, "input": str(job.input.resolve()), "input_sha256": input_sha, "items": len(ids),
-        "id_type": id_type, "shard_size": job.shard_size, "shards": len(shards), "engine_sha256": engine_sha,
+        "id_type": id_type, "shard_size": job.shard_size, "shards": len(shards), "engine_manifest_sha256": engine_sha,
         "dim": dim, "image_root": str(job.image_root.resolve()),
     }
     out = job.out
