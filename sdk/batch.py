@@ -400,7 +400,7 @@ class ShardEmbedder:
         self.embedder = Embedder(job.engine, providers=providers, threads=threads)
 
     def __call__(self, shard: Shard) -> dict[str, int]:
-        """Embed one shard and commit its files; returns {"index", "items", "embedded", "bad"}."""
+        """Embed one shard and commit its files; returns {"index", "items", "embedded", "bad", "pid"}."""
         pa = _pyarrow()
         recs = read_shard(self.job, shard)
         ids = [r["id"] for r in recs]
@@ -426,7 +426,7 @@ class ShardEmbedder:
         sink = pa.BufferOutputStream()
         pa.parquet.write_table(table, sink)
         _atomic_write(vectors_path(self.job.out, shard), sink.getvalue().to_pybytes())  # the commit mark
-        return {"index": shard.index, "items": len(recs), "embedded": len(good), "bad": len(errors)}
+        return {"index": shard.index, "items": len(recs), "embedded": len(good), "bad": len(errors), "pid": os.getpid()}
 
 
 # ---------------------------------------------------------------------------------------------- finishing

@@ -43,7 +43,7 @@ class _ShardUDF:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fields = ("index", "start", "stop", "offset", "length", "ids_digest")
         rows = [self._worker(Shard(*(_plain(batch[f][r]) for f in fields))) for r in range(len(batch["index"]))]
-        return {k: np.array([c[k] for c in rows], dtype=np.int64) for k in ("index", "items", "embedded", "bad")}
+        return {k: np.array([c[k] for c in rows], dtype=np.int64) for k in ("index", "items", "embedded", "bad", "pid")}
 
 
 def _plain(v: Any) -> Any:

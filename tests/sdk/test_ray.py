@@ -110,6 +110,27 @@ def test_ray_runner_validates_arguments(tiny_engine, tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_ray_worker_is_replaced_and_the_job_stays_exact(tiny_engine, tmp_path, ray_tmp):
+    """SIGKILL an actor process after its first shard: Ray restarts it and retries its work; the
+    job finishes in the same run with every id exactly once."""
+    from sdk.ray import run_ray
+
+    cat = write_catalog(tmp_path, copies=2)  # 315 items, 20 shards
+    killed = []
+
+    def kill_first_worker(counts):
+        if not killed:
+            os.kill(counts["pid"], signal.SIGKILL)
+            killed.append(counts["pid"])
+
+    job = CatalogJob(input=cat.path, out=tmp_path / "out", engine=tiny_engine.path, root=cat.root, shard_size=16)
+    s = run_ray(job, workers=2, threads=1, on_shard=kill_first_worker,
+                init_kwargs={"num_cpus": 2, "_temp_dir": ray_tmp})
+    assert killed and (s.items, s.shards, s.shards_run) == (315, 20, 20)
+    assert_exact(tmp_path / "out", cat, reference(tiny_engine.path, cat))
+
+
+@pytest.mark.slow
 def test_killed_ray_driver_restarts_exactly(tiny_engine, tmp_path, ray_tmp):
     """SIGKILL a `moon3 embed-catalog --runner ray` driver (and its local cluster) mid-run; run it again."""
     cat = write_catalog(tmp_path, copies=6)  # 939 items, 59 shards of 16
