@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 
