@@ -363,7 +363,7 @@ def read_shard(job: CatalogJob, shard: Shard) -> list[dict[str, Any]]:
         with open(job.input, "rb") as f:
             f.seek(shard.offset)
             data = f.read(shard.length)
-        recs = [json.loads(line) for line in data.splitlines() if line.strip()]
+        recs = [json.loads(line) for line in data.split(b"\n") if line.strip()]  # as the scan splits
     else:
         pa = _pyarrow()
         pf = pa.parquet.ParquetFile(job.input)
