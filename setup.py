@@ -2,8 +2,11 @@
 
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+
+# Compile the csrc/ files in parallel (NPY_NUM_BUILD_JOBS jobs, default: one per core).
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 VERSION = "0.1.0"  # keep equal to pyproject's [project].version (a test checks _C.__version__)
 

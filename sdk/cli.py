@@ -1,6 +1,7 @@
-"""Command line: `moon3 build | validate | inspect | embed | reason | search` (also `python -m sdk`).
+"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | search` (also `python -m sdk`).
 
-`build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); the other commands need only
+`build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); `embed-catalog` needs
+pyarrow, and Ray for `--runner ray` (`pip install 'moon3-sdk[ray]'`); the other commands need only
 the runtime (numpy + onnxruntime), never torch.
 """
 
@@ -169,6 +170,28 @@ def _cmd_reason(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed_catalog(args: argparse.Namespace) -> int:
+    from sdk.batch import CatalogJob, run_local
+
+    job = CatalogJob(input=args.input, out=args.out, engine=args.engine, root=args.root,
+                     shard_size=args.shard_size, dim=args.dim, batch_size=args.batch_size)
+
+    def progress(c: dict[str, int]) -> None:
+        print(f"shard {c['index']}: {c['embedded']} embedded, {c['bad']} bad", file=sys.stderr, flush=True)
+
+    if args.runner == "ray":
+        from sdk.ray import run_ray
+
+        init = {"num_cpus": args.ray_cpus} if args.ray_cpus else {}
+        summary = run_ray(job, workers=args.workers, num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker,
+                          threads=args.threads, overwrite=args.overwrite, address=args.address, init_kwargs=init,
+                          on_shard=progress)
+    else:
+        summary = run_local(job, threads=args.threads, overwrite=args.overwrite, on_shard=progress)
+    print(json.dumps(summary.to_dict()))
+    return 1 if summary.bad else 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import time
 
@@ -271,6 +294,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None)
     r.set_defaults(func=_cmd_reason)
 
+    c = sub.add_parser(
+        "embed-catalog",
+        help="embed a catalog (JSONL/Parquet: id, title, image) into Parquet shards; resumable (needs [ray])",
+        description="Embed a catalog into OUT/vectors/part-*.parquet (id, vector) and OUT/errors/ (bad items). "
+        "A killed job restarted with the same arguments finishes the missing shards: every id comes out exactly "
+        "once. Exit 1 if some items were bad (see OUT/errors.jsonl).",
+    )
+    c.add_argument("engine")
+    c.add_argument("--input", required=True, help="catalog .jsonl or .parquet (id, title, image, trace)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--root", default=None, help="image folder (default: the catalog's folder)")
+    c.add_argument("--runner", choices=("local", "ray"), default="local")
+    c.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the engine once)")
+    c.add_argument("--cpus-per-worker", type=float, default=1)
+    c.add_argument("--gpus-per-worker", type=float, default=0, help="> 0: GPU actors, CUDA backend")
+    c.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    c.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    c.add_argument("--shard-size", type=int, default=1024)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: full)")
+    c.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker")
+    c.add_argument("--overwrite", action="store_true", help="start over if OUT holds another job")
+    c.set_defaults(func=_cmd_embed_catalog)
+
     s = sub.add_parser("search", help="nearest products of a catalog folder for text or photo queries")
     s.add_argument("engine")
     s.add_argument("--catalog", required=True, help="folder with items.jsonl (+ images)")
@@ -286,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (SdkError, FileNotFoundError, ValueError) as exc:
+    except (SdkError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
