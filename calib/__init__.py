@@ -65,22 +65,30 @@ class CalibrationSet:
     @classmethod
     def text_from_catalog(cls, root: str | Path, tokenizer_json: str | Path, *, n: int = 256, batch: int = 16,
                           max_length: int = 32, seed: int = 0, train_only: bool = True) -> "CalibrationSet":
-        """Title feeds (input_ids, attention_mask) for a text graph."""
+        """Title feeds (input_ids, attention_mask) for a text graph.
+
+        Every feed has the same shape (batch, max_length): onnxruntime's histogram calibrators
+        (entropy, percentile) stack the batches, so the titles are padded to max_length and a
+        last partial batch is dropped.
+        """
         from sdk.preprocess import TextTokenizer
 
         records = _records(root, train_only)
         picked = cls.stratified(records, n, seed)
+        picked = picked[: max(batch, len(picked) - len(picked) % batch)]
         tok = TextTokenizer(str(tokenizer_json), max_length)
         feeds = []
         for i in range(0, len(picked), batch):
             ids, mask = tok([r["title"] for r in picked[i : i + batch]])
-            feeds.append({"input_ids": ids, "attention_mask": mask})
+            pad = ((0, 0), (0, max_length - ids.shape[1]))
+            feeds.append({"input_ids": np.pad(ids, pad), "attention_mask": np.pad(mask, pad)})
         return cls(feeds, f"{root} ({len(picked)} titles, stratified)", [int(r["id"]) for r in picked])
 
     @classmethod
     def image_from_catalog(cls, root: str | Path, *, n: int = 64, batch: int = 8, seed: int = 0,
                            train_only: bool = True, image=None) -> "CalibrationSet":
-        """Photo feeds (pixels) for an image graph; products without a readable photo are skipped."""
+        """Photo feeds (pixels) for an image graph, all of one batch size (a last partial batch is
+        dropped); products without a readable photo are skipped."""
         from sdk.errors import InvalidInputError
         from sdk.preprocess import ImagePreprocess, image_to_array, load_image
 
@@ -94,6 +102,8 @@ class CalibrationSet:
                 ids.append(int(r["id"]))
             except InvalidInputError:
                 continue
+        keep = max(batch, len(pix) - len(pix) % batch)
+        pix, ids = pix[:keep], ids[:keep]
         feeds = [{"pixels": np.stack(pix[i : i + batch])} for i in range(0, len(pix), batch)]
         return cls(feeds, f"{root} ({len(pix)} photos, stratified)", ids)
 

@@ -34,10 +34,11 @@ def test_sets_from_a_catalog_folder():
     from sdk.train.towers import text_tower_path
 
     text = CalibrationSet.text_from_catalog(SAMPLES, text_tower_path() / "tokenizer.json", n=20, batch=8)
-    assert [f["input_ids"].shape[0] for f in text.feeds] == [8, 8, 4] and len(set(text.ids)) == 20
+    assert [f["input_ids"].shape for f in text.feeds] == [(8, 32), (8, 32)] and len(set(text.ids)) == 16
     assert text.feeds[0]["input_ids"].dtype == np.int64 and text.feeds[0]["input_ids"][0, 0] == 101  # [CLS]
+    assert text.feeds[0]["attention_mask"][:, -1].sum() < 8  # padded to max_length
     img = CalibrationSet.image_from_catalog(SAMPLES, n=5, batch=4)
-    assert [f["pixels"].shape for f in img.feeds] == [(4, 3, 224, 224), (1, 3, 224, 224)]
+    assert [f["pixels"].shape for f in img.feeds] == [(4, 3, 224, 224)]
     assert -1.0 <= img.feeds[0]["pixels"].min() and img.feeds[0]["pixels"].max() <= 1.0
 
 
