@@ -160,7 +160,8 @@ def _cmd_reason(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in (("key", args.key), ("question", args.question)) if v}
     tasks = list(r.tasks) if args.task == "all" else [args.task]
     for task in tasks:
-        if task in ("attribute_qa", "qa") and args.task == "all" and not fields:
+        needs = {"attribute_qa": "key", "qa": "question"}.get(task)
+        if args.task == "all" and needs and needs not in fields:
             continue
         text = r.generate(image=args.image, text=args.text, task=task, max_new_tokens=args.max_new_tokens, **fields)
         st = r.last_stats
