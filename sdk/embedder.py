@@ -480,6 +480,10 @@ class Embedder:
                 if value is not None and not isinstance(value, str):
                     problem = problem or f"{what} {i}: {label} must be a str or None, got {type(value).__name__}"
                     value = None
+                elif value is not None and (bad := _lone_surrogate(value)) is not None:
+                    problem = problem or (f"{what} {i}: {label} is not valid Unicode (lone surrogate at "
+                                          f"character {bad}); decode bytes with errors='replace'")
+                    value = None
                 norm.append(value if value is not None and value.strip() else None)
             text, trace = norm
             if problem is None and imgs[i] is None and text is None and trace is None:
@@ -608,6 +612,16 @@ def _backend_names(providers: str | Sequence[str] | None) -> list[str]:
     if not names:
         raise ValueError(f"providers is empty; name at least one of {sorted(BACKENDS)}")
     return names
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (text that cannot be UTF-8, e.g. bytes decoded with
+    errors="surrogateescape"), or None; the tokenizer refuses such text for the whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _column(values: Any, name: str, allow_array: bool = False) -> list[Any] | None:

@@ -36,9 +36,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, where: str = "") -> None:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name.split("/"):
-        raise EngineError(f"invalid part name {name!r}: use letters, digits, '_', '-', '.' and at most 3 '/'")
+        raise EngineError(f"{where}invalid part name {name!r}: use letters, digits, '_', '-', '.' and at most 3 '/'")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Mapping[str, bytes]) -> Path:
@@ -115,20 +119,30 @@ class EngineFile:
         if hashlib.sha256(body).digest() != digest:
             raise EngineError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
         try:
-            manifest = json.loads(body.decode("utf-8"))
+            # Strict JSON: NaN/Infinity (which the writer never emits) are refused; nesting too
+            # deep for the parser is a RecursionError.
+            manifest = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+            if not isinstance(manifest, dict):
+                kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+                    type(manifest), "a number")
+                raise TypeError(f"the manifest is {kind}, not a JSON object")
             index = manifest["parts"]
             if not isinstance(index, list):
                 raise TypeError("parts is not a list")
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise EngineError(f"{path}: malformed manifest ({exc})") from exc
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise EngineError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         data_start = _HEADER.size + n
         parts = {}
         for entry in index:
             try:
-                name, off, size, sha = entry["name"], int(entry["offset"]), int(entry["size"]), str(entry["sha256"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise EngineError(f"{path}: malformed part entry {entry!r}") from exc
-            _check_name(name)
+                name, off, size, sha = entry["name"], entry["offset"], entry["size"], entry["sha256"]
+                if type(off) is not int or type(size) is not int or not isinstance(sha, str):
+                    raise TypeError("offset and size must be integers, sha256 a string")
+            except (KeyError, TypeError, IndexError) as exc:
+                raise EngineError(f"{path}: malformed part entry {str(entry)[:200]} ({exc})") from exc
+            _check_name(name, f"{path}: ")
+            if name in parts:
+                raise EngineError(f"{path}: part {name!r} is listed twice in the manifest")
             lo, hi = data_start + off, data_start + off + size
             if off < 0 or size < 0 or hi > len(raw):
                 raise EngineError(f"{path}: part {name!r} extends past the end of the file; the file is truncated")
@@ -156,7 +170,8 @@ class EngineFile:
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(m) for m in re.findall(r"\d+", str(v).split("+")[0])[:3])
+    # At most 9 digits per field: int() refuses very long digit strings (ValueError).
+    return tuple(int(m) for m in re.findall(r"\d{1,9}", str(v).split("+")[0])[:3])
 
 
 def _warn_if_newer(path: Path, manifest: dict) -> None:
@@ -167,7 +182,7 @@ def _warn_if_newer(path: Path, manifest: dict) -> None:
     built = versions.get("moon3-sdk") if isinstance(versions, dict) else None
     if built and _version_tuple(built) > _version_tuple(__version__):
         warnings.warn(
-            f"{path} was built by moon3-sdk {built}, newer than this {__version__}; "
+            f"{path} was built by moon3-sdk {str(built)[:40]}, newer than this {__version__}; "
             "upgrade moon3-sdk if anything looks wrong",
             UserWarning,
             stacklevel=3,

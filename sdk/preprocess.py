@@ -65,10 +65,7 @@ def load_image(src: Any, *, name: str = "image"):
         img = _open(io.BytesIO(bytes(src)), name)
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.is_file():
-            raise InvalidInputError(f"{name}: file not found: {path}")
-        if path.stat().st_size == 0:
-            raise InvalidInputError(f"{name}: file is empty (0 bytes): {path}")
+        _check_file(path, name)
         img = _open(path, name)
     else:
         raise InvalidInputError(
@@ -79,21 +76,38 @@ def load_image(src: Any, *, name: str = "image"):
         img = ImageOps.exif_transpose(img)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8))
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            img = Image.fromarray(_wide_to_uint8(np.asarray(img, dtype=np.float64), img.mode))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             # Composite on white, as product photos are shown.
             rgba = img.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(canvas, rgba)
         img = img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInputError(f"{name}: could not decode image ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on malformed data
+        raise InvalidInputError(f"{name}: could not decode image ({type(exc).__name__}: {exc})") from exc
     if min(img.size) < 1:
         raise InvalidInputError(f"{name}: image has no pixels ({img.size[0]}x{img.size[1]})")
     return img
+
+
+def _check_file(path: Path, name: str) -> None:
+    """A readable, non-empty regular file, or an InvalidInputError saying what the path is instead."""
+    import stat
+
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidInputError(f"{name}: file not found: {path}") from None
+    except (OSError, ValueError) as exc:  # name too long, permission denied, NUL byte in the path
+        raise InvalidInputError(f"{name}: cannot access {str(path)[:200]!r} ({exc.__class__.__name__}: "
+                                f"{getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInputError(f"{name}: {path} is a directory, expected an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"{name}: {path} is not a regular file (device, pipe or socket)")
+    if st.st_size == 0:
+        raise InvalidInputError(f"{name}: file is empty (0 bytes): {path}")
 
 
 def _open(fp, name: str):
@@ -108,13 +122,31 @@ def _open(fp, name: str):
                 "downscale it before embedding"
             )
         img.load()
-    except Image.DecompressionBombError as exc:
+    except InvalidInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires in Image.open, before the size is known here; its warning is
+        # an exception where warnings are errors. Either way the image is over our limit.
         raise InvalidInputError(f"{name}: image too large (limit {MAX_IMAGE_PIXELS} pixels): {exc}") from exc
     except UnidentifiedImageError as exc:
         raise InvalidInputError(f"{name}: not a recognised image format") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInputError(f"{name}: corrupt or truncated image ({exc})") from exc
+    except PermissionError as exc:
+        raise InvalidInputError(f"{name}: cannot read {fp} ({exc.strerror})") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on malformed data
+        raise InvalidInputError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
     return img
+
+
+def _wide_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit int and 32-bit float pixels -> uint8.
+
+    16-bit modes map 0..65535 to 0..255. "I" and "F" have no fixed range: max(1, brightest
+    finite pixel) maps to 255, so floats in [0, 1] and ints in 0..255 keep their scale; negative
+    and non-finite pixels become 0.
+    """
+    arr = np.where(np.isfinite(arr), arr, 0.0)
+    peak = 65535.0 if mode.startswith("I;16") else max(float(arr.max(initial=0.0)), 1.0)
+    return np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8)
 
 
 def _array_to_pil(arr: np.ndarray, name: str):
