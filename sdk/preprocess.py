@@ -50,32 +50,54 @@ class ImagePreprocess:
 def load_image(src: Any, *, name: str = "image"):
     """Open an image from a path, bytes, a PIL image or an HWC uint8 array, as RGB PIL.
 
+    Any format Pillow decodes is accepted (JPEG, PNG, WebP, GIF, TIFF, BMP, ...). The EXIF
+    orientation is applied; animated and multi-page files give their first frame (a PIL image
+    its current frame); transparency
+    (RGBA, LA, palette with a transparent colour) is composited on white; CMYK, grayscale,
+    16-bit and 32-bit int/float pixels are converted to 8-bit RGB (see `_wide_to_uint8`).
+
+    Args:
+        src: the image.
+        name: how error messages name it (e.g. "item 3 image").
+
     Raises:
-        InvalidInputError: the source is missing, not an image, corrupt, or of an unusable shape.
+        InvalidInputError: the source is missing, not a regular file, empty, not an image,
+            corrupt or truncated, larger than `MAX_IMAGE_PIXELS`, or an array of unusable
+            shape/dtype; the message starts with `name` and says which.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if isinstance(src, Image.Image):
-        img = src
-    elif isinstance(src, np.ndarray):
+        return _to_rgb(src, name)
+    if isinstance(src, np.ndarray):
         return _array_to_pil(src, name)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
+    if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise InvalidInputError(f"{name}: empty bytes, expected an encoded image (JPEG/PNG/WebP)")
-        img = _open(io.BytesIO(bytes(src)), name)
-    elif isinstance(src, (str, os.PathLike)):
+        return _to_rgb(_open(io.BytesIO(bytes(src)), name), name)
+    if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         _check_file(path, name)
-        img = _open(path, name)
-    else:
-        raise InvalidInputError(
-            f"{name}: unsupported image type {type(src).__name__}; "
-            "pass a path, bytes, a PIL image or an HWC uint8 array"
-        )
+        try:
+            f = path.open("rb")
+        except OSError as exc:
+            raise InvalidInputError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
+        # Our own handle, closed here: Pillow keeps the file of a multi-frame image (GIF, TIFF)
+        # open for seeking, which would leak one descriptor per image in a long job.
+        with f:
+            return _to_rgb(_open(f, name), name)
+    raise InvalidInputError(
+        f"{name}: unsupported image type {type(src).__name__}; "
+        "pass a path, bytes, a PIL image or an HWC uint8 array"
+    )
+
+
+def _to_rgb(img, name: str):
+    """A decoded PIL image of any mode -> a new RGB image (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
     try:
-        img = ImageOps.exif_transpose(img)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
+        img = ImageOps.exif_transpose(img)  # a copy: the caller's image is never changed
         if img.mode.startswith("I;16") or img.mode in ("I", "F"):
             img = Image.fromarray(_wide_to_uint8(np.asarray(img, dtype=np.float64), img.mode))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -130,8 +152,6 @@ def _open(fp, name: str):
         raise InvalidInputError(f"{name}: image too large (limit {MAX_IMAGE_PIXELS} pixels): {exc}") from exc
     except UnidentifiedImageError as exc:
         raise InvalidInputError(f"{name}: not a recognised image format") from exc
-    except PermissionError as exc:
-        raise InvalidInputError(f"{name}: cannot read {fp} ({exc.strerror})") from exc
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on malformed data
         raise InvalidInputError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
     return img
@@ -140,12 +160,13 @@ def _open(fp, name: str):
 def _wide_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     """16-bit, 32-bit int and 32-bit float pixels -> uint8.
 
-    16-bit modes map 0..65535 to 0..255. "I" and "F" have no fixed range: max(1, brightest
-    finite pixel) maps to 255, so floats in [0, 1] and ints in 0..255 keep their scale; negative
-    and non-finite pixels become 0.
+    16-bit modes map 0..65535 to 0..255. "I" and "F" carry no range, so they are read in the
+    smallest usual range that holds the brightest pixel: [0, 1], 0..255, 0..65535, else
+    0..brightest. Negative and non-finite pixels become 0.
     """
     arr = np.where(np.isfinite(arr), arr, 0.0)
-    peak = 65535.0 if mode.startswith("I;16") else max(float(arr.max(initial=0.0)), 1.0)
+    top = float(arr.max(initial=0.0))
+    peak = 65535.0 if mode.startswith("I;16") else next((p for p in (1.0, 255.0, 65535.0) if top <= p), top)
     return np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8)
 
 
