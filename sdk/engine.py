@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import struct
 import warnings
 from dataclasses import dataclass
@@ -46,7 +47,11 @@ def _no_constant(name: str):
 
 
 def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Mapping[str, bytes]) -> Path:
-    """Write an engine file atomically (a temporary file, then rename).
+    """Write an engine file atomically (a new temporary file beside it, then rename).
+
+    Nothing outside `path` is written: the temporary file is created exclusively (an existing file
+    or symlink of that name is never opened), and the rename replaces `path` itself, so a symlink
+    at `path` is replaced, not followed.
 
     Args:
         path: output file.
@@ -70,13 +75,18 @@ def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Ma
         body = json.dumps({**manifest, "parts": index}, sort_keys=True, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise EngineError(f"manifest is not JSON-serialisable: {exc}") from exc
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()))
-        f.write(body)
-        for data in parts.values():
-            f.write(bytes(data))
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()))
+            f.write(body)
+            for data in parts.values():
+                f.write(bytes(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -100,9 +110,12 @@ class EngineFile:
                 content, or a malformed manifest; the message says which.
         """
         path = Path(path)
-        if not path.is_file():
-            raise EngineError(f"engine file not found: {path}")
-        raw = path.read_bytes()
+        try:
+            if not path.is_file():
+                raise EngineError(f"engine file not found: {path}")
+            raw = path.read_bytes()
+        except (OSError, ValueError) as exc:  # permission denied, name too long, NUL in the path
+            raise EngineError(f"cannot read engine file {str(path)[:200]!r}: {exc}") from exc
         if len(raw) < _HEADER.size:
             raise EngineError(f"{path}: not a moon3 engine (only {len(raw)} bytes, truncated?)")
         magic, version, n, digest = _HEADER.unpack_from(raw)
@@ -133,6 +146,7 @@ class EngineFile:
             raise EngineError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         data_start = _HEADER.size + n
         parts = {}
+        end = 0
         for entry in index:
             try:
                 name, off, size, sha = entry["name"], entry["offset"], entry["size"], entry["sha256"]
@@ -150,6 +164,11 @@ class EngineFile:
             if hashlib.sha256(blob).hexdigest() != sha:
                 raise EngineError(f"{path}: checksum mismatch in part {name!r}; the file was modified or corrupted")
             parts[name] = blob
+            end = max(end, off + size)
+        if data_start + end != len(raw):
+            raise EngineError(
+                f"{path}: {len(raw) - data_start - end} bytes after the last part; the file was modified or corrupted"
+            )
         _warn_if_newer(path, manifest)
         return cls(path=path, manifest=manifest, _parts=parts)
 

@@ -234,8 +234,24 @@ class TextTokenizer:
         self._tok.enable_truncation(self.max_length)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize texts -> (ids, mask), both (B, T) int64, T = longest item (>= 1)."""
-        encs = self._tok.encode_batch(list(texts))
+        """Tokenize texts -> (ids, mask), both (B, T) int64, T = longest item (>= 1).
+
+        Raises:
+            InvalidInputError: an item is not a str, or is not valid Unicode (a lone surrogate);
+                the message names its index.
+        """
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"text {i}: must be a str, got {type(t).__name__}")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidInputError(
+                    f"text {i}: not valid Unicode (lone surrogate at character {exc.start}); "
+                    "decode bytes with errors='replace'"
+                ) from None
+        encs = self._tok.encode_batch(texts)
         t = max((len(e.ids) for e in encs), default=1)
         ids = np.zeros((len(encs), t), np.int64)
         mask = np.zeros((len(encs), t), np.int64)
