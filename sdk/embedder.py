@@ -215,8 +215,10 @@ class Embedder:
         requested = [BACKENDS[n].provider for n in names]
 
         def load(part: str):
+            graph = engine.part(part)
+            _refuse_external_data(graph, self._path, part, ort.__version__)
             try:
-                return ort.InferenceSession(engine.part(part), opts, providers=requested)
+                return ort.InferenceSession(graph, opts, providers=requested)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
                 raise EngineError(
                     f"{self._path}: onnxruntime {ort.__version__} cannot load part {part!r}: {exc}"
@@ -706,6 +708,24 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         "layout": layout, "parts": parts, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
         "image": image, "text_tokenizer": toks[text_part, text_len], "trace_tokenizer": toks[trace_part, trace_len],
     }
+
+
+def _refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str) -> None:
+    """An engine is self-contained: a graph naming external data files (which ONNX Runtime would
+    read relative to the working directory) is refused before it is loaded."""
+    from sdk.onnxcheck import MalformedGraph, external_data_tensors
+
+    try:
+        external = external_data_tensors(graph)
+    except MalformedGraph as exc:
+        raise EngineError(
+            f"{where}: the runtime (onnxruntime {ort_version}) cannot load part {part!r}: not a valid ONNX graph ({exc})"
+        ) from None
+    if external:
+        raise EngineError(
+            f"{where}: part {part!r} keeps tensor data in external files ({', '.join(external[:5])}); "
+            "an engine must be self-contained"
+        )
 
 
 def _check_split_graphs(image, text, where: Path, size: int) -> None:

@@ -144,6 +144,11 @@ class EngineFile:
                 raise TypeError("parts is not a list")
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise EngineError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        if manifest.get("format_version", version) != version:
+            raise EngineError(
+                f"{path}: the manifest says format version {str(manifest['format_version'])[:20]}, the header "
+                f"{version}; the file was modified or corrupted"
+            )
         data_start = _HEADER.size + n
         parts = {}
         end = 0
