@@ -51,10 +51,10 @@ def load_image(src: Any, *, name: str = "image"):
     """Open an image from a path, bytes, a PIL image or an HWC uint8 array, as RGB PIL.
 
     Any format Pillow decodes is accepted (JPEG, PNG, WebP, GIF, TIFF, BMP, ...). The EXIF
-    orientation is applied; animated and multi-page files give their first frame (a PIL image
-    its current frame); transparency
-    (RGBA, LA, palette with a transparent colour) is composited on white; CMYK, grayscale,
-    16-bit and 32-bit int/float pixels are converted to 8-bit RGB (see `_wide_to_uint8`).
+    orientation is applied; animated and multi-page files give their first frame (a PIL image:
+    its current frame); transparency (RGBA, LA, palette with a transparent colour) is
+    composited on white; CMYK, grayscale, 16-bit and 32-bit int/float pixels become 8-bit RGB
+    (see `_wide_to_uint8`). The caller's PIL image or array is never changed.
 
     Args:
         src: the image.

@@ -18,12 +18,14 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large],
 )
 
-HANG_S = 240  # far above any test here; a hang dumps every thread's stack and ends the run
+HANG_S = 240  # far above any default test here; a hang dumps every thread's stack and ends the run
+HANG_SLOW_S = 3 * 3600  # tests marked slow (the 100k soak)
 
 
 @pytest.fixture(autouse=True)
-def hang_guard():
+def hang_guard(request):
     """A test that deadlocks or spins is killed with a traceback instead of stalling CI."""
-    faulthandler.dump_traceback_later(HANG_S, exit=True, file=sys.stderr)
+    limit = HANG_SLOW_S if request.node.get_closest_marker("slow") else HANG_S
+    faulthandler.dump_traceback_later(limit, exit=True, file=sys.stderr)
     yield
     faulthandler.cancel_dump_traceback_later()
