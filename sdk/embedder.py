@@ -503,8 +503,9 @@ class Embedder:
     def _run(
         self, items: _Items, dim: int | None, batch_size: int, *, fail_fast: bool, what: str = "item"
     ) -> Embeddings:
-        session = self._session
-        if session is None:
+        # One snapshot for the whole call, so a close() from another thread cannot mix layouts.
+        session, split = self._session, self._split
+        if session is None or (split is None and self._layout == "split"):
             raise SdkError(f"{self!r} is closed")
         dim = self._check_dim(dim)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -558,7 +559,7 @@ class Embedder:
             tids, tmask = _pad([tok[i][1] for i in chunk])  # (B, S)
             feed = dict(zip(INPUT_NAMES, (pix, ids, mask, tids, tmask, present)))
             try:
-                out = session.run([self._output], feed)[0] if self._split is None else self._split(feed)  # (B, D)
+                out = session.run([self._output], feed)[0] if split is None else split(feed)  # (B, D)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 shapes = {k: tuple(v.shape) for k, v in feed.items()}
                 raise EngineError(f"{self._path}: the embedder graph failed on inputs {shapes}: {exc}") from exc
@@ -678,6 +679,8 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         text, trace = pre["text"], pre["trace"]
         text_part, text_len = text["tokenizer"], int(text["max_length"])
         trace_part, trace_len = trace["tokenizer"], int(trace["max_length"])
+        if not isinstance(text_part, str) or not isinstance(trace_part, str):
+            raise TypeError(f"tokenizer part names must be strings, got {text_part!r}, {trace_part!r}"[:200])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(
             f"{where}: the manifest has no usable embedder section ({type(exc).__name__}: {exc})"

@@ -68,11 +68,18 @@ def same(a, b) -> bool:
     return a[1] == b[1] and a[2] == b[2] and np.array_equal(a[0], b[0], equal_nan=True)
 
 
-@pytest.fixture(scope="module")
-def emb(tiny_engine):
+LAYOUTS = ["single", "split"]  # one ONNX graph; image + text graphs with the NumPy/_C head
+
+
+def engine_path(request, layout):
+    return request.getfixturevalue("tiny_engine" if layout == "single" else "tiny_split_engine").path
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def emb(request):
     from sdk import Embedder
 
-    with Embedder(tiny_engine.path, threads=1) as e:
+    with Embedder(engine_path(request, request.param), threads=1) as e:
         yield e
 
 
@@ -159,13 +166,13 @@ def test_bounded_stress_run_has_no_deadlock(emb, reference):
     assert min(counts) >= 1, counts
 
 
-def test_close_while_others_embed(tiny_engine, reference):
+def test_close_while_others_embed(emb, reference):
     """Closing the shared embedder mid-flight: calls already running finish with correct
     vectors, later ones raise SdkError ("is closed"); nothing crashes or hangs."""
     from sdk import Embedder
 
     ws, want = reference
-    e = Embedder(tiny_engine.path, threads=1)
+    e = Embedder(emb.path, threads=1)
     outcomes: list[str] = []
     lock = threading.Lock()
 

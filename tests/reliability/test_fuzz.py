@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
-from fuzz_seeds import SEED_PARTS, examples, seed_engine, seed_images, seed_manifest
+from fuzz_seeds import examples, seed_engine, seed_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -291,18 +291,24 @@ def test_embedder_text_never_raises_per_item(emb, texts, traces):
 # ------------------------------------------------------------------ the embedder on forged manifests
 
 
-@settings(FUZZ, max_examples=examples(60))
+@pytest.fixture(scope="module")
+def engines(tiny_engine, tiny_split_engine):
+    return {"single": tiny_engine.path.read_bytes(), "split": tiny_split_engine.path.read_bytes()}
+
+
+@pytest.mark.parametrize("layout", ["single", "split"])
+@settings(FUZZ, max_examples=examples(40))
 @given(st.data())
-def test_embedder_on_forged_manifest_sections(tiny_engine, tmp_path_factory, data):
+def test_embedder_on_forged_manifest_sections(engines, tmp_path_factory, layout, data):
     """Edits of the embedder/preprocess contract (digest recomputed, parts intact): Embedder
     refuses with EngineError, or loads and embeds (or refuses an item) with SdkError only."""
     from sdk import Embedder
 
-    man, body_data = split(tiny_engine.path.read_bytes())
+    man, body_data = split(engines[layout])
     section = data.draw(st.sampled_from(["embedder", "preprocess"]))
     keys = sorted(man[section])
     key = data.draw(st.sampled_from(keys))
-    if section == "preprocess" and isinstance(man[section][key], dict) and data.draw(st.booleans()):
+    if isinstance(man[section][key], dict) and man[section][key] and data.draw(st.booleans()):
         sub = data.draw(st.sampled_from(sorted(man[section][key])))
         man[section][key][sub] = data.draw(JSON | st.integers(-3, 5000))
     else:

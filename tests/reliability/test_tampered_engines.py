@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import struct
 import sys
 
@@ -67,6 +68,19 @@ def test_a_flipped_byte_in_any_part_is_refused(raw, bad, part, where):
     bad.write_bytes(bytes(data))
     with pytest.raises(EngineError, match=rf"checksum mismatch in part '{part}'; the file was modified or corrupted"):
         load(bad)
+
+
+def test_a_flipped_byte_in_any_part_of_a_split_engine_is_refused(tiny_split_engine, bad):
+    """The split layout (image graph, text graph, NumPy head weights, tokenizer): same rule."""
+    raw = tiny_split_engine.path.read_bytes()
+    _, _, parts = layout(raw)
+    assert len(parts) >= 4
+    for part, (off, size) in parts.items():
+        data = bytearray(raw)
+        data[off + size // 2] ^= 0x01
+        bad.write_bytes(bytes(data))
+        with pytest.raises(EngineError, match=rf"checksum mismatch in part '{re.escape(part)}'"):
+            load(bad)
 
 
 @pytest.mark.parametrize(
@@ -310,7 +324,7 @@ def test_reading_never_executes_or_writes(tiny_engine, tmp_path, audit):
     load(tiny_engine.path).embed(texts=["red"])  # warm up: imports done before the hook is armed
     before = sorted(os.listdir(tmp_path))
     with audit as events:
-        for name, path in evil.items():
+        for path in evil.values():
             try:
                 load(path).embed(texts=["red"])
             except EngineError:
