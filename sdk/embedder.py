@@ -215,8 +215,10 @@ class Embedder:
         requested = [BACKENDS[n].provider for n in names]
 
         def load(part: str):
+            graph = engine.part(part)
+            _refuse_external_data(graph, self._path, part, ort.__version__)
             try:
-                return ort.InferenceSession(engine.part(part), opts, providers=requested)
+                return ort.InferenceSession(graph, opts, providers=requested)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
                 raise EngineError(
                     f"{self._path}: onnxruntime {ort.__version__} cannot load part {part!r}: {exc}"
@@ -480,6 +482,10 @@ class Embedder:
                 if value is not None and not isinstance(value, str):
                     problem = problem or f"{what} {i}: {label} must be a str or None, got {type(value).__name__}"
                     value = None
+                elif value is not None and (bad := _lone_surrogate(value)) is not None:
+                    problem = problem or (f"{what} {i}: {label} is not valid Unicode (lone surrogate at "
+                                          f"character {bad}); decode bytes with errors='replace'")
+                    value = None
                 norm.append(value if value is not None and value.strip() else None)
             text, trace = norm
             if problem is None and imgs[i] is None and text is None and trace is None:
@@ -497,8 +503,9 @@ class Embedder:
     def _run(
         self, items: _Items, dim: int | None, batch_size: int, *, fail_fast: bool, what: str = "item"
     ) -> Embeddings:
-        session = self._session
-        if session is None:
+        # One snapshot for the whole call, so a close() from another thread cannot mix layouts.
+        session, split = self._session, self._split
+        if session is None or (split is None and self._layout == "split"):
             raise SdkError(f"{self!r} is closed")
         dim = self._check_dim(dim)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -552,7 +559,7 @@ class Embedder:
             tids, tmask = _pad([tok[i][1] for i in chunk])  # (B, S)
             feed = dict(zip(INPUT_NAMES, (pix, ids, mask, tids, tmask, present)))
             try:
-                out = session.run([self._output], feed)[0] if self._split is None else self._split(feed)  # (B, D)
+                out = session.run([self._output], feed)[0] if split is None else split(feed)  # (B, D)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 shapes = {k: tuple(v.shape) for k, v in feed.items()}
                 raise EngineError(f"{self._path}: the embedder graph failed on inputs {shapes}: {exc}") from exc
@@ -610,6 +617,16 @@ def _backend_names(providers: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (text that cannot be UTF-8, e.g. bytes decoded with
+    errors="surrogateescape"), or None; the tokenizer refuses such text for the whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def _column(values: Any, name: str, allow_array: bool = False) -> list[Any] | None:
     """One input column -> a list, refusing a single item passed where a list belongs."""
     if values is None:
@@ -662,6 +679,8 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         text, trace = pre["text"], pre["trace"]
         text_part, text_len = text["tokenizer"], int(text["max_length"])
         trace_part, trace_len = trace["tokenizer"], int(trace["max_length"])
+        if not isinstance(text_part, str) or not isinstance(trace_part, str):
+            raise TypeError(f"tokenizer part names must be strings, got {text_part!r}, {trace_part!r}"[:200])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(
             f"{where}: the manifest has no usable embedder section ({type(exc).__name__}: {exc})"
@@ -692,6 +711,24 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         "layout": layout, "parts": parts, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
         "image": image, "text_tokenizer": toks[text_part, text_len], "trace_tokenizer": toks[trace_part, trace_len],
     }
+
+
+def _refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str) -> None:
+    """An engine is self-contained: a graph naming external data files (which ONNX Runtime would
+    read relative to the working directory) is refused before it is loaded."""
+    from sdk.onnxcheck import MalformedGraph, external_data_tensors
+
+    try:
+        external = external_data_tensors(graph)
+    except MalformedGraph as exc:
+        raise EngineError(
+            f"{where}: the runtime (onnxruntime {ort_version}) cannot load part {part!r}: not a valid ONNX graph ({exc})"
+        ) from None
+    if external:
+        raise EngineError(
+            f"{where}: part {part!r} keeps tensor data in external files ({', '.join(external[:5])}); "
+            "an engine must be self-contained"
+        )
 
 
 def _check_split_graphs(image, text, where: Path, size: int) -> None:

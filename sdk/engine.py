@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import struct
 import warnings
 from dataclasses import dataclass
@@ -36,13 +37,21 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, where: str = "") -> None:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name.split("/"):
-        raise EngineError(f"invalid part name {name!r}: use letters, digits, '_', '-', '.' and at most 3 '/'")
+        raise EngineError(f"{where}invalid part name {name!r}: use letters, digits, '_', '-', '.' and at most 3 '/'")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Mapping[str, bytes]) -> Path:
-    """Write an engine file atomically (a temporary file, then rename).
+    """Write an engine file atomically (a new temporary file beside it, then rename).
+
+    Nothing outside `path` is written: the temporary file is created exclusively (an existing file
+    or symlink of that name is never opened), and the rename replaces `path` itself, so a symlink
+    at `path` is replaced, not followed.
 
     Args:
         path: output file.
@@ -66,13 +75,18 @@ def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Ma
         body = json.dumps({**manifest, "parts": index}, sort_keys=True, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise EngineError(f"manifest is not JSON-serialisable: {exc}") from exc
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()))
-        f.write(body)
-        for data in parts.values():
-            f.write(bytes(data))
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()))
+            f.write(body)
+            for data in parts.values():
+                f.write(bytes(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -96,9 +110,12 @@ class EngineFile:
                 content, or a malformed manifest; the message says which.
         """
         path = Path(path)
-        if not path.is_file():
-            raise EngineError(f"engine file not found: {path}")
-        raw = path.read_bytes()
+        try:
+            if not path.is_file():
+                raise EngineError(f"engine file not found: {path}")
+            raw = path.read_bytes()
+        except (OSError, ValueError) as exc:  # permission denied, name too long, NUL in the path
+            raise EngineError(f"cannot read engine file {str(path)[:200]!r}: {exc}") from exc
         if len(raw) < _HEADER.size:
             raise EngineError(f"{path}: not a moon3 engine (only {len(raw)} bytes, truncated?)")
         magic, version, n, digest = _HEADER.unpack_from(raw)
@@ -115,20 +132,36 @@ class EngineFile:
         if hashlib.sha256(body).digest() != digest:
             raise EngineError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
         try:
-            manifest = json.loads(body.decode("utf-8"))
+            # Strict JSON: NaN/Infinity (which the writer never emits) are refused; nesting too
+            # deep for the parser is a RecursionError.
+            manifest = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+            if not isinstance(manifest, dict):
+                kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+                    type(manifest), "a number")
+                raise TypeError(f"the manifest is {kind}, not a JSON object")
             index = manifest["parts"]
             if not isinstance(index, list):
                 raise TypeError("parts is not a list")
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise EngineError(f"{path}: malformed manifest ({exc})") from exc
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise EngineError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        if manifest.get("format_version", version) != version:
+            raise EngineError(
+                f"{path}: the manifest says format version {str(manifest['format_version'])[:20]}, the header "
+                f"{version}; the file was modified or corrupted"
+            )
         data_start = _HEADER.size + n
         parts = {}
+        end = 0
         for entry in index:
             try:
-                name, off, size, sha = entry["name"], int(entry["offset"]), int(entry["size"]), str(entry["sha256"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise EngineError(f"{path}: malformed part entry {entry!r}") from exc
-            _check_name(name)
+                name, off, size, sha = entry["name"], entry["offset"], entry["size"], entry["sha256"]
+                if type(off) is not int or type(size) is not int or not isinstance(sha, str):
+                    raise TypeError("offset and size must be integers, sha256 a string")
+            except (KeyError, TypeError, IndexError) as exc:
+                raise EngineError(f"{path}: malformed part entry {str(entry)[:200]} ({exc})") from exc
+            _check_name(name, f"{path}: ")
+            if name in parts:
+                raise EngineError(f"{path}: part {name!r} is listed twice in the manifest")
             lo, hi = data_start + off, data_start + off + size
             if off < 0 or size < 0 or hi > len(raw):
                 raise EngineError(f"{path}: part {name!r} extends past the end of the file; the file is truncated")
@@ -136,6 +169,11 @@ class EngineFile:
             if hashlib.sha256(blob).hexdigest() != sha:
                 raise EngineError(f"{path}: checksum mismatch in part {name!r}; the file was modified or corrupted")
             parts[name] = blob
+            end = max(end, off + size)
+        if data_start + end != len(raw):
+            raise EngineError(
+                f"{path}: {len(raw) - data_start - end} bytes after the last part; the file was modified or corrupted"
+            )
         _warn_if_newer(path, manifest)
         return cls(path=path, manifest=manifest, _parts=parts)
 
@@ -156,7 +194,8 @@ class EngineFile:
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(m) for m in re.findall(r"\d+", str(v).split("+")[0])[:3])
+    # At most 9 digits per field: int() refuses very long digit strings (ValueError).
+    return tuple(int(m) for m in re.findall(r"\d{1,9}", str(v).split("+")[0])[:3])
 
 
 def _warn_if_newer(path: Path, manifest: dict) -> None:
@@ -167,7 +206,7 @@ def _warn_if_newer(path: Path, manifest: dict) -> None:
     built = versions.get("moon3-sdk") if isinstance(versions, dict) else None
     if built and _version_tuple(built) > _version_tuple(__version__):
         warnings.warn(
-            f"{path} was built by moon3-sdk {built}, newer than this {__version__}; "
+            f"{path} was built by moon3-sdk {str(built)[:40]}, newer than this {__version__}; "
             "upgrade moon3-sdk if anything looks wrong",
             UserWarning,
             stacklevel=3,

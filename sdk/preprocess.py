@@ -50,50 +50,86 @@ class ImagePreprocess:
 def load_image(src: Any, *, name: str = "image"):
     """Open an image from a path, bytes, a PIL image or an HWC uint8 array, as RGB PIL.
 
+    Any format Pillow decodes is accepted (JPEG, PNG, WebP, GIF, TIFF, BMP, ...). The EXIF
+    orientation is applied; animated and multi-page files give their first frame (a PIL image:
+    its current frame); transparency (RGBA, LA, palette with a transparent colour) is
+    composited on white; CMYK, grayscale, 16-bit and 32-bit int/float pixels become 8-bit RGB
+    (see `_wide_to_uint8`). The caller's PIL image or array is never changed.
+
+    Args:
+        src: the image.
+        name: how error messages name it (e.g. "item 3 image").
+
     Raises:
-        InvalidInputError: the source is missing, not an image, corrupt, or of an unusable shape.
+        InvalidInputError: the source is missing, not a regular file, empty, not an image,
+            corrupt or truncated, larger than `MAX_IMAGE_PIXELS`, or an array of unusable
+            shape/dtype; the message starts with `name` and says which.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if isinstance(src, Image.Image):
-        img = src
-    elif isinstance(src, np.ndarray):
+        return _to_rgb(src, name)
+    if isinstance(src, np.ndarray):
         return _array_to_pil(src, name)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
+    if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise InvalidInputError(f"{name}: empty bytes, expected an encoded image (JPEG/PNG/WebP)")
-        img = _open(io.BytesIO(bytes(src)), name)
-    elif isinstance(src, (str, os.PathLike)):
+        return _to_rgb(_open(io.BytesIO(bytes(src)), name), name)
+    if isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.is_file():
-            raise InvalidInputError(f"{name}: file not found: {path}")
-        if path.stat().st_size == 0:
-            raise InvalidInputError(f"{name}: file is empty (0 bytes): {path}")
-        img = _open(path, name)
-    else:
-        raise InvalidInputError(
-            f"{name}: unsupported image type {type(src).__name__}; "
-            "pass a path, bytes, a PIL image or an HWC uint8 array"
-        )
+        _check_file(path, name)
+        try:
+            f = path.open("rb")
+        except OSError as exc:
+            raise InvalidInputError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
+        # Our own handle, closed here: Pillow keeps the file of a multi-frame image (GIF, TIFF)
+        # open for seeking, which would leak one descriptor per image in a long job.
+        with f:
+            return _to_rgb(_open(f, name), name)
+    raise InvalidInputError(
+        f"{name}: unsupported image type {type(src).__name__}; "
+        "pass a path, bytes, a PIL image or an HWC uint8 array"
+    )
+
+
+def _to_rgb(img, name: str):
+    """A decoded PIL image of any mode -> a new RGB image (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
     try:
-        img = ImageOps.exif_transpose(img)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8))
+        img = ImageOps.exif_transpose(img)  # a copy: the caller's image is never changed
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            img = Image.fromarray(_wide_to_uint8(np.asarray(img, dtype=np.float64), img.mode))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             # Composite on white, as product photos are shown.
             rgba = img.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(canvas, rgba)
         img = img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInputError(f"{name}: could not decode image ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on malformed data
+        raise InvalidInputError(f"{name}: could not decode image ({type(exc).__name__}: {exc})") from exc
     if min(img.size) < 1:
         raise InvalidInputError(f"{name}: image has no pixels ({img.size[0]}x{img.size[1]})")
     return img
+
+
+def _check_file(path: Path, name: str) -> None:
+    """A readable, non-empty regular file, or an InvalidInputError saying what the path is instead."""
+    import stat
+
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidInputError(f"{name}: file not found: {path}") from None
+    except (OSError, ValueError) as exc:  # name too long, permission denied, NUL byte in the path
+        raise InvalidInputError(f"{name}: cannot access {str(path)[:200]!r} ({exc.__class__.__name__}: "
+                                f"{getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInputError(f"{name}: {path} is a directory, expected an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"{name}: {path} is not a regular file (device, pipe or socket)")
+    if st.st_size == 0:
+        raise InvalidInputError(f"{name}: file is empty (0 bytes): {path}")
 
 
 def _open(fp, name: str):
@@ -108,13 +144,30 @@ def _open(fp, name: str):
                 "downscale it before embedding"
             )
         img.load()
-    except Image.DecompressionBombError as exc:
+    except InvalidInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires in Image.open, before the size is known here; its warning is
+        # an exception where warnings are errors. Either way the image is over our limit.
         raise InvalidInputError(f"{name}: image too large (limit {MAX_IMAGE_PIXELS} pixels): {exc}") from exc
     except UnidentifiedImageError as exc:
         raise InvalidInputError(f"{name}: not a recognised image format") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInputError(f"{name}: corrupt or truncated image ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on malformed data
+        raise InvalidInputError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
     return img
+
+
+def _wide_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit int and 32-bit float pixels -> uint8.
+
+    16-bit modes map 0..65535 to 0..255. "I" and "F" carry no range, so they are read in the
+    smallest usual range that holds the brightest pixel: [0, 1], 0..255, 0..65535, else
+    0..brightest. Negative and non-finite pixels become 0.
+    """
+    arr = np.where(np.isfinite(arr), arr, 0.0)
+    top = float(arr.max(initial=0.0))
+    peak = 65535.0 if mode.startswith("I;16") else next((p for p in (1.0, 255.0, 65535.0) if top <= p), top)
+    return np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8)
 
 
 def _array_to_pil(arr: np.ndarray, name: str):
@@ -181,8 +234,24 @@ class TextTokenizer:
         self._tok.enable_truncation(self.max_length)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize texts -> (ids, mask), both (B, T) int64, T = longest item (>= 1)."""
-        encs = self._tok.encode_batch(list(texts))
+        """Tokenize texts -> (ids, mask), both (B, T) int64, T = longest item (>= 1).
+
+        Raises:
+            InvalidInputError: an item is not a str, or is not valid Unicode (a lone surrogate);
+                the message names its index.
+        """
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"text {i}: must be a str, got {type(t).__name__}")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidInputError(
+                    f"text {i}: not valid Unicode (lone surrogate at character {exc.start}); "
+                    "decode bytes with errors='replace'"
+                ) from None
+        encs = self._tok.encode_batch(texts)
         t = max((len(e.ids) for e in encs), default=1)
         ids = np.zeros((len(encs), t), np.int64)
         mask = np.zeros((len(encs), t), np.int64)

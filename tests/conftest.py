@@ -1,4 +1,5 @@
-"""A tiny embedder engine built in code (random weights, nothing downloaded), exported once per session.
+"""Fixtures shared by the test packages. `tiny_engine`: a tiny embedder engine built in code (random
+weights, nothing downloaded), exported once per session.
 
 The graph is as in tests/export/conftest.py: tiny BERT (vocab 100) + `PooledImageTower` + a tiny
 `FusionEmbedder` with its zero-initialised parameters moved off zero. The tokenizer is a
