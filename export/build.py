@@ -447,10 +447,11 @@ def _static_candidates(folded: Path, scopes: dict[str, str], tokenizer_path: Pat
     ranking = sensitivity_sweep(folded, groups, cal, tmp / "sweep", method=cfg.calib_method,
                                 cache=tmp / "text.calib.json", reduce=mean_tokens, log=log)
     out = []
-    for k in (0, 1, 2, 4, 8):
+    for k in sorted({0, 1, 2, 4, 8, 12, len(ranking)}):
         if k <= len(ranking):
             keep = [name for name, _ in ranking[:k]]
-            label = "all static" if not k else f"{k} most sensitive fp32 ({', '.join(keep)})"
+            label = ("all static" if not k else "text graph fp32" if k == len(ranking)
+                     else f"{k} most sensitive fp32 ({', '.join(keep)})")
             out.append((label, sorted(n for g in keep for n in groups[g])))
     return out
 
