@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <tuple>
 
 #include "fused.h"
 
@@ -37,11 +38,20 @@ constexpr float kNeg = -1e4f;     // the embedder's additive mask value
 constexpr float kL2Eps = 1e-12f;  // torch.nn.functional.normalize's default
 constexpr size_t kDefaultSmem = 48 * 1024;  // dynamic shared memory without an opt-in
 
-#define MOON3_TRY(expr)                           \
-    do {                                          \
-        const cudaError_t err_ = (expr);          \
-        if (err_ != cudaSuccess) return err_;     \
+// A failed CUDA runtime call also leaves its error as the thread's "last error", which the next
+// launch check (cudaGetLastError) would report again; the error is returned here, so clear it.
+inline cudaError_t reported(cudaError_t err) {
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    return err;
+}
+
+// Returns from the enclosing function with the error of `expr` (our own checks or a CUDA call).
+#define MOON3_TRY(expr)                                   \
+    do {                                                  \
+        const cudaError_t err_ = (expr);                  \
+        if (err_ != cudaSuccess) return err_;             \
     } while (0)
+#define MOON3_CUDA(expr) MOON3_TRY(reported(expr))
 
 // ---------------------------------------------------------------------------------------------
 // device helpers
@@ -241,14 +251,18 @@ bool non_null(const P*... p) {
 }
 
 // Launches kernel on `rows` blocks with `floats` floats of dynamic shared memory, opting in to
-// more than 48 KiB where a row needs it (cudaErrorInvalidValue beyond the device's limit).
+// more than 48 KiB where a row needs it (cudaErrorInvalidValue beyond the device's limit). The
+// arguments are converted to the kernel's exact parameter types for cudaLaunchKernel's array.
 template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), int64_t rows, int64_t floats, cudaStream_t stream, A... args) {
+    static_assert(sizeof...(P) == sizeof...(A), "one argument per kernel parameter");
     const size_t smem = static_cast<size_t>(floats) * sizeof(float);
     if (smem > kDefaultSmem)
-        MOON3_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(args...);
-    return cudaGetLastError();
+        MOON3_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    std::tuple<P...> params(args...);
+    void* argv[sizeof...(P)];
+    std::apply([&argv](auto&... p) { size_t i = 0; ((argv[i++] = &p), ...); }, params);
+    return reported(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), argv, smem, stream));
 }
 
 cudaError_t check_fusion_epilogue(int64_t B, int64_t M, int64_t d) {
@@ -339,14 +353,14 @@ class DeviceBuffer {
     template <typename T>
     cudaError_t alloc(int64_t count, const T* src = nullptr) {
         const size_t bytes = static_cast<size_t>(count) * sizeof(T);
-        MOON3_TRY(cudaMalloc(&p_, bytes));
-        return src ? cudaMemcpy(p_, src, bytes, cudaMemcpyHostToDevice) : cudaSuccess;
+        MOON3_CUDA(cudaMalloc(&p_, bytes));
+        return src ? reported(cudaMemcpy(p_, src, bytes, cudaMemcpyHostToDevice)) : cudaSuccess;
     }
 
     template <typename T>
     cudaError_t copy_to(T* dst, int64_t count) const {
         // cudaMemcpy waits for the kernel queued before it on the legacy default stream.
-        return cudaMemcpy(dst, p_, static_cast<size_t>(count) * sizeof(T), cudaMemcpyDeviceToHost);
+        return reported(cudaMemcpy(dst, p_, static_cast<size_t>(count) * sizeof(T), cudaMemcpyDeviceToHost));
     }
 
     template <typename T>
@@ -466,7 +480,7 @@ int moon3_cuda_abi_version(void) { return MOON3_CUDA_ABI_VERSION; }
 
 int moon3_cuda_device_count(int* count) {
     if (!count) return cudaErrorInvalidValue;
-    const cudaError_t err = cudaGetDeviceCount(count);
+    const cudaError_t err = reported(cudaGetDeviceCount(count));
     if (err != cudaSuccess) *count = 0;
     return err;
 }
