@@ -257,6 +257,7 @@ template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), int64_t rows, int64_t floats, cudaStream_t stream, A... args) {
     static_assert(sizeof...(P) == sizeof...(A), "one argument per kernel parameter");
     const size_t smem = static_cast<size_t>(floats) * sizeof(float);
+    if (smem > static_cast<size_t>(INT_MAX)) return cudaErrorInvalidValue;  // far beyond any GPU's
     if (smem > kDefaultSmem)
         MOON3_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     std::tuple<P...> params(args...);
@@ -332,7 +333,8 @@ cudaError_t l2_normalize(const T* x, int64_t B, int64_t D, int64_t dim, T* y, cu
     // In place only when the rows keep their places: with dim < D, block r would write into rows
     // that other blocks may not have read yet.
     const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
-    const auto xe = xb + static_cast<uintptr_t>(B * D) * sizeof(T), ye = yb + static_cast<uintptr_t>(B * dim) * sizeof(T);
+    const auto xe = xb + static_cast<uintptr_t>(B * D) * sizeof(T);
+    const auto ye = yb + static_cast<uintptr_t>(B * dim) * sizeof(T);
     if (yb == xb ? dim != D : (yb < xe && xb < ye)) return cudaErrorInvalidValue;
     return launch(l2_normalize_kernel<T>, B, kWarps, stream, x, static_cast<int>(D), static_cast<int>(dim), y);
 }

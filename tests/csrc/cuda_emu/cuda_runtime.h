@@ -69,7 +69,9 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaErrorInvalidValue ? "invalid argument" : "error"; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+    return e == cudaErrorInvalidValue ? "invalid argument" : "error";
+}
 inline cudaError_t cudaGetDeviceCount(int* n) {
     *n = 1;
     return cudaSuccess;
