@@ -40,9 +40,9 @@ ABI = ["moon3_cuda_abi_version", "moon3_cuda_device_count", "moon3_cuda_error_st
 ]
 
 
-def build(out: Path, arch: str) -> Path:
-    """scripts/build_cuda.sh for one architecture, with every warning an error."""
-    env = {**os.environ, "MOON3_NVCC_FLAGS": "-Werror all-warnings -Xcompiler -Werror"}
+def build(out: Path, arch: str, strict: bool = True) -> Path:
+    """scripts/build_cuda.sh for one architecture; strict: every warning an error."""
+    env = {**os.environ, "MOON3_NVCC_FLAGS": "-Werror all-warnings -Xcompiler -Werror" if strict else ""}
     if NVCC:
         env["NVCC"] = NVCC
     result = subprocess.run(["bash", str(ROOT / "scripts/build_cuda.sh"), "--arch", arch, "--out", str(out)],
@@ -396,7 +396,8 @@ def gpu(tmp_path_factory):
         pytest.skip(f"needs a CUDA device: {why}")
     path = None
     if NVCC and not os.environ.get("MOON3_CUDA_OPS"):
-        path = build(tmp_path_factory.mktemp("cuda") / "_cuda_ops.so", "native")
+        # not strict: an older GPU may draw a deprecation warning; the compile check is strict
+        path = build(tmp_path_factory.mktemp("cuda") / "_cuda_ops.so", "native", strict=False)
     ops = cuda_ops.load(path)
     if ops is None:
         if NVCC is None and "does not exist" in cuda_ops.reason():
