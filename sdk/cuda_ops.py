@@ -105,9 +105,13 @@ def load(path: str | os.PathLike[str] | None = None) -> "CudaOps | None":
     except OSError as exc:
         _last_reason = f"{lib_path} could not be loaded: {exc}"
         return None
-    lib.moon3_cuda_error_string.restype = ctypes.c_char_p
-    lib.moon3_cuda_error_string.argtypes = [ctypes.c_int]
-    abi = lib.moon3_cuda_abi_version()
+    try:
+        lib.moon3_cuda_error_string.restype = ctypes.c_char_p
+        lib.moon3_cuda_error_string.argtypes = [ctypes.c_int]
+        abi = lib.moon3_cuda_abi_version()
+    except AttributeError:
+        _last_reason = f"{lib_path} is not a moon3 CUDA ops library (no moon3_cuda_* functions)"
+        return None
     if abi != ABI_VERSION:
         _last_reason = f"{lib_path} has C ABI version {abi}, this sdk needs {ABI_VERSION}; rebuild it"
         return None

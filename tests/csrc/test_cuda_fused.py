@@ -190,6 +190,12 @@ def test_loader_without_library(tmp_path):
     assert "could not be loaded" in cuda_ops.reason()
 
 
+def test_loader_refuses_another_shared_object():
+    other = pytest.importorskip("sdk._C").__file__  # a shared object without the C ABI
+    assert cuda_ops.load(other) is None
+    assert "is not a moon3 CUDA ops library" in cuda_ops.reason()
+
+
 def test_cuda_ops_does_not_import_torch():
     code = "import sys, sdk.cuda_ops as c; c.load(); c.cuda_device_count(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
