@@ -33,6 +33,9 @@ from sdk.ops import l2_normalize_ref
 ROOT = Path(__file__).resolve().parents[2]
 NVCC = os.environ.get("NVCC") or shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)")
+# A wheel's test run (cibuildwheel copies only tests/csrc) has no csrc/ or scripts/ to build from.
+HAVE_SOURCES = (ROOT / "csrc/cuda/fused.cu").is_file() and (ROOT / "scripts/build_cuda.sh").is_file()
+needs_sources = pytest.mark.skipif(not HAVE_SOURCES, reason="needs a source checkout (csrc/cuda, scripts/)")
 INVALID_VALUE = 1  # cudaErrorInvalidValue
 OPS = ("fusion_epilogue", "fire_residual", "project_normalize", "l2_normalize")
 ABI = ["moon3_cuda_abi_version", "moon3_cuda_device_count", "moon3_cuda_error_string"] + [
@@ -99,6 +102,8 @@ def library(tmp_path_factory):
     """The kernels compiled for sm_80 only (the full build's arch list takes ~5x longer)."""
     if NVCC is None:
         pytest.skip("nvcc not found (CUDA toolkit not installed)")
+    if not HAVE_SOURCES:
+        pytest.skip("needs a source checkout (csrc/cuda, scripts/)")
     return build(tmp_path_factory.mktemp("cuda") / "_cuda_ops.so", "80")
 
 
@@ -173,6 +178,7 @@ def test_abi_empty_batch_is_a_no_op(lib):
     assert lib.moon3_cuda_error_string(INVALID_VALUE) == b"invalid argument"
 
 
+@needs_sources
 def test_build_script_without_nvcc():
     script = str(ROOT / "scripts/build_cuda.sh")
     env = {**os.environ, "NVCC": "/nonexistent/nvcc"}
@@ -401,7 +407,7 @@ def gpu(tmp_path_factory):
     if count == 0:
         pytest.skip(f"needs a CUDA device: {why}")
     path = None
-    if NVCC and not os.environ.get("MOON3_CUDA_OPS"):
+    if NVCC and HAVE_SOURCES and not os.environ.get("MOON3_CUDA_OPS"):
         # not strict: an older GPU may draw a deprecation warning; the compile check is strict
         path = build(tmp_path_factory.mktemp("cuda") / "_cuda_ops.so", "native", strict=False)
     ops = cuda_ops.load(path)
@@ -469,6 +475,8 @@ def emulated(tmp_path_factory):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler (g++ or clang++) to build the emulation")
+    if not HAVE_SOURCES:
+        pytest.skip("needs a source checkout (csrc/cuda)")
     out = tmp_path_factory.mktemp("cuda_emu") / "fused_emu.so"
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
            "-I", str(ROOT / "tests/csrc/cuda_emu"), "-x", "c++", str(ROOT / "csrc/cuda/fused.cu"), "-o", str(out)]
