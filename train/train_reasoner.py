@@ -153,7 +153,8 @@ def evaluate(model, tok, records, deep_rows, features, limit: int, max_new_token
     return res
 
 
-def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: ReasonerConfig, log=print) -> dict:
+def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: ReasonerConfig, log=print,
+          init: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
@@ -166,8 +167,16 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     tr = [r for r in records if not is_validation(r["id"])]
     va = [r for r in records if is_validation(r["id"])]
     log(f"catalog: {len(tr)} train / {len(va)} validation products; {len(deep_rows)} with photo features")
-    tok = train_tokenizer(tokenizer_corpus(tr), mcfg.vocab_size)
-    model = Reasoner(mcfg)
+    if init is not None:  # continue from saved weights (their tokenizer and architecture)
+        from sdk.train.reasoner import load_reasoner
+
+        model, tok = load_reasoner(init)
+        model.train()
+        mcfg = model.cfg
+        log(f"continuing from {init}")
+    else:
+        tok = train_tokenizer(tokenizer_corpus(tr), mcfg.vocab_size)
+        model = Reasoner(mcfg)
     log(f"reasoner: {n_params(model) / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d={mcfg.d_model}, vocab {mcfg.vocab_size}")
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
@@ -222,6 +231,9 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
                    train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate)) for layer in model.layers])
     save_reasoner(model, tok, out, metrics)
     (out / "reasoner_report.json").write_text(json.dumps(metrics, indent=2))
+    if init is not None:
+        prev = json.loads((Path(init) / "reasoner_report.json").read_text()) if (Path(init) / "reasoner_report.json").is_file() else {}
+        metrics["continued_from"] = {"train_config": prev.get("train_config"), "train_seconds": prev.get("train_seconds")}
     (out / "MODEL_CARD.md").write_text(model_card(metrics, mcfg))
     log(f"saved {out} ({train_s / 60:.1f} min training)")
     return metrics
@@ -287,6 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--catalog", required=True, type=Path)
     ap.add_argument("--features", required=True, type=Path, help="folder written by sdk.train.features")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--init", type=Path, default=None, help="continue training from this saved reasoner")
     for f, v in asdict(TrainConfig()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     for f in ("d_model", "n_layers", "vocab_size"):
@@ -294,7 +307,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(TrainConfig())})
     mcfg = ReasonerConfig(d_model=a.d_model, n_layers=a.n_layers, vocab_size=a.vocab_size)
-    train(a.catalog, a.features, a.out, cfg, mcfg)
+    train(a.catalog, a.features, a.out, cfg, mcfg, init=a.init)
     return 0
 
 
