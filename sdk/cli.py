@@ -1,8 +1,10 @@
-"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | search` (also `python -m sdk`).
+"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | search | bench`
+(also `python -m sdk`).
 
 `build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); `embed-catalog` needs
 pyarrow, and Ray for `--runner ray` (`pip install 'moon3-sdk[ray]'`); the other commands need only
-the runtime (numpy + onnxruntime), never torch.
+the runtime (numpy + onnxruntime), never torch. `bench` times an engine through the runtime alone
+(`sdk.bench`); the suite against the PyTorch teacher and peer libraries is `benchmarks/run.sh`.
 """
 
 from __future__ import annotations
@@ -229,6 +231,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sdk.bench import DEFAULT_SAMPLES, run_bench
+
+    samples = args.samples if args.samples else (DEFAULT_SAMPLES if (DEFAULT_SAMPLES / "items.jsonl").is_file() else None)
+    report = run_bench(
+        args.engine,
+        modalities=args.modality or ("image+text", "text", "image"),
+        batches=args.batch or (1, 8, 32),
+        rounds=args.rounds,
+        warmup=args.warmup,
+        providers=args.providers,
+        threads=args.threads,
+        samples=samples,
+        cold_start=not args.no_cold_start,
+        log=lambda line: print(line, flush=True),
+    )
+    print(f"{report['engine']}: {report['precision']} on {report['backend']}, inputs {report['inputs']}, "
+          f"{report['rounds']} rounds after {report['warmup']} warm-up calls")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _gate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-cosine-mean", type=float, default=0.995)
     p.add_argument("--min-cosine-min", type=float, default=0.97)
@@ -327,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=5)
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(func=_cmd_search)
+
+    n = sub.add_parser("bench", help="latency p50/p99, throughput, cold start and peak RSS of an engine (runtime only)")
+    n.add_argument("engine")
+    n.add_argument("--modality", action="append", choices=("image+text", "text", "image"),
+                   help="repeatable (default: all three)")
+    n.add_argument("--batch", action="append", type=int, help="batch size, repeatable (default: 1, 8, 32)")
+    n.add_argument("--rounds", type=int, default=20, help="timed calls per case (default 20)")
+    n.add_argument("--warmup", type=int, default=2)
+    n.add_argument("--providers", nargs="+", default=["cpu"], help="backends in order of preference (cpu, cuda, tensorrt)")
+    n.add_argument("--threads", type=int, default=None)
+    n.add_argument("--samples", default=None, help="folder with items.jsonl + photos (default: data/samples of a "
+                   "source checkout, else synthetic inputs)")
+    n.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start / RSS probes")
+    n.add_argument("--json", default=None, help="write the full report (JSON) here")
+    n.set_defaults(func=_cmd_bench)
     return ap
 
 

@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmark suites (imported by conftest.py and the test files).
+
+Every benchmark stores in `extra_info`: what ran (runner, kind, precision, backend, modality,
+batch), p50/p99 of its rounds (ms), items/s at the median, and the fidelity of the vectors it
+timed (cosine to the FP32 reference), which it also asserts. `benchmarks/report.py` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+CACHE = ROOT / ".cache" / "bench"
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # every runner gets the same number of threads
+BATCHES = (1, 8, 32)
+MODALITIES = ("image+text", "text", "image")
+
+
+def engine_from_env(var: str) -> Path:
+    """The engine named by an environment variable, or a skip saying how to get one."""
+    value = os.environ.get(var)
+    if not value:
+        pytest.skip(f"{var} is not set: build an engine (`moon3 build`) and pass {var}=path/to/moon3.engine")
+    path = Path(value)
+    if not path.is_file():
+        pytest.skip(f"{var}={value}: no such engine file")
+    return path
+
+
+def modality_call(modality: str, products: list[tuple[Path, str]], n: int) -> dict:
+    imgs = [p for p, _ in products[:n]]
+    texts = [t for _, t in products[:n]]
+    return {"image+text": {"images": imgs, "texts": texts}, "text": {"texts": texts}, "image": {"images": imgs}}[modality]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (N, D) arrays."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def record(benchmark, items: int, **info) -> None:
+    """p50/p99 (ms) of the rounds and items/s at the median into extra_info, with `info`."""
+    benchmark.extra_info.update(info, items=items)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return
+    data = np.asarray(stats.stats.data, np.float64)  # seconds per call, one per round
+    median = float(np.median(data))
+    benchmark.extra_info.update(
+        p50_ms=median * 1e3,
+        p99_ms=float(np.percentile(data, 99, method="inverted_cdf")) * 1e3,  # nearest rank: the max below 100 rounds
+        items_per_s=items / median,
+    )
+
+
+def check_fidelity(benchmark, got: np.ndarray, want: np.ndarray, min_mean: float = 0.99, min_min: float = 0.98,
+                   against: str = "FP32 reference") -> None:
+    """Assert the timed vectors are the right ones (cosine to the reference) and record it."""
+    cos = cosine_rows(got, want)
+    benchmark.extra_info.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), cosine_vs=against)
+    assert cos.mean() >= min_mean and cos.min() >= min_min, (
+        f"timed vectors differ from the {against}: cosine mean {cos.mean():.5f} (>= {min_mean}), "
+        f"min {cos.min():.5f} (>= {min_min})"
+    )

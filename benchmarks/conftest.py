@@ -1,0 +1,70 @@
+"""Fixtures of the benchmark suites: real sample inputs and the FP32 teacher's vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bench_common import BATCHES, CACHE, MODALITIES, ROOT, SAMPLES, THREADS, modality_call
+
+
+def pytest_collection_modifyitems(items):
+    # Peer libraries warn about their own deprecations; a benchmark is not the place to fail on them
+    # (the project's tests keep filterwarnings=error).
+    for item in items:
+        item.add_marker(pytest.mark.filterwarnings("default"))
+
+
+@pytest.fixture(scope="session")
+def products() -> list[tuple[Path, str]]:
+    """(photo, title) of the sample products that have a photo, in file order."""
+    items = [json.loads(x) for x in (SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [(SAMPLES / it["image"], it["title"]) for it in items if it["image"]]
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The FP32 PyTorch teacher (eager), or a skip when the toolchain is not installed."""
+    pytest.importorskip("torch", reason="the FP32 teacher needs moon3-sdk[export]")
+    import torch
+
+    torch.set_num_threads(THREADS)
+    try:
+        from sdk.train.reference import ReferenceEmbedder
+
+        return ReferenceEmbedder()
+    except Exception as exc:  # noqa: BLE001 - a missing tower package is a skip, not a failure
+        pytest.skip(f"the FP32 teacher cannot be loaded here ({type(exc).__name__}: {exc})")
+
+
+@pytest.fixture(scope="session")
+def teacher_vectors(request, products):
+    """FP32 teacher vectors: modality -> (32, 256) for the first 32 sample products, and
+    "titles" -> (N, 256) for every product's title alone (the text-only throughput workload).
+
+    Computed with the teacher where it loads and cached in .cache/bench/teacher_vectors.npz, so a
+    venv without the toolchain (benchmarks/peers-venv) checks the engine against the same vectors.
+    """
+    n = max(BATCHES)
+    key = json.dumps([[str(p.relative_to(ROOT)), t] for p, t in products])
+    path = CACHE / "teacher_vectors.npz"
+    if path.is_file():
+        z = np.load(path)
+        if str(z["key"]) == key:
+            return {k: z[k] for k in (*MODALITIES, "titles")}
+    ref = request.getfixturevalue("teacher")
+    out = {m: ref.embed(**modality_call(m, products, n), batch_size=n) for m in MODALITIES}
+    out["titles"] = ref.embed(texts=[t for _, t in products], batch_size=n)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, key=np.array(key), **out)
+    return out
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # A shared machine's load explains a noisy run: keep it with the results.
+    import os
+
+    machine_info["loadavg_at_start"] = list(os.getloadavg())
+    machine_info["bench_threads"] = THREADS

@@ -1,0 +1,88 @@
+"""Where an engine's time goes: ONNX Runtime's profiler over `sdk.Embedder.embed` calls, summed
+by operator type, next to the time spent outside the graph (photo decode, tokenization).
+
+    .venv/bin/python benchmarks/profile_engine.py moon3.engine --modality text --batch 1 --batch 32
+
+Times are with the profiler on (a few % slower than without). Operator families: Conv (+ its Clip/Mul/Add activations) is the image tower; MatMulInteger,
+DynamicQuantizeLinear, MatMul, LayerNormalization, Erf, Softmax are the text towers (title and
+trace: MiniLM runs once for each) and the fusion model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def profile(engine: str, modality: str, batch: int, rounds: int, threads: int) -> dict:
+    import onnxruntime as ort
+    from bench_common import SAMPLES  # the same inputs as the suites
+    from sdk.bench import load_inputs, make_call
+    from sdk.embedder import Embedder
+    from sdk.engine import EngineFile
+
+    emb = Embedder(engine, threads=threads)
+    images, titles, _ = load_inputs(SAMPLES, batch)
+    call = make_call(modality, images, titles)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(ROOT / ".cache" / "bench" / "ort_profile")
+    (ROOT / ".cache" / "bench").mkdir(parents=True, exist_ok=True)
+    sess = ort.InferenceSession(EngineFile.read(engine).part("embedder.onnx"), so, providers=["CPUExecutionProvider"])
+    emb._session = sess  # a profiling session of the same graph (diagnostics only)
+    for _ in range(2):
+        emb.embed(**call, batch_size=batch)
+    t0 = time.perf_counter()
+    for _ in range(rounds):  # the same calls the profile covers: graph time and wall time agree
+        emb.embed(**call, batch_size=batch)
+    total = (time.perf_counter() - t0) / rounds
+    prof = Path(sess.end_profiling())
+    trace = json.loads(prof.read_text())
+    prof.unlink()
+    runs = [e for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"]
+    runs = runs[-rounds:]  # one graph run per call (all items fit one batch); the warm-up runs are dropped
+    run_us = sum(e["dur"] for e in runs) / max(1, len(runs))
+    by_op: collections.Counter = collections.Counter()
+    start = runs[0]["ts"] if runs else 0
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            by_op[e["args"]["op_name"]] += e["dur"]
+    n = max(1, len(runs))
+    ops_ms = {op: us / n / 1e3 for op, us in by_op.most_common()}
+    return {"modality": modality, "batch": batch, "embed_ms": total * 1e3, "graph_ms": run_us / 1e3,
+            "outside_graph_ms": total * 1e3 - run_us / 1e3, "ops_ms": ops_ms}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("engine")
+    ap.add_argument("--modality", action="append", choices=("image+text", "text", "image"))
+    ap.add_argument("--batch", action="append", type=int)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    out = []
+    for m in args.modality or ["text"]:
+        for b in args.batch or [1, 32]:
+            r = profile(args.engine, m, b, args.rounds, args.threads)
+            out.append(r)
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(r["ops_ms"].items())[:8])
+            print(f"{m:10s} batch {b:3d}: embed {r['embed_ms']:.1f} ms = graph {r['graph_ms']:.1f} ms + outside "
+                  f"{r['outside_graph_ms']:.1f} ms; graph by op (ms): {top}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Benchmark report: pytest-benchmark JSON files -> results.json, results.md and PNG plots.
+
+    python benchmarks/report.py benchmarks/results/embedder.json benchmarks/results/peers.json \
+        --out benchmarks/results
+
+Reads the `extra_info` the suites record (runner, kind, precision, modality, batch, p50/p99,
+items/s, cosine to the FP32 reference, cold start, peak RSS). Every ratio is taken between two
+benchmarks of the same JSON file, i.e. of the same run: absolute times on a shared machine drift
+from run to run, ratios much less. Writes:
+  * results.json: every row, the ratios and the targets, with the machine and commit of each run;
+  * results.md: the tables (embedder vs teacher, text-only vs peers, cold start, targets);
+  * latency_vs_batch.png: p50 (and p99) latency against batch size, per modality and runner;
+  * fidelity_vs_speed.png: cosine to the FP32 reference against latency / throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+TEACHER = "torch eager fp32 (teacher)"
+OURS_TEXT = "moon3 int8"
+ST_QUINT8 = "sentence-transformers onnx quint8"
+FASTEMBED = "fastembed onnx"
+
+# (what, target, how to read it) - the speed goals of the embedder
+TARGETS = {
+    "int8_vs_teacher_b1": ("INT8 engine latency / FP32 teacher (torch eager), batch 1", 0.15, "<="),
+    "text_vs_st_quint8": ("text-only throughput / sentence-transformers ONNX quint8", 1.5, ">="),
+    "text_vs_fastembed": ("text-only throughput / fastembed", 4.0, ">="),
+    "cold_start": ("cold start: import sdk -> engine loaded -> first vector (s)", 1.0, "<="),
+}
+
+
+def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """pytest-benchmark JSON files -> (one row per benchmark that has a runner, per-run metadata)."""
+    rows, meta = [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "benchmarks" not in data:
+            raise ValueError(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' key)")
+        src = Path(path).stem
+        mi = data.get("machine_info", {})
+        meta[src] = {
+            "datetime": data.get("datetime"),
+            "cpu": (mi.get("cpu") or {}).get("brand_raw"),
+            "cpu_count": (mi.get("cpu") or {}).get("count"),
+            "python": mi.get("python_version"),
+            "commit": (data.get("commit_info") or {}).get("id"),
+        }
+        for b in data["benchmarks"]:
+            info = dict(b.get("extra_info") or {})
+            if "runner" not in info:
+                continue
+            st = b.get("stats") or {}
+            row = {"source": src, "name": b.get("name"), "group": b.get("group"), "rounds": st.get("rounds"), **info}
+            if "p50_ms" not in row and st.get("median") is not None:
+                row["p50_ms"] = st["median"] * 1e3
+                row["items_per_s"] = row.get("items", 1) / st["median"]
+            rows.append(row)
+    return rows, meta
+
+
+def _find(rows, **want) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in want.items()):
+            return r
+    return None
+
+
+def _workload(r) -> str:
+    return r.get("workload", "latency")
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The speed goals, each measured within one run (one JSON file)."""
+    out = []
+    for src in sorted({r["source"] for r in rows}):
+        rs = [r for r in rows if r["source"] == src]
+        for modality in ("image+text", "text", "image"):
+            ours = _find(rs, kind="engine", runner="moon3 int8 (cpu)", modality=modality, batch=1)
+            ref = _find(rs, kind="teacher", modality=modality, batch=1)
+            if ours and ref:
+                out.append(_target("int8_vs_teacher_b1", ours["p50_ms"] / ref["p50_ms"], src,
+                                   f"{modality}: {ours['p50_ms']:.1f} ms vs {ref['p50_ms']:.1f} ms"))
+        ours = _find(rs, kind="text-peer", runner=OURS_TEXT, workload="throughput")
+        for peer, key in ((ST_QUINT8, "text_vs_st_quint8"), (FASTEMBED, "text_vs_fastembed")):
+            p = _find(rs, kind="text-peer", runner=peer, workload="throughput")
+            if ours and p:
+                out.append(_target(key, ours["items_per_s"] / p["items_per_s"], src,
+                                   f"{ours['items_per_s']:.0f} vs {p['items_per_s']:.0f} titles/s"))
+        for r in rs:
+            if r.get("kind") == "cold-start" and r.get("modality") == "text" and r.get("batch") == 1:
+                out.append(_target("cold_start", r["cold_start_s"], src,
+                                   f"{r['precision']}: import {r['import_s']:.2f} + load {r['load_s']:.2f} + first "
+                                   f"vector {r['first_embed_s']:.3f} s; whole process {r['process_s']:.2f} s"))
+    return out
+
+
+def _target(key: str, value: float, src: str, detail: str) -> dict:
+    what, goal, op = TARGETS[key]
+    met = value <= goal if op == "<=" else value >= goal
+    return {"target": key, "what": what, "measured": value, "goal": f"{op} {goal}", "met": met, "run": src,
+            "detail": detail}
+
+
+def _ms(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
+    lines = ["# Benchmark results", ""]
+    for src, m in meta.items():
+        lines.append(f"- run `{src}`: {m['datetime']}, {m['cpu']} ({m['cpu_count']} CPUs), Python {m['python']}, "
+                     f"commit {str(m['commit'])[:10]}")
+    lines.append("")
+
+    eng = [r for r in rows if r.get("kind") in ("engine", "teacher")]
+    if eng:
+        lines += ["## Embedder on sample products (p50 / p99 ms; photo decode + preprocessing included)", "",
+                  "| modality | batch | moon3 int8 | moon3 fp32 | torch eager teacher | int8 speed-up | int8 items/s "
+                  "| int8 cosine vs teacher (mean / min) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for modality in ("image+text", "text", "image"):
+            for batch in sorted({r["batch"] for r in eng if r["modality"] == modality}):
+                i8 = _find(eng, runner="moon3 int8 (cpu)", modality=modality, batch=batch)
+                f32 = _find(eng, runner="moon3 fp32 (cpu)", modality=modality, batch=batch)
+                t = _find(eng, kind="teacher", modality=modality, batch=batch)
+                cell = lambda r: f"{_ms(r['p50_ms'])} / {_ms(r['p99_ms'])}" if r else "-"  # noqa: E731
+                sp = f"{t['p50_ms'] / i8['p50_ms']:.1f}x" if (i8 and t and i8["source"] == t["source"]) else "-"
+                cos = f"{i8['cosine_mean']:.4f} / {i8['cosine_min']:.4f}" if i8 and "cosine_mean" in i8 else "-"
+                ips = f"{i8['items_per_s']:.0f}" if i8 else "-"
+                lines.append(f"| {modality} | {batch} | {cell(i8)} | {cell(f32)} | {cell(t)} | {sp} | {ips} | {cos} |")
+        lines.append("")
+
+    peers = [r for r in rows if r.get("kind") == "text-peer"]
+    for src in sorted({r["source"] for r in peers}):
+        ps = [r for r in peers if r["source"] == src]
+        runners = list(dict.fromkeys(r["runner"] for r in ps))
+        batches = sorted({r["batch"] for r in ps if _workload(r) == "latency"})
+        thr = {r["runner"]: r for r in ps if _workload(r) == "throughput"}
+        ours = thr.get(OURS_TEXT)
+        n = next(iter(thr.values()))["items"] if thr else 0
+        lines += [f"## Text-only, all-MiniLM-L6-v2 tower, same titles, run `{src}`", "",
+                  "| runner | precision | " + " | ".join(f"p50 ms, batch {b}" for b in batches)
+                  + f" | titles/s ({n} titles, batches of 32) | moon3 ÷ runner | cosine vs FP32 ref (mean / min) |",
+                  "|---|---|" + "---|" * len(batches) + "---|---|---|"]
+        for name in runners:
+            lat = {r["batch"]: r for r in ps if r["runner"] == name and _workload(r) == "latency"}
+            cells = [_ms(lat[b]["p50_ms"]) if b in lat else "-" for b in batches]
+            t = thr.get(name)
+            any_r = t or next(iter(lat.values()), {})
+            ratio = f"{ours['items_per_s'] / t['items_per_s']:.2f}x" if (ours and t) else "-"
+            cos = f"{any_r['cosine_mean']:.4f} / {any_r['cosine_min']:.4f}" if "cosine_mean" in any_r else "-"
+            tput = f"{t['items_per_s']:.0f}" if t else "-"
+            lines.append(f"| {name} | {any_r.get('precision', '-')} | {' | '.join(cells)} | {tput} | {ratio} | {cos} |")
+        lines += ["", "moon3 embeds into its 256-d product space (cosine vs the FP32 teacher); the peers into "
+                  "MiniLM's 384-d space (cosine vs transformers FP32 + mean pooling).", ""]
+
+    cold = [r for r in rows if r.get("kind") == "cold-start"]
+    if cold:
+        lines += ["## Cold start and memory (fresh process each, medians)", "",
+                  "| engine | call | import sdk | load engine | first vector | cold start | whole process | peak RSS |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in cold:
+            lines.append(f"| {r['precision']} | {r['modality']}, batch {r['batch']} | {r['import_s']:.2f} s | "
+                         f"{r['load_s']:.2f} s | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
+                         f"{r['process_s']:.2f} s | {r['peak_rss_mb']:.0f} MiB |")
+        lines.append("")
+
+    if tg:
+        lines += ["## Targets", "", "| target | goal | measured | met | detail |", "|---|---|---|---|---|"]
+        for t in tg:
+            lines.append(f"| {t['what']} | {t['goal']} | {t['measured']:.2f} | {'yes' if t['met'] else '**no**'} | "
+                         f"{t['detail']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("image+text", "photo + title"), ("text", "title only"), ("image", "photo only"), ("peers", "text-only vs peers (MiniLM)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        if key == "peers":
+            rs = [r for r in rows if r.get("kind") == "text-peer" and _workload(r) == "latency"]
+        else:
+            rs = [r for r in rows if r.get("kind") in ("engine", "teacher") and r.get("modality") == key]
+        for name in dict.fromkeys(r["runner"] for r in rs):
+            pts = sorted((r["batch"], r["p50_ms"], r.get("p99_ms", r["p50_ms"])) for r in rs if r["runner"] == name)
+            b, p50, p99 = zip(*pts)
+            line, = ax.plot(b, p50, marker="o", label=name)
+            ax.plot(b, p99, ls=":", color=line.get_color(), alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([1, 8, 32], ["1", "8", "32"])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("latency per call, ms (solid p50, dotted p99)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if rs:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fidelity(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    eng = [r for r in rows if r.get("kind") in ("engine", "teacher") and r.get("batch") == 1
+           and r.get("modality") == "image+text" and "cosine_mean" in r]
+    for r in eng:
+        a.scatter(r["p50_ms"], r["cosine_mean"], s=40)
+        a.errorbar(r["p50_ms"], r["cosine_mean"], yerr=[[r["cosine_mean"] - r["cosine_min"]], [0]], fmt="none", alpha=0.5)
+        a.annotate(f"{r['runner']}\n{r['precision']}", (r["p50_ms"], r["cosine_mean"]), fontsize=7,
+                   xytext=(4, 4), textcoords="offset points")
+    a.set_xscale("log")
+    a.set_xlabel("p50 latency, photo + title, batch 1 (ms)")
+    a.set_ylabel("cosine to FP32 teacher (mean; bar to min)")
+    a.set_title("embedder: fidelity vs speed per precision/engine")
+    a.grid(True, alpha=0.3)
+    peers = [r for r in rows if r.get("kind") == "text-peer" and _workload(r) == "throughput" and "cosine_mean" in r]
+    for r in peers:
+        b.scatter(r["items_per_s"], r["cosine_mean"], s=40)
+        b.errorbar(r["items_per_s"], r["cosine_mean"], yerr=[[r["cosine_mean"] - r["cosine_min"]], [0]], fmt="none",
+                   alpha=0.5)
+        b.annotate(f"{r['runner']}\n{r['precision']}", (r["items_per_s"], r["cosine_mean"]), fontsize=7,
+                   xytext=(4, 4), textcoords="offset points")
+    b.set_xscale("log")
+    b.set_xlabel("titles/s (batches of 32)")
+    b.set_ylabel("cosine to own FP32 reference (mean; bar to min)")
+    b.set_title("text-only: fidelity vs throughput")
+    b.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(paths: list[Path], out: Path, plots: bool = True) -> dict[str, Path]:
+    """Read the JSON files, write results.json / results.md (and the plots) into out -> written paths."""
+    rows, meta = load_rows(paths)
+    if not rows:
+        raise ValueError(f"no benchmark with a runner in {[str(p) for p in paths]} (were they written by benchmarks/?)")
+    tg = targets(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"json": out / "results.json", "md": out / "results.md"}
+    written["json"].write_text(json.dumps({"runs": meta, "rows": rows, "targets": tg}, indent=1))
+    written["md"].write_text(markdown(rows, meta, tg))
+    if plots:
+        written["latency_png"] = out / "latency_vs_batch.png"
+        written["fidelity_png"] = out / "fidelity_vs_speed.png"
+        plot_latency(rows, written["latency_png"])
+        plot_fidelity(rows, written["fidelity_png"])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="pytest-benchmark JSON -> results.json, results.md, PNG plots")
+    ap.add_argument("json", nargs="+", type=Path, help="files written with --benchmark-json")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    args = ap.parse_args(argv)
+    written = write_report(args.json, args.out, plots=not args.no_plots)
+    print(written["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole benchmark suite, then the report (tables + plots), in one command:
+#
+#   MOON3_ENGINE=moon3.engine bash benchmarks/run.sh
+#
+# 1. the embedder (moon3 int8 + fp32 engines vs the FP32 PyTorch teacher, cold start, RSS) in .venv;
+# 2. text-only vs peer libraries in benchmarks/peers-venv (created by setup_peers.sh when missing;
+#    BENCH_PEERS=0 skips it), with the engine beside them in the same run;
+# 3. benchmarks/report.py -> $OUT/results.{json,md}, latency_vs_batch.png, fidelity_vs_speed.png.
+#
+# MOON3_ENGINE_FP32 defaults to .cache/bench/moon3-fp32.engine, built once with `moon3 build
+# --precision fp32` (about 2 minutes) when missing. Knobs: BENCH_OUT (default benchmarks/results),
+# BENCH_ROUNDS (min rounds, default 5), BENCH_MAX_TIME (s per benchmark, default 0.5),
+# BENCH_THREADS (threads of every runner, default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${MOON3_ENGINE:?set MOON3_ENGINE=path/to/moon3.engine (build one with: moon3 build --out moon3.engine)}"
+export MOON3_ENGINE
+export MOON3_ENGINE_FP32=${MOON3_ENGINE_FP32:-.cache/bench/moon3-fp32.engine}
+OUT=${BENCH_OUT:-benchmarks/results}
+mkdir -p "$OUT"
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+if [ ! -f "$MOON3_ENGINE_FP32" ]; then
+    mkdir -p "$(dirname "$MOON3_ENGINE_FP32")"
+    .venv/bin/moon3 build --precision fp32 --out "$MOON3_ENGINE_FP32"
+fi
+OPTS=(-q -p no:cacheprovider --benchmark-min-rounds="${BENCH_ROUNDS:-5}" --benchmark-max-time="${BENCH_MAX_TIME:-0.5}"
+      --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,max,ops,rounds
+      --benchmark-group-by=group)
+.venv/bin/python -m pytest benchmarks/test_bench_embedder.py --benchmark-json="$OUT/embedder.json" "${OPTS[@]}"
+JSONS=("$OUT/embedder.json")
+if [ "${BENCH_PEERS:-1}" != 0 ]; then
+    [ -x benchmarks/peers-venv/bin/python ] || bash benchmarks/setup_peers.sh
+    benchmarks/peers-venv/bin/python -m pytest benchmarks/test_bench_peers.py --benchmark-json="$OUT/peers.json" "${OPTS[@]}"
+    JSONS+=("$OUT/peers.json")
+fi
+.venv/bin/python benchmarks/report.py "${JSONS[@]}" --out "$OUT"

@@ -1,0 +1,247 @@
+"""Pure-runtime benchmark of a `moon3.engine` (numpy + onnxruntime, never torch): `moon3 bench`.
+
+    moon3 bench moon3.engine                         # 3 modalities x batch 1/8/32, cold start, peak RSS
+    moon3 bench moon3.engine --modality text --batch 1 --rounds 200 --json bench.json
+
+What it measures, per modality ("image+text", "text", "image") and batch size:
+  * latency of one `Embedder.embed` call on real inputs (photo decode + preprocessing +
+    tokenization + ONNX Runtime), p50 and p99 over the timed rounds, after warm-up calls;
+    p99 is the nearest-rank value, so with fewer than 100 rounds it is the slowest round;
+  * throughput: items per second at the median latency;
+  * that the timed vectors are the right ones: each timed call's rows against the same items
+    embedded one by one (cosine; batching, padding and length-sorting must not change them).
+And, in a fresh Python process each (so imports count): cold start (`import sdk` -> engine
+loaded -> first vector) and the process's peak RSS after a warm call.
+
+Inputs are the photos and titles of `--samples` (a folder with items.jsonl, e.g. the
+repository's data/samples); with none, synthetic photos (noise) and titles are used.
+The full benchmark suite with the PyTorch teacher and peer libraries is `benchmarks/` (pytest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sdk.errors import SdkError, TruncationWarning
+
+__all__ = ["MODALITIES", "latency_stats", "load_inputs", "make_call", "probe_process", "run_bench", "time_calls"]
+
+MODALITIES = ("image+text", "text", "image")
+DEFAULT_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"  # present in a source checkout
+_WORDS = ("Men", "Women", "Black", "White", "Red", "Blue", "Running", "Casual", "Leather", "Cotton", "Shoes",
+          "T-shirt", "Watch", "Handbag", "Jeans", "Dress", "Sports", "Analog", "Slim", "Fit")
+
+
+def load_inputs(samples: str | os.PathLike | None = None, n: int = 32) -> tuple[list[Any], list[str], str]:
+    """n (photo, title) pairs -> (images, titles, source label).
+
+    Products with a photo from `samples`/items.jsonl, repeated in order if fewer than n; with no
+    folder (or no products with photos in it), synthetic 256x256 noise photos and titles.
+
+    Raises:
+        FileNotFoundError: `samples` was given but has no items.jsonl.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if samples is not None:
+        root = Path(samples)
+        src = root / "items.jsonl"
+        if not src.is_file():
+            raise FileNotFoundError(f"no items.jsonl in {root} (expected a catalog folder like data/samples)")
+        items = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines() if x.strip()]
+        pairs = [(root / it["image"], it["title"]) for it in items if it.get("image") and it.get("title")]
+        if pairs:
+            pairs = [pairs[i % len(pairs)] for i in range(n)]
+            return [p for p, _ in pairs], [t for _, t in pairs], str(root)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(n)]
+    titles = [" ".join(rng.choice(_WORDS, size=int(rng.integers(3, 8)))) for _ in range(n)]
+    return images, titles, "synthetic"
+
+
+def make_call(modality: str, images: Sequence[Any], titles: Sequence[str]) -> dict[str, list[Any]]:
+    """The `embed` keyword arguments of one modality for these items."""
+    if modality == "image+text":
+        return {"images": list(images), "texts": list(titles)}
+    if modality == "text":
+        return {"texts": list(titles)}
+    if modality == "image":
+        return {"images": list(images)}
+    raise ValueError(f"unknown modality {modality!r}; choose from {list(MODALITIES)}")
+
+
+def time_calls(fn: Callable[[], Any], rounds: int, warmup: int = 2) -> tuple[np.ndarray, Any]:
+    """Call fn warmup + rounds times -> (seconds of each timed call, the last result)."""
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = np.empty(rounds)
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        times[r] = time.perf_counter() - t0
+    return times, out
+
+
+def latency_stats(times: Sequence[float], items: int) -> dict[str, float]:
+    """Per-call seconds -> p50/p99/mean/min in ms and items/s at the median."""
+    t = np.asarray(times, dtype=np.float64)
+    if t.size == 0 or items < 1:
+        raise ValueError("need at least one timing and one item")
+    p50 = float(np.median(t))
+    return {
+        "rounds": int(t.size),
+        "p50_ms": p50 * 1e3,
+        "p99_ms": float(np.percentile(t, 99, method="inverted_cdf")) * 1e3,  # nearest rank
+        "mean_ms": float(t.mean()) * 1e3,
+        "min_ms": float(t.min()) * 1e3,
+        "items_per_s": items / p50,
+    }
+
+
+# Runs in a fresh interpreter: the clock starts before `import sdk`, so imports count.
+_PROBE = r"""
+import time
+t0 = time.perf_counter()
+import json, resource, sys, warnings
+from sdk.embedder import Embedder
+warnings.simplefilter("ignore")
+t_import = time.perf_counter()
+a = json.loads(sys.argv[1])
+emb = Embedder(a["engine"], providers=a["providers"], threads=a["threads"])
+t_load = time.perf_counter()
+v = emb.embed(**a["call"], batch_size=a["batch"])
+t_first = time.perf_counter()
+emb.embed(**a["call"], batch_size=a["batch"])
+t_second = time.perf_counter()
+if a["out"]:
+    import numpy
+    numpy.save(a["out"], v)
+print(json.dumps({
+    "import_s": t_import - t0, "load_s": t_load - t_import, "first_embed_s": t_first - t_load,
+    "cold_start_s": t_first - t0, "warm_embed_s": t_second - t_first, "shape": list(v.shape),
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "backend": emb.backend, "precision": emb.precision,
+}))
+"""
+
+
+def probe_process(
+    engine: str | os.PathLike,
+    call: dict[str, list[Any]],
+    batch: int,
+    *,
+    providers: Sequence[str] = ("cpu",),
+    threads: int | None = None,
+    python: str = sys.executable,
+    timeout: float = 300.0,
+    out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Cold start and peak RSS of embedding `call` in a fresh Python process.
+
+    Returns the probe's JSON (import_s, load_s, first_embed_s, cold_start_s = import sdk ->
+    first vector, warm_embed_s, peak_rss_mb, backend, precision) plus process_s, the wall time of
+    the whole process (interpreter start and exit included). Images must be paths. With `out`,
+    the probe saves the first call's vectors there (.npy), to check them.
+
+    Raises:
+        RuntimeError: the probe process failed (its stderr is in the message).
+    """
+    for img in call.get("images", []):
+        if not isinstance(img, (str, os.PathLike)):
+            raise ValueError("probe_process needs image paths (the call is sent to another process as JSON)")
+    arg = json.dumps({
+        "engine": str(engine), "providers": list(providers), "threads": threads, "batch": batch,
+        "out": str(out) if out is not None else None,
+        "call": {k: [str(x) for x in v] for k, v in call.items()},
+    })
+    t0 = time.perf_counter()
+    res = subprocess.run([python, "-c", _PROBE, arg], capture_output=True, text=True, timeout=timeout)
+    process_s = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"the cold-start probe failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process_s"] = process_s
+    return out
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+def run_bench(
+    engine: str | os.PathLike,
+    *,
+    modalities: Sequence[str] = MODALITIES,
+    batches: Sequence[int] = (1, 8, 32),
+    rounds: int = 20,
+    warmup: int = 2,
+    providers: Sequence[str] = ("cpu",),
+    threads: int | None = None,
+    samples: str | os.PathLike | None = None,
+    cold_start: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark an engine through `sdk.Embedder` -> a JSON-ready report (see the module doc)."""
+    from sdk import __version__
+    from sdk.embedder import Embedder
+
+    for m in modalities:
+        make_call(m, [], [])  # rejects unknown names before any work
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batches)}")
+    images, titles, source = load_inputs(samples, max(batches))
+    emb = Embedder(engine, providers=list(providers), threads=threads)
+    import onnxruntime
+
+    report: dict[str, Any] = {
+        "engine": str(engine), "precision": emb.precision, "backend": emb.backend, "providers": list(emb.providers),
+        "threads": threads, "inputs": source, "rounds": rounds, "warmup": warmup,
+        "versions": {"moon3-sdk": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "latency": [], "process": [],
+    }
+    for m in modalities:
+        # One item at a time is the reference the timed (batched, length-sorted) vectors must match.
+        n_ref = max(batches)
+        ref = emb.embed_batch(**make_call(m, images[:n_ref], titles[:n_ref]), batch_size=1)
+        if ref.errors:
+            raise SdkError(f"the benchmark inputs could not be embedded: {ref.errors}")
+        for b in batches:
+            call = make_call(m, images[:b], titles[:b])
+            with warnings.catch_warnings():  # truncation is counted once below, not warned per timed call
+                warnings.simplefilter("ignore", TruncationWarning)
+                times, v = time_calls(lambda: emb.embed(**call, batch_size=b), rounds, warmup)
+            row = {"modality": m, "batch": b, **latency_stats(times, b),
+                   "cosine_min_vs_unbatched": float(_cosine_rows(v, ref.vectors[:b]).min()),
+                   "truncated_items": sum(1 for i in ref.truncated if i < b)}
+            report["latency"].append(row)
+            if log:
+                log(f"{m:10s} batch {b:3d}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
+                    f"{row['items_per_s']:8.1f} items/s  cos>= {row['cosine_min_vs_unbatched']:.5f}")
+    if cold_start:
+        if source == "synthetic":
+            images = []
+        for m, b in (("text", 1), ("image+text", max(batches))):
+            if "image" in m and not images:
+                continue
+            p = probe_process(engine, make_call(m, images[:b], titles[:b]), b, providers=providers, threads=threads)
+            report["process"].append({"modality": m, "batch": b, **p})
+            if log:
+                log(f"fresh process, {m} batch {b}: cold start {p['cold_start_s']:.3f} s (import {p['import_s']:.3f}, "
+                    f"load {p['load_s']:.3f}, first vector {p['first_embed_s']:.3f}); whole process "
+                    f"{p['process_s']:.3f} s; peak RSS {p['peak_rss_mb']:.0f} MiB")
+    return report

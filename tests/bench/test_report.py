@@ -1,0 +1,108 @@
+"""benchmarks/report.py on a synthetic pytest-benchmark file: rows, same-run ratios, targets, tables, plots."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(name, median_s, **info):
+    return {"name": name, "group": "g", "stats": {"median": median_s, "rounds": 5}, "extra_info": info}
+
+
+def _file(tmp_path, stem, benches):
+    path = tmp_path / f"{stem}.json"
+    path.write_text(json.dumps({
+        "datetime": "2026-01-01T00:00:00", "commit_info": {"id": "abc"},
+        "machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}, "python_version": "3.11"},
+        "benchmarks": benches,
+    }))
+    return path
+
+
+def _row(runner, kind, modality, batch, p50_ms, items=None, **extra):
+    items = items or batch
+    return _bench(f"t[{runner}-{batch}]", p50_ms / 1e3, runner=runner, kind=kind, precision="int8-dynamic",
+                  modality=modality, batch=batch, items=items, p50_ms=p50_ms, p99_ms=p50_ms * 1.5,
+                  items_per_s=items / (p50_ms / 1e3), cosine_mean=0.998, cosine_min=0.995, **extra)
+
+
+@pytest.fixture
+def files(tmp_path):
+    emb = _file(tmp_path, "embedder", [
+        _row("moon3 int8 (cpu)", "engine", "image+text", 1, 10.0),
+        _row("torch eager fp32 (teacher)", "teacher", "image+text", 1, 50.0),
+        _row("moon3 int8 (cpu)", "engine", "image+text", 8, 40.0),
+        _row("torch eager fp32 (teacher)", "teacher", "image+text", 8, 400.0),
+        _row("moon3 int8 (cpu)", "cold-start", "text", 1, 900.0, cold_start_s=0.6, import_s=0.1, load_s=0.45,
+             first_embed_s=0.05, warm_embed_s=0.01, peak_rss_mb=400.0, process_s=0.9),
+        _bench("test_no_runner", 0.001),  # benchmarks without a runner (e.g. ops) are left out
+    ])
+    peers = _file(tmp_path, "peers", [
+        _row("moon3 int8", "text-peer", "text", 1, 5.0),
+        _row("fastembed onnx", "text-peer", "text", 1, 8.0),
+        _row("moon3 int8", "text-peer", "text", 32, 300.0, items=150, workload="throughput"),
+        _row("sentence-transformers onnx quint8", "text-peer", "text", 32, 600.0, items=150, workload="throughput"),
+        _row("fastembed onnx", "text-peer", "text", 32, 900.0, items=150, workload="throughput"),
+    ])
+    return [emb, peers]
+
+
+def test_rows_and_targets_within_one_run(report, files):
+    rows, meta = report.load_rows(files)
+    assert len(rows) == 10 and set(meta) == {"embedder", "peers"} and meta["peers"]["cpu"] == "Test CPU"
+    tg = {(t["target"], t["detail"].split(":")[0]): t for t in report.targets(rows)}
+    b1 = tg[("int8_vs_teacher_b1", "image+text")]
+    assert b1["measured"] == pytest.approx(0.2) and not b1["met"]  # 10 ms vs 50 ms: 0.2 > 0.15
+    st = next(t for t in tg.values() if t["target"] == "text_vs_st_quint8")
+    fe = next(t for t in tg.values() if t["target"] == "text_vs_fastembed")
+    assert st["measured"] == pytest.approx(2.0) and st["met"]
+    assert fe["measured"] == pytest.approx(3.0) and not fe["met"]
+    cold = next(t for t in tg.values() if t["target"] == "cold_start")
+    assert cold["measured"] == pytest.approx(0.6) and cold["met"]
+
+
+def test_no_ratio_across_runs(report, tmp_path):
+    a = _file(tmp_path, "a", [_row("moon3 int8 (cpu)", "engine", "image+text", 1, 10.0)])
+    b = _file(tmp_path, "b", [_row("torch eager fp32 (teacher)", "teacher", "image+text", 1, 50.0)])
+    rows, _ = report.load_rows([a, b])
+    assert report.targets(rows) == []
+
+
+def test_markdown_tables(report, files, tmp_path):
+    written = report.write_report(files, tmp_path / "out", plots=False)
+    md = written["md"].read_text()
+    assert "| image+text | 1 | 10.0 / 15.0 | - | 50.0 / 75.0 | 5.0x |" in md
+    assert "| fastembed onnx | int8-dynamic | 8.00 | 167 | 3.00x |" in md  # 500 vs 167 titles/s
+    assert "**0.60 s**" in md and "400 MiB" in md
+    data = json.loads(written["json"].read_text())
+    assert {t["target"] for t in data["targets"]} == {"int8_vs_teacher_b1", "text_vs_st_quint8", "text_vs_fastembed",
+                                                       "cold_start"}
+
+
+def test_plots(report, files, tmp_path):
+    pytest.importorskip("matplotlib")
+    written = report.write_report(files, tmp_path / "out")
+    for key in ("latency_png", "fidelity_png"):
+        assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input(report, tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
+        report.load_rows([bad])
+    empty = _file(tmp_path, "empty", [_bench("t", 0.1)])
+    with pytest.raises(ValueError, match="no benchmark with a runner"):
+        report.write_report([empty], tmp_path / "out")
