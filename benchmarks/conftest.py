@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench_common import BATCHES, CACHE, MODALITIES, ROOT, SAMPLES, THREADS, modality_call
+from bench_common import BATCHES, CACHE, MODALITIES, ROOT, SAMPLES, THREADS, fastest_torch_threads, modality_call
 
 
 def pytest_collection_modifyitems(items):
@@ -28,15 +28,19 @@ def products() -> list[tuple[Path, str]]:
 def teacher():
     """The FP32 PyTorch teacher (eager), or a skip when the toolchain is not installed."""
     pytest.importorskip("torch", reason="the FP32 teacher needs moon3-sdk[export]")
-    import torch
-
-    torch.set_num_threads(THREADS)
     try:
         from sdk.train.reference import ReferenceEmbedder
 
         return ReferenceEmbedder()
     except Exception as exc:  # noqa: BLE001 - a missing tower package is a skip, not a failure
         pytest.skip(f"the FP32 teacher cannot be loaded here ({type(exc).__name__}: {exc})")
+
+
+@pytest.fixture(scope="session")
+def teacher_threads(teacher, products) -> int:
+    """torch's thread count for the teacher: the faster of 1 and THREADS on one photo + title."""
+    call = modality_call("image+text", products, 1)
+    return fastest_torch_threads(lambda: teacher.embed(**call, batch_size=1))
 
 
 @pytest.fixture(scope="session")

@@ -37,32 +37,33 @@ def _embedder(precision: str, backend: str):
     return _embedders[key]
 
 
+# Runners of one (modality, batch) run back to back, so their ratio sees the same machine load.
+RUNNERS = [f"{p}-{b}" for b in BACKENDS for p in ENGINE_VARS] + ["teacher"]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("modality", MODALITIES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("precision", list(ENGINE_VARS))
-def test_engine(benchmark, products, teacher_vectors, precision, backend, modality, batch):
-    emb = _embedder(precision, backend)
+def test_embed(benchmark, request, products, teacher_vectors, modality, batch, runner):
     call = modality_call(modality, products, batch)
     benchmark.group = f"{modality}, batch {batch}"
+    if runner == "teacher":
+        teacher = request.getfixturevalue("teacher")
+        threads = request.getfixturevalue("teacher_threads")
+        v = benchmark(teacher.embed, **call, batch_size=batch)
+        record(benchmark, batch, runner="torch eager fp32 (teacher)", kind="teacher", precision="fp32",
+               backend="torch", modality=modality, batch=batch, threads=threads)
+        # The cached vectors came from one batch of 32: padding may move the last digits.
+        check_fidelity(benchmark, v, teacher_vectors[modality][:batch], min_mean=0.9999, min_min=0.999,
+                       against="FP32 teacher")
+        return
+    precision, backend = runner.split("-")
+    emb = _embedder(precision, backend)
     v = benchmark(emb.embed, **call, batch_size=batch)
     record(benchmark, batch, runner=f"moon3 {precision} ({backend})", kind="engine", precision=emb.precision,
            backend=emb.backend, modality=modality, batch=batch, threads=THREADS)
     assert v.shape == (batch, emb.dim)
     check_fidelity(benchmark, v, teacher_vectors[modality][:batch], against="FP32 teacher")
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("modality", MODALITIES)
-def test_teacher(benchmark, teacher, products, teacher_vectors, modality, batch):
-    call = modality_call(modality, products, batch)
-    benchmark.group = f"{modality}, batch {batch}"
-    v = benchmark(teacher.embed, **call, batch_size=batch)
-    record(benchmark, batch, runner="torch eager fp32 (teacher)", kind="teacher", precision="fp32", backend="torch",
-           modality=modality, batch=batch, threads=THREADS)
-    # The cached vectors came from one batch of 32: padding may move the last digits.
-    check_fidelity(benchmark, v, teacher_vectors[modality][:batch], min_mean=0.9999, min_min=0.999,
-                   against="FP32 teacher")
 
 
 @pytest.mark.parametrize("modality, batch", [("text", 1), ("image+text", 32)])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench_common import BATCHES, CACHE, THREADS, check_fidelity, engine_from_env, record
+from bench_common import BATCHES, CACHE, THREADS, check_fidelity, engine_from_env, fastest_torch_threads, record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
@@ -80,25 +80,25 @@ def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _make_runner(name: str):
-    """name -> fn(texts, batch_size) -> (N, D) vectors; skips when the peer is not installed."""
+    """name -> (fn(texts, batch_size) -> (N, D) vectors, precision, threads); skips when not installed."""
     if name == "moon3 int8":
         from sdk.embedder import Embedder
 
         emb = Embedder(engine_from_env("MOON3_ENGINE"), threads=THREADS)
-        return lambda texts, b: emb.embed(texts=texts, batch_size=b), emb.precision
+        return lambda texts, b: emb.embed(texts=texts, batch_size=b), emb.precision, THREADS
     if name == "sentence-transformers torch":
         st = pytest.importorskip("sentence_transformers")
-        torch = pytest.importorskip("torch")
-        torch.set_num_threads(THREADS)
+        pytest.importorskip("torch")
         m = st.SentenceTransformer(str(_tower_path()), device="cpu", backend="torch")
-        return lambda texts, b: m.encode(texts, batch_size=b, normalize_embeddings=True), "fp32"
+        n = fastest_torch_threads(lambda: m.encode(["Men Black Analog Watch"], normalize_embeddings=True))
+        return lambda texts, b: m.encode(texts, batch_size=b, normalize_embeddings=True), "fp32", n
     if name == "sentence-transformers onnx quint8":
         st = pytest.importorskip("sentence_transformers")
         d = _onnx_models()
         m = st.SentenceTransformer(str(d), device="cpu", backend="onnx", model_kwargs={
             "file_name": "onnx/model_quint8_avx2.onnx", "provider": "CPUExecutionProvider",
             "session_options": _session_options()})
-        return lambda texts, b: m.encode(texts, batch_size=b, normalize_embeddings=True), "quint8-dynamic"
+        return lambda texts, b: m.encode(texts, batch_size=b, normalize_embeddings=True), "quint8-dynamic", THREADS
     if name == "fastembed onnx":
         fe = pytest.importorskip("fastembed", reason="fastembed 0.9.1 needs huggingface-hub<2: "
                                  "run in benchmarks/peers-venv (benchmarks/setup_peers.sh)")
@@ -110,7 +110,7 @@ def _make_runner(name: str):
             shutil.copy(d / "onnx" / "model.onnx", FASTEMBED_DIR / "model.onnx")
         m = fe.TextEmbedding("sentence-transformers/all-MiniLM-L6-v2", specific_model_path=str(FASTEMBED_DIR),
                              threads=THREADS, providers=["CPUExecutionProvider"], local_files_only=True)
-        return lambda texts, b: np.stack(list(m.embed(texts, batch_size=b))), "fp32"
+        return lambda texts, b: np.stack(list(m.embed(texts, batch_size=b))), "fp32", THREADS
     if name == "optimum onnxruntime":
         ortm = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx pins transformers<4.58: "
                                    "run in benchmarks/peers-venv (benchmarks/setup_peers.sh)")
@@ -129,7 +129,7 @@ def _make_runner(name: str):
                 out.append(_mean_pool(np.asarray(h), enc["attention_mask"]))
             return np.concatenate(out)
 
-        return run, "fp32"
+        return run, "fp32", THREADS
     raise ValueError(name)
 
 
@@ -177,24 +177,24 @@ def _check(benchmark, request, name, v, n):
         check_fidelity(benchmark, v, want, against="transformers FP32 MiniLM")
 
 
+@pytest.mark.parametrize("name", RUNNERS)  # the runners of one batch size run back to back
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("name", RUNNERS)
 def test_text_latency(benchmark, request, titles, name, batch):
-    fn, precision = runner(name)
+    fn, precision, threads = runner(name)
     texts = titles[:batch]
     benchmark.group = f"text-only MiniLM, batch {batch}"
     v = benchmark(fn, texts, batch)
     record(benchmark, batch, runner=name, kind="text-peer", precision=precision, backend="cpu", modality="text",
-           batch=batch, threads=THREADS)
+           batch=batch, threads=threads)
     _check(benchmark, request, name, v, batch)
 
 
 @pytest.mark.parametrize("name", RUNNERS)
 def test_text_throughput(benchmark, request, titles, name):
     """Every sample title (150), in batches of 32: the indexing-style workload."""
-    fn, precision = runner(name)
+    fn, precision, threads = runner(name)
     benchmark.group = f"text-only MiniLM, {len(titles)} titles in batches of {THROUGHPUT_BATCH}"
     v = benchmark(fn, titles, THROUGHPUT_BATCH)
     record(benchmark, len(titles), runner=name, kind="text-peer", precision=precision, backend="cpu",
-           modality="text", batch=THROUGHPUT_BATCH, workload="throughput", threads=THREADS)
+           modality="text", batch=THROUGHPUT_BATCH, workload="throughput", threads=threads)
     _check(benchmark, request, name, v, len(titles))

@@ -128,10 +128,14 @@ t_second = time.perf_counter()
 if a["out"]:
     import numpy
     numpy.save(a["out"], v)
+try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec)
+    peak_kb = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1])
+except (OSError, StopIteration):
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({
     "import_s": t_import - t0, "load_s": t_load - t_import, "first_embed_s": t_first - t_load,
     "cold_start_s": t_first - t0, "warm_embed_s": t_second - t_first, "shape": list(v.shape),
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": peak_kb / 1024,
     "backend": emb.backend, "precision": emb.precision,
 }))
 """
