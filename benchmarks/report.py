@@ -51,6 +51,8 @@ def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             "cpu_count": (mi.get("cpu") or {}).get("count"),
             "python": mi.get("python_version"),
             "commit": (data.get("commit_info") or {}).get("id"),
+            "loadavg": mi.get("loadavg_at_start"),
+            "threads": mi.get("bench_threads"),
         }
         for b in data["benchmarks"]:
             info = dict(b.get("extra_info") or {})
@@ -85,8 +87,10 @@ def targets(rows: list[dict]) -> list[dict]:
             ours = _find(rs, kind="engine", runner="moon3 int8 (cpu)", modality=modality, batch=1)
             ref = _find(rs, kind="teacher", modality=modality, batch=1)
             if ours and ref:
+                best = (f"; fastest rounds {ours['min_ms']:.1f} vs {ref['min_ms']:.1f} ms = "
+                        f"{ours['min_ms'] / ref['min_ms']:.2f}" if "min_ms" in ours and "min_ms" in ref else "")
                 out.append(_target("int8_vs_teacher_b1", ours["p50_ms"] / ref["p50_ms"], src,
-                                   f"{modality}: {ours['p50_ms']:.1f} ms vs {ref['p50_ms']:.1f} ms"))
+                                   f"{modality}: p50 {ours['p50_ms']:.1f} ms vs {ref['p50_ms']:.1f} ms{best}"))
         ours = _find(rs, kind="text-peer", runner=OURS_TEXT, workload="throughput")
         for peer, key in ((ST_QUINT8, "text_vs_st_quint8"), (FASTEMBED, "text_vs_fastembed")):
             p = _find(rs, kind="text-peer", runner=peer, workload="throughput")
@@ -96,8 +100,9 @@ def targets(rows: list[dict]) -> list[dict]:
         for r in rs:
             if r.get("kind") == "cold-start" and r.get("modality") == "text" and r.get("batch") == 1:
                 out.append(_target("cold_start", r["cold_start_s"], src,
-                                   f"{r['precision']}: import {r['import_s']:.2f} + load {r['load_s']:.2f} + first "
-                                   f"vector {r['first_embed_s']:.3f} s; whole process {r['process_s']:.2f} s"))
+                                   f"{r['precision']}: import sdk {r['import_s']:.2f} + load {r['load_s']:.2f} "
+                                   f"(onnxruntime import {r.get('ort_import_s', float('nan')):.2f}) + first vector "
+                                   f"{r['first_embed_s']:.3f} s; whole process {r['process_s']:.2f} s"))
     return out
 
 
@@ -117,14 +122,15 @@ def _ms(v) -> str:
 def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
     lines = ["# Benchmark results", ""]
     for src, m in meta.items():
-        lines.append(f"- run `{src}`: {m['datetime']}, {m['cpu']} ({m['cpu_count']} CPUs), Python {m['python']}, "
-                     f"commit {str(m['commit'])[:10]}")
+        load = f", load average {m['loadavg'][0]:.1f} at start" if m.get("loadavg") else ""
+        lines.append(f"- run `{src}`: {m['datetime']}, {m['cpu']} ({m['cpu_count']} CPUs{load}), {m['threads']} threads "
+                     f"per runner, Python {m['python']}, commit {str(m['commit'])[:10]}")
     lines.append("")
 
     eng = [r for r in rows if r.get("kind") in ("engine", "teacher")]
     if eng:
         lines += ["## Embedder on sample products (p50 / p99 ms; photo decode + preprocessing included)", "",
-                  "| modality | batch | moon3 int8 | moon3 fp32 | torch eager teacher | int8 speed-up | int8 items/s "
+                  "| modality | batch | moon3 int8 | moon3 fp32 | torch eager teacher | int8 speed-up (p50; fastest rounds) | int8 items/s "
                   "| int8 cosine vs teacher (mean / min) |",
                   "|---|---|---|---|---|---|---|---|"]
         for modality in ("image+text", "text", "image"):
@@ -134,6 +140,8 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
                 t = _find(eng, kind="teacher", modality=modality, batch=batch)
                 cell = lambda r: f"{_ms(r['p50_ms'])} / {_ms(r['p99_ms'])}" if r else "-"  # noqa: E731
                 sp = f"{t['p50_ms'] / i8['p50_ms']:.1f}x" if (i8 and t and i8["source"] == t["source"]) else "-"
+                if sp != "-" and "min_ms" in i8 and "min_ms" in t:
+                    sp += f"; {t['min_ms'] / i8['min_ms']:.1f}x"
                 cos = f"{i8['cosine_mean']:.4f} / {i8['cosine_min']:.4f}" if i8 and "cosine_mean" in i8 else "-"
                 ips = f"{i8['items_per_s']:.0f}" if i8 else "-"
                 lines.append(f"| {modality} | {batch} | {cell(i8)} | {cell(f32)} | {cell(t)} | {sp} | {ips} | {cos} |")
@@ -166,11 +174,13 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
     cold = [r for r in rows if r.get("kind") == "cold-start"]
     if cold:
         lines += ["## Cold start and memory (fresh process each, medians)", "",
-                  "| engine | call | import sdk | load engine | first vector | cold start | whole process | peak RSS |",
+                  "| engine | call | import sdk | load engine (of it: import onnxruntime) | first vector | cold start "
+                  "| whole process | peak RSS |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in cold:
+            ort_s = f" ({r['ort_import_s']:.2f} s)" if "ort_import_s" in r else ""
             lines.append(f"| {r['precision']} | {r['modality']}, batch {r['batch']} | {r['import_s']:.2f} s | "
-                         f"{r['load_s']:.2f} s | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
+                         f"{r['load_s']:.2f} s{ort_s} | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
                          f"{r['process_s']:.2f} s | {r['peak_rss_mb']:.0f} MiB |")
         lines.append("")
 
@@ -215,37 +225,38 @@ def plot_latency(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _scatter(ax, pts, xlabel, ylabel, title) -> None:
+    """pts: (x, cosine mean, cosine min, label); a bar down to the min; labels alternate above/below."""
+    for k, (x, mean, lo, label) in enumerate(pts):
+        dot = ax.scatter(x, mean, s=40, zorder=3)
+        ax.vlines(x, lo, mean, color=dot.get_facecolor()[0], alpha=0.6)
+        ax.annotate(label, (x, mean), fontsize=7, xytext=(5, 5 if k % 2 == 0 else -16), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.margins(x=0.25, y=0.15)
+
+
 def plot_fidelity(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     eng = [r for r in rows if r.get("kind") in ("engine", "teacher") and r.get("batch") == 1
            and r.get("modality") == "image+text" and "cosine_mean" in r]
-    for r in eng:
-        a.scatter(r["p50_ms"], r["cosine_mean"], s=40)
-        a.errorbar(r["p50_ms"], r["cosine_mean"], yerr=[[r["cosine_mean"] - r["cosine_min"]], [0]], fmt="none", alpha=0.5)
-        a.annotate(f"{r['runner']}\n{r['precision']}", (r["p50_ms"], r["cosine_mean"]), fontsize=7,
-                   xytext=(4, 4), textcoords="offset points")
-    a.set_xscale("log")
-    a.set_xlabel("p50 latency, photo + title, batch 1 (ms)")
-    a.set_ylabel("cosine to FP32 teacher (mean; bar to min)")
-    a.set_title("embedder: fidelity vs speed per precision/engine")
-    a.grid(True, alpha=0.3)
+    _scatter(a, [(r["p50_ms"], r["cosine_mean"], r["cosine_min"], f"{r['runner']}, {r['precision']}") for r in eng],
+             "p50 latency, photo + title, batch 1 (ms)", "cosine to the FP32 teacher (mean; bar to min)",
+             "embedder: fidelity vs speed per precision / engine")
     peers = [r for r in rows if r.get("kind") == "text-peer" and _workload(r) == "throughput" and "cosine_mean" in r]
-    for r in peers:
-        b.scatter(r["items_per_s"], r["cosine_mean"], s=40)
-        b.errorbar(r["items_per_s"], r["cosine_mean"], yerr=[[r["cosine_mean"] - r["cosine_min"]], [0]], fmt="none",
-                   alpha=0.5)
-        b.annotate(f"{r['runner']}\n{r['precision']}", (r["items_per_s"], r["cosine_mean"]), fontsize=7,
-                   xytext=(4, 4), textcoords="offset points")
-    b.set_xscale("log")
-    b.set_xlabel("titles/s (batches of 32)")
-    b.set_ylabel("cosine to own FP32 reference (mean; bar to min)")
-    b.set_title("text-only: fidelity vs throughput")
-    b.grid(True, alpha=0.3)
+    _scatter(b, [(r["items_per_s"], r["cosine_mean"], r["cosine_min"], f"{r['runner']}, {r['precision']}")
+                 for r in sorted(peers, key=lambda r: r["items_per_s"])],
+             "titles/s (batches of 32)", "cosine to its FP32 reference (mean; bar to min)",
+             "text-only: fidelity vs throughput (same run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -118,6 +118,8 @@ import json, resource, sys, warnings
 from sdk.embedder import Embedder
 warnings.simplefilter("ignore")
 t_import = time.perf_counter()
+import onnxruntime
+t_ort = time.perf_counter()
 a = json.loads(sys.argv[1])
 emb = Embedder(a["engine"], providers=a["providers"], threads=a["threads"])
 t_load = time.perf_counter()
@@ -133,7 +135,7 @@ try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak 
 except (OSError, StopIteration):
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({
-    "import_s": t_import - t0, "load_s": t_load - t_import, "first_embed_s": t_first - t_load,
+    "import_s": t_import - t0, "ort_import_s": t_ort - t_import, "load_s": t_load - t_import, "first_embed_s": t_first - t_load,
     "cold_start_s": t_first - t0, "warm_embed_s": t_second - t_first, "shape": list(v.shape),
     "peak_rss_mb": peak_kb / 1024,
     "backend": emb.backend, "precision": emb.precision,
@@ -154,7 +156,8 @@ def probe_process(
 ) -> dict[str, Any]:
     """Cold start and peak RSS of embedding `call` in a fresh Python process.
 
-    Returns the probe's JSON (import_s, load_s, first_embed_s, cold_start_s = import sdk ->
+    Returns the probe's JSON (import_s, load_s (onnxruntime import, engine read + checksums,
+    session creation; ort_import_s of it is the import), first_embed_s, cold_start_s = import sdk ->
     first vector, warm_embed_s, peak_rss_mb, backend, precision) plus process_s, the wall time of
     the whole process (interpreter start and exit included). Images must be paths. With `out`,
     the probe saves the first call's vectors there (.npy), to check them.
