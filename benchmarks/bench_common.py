@@ -16,7 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 CACHE = ROOT / ".cache" / "bench"
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # every runner gets the same number of threads
+# Every runner gets the same number of threads. 1 by default: on a small machine shared with other
+# jobs, 2 threads made every runtime slower (torch's OpenMP barriers and ONNX Runtime's pool wait
+# for descheduled threads: 2x for the engine, up to 30x for torch eager). BENCH_THREADS=2 on an idle box.
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 BATCHES = (1, 8, 32)
 MODALITIES = ("image+text", "text", "image")
 

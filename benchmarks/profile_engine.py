@@ -76,7 +76,7 @@ def main() -> int:
     ap.add_argument("--modality", action="append", choices=("image+text", "text", "image"))
     ap.add_argument("--batch", action="append", type=int)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out = []

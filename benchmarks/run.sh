@@ -11,7 +11,7 @@
 # MOON3_ENGINE_FP32 defaults to .cache/bench/moon3-fp32.engine, built once with `moon3 build
 # --precision fp32` (about 2 minutes) when missing. Knobs: BENCH_OUT (default benchmarks/results),
 # BENCH_ROUNDS (min rounds, default 5), BENCH_MAX_TIME (s per benchmark, default 0.5),
-# BENCH_THREADS (threads of every runner, default 2).
+# BENCH_THREADS (threads of every runner, default 1: see bench_common.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MOON3_ENGINE:?set MOON3_ENGINE=path/to/moon3.engine (build one with: moon3 build --out moon3.engine)}"
