@@ -226,18 +226,23 @@ def plot_latency(rows: list[dict], path: Path) -> None:
 
 
 def _scatter(ax, pts, xlabel, ylabel, title) -> None:
-    """pts: (x, cosine mean, cosine min, label); a bar down to the min; labels alternate above/below."""
-    for k, (x, mean, lo, label) in enumerate(pts):
-        dot = ax.scatter(x, mean, s=40, zorder=3)
+    """pts: (x, cosine mean, cosine min, label); a bar down to the min; a legend names the points."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for x, mean, lo, label in pts:
+        dot = ax.scatter(x, mean, s=40, zorder=3, label=label)
         ax.vlines(x, lo, mean, color=dot.get_facecolor()[0], alpha=0.6)
-        ax.annotate(label, (x, mean), fontsize=7, xytext=(5, 5 if k % 2 == 0 else -16), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.ticklabel_format(axis="y", useOffset=False)
+    if pts:
+        ax.legend(fontsize=7, loc="best")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.margins(x=0.25, y=0.15)
+    ax.margins(x=0.2, y=0.2)
 
 
 def plot_fidelity(rows: list[dict], path: Path) -> None:
