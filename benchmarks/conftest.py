@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -52,7 +53,15 @@ def teacher_vectors(request, products):
     venv without the toolchain (benchmarks/peers-venv) checks the engine against the same vectors.
     """
     n = max(BATCHES)
-    key = json.dumps([[str(p.relative_to(ROOT)), t] for p, t in products])
+    # The inputs plus everything that makes the teacher's vectors: weights, model and preprocessing code.
+    digest = hashlib.sha256()
+    for f in sorted((ROOT / "train" / "weights").glob("embedder*")) + [
+        ROOT / "train" / "reference.py", ROOT / "train" / "embedder.py", ROOT / "train" / "towers.py",
+        ROOT / "sdk" / "preprocess.py",
+    ]:
+        if f.is_file():
+            digest.update(f.read_bytes())
+    key = json.dumps([digest.hexdigest(), [[str(p.relative_to(ROOT)), t] for p, t in products]])
     path = CACHE / "teacher_vectors.npz"
     if path.is_file():
         z = np.load(path)

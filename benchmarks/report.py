@@ -100,7 +100,7 @@ def targets(rows: list[dict]) -> list[dict]:
         for r in rs:
             if r.get("kind") == "cold-start" and r.get("modality") == "text" and r.get("batch") == 1:
                 out.append(_target("cold_start", r["cold_start_s"], src,
-                                   f"{r['precision']}: import sdk {r['import_s']:.2f} + load {r['load_s']:.2f} "
+                                   f"{r['runner']}: import sdk {r['import_s']:.2f} + load {r['load_s']:.2f} "
                                    f"(onnxruntime import {r.get('ort_import_s', float('nan')):.2f}) + first vector "
                                    f"{r['first_embed_s']:.3f} s; whole process {r['process_s']:.2f} s"))
     return out
@@ -179,7 +179,7 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in cold:
             ort_s = f" ({r['ort_import_s']:.2f} s)" if "ort_import_s" in r else ""
-            lines.append(f"| {r['precision']} | {r['modality']}, batch {r['batch']} | {r['import_s']:.2f} s | "
+            lines.append(f"| {r['runner']}, {r['precision']} | {r['modality']}, batch {r['batch']} | {r['import_s']:.2f} s | "
                          f"{r['load_s']:.2f} s{ort_s} | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
                          f"{r['process_s']:.2f} s | {r['peak_rss_mb']:.0f} MiB |")
         lines.append("")

@@ -9,7 +9,8 @@
 # 3. benchmarks/report.py -> $OUT/results.{json,md}, latency_vs_batch.png, fidelity_vs_speed.png.
 #
 # MOON3_ENGINE_FP32 defaults to .cache/bench/moon3-fp32.engine, built once with `moon3 build
-# --precision fp32` (about 2 minutes) when missing. Knobs: BENCH_OUT (default benchmarks/results),
+# --precision fp32` (about 2 minutes) when missing; MOON3_ENGINE_SINGLE (optional) adds a one-graph
+# engine (`moon3 build --layout single`) for comparison. Knobs: BENCH_OUT (default benchmarks/results),
 # BENCH_ROUNDS (min rounds, default 5), BENCH_MAX_TIME (s per benchmark, default 0.5),
 # BENCH_THREADS (threads of every runner, default 1: see bench_common.py).
 set -euo pipefail

@@ -1,7 +1,7 @@
 """The embedder on real sample products: moon3 engines (each precision, each backend present)
 against the FP32 PyTorch teacher in eager mode, same inputs, same run.
 
-    MOON3_ENGINE=moon3.engine MOON3_ENGINE_FP32=moon3-fp32.engine \
+    MOON3_ENGINE=moon3.engine MOON3_ENGINE_FP32=moon3-fp32.engine [MOON3_ENGINE_SINGLE=one-graph.engine] \
         .venv/bin/python -m pytest benchmarks/test_bench_embedder.py --benchmark-json=embedder.json
 
 (`benchmarks/run.sh` runs this with the peers and writes the report.) Per modality (photo +
@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from bench_common import BATCHES, MODALITIES, THREADS, check_fidelity, engine_from_env, modality_call, record
 
-ENGINE_VARS = {"int8": "MOON3_ENGINE", "fp32": "MOON3_ENGINE_FP32"}
+# precision label -> the variable naming its engine; "int8-single" is an optional one-graph INT8
+# engine (`moon3 build --layout single`), to see what the split into image and text graphs buys.
+ENGINE_VARS = {"int8": "MOON3_ENGINE", "fp32": "MOON3_ENGINE_FP32", "int8-single": "MOON3_ENGINE_SINGLE"}
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 _embedders: dict = {}
@@ -57,7 +59,7 @@ def test_embed(benchmark, request, products, teacher_vectors, modality, batch, r
         check_fidelity(benchmark, v, teacher_vectors[modality][:batch], min_mean=0.9999, min_min=0.999,
                        against="FP32 teacher")
         return
-    precision, backend = runner.split("-")
+    precision, backend = runner.rsplit("-", 1)
     emb = _embedder(precision, backend)
     v = benchmark(emb.embed, **call, batch_size=batch)
     record(benchmark, batch, runner=f"moon3 {precision} ({backend})", kind="engine", precision=emb.precision,
@@ -89,7 +91,7 @@ def test_cold_start(benchmark, products, teacher_vectors, tmp_path, precision, m
     runs = runs[1:] or runs  # (one run only under --benchmark-disable)
     med = {k: float(np.median([r[k] for r in runs])) for k in
            ("cold_start_s", "import_s", "ort_import_s", "load_s", "first_embed_s", "warm_embed_s", "peak_rss_mb", "process_s")}
-    record(benchmark, batch, runner=f"moon3 {runs[0]['precision'].split('-')[0]} (cpu)", kind="cold-start",
+    record(benchmark, batch, runner=f"moon3 {precision} (cpu)", kind="cold-start",
            precision=runs[0]["precision"], backend=runs[0]["backend"], modality=modality, batch=batch,
            threads=THREADS, **med)
     check_fidelity(benchmark, np.load(out), teacher_vectors[modality][:batch], against="FP32 teacher")
