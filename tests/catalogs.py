@@ -33,3 +33,19 @@ def write_catalog(folder: Path, copies: int = 1, bad: bool = True) -> SimpleName
     path = folder / "items.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return SimpleNamespace(path=path, records=records, bad_ids=bad_ids, root=SAMPLES)
+
+
+def reference(engine_path, cat) -> dict:
+    """id -> vector from one single-process `Embedder.embed_products` call over the catalog (bad ids: NaN)."""
+    import warnings
+
+    from sdk import Embedder
+    from sdk.errors import BatchError, TruncationWarning
+
+    with Embedder(engine_path, threads=1) as emb, warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)  # the tiny engine's token budget is 12
+        try:
+            v = emb.embed_products(cat.records, root=cat.root)
+        except BatchError as exc:
+            v = exc.vectors
+    return {r["id"]: row for r, row in zip(cat.records, v)}

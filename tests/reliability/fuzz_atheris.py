@@ -31,6 +31,7 @@ import atheris
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # tests/: pictures.py
 
 import PIL.Image  # noqa: E402
 

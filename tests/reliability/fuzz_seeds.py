@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+import pictures
+
 # MOON3_FUZZ_SCALE=20 runs 20x the examples of every hypothesis fuzz test (still derandomized).
 SCALE = float(os.environ.get("MOON3_FUZZ_SCALE", "1"))
 
@@ -47,12 +49,7 @@ def seed_engine(path) -> bytes:
 
 
 def gradient(seed: int, h: int = 24, w: int = 20) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    a, b, c = rng.uniform(-1, 1, (3, 3))
-    img = np.stack([a[k] * x + b[k] * y + c[k] for k in range(3)], -1)
-    img = (img - img.min()) / (np.ptp(img) + 1e-9)
-    return (img * 255).astype(np.uint8)
+    return pictures.gradient(seed, h, w)
 
 
 def seed_images() -> dict[str, bytes]:

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+from pictures import gradient
 from PIL import Image
 
 from sdk.errors import BatchError, InvalidInputError, TruncationWarning
@@ -27,16 +29,6 @@ from sdk.preprocess import load_image
 pytest.importorskip("onnxruntime")
 
 ATOL = 2e-6  # batch vs alone: only padding and batch shape differ
-
-
-def gradient(seed: int, h: int = 64, w: int = 48) -> np.ndarray:
-    """A smooth, distinct HWC uint8 picture (survives the 32x32 pooling of the tiny tower)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    a, b, c = rng.uniform(-1, 1, (3, 3))
-    img = np.stack([a[k] * x + b[k] * y + c[k] for k in range(3)], -1)
-    img = (img - img.min()) / (np.ptp(img) + 1e-9)
-    return (img * 255).astype(np.uint8)
 
 
 def quadrants(h: int = 64, w: int = 96) -> np.ndarray:

@@ -10,33 +10,19 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
-from catalogs import write_catalog
+from catalogs import reference, write_catalog
 
 pa = pytest.importorskip("pyarrow", reason="batch embedding needs pyarrow (pip install 'moon3-sdk[ray]')")
 
 from sdk.batch import CatalogJob, plan, read_vectors, run_local  # noqa: E402
 from sdk.cli import main  # noqa: E402
-from sdk.errors import BatchError, InvalidInputError, SdkError, TruncationWarning  # noqa: E402
+from sdk.errors import InvalidInputError, SdkError  # noqa: E402
 
 ATOL = 1e-5  # the same fp32 graph on differently composed batches
-
-
-def reference(engine_path, cat) -> dict:
-    """id -> vector from one `Embedder.embed_products` call over the whole catalog (bad ids: NaN)."""
-    from sdk import Embedder
-
-    with Embedder(engine_path, threads=1) as emb, warnings.catch_warnings():
-        warnings.simplefilter("ignore", TruncationWarning)  # the tiny engine's token budget is 12
-        try:
-            v = emb.embed_products(cat.records, root=cat.root)
-        except BatchError as exc:
-            v = exc.vectors
-    return {r["id"]: row for r, row in zip(cat.records, v)}
 
 
 def errors_of(out) -> dict:

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from pictures import gradient
+
 from sdk.engine import EngineFile, write_engine
 from sdk.errors import BackendUnavailableError, BatchError, EngineError, InvalidInputError, SdkError, TruncationWarning
 from sdk.ops import l2_normalize
@@ -24,13 +26,7 @@ TRACES = ["red sport shoe for running", None, "   ", "leather and cotton", None,
 
 
 def photo(seed: int, h: int = 60, w: int = 45) -> np.ndarray:
-    """A smooth, distinct HWC uint8 picture (gradients survive the 32x32 pooling of the tiny tower)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    a, b, c = rng.uniform(-1, 1, (3, 3))
-    img = np.stack([a[k] * x + b[k] * y + c[k] for k in range(3)], -1)
-    img = (img - img.min()) / (np.ptp(img) + 1e-9)
-    return (img * 255).astype(np.uint8)
+    return gradient(seed, h, w)
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:

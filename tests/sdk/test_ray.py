@@ -10,36 +10,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
-from catalogs import write_catalog
+from catalogs import reference, write_catalog
 
 pytest.importorskip("pyarrow", reason="batch embedding needs pyarrow (pip install 'moon3-sdk[ray]')")
 pytest.importorskip("ray.data", reason="Ray Data is optional: pip install 'moon3-sdk[ray]'")
 
 from sdk.batch import CatalogJob, read_vectors, run_local  # noqa: E402
-from sdk.errors import BatchError, TruncationWarning  # noqa: E402
 
 # Ray Data 2.60 warns about its own deprecated settings when it creates its DataContext.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 ATOL = 1e-5  # the same fp32 graph on differently composed batches
-
-
-def reference(engine_path, cat) -> dict:
-    """id -> vector from one single-process `Embedder.embed_products` call (bad items: NaN)."""
-    from sdk import Embedder
-
-    with Embedder(engine_path, threads=1) as emb, warnings.catch_warnings():
-        warnings.simplefilter("ignore", TruncationWarning)  # the tiny engine's token budget is 12
-        try:
-            v = emb.embed_products(cat.records, root=cat.root)
-        except BatchError as exc:
-            v = exc.vectors
-    return {r["id"]: row for r, row in zip(cat.records, v)}
 
 
 def assert_exact(out, cat, ref) -> None:
