@@ -251,6 +251,16 @@ class Embedder:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        plans = (self._manifest.get("tensorrt") or {}).get("plans") if isinstance(self._manifest.get("tensorrt"), dict) else None
+        if plans:
+            built = ", ".join(sorted({f"{p.get('gpu_arch', '?')} / TensorRT {p.get('tensorrt', '?')}"
+                                      for p in plans if isinstance(p, dict)})) or "unknown GPUs"
+            warnings.warn(
+                f"{self._path}: the engine carries TensorRT plan(s) built for {built}; this runtime has no native "
+                f"TensorRT backend yet, so the plans are ignored and the ONNX graphs run on {self.backend!r}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ properties
 

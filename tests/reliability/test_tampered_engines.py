@@ -174,8 +174,9 @@ def test_other_files_passed_as_an_engine_are_refused(tiny_engine, bad, kind):
 def test_a_tensorrt_plan_for_another_gpu_does_not_change_what_runs(tiny_engine, tmp_path):
     """The engine format can carry TensorRT plans as parts, but this runtime has no TensorRT
     backend yet and never reads them: an engine carrying a plan built for another GPU and
-    TensorRT version loads, runs the ONNX graph and gives the same vectors; a damaged plan part
-    is still refused by its checksum (no part is trusted unverified)."""
+    TensorRT version loads with a warning naming the plan's GPU and TensorRT, runs the ONNX graph
+    and gives the same vectors; a damaged plan part is still refused by its checksum (no part is
+    trusted unverified)."""
     e = EngineFile.read(tiny_engine.path)
     man = e.manifest
     man["tensorrt"] = {"plans": [{"part": "plans/sm_87-trt10.3.plan", "gpu_arch": "sm_87", "tensorrt": "10.3.0"}]}
@@ -183,7 +184,8 @@ def test_a_tensorrt_plan_for_another_gpu_does_not_change_what_runs(tiny_engine, 
     parts["plans/sm_87-trt10.3.plan"] = b"\x00not-a-plan-for-this-gpu" * 64
     path = write_engine(tmp_path / "plan.engine", man, parts)
     items = {"images": [np.full((30, 20, 3), 90, np.uint8), None], "texts": ["red shoe", "blue shirt"]}
-    got = load(path)
+    with pytest.warns(RuntimeWarning, match=r"TensorRT plan\(s\) built for sm_87 / TensorRT 10\.3\.0; .* plans are ignored"):
+        got = load(path)
     assert got.backend == "cpu"
     np.testing.assert_array_equal(got.embed(**items), load(tiny_engine.path).embed(**items))
     raw = bytearray(path.read_bytes())
