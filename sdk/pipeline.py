@@ -20,6 +20,7 @@ pays only for what is new. Never imports torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -120,13 +121,13 @@ class Pipeline:
         if reason == "cached" and cache is None:
             raise ValueError('reason="cached" needs a cache file (cache="traces.sqlite")')
         self.embedder = Embedder(path, threads=threads)
-        emb = self.embedder.manifest.get("embedder", {})
-        if reason != "off" and not emb.get("trace_trained", False):
+        manifest = self.embedder.manifest  # a copy
+        if reason != "off" and not manifest.get("embedder", {}).get("trace_trained", False):
             raise EngineError(f"{path}: this engine's embedder was not trained with reasoning traces; "
                               f'use reason="off" (complete_title=True still uses the reasoner)')
         self.reasoner = Reasoner(path, threads=threads) if (reason != "off" or complete_title) else None
-        parts = {p["name"]: p["sha256"] for p in self.embedder.manifest.get("parts", [])}
-        spec = self.embedder.manifest.get("reasoner") or {}
+        parts = {p["name"]: p["sha256"] for p in manifest.get("parts", [])}
+        spec = manifest.get("reasoner") or {}
         self.fingerprint = hashlib.sha256(json.dumps(
             [parts.get(n) for n in sorted((spec.get("parts") or {}).values())]).encode()).hexdigest()[:16]
         self.reason, self.complete_title, self.max_trace_tokens = reason, complete_title, max_trace_tokens
@@ -134,15 +135,17 @@ class Pipeline:
         self.last_generated: dict[int, dict[str, str]] = {}
         self.cache_hits = 0
 
-    def _text(self, kind: str, key: str, make) -> str:
-        if self.cache is not None:
-            hit = self.cache.get(self.fingerprint, kind, key)
-            if hit is not None:
-                self.cache_hits += 1
-                return hit
+    def _text(self, kind: str, key, make) -> str:
+        """`make()`, or its cached text; `key()` (which may read the photo file) runs only with a cache."""
+        if self.cache is None:
+            return make()
+        k = key()
+        hit = self.cache.get(self.fingerprint, kind, k)
+        if hit is not None:
+            self.cache_hits += 1
+            return hit
         text = make()
-        if self.cache is not None:
-            self.cache.put(self.fingerprint, kind, key, text)
+        self.cache.put(self.fingerprint, kind, k, text)
         return text
 
     def embed(self, images: Sequence[Any] | None = None, texts: Sequence[str | None] | None = None, *,
@@ -162,7 +165,7 @@ class Pipeline:
         for i in range(n):
             img, txt = images[i], texts[i]
             title = txt.strip() if isinstance(txt, str) and txt.strip() else None
-            key = item_key(img, title, None if ids is None else ids[i])
+            key = functools.partial(item_key, img, title, None if ids is None else ids[i])  # the given title
             try:
                 if self.complete_title and title is None and img is not None:
                     title = self._text("caption", key, lambda: self.reasoner.generate(image=img, task="caption"))
