@@ -308,7 +308,6 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     t0 = time.time()
     weights = Path(cfg.weights or WEIGHTS_DIR)
     products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
-    titles = [t for _, t in products]
     log(f"[1/4] teacher: FP32 reference embedder on {len(products)} evaluation products")
     teacher = ReferenceEmbedder(weights)
     teacher_views = embed_views(teacher.embed, products)

@@ -545,14 +545,32 @@ def _rename_outputs_to(model, names: list[str]) -> None:
         taken.add(name)
 
 
-def _check_structure(path: Path) -> None:
-    """Reject files the checker rejects or where a value name is defined twice (exporter name clashes)."""
+def _check_valid(path: Path) -> None:
+    """Reject a file the ONNX checker rejects."""
     import onnx
 
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{path} is not a valid ONNX model: {exc}") from exc
+
+
+def export_module(module: nn.Module, args: tuple, dynamic: dict, outputs: list[str], path: Path, opset: int) -> None:
+    """torch.onnx.export (dynamo) of one module to `path` (weights inline), its outputs named
+    `outputs`; the file must pass the ONNX checker."""
+    with _harmless_warnings_ignored(), torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                    optimize=True, verbose=False)
+    _rename_outputs_to(program.model, outputs)
+    program.save(str(path), external_data=False)
+    _check_valid(path)
+
+
+def _check_structure(path: Path) -> None:
+    """Reject files the checker rejects or where a value name is defined twice (exporter name clashes)."""
+    import onnx
+
+    _check_valid(path)
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output if o]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdk.export.onnx_embedder import ExportError, _harmless_warnings_ignored, _ort_session, _rename_outputs_to
+from sdk.export.onnx_embedder import ExportError, _ort_session, export_module
 
 VISUAL_PART, PREFILL_PART, DECODE_PART = "reasoner_visual.onnx", "reasoner_prefill.onnx", "reasoner_decode.onnx"
 
@@ -119,11 +119,7 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
     )
     for module, args, dyn, outs, key in jobs:
         try:
-            with _harmless_warnings_ignored(), torch.no_grad():
-                program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dyn,
-                                            opset_version=cfg.opset, optimize=True, verbose=False)
-            _rename_outputs_to(program.model, outs)
-            program.save(str(paths[key]), external_data=False)
+            export_module(module.eval(), args, dyn, outs, paths[key], cfg.opset)
         except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ExportError(f"reasoner {key} export failed: {type(exc).__name__}: {first}") from exc

@@ -31,10 +31,9 @@ from sdk.export.onnx_embedder import (
     INPUT_NAMES,
     PARITY_FORMAT,
     ExportError,
-    _harmless_warnings_ignored,
     _ort_session,
-    _rename_output,
     _require,
+    export_module,
     make_padded_batch,
     row_cosine,
 )
@@ -135,12 +134,12 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
     ex = make_padded_batch(3, 7, 5, vocab_size=graph.vocab_size, image_size=cfg.image_size, seed=cfg.seed,
                            presence=[(1, 1, 1)] * 3)
     try:
-        _export(ImageGraph(graph.image_tower, fusion).eval(), (torch.from_numpy(ex["pixels"]),),
-                {"pixels": {0: batch}}, "image_tokens", paths["image"], cfg.opset)
-        _export(TextGraph(graph.text_encoder).eval(),
-                (torch.from_numpy(ex["input_ids"]), torch.from_numpy(ex["attention_mask"])),
-                {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                "token_states", paths["text"], cfg.opset)
+        export_module(ImageGraph(graph.image_tower, fusion).eval(), (torch.from_numpy(ex["pixels"]),),
+                      {"pixels": {0: batch}}, ["image_tokens"], paths["image"], cfg.opset)
+        export_module(TextGraph(graph.text_encoder).eval(),
+                      (torch.from_numpy(ex["input_ids"]), torch.from_numpy(ex["attention_mask"])),
+                      {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                      ["token_states"], paths["text"], cfg.opset)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
@@ -189,21 +188,3 @@ def verify_split(graph: nn.Module, paths: dict[str, Path], cfg: SplitExportConfi
     if failure:
         report["failure"] = failure
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# internals
-
-
-def _export(module: nn.Module, args: tuple, dynamic: dict, output: str, path: Path, opset: int) -> None:
-    with _harmless_warnings_ignored(), torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                                    optimize=True, verbose=False)
-    _rename_output(program.model, output)
-    program.save(str(path), external_data=False)
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path} is not a valid ONNX model: {exc}") from exc

@@ -47,7 +47,8 @@ def text_graph(tmp_path_factory):
     from tiny_models import VOCAB, tiny_bert
 
     from sdk.export.build import fold_constants, matmul_scopes
-    from sdk.export.onnx_split import TextGraph, _export
+    from sdk.export.onnx_embedder import export_module
+    from sdk.export.onnx_split import TextGraph
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("calib")
@@ -55,8 +56,8 @@ def text_graph(tmp_path_factory):
 
     b, t = Dim("batch", min=1), Dim("text_len", min=1, max=512)
     ids = torch.randint(1, VOCAB, (3, 7))
-    _export(TextGraph(tiny_bert()).eval(), (ids, torch.ones_like(ids)),
-            {"input_ids": {0: b, 1: t}, "attention_mask": {0: b, 1: t}}, "token_states", folder / "text.onnx", 18)
+    export_module(TextGraph(tiny_bert()).eval(), (ids, torch.ones_like(ids)),
+                  {"input_ids": {0: b, 1: t}, "attention_mask": {0: b, 1: t}}, ["token_states"], folder / "text.onnx", 18)
     rng = np.random.default_rng(0)
     feeds = []
     for _ in range(4):
