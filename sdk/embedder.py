@@ -251,7 +251,8 @@ class Embedder:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        plans = (self._manifest.get("tensorrt") or {}).get("plans") if isinstance(self._manifest.get("tensorrt"), dict) else None
+        trt = self._manifest.get("tensorrt")
+        plans = trt.get("plans") if isinstance(trt, dict) else None
         if plans:
             built = ", ".join(sorted({f"{p.get('gpu_arch', '?')} / TensorRT {p.get('tensorrt', '?')}"
                                       for p in plans if isinstance(p, dict)})) or "unknown GPUs"
@@ -750,9 +751,12 @@ def _check_split_graphs(image, text, where: Path, size: int) -> None:
         if got_in != sorted(ins) or out not in got_out:
             raise EngineError(f"{where}: the {what} graph has inputs {got_in} / outputs {got_out}, "
                               f"expected {ins} / [{out!r}]")
-    shape = image.get_inputs()[0].shape
+    _check_pixels(image.get_inputs()[0].shape, where, "the image graph's", size)
+
+
+def _check_pixels(shape, where: Path, graph: str, size: int) -> None:
     if len(shape) != 4 or any(isinstance(s, int) and s != size for s in shape[2:]):
-        raise EngineError(f"{where}: the image graph's pixels input is {shape}, the manifest preprocesses to {size}x{size}")
+        raise EngineError(f"{where}: {graph} pixels input is {shape}, the manifest preprocesses to {size}x{size}")
 
 
 def _check_graph(session, where: Path, output: str, dim: int, size: int) -> None:
@@ -760,9 +764,7 @@ def _check_graph(session, where: Path, output: str, dim: int, size: int) -> None
     ins = {i.name: i for i in session.get_inputs()}
     if sorted(ins) != sorted(INPUT_NAMES):
         raise EngineError(f"{where}: the embedder graph has inputs {sorted(ins)}, expected {list(INPUT_NAMES)}")
-    shape = ins["pixels"].shape
-    if len(shape) != 4 or any(isinstance(s, int) and s != size for s in shape[2:]):
-        raise EngineError(f"{where}: the graph's pixels input is {shape}, the manifest preprocesses to {size}x{size}")
+    _check_pixels(ins["pixels"].shape, where, "the graph's", size)
     outs = {o.name: o for o in session.get_outputs()}
     if output not in outs:
         raise EngineError(f"{where}: the embedder graph has no output {output!r} (it has {sorted(outs)})")

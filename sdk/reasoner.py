@@ -25,8 +25,8 @@ import numpy as np
 
 from sdk.errors import EngineError, InvalidInputError
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # ids 0..5, as sdk.train.reasoner
-BOS, EOS, SEP, THINK, END_THINK = 1, 2, 3, 4, 5
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner too)
+PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
 
 
 class OnnxDecoder:

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdk.reasoner import SPECIALS, decode_ids  # noqa: E402 - the runtime's token contract
-
-PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
+# the runtime's token contract: special tokens, their ids, and decoding
+from sdk.reasoner import BOS, END_THINK, EOS, PAD, SEP, SPECIALS, THINK  # noqa: F401
+from sdk.reasoner import decode_ids as decode  # noqa: F401
 
 # Fields of the catalog record used for attributes, in the order they are written; catalog
 # attribute names are lower-cased ("Sleeve Length" -> "sleeve length").
@@ -336,10 +336,6 @@ def _encode_answer(tok, answer: str) -> list[int]:
         ids.append(THINK if special == "<think>" else END_THINK)
         rest = rest[i + len(special):]
     return ids
-
-
-def decode(tok, ids: Sequence[int]) -> str:
-    return decode_ids(tok, ids)
 
 
 # ---------------------------------------------------------------------------------------------
