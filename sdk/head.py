@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sdk.errors import EngineError
-from sdk.fused import fusion_epilogue, gelu, layer_norm, linear, project_normalize
+from sdk.fused import NEG, fusion_epilogue, gelu, layer_norm, linear, project_normalize
 
 _F32 = np.float32
 HEAD_FORMAT = 1
@@ -127,7 +127,7 @@ class FusionHead:
         kvp = self._linear(kv, name + ".kv").reshape(B, T, 2, h, c)
         k, v = kvp[:, :, 0], kvp[:, :, 1]  # (B, T, h, c)
         att = np.einsum("bhc,bthc->bht", q, k) * _F32(1.0 / math.sqrt(c))  # (B, h, T)
-        att = att + ((_F32(1.0) - mask) * _F32(-1e4))[:, None, :]
+        att = att + ((_F32(1.0) - mask) * _F32(NEG))[:, None, :]
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         y = np.einsum("bht,bthc->bhc", att, v).reshape(B, d)  # (B, d)
