@@ -142,14 +142,20 @@ def recall_at_10(text: np.ndarray, photos: np.ndarray, titles: list[str]) -> flo
     return float((keys[top] == keys[:, None]).any(1).mean())
 
 
+def probe_trace(title: str) -> str:
+    """A reasoning trace in the reasoner's format for a product, to check the trace path's numerics."""
+    return f"<think> the product is {title.lower()}; the title names it </think> {title}"
+
+
 def embed_views(embed, products: list[tuple[Path, str]]) -> dict[str, np.ndarray]:
-    """The three views of each product with an `embed(images=, texts=)` callable."""
+    """The four views of each product with an `embed(images=, texts=, traces=)` callable."""
     imgs = [p for p, _ in products]
     titles = [t for _, t in products]
     return {
         "photo+title": embed(images=imgs, texts=titles),
         "photo": embed(images=imgs, texts=None),
         "title": embed(images=None, texts=titles),
+        "photo+title+trace": embed(images=imgs, texts=titles, traces=[probe_trace(t) for t in titles]),
     }
 
 
@@ -313,11 +319,13 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     teacher_views = embed_views(teacher.embed, products)
     dims = list(teacher.model.cfg.matryoshka_dims)
     text_len = teacher.tokenizer.max_length
+    trace_trained = bool(teacher.metrics.get("trace_trained", False))
     del teacher
     tokenizer_path = text_tower_path() / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_bytes()
     precision = {"fp32": "fp32", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
-    common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len)
+    common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
+                  trace_trained=trace_trained)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
         tmp = Path(tmp)
         graph = build_reference_graph(weights)

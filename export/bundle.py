@@ -69,6 +69,7 @@ def package_embedder(
     fidelity: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     extra_parts: Mapping[str, bytes] | None = None,
+    trace_trained: bool = False,
 ) -> Path:
     """Write a `moon3.engine` holding one embedder graph.
 
@@ -83,6 +84,7 @@ def package_embedder(
         fidelity: the fidelity report measured against the FP32 teacher.
         extra: more manifest keys (e.g. "build" settings, "reasoner").
         extra_parts: more parts (e.g. the reasoner's, from `reasoner_parts`).
+        trace_trained: the embedder was trained with reasoning traces (`sdk.Pipeline` reasons only then).
 
     Returns:
         The path written.
@@ -92,7 +94,7 @@ def package_embedder(
     """
     embedder = {"part": "embedder.onnx", "precision": precision, "inputs": EMBEDDER_INPUTS, "output": "embedding"}
     manifest = _manifest(embedder, dim=dim, matryoshka_dims=matryoshka_dims, image=image, text_max_length=text_max_length,
-                         trace_max_length=trace_max_length, fidelity=fidelity, extra=extra)
+                         trace_max_length=trace_max_length, fidelity=fidelity, extra=extra, trace_trained=trace_trained)
     return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json,
                                         **dict(extra_parts or {})})
 
@@ -105,7 +107,7 @@ def package_split_embedder(
     Args:
         image_onnx: graph pixels -> image_tokens; text_onnx: graph input_ids, attention_mask ->
             token_states; head: `sdk.head.FusionHead.to_bytes()`. The keyword options (dim,
-            matryoshka_dims, precision, image, text_max_length, trace_max_length, fidelity, extra,
+            matryoshka_dims, precision, image, text_max_length, trace_max_length, fidelity, extra, trace_trained,
             extra_parts) are those of `package_embedder`.
 
     Returns:
@@ -145,7 +147,7 @@ def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[
 
 def _manifest(embedder: dict, *, dim: int, matryoshka_dims: Sequence[int], image: ImagePreprocess = ImagePreprocess(),
               text_max_length: int = 32, trace_max_length: int = 128, fidelity: Mapping[str, Any] | None = None,
-              extra: Mapping[str, Any] | None = None) -> dict:
+              extra: Mapping[str, Any] | None = None, trace_trained: bool = False) -> dict:
     dims = [int(d) for d in matryoshka_dims]
     if not dims or dims[-1] != dim or dims != sorted(set(dims)):
         raise ValueError(f"matryoshka_dims must be increasing and end at dim={dim}, got {dims}")
@@ -161,6 +163,7 @@ def _manifest(embedder: dict, *, dim: int, matryoshka_dims: Sequence[int], image
             "dim": int(dim),
             "matryoshka_dims": dims,
             "modalities": ["image", "text", "trace"],
+            "trace_trained": bool(trace_trained),
         },
         "preprocess": {
             "image": dataclasses.asdict(image),

@@ -32,6 +32,7 @@ from .towers import (
 
 TITLE_LEN = 32
 DETAIL_LEN = 96
+TRACE_LEN = 128  # the engine's trace token budget (manifest preprocess.trace.max_length)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ measured against.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from sdk.ops import check_dim, l2_normalize
 from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
 
 from .embedder import IMAGE, TEXT, TRACE, load_embedder
-from .features import TITLE_LEN
+from .features import TITLE_LEN, TRACE_LEN
 from .towers import load_image_tower, load_text_tower, text_tower_path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -31,11 +32,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 class ReferenceEmbedder:
     """FP32 PyTorch teacher: towers + fusion. Thread-unsafe; CPU."""
 
-    def __init__(self, weights: str | Path = WEIGHTS_DIR, text_max_length: int = TITLE_LEN):
+    def __init__(self, weights: str | Path = WEIGHTS_DIR, text_max_length: int = TITLE_LEN,
+                 trace_max_length: int = TRACE_LEN):
         self.model = load_embedder(weights)
+        self.metrics = json.loads((Path(weights) / "embedder.json").read_text()).get("metrics", {})
         self.image_tower = load_image_tower()
         self.text_tower = load_text_tower()
         self.tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", text_max_length)
+        self.trace_tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", trace_max_length)
         self.preprocess = ImagePreprocess()
         self.dim = self.model.cfg.out_dim
 
@@ -75,9 +79,9 @@ class ReferenceEmbedder:
             )
         return l2_normalize(out, dim) if dim < self.dim else out
 
-    def _text_states(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_states(self, texts: list[str | None], tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
         filled = [t if t else "" for t in texts]
-        ids, mask = self.tokenizer(filled)
+        ids, mask = tokenizer(filled)
         h = self.text_tower(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
         mask_t = torch.from_numpy(mask).float()
         present = torch.tensor([1.0 if t else 0.0 for t in texts])
@@ -102,7 +106,7 @@ class ReferenceEmbedder:
         present[:, TEXT] = torch.tensor([t is not None for t in texts], dtype=torch.float32)
         present[:, TRACE] = torch.tensor([t is not None for t in traces], dtype=torch.float32)
         deep, shallow = self.image_tower(torch.from_numpy(pix))
-        text_tok, text_mask = self._text_states(texts)
-        trace_tok, trace_mask = self._text_states(traces)
+        text_tok, text_mask = self._text_states(texts, self.tokenizer)
+        trace_tok, trace_mask = self._text_states(traces, self.trace_tokenizer)
         e = self.model(deep, shallow, text_tok, text_mask, trace_tok, trace_mask, present)
         return e.numpy()

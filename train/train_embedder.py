@@ -7,6 +7,12 @@ Loss (each term in-batch InfoNCE, symmetric, averaged over the Matryoshka prefix
   text -> multimodal, image -> multimodal, multimodal -> multimodal (two views: photo + title vs.
   photo with 30% of its tokens dropped + brand/description), image <-> text; the photo-only view
   also drops 30% of its tokens (another random draw).
+With `--traces` (written by `sdk.train.traces`), the reasoner's traces become the third
+modality (Think-Then-Embed): the photo+title, title and photo views also appear with the trace
+the reasoner wrote from exactly what that view shows, in the terms text+trace -> mm+trace,
+image+trace -> mm+trace, mm+trace <-> mm (description view, no trace), text+trace -> mm and
+image+trace <-> text+trace; a share of those rows drop the trace, so items with and without a
+trace stay in one space. `--init` continues from trained weights.
 Batches are built from groups of products of one article type, so in-batch negatives include
 hard ones; products that share a title (same design, other colour/size) are masked out of each
 other's negatives. Products without a photo take part in the text-only terms.
@@ -24,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from .catalog import is_validation
-from .embedder import IMAGE, TEXT, EmbedderConfig, build_embedder, matryoshka, save_embedder
+from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
 
 
 @dataclass
@@ -40,6 +47,7 @@ class TrainConfig:
     warmup_steps: int = 30
     temperature: float = 0.05
     image_token_drop: float = 0.3
+    trace_drop: float = 0.2  # share of rows of the trace views trained without their trace
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,13 +76,27 @@ class Features:
         self.detail, self.detail_mask = load("detail_tok"), load("detail_mask")
         self.flip_rows = np.load(folder / "val_flip_rows.npy")
         self.deep_flip, self.shallow_flip = load("img_deep_flip"), load("img_shallow_flip")
+        self.traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def load_traces(self, folder: str | Path, views=("photo+title", "title", "photo")) -> None:
+        """Attach the reasoner's traces (MiniLM token states per view) from `sdk.train.traces`."""
+        folder = Path(folder)
+        for view in views:
+            lines = (folder / f"{view}.jsonl").read_text(encoding="utf-8").splitlines()
+            ids = [json.loads(line)["id"] for line in lines if line.strip()]
+            if ids != [int(i) for i in self.ids]:
+                raise ValueError(f"{folder / view}.jsonl rows do not match the feature cache's ids")
+            tok = torch.from_numpy(np.load(folder / f"{view}_tok.npy"))
+            self.traces[view] = (tok, torch.from_numpy(np.load(folder / f"{view}_mask.npy")))
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False, image_features=None):
-    """Model inputs for rows: image on/off, text None/'title'/'detail'; trace absent.
+def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False, image_features=None,
+                 trace: str | None = None, trace_keep: torch.Tensor | None = None):
+    """Model inputs for rows: image on/off, text None/'title'/'detail', trace None or a view of
+    `f.traces` (rows with `trace_keep` 0 go without it).
 
     `image_features` (deep, shallow) of these rows from an earlier call are reused as they are,
     so the views of one training step gather and convert the image features once.
@@ -101,7 +123,15 @@ def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool
         present[:, TEXT] = 1.0
     else:
         mask = torch.zeros_like(mask)
-    trace_tok, trace_mask = torch.zeros(B, 1, tok.shape[-1]), torch.zeros(B, 1)
+    if trace is None:
+        trace_tok, trace_mask = torch.zeros(B, 1, tok.shape[-1]), torch.zeros(B, 1)
+    else:
+        trace_tok, trace_mask = f.traces[trace][0][rows].float(), f.traces[trace][1][rows].float()
+        if trace_keep is not None:
+            trace_mask = trace_mask * trace_keep[:, None]
+        s = int(trace_mask.sum(1).max().clamp(min=1))
+        trace_tok, trace_mask = trace_tok[:, :s], trace_mask[:, :s]
+        present[:, TRACE] = (trace_mask.sum(1) > 0).float()
     return deep, shallow, tok, mask, trace_tok, trace_mask, present
 
 
@@ -134,9 +164,11 @@ def make_batches(rows: np.ndarray, groups: np.ndarray, cfg: TrainConfig, rng: np
 
 
 @torch.no_grad()
-def embed_rows(model, f: Features, rows, *, image: bool, text: str | None, flip: bool = False, bs: int = 256):
+def embed_rows(model, f: Features, rows, *, image: bool, text: str | None, flip: bool = False, trace: str | None = None,
+               bs: int = 256):
     model.eval()
-    out = [model(*batch_inputs(f, rows[i : i + bs], image=image, text=text, flip=flip)) for i in range(0, len(rows), bs)]
+    out = [model(*batch_inputs(f, rows[i : i + bs], image=image, text=text, flip=flip, trace=trace))
+           for i in range(0, len(rows), bs)]
     return torch.cat(out)
 
 
@@ -158,16 +190,33 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
     e_mm2 = embed_rows(model, f, img_rows, image=True, text="detail", flip=True)
     e_detail = embed_rows(model, f, img_rows, image=False, text="detail")
     k_img, k_all = title_key[img_rows], title_key[val_rows]
+    tasks = [
+        ("text->image", e_txt_img, e_img, k_img, k_img),
+        ("image->text", e_img, e_txt_all, k_img, k_all),
+        ("mm->mm", e_mm, e_mm2, k_img, k_img),
+        ("description->mm", e_detail, e_mm, k_img, k_img),
+    ]
+    if f.traces:
+        # trace on: every side carries the trace the reasoner wrote from what that side shows
+        t_img = embed_rows(model, f, img_rows, image=True, text=None, trace="photo")
+        t_txt_img = embed_rows(model, f, img_rows, image=False, text="title", trace="title")
+        t_txt_all = embed_rows(model, f, val_rows, image=False, text="title", trace="title")
+        t_mm = embed_rows(model, f, img_rows, image=True, text="title", trace="photo+title")
+        t_mm2 = embed_rows(model, f, img_rows, image=True, text="detail", flip=True, trace="photo")
+        tasks += [
+            ("trace text->image", t_txt_img, t_img, k_img, k_img),
+            ("trace image->text", t_img, t_txt_all, k_img, k_all),
+            ("trace mm->mm", t_mm, t_mm2, k_img, k_img),
+            ("trace description->mm", e_detail, t_mm, k_img, k_img),
+            # catalog side traced offline, queries without (no reasoning at query time)
+            ("catalog-trace text->image", e_txt_img, t_img, k_img, k_img),
+            ("catalog-trace mm->mm", e_mm, t_mm2, k_img, k_img),
+        ]
     res = {}
     for d in dims:
         m = lambda e: matryoshka(e, d)  # noqa: E731
         sfx = "" if d == max(dims) else f"@{d}d"
-        for name, q, g, qk, gk in (
-            ("text->image", e_txt_img, e_img, k_img, k_img),
-            ("image->text", e_img, e_txt_all, k_img, k_all),
-            ("mm->mm", e_mm, e_mm2, k_img, k_img),
-            ("description->mm", e_detail, e_mm, k_img, k_img),
-        ):
+        for name, q, g, qk, gk in tasks:
             for key, v in recall_at(m(q), m(g), qk, gk).items():
                 res[f"{name} {key}{sfx}"] = round(v, 4)
     return res
@@ -194,14 +243,16 @@ def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
     return np.array([index.setdefault(at[int(i)], len(index)) for i in f.ids])
 
 
-def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print) -> dict:
+def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print,
+          init: nn.Module | None = None) -> dict:
+    """Train (or, with `init`, continue training) an embedder; returns the metrics dict."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     keys = title_keys(f, catalog)
     types = article_types(f, catalog)
     is_val = np.array([is_validation(i) for i in f.ids])
     train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    model = build_embedder(model_cfg)
+    model = build_embedder(model_cfg) if init is None else init
     n_params = sum(p.numel() for p in model.parameters())
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "query" not in n]
@@ -243,6 +294,12 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 *batch_inputs(f, rows, image=True, text=None, image_features=feats), image_keep=keep_img, image_tokens=img_tok
             )
             e_txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats), image_tokens=img_tok)
+            traced = []
+            if f.traces:
+                for view, image, text in (("photo+title", True, "title"), ("title", False, "title"), ("photo", True, None)):
+                    keep = (torch.rand(len(rows)) >= cfg.trace_drop).float()
+                    inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep)
+                    traced.append(model(*inputs, image_tokens=img_tok))
             loss = 0.0
             for d in dims:
                 mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))
@@ -252,6 +309,15 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                     + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
                     + info_nce(im, tx, same, has_img, all_ok, scale)
                 ) / len(dims)
+                if traced:
+                    mm_t, tx_t, im_t = (matryoshka(e, d) for e in traced)
+                    loss = loss + (
+                        info_nce(tx_t, mm_t, same, all_ok, all_ok, scale)
+                        + info_nce(im_t, mm_t, same, has_img, all_ok, scale)
+                        + info_nce(mm_t, mm2, same, all_ok, all_ok, scale)
+                        + info_nce(tx_t, mm1, same, all_ok, all_ok, scale)
+                        + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
+                    ) / len(dims)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -277,6 +343,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         "fire_scales": fire_scales,
         "history": history,
         "train_config": cfg.__dict__,
+        "trace_trained": bool(f.traces),
     }
     if out is not None:
         save_embedder(model, out, metrics=result)
@@ -292,19 +359,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--traces", default=None, help="trace cache from sdk.train.traces: train the trace modality")
+    ap.add_argument("--init", default=None, help="continue from this embedder folder (embedder.json + .safetensors)")
+    ap.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     ap.add_argument("--out", default=None, help="folder to write embedder.safetensors + embedder.json")
     ap.add_argument("--report", default=None, help="also write the metrics JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     f = Features(args.features)
     catalog = args.catalog or f.meta.get("catalog")
+    if args.traces:
+        f.load_traces(args.traces)
+    init = None
+    if args.init:
+        from .embedder import load_embedder
+
+        init = load_embedder(args.init)
     res = train(
-        EmbedderConfig(variant=args.variant),
-        TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size),
+        init.cfg if init is not None else EmbedderConfig(variant=args.variant),
+        TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps),
         f,
         catalog,
         Path(args.out) if args.out else None,
         log=tqdm.write,
+        init=init,
     )
     print(json.dumps(res["final"], indent=2))
     if args.report:

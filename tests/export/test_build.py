@@ -78,8 +78,12 @@ def test_int8_build_meets_its_gates_and_records_them(int8_engine):
     assert fid["passed"] and fid["items"] == 40
     assert m["embedder"]["precision"] == "int8-dynamic"
     assert m["embedder"]["layout"] == "split" and m["build"]["layout"] == "split"
-    for view in ("photo+title", "photo", "title"):
+    for view in ("photo+title", "photo", "title", "photo+title+trace"):
         assert fid["views"][view]["cosine_mean"] >= 0.995
+    from sdk.train.reference import WEIGHTS_DIR
+
+    trained = json.loads((WEIGHTS_DIR / "embedder.json").read_text())["metrics"].get("trace_trained", False)
+    assert m["embedder"]["trace_trained"] is trained
     assert fid["onnx_parity"]["min_cosine"] >= 0.9999
     assert fid["candidates_tried"][-1]["passed"]
     assert m["versions"]["onnxruntime"]

@@ -88,3 +88,62 @@ def test_train_config_validates(kw):
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sdk.train.features"):
         Features(tmp_path)
+
+
+def write_traces(cache, folder, seed=1, title_noise=3.0):
+    """Traces that carry the product's latent cleanly while its title is drowned in noise, so an
+    embedder that uses the trace modality must retrieve better with it."""
+    import json as _json
+
+    rng = np.random.default_rng(seed)
+    f = Features(cache)
+    n = len(f)
+    z = np.load(cache / "z.npy")
+    D = rng.normal(size=(6, 16))
+    title = np.load(cache / "title_tok.npy").astype(np.float32)
+    np.save(cache / "title_tok.npy", (title + title_noise * rng.normal(size=title.shape)).astype(np.float16))
+    folder.mkdir(exist_ok=True)
+    for view in ("photo+title", "title", "photo"):
+        tok = (z @ D)[:, None, :] + 0.3 * rng.normal(size=(n, 6, 16))
+        np.save(folder / f"{view}_tok.npy", tok.astype(np.float16))
+        np.save(folder / f"{view}_mask.npy", np.ones((n, 6), np.uint8))
+        with (folder / f"{view}.jsonl").open("w") as out:
+            for i in f.ids:
+                out.write(_json.dumps({"id": int(i), "trace": "t", "tokens": 6}) + "\n")
+    return folder
+
+
+def test_training_with_traces_uses_the_trace_modality(tmp_path):
+    cache = write_cache(tmp_path)
+    rng = np.random.default_rng(123)
+    np.save(cache / "z.npy", rng.normal(size=(300, 6)))  # not the titles' latent: only traces carry this one
+    # retrieval target: products' traces and photos must agree, so give the photos the same latent
+    z = np.load(cache / "z.npy")
+    deep = (z @ rng.normal(size=(6, 24)))[:, None, :] + 0.3 * rng.normal(size=(300, 9, 24))
+    has = np.load(cache / "has_image.npy")
+    deep[~has] = 0
+    np.save(cache / "img_deep.npy", deep.astype(np.float16))
+    val_rows = np.load(cache / "val_flip_rows.npy")
+    np.save(cache / "img_deep_flip.npy", (deep[val_rows] + 0.05).astype(np.float16))
+    traces = write_traces(cache, tmp_path / "traces")
+    f = Features(cache)
+    f.load_traces(traces)
+    cfg = TrainConfig(epochs=6, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5)
+    res = train(EmbedderConfig(**TINY), cfg, f, None, tmp_path / "out", log=lambda *_: None)
+    final = res["final"]
+    assert res["trace_trained"] is True
+    # the title says nothing about the photo's latent; the trace does
+    assert final["trace text->image R@1"] > final["text->image R@1"] + 0.2, final
+    assert final["trace text->image R@1"] > 0.4, final
+    saved = json.loads((tmp_path / "out" / "embedder.json").read_text())
+    assert saved["metrics"]["trace_trained"] is True
+
+
+def test_traces_must_match_the_feature_rows(tmp_path):
+    cache = write_cache(tmp_path, n=40)
+    np.save(cache / "z.npy", np.zeros((40, 6)))
+    traces = write_traces(cache, tmp_path / "traces")
+    lines = (traces / "title.jsonl").read_text().splitlines()
+    (traces / "title.jsonl").write_text("\n".join(lines[::-1]) + "\n")
+    with pytest.raises(ValueError, match="do not match"):
+        Features(cache).load_traces(traces)
