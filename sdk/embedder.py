@@ -161,7 +161,10 @@ class Embedder:
     """Embeds products (image, title, reasoning trace) with a `moon3.engine`.
 
     Args:
-        path: the engine file. It is verified (checksums, format version) before anything runs.
+        path: the engine file (or an open `sdk.engine.EngineFile`). Its header and manifest are
+            verified at once; each part the embedder uses (graphs, head, tokenizers) is verified
+            against its checksum when read, before it runs. Parts it does not use (a reasoner's
+            graphs, TensorRT plans) are never read.
         providers: backend names from `BACKENDS`, in order of preference ("cpu", "cuda",
             "tensorrt"), or one name; None means ["cpu"].
         threads: ONNX Runtime intra-op threads; None lets ONNX Runtime choose.
@@ -180,7 +183,7 @@ class Embedder:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | EngineFile,
         providers: str | Sequence[str] | None = None,
         threads: int | None = None,
     ):
@@ -197,8 +200,18 @@ class Embedder:
                     f"(it has {sorted(have)}); {b.install}"
                 )
 
-        engine = EngineFile.read(path)
-        self._path = Path(path)
+        # Lazy: only the parts the embedder uses are read, each verified against its checksum
+        # when read (a reasoner's graphs are never read here). A given EngineFile stays open.
+        own = not isinstance(path, EngineFile)
+        engine = EngineFile.open(path) if own else path
+        try:
+            self._init(engine, names, threads, ort)
+        finally:
+            if own:
+                engine.close()
+
+    def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
+        self._path = engine.path
         self._manifest = engine.manifest
         spec = _embedder_spec(engine)
         self._dim: int = spec["dim"]
@@ -249,7 +262,7 @@ class Embedder:
                 f"requested backend(s) {missing} are not active in onnxruntime (active providers: {active}); "
                 f"embedding runs on {self.backend!r}. Check the GPU drivers / CUDA / TensorRT libraries.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         trt = self._manifest.get("tensorrt")
         plans = trt.get("plans") if isinstance(trt, dict) else None
@@ -260,7 +273,7 @@ class Embedder:
                 f"{self._path}: the engine carries TensorRT plan(s) built for {built}; this runtime has no native "
                 f"TensorRT backend yet, so the plans are ignored and the ONNX graphs run on {self.backend!r}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     # ------------------------------------------------------------------ properties
