@@ -34,6 +34,8 @@ This module never imports torch; onnxruntime is imported when an `Embedder` is c
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -254,6 +256,7 @@ class Embedder:
             _check_graph(session, self._path, self._output, self._dim, self._image_cfg.size)
             self._split = None
         self._session = session
+        self._fingerprint = _fingerprint(engine, spec)  # every part it names was read above
         active = list(session.get_providers())
         self._providers = tuple(active)
         missing = [n for n in names if BACKENDS[n].provider not in active]
@@ -282,6 +285,13 @@ class Embedder:
     def dim(self) -> int:
         """Full embedding width."""
         return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what this embedder computes: a hash of the checksums of the parts it runs
+        (graphs, head, tokenizers), its preprocessing and its output. Two engines with the same
+        fingerprint give the same vectors; a vector index records it (see `sdk.index`)."""
+        return self._fingerprint
 
     @property
     def matryoshka_dims(self) -> tuple[int, ...]:
@@ -732,9 +742,18 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
             raise EngineError(f"{where}: tokenizer part {p!r} cannot be loaded: {exc}") from exc
     return {
+        "tokenizer_parts": sorted({text_part, trace_part}),
         "layout": layout, "parts": parts, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
         "image": image, "text_tokenizer": toks[text_part, text_len], "trace_tokenizer": toks[trace_part, trace_len],
     }
+
+
+def _fingerprint(engine: EngineFile, spec: dict[str, Any]) -> str:
+    sha = {p["name"]: p["sha256"] for p in engine.manifest["parts"]}
+    used = sorted(set(spec["parts"].values()) | set(spec["tokenizer_parts"]))
+    ident = {"parts": {n: sha[n] for n in used}, "preprocess": engine.manifest.get("preprocess"),
+             "layout": spec["layout"], "output": spec["output"], "dim": spec["dim"]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str) -> None:
