@@ -422,12 +422,12 @@ BLAS_QUERY_THRESHOLD = 20
 def _use_blas_for_query_batches(faiss, dim: int) -> None:
     """Let an exact faiss search of a batch of queries run as one matrix product (BLAS).
 
-    faiss picks BLAS over its per-query scan above `distance_compute_blas_threshold`. Measured
-    with faiss-cpu 1.15.1 over 50k 256-d vectors, one thread: with its shipped value (128,000)
-    32 queries took the scan (130 ms, 5x NumPy's matrix product); at 20 x dim (5,120) they take
-    one matrix product (23 ms) while single queries keep the scan (a lower value sends single
-    queries to BLAS too, 5x slower at 8.5k vectors). The setting is process-wide; it is only
-    ever lowered here, and changes the kernel, not the results (the same exact top-k)."""
+    faiss picks BLAS over its per-query scan above `distance_compute_blas_threshold`. With
+    faiss-cpu 1.15.1's shipped value (128,000), 32 queries over 50k 256-d vectors took the scan:
+    122 ms against NumPy's 25 ms (benchmarks/test_bench_search.py, one thread); at 20 x dim they
+    take one matrix product (23 ms) while single queries keep the scan (at 20 they went to BLAS
+    too, 4.6x slower over 8.5k vectors). The setting is process-wide; it is only ever lowered
+    here, and changes the kernel, not the results (the same exact top-k)."""
     cvar = faiss.cvar
     target = BLAS_QUERY_THRESHOLD * dim
     if getattr(cvar, "distance_compute_blas_threshold", 0) > target:
