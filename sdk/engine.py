@@ -105,6 +105,9 @@ class EngineFile:
     manifest (which lists every part's checksum, so it identifies the whole file). An opened file
     keeps its descriptor until `close()` (or the end of a `with` block, or garbage collection):
     parts are read from the file that was verified at open even if the path is replaced meanwhile.
+    Parts are read with `pread`, not memory-mapped: ONNX Runtime takes a graph as `bytes` (a copy
+    either way), and a mapping of a file truncated while in use faults (SIGBUS) where a read
+    returns short and is refused with `EngineError`.
     """
 
     def __init__(self, path: Path, manifest: dict, index: dict[str, tuple[int, int, str]], digest: str,

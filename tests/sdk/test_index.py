@@ -299,3 +299,20 @@ def test_cli_index_build_and_search_round_trip(tiny_engine, tmp_path, capsys):
     (out / "vectors.npy").write_bytes(b"\x93NUMPY garbage")
     assert main(["search", str(tiny_engine.path), "--index", str(out), "--query", w[0]]) == 2
     assert "vectors.npy: checksum mismatch" in capsys.readouterr().err
+
+
+def test_the_index_module_stays_light():
+    """`import sdk.index` imports neither faiss (lazy, optional) nor torch; searching with faiss
+    imports faiss, still not torch."""
+    import subprocess
+    import sys
+
+    from sdk.errors import SdkError
+
+    assert issubclass(IndexFileError, SdkError)
+    code = ("import sys, numpy as np; from sdk.index import VectorIndex; "
+            "print('faiss' in sys.modules, 'torch' in sys.modules); "
+            "v = np.eye(4, dtype=np.float32); VectorIndex.build(v, [1, 2, 3, 4]).search(v[:1], 2); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "False"], out

@@ -175,3 +175,20 @@ def test_a_damaged_embedder_part_is_refused_by_the_pipeline(engines, tmp_path):
     bad = _damaged(both, tmp_path / "bad.engine", "text.onnx")
     with pytest.raises(EngineError, match=r"checksum mismatch in part 'text\.onnx'"):
         Pipeline(bad, complete_title=True, threads=1)
+
+
+def test_a_reasoner_graph_naming_external_files_is_refused(engines, tmp_path):
+    """As for the embedder: ONNX Runtime would read external data relative to the working folder."""
+    onnx = pytest.importorskip("onnx")
+    from sdk.engine import EngineFile, write_engine
+    from sdk.reasoner import Reasoner
+
+    both, _ = engines
+    src = EngineFile.read(both)
+    part = src.manifest["reasoner"]["parts"]["visual"]
+    model = onnx.load_model_from_string(src.part(part))
+    onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=0)
+    parts = {n: src.part(n) for n in src.part_names} | {part: model.SerializeToString()}
+    bad = write_engine(tmp_path / "ext.engine", src.manifest, parts)
+    with pytest.raises(EngineError, match=rf"part '{part}' keeps tensor data in external files"):
+        Reasoner(bad, threads=1)
