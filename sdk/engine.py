@@ -148,8 +148,13 @@ class EngineFile:
         except BaseException:
             os.close(fd)
             raise
-        _warn_if_newer(path, manifest)
-        return cls(path, manifest, index, digest, fd=fd)
+        engine = cls(path, manifest, index, digest, fd=fd)
+        try:
+            _warn_if_newer(path, manifest)  # may raise where warnings are errors
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "EngineFile":

@@ -290,6 +290,16 @@ def test_cli_index_build_and_search_round_trip(tiny_engine, tmp_path, capsys):
     assert lines[1].startswith(f'text query "{w[2]} {w[3]}"')
     assert lines[2].split()[:3] == ["1.", "1.000", "12"] and f"{w[2]} {w[3]}" in lines[2]
     assert len(lines) == 5
+    # a Matryoshka-prefix index: queries are embedded at its width
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["index", "build", str(tiny_engine.path), "--catalog", str(cat), "--out", str(tmp_path / "ix16"),
+                     "--dim", "16", "--limit", "6", "--threads", "1"]) == 0
+    assert "6 of 6 products, 16-d" in capsys.readouterr().out
+    assert main(["search", str(tiny_engine.path), "--index", str(tmp_path / "ix16"), "--query", f"{w[2]} {w[3]}",
+                 "-k", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "16-d flat index" in lines[0] and lines[2].split()[:3] == ["1.", "1.000", "12"]
     # the no-index mode still works, and an index is not optional without a catalog
     assert main(["search", str(tiny_engine.path), "--catalog", str(cat), "--query", w[0], "--k", "2",
                  "--threads", "1"]) == 0
