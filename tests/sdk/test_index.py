@@ -326,3 +326,16 @@ def test_the_index_module_stays_light():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "False"], out
+
+
+@needs_faiss
+def test_saving_over_an_index_of_another_kind_replaces_it(data, tmp_path):
+    v, ids, q = data
+    folder = VectorIndex.build(v[:500], ids[:500], IndexConfig.hnsw(m=8)).save(tmp_path / "ix")
+    assert (folder / "faiss.index").is_file()
+    VectorIndex.build(v[:300], ids[:300]).save(folder)
+    assert not (folder / "faiss.index").exists()
+    back = VectorIndex.load(folder)
+    assert back.kind == "flat" and len(back) == 300
+    with pytest.raises(ValueError, match="an IVF index with 64 lists needs at least 64 vectors, got 10"):
+        VectorIndex.build(v[:10], ids[:10], IndexConfig.ivf(nlist=64))
