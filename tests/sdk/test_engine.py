@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import struct
 
 import pytest
@@ -193,3 +194,25 @@ def test_open_of_a_missing_or_unreadable_path(tmp_path):
     (tmp_path / "t").write_bytes(b"")
     with pytest.raises(EngineError, match=r"not a moon3 engine \(only 0 bytes"):
         EngineFile.open(tmp_path / "t")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_loading_models_leaves_no_descriptor_open(tiny_engine, tmp_path):
+    from sdk import Embedder
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    Embedder(tiny_engine.path, threads=1).close()  # imports and ONNX Runtime's own files first
+    before = fds()
+    for _ in range(5):
+        Embedder(tiny_engine.path, threads=1).embed(texts=["red"])
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(tiny_engine.path.read_bytes()[:-1])
+    for _ in range(3):
+        with pytest.raises(EngineError):
+            Embedder(bad, threads=1)
+    e = EngineFile.open(tiny_engine.path)
+    assert fds() == before + 1
+    del e  # garbage collection closes it too
+    assert fds() == before
