@@ -192,3 +192,16 @@ def test_a_reasoner_graph_naming_external_files_is_refused(engines, tmp_path):
     bad = write_engine(tmp_path / "ext.engine", src.manifest, parts)
     with pytest.raises(EngineError, match=rf"part '{part}' keeps tensor data in external files"):
         Reasoner(bad, threads=1)
+
+
+def test_the_reasoner_is_loaded_once_by_concurrent_callers(engines):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdk.pipeline import Pipeline
+
+    both, _ = engines
+    p = Pipeline(both, complete_title=True, threads=1)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda _: p.reasoner, range(8)))
+    assert p.reasoner_loaded and all(r is got[0] for r in got)
+    assert p._engine._finalizer.alive is False  # the file is closed once the reasoner is in memory
