@@ -225,11 +225,13 @@ def _scan_parquet(path: Path, shard_size: int) -> tuple[str, list[Any], list[tup
 
 def _engine_identity(engine: Path) -> tuple[str, int]:
     """(sha256 identifying the engine, its full width). The manifest lists every part's sha256 and
-    EngineFile.read verifies them, so hashing the manifest identifies the whole file in one read."""
+    its own digest is verified when the file is opened, so hashing the manifest identifies the whole
+    file without reading the parts (each is verified where it is loaded, by the workers)."""
     from sdk.engine import EngineFile
     from sdk.errors import EngineError
 
-    m = EngineFile.read(engine).manifest
+    with EngineFile.open(engine) as e:
+        m = e.manifest
     try:
         dim = int(m["embedder"]["dim"])
     except (KeyError, TypeError, ValueError) as exc:

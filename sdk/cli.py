@@ -1,4 +1,4 @@
-"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | search | bench`
+"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | index | search | bench`
 (also `python -m sdk`).
 
 `build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); `embed-catalog` needs
@@ -115,6 +115,13 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _renumber(msg: str, index: int) -> str:
+    """An embedder message about record i of a chunk ("record 3 image: ...") about the file's record."""
+    import re
+
+    return re.sub(r"^record \d+", f"record {index}", msg, count=1)
+
+
 def _embed_records(emb, records: list[dict], root: Path, dim: int | None, chunk: int = 256):
     """Vectors for records (NaN rows for bad ones) and {index: message}, with progress on stderr."""
     import numpy as np
@@ -128,7 +135,7 @@ def _embed_records(emb, records: list[dict], root: Path, dim: int | None, chunk:
             v = emb.embed_products(part, root=root, dim=dim)
         except BatchError as exc:
             v = exc.vectors
-            errors.update({s + i: msg.replace(f"record {i}:", f"record {s + i}:", 1) for i, msg in exc.errors.items()})
+            errors.update({s + i: _renumber(msg, s + i) for i, msg in exc.errors.items()})
         vecs.append(v)
         print(f"\rembedded {min(s + chunk, len(records))}/{len(records)} products", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -195,7 +202,76 @@ def _cmd_embed_catalog(args: argparse.Namespace) -> int:
     return 1 if summary.bad else 0
 
 
+def _progress(done: int, total: int, t0: float, what: str = "products") -> None:
+    import time
+
+    width = 30
+    frac = done / total if total else 1.0
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    print(f"\r[{bar}] {done}/{total} {what}  {rate:.1f}/s  eta {eta:.0f} s ", end="", file=sys.stderr, flush=True)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from sdk.embedder import Embedder
+    from sdk.errors import BatchError
+    from sdk.index import IndexConfig, VectorIndex
+
+    config = {"flat": IndexConfig.flat, "hnsw": lambda: IndexConfig.hnsw(args.hnsw_m, args.ef_search),
+              "ivf": lambda: IndexConfig.ivf(args.nlist, args.nprobe)}[args.kind]()
+    root = Path(args.catalog)
+    src = Path(args.input) if args.input else root / "items.jsonl"
+    records = _read_jsonl(src)
+    if args.limit:
+        records = records[: args.limit]
+    emb = Embedder(args.engine, threads=args.threads)
+    bad: dict[int, str] = {}
+    ids: list = []
+    seen: set = set()
+    for i, r in enumerate(records):
+        rid = r.get("id", i) if isinstance(r, dict) else i  # no id: the line number
+        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+            bad[i] = f"record {i}: id {rid!r} is not an int or str"
+        elif rid in seen:
+            bad[i] = f"record {i}: id {rid!r} repeats an earlier record's"
+        seen.add(rid)
+        ids.append(rid)
+    vecs = np.full((len(records), args.dim or emb.dim), np.nan, np.float32)
+    t0 = time.time()
+    for s in range(0, len(records), args.chunk):
+        part = records[s : s + args.chunk]
+        try:
+            vecs[s : s + len(part)] = emb.embed_products(part, root=args.root or root, dim=args.dim)
+        except BatchError as exc:
+            vecs[s : s + len(part)] = exc.vectors
+            bad.update({s + i: _renumber(msg, s + i) for i, msg in exc.errors.items() if s + i not in bad})
+        _progress(min(s + args.chunk, len(records)), len(records), t0)
+    print(file=sys.stderr)
+    t_embed = time.time() - t0
+    keep = [i for i in range(len(records)) if i not in bad and np.isfinite(vecs[i]).all()]
+    for i, msg in sorted(bad.items()):
+        print(f"  bad item: {msg}", file=sys.stderr)
+    t0 = time.time()
+    index = VectorIndex.build(vecs[keep], [ids[i] for i in keep], config, embedder=emb, backend=args.backend,
+                              threads=args.threads)
+    t_build = time.time() - t0
+    index.save(args.out)
+    print(f"wrote {args.out}: {len(index)} of {len(records)} products, {index.dim}-d, {index.kind} index on "
+          f"{index.backend} ({emb.precision}, backend {emb.backend}); embedded in {t_embed:.1f} s, "
+          f"indexed in {t_build:.2f} s; {len(bad)} bad item(s)")
+    return 1 if bad else 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
+    if args.index:
+        return _search_index(args)
+    if not args.catalog:
+        raise SdkError("search needs --index INDEX (from `moon3 index build`) or --catalog DIR")
     import time
 
     import numpy as np
@@ -228,6 +304,42 @@ def _cmd_search(args: argparse.Namespace) -> int:
             show(f'text query "{text}":', q)
     for path in args.image or []:
         show(f"photo query {path}:", emb.embed(images=[path])[0])
+    return 0
+
+
+def _search_index(args: argparse.Namespace) -> int:
+    import time
+
+    from sdk.embedder import Embedder
+    from sdk.index import VectorIndex
+
+    t0 = time.time()
+    emb = Embedder(args.engine, threads=args.threads)
+    t_engine = time.time() - t0
+    t0 = time.time()
+    index = VectorIndex.load(args.index, embedder=emb, backend=args.backend)
+    t_index = time.time() - t0
+    titles = {}
+    if args.catalog:  # only to print titles next to the ids
+        for r in _read_jsonl(Path(args.catalog) / "items.jsonl"):
+            if isinstance(r, dict) and "id" in r:
+                titles[r["id"]] = f"{r.get('title')}  [{r.get('article_type', '')}, {r.get('base_colour', '')}]"
+    print(f"{Path(args.index).name}: {len(index)} products, {index.dim}-d {index.kind} index on {index.backend} "
+          f"(loaded in {t_index:.2f} s); engine {emb.path.name} ({emb.precision}, loaded in {t_engine:.1f} s)")
+    dim = index.dim if index.dim != emb.dim else None
+    queries = [(f'text query "{q}"', {"texts": [q]}) for q in args.query or []]
+    queries += [(f"photo query {p}", {"images": [p]}) for p in args.image or []]
+    if not queries:
+        raise SdkError("give at least one --query TEXT or --image PATH")
+    for title, call in queries:
+        t0 = time.perf_counter()
+        q = emb.embed(**call, dim=dim)
+        t1 = time.perf_counter()
+        scores, ids = index.search(q, args.k)
+        t2 = time.perf_counter()
+        print(f"{title}: (embed {1e3 * (t1 - t0):.1f} ms, search {1e3 * (t2 - t1):.2f} ms)")
+        for rank, (score, i) in enumerate(zip(scores[0], ids[0]), 1):
+            print(f"  {rank}. {score:.3f}  {i}" + (f"  {titles[i]}" if i in titles else ""))
     return 0
 
 
@@ -345,14 +457,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="start over if OUT holds another job")
     c.set_defaults(func=_cmd_embed_catalog)
 
-    s = sub.add_parser("search", help="nearest products of a catalog folder for text or photo queries")
+    s = sub.add_parser("search", help="nearest products for text or photo queries, from an index or a catalog folder")
     s.add_argument("engine")
-    s.add_argument("--catalog", required=True, help="folder with items.jsonl (+ images)")
+    s.add_argument("--index", default=None, help="vector index folder from `moon3 index build`")
+    s.add_argument("--catalog", default=None, help="folder with items.jsonl (+ images): embedded and searched "
+                   "exhaustively when no --index; with --index, only read to print titles")
     s.add_argument("--query", action="append", help="text query (repeatable)")
     s.add_argument("--image", action="append", help="photo query (repeatable)")
-    s.add_argument("--k", type=int, default=5)
+    s.add_argument("-k", "--k", type=int, default=5)
+    s.add_argument("--backend", choices=("faiss", "numpy"), default=None, help="index search backend "
+                   "(default: faiss when installed, else numpy)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(func=_cmd_search)
+
+    x = sub.add_parser("index", help="vector indexes for `moon3 search` (faiss with `pip install 'moon3-sdk[search]'`)")
+    xs = x.add_subparsers(dest="index_cmd", required=True)
+    xb = xs.add_parser("build", help="embed a catalog folder and write a vector index",
+                       description="Embed every product of a catalog (items.jsonl: id, title, image) and write a "
+                       "vector index folder. Bad items are reported and left out (exit 1 if any).")
+    xb.add_argument("engine")
+    xb.add_argument("--catalog", required=True, help="folder with items.jsonl (+ images)")
+    xb.add_argument("--input", default=None, help="another JSONL file of products (default: CATALOG/items.jsonl)")
+    xb.add_argument("--root", default=None, help="image folder (default: the catalog folder)")
+    xb.add_argument("--out", required=True, help="index folder to write")
+    xb.add_argument("--kind", choices=("flat", "hnsw", "ivf"), default="flat",
+                    help="flat: exact (default); hnsw / ivf: approximate, for large catalogs (faiss)")
+    xb.add_argument("--hnsw-m", type=int, default=32)
+    xb.add_argument("--ef-search", type=int, default=64)
+    xb.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4 sqrt(N))")
+    xb.add_argument("--nprobe", type=int, default=8)
+    xb.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: full)")
+    xb.add_argument("--limit", type=int, default=None, help="index only the first N products")
+    xb.add_argument("--chunk", type=int, default=256, help="products per embedding call")
+    xb.add_argument("--backend", choices=("faiss", "numpy"), default=None)
+    xb.add_argument("--threads", type=int, default=None)
+    xb.set_defaults(func=_cmd_index_build)
 
     n = sub.add_parser("bench", help="latency p50/p99, throughput, cold start and peak RSS of an engine (runtime only)")
     n.add_argument("engine")

@@ -34,6 +34,8 @@ This module never imports torch; onnxruntime is imported when an `Embedder` is c
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -161,7 +163,10 @@ class Embedder:
     """Embeds products (image, title, reasoning trace) with a `moon3.engine`.
 
     Args:
-        path: the engine file. It is verified (checksums, format version) before anything runs.
+        path: the engine file (or an open `sdk.engine.EngineFile`). Its header and manifest are
+            verified at once; each part the embedder uses (graphs, head, tokenizers) is verified
+            against its checksum when read, before it runs. Parts it does not use (a reasoner's
+            graphs, TensorRT plans) are never read.
         providers: backend names from `BACKENDS`, in order of preference ("cpu", "cuda",
             "tensorrt"), or one name; None means ["cpu"].
         threads: ONNX Runtime intra-op threads; None lets ONNX Runtime choose.
@@ -180,7 +185,7 @@ class Embedder:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | EngineFile,
         providers: str | Sequence[str] | None = None,
         threads: int | None = None,
     ):
@@ -197,8 +202,18 @@ class Embedder:
                     f"(it has {sorted(have)}); {b.install}"
                 )
 
-        engine = EngineFile.read(path)
-        self._path = Path(path)
+        # Lazy: only the parts the embedder uses are read, each verified against its checksum
+        # when read (a reasoner's graphs are never read here). A given EngineFile stays open.
+        own = not isinstance(path, EngineFile)
+        engine = EngineFile.open(path) if own else path
+        try:
+            self._init(engine, names, threads, ort)
+        finally:
+            if own:
+                engine.close()
+
+    def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
+        self._path = engine.path
         self._manifest = engine.manifest
         spec = _embedder_spec(engine)
         self._dim: int = spec["dim"]
@@ -241,6 +256,7 @@ class Embedder:
             _check_graph(session, self._path, self._output, self._dim, self._image_cfg.size)
             self._split = None
         self._session = session
+        self._fingerprint = _fingerprint(engine, spec)  # every part it names was read above
         active = list(session.get_providers())
         self._providers = tuple(active)
         missing = [n for n in names if BACKENDS[n].provider not in active]
@@ -249,7 +265,7 @@ class Embedder:
                 f"requested backend(s) {missing} are not active in onnxruntime (active providers: {active}); "
                 f"embedding runs on {self.backend!r}. Check the GPU drivers / CUDA / TensorRT libraries.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         trt = self._manifest.get("tensorrt")
         plans = trt.get("plans") if isinstance(trt, dict) else None
@@ -260,7 +276,7 @@ class Embedder:
                 f"{self._path}: the engine carries TensorRT plan(s) built for {built}; this runtime has no native "
                 f"TensorRT backend yet, so the plans are ignored and the ONNX graphs run on {self.backend!r}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     # ------------------------------------------------------------------ properties
@@ -269,6 +285,13 @@ class Embedder:
     def dim(self) -> int:
         """Full embedding width."""
         return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what this embedder computes: a hash of the checksums of the parts it runs
+        (graphs, head, tokenizers), its preprocessing and its output. Two engines with the same
+        fingerprint give the same vectors; a vector index records it (see `sdk.index`)."""
+        return self._fingerprint
 
     @property
     def matryoshka_dims(self) -> tuple[int, ...]:
@@ -719,9 +742,18 @@ def _embedder_spec(engine: EngineFile) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
             raise EngineError(f"{where}: tokenizer part {p!r} cannot be loaded: {exc}") from exc
     return {
+        "tokenizer_parts": sorted({text_part, trace_part}),
         "layout": layout, "parts": parts, "dim": dim, "matryoshka_dims": mdims, "output": output, "precision": precision,
         "image": image, "text_tokenizer": toks[text_part, text_len], "trace_tokenizer": toks[trace_part, trace_len],
     }
+
+
+def _fingerprint(engine: EngineFile, spec: dict[str, Any]) -> str:
+    sha = {p["name"]: p["sha256"] for p in engine.manifest["parts"]}
+    used = sorted(set(spec["parts"].values()) | set(spec["tokenizer_parts"]))
+    ident = {"parts": {n: sha[n] for n in used}, "preprocess": engine.manifest.get("preprocess"),
+             "layout": spec["layout"], "output": spec["output"], "dim": spec["dim"]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str) -> None:

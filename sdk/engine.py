@@ -12,7 +12,8 @@ Layout (all integers little-endian)::
 
 Reading never executes anything from the file (JSON and raw bytes only), checks every digest, and
 refuses unknown versions, truncation, tampering and part names that look like paths out of a
-folder. Parts are ONNX graphs, tokenizer files, TensorRT plans and the like.
+folder. Parts are ONNX graphs, tokenizer files, TensorRT plans and the like. `EngineFile.open`
+checks a part's digest when the part is first read, so a runtime reads only the parts it uses.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import os
 import re
 import secrets
 import struct
+import threading
 import warnings
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,20 +92,73 @@ def write_engine(path: str | os.PathLike, manifest: Mapping[str, Any], parts: Ma
     return path
 
 
-@dataclass(frozen=True)
 class EngineFile:
-    """A verified, read-only view of an engine file (all parts are read into memory).
+    """A verified, read-only view of an engine file.
 
-    Use `EngineFile.read(path)`; `manifest` is the parsed JSON, `part(name)` the bytes of a part.
+    `EngineFile.read(path)` reads every part into memory and verifies every checksum at once;
+    `EngineFile.open(path)` verifies the header, the manifest digest and the part table (every part
+    lies inside the file, nothing after the last one) and reads a part, verifying its checksum,
+    only when `part(name)` asks for it. The runtime opens engines lazily, so an embedder never
+    reads (or pays for) the reasoner's graphs; no part's bytes are ever returned unverified.
+
+    `manifest` is the parsed JSON, `part(name)` the bytes of a part, `digest` the SHA-256 of the
+    manifest (which lists every part's checksum, so it identifies the whole file). An opened file
+    keeps its descriptor until `close()` (or the end of a `with` block, or garbage collection):
+    parts are read from the file that was verified at open even if the path is replaced meanwhile.
+    Parts are read with `pread`, not memory-mapped: ONNX Runtime takes a graph as `bytes` (a copy
+    either way), and a mapping of a file truncated while in use faults (SIGBUS) where a read
+    returns short and is refused with `EngineError`.
     """
 
-    path: Path
-    manifest: dict
-    _parts: dict
+    def __init__(self, path: Path, manifest: dict, index: dict[str, tuple[int, int, str]], digest: str,
+                 fd: int | None = None, parts: dict[str, bytes] | None = None):
+        self.path = path
+        self.manifest = manifest
+        self.digest = digest
+        self._index = index  # name -> (absolute offset, size, sha256 hex)
+        self._parts: dict[str, bytes] = dict(parts or {})
+        self._fd = fd
+        self._lock = threading.Lock()  # seek + read where there is no pread
+        self._finalizer = weakref.finalize(self, os.close, fd) if fd is not None else None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "EngineFile":
+        """Open an engine file, verifying its header, manifest digest and part table.
+
+        Part checksums are verified when a part is read (`part`); `verify()` checks them all.
+
+        Raises:
+            EngineError: missing file, wrong magic, unsupported version, truncated content, a
+                tampered manifest, or a malformed manifest; the message says which.
+        """
+        path = Path(path)
+        try:
+            if not path.is_file():
+                raise EngineError(f"engine file not found: {path}")
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except (OSError, ValueError) as exc:  # permission denied, name too long, NUL in the path
+            raise EngineError(f"cannot read engine file {str(path)[:200]!r}: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            head = _pread(fd, _HEADER.size, 0)
+            manifest, index, digest = _parse(path, size, head, lambda n: _pread(fd, n, _HEADER.size))
+        except OSError as exc:
+            os.close(fd)
+            raise EngineError(f"cannot read engine file {str(path)[:200]!r}: {exc}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        engine = cls(path, manifest, index, digest, fd=fd)
+        try:
+            _warn_if_newer(path, manifest)  # may raise where warnings are errors
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "EngineFile":
-        """Read and verify an engine file.
+        """Read an engine file into memory and verify every checksum.
 
         Raises:
             EngineError: missing file, wrong magic, unsupported version, truncated or tampered
@@ -116,81 +171,170 @@ class EngineFile:
             raw = path.read_bytes()
         except (OSError, ValueError) as exc:  # permission denied, name too long, NUL in the path
             raise EngineError(f"cannot read engine file {str(path)[:200]!r}: {exc}") from exc
-        if len(raw) < _HEADER.size:
-            raise EngineError(f"{path}: not a moon3 engine (only {len(raw)} bytes, truncated?)")
-        magic, version, n, digest = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise EngineError(f"{path}: not a moon3 engine file (bad magic {magic!r})")
-        if version != FORMAT_VERSION:
-            raise EngineError(
-                f"{path}: engine format version {version} is not supported by this sdk (reads version "
-                f"{FORMAT_VERSION}); rebuild the engine with this sdk or install the matching sdk"
-            )
-        if n > MAX_MANIFEST_BYTES or _HEADER.size + n > len(raw):
-            raise EngineError(f"{path}: manifest length {n} exceeds the file size; the file is truncated or corrupt")
-        body = raw[_HEADER.size : _HEADER.size + n]
-        if hashlib.sha256(body).digest() != digest:
-            raise EngineError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
-        try:
-            # Strict JSON: NaN/Infinity (which the writer never emits) are refused; nesting too
-            # deep for the parser is a RecursionError.
-            manifest = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-            if not isinstance(manifest, dict):
-                kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-                    type(manifest), "a number")
-                raise TypeError(f"the manifest is {kind}, not a JSON object")
-            index = manifest["parts"]
-            if not isinstance(index, list):
-                raise TypeError("parts is not a list")
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise EngineError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
-        if manifest.get("format_version", version) != version:
-            raise EngineError(
-                f"{path}: the manifest says format version {str(manifest['format_version'])[:20]}, the header "
-                f"{version}; the file was modified or corrupted"
-            )
-        data_start = _HEADER.size + n
-        parts = {}
-        end = 0
-        for entry in index:
-            try:
-                name, off, size, sha = entry["name"], entry["offset"], entry["size"], entry["sha256"]
-                if type(off) is not int or type(size) is not int or not isinstance(sha, str):
-                    raise TypeError("offset and size must be integers, sha256 a string")
-            except (KeyError, TypeError, IndexError) as exc:
-                raise EngineError(f"{path}: malformed part entry {str(entry)[:200]} ({exc})") from exc
-            _check_name(name, f"{path}: ")
-            if name in parts:
-                raise EngineError(f"{path}: part {name!r} is listed twice in the manifest")
-            lo, hi = data_start + off, data_start + off + size
-            if off < 0 or size < 0 or hi > len(raw):
-                raise EngineError(f"{path}: part {name!r} extends past the end of the file; the file is truncated")
-            blob = raw[lo:hi]
-            if hashlib.sha256(blob).hexdigest() != sha:
-                raise EngineError(f"{path}: checksum mismatch in part {name!r}; the file was modified or corrupted")
-            parts[name] = blob
-            end = max(end, off + size)
-        if data_start + end != len(raw):
-            raise EngineError(
-                f"{path}: {len(raw) - data_start - end} bytes after the last part; the file was modified or corrupted"
-            )
+        view = memoryview(raw)
+        manifest, index, digest = _parse(path, len(raw), raw[: _HEADER.size],
+                                         lambda n: raw[_HEADER.size : _HEADER.size + n])
+        parts = {name: _verified(path, name, sha, view[lo : lo + size]) for name, (lo, size, sha) in index.items()}
         _warn_if_newer(path, manifest)
-        return cls(path=path, manifest=manifest, _parts=parts)
+        return cls(path, manifest, index, digest, parts=parts)
 
     @property
     def part_names(self) -> list[str]:
-        return list(self._parts)
+        return list(self._index)
+
+    def part_size(self, name: str) -> int:
+        """Size in bytes of a part (from the verified manifest; nothing is read)."""
+        return self._entry(name)[1]
 
     def part(self, name: str) -> bytes:
-        """Bytes of a part.
+        """Bytes of a part, verified against the manifest's checksum.
 
         Raises:
-            EngineError: the engine has no part of that name (the message lists those it has).
+            EngineError: the engine has no part of that name (the message lists those it has),
+                or its bytes do not match their checksum (tampered, or truncated since the open).
         """
+        cached = self._parts.get(name)
+        if cached is not None:
+            return cached
+        off, size, sha = self._entry(name)
+        if self._fd is None or not self._finalizer.alive:
+            raise EngineError(f"{self.path}: the engine file was closed; open it again to read part {name!r}")
         try:
-            return self._parts[name]
-        except KeyError:
-            raise EngineError(f"{self.path}: engine has no part {name!r}; it has {sorted(self._parts)}") from None
+            if hasattr(os, "pread"):
+                blob = _pread(self._fd, size, off)
+            else:
+                with self._lock:
+                    os.lseek(self._fd, off, os.SEEK_SET)
+                    blob = _read_all(self._fd, size)
+        except OSError as exc:
+            raise EngineError(f"{self.path}: cannot read part {name!r}: {exc}") from exc
+        if len(blob) != size:
+            raise EngineError(f"{self.path}: part {name!r} extends past the end of the file; the file is truncated")
+        return _verified(self.path, name, sha, blob)
+
+    def verify(self) -> None:
+        """Read every part and verify its checksum (what `read` does at once).
+
+        Raises:
+            EngineError: a part does not match its checksum.
+        """
+        for name in self._index:
+            self.part(name)
+
+    def close(self) -> None:
+        """Release the file descriptor of an opened engine (parts already read stay valid)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "EngineFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _entry(self, name: str) -> tuple[int, int, str]:
+        try:
+            return self._index[name]
+        except (KeyError, TypeError):
+            raise EngineError(f"{self.path}: engine has no part {name!r}; it has {sorted(self._index)}") from None
+
+
+def _read_all(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        b = os.read(fd, min(left, 1 << 30))
+        if not b:
+            break
+        chunks.append(b)
+        left -= len(b)
+    return b"".join(chunks)
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to `n` bytes at `offset` (fewer only at the end of the file)."""
+    if not hasattr(os, "pread"):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return _read_all(fd, n)
+    chunks, got = [], 0
+    while got < n:
+        # Linux returns at most ~2 GiB per call
+        b = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _verified(path: Path, name: str, sha: str, blob) -> bytes:
+    if hashlib.sha256(blob).hexdigest() != sha:
+        raise EngineError(f"{path}: checksum mismatch in part {name!r}; the file was modified or corrupted")
+    return bytes(blob)
+
+
+def _parse(path: Path, size: int, head: bytes, read_manifest) -> tuple[dict, dict[str, tuple[int, int, str]], str]:
+    """Header, manifest and part table of a file of `size` bytes -> (manifest, index, digest).
+
+    `read_manifest(n)` gives the n bytes after the header. Every part must lie inside the file and
+    the last one must end where the file does; the parts' checksums are not checked here."""
+    if size < _HEADER.size or len(head) < _HEADER.size:
+        raise EngineError(f"{path}: not a moon3 engine (only {size} bytes, truncated?)")
+    magic, version, n, digest = _HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise EngineError(f"{path}: not a moon3 engine file (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise EngineError(
+            f"{path}: engine format version {version} is not supported by this sdk (reads version "
+            f"{FORMAT_VERSION}); rebuild the engine with this sdk or install the matching sdk"
+        )
+    if n > MAX_MANIFEST_BYTES or _HEADER.size + n > size:
+        raise EngineError(f"{path}: manifest length {n} exceeds the file size; the file is truncated or corrupt")
+    body = read_manifest(n)
+    if len(body) != n:
+        raise EngineError(f"{path}: manifest length {n} exceeds the file size; the file is truncated or corrupt")
+    if hashlib.sha256(body).digest() != digest:
+        raise EngineError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
+    try:
+        # Strict JSON: NaN/Infinity (which the writer never emits) are refused; nesting too
+        # deep for the parser is a RecursionError.
+        manifest = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        if not isinstance(manifest, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+                type(manifest), "a number")
+            raise TypeError(f"the manifest is {kind}, not a JSON object")
+        entries = manifest["parts"]
+        if not isinstance(entries, list):
+            raise TypeError("parts is not a list")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise EngineError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+    if manifest.get("format_version", version) != version:
+        raise EngineError(
+            f"{path}: the manifest says format version {str(manifest['format_version'])[:20]}, the header "
+            f"{version}; the file was modified or corrupted"
+        )
+    data_start = _HEADER.size + n
+    index: dict[str, tuple[int, int, str]] = {}
+    end = 0
+    for entry in entries:
+        try:
+            name, off, psize, sha = entry["name"], entry["offset"], entry["size"], entry["sha256"]
+            if type(off) is not int or type(psize) is not int or not isinstance(sha, str):
+                raise TypeError("offset and size must be integers, sha256 a string")
+        except (KeyError, TypeError, IndexError) as exc:
+            raise EngineError(f"{path}: malformed part entry {str(entry)[:200]} ({exc})") from exc
+        _check_name(name, f"{path}: ")
+        if name in index:
+            raise EngineError(f"{path}: part {name!r} is listed twice in the manifest")
+        lo, hi = data_start + off, data_start + off + psize
+        if off < 0 or psize < 0 or hi > size:
+            raise EngineError(f"{path}: part {name!r} extends past the end of the file; the file is truncated")
+        index[name] = (lo, psize, sha)
+        end = max(end, off + psize)
+    if data_start + end != size:
+        raise EngineError(
+            f"{path}: {size - data_start - end} bytes after the last part; the file was modified or corrupted"
+        )
+    return manifest, index, digest.hex()
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

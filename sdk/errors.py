@@ -15,6 +15,11 @@ class EngineError(SdkError):
     """A model or engine file is missing, damaged or of an unsupported format."""
 
 
+class IndexFileError(SdkError):
+    """A vector index folder is missing, damaged, of an unsupported format, or was built with
+    another engine than the one given; the message says which."""
+
+
 class BackendUnavailableError(SdkError, ImportError):
     """A requested backend or optional dependency is not installed; the message names the extra."""
 

@@ -27,11 +27,14 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from sdk.errors import EngineError, InvalidInputError
+
+if TYPE_CHECKING:
+    from sdk.reasoner import Reasoner
 
 REASON = ("off", "on", "cached")
 
@@ -105,27 +108,46 @@ class Pipeline:
         max_trace_tokens: the reasoning budget per item.
         threads: onnxruntime threads of both models.
 
+    The reasoner is loaded (its graphs read, verified and handed to ONNX Runtime) only when a
+    title or trace must really be generated: never with reason="off" and no title completion,
+    and with reason="cached" only on the first cache miss. A damaged reasoner part therefore
+    surfaces as an EngineError from the `embed` call that first needs it.
+
     Raises:
         ValueError: a bad `reason`, or "cached" without a cache.
-        EngineError: the engine has no reasoner, or reason is not "off" and its embedder was not
-            trained with traces.
+        EngineError: the engine file is damaged, the engine has no reasoner although one is
+            needed, or reason is not "off" and its embedder was not trained with traces.
     """
 
     def __init__(self, path: str | os.PathLike, reason: str = "off", complete_title: bool = False,
                  cache: str | os.PathLike | None = None, max_trace_tokens: int = 96, threads: int | None = None):
         from sdk.embedder import Embedder
-        from sdk.reasoner import Reasoner
+        from sdk.engine import EngineFile
 
         if reason not in REASON:
             raise ValueError(f"reason must be one of {REASON}, got {reason!r}")
         if reason == "cached" and cache is None:
             raise ValueError('reason="cached" needs a cache file (cache="traces.sqlite")')
-        self.embedder = Embedder(path, threads=threads)
-        manifest = self.embedder.manifest  # a copy
-        if reason != "off" and not manifest.get("embedder", {}).get("trace_trained", False):
-            raise EngineError(f"{path}: this engine's embedder was not trained with reasoning traces; "
-                              f'use reason="off" (complete_title=True still uses the reasoner)')
-        self.reasoner = Reasoner(path, threads=threads) if (reason != "off" or complete_title) else None
+        # One open file serves both models, so the reasoner loaded later reads the very file the
+        # embedder was loaded from (each part verified when read), even if the path is replaced.
+        self._engine: EngineFile | None = EngineFile.open(path)
+        try:
+            self.embedder = Embedder(self._engine, threads=threads)
+            manifest = self.embedder.manifest  # a copy
+            if reason != "off" and not manifest.get("embedder", {}).get("trace_trained", False):
+                raise EngineError(f"{path}: this engine's embedder was not trained with reasoning traces; "
+                                  f'use reason="off" (complete_title=True still uses the reasoner)')
+            if (reason != "off" or complete_title) and not isinstance(manifest.get("reasoner"), dict):
+                raise EngineError(f"{path}: this engine has no reasoner; build one with `moon3 build --reasoner`")
+            if reason == "off" and not complete_title:
+                self._engine.close()  # the reasoner is never needed
+                self._engine = None
+        except BaseException:
+            self._engine.close()
+            raise
+        self._reasoner: Reasoner | None = None
+        self._threads = threads
+        self._reasoner_lock = threading.Lock()
         parts = {p["name"]: p["sha256"] for p in manifest.get("parts", [])}
         spec = manifest.get("reasoner") or {}
         self.fingerprint = hashlib.sha256(json.dumps(
@@ -134,6 +156,29 @@ class Pipeline:
         self.cache = TextCache(cache) if cache is not None else None
         self.last_generated: dict[int, dict[str, str]] = {}
         self.cache_hits = 0
+
+    @property
+    def reasoner_loaded(self) -> bool:
+        """Whether the reasoner's graphs have been read and loaded (they are, on the first item
+        that needs generated text: never with reason="off" and no title completion, and with
+        reason="cached" only on a cache miss)."""
+        return self._reasoner is not None
+
+    @property
+    def reasoner(self) -> Reasoner | None:
+        """The engine's reasoner, loaded on first use; None when this pipeline never generates.
+
+        Raises:
+            EngineError: a reasoner part is damaged (checksum mismatch) or cannot be loaded.
+        """
+        if self._reasoner is None and self._engine is not None:
+            from sdk.reasoner import Reasoner
+
+            with self._reasoner_lock:
+                if self._reasoner is None:
+                    self._reasoner = Reasoner(self._engine, threads=self._threads)
+                    self._engine.close()  # every part needed is in memory now
+        return self._reasoner
 
     def _text(self, kind: str, key, make) -> str:
         """`make()`, or its cached text; `key()` (which may read the photo file) runs only with a cache."""
@@ -182,5 +227,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.embedder.close()
+        if self._engine is not None:
+            self._engine.close()
         if self.cache is not None:
             self.cache.close()

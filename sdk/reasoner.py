@@ -18,8 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -27,6 +26,9 @@ from sdk.errors import EngineError, InvalidInputError
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner too)
 PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
+
+if TYPE_CHECKING:
+    from sdk.engine import EngineFile
 
 
 class OnnxDecoder:
@@ -89,20 +91,32 @@ class Reasoner:
     """Writes titles, categories, attributes, answers and reasoning traces for products.
 
     Args:
-        path: a `moon3.engine` with a reasoner section.
+        path: a `moon3.engine` with a reasoner section (or an open `sdk.engine.EngineFile`). Its
+            header and manifest are verified at once, each reasoner part against its checksum
+            when read, before it runs; the embedder's parts are not read.
         threads: ONNX Runtime intra-op threads (None: its default).
 
     Raises:
         EngineError: the file is damaged or has no reasoner.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        from sdk.embedder import _onnxruntime
+    def __init__(self, path: str | os.PathLike | EngineFile, threads: int | None = None):
         from sdk.engine import EngineFile
+
+        # Lazy: only the reasoner's parts are read, each verified against its checksum when read.
+        own = not isinstance(path, EngineFile)
+        engine = EngineFile.open(path) if own else path
+        try:
+            self._init(engine, threads)
+        finally:
+            if own:
+                engine.close()
+
+    def _init(self, engine: EngineFile, threads: int | None) -> None:
+        from sdk.embedder import _onnxruntime, _refuse_external_data
         from sdk.preprocess import ImagePreprocess
 
-        engine = EngineFile.read(path)
-        self._path = Path(path)
+        self._path = engine.path
         spec = engine.manifest.get("reasoner")
         if not isinstance(spec, dict):
             raise EngineError(f"{self._path}: this engine has no reasoner; build one with `moon3 build --reasoner`")
@@ -120,14 +134,17 @@ class Reasoner:
             opts.intra_op_num_threads = threads
         sessions = []
         for k in ("visual", "prefill", "decode"):
+            graph = engine.part(parts[k])  # EngineError on a checksum mismatch, before ONNX Runtime sees it
+            _refuse_external_data(graph, self._path, parts[k], ort.__version__)
             try:
-                sessions.append(ort.InferenceSession(engine.part(parts[k]), opts, providers=["CPUExecutionProvider"]))
+                sessions.append(ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]))
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
         from tokenizers import Tokenizer
 
+        blob = engine.part(parts["tokenizer"])
         try:
-            self._tok = Tokenizer.from_str(engine.part(parts["tokenizer"]).decode("utf-8"))
+            self._tok = Tokenizer.from_str(blob.decode("utf-8"))
         except Exception as exc:  # noqa: BLE001
             raise EngineError(f"{self._path}: reasoner tokenizer cannot be loaded: {exc}") from exc
         self._dec = OnnxDecoder(*sessions)

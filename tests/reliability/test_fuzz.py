@@ -39,14 +39,25 @@ def scratch(tmp_path_factory):
 
 
 def read_or_refuse(path) -> EngineFile | None:
-    """EngineFile.read: a verified file or EngineError; anything else fails the test."""
+    """EngineFile.read: a verified file or EngineError; anything else fails the test. The lazy
+    reader (EngineFile.open, then every part) must agree: the same refusal or the same bytes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "built by a newer moon3-sdk" after edits
         try:
-            return EngineFile.read(path)
+            eager = EngineFile.read(path)
         except EngineError as exc:
             assert str(exc)
-            return None
+            eager = None
+        try:
+            with EngineFile.open(path) as lazy:
+                lazy_parts = {n: lazy.part(n) for n in lazy.part_names}
+        except EngineError as exc:
+            assert str(exc)
+            lazy_parts = None
+    assert (eager is None) == (lazy_parts is None)
+    if eager is not None:
+        assert lazy_parts == {n: eager.part(n) for n in eager.part_names}
+    return eager
 
 
 def forge(manifest_body: bytes, data: bytes) -> bytes:

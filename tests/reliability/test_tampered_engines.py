@@ -175,8 +175,9 @@ def test_a_tensorrt_plan_for_another_gpu_does_not_change_what_runs(tiny_engine, 
     """The engine format can carry TensorRT plans as parts, but this runtime has no TensorRT
     backend yet and never reads them: an engine carrying a plan built for another GPU and
     TensorRT version loads with a warning naming the plan's GPU and TensorRT, runs the ONNX graph
-    and gives the same vectors; a damaged plan part is still refused by its checksum (no part is
-    trusted unverified)."""
+    and gives the same vectors. A damaged plan part is never read by the embedder (parts are read
+    lazily, only those it runs), and is refused by its checksum by whatever reads it: no part is
+    trusted unverified."""
     e = EngineFile.read(tiny_engine.path)
     man = e.manifest
     man["tensorrt"] = {"plans": [{"part": "plans/sm_87-trt10.3.plan", "gpu_arch": "sm_87", "tensorrt": "10.3.0"}]}
@@ -192,8 +193,12 @@ def test_a_tensorrt_plan_for_another_gpu_does_not_change_what_runs(tiny_engine, 
     _, _, where = layout(bytes(raw))
     raw[where["plans/sm_87-trt10.3.plan"][0] + 3] ^= 0xFF
     path.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match=r"plans are ignored"):
+        np.testing.assert_array_equal(load(path).embed(**items), load(tiny_engine.path).embed(**items))
     with pytest.raises(EngineError, match=r"checksum mismatch in part 'plans/sm_87-trt10\.3\.plan'"):
-        load(path)
+        EngineFile.read(path)
+    with EngineFile.open(path) as lazy, pytest.raises(EngineError, match=r"checksum mismatch in part 'plans/sm_87"):
+        lazy.part("plans/sm_87-trt10.3.plan")
 
 
 def _external(name: str, location: str, n: int = 32):

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import struct
 
 import pytest
@@ -123,3 +124,95 @@ def test_engine_from_a_newer_sdk_warns(tmp_path):
         EngineFile.read(path)
     same = write_engine(tmp_path / "s.engine", {"versions": {"moon3-sdk": "0.0.1"}}, PARTS)
     EngineFile.read(same)  # older or equal: silent (filterwarnings=error would fail otherwise)
+
+
+# ------------------------------------------------------------------ lazy open: per-part verification
+
+
+def _flip(path, part: str) -> None:
+    with EngineFile.open(path) as e:
+        off, size, _ = e._index[part]
+    raw = bytearray(path.read_bytes())
+    raw[off + size // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_open_reads_a_part_only_when_asked_and_verifies_it(engine):
+    with EngineFile.open(engine) as e:
+        assert e.part_names == list(PARTS) and e.manifest["dims"] == {"embedding": 256}
+        assert e._parts == {}  # nothing read yet
+        assert [e.part_size(n) for n in PARTS] == [len(d) for d in PARTS.values()]
+        assert all(e.part(n) == d for n, d in PARTS.items())
+        body_len = struct.unpack_from("<Q", engine.read_bytes(), 12)[0]
+        assert e.digest == hashlib.sha256(engine.read_bytes()[52 : 52 + body_len]).hexdigest()
+        assert e.digest == EngineFile.read(engine).digest
+    with pytest.raises(EngineError, match=r"was closed; open it again to read part 'tokenizer\.json'"):
+        e.part("tokenizer.json")
+
+
+def test_open_refuses_a_damaged_part_only_when_it_is_read(engine):
+    _flip(engine, "embedder.onnx")
+    with pytest.raises(EngineError, match=r"checksum mismatch in part 'embedder\.onnx'"):
+        EngineFile.read(engine)
+    with EngineFile.open(engine) as e:  # header, manifest and part table are intact
+        assert e.part("tokenizer.json") == PARTS["tokenizer.json"]
+        for _ in range(2):  # refused every time, never cached
+            with pytest.raises(EngineError, match=r"checksum mismatch in part 'embedder\.onnx'; the file was modified"):
+                e.part("embedder.onnx")
+        with pytest.raises(EngineError, match=r"checksum mismatch in part 'embedder\.onnx'"):
+            e.verify()
+
+
+@pytest.mark.parametrize("cut", [1, 20, 700])
+def test_open_refuses_truncation_at_once(engine, cut):
+    engine.write_bytes(engine.read_bytes()[:-cut])
+    with pytest.raises(EngineError, match=r"truncated"):
+        EngineFile.open(engine)
+
+
+def test_a_file_truncated_after_the_open_is_refused_when_read(engine, tmp_path):
+    """The descriptor opened is the file verified; shrinking it later gives a clear error, not a crash."""
+    with EngineFile.open(engine) as e:
+        with open(engine, "r+b") as f:
+            f.truncate(engine.stat().st_size - 5)
+        assert e.part("embedder.onnx") == PARTS["embedder.onnx"]
+        with pytest.raises(EngineError, match=r"part 'tokenizer\.json' extends past the end of the file; the file is truncated"):
+            e.part("tokenizer.json")
+
+
+def test_an_opened_file_keeps_reading_what_was_verified_when_the_path_is_replaced(engine, tmp_path):
+    with EngineFile.open(engine) as e:
+        write_engine(engine, {"other": True}, {"embedder.onnx": b"other bytes", "tokenizer.json": b"{}"})
+        assert e.part("embedder.onnx") == PARTS["embedder.onnx"]
+
+
+def test_open_of_a_missing_or_unreadable_path(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        EngineFile.open(tmp_path / "none.engine")
+    with pytest.raises(EngineError, match="not found"):
+        EngineFile.open(tmp_path)  # a folder
+    (tmp_path / "t").write_bytes(b"")
+    with pytest.raises(EngineError, match=r"not a moon3 engine \(only 0 bytes"):
+        EngineFile.open(tmp_path / "t")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_loading_models_leaves_no_descriptor_open(tiny_engine, tmp_path):
+    from sdk import Embedder
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    Embedder(tiny_engine.path, threads=1).close()  # imports and ONNX Runtime's own files first
+    before = fds()
+    for _ in range(5):
+        Embedder(tiny_engine.path, threads=1).embed(texts=["red"])
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(tiny_engine.path.read_bytes()[:-1])
+    for _ in range(3):
+        with pytest.raises(EngineError):
+            Embedder(bad, threads=1)
+    e = EngineFile.open(tiny_engine.path)
+    assert fds() == before + 1
+    del e  # garbage collection closes it too
+    assert fds() == before

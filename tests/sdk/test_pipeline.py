@@ -103,3 +103,105 @@ def test_bad_items_are_reported_not_lost(engines, tmp_path):
     (tmp_path / "bad.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InvalidInputError, match="not a usable trace cache"):
         Pipeline(both, complete_title=True, cache=tmp_path / "bad.sqlite")
+
+
+# ------------------------------------------------------------------ lazy reasoner, per-part verification
+
+
+def _damaged(src, dst, part: str):
+    """A copy of the engine `src` with one byte of `part` flipped (the manifest left intact)."""
+    from sdk.engine import EngineFile
+
+    with EngineFile.open(src) as e:
+        off, size, _ = e._index[part]
+    raw = bytearray(src.read_bytes())
+    raw[off + size // 2] ^= 0x01
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def test_reasoner_is_loaded_only_when_text_must_be_generated(engines, tmp_path):
+    from sdk.pipeline import Pipeline
+
+    both, traced = engines
+    off = Pipeline(both, threads=1)
+    assert off.reasoner is None and not off.reasoner_loaded
+    p = Pipeline(both, complete_title=True, threads=1)
+    p.embed([photo(0), None], ["red shoe", "blue shirt"])  # every item has a title: nothing to write
+    assert not p.reasoner_loaded and p.last_generated == {}
+    p.embed([photo(0)], [None])
+    assert p.reasoner_loaded and list(p.last_generated) == [0]
+    # "cached": a second pipeline over a filled cache never loads the reasoner
+    cache = tmp_path / "t.sqlite"
+    imgs, texts, ids = [photo(2), None], ["red shoe", "black watch"], [7, 8]
+    first = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    v = first.embed(imgs, texts, ids=ids)
+    assert first.reasoner_loaded
+    first.close()
+    again = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    np.testing.assert_array_equal(again.embed(imgs, texts, ids=ids), v)
+    assert again.cache_hits == 2 and not again.reasoner_loaded
+    again.embed([photo(3)], ["new shoe"], ids=[9])  # a miss: now it is loaded
+    assert again.reasoner_loaded and again.cache_hits == 2
+
+
+@pytest.mark.parametrize("part", ["reasoner_visual.onnx", "reasoner_decode.onnx", "reasoner_tokenizer.json"])
+def test_a_damaged_reasoner_part_does_not_stop_embedding(engines, tmp_path, part):
+    """The embedder never reads the reasoner's parts; the reasoner refuses the damaged one by its
+    checksum, before ONNX Runtime or the tokenizer sees it, wherever it is opened."""
+    from sdk import Embedder
+    from sdk.pipeline import Pipeline
+    from sdk.reasoner import Reasoner
+
+    both, _ = engines
+    bad = _damaged(both, tmp_path / "bad.engine", part)
+    items = ([photo(0), None], ["red shoe", "blue shirt"])
+    want = Embedder(both, threads=1).embed(*items)
+    np.testing.assert_array_equal(Embedder(bad, threads=1).embed(*items), want)
+    np.testing.assert_array_equal(Pipeline(bad, threads=1).embed(*items), want)
+    p = Pipeline(bad, complete_title=True, threads=1)
+    np.testing.assert_array_equal(p.embed(*items), want)  # nothing to generate: the reasoner is not opened
+    msg = rf"bad\.engine: checksum mismatch in part '{part}'; the file was modified or corrupted"
+    with pytest.raises(EngineError, match=msg):
+        p.embed([photo(0)], [None])  # a title to write: the reasoner is opened and refuses the part
+    with pytest.raises(EngineError, match=msg):
+        Reasoner(bad, threads=1)
+
+
+def test_a_damaged_embedder_part_is_refused_by_the_pipeline(engines, tmp_path):
+    from sdk.pipeline import Pipeline
+
+    both, _ = engines
+    bad = _damaged(both, tmp_path / "bad.engine", "text.onnx")
+    with pytest.raises(EngineError, match=r"checksum mismatch in part 'text\.onnx'"):
+        Pipeline(bad, complete_title=True, threads=1)
+
+
+def test_a_reasoner_graph_naming_external_files_is_refused(engines, tmp_path):
+    """As for the embedder: ONNX Runtime would read external data relative to the working folder."""
+    onnx = pytest.importorskip("onnx")
+    from sdk.engine import EngineFile, write_engine
+    from sdk.reasoner import Reasoner
+
+    both, _ = engines
+    src = EngineFile.read(both)
+    part = src.manifest["reasoner"]["parts"]["visual"]
+    model = onnx.load_model_from_string(src.part(part))
+    onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=0)
+    parts = {n: src.part(n) for n in src.part_names} | {part: model.SerializeToString()}
+    bad = write_engine(tmp_path / "ext.engine", src.manifest, parts)
+    with pytest.raises(EngineError, match=rf"part '{part}' keeps tensor data in external files"):
+        Reasoner(bad, threads=1)
+
+
+def test_the_reasoner_is_loaded_once_by_concurrent_callers(engines):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdk.pipeline import Pipeline
+
+    both, _ = engines
+    p = Pipeline(both, complete_title=True, threads=1)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda _: p.reasoner, range(8)))
+    assert p.reasoner_loaded and all(r is got[0] for r in got)
+    assert p._engine._finalizer.alive is False  # the file is closed once the reasoner is in memory
