@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 VARIANTS = (
     ("linear", "(a) towers + linear projection only"),
     ("no_fire", "(b) fusion without FIRE"),
@@ -60,6 +62,98 @@ def _history(reports: dict) -> list[str]:
         "was then run for all three variants; the table reports that run only.",
         "",
     ]
+
+
+TRACE_TASKS = ("text->image", "image->text", "mm->mm", "description->mm")
+TRACE_CMDS = (
+    ".venv/bin/python -m sdk.train.traces --catalog ../shared/data/catalog --features .cache/features --out .cache/traces",
+    ".venv/bin/python -m sdk.train.train_embedder --features .cache/features --traces .cache/traces --init runs/full "
+    "--epochs {epochs} --lr {lr} --warmup-steps {warmup} --out runs/full_trace --report runs/full_trace.json",
+    ".venv/bin/python -m sdk.train.tte --features .cache/features --traces .cache/traces --catalog ../shared/data/catalog "
+    "--embedder runs/full_trace --out runs/tte && cp runs/tte/tte.json runs/tte.json",
+    ".venv/bin/python -m sdk.train.grpo --catalog ../shared/data/catalog --features .cache/features --traces .cache/traces "
+    "--embedder runs/full_trace --out runs/reasoner_grpo --eval && cp runs/reasoner_grpo/grpo.json runs/grpo.json",
+)
+
+
+def _traces(reports: dict) -> list[str]:
+    """Think-Then-Embed: trace off / on / TTE_u, and GRPO, when those reports exist."""
+    if "full_trace" not in reports:
+        return []
+    r, base = reports["full_trace"], reports["full"]
+    f, b = r["final"], base["final"]
+    tc = r["train_config"]
+    lines = [
+        "## Reasoning traces (Think-Then-Embed)",
+        "The reasoner (`train/weights/reasoner`) writes a trace for every product from what each side",
+        "of a search shows it: photo+title (catalog side), title alone (a text query), photo alone (a",
+        "photo query). Traces are greedy, batched (`sdk.train.traces`), cached with the MiniLM token",
+        "states the trace modality reads (at most 128 tokens, the engine's trace budget).",
+        f"The shipped embedder continues from the trace-free model for {tc['epochs']} epochs (lr {tc['lr']}) with the",
+        "trace views added to the loss (text+trace -> mm+trace, image+trace -> mm+trace, mm+trace <->",
+        f"mm, text+trace -> mm, image+trace <-> text+trace; {tc['trace_drop']:.0%} of traced rows drop the trace).",
+        f"Training took {r['seconds'] / 60:.1f} min. Validation R@1 / R@10 (same protocol as above):",
+        "",
+        "| model, traces | " + " | ".join(f"{t} R@1 / R@10" for t in TRACE_TASKS) + " |",
+        "|" + "---|" * (len(TRACE_TASKS) + 1),
+        "| before trace training, no traces | " + " | ".join(
+            f"{b[f'{t} R@1']:.3f} / {b[f'{t} R@10']:.3f}" for t in TRACE_TASKS) + " |",
+        "| trace-trained, no traces | " + " | ".join(
+            f"{f[f'{t} R@1']:.3f} / {f[f'{t} R@10']:.3f}" for t in TRACE_TASKS) + " |",
+        "| trace-trained, traces on both sides | " + " | ".join(
+            f"{f[f'trace {t} R@1']:.3f} / {f[f'trace {t} R@10']:.3f}" for t in TRACE_TASKS) + " |",
+        "| trace-trained, traces on the catalog side only | "
+        f"{f['catalog-trace text->image R@1']:.3f} / {f['catalog-trace text->image R@10']:.3f} | - | "
+        f"{f['catalog-trace mm->mm R@1']:.3f} / {f['catalog-trace mm->mm R@10']:.3f} | - |",
+        "",
+        "(description->mm with traces: the description query has no trace; the catalog side has one.)",
+        "",
+    ]
+    if "tte" in reports:
+        t = reports["tte"]
+        v = t["validation"]
+        lines += [
+            "### TTE_u: the vector from the reasoner's own hidden states",
+            f"A head (LayerNorm, MLP 256-512-256, L2) reads layer {t['layer']} of the reasoner's hidden states,",
+            "mean-pooled over the prompt and the trace it wrote, and is trained into the embedder's space",
+            "(cosine distillation to the trace-on vector of the same view + in-batch InfoNCE), on",
+            f"{t['fit_items']} training products; the layer was picked on a held-out tenth of them. On the",
+            f"{t['val_items']} validation products with a photo:",
+            "",
+            "| path | text->image R@10 | image->text R@10 |",
+            "|---|---|---|",
+            f"| two models: reasoner trace -> embedder | {v['text->image R@10 (two models, trace on)']:.3f} | "
+            f"{v['image->text R@10 (two models, trace on)']:.3f} |",
+            f"| TTE_u on both sides (one model) | {v['text->image R@10 (TTE_u both sides)']:.3f} | "
+            f"{v['image->text R@10 (TTE_u both sides)']:.3f} |",
+            f"| TTE_u query vs embedder catalog | {v['text->image R@10 (TTE_u query, embedder gallery)']:.3f} | - |",
+            "",
+        ]
+    if "grpo" in reports and "validation" in reports["grpo"]:
+        g = reports["grpo"]
+        c, v = g["config"], g["validation"]
+        h = g["history"]
+        lines += [
+            "### GRPO with a retrieval reward",
+            f"{c['steps']} steps of {c['products_per_step']} training products x {c['group']} sampled title-only traces",
+            f"(temperature {c['temperature']}); reward = cos(query, own catalog vector) - the hardest of "
+            f"{c['negatives']} negatives",
+            f"+ {c['format_weight']} x well-formed - {c['length_weight']} x tokens; group-normalised advantages; KL to the",
+            f"SFT reasoner (beta {c['beta']}); lr {c['lr']}; {g['seconds'] / 60:.1f} min. Mean reward over the first / last",
+            f"10 steps: {np.mean([x['reward'] for x in h[:10]]):.3f} / {np.mean([x['reward'] for x in h[-10:]]):.3f}.",
+            "Validation text->image R@10 with the same embedder and catalog vectors:",
+            "",
+            "| query | R@10 |",
+            "|---|---|",
+            f"| title, no trace | {v['text->image R@10, query without trace']:.3f} |",
+            f"| title + SFT trace | {v['text->image R@10, SFT query traces']:.3f} |",
+            f"| title + GRPO trace | {v['text->image R@10, GRPO query traces']:.3f} |",
+            "",
+        ]
+    lines += ["Reproduce (after the commands below):", "```bash",
+              *[c.format(epochs=tc["epochs"], lr=tc["lr"], warmup=tc["warmup_steps"]) for c in TRACE_CMDS],
+              "cp runs/full_trace/embedder.* train/weights/", "```", ""]
+    return lines
 
 
 def render(reports: dict, features_meta: dict, model_config: dict) -> str:
@@ -140,6 +234,7 @@ def render(reports: dict, features_meta: dict, model_config: dict) -> str:
         "",
         *_matryoshka(full),
         "",
+        *_traces(reports),
         "## Reproduce",
         "```bash",
         "bash scripts/setup.sh",
@@ -169,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--features", type=Path, default=Path(".cache/features"))
     ap.add_argument("--out", type=Path, default=Path("train/weights/MODEL_CARD.md"))
     args = ap.parse_args(argv)
-    names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1"]
+    names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "full_trace", "tte", "grpo"]
     reports = {v: json.loads((args.reports / f"{v}.json").read_text()) for v in names if (args.reports / f"{v}.json").is_file()}
     if "full" not in reports:
         raise SystemExit(f"no report for the full model in {args.reports}")
@@ -178,8 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     meta.pop("ids", None)
     flip = args.features / "val_flip_rows.npy"
     if flip.is_file():  # validation products with a photo: the text->image queries
-        import numpy as np
-
         meta["val_with_photo"] = len(np.load(flip))
     model_config = json.loads((args.reports / "full" / "embedder.json").read_text())["config"]
     args.out.write_text(render(reports, meta, model_config))

@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from .catalog import read_catalog
 from .features import TRACE_LEN
-from .reasoner import EOS, PAD, TASKS, decode, encode_example, load_reasoner
+from .reasoner import EOS, PAD, TASKS, decode, encode_example, load_reasoner, trace_target
 
 VIEWS = {"photo+title": (True, True), "title": (False, True), "photo": (True, False)}
+ORACLE = "oracle"  # not generated: the SFT target built from the catalog's own fields (an upper bound)
 
 
 @torch.inference_mode()
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--features", default=".cache/features", help="feature cache (img_deep.npy, has_image.npy)")
     ap.add_argument("--reasoner", default=str(Path(__file__).parent / "weights" / "reasoner"))
     ap.add_argument("--out", default=".cache/traces")
-    ap.add_argument("--views", nargs="+", choices=tuple(VIEWS), default=list(VIEWS))
+    ap.add_argument("--views", nargs="+", choices=(*VIEWS, ORACLE), default=list(VIEWS),
+                    help=f"what the reasoner is shown; {ORACLE!r} writes the catalog fields' own trace instead")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit", type=int, default=0, help="only the first N products (smoke runs)")
@@ -189,12 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     text_tok = TextTokenizer(text_tower_path() / "tokenizer.json", TRACE_LEN)
     for view in args.views:
         t0 = time.time()
-        texts, counts, hidden = catalog_traces(model, tok, titles, deep, has_image, view, args.batch, args.max_new_tokens)
-        secs = time.time() - t0
+        if view == ORACLE:
+            texts = [trace_target(products[int(i)].record) for i in ids[:n]]
+            counts = [len(tok.encode(t).ids) for t in texts]
+            hidden = None
+        else:
+            texts, counts, hidden = catalog_traces(model, tok, titles, deep, has_image, view, args.batch,
+                                                   args.max_new_tokens)
+        secs = max(time.time() - t0, 1e-9)
         with (out / f"{view}.jsonl").open("w", encoding="utf-8") as f:
             for i, t, c in zip(ids[:n], texts, counts):
                 f.write(json.dumps({"id": int(i), "trace": t, "tokens": c}) + "\n")
-        np.save(out / f"{view}_hidden.npy", hidden)
+        if hidden is not None:
+            np.save(out / f"{view}_hidden.npy", hidden)
         st, m = text_features(text_model, text_tok, texts, desc=f"trace states {view}")
         np.save(out / f"{view}_tok.npy", st)
         np.save(out / f"{view}_mask.npy", m)

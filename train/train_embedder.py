@@ -48,6 +48,7 @@ class TrainConfig:
     temperature: float = 0.05
     image_token_drop: float = 0.3
     trace_drop: float = 0.2  # share of rows of the trace views trained without their trace
+    freeze_image: bool = False  # keep the image encoder as it is (continued training; a third of the step time)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -212,6 +213,11 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
             ("catalog-trace text->image", e_txt_img, t_img, k_img, k_img),
             ("catalog-trace mm->mm", e_mm, t_mm2, k_img, k_img),
         ]
+    if "oracle" in f.traces:
+        # the catalog fields' own trace on both sides: what a reasoner that read them right would give
+        o_img = embed_rows(model, f, img_rows, image=True, text=None, trace="oracle")
+        o_txt = embed_rows(model, f, img_rows, image=False, text="title", trace="oracle")
+        tasks += [("oracle-trace text->image", o_txt, o_img, k_img, k_img)]
     res = {}
     for d in dims:
         m = lambda e: matryoshka(e, d)  # noqa: E731
@@ -255,8 +261,12 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     model = build_embedder(model_cfg) if init is None else init
     n_params = sum(p.numel() for p in model.parameters())
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "query" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n and "query" not in n)]
+    if cfg.freeze_image:
+        for p in model.image.parameters():
+            p.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "pos" not in n and "query" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos" not in n and "query" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -284,7 +294,8 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
             title = batch_inputs(f, rows, image=True, text="title")
             feats = title[:2]  # (deep, shallow), gathered once for the four views
-            img_tok = model.encode_image(*feats)  # shared by the three views with a photo
+            with torch.set_grad_enabled(not cfg.freeze_image):
+                img_tok = model.encode_image(*feats)  # shared by the views with a photo
             e_mm1 = model(*title, image_tokens=img_tok)
             e_mm2 = model(
                 *batch_inputs(f, rows, image=True, text="detail", image_features=feats), image_keep=keep, image_tokens=img_tok
@@ -320,7 +331,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                     ) / len(dims)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             opt.step()
             sched.step()
             bar.update(1)
@@ -362,6 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--traces", default=None, help="trace cache from sdk.train.traces: train the trace modality")
     ap.add_argument("--init", default=None, help="continue from this embedder folder (embedder.json + .safetensors)")
     ap.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    ap.add_argument("--freeze-image", action="store_true", help="keep the image encoder fixed (with --init)")
+    ap.add_argument("--trace-views", nargs="+", default=["photo+title", "title", "photo"],
+                    help="trace views to load (add 'oracle' to also measure the catalog fields' own traces)")
+    ap.add_argument("--eval-only", action="store_true", help="only measure the --init embedder on the validation split")
     ap.add_argument("--out", default=None, help="folder to write embedder.safetensors + embedder.json")
     ap.add_argument("--report", default=None, help="also write the metrics JSON here")
     args = ap.parse_args(argv)
@@ -369,15 +384,25 @@ def main(argv: list[str] | None = None) -> None:
     f = Features(args.features)
     catalog = args.catalog or f.meta.get("catalog")
     if args.traces:
-        f.load_traces(args.traces)
+        f.load_traces(args.traces, views=args.trace_views)
     init = None
     if args.init:
         from .embedder import load_embedder
 
         init = load_embedder(args.init)
+    if args.eval_only:
+        if init is None:
+            raise SystemExit("--eval-only needs --init")
+        is_val = np.array([is_validation(i) for i in f.ids])
+        res = {"final": evaluate(init, f, np.flatnonzero(is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)}
+        print(json.dumps(res["final"], indent=2))
+        if args.report:
+            Path(args.report).write_text(json.dumps(res, indent=2))
+        return
     res = train(
         init.cfg if init is not None else EmbedderConfig(variant=args.variant),
-        TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps),
+        TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
+                    freeze_image=args.freeze_image),
         f,
         catalog,
         Path(args.out) if args.out else None,
