@@ -73,3 +73,30 @@ def test_bad_export_config_is_refused(tmp_path):
         CompletionExportConfig(tmp_path, min_cosine=0.0)
     with pytest.raises(ValueError, match="check_batches"):
         CompletionExportConfig(tmp_path, check_batches=((0, 3),))
+
+
+def test_build_adds_completion_only_for_the_embedder_it_was_trained_against(tmp_path):
+    from sdk.export.build import BuildConfig, _completion_section
+    from sdk.export.onnx_embedder import ExportError
+    from sdk.train.completion import file_sha256, save_completion
+
+    weights = tmp_path / "embedder"
+    weights.mkdir()
+    (weights / "embedder.safetensors").write_bytes(b"the embedder these completion weights were trained on")
+    sha = file_sha256(weights / "embedder.safetensors")
+    good, stale = tmp_path / "good", tmp_path / "stale"
+    save_completion(tiny_completion(), good, sha, metrics={"m": 1})
+    save_completion(tiny_completion(), stale, "f" * 64)
+    logged = []
+    section, parts = _completion_section(good, weights, tmp_path / "w1", explicit=False, log=logged.append)
+    assert section["completes"] == "image" and section["embedder_sha256"] == sha and section["metrics"] == {"m": 1}
+    assert section["parity"]["min_cosine"] >= 0.9999 and list(parts) == ["completion.onnx"]
+    # stale weights: left out with a warning by default, refused when asked for explicitly
+    assert _completion_section(stale, weights, tmp_path / "w2", explicit=False, log=logged.append) == (None, {})
+    assert "trained against other embedder weights" in logged[-1] and "built without image completion" in logged[-1]
+    with pytest.raises(ExportError, match="re-train them"):
+        _completion_section(stale, weights, tmp_path / "w3", explicit=True, log=logged.append)
+    # the single layout never carries it; None leaves it out
+    assert BuildConfig(layout="single", completion=good).completion_dir() is None
+    assert BuildConfig(completion=None).completion_dir() is None
+    assert BuildConfig(completion=good).completion_dir() == good
