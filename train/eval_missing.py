@@ -28,6 +28,10 @@ Completion quality of the generated titles against the real ones: corpus BLEU (s
 default 13a tokenization), ROUGE-L F1 (longest common subsequence of lower-cased
 whitespace tokens, averaged over products), the cosine between the teacher's text-only vectors of
 the generated and the real title, exact-match rate and the number of distinct captions.
+
+With --check-engine, the completed vectors are also computed through the runtime
+(`sdk.Embedder(engine).embed(texts=titles, complete_missing="image")`, the engine's own text graph
+and completion graph) and compared with the PyTorch ones (cosine mean / min).
 """
 
 from __future__ import annotations
@@ -163,6 +167,28 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
     return result
 
 
+@torch.no_grad()
+def check_engine(engine: str | Path, features, embedder, completion, rows: np.ndarray, products) -> dict:
+    """Cosine of the runtime's completed vectors (title, no photo, complete_missing="image") to PyTorch's."""
+    from sdk import Embedder
+
+    from .completion import _title, fuse
+
+    want = []
+    for s in range(0, len(rows), 256):
+        title, mask = _title(features, rows[s : s + 256])
+        want.append(fuse(embedder, completion(title, mask), title, mask))
+    want = torch.cat(want).numpy()
+    with Embedder(engine, threads=1) as e:
+        got = e.embed(texts=[p.title for p in products], complete_missing="image")
+        plain = e.embed(texts=[p.title for p in products])
+        precision = e.precision
+    cos = (got * want).sum(1)
+    return {"engine": str(engine), "precision": precision, "products": len(rows),
+            "cosine mean": round(float(cos.mean()), 5), "cosine min": round(float(cos.min()), 5),
+            "completed vs text-only vector, cosine mean": round(float((got * plain).sum(1).mean()), 4)}
+
+
 def _markdown(res: dict) -> str:
     rates = " / ".join(f"{r:g}" for r in res["rates"])
     lines = []
@@ -185,6 +211,10 @@ def _markdown(res: dict) -> str:
     c = res["cosine to the real photo + title vector"]
     lines += ["", "Mean cosine of the degraded product's vector to its real photo + title vector: "
               + ", ".join(f"{m} {x:.3f}" for m, x in c.items()) + "."]
+    rc = res.get("runtime check")
+    if rc:
+        lines += ["", f"Runtime ({rc['engine']}, {rc['precision']}) vs PyTorch, completed vectors of "
+                      f"{rc['products']} titles: cosine mean {rc['cosine mean']:.5f}, min {rc['cosine min']:.5f}."]
     return "\n".join(lines)
 
 
@@ -197,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine", default="moon3.engine", help="engine whose reasoner writes the captions")
     ap.add_argument("--captions", default="runs/mmpc/captions.json", help="caption cache (JSON id -> title)")
     ap.add_argument("--tokens-cache", default="runs/completion/image_tokens.npz")
+    ap.add_argument("--check-engine", default=None,
+                    help="an engine with a completion part: compare its completed vectors with PyTorch's")
     ap.add_argument("--out", default="runs/mmpc/eval_missing.json")
     args = ap.parse_args(argv)
 
@@ -245,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         "exact match": round(float(np.mean([g.strip().lower() == r.strip().lower() for g, r in zip(gen, real)])), 4),
         "distinct captions": len(set(gen)),
     }
+    if args.check_engine:
+        res["runtime check"] = check_engine(args.check_engine, features, embedder, completion, rows, val)
     res["embedder_sha256"] = sha
     res["completion"] = str(args.completion or WEIGHTS_DIR)
     res["seconds"] = round(time.time() - t0, 1)

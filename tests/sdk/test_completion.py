@@ -149,3 +149,13 @@ def test_a_completion_graph_of_the_wrong_width_is_refused(completion, tiny_split
     path, _ = engine_with_completion(tiny_split_engine.path, tmp_path, wrong)
     with pytest.raises(EngineError, match="the head reads"):
         Embedder(path, threads=1)
+
+
+def test_cli_shows_the_part_and_build_takes_the_flags(completion, capsys):
+    from sdk.cli import build_parser, main
+
+    assert main(["inspect", str(completion[0])]) == 0
+    assert "completion: missing image from the title (completion.onnx)" in capsys.readouterr().out
+    args = build_parser().parse_args(["build", "--no-completion"])
+    assert args.no_completion and args.completion is None
+    assert build_parser().parse_args(["build", "--completion", "w"]).completion == "w"
