@@ -21,7 +21,7 @@ the 49 the head expects.
 
 Loss, per batch of training products (ids not ending in 0) that have a photo:
   pooled: MSE between the mean of the completed and of the real image tokens (what the head's
-      query start and gate read), per channel divided by its variance (so every channel counts);
+      query start reads), per channel divided by its variance (so every channel counts);
   fused: 1 - cosine between the frozen embedder's vector of (title + completed image) and of
       (title + real photo);
   contrast: in-batch InfoNCE between the (title + completed image) vectors and the frozen
@@ -202,7 +202,8 @@ def fuse(embedder, img_tok, title, title_mask, image_present: bool = True, text_
     return embedder(None, None, title, mask, trace, trace_mask, present, image_tokens=img_tok)
 
 
-def _title(features, rows):
+def title_states(features, rows):
+    """Cached title token states (B, T, C) and mask (B, T) of feature rows, cut to the longest title."""
     rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
     tok, mask = features.title[rows].float(), features.title_mask[rows].float()
     t = int(mask.sum(1).max().clamp(min=1))
@@ -264,7 +265,7 @@ def evaluate(model, embedder, features, tokens: dict, rows: np.ndarray, keys: np
     real, comp, text_only, photo_q = [], [], [], []
     for s in range(0, len(rows), bs):
         r = rows[s : s + bs]
-        title, mask = _title(features, r)
+        title, mask = title_states(features, r)
         tok = torch.from_numpy(tokens["tokens"][r]).float()
         flip = torch.from_numpy(tokens["flip"][[pos[int(i)] for i in r]]).float()
         real.append(fuse(embedder, tok, title, mask))
@@ -313,7 +314,7 @@ def train(features, embedder, tokens: dict, keys: np.ndarray, ccfg: CompletionCo
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
             r = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-            title, mask = _title(features, r)
+            title, mask = title_states(features, r)
             target = torch.from_numpy(tokens["tokens"][r]).float()
             with torch.no_grad():
                 target_vec = fuse(embedder, target, title, mask)

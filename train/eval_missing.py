@@ -106,7 +106,7 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
              gen_states: tuple[torch.Tensor, torch.Tensor], empty_states: tuple[torch.Tensor, torch.Tensor],
              rates=RATES, seeds=SEEDS, bs: int = 256) -> dict:
     """The benchmark on `rows` (feature rows of validation products with a photo); see the module doc."""
-    from .completion import _title, fuse
+    from .completion import fuse, title_states
 
     pos = {int(r): i for i, r in enumerate(features.flip_rows)}
     views: dict[str, list[torch.Tensor]] = {}
@@ -116,7 +116,7 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
 
     for s in range(0, len(rows), bs):
         r = rows[s : s + bs]
-        title, mask = _title(features, r)
+        title, mask = title_states(features, r)
         tok = torch.from_numpy(tokens["tokens"][r]).float()
         flip = torch.from_numpy(tokens["flip"][[pos[int(i)] for i in r]]).float()
         detail, dmask = features.detail[r].float(), features.detail_mask[r].float()
@@ -172,11 +172,11 @@ def check_engine(engine: str | Path, features, embedder, completion, rows: np.nd
     """Cosine of the runtime's completed vectors (title, no photo, complete_missing="image") to PyTorch's."""
     from sdk import Embedder
 
-    from .completion import _title, fuse
+    from .completion import fuse, title_states
 
     want = []
     for s in range(0, len(rows), 256):
-        title, mask = _title(features, rows[s : s + 256])
+        title, mask = title_states(features, rows[s : s + 256])
         want.append(fuse(embedder, completion(title, mask), title, mask))
     want = torch.cat(want).numpy()
     with Embedder(engine, threads=1) as e:
