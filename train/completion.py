@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(WEIGHTS_DIR))
     ap.add_argument("--epochs", type=int, default=CompletionTrainConfig.epochs)
     ap.add_argument("--layers", type=int, default=CompletionConfig.n_layers)
+    ap.add_argument("--queries", type=int, default=CompletionConfig.n_queries,
+                    help="distinct completed tokens (a divisor of the 49 image tokens; 1 = one pooled vector)")
     ap.add_argument("--w-pooled", type=float, default=CompletionTrainConfig.w_pooled)
     ap.add_argument("--w-fused", type=float, default=CompletionTrainConfig.w_fused)
     ap.add_argument("--w-contrast", type=float, default=CompletionTrainConfig.w_contrast)
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     features = Features(args.features)
     tokens = image_tokens(embedder, features, args.tokens_cache, sha)
     keys = title_keys(features, args.catalog)
-    ccfg = CompletionConfig.for_embedder(embedder.cfg, n_layers=args.layers)
+    ccfg = CompletionConfig.for_embedder(embedder.cfg, n_layers=args.layers, n_queries=args.queries)
     cfg = CompletionTrainConfig(epochs=args.epochs, w_pooled=args.w_pooled, w_fused=args.w_fused,
                                 w_contrast=args.w_contrast, seed=args.seed)
     model, report = train(features, embedder, tokens, keys, ccfg, cfg)
