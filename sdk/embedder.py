@@ -790,7 +790,9 @@ def _completion_part(section: Any, where: Path) -> str:
             raise ValueError(f"it completes {section['completes']!r}; this sdk completes only 'image'")
         return str(section["part"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise EngineError(f"{where}: the manifest's completion section is unusable ({type(exc).__name__}: {exc})") from exc
+        raise EngineError(
+            f"{where}: the manifest's completion section is unusable ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _check_completion_graph(session, where: Path, head) -> None:

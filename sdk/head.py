@@ -211,7 +211,9 @@ class SplitRunner:
             out[rows, :n] = self.text_session.run(["token_states"], feed)[0]
         return out
 
-    def __call__(self, feed: Mapping[str, np.ndarray], dim: int | None = None, complete_image: bool = False) -> np.ndarray:
+    def __call__(
+        self, feed: Mapping[str, np.ndarray], dim: int | None = None, complete_image: bool = False
+    ) -> np.ndarray:
         """Embeddings (B, dim) of a feed keyed like `sdk.export.onnx_embedder.INPUT_NAMES`;
         complete_image=True fills a missing photo from the title (needs `completion_session`)."""
         present = np.array(feed["present"], _F32)  # (B, 3), a copy: completion marks rows present
