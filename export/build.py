@@ -76,6 +76,10 @@ class BuildConfig:
             checked); "auto" adds the committed ones when present; None leaves it out.
         layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
             for the items that have its modality) or "single" (one ONNX graph).
+        completion: folder of trained image completion weights (`sdk.train.completion`) to add
+            as the engine's optional "completion" part (split layout only); "auto" adds the
+            committed ones when present and trained against the embedder weights used; None
+            leaves it out.
     """
 
     out: str | Path = "moon3.engine"
@@ -91,6 +95,15 @@ class BuildConfig:
     reasoner: str | Path | None = "auto"
     calib_method: str = "percentile"
     calib_items: int = 256
+    completion: str | Path | None = "auto"
+
+    def completion_dir(self) -> Path | None:
+        if self.completion is None or self.layout != "split":
+            return None
+        if self.completion == "auto":
+            d = Path(__file__).resolve().parent.parent / "train" / "weights" / "completion"
+            return d if (d / "completion.safetensors").is_file() else None
+        return Path(self.completion)
 
     def reasoner_dir(self) -> Path | None:
         if self.reasoner is None:
@@ -384,6 +397,14 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         rdir = cfg.reasoner_dir()
         if rdir is not None:
             extra, extra_parts = _reasoner_section(rdir, tmp / "reasoner", log)
+        cdir = cfg.completion_dir()
+        if cdir is not None:
+            section, parts = _completion_section(cdir, weights, tmp / "completion", explicit=cfg.completion != "auto",
+                                                 log=log)
+            if section is not None:
+                extra, extra_parts = {**extra, "completion": section}, {**extra_parts, **parts}
+            else:
+                cdir = None
         report["candidate"] = tried[-1]["candidate"]
         report["candidates_tried"] = tried
         report["onnx_parity"] = {k: parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
@@ -396,9 +417,37 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
             "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
-            "reasoner": str(rdir) if rdir else None, "seconds": round(time.time() - t0, 1)}})
+            "reasoner": str(rdir) if rdir else None, "completion": str(cdir) if cdir else None,
+            "seconds": round(time.time() - t0, 1)}})
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
     return out
+
+
+def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool, log=print):
+    """Export the image completion weights in `folder` -> (manifest section, parts), or (None, {})
+    when they were trained against other embedder weights and were not asked for explicitly."""
+    from sdk.train.completion import file_sha256, load_completion
+
+    from .bundle import completion_parts
+    from .onnx_completion import CompletionExportConfig, export_completion_onnx
+    from .onnx_embedder import ExportError
+
+    model, meta = load_completion(folder)
+    sha = file_sha256(weights / "embedder.safetensors")
+    if meta.get("embedder_sha256") != sha:
+        msg = (f"the completion weights in {folder} were trained against other embedder weights "
+               f"(sha256 {str(meta.get('embedder_sha256'))[:12]}..., these are {sha[:12]}...); re-train them with "
+               f"python -m sdk.train.completion")
+        if explicit:
+            raise ExportError(msg)
+        log(f"WARNING: {msg}; the engine is built without image completion")
+        return None, {}
+    log(f"[+] completion: {folder} -> completion graph, parity vs PyTorch on padded batches")
+    path = export_completion_onnx(model, CompletionExportConfig(work))
+    parity = json.loads((work / "completion.parity.json").read_text())
+    section, parts = completion_parts(path, embedder_sha256=sha, metrics=meta.get("metrics"),
+                                      parity={k: parity.get(k) for k in ("min_cosine", "max_abs_err", "rows")})
+    return section, parts
 
 
 def _reasoner_section(folder: Path, work: Path, log=print) -> tuple[dict, dict[str, bytes]]:

@@ -20,6 +20,9 @@ The manifest written here is the contract the runtime (`sdk.Embedder`) reads:
         "text": {"tokenizer": "tokenizer.json", "max_length": 32},
         "trace": {"tokenizer": "tokenizer.json", "max_length": 128},
     }
+    manifest["completion"] = {       # optional, split layout only (completion_parts)
+        "part": "completion.onnx", "completes": "image",  # token_states, attention_mask -> image_tokens
+        "embedder_sha256", "parity", "metrics"}
     manifest["fidelity"] = {...}   # measured against the FP32 teacher at build time
     manifest["versions"] = {"sdk", "onnx", "onnxruntime", "torch", "transformers"}
 """
@@ -143,6 +146,22 @@ def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[
     section = {"parts": names, "tasks": dict(tasks), "max_len": int(max_len), "image": dataclasses.asdict(image),
                "decoding": "greedy", "parity": dict(parity or {}), "metrics": dict(metrics or {})}
     return section, parts
+
+
+def completion_parts(onnx_path: str | Path, *, embedder_sha256: str, parity: Mapping[str, Any] | None = None,
+                     metrics: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest's "completion" section and its part, from the graph written by
+    `sdk.export.onnx_completion.export_completion_onnx`.
+
+    Pass them to `package_split_embedder` as `extra={"completion": section}` and `extra_parts=parts`;
+    `sdk.Embedder(...).embed(..., complete_missing="image")` runs it.
+    """
+    from .onnx_completion import COMPLETION_INPUTS, COMPLETION_OUTPUT, COMPLETION_PART
+
+    section = {"part": COMPLETION_PART, "completes": "image", "inputs": list(COMPLETION_INPUTS),
+               "output": COMPLETION_OUTPUT, "embedder_sha256": embedder_sha256, "parity": dict(parity or {}),
+               "metrics": dict(metrics or {})}
+    return section, {COMPLETION_PART: Path(onnx_path).read_bytes()}
 
 
 def _manifest(embedder: dict, *, dim: int, matryoshka_dims: Sequence[int], image: ImagePreprocess = ImagePreprocess(),

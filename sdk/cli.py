@@ -34,6 +34,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         layout=args.layout,
         calib_method=args.calib_method,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
+        completion=None if args.no_completion else (args.completion or "auto"),
         **({"samples": args.samples} if args.samples else {}),
     )
     try:
@@ -85,6 +86,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         met = rs.get("metrics", {})
         print(f"  reasoner: {', '.join(rs.get('tasks', {}))}; greedy, max {rs.get('max_len')} tokens"
               + (f"; validation caption token-F1 {met['caption_token_f1']:.3f}" if "caption_token_f1" in met else ""))
+    cs = m.get("completion")
+    if isinstance(cs, dict):
+        print(f"  completion: missing {cs.get('completes')} from the title ({cs.get('part')}); "
+              f"parity min cosine {cs.get('parity', {}).get('min_cosine')}")
     pre = m.get("preprocess", {})
     print(f"  image:    {pre.get('image')}")
     print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; trace max {pre.get('trace', {}).get('max_length')}")
@@ -393,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     _gate_args(b)
     b.add_argument("--reasoner", default=None, help="trained reasoner folder to add (default: the committed one, if any)")
     b.add_argument("--no-reasoner", action="store_true", help="leave the reasoner out of the engine")
+    b.add_argument("--completion", default=None,
+                   help="trained image completion folder to add (default: the committed one, if it fits the embedder)")
+    b.add_argument("--no-completion", action="store_true", help="leave image completion out of the engine")
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)

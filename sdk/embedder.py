@@ -62,6 +62,7 @@ __all__ = ["BACKENDS", "Backend", "Embedder", "Embeddings", "available_backends"
 INPUT_NAMES = ("pixels", "input_ids", "attention_mask", "trace_ids", "trace_mask", "present")
 _IMAGE, _TEXT, _TRACE = 0, 1, 2
 ERRORS = ("report", "raise")
+COMPLETE = (None, "image")  # what `embed(..., complete_missing=)` accepts
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,11 @@ class Embedder:
             head = FusionHead.from_bytes(engine.part(parts["head"]), f"{self._path}: part {parts['head']!r}")
             if head.out_dim != self._dim:
                 raise EngineError(f"{self._path}: the head gives {head.out_dim}-d vectors, the manifest says dim {self._dim}")
-            self._split: SplitRunner | None = SplitRunner(image_s, text_s, head)
+            completion = None
+            if self._manifest.get("completion") is not None:
+                completion = load(_completion_part(self._manifest["completion"], self._path))
+                _check_completion_graph(completion, self._path, head)
+            self._split: SplitRunner | None = SplitRunner(image_s, text_s, head, completion)
             session = image_s
         else:
             session = load(spec["parts"]["embedder"])
@@ -309,6 +314,11 @@ class Embedder:
         return self._precision
 
     @property
+    def completes(self) -> tuple[str, ...]:
+        """The missing modalities this engine can complete (`embed(..., complete_missing=...)`)."""
+        return ("image",) if self._split is not None and self._split.completion_session is not None else ()
+
+    @property
     def providers(self) -> tuple[str, ...]:
         """ONNX Runtime execution providers really active, in priority order."""
         return self._providers
@@ -354,6 +364,7 @@ class Embedder:
         dim: int | None = None,
         batch_size: int = 32,
         errors: str = "report",
+        complete_missing: str | None = None,
     ) -> np.ndarray:
         """Embed items; item i uses images[i], texts[i] and traces[i] where not None.
 
@@ -368,6 +379,9 @@ class Embedder:
             errors: "report" embeds every good item and then raises `BatchError` (carrying the
                 vectors and every bad index) if any item was bad; "raise" raises at the first
                 bad item met.
+            complete_missing: None (default) embeds each item with the modalities it has;
+                "image" gives an item with a title but no photo image tokens completed from its
+                title (the engine's completion part, see `completes`), fused as title + image.
 
         Returns:
             (N, dim) float32, L2-normalised rows, in input order.
@@ -378,6 +392,7 @@ class Embedder:
             InvalidInputError: errors="raise" and an item is bad (the message names its index
                 and the problem), or the call itself is malformed (lengths differ, bad dim).
             ValueError: `errors` is not "report" or "raise".
+            EngineError: complete_missing="image" and the engine has no completion part.
 
         Warns:
             TruncationWarning: once per call, when a text or trace was cut to the token budget.
@@ -385,7 +400,7 @@ class Embedder:
         if errors not in ERRORS:
             raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
         items = self._collect(images, texts, traces)
-        result = self._run(items, dim, batch_size, fail_fast=errors == "raise")
+        result = self._run(items, dim, batch_size, fail_fast=errors == "raise", complete=complete_missing)
         return self._finish(result)
 
     def embed_batch(
@@ -396,6 +411,7 @@ class Embedder:
         *,
         dim: int | None = None,
         batch_size: int = 32,
+        complete_missing: str | None = None,
     ) -> Embeddings:
         """Like `embed`, but bad items never raise: they are reported in the result.
 
@@ -404,9 +420,12 @@ class Embedder:
             {index: message}, `.truncated` {index: ("text", "trace")}, `.ok` mask.
 
         Raises:
-            InvalidInputError: the call itself is malformed (lengths differ, bad dim, batch_size).
+            InvalidInputError: the call itself is malformed (lengths differ, bad dim, batch_size,
+                complete_missing).
+            EngineError: complete_missing="image" and the engine has no completion part.
         """
-        return self._run(self._collect(images, texts, traces), dim, batch_size, fail_fast=False)
+        return self._run(self._collect(images, texts, traces), dim, batch_size, fail_fast=False,
+                         complete=complete_missing)
 
     def embed_products(
         self,
@@ -416,6 +435,7 @@ class Embedder:
         dim: int | None = None,
         batch_size: int = 32,
         errors: str = "report",
+        complete_missing: str | None = None,
     ) -> np.ndarray:
         """Embed catalog records (the `items.jsonl` format), with `embed`'s error semantics.
 
@@ -423,7 +443,7 @@ class Embedder:
             records: dicts with "title" (str), optional "image" (a path, relative to `root`
                 unless absolute) and optional "trace" (str); other keys are ignored.
             root: folder the image paths are relative to (None: the current directory).
-            dim, batch_size, errors: as in `embed`.
+            dim, batch_size, errors, complete_missing: as in `embed`.
 
         Returns:
             (N, dim) float32, L2-normalised rows, one per record.
@@ -461,7 +481,8 @@ class Embedder:
             texts.append(title)
             traces.append(trace)
         items = self._collect(images, texts, traces, what="record", labels=("image", "title", "trace"), pre=pre)
-        return self._finish(self._run(items, dim, batch_size, fail_fast=errors == "raise", what="record"))
+        return self._finish(self._run(items, dim, batch_size, fail_fast=errors == "raise", what="record",
+                                      complete=complete_missing))
 
     # ------------------------------------------------------------------ internals
 
@@ -535,12 +556,19 @@ class Embedder:
         return _Items(n, list(imgs), out_texts, out_traces, errors)
 
     def _run(
-        self, items: _Items, dim: int | None, batch_size: int, *, fail_fast: bool, what: str = "item"
+        self, items: _Items, dim: int | None, batch_size: int, *, fail_fast: bool, what: str = "item",
+        complete: str | None = None,
     ) -> Embeddings:
         # One snapshot for the whole call, so a close() from another thread cannot mix layouts.
         session, split = self._session, self._split
         if session is None or (split is None and self._layout == "split"):
             raise SdkError(f"{self!r} is closed")
+        if complete not in COMPLETE:
+            raise InvalidInputError(f"complete_missing must be one of {COMPLETE}, got {complete!r}")
+        if complete is not None and complete not in self.completes:
+            raise EngineError(f"{self._path}: this engine cannot complete a missing {complete} (it completes "
+                              f"{list(self.completes) or 'nothing'}); build it with the completion weights "
+                              f"(train/weights/completion) and the split layout")
         dim = self._check_dim(dim)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -593,7 +621,8 @@ class Embedder:
             tids, tmask = _pad([tok[i][1] for i in chunk])  # (B, S)
             feed = dict(zip(INPUT_NAMES, (pix, ids, mask, tids, tmask, present)))
             try:
-                out = session.run([self._output], feed)[0] if split is None else split(feed)  # (B, D)
+                out = (session.run([self._output], feed)[0] if split is None
+                       else split(feed, complete_image=complete == "image"))  # (B, D)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 shapes = {k: tuple(v.shape) for k, v in feed.items()}
                 raise EngineError(f"{self._path}: the embedder graph failed on inputs {shapes}: {exc}") from exc
@@ -784,6 +813,32 @@ def _check_split_graphs(image, text, where: Path, size: int) -> None:
             raise EngineError(f"{where}: the {what} graph has inputs {got_in} / outputs {got_out}, "
                               f"expected {ins} / [{out!r}]")
     _check_pixels(image.get_inputs()[0].shape, where, "the image graph's", size)
+
+
+def _completion_part(section: Any, where: Path) -> str:
+    """The part name of the manifest's "completion" section (see sdk.export.bundle.completion_parts)."""
+    try:
+        if section["completes"] != "image":
+            raise ValueError(f"it completes {section['completes']!r}; this sdk completes only 'image'")
+        return str(section["part"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(
+            f"{where}: the manifest's completion section is unusable ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _check_completion_graph(session, where: Path, head) -> None:
+    """The completion graph takes title token states and gives image tokens the head can read."""
+    got_in = sorted(i.name for i in session.get_inputs())
+    outs = {o.name: o for o in session.get_outputs()}
+    if got_in != ["attention_mask", "token_states"] or "image_tokens" not in outs:
+        raise EngineError(f"{where}: the completion graph has inputs {got_in} / outputs {sorted(outs)}, expected "
+                          f"['attention_mask', 'token_states'] / ['image_tokens']")
+    shape = outs["image_tokens"].shape
+    n_tok = int(head.config.get("n_image_tokens", 49))
+    if len(shape) != 3 or any(isinstance(s, int) and s != w for s, w in zip(shape[1:], (n_tok, head.d))):
+        raise EngineError(f"{where}: the completion graph gives image tokens of shape {shape}; the head reads "
+                          f"(batch, {n_tok}, {head.d})")
 
 
 def _check_pixels(shape, where: Path, graph: str, size: int) -> None:

@@ -187,15 +187,19 @@ class SplitRunner:
         text_session: session of the text graph (input_ids, attention_mask -> token_states),
             used for titles and traces alike.
         head: the `FusionHead`.
+        completion_session: optional session of the image completion graph (token_states,
+            attention_mask -> image_tokens; see `sdk.export.onnx_completion`).
 
     Each tower runs only on the rows that have its modality; the other rows get zeros, which the
-    head never reads into the result.
+    head never reads into the result. With `complete_image=True`, rows that have a title but no
+    photo get image tokens completed from the title's token states and are fused as title + image.
     """
 
-    def __init__(self, image_session, text_session, head: FusionHead):
+    def __init__(self, image_session, text_session, head: FusionHead, completion_session=None):
         self.image_session = image_session
         self.text_session = text_session
         self.head = head
+        self.completion_session = completion_session
 
     def _states(self, ids: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
         B, T = ids.shape
@@ -207,9 +211,12 @@ class SplitRunner:
             out[rows, :n] = self.text_session.run(["token_states"], feed)[0]
         return out
 
-    def __call__(self, feed: Mapping[str, np.ndarray], dim: int | None = None) -> np.ndarray:
-        """Embeddings (B, dim) of a feed keyed like `sdk.export.onnx_embedder.INPUT_NAMES`."""
-        present = np.asarray(feed["present"], _F32)  # (B, 3)
+    def __call__(
+        self, feed: Mapping[str, np.ndarray], dim: int | None = None, complete_image: bool = False
+    ) -> np.ndarray:
+        """Embeddings (B, dim) of a feed keyed like `sdk.export.onnx_embedder.INPUT_NAMES`;
+        complete_image=True fills a missing photo from the title (needs `completion_session`)."""
+        present = np.array(feed["present"], _F32)  # (B, 3), a copy: completion marks rows present
         pixels = feed["pixels"]  # (B, 3, H, W)
         B = present.shape[0]
         n_tok = int(self.head.config.get("n_image_tokens", 49))
@@ -220,6 +227,16 @@ class SplitRunner:
         text_rows, trace_rows = np.flatnonzero(present[:, 1] > 0), np.flatnonzero(present[:, 2] > 0)
         text = self._states(feed["input_ids"], feed["attention_mask"], text_rows)
         trace = self._states(feed["trace_ids"], feed["trace_mask"], trace_rows)
+        if complete_image:
+            if self.completion_session is None:
+                raise EngineError("this engine has no image completion part")
+            fill = np.flatnonzero((present[:, 0] == 0) & (present[:, 1] > 0))
+            if fill.size:
+                n = max(int(feed["attention_mask"][fill].sum(1).max()), 1)
+                cfeed = {"token_states": np.ascontiguousarray(text[fill, :n]),
+                         "attention_mask": np.ascontiguousarray(feed["attention_mask"][fill, :n])}
+                image[fill] = self.completion_session.run(["image_tokens"], cfeed)[0]
+                present[fill, 0] = 1.0
         text_mask = feed["attention_mask"].astype(_F32) * present[:, 1:2]
         trace_mask = feed["trace_mask"].astype(_F32) * present[:, 2:3]
         return self.head(image, text, text_mask, trace, trace_mask, present, dim)

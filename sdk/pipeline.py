@@ -8,6 +8,9 @@
 Two uses of the reasoner:
 - `complete_title=True` (MMPCBench's missing-modality completion): an item with a photo but no
   title gets a title written from its photo, and is embedded as photo + that title.
+- `complete_image=True` (the other direction, no reasoner needed): an item with a title but no
+  photo gets image tokens completed from its title by the engine's completion part, and is
+  embedded as title + that image (`Embedder.embed(..., complete_missing="image")`).
 - `reason="on"` / `"cached"` (Think-Then-Embed): every item gets a `<think> ... </think>` trace,
   fed to the embedder's trace modality. This needs an embedder trained with traces (the
   manifest says so with `embedder.trace_trained`); an engine whose embedder never saw traces
@@ -104,6 +107,8 @@ class Pipeline:
         reason: "off" (no traces), "on" (generate a trace per item) or "cached" (as "on", and
             reuse / store traces in `cache`).
         complete_title: write a title from the photo for items that have a photo but no title.
+        complete_image: complete the image tokens of items that have a title but no photo from
+            their title (needs an engine with a completion part).
         cache: SQLite file for generated titles and traces (None: no cache; required for "cached").
         max_trace_tokens: the reasoning budget per item.
         threads: onnxruntime threads of both models.
@@ -116,11 +121,13 @@ class Pipeline:
     Raises:
         ValueError: a bad `reason`, or "cached" without a cache.
         EngineError: the engine file is damaged, the engine has no reasoner although one is
-            needed, or reason is not "off" and its embedder was not trained with traces.
+            needed, reason is not "off" and its embedder was not trained with traces, or
+            complete_image=True and the engine has no completion part.
     """
 
     def __init__(self, path: str | os.PathLike, reason: str = "off", complete_title: bool = False,
-                 cache: str | os.PathLike | None = None, max_trace_tokens: int = 96, threads: int | None = None):
+                 cache: str | os.PathLike | None = None, max_trace_tokens: int = 96, threads: int | None = None,
+                 complete_image: bool = False):
         from sdk.embedder import Embedder
         from sdk.engine import EngineFile
 
@@ -137,6 +144,9 @@ class Pipeline:
             if reason != "off" and not manifest.get("embedder", {}).get("trace_trained", False):
                 raise EngineError(f"{path}: this engine's embedder was not trained with reasoning traces; "
                                   f'use reason="off" (complete_title=True still uses the reasoner)')
+            if complete_image and "image" not in self.embedder.completes:
+                raise EngineError(f"{path}: this engine has no image completion part; build it with the completion "
+                                  f"weights (train/weights/completion) or use complete_image=False")
             if (reason != "off" or complete_title) and not isinstance(manifest.get("reasoner"), dict):
                 raise EngineError(f"{path}: this engine has no reasoner; build one with `moon3 build --reasoner`")
             if reason == "off" and not complete_title:
@@ -145,6 +155,7 @@ class Pipeline:
         except BaseException:
             self._engine.close()
             raise
+        self.complete_image = bool(complete_image)
         self._reasoner: Reasoner | None = None
         self._threads = threads
         self._reasoner_lock = threading.Lock()
@@ -223,7 +234,8 @@ class Pipeline:
                     self.last_generated.setdefault(i, {})["trace"] = trace
             except InvalidInputError:
                 continue  # the embedder reports the bad input for this index
-        return self.embedder.embed(images, texts, traces if self.reason != "off" else None, dim=dim, errors=errors)
+        return self.embedder.embed(images, texts, traces if self.reason != "off" else None, dim=dim, errors=errors,
+                                   complete_missing="image" if self.complete_image else None)
 
     def close(self) -> None:
         self.embedder.close()

@@ -101,6 +101,28 @@ def test_runtime_on_the_built_engine_matches_the_teacher(int8_engine):
     assert np.sum(got * want, axis=1).min() > 0.98
 
 
+def test_built_engine_completes_a_missing_photo_when_the_weights_fit(int8_engine):
+    from sdk.embedder import Embedder
+    from sdk.engine import EngineFile
+    from sdk.train.completion import EMBEDDER_DIR, WEIGHTS_DIR, file_sha256
+
+    meta = json.loads((WEIGHTS_DIR / "completion.json").read_text())
+    e = Embedder(int8_engine)
+    if meta["embedder_sha256"] != file_sha256(EMBEDDER_DIR / "embedder.safetensors"):
+        # stale completion weights (the embedder was re-trained): left out, never used silently
+        assert "completion" not in EngineFile.read(int8_engine).manifest and e.completes == ()
+        return
+    assert e.completes == ("image",)
+    items = [json.loads(x) for x in (SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    items = [it for it in items if it["image"]][:60]
+    texts = [it["title"] for it in items]
+    real = e.embed(images=[SAMPLES / it["image"] for it in items], texts=texts)
+    completed = e.embed(texts=texts, complete_missing="image")
+    alone = e.embed(texts=texts)
+    # the completed product sits closer to its real photo + title vector than its title alone
+    assert np.sum(completed * real, axis=1).mean() > np.sum(alone * real, axis=1).mean() + 0.005
+
+
 def test_failed_gate_writes_nothing(tmp_path):
     from sdk.export.build import build_engine
 
