@@ -312,3 +312,28 @@ def load_embedder(folder: str | Path) -> nn.Module:
     model = build_embedder(cfg)
     model.load_state_dict(load_file(str(w_path)))
     return model.eval()
+
+
+def copy_half(src: str | Path, dst: str | Path) -> Path:
+    """Copy a saved embedder with its weights stored as fp16 (half the bytes; `load_embedder`
+    loads them back into the fp32 model)."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(src / "embedder.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(dst / "embedder.safetensors"))
+    meta = json.loads((src / "embedder.json").read_text())
+    meta["stored_dtype"] = "float16"
+    (dst / "embedder.json").write_text(json.dumps(meta, indent=2))
+    return dst / "embedder.safetensors"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Copy a saved embedder with fp16 weights: python -m sdk.train.embedder SRC DST")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    a = ap.parse_args()
+    print(copy_half(a.src, a.dst))
