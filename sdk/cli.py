@@ -34,6 +34,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         layout=args.layout,
         calib_method=args.calib_method,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
+        reasoner_precision=args.reasoner_precision,
+        reasoner_block_size=args.reasoner_block_size,
+        reasoner_lm_head=not args.reasoner_lm_head_fp32,
+        reasoner_eval_items=args.reasoner_eval_items,
         **({"samples": args.samples} if args.samples else {}),
     )
     try:
@@ -85,6 +89,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         met = rs.get("metrics", {})
         print(f"  reasoner: {', '.join(rs.get('tasks', {}))}; greedy, max {rs.get('max_len')} tokens"
               + (f"; validation caption token-F1 {met['caption_token_f1']:.3f}" if "caption_token_f1" in met else ""))
+        q = rs.get("quantization") or {}
+        print(f"    precision {q.get('label') or rs.get('precision', 'fp32')}"
+              + (f"; vs FP32: {'passed' if q['fidelity']['passed'] else 'FAILED'} (attribute F1 drop "
+                 f"{max(q['fidelity']['drop']['attribute_f1_photo'], q['fidelity']['drop']['attribute_f1_title']):+.4f}, "
+                 f"token agreement {q['fidelity']['agreement']['tokens']:.4f})" if "fidelity" in q else ""))
     pre = m.get("preprocess", {})
     print(f"  image:    {pre.get('image')}")
     print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; trace max {pre.get('trace', {}).get('max_length')}")
@@ -281,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     _gate_args(b)
     b.add_argument("--reasoner", default=None, help="trained reasoner folder to add (default: the committed one, if any)")
     b.add_argument("--no-reasoner", action="store_true", help="leave the reasoner out of the engine")
+    b.add_argument("--reasoner-precision", choices=("fp32", "int8", "int4"), default="int4",
+                   help="reasoner graphs: int4 weight-only MatMulNBits (default), int8 dynamic, or fp32; a quantized "
+                        "reasoner is gated against the FP32 one (attribute F1, category accuracy, token agreement)")
+    b.add_argument("--reasoner-block-size", type=int, default=32, help="INT4 block length (a power of 2, >= 16)")
+    b.add_argument("--reasoner-lm-head-fp32", action="store_true", help="keep the tied LM head in FP32")
+    b.add_argument("--reasoner-eval-items", type=int, default=150, help="products the reasoner gate is measured on")
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)
