@@ -15,6 +15,7 @@ the report goes into the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -82,7 +83,8 @@ class BuildConfig:
         reasoner_precision: "fp32", "int8" (dynamic) or "int4" (weight-only MatMulNBits) for the
             reasoner's graphs; a quantized reasoner is measured against the FP32 one through the
             runtime on `reasoner_eval_items` evaluation products and gated by `reasoner_gates`.
-        reasoner_block_size, reasoner_lm_head: INT4 block length; quantize the tied LM head too.
+        reasoner_block_size, reasoner_lm_head, reasoner_accuracy_level: INT4 block length; quantize
+            the tied LM head too; MatMulNBits compute type (see `ReasonerQuantConfig`).
     """
 
     out: str | Path = "moon3.engine"
@@ -100,7 +102,8 @@ class BuildConfig:
     calib_items: int = 256
     reasoner_precision: str = "int4"
     reasoner_block_size: int = 32
-    reasoner_lm_head: bool = True
+    reasoner_lm_head: bool = False
+    reasoner_accuracy_level: int | None = 4
     reasoner_gates: ReasonerGates = field(default_factory=ReasonerGates)
     reasoner_eval_items: int = 150
 
@@ -133,7 +136,8 @@ class BuildConfig:
             raise ValueError(f"reasoner_eval_items must be >= 1, got {self.reasoner_eval_items}")
 
     def reasoner_quant(self) -> ReasonerQuantConfig:
-        return ReasonerQuantConfig(self.reasoner_precision, self.reasoner_block_size, self.reasoner_lm_head)
+        return ReasonerQuantConfig(self.reasoner_precision, self.reasoner_block_size, self.reasoner_lm_head,
+                                   self.reasoner_accuracy_level)
 
 
 def eval_products(catalog, samples, limit: int) -> list[tuple[Path, str]]:
@@ -459,6 +463,38 @@ def _reasoner_section(folder: Path, work: Path, cfg: BuildConfig, log=print) -> 
     section, parts = reasoner_parts(work / qcfg.precision, tok_json, **common, precision=qcfg.precision,
                                     quantization=quant)
     return {"reasoner": section}, parts
+
+
+def build_reasoner_engines(folder: str | Path, out_dir: str | Path, precisions=REASONER_PRECISIONS,
+                           quant: ReasonerQuantConfig | None = None, log=print) -> dict[str, Path]:
+    """Engines holding only the reasoner in `folder`, one per precision (exported once, greedy parity
+    checked, then quantized; no gate): `out_dir/reasoner-{precision}.engine`. For benchmarks and
+    `python -m sdk.export.eval_reasoner`; `build_engine` is what gates and ships."""
+    from sdk.train.reasoner import TASKS, load_reasoner
+    from sdk.train.towers import load_image_tower
+
+    from .bundle import package_reasoner, reasoner_parts
+    from .onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
+    from .reasoner_quant import quantize_reasoner
+
+    out_dir = Path(out_dir)
+    model, tok = load_reasoner(folder)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="moon3-reasoner-") as tmp:
+        work = Path(tmp)
+        log(f"reasoner: {folder} -> visual + step graphs, greedy parity vs PyTorch")
+        export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work / "fp32"))
+        parity = json.loads((work / "fp32" / "reasoner.parity.json").read_text())
+        for precision in precisions:
+            qcfg = dataclasses.replace(quant or ReasonerQuantConfig(), precision=precision)
+            quant = quantize_reasoner(work / "fp32", work / precision, qcfg)
+            section, parts = reasoner_parts(work / precision, tok.to_str().encode(), tasks=TASKS,
+                                            max_len=model.cfg.max_len, parity=parity, precision=precision,
+                                            quantization=quant if precision != "fp32" else None)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            out[precision] = package_reasoner(out_dir / f"reasoner-{precision}.engine", section, parts)
+            log(f"wrote {out[precision]} ({out[precision].stat().st_size / 2**20:.2f} MiB, {qcfg.label()})")
+    return out
 
 
 def gate_reasoner(reference: Path, candidate: Path, records: list[dict], gates: ReasonerGates, *, label: str,

@@ -36,16 +36,20 @@ class ReasonerQuantConfig:
     Attributes:
         precision: "fp32" (nothing), "int8" (dynamic, per channel) or "int4" (weight-only).
         block_size: INT4 block length along a weight's input dimension (a power of 2, >= 16).
-        lm_head: quantize the tied LM head too (its folded copy; the embedding table stays FP32).
-        accuracy_level: MatMulNBits compute type (None/0: FP32 activations; 4: INT8 activations,
-            faster on CPUs with VNNI-like instructions, less exact). INT4 only.
+        lm_head: quantize the tied LM head too (a folded copy of the embedding table; the table
+            itself stays FP32 for the lookup, so this saves no bytes). Off by default: on 300
+            validation products INT4 with the head quantized agreed with FP32 on 0.929 of greedy
+            tokens, with the head in FP32 on 0.977, for the same engine size.
+        accuracy_level: MatMulNBits compute type (None/0: FP32 activations; 4: activations
+            quantized to INT8 at run time, the fastest on CPU: 235 vs 347 us per decode step in
+            one measurement). INT4 only; the build gate measures the result.
         symmetric: symmetric INT4 blocks (no zero points). INT4 only.
     """
 
     precision: str = "int4"
     block_size: int = 32
-    lm_head: bool = True
-    accuracy_level: int | None = None
+    lm_head: bool = False
+    accuracy_level: int | None = 4
     symmetric: bool = False
 
     def __post_init__(self) -> None:
@@ -58,11 +62,11 @@ class ReasonerQuantConfig:
             raise ValueError(f"accuracy_level must be None or 0..4, got {self.accuracy_level!r}")
 
     def label(self) -> str:
-        """e.g. "int4 (block 32, LM head int4)"."""
+        """e.g. "int4 (block 32, LM head fp32, accuracy level 4)"."""
         if self.precision == "int4":
-            extra = f", accuracy level {self.accuracy_level}" if self.accuracy_level else ""
+            extra = f", accuracy level {self.accuracy_level}" if self.accuracy_level is not None else ""
             return f"int4 (block {self.block_size}, LM head {'int4' if self.lm_head else 'fp32'}{extra})"
-        return self.precision
+        return f"int8 (LM head {'int8' if self.lm_head else 'fp32'})" if self.precision == "int8" else "fp32"
 
 
 def lm_head_nodes(model) -> list[str]:

@@ -36,7 +36,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         reasoner_precision=args.reasoner_precision,
         reasoner_block_size=args.reasoner_block_size,
-        reasoner_lm_head=not args.reasoner_lm_head_fp32,
+        reasoner_lm_head=args.reasoner_lm_head_int4,
+        reasoner_accuracy_level=None if args.reasoner_accuracy_level < 0 else args.reasoner_accuracy_level,
         reasoner_eval_items=args.reasoner_eval_items,
         **({"samples": args.samples} if args.samples else {}),
     )
@@ -254,6 +255,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         samples=samples,
         cold_start=not args.no_cold_start,
+        reasoner=not args.no_reasoner,
         log=lambda line: print(line, flush=True),
     )
     print(f"{report['engine']}: {report['precision']} on {report['backend']}, inputs {report['inputs']}, "
@@ -294,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reasoner graphs: int4 weight-only MatMulNBits (default), int8 dynamic, or fp32; a quantized "
                         "reasoner is gated against the FP32 one (attribute F1, category accuracy, token agreement)")
     b.add_argument("--reasoner-block-size", type=int, default=32, help="INT4 block length (a power of 2, >= 16)")
-    b.add_argument("--reasoner-lm-head-fp32", action="store_true", help="keep the tied LM head in FP32")
+    b.add_argument("--reasoner-lm-head-int4", action="store_true",
+                   help="quantize the tied LM head too (default: FP32; it saves no bytes and costs fidelity)")
+    b.add_argument("--reasoner-accuracy-level", type=int, default=4,
+                   help="MatMulNBits compute: 4 = INT8 activations (default, fastest on CPU), 0 = FP32, -1 = unset")
     b.add_argument("--reasoner-eval-items", type=int, default=150, help="products the reasoner gate is measured on")
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
@@ -381,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--samples", default=None, help="folder with items.jsonl + photos (default: data/samples of a "
                    "source checkout, else synthetic inputs)")
     n.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start / RSS probes")
+    n.add_argument("--no-reasoner", action="store_true", help="skip the reasoner's prefill / decode tokens/s")
     n.add_argument("--json", default=None, help="write the full report (JSON) here")
     n.set_defaults(func=_cmd_bench)
     return ap

@@ -117,3 +117,24 @@ def test_cli_reason(reasoner_engine, capsys):
     assert all(t in out for t in ("caption", "category", "attributes", "trace")) and "attribute_qa" not in out
     assert main(["reason", str(path), "--task", "caption"]) == 2
     assert "nothing to reason about" in capsys.readouterr().err
+
+
+def test_one_step_graph_serves_prefill_and_decode(exported, reasoner_engine):
+    from sdk.engine import EngineFile
+
+    _, _, paths, _ = exported
+    assert paths["prefill"] == paths["decode"] and paths["decode"].name == "reasoner_step.onnx"
+    spec = EngineFile.read(reasoner_engine[0]).manifest["reasoner"]
+    assert spec["parts"]["prefill"] == spec["parts"]["decode"] and spec["precision"] == "fp32"
+    assert sorted(p for p in EngineFile.read(reasoner_engine[0]).part_names if p.endswith(".onnx")) == [
+        "reasoner_step.onnx", "reasoner_visual.onnx"]
+
+
+def test_bench_reasoner_reports_prefill_and_decode_speed(reasoner_engine):
+    from sdk.bench import bench_reasoner
+
+    rep = bench_reasoner(reasoner_engine[0], ["red shoe", "blue shirt"], rounds=2, warmup=0, threads=1, max_new_tokens=6)
+    assert rep["precision"] == "fp32" and rep["prompts"] == 2 and 0 < rep["new_tokens"] <= 12
+    assert rep["prefill_tokens_per_s"] > 0 and rep["decode_tokens_per_s"] >= 0
+    with pytest.raises(ValueError, match="rounds"):
+        bench_reasoner(reasoner_engine[0], ["x"], rounds=0)

@@ -44,12 +44,13 @@ def _ops(path):
 
 
 def test_int4_quantizes_every_weight_matmul_to_matmulnbits(exported, tmp_path):
-    folder, record = _quantized(exported, tmp_path, precision="int4", block_size=16)
+    folder, record = _quantized(exported, tmp_path, precision="int4", block_size=16, lm_head=True)
     step = record["parts"]["reasoner_step.onnx"]
     assert step["quantized_ops"] == {"MatMulNBits": STEP_MATMULS} and step["fp32_weight_matmuls"] == 0
     nbits = [n for n in _ops(folder / "reasoner_step.onnx") if n.op_type == "MatMulNBits"]
     attrs = {a.name: a.i for a in nbits[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 16 and all(n.domain == "com.microsoft" for n in nbits)
+    assert attrs["accuracy_level"] == 4  # the default: INT8 activations
     # the embedding lookup keeps its FP32 table; the LM head reads a quantized copy
     assert any(n.op_type == "Gather" for n in _ops(folder / "reasoner_step.onnx"))
     assert record["parts"]["reasoner_visual.onnx"]["quantized_ops"]["MatMulNBits"] >= TINY_LAYERS  # adapters
@@ -71,15 +72,15 @@ def test_int4_runtime_decodes_close_to_fp32(exported, tmp_path):
 
 
 def test_int8_uses_dynamic_integer_matmuls(exported, tmp_path):
-    folder, record = _quantized(exported, tmp_path, precision="int8")
+    folder, record = _quantized(exported, tmp_path, precision="int8", lm_head=True)
     assert record["parts"]["reasoner_step.onnx"]["quantized_ops"] == {"MatMulInteger": STEP_MATMULS}
     assert record["parts"]["reasoner_step.onnx"]["fp32_weight_matmuls"] == 0
     dec = _sessions(folder)
     assert len(dec.generate([1, 7, 8, 3], None, 5)) <= 5
 
 
-def test_lm_head_can_stay_fp32_sharing_the_embedding_table(exported, tmp_path):
-    folder, record = _quantized(exported, tmp_path, precision="int4", block_size=16, lm_head=False)
+def test_lm_head_stays_fp32_by_default_sharing_the_embedding_table(exported, tmp_path):
+    folder, record = _quantized(exported, tmp_path, precision="int4", block_size=16)
     step = record["parts"]["reasoner_step.onnx"]
     assert step["quantized_ops"] == {"MatMulNBits": STEP_MATMULS - 1} and step["fp32_weight_matmuls"] == 1
     tables = [t for t in onnx.load(str(folder / "reasoner_step.onnx")).graph.initializer if list(t.dims) in ([300, 32], [32, 300])]
@@ -124,7 +125,7 @@ def test_manifest_records_precision_per_part_and_runtime_reads_it(exported, tmp_
     spec = EngineFile.read(path).manifest["reasoner"]
     assert spec["precision"] == "int4" and spec["quantization"]["config"]["block_size"] == 32
     assert spec["parts"]["prefill"] == spec["parts"]["decode"] == "reasoner_step.onnx"
-    assert spec["quantization"]["parts"]["reasoner_step.onnx"]["quantized_ops"]["MatMulNBits"] == STEP_MATMULS
+    assert spec["quantization"]["parts"]["reasoner_step.onnx"]["quantized_ops"]["MatMulNBits"] == STEP_MATMULS - 1  # all but the FP32 head
     r = Reasoner(path, threads=1)
     assert r.precision == "int4"
     assert isinstance(r.generate(text="red shoe", task="category", max_new_tokens=4), str)
@@ -204,7 +205,7 @@ def test_build_config_carries_the_reasoner_options():
     cfg = build.BuildConfig(reasoner_precision="int8", reasoner_block_size=64, reasoner_lm_head=False,
                             reasoner_gates=ReasonerGates(min_token_agreement=1.0))
     assert cfg.reasoner_quant() == ReasonerQuantConfig("int8", 64, False)
-    assert build.BuildConfig().reasoner_quant().label() == "int4 (block 32, LM head int4)"
+    assert build.BuildConfig().reasoner_quant().label() == "int4 (block 32, LM head fp32, accuracy level 4)"
     for kw, match in (({"reasoner_block_size": 48}, "block_size"), ({"reasoner_precision": "int2"}, "reasoner precision"),
                       ({"reasoner_eval_items": 0}, "reasoner_eval_items")):
         with pytest.raises(ValueError, match=match):
