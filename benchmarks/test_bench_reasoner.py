@@ -4,9 +4,9 @@
     .venv/bin/python -m pytest benchmarks/test_bench_reasoner.py --benchmark-group-by=group
     MOON3_ENGINE=moon3.engine .venv/bin/python -m pytest benchmarks/test_bench_reasoner.py   # + that engine's reasoner
 
-Engines: reasoner-only engines of every precision (fp32, int8, int4) built once from the committed
-weights into .cache/bench/reasoner/ (`sdk.export.build.build_reasoner_engines`, about 30 s), and
-the reasoner of MOON3_ENGINE when set. Skipped, with the reason, when the weights or the toolchain
+Engines: reasoner-only engines of every precision (fp32, int8, int4; the build's default settings)
+built from the committed weights at the start (`sdk.export.build.build_reasoner_engines`, about
+30 s), and the reasoner of MOON3_ENGINE when set. Skipped, with the reason, when the weights or the toolchain
 are missing.
 
 Each timed call greedily generates the answers to PROMPTS (text only: every runner reads the same
@@ -20,7 +20,6 @@ The decode speed-up over torch eager (issue #8's target: >= 4x) is in each ONNX 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench_common import CACHE, ROOT, SAMPLES, THREADS, record
+from bench_common import ROOT, SAMPLES, THREADS, record
 
 WEIGHTS = ROOT / "train" / "weights" / "reasoner"
 MAX_NEW = 64
@@ -68,19 +67,12 @@ def prompts(torch_reasoner, cases) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def reasoner_engines(torch_reasoner) -> dict[str, Path]:
-    """precision -> reasoner-only engine built from the committed weights (cached by their digest)."""
+def reasoner_engines(torch_reasoner, tmp_path_factory) -> dict[str, Path]:
+    """precision -> reasoner-only engine built from the committed weights (the build's defaults)."""
     pytest.importorskip("onnxscript", reason="building engines needs moon3-sdk[export]")
-    digest = hashlib.sha256()
-    for f in sorted(WEIGHTS.glob("reasoner*")) + sorted((ROOT / "export").glob("*reasoner*.py")):
-        digest.update(f.read_bytes())
-    folder = CACHE / "reasoner" / digest.hexdigest()[:16]
-    paths = {p: folder / f"reasoner-{p}.engine" for p in PRECISIONS}
-    if not all(p.is_file() for p in paths.values()):
-        from sdk.export.build import build_reasoner_engines
+    from sdk.export.build import build_reasoner_engines
 
-        paths = build_reasoner_engines(WEIGHTS, folder, PRECISIONS, log=lambda *_: None)
-    return paths
+    return build_reasoner_engines(WEIGHTS, tmp_path_factory.mktemp("reasoner-engines"), PRECISIONS, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
