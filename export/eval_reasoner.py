@@ -1,8 +1,8 @@
 """Measure an engine's reasoner on held-out products through the runtime, and gate a quantized one.
 
     python -m sdk.export.eval_reasoner --engine moon3.engine --catalog ../shared/data/catalog --limit 300
-    python -m sdk.export.eval_reasoner --engine int4.engine --reference fp32.engine \
-        --catalog ../shared/data/catalog --limit 300 --json int4.json
+    python -m sdk.export.eval_reasoner --engine int4.engine --engine int8.engine --reference fp32.engine \
+        --catalog ../shared/data/catalog --limit 300 --json report.json
 
 The engine's reasoner runs with `sdk.Reasoner` (numpy + onnxruntime, greedy), exactly as users run
 it, on the validation split (ids ending in 0, never trained on) of a catalog, or on every product
@@ -155,7 +155,8 @@ def format_metrics(m: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdk.export.eval_reasoner", description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", required=True, type=Path, help="engine whose reasoner is measured")
+    ap.add_argument("--engine", required=True, type=Path, action="append",
+                    help="engine whose reasoner is measured (repeatable: each is compared with the reference)")
     ap.add_argument("--reference", type=Path, default=None, help="reference engine (FP32) to compare tokens and gate against")
     ap.add_argument("--catalog", type=Path, default=None, help="catalog folder; its validation split is used")
     ap.add_argument("--samples", type=Path, default=None, help="or a samples folder (every product); default data/samples")
@@ -172,27 +173,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     gates = ReasonerGates(**{k: getattr(a, k) for k in asdict(ReasonerGates())})
     records = eval_records(a.catalog, a.samples or (None if a.catalog else REPO_SAMPLES), a.limit)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    report: dict[str, Any] = {"source": str(a.catalog or a.samples or REPO_SAMPLES), "items": len(records)}
-    for name, path in (("engine", a.engine), ("reference", a.reference)):
-        if path is None:
-            continue
+    report: dict[str, Any] = {"source": str(a.catalog or a.samples or REPO_SAMPLES), "items": len(records), "engines": {}}
+    outputs = {}
+    for name, path in [("reference", a.reference)] * (a.reference is not None) + [(str(e), e) for e in a.engine]:
         log(f"{name}: {path} on {len(records)} products")
-        m, out = evaluate_engine(path, records, threads=a.threads, max_new_tokens=a.max_new_tokens,
-                                 trace_items=a.trace_items, log=log)
+        m, outputs[name] = evaluate_engine(path, records, threads=a.threads, max_new_tokens=a.max_new_tokens,
+                                           trace_items=a.trace_items, log=log)
         m["engine_mib"] = round(path.stat().st_size / 2**20, 2)
-        report[name] = m
-        report[f"{name}_outputs"] = out
-        print(f"{name} ({m['precision']}, {m['engine_mib']} MiB): {format_metrics(m)}  [{m['seconds']} s]")
-    code = 0
-    if a.reference is not None:
-        g = gate(report["reference"], report["engine"], agreement(report["engine_outputs"], report["reference_outputs"]), gates)
-        report["gate"] = g
-        ag = g["agreement"]
-        print(f"agreement with the reference: {ag['exact']:.4f} of generations identical, {ag['tokens']:.4f} of tokens; "
-              f"gates {'passed' if g['passed'] else 'FAILED: ' + '; '.join(g['failed'])}")
-        code = 0 if g["passed"] else 1
+        if name == "reference":
+            report["reference"] = m
+        else:
+            report["engines"][name] = {"metrics": m}
+        print(f"{path} ({m['precision']}, {m['engine_mib']} MiB): {format_metrics(m)}  [{m['seconds']} s]")
+        if name != "reference" and a.reference is not None:
+            g = gate(report["reference"], m, agreement(outputs[name], outputs["reference"]), gates)
+            report["engines"][name]["gate"] = g
+            ag = g["agreement"]
+            print(f"  vs {a.reference}: {ag['exact']:.4f} of generations identical, {ag['tokens']:.4f} of tokens agree; "
+                  f"drops {g['drop']}; gates {'passed' if g['passed'] else 'FAILED: ' + '; '.join(g['failed'])}")
+    code = 0 if all(e.get("gate", {}).get("passed", True) for e in report["engines"].values()) else 1
     if a.json:
-        a.json.write_text(json.dumps({k: v for k, v in report.items() if not k.endswith("_outputs")}, indent=2))
+        a.json.write_text(json.dumps(report, indent=2))
     return code
 
 

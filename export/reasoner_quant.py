@@ -1,5 +1,9 @@
 """Quantize the reasoner's graphs: INT4 weight-only (MatMulNBits) or INT8 dynamic, with onnxruntime's tools.
 
+    # reasoner-only engines (no gate; `moon3 build --reasoner-precision` gates and ships), e.g. to
+    # compare settings with `python -m sdk.export.eval_reasoner`:
+    python -m sdk.export.reasoner_quant --out-dir engines --precision fp32 int8 int4 --block-size 32
+
     int4  onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer: every MatMul with a
           constant weight becomes com.microsoft MatMulNBits (4-bit weights in blocks of `block_size`
           along the input dimension, one scale and zero point per block; activations stay FP32).
@@ -142,3 +146,29 @@ def quantize_reasoner(src: str | Path, dst: str | Path, cfg: ReasonerQuantConfig
             "int4": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (weight-only, blockwise)"}
     return {"precision": cfg.precision, "label": cfg.label(), "tool": tool[cfg.precision], "config": asdict(cfg),
             "parts": parts}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .build import build_reasoner_engines
+
+    d = ReasonerQuantConfig()
+    ap = argparse.ArgumentParser(prog="python -m sdk.export.reasoner_quant",
+                                 description="write reasoner-only engines (out-dir/reasoner-PRECISION.engine), no gate")
+    ap.add_argument("--out-dir", required=True, type=Path)
+    ap.add_argument("--reasoner", type=Path, default=Path(__file__).resolve().parent.parent / "train" / "weights" / "reasoner")
+    ap.add_argument("--precision", nargs="+", choices=REASONER_PRECISIONS, default=list(REASONER_PRECISIONS))
+    ap.add_argument("--block-size", type=int, default=d.block_size)
+    ap.add_argument("--lm-head", action="store_true", help="quantize the tied LM head too")
+    ap.add_argument("--accuracy-level", type=int, default=d.accuracy_level, help="-1: unset (FP32 activations)")
+    ap.add_argument("--symmetric", action="store_true")
+    a = ap.parse_args(argv)
+    q = ReasonerQuantConfig("int4", a.block_size, a.lm_head, None if a.accuracy_level < 0 else a.accuracy_level,
+                            a.symmetric)
+    build_reasoner_engines(a.reasoner, a.out_dir, a.precision, q)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Quantized reasoner graphs (INT4 MatMulNBits, INT8 dynamic), their manifest record, and the reasoner gate."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,22 @@ def test_cli_build_validates_reasoner_options(capsys):
     assert exc.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
     assert main(["build", "--reasoner-block-size", "24"]) == 2
     assert "block_size must be a power of 2 >= 16, got 24" in capsys.readouterr().err
+
+
+def test_eval_script_measures_engines_against_the_reference(exported, broken_engine, tmp_path, capsys):
+    from sdk.export.eval_reasoner import main
+
+    folder, record = _quantized(exported, tmp_path, precision="fp32")
+    ref = _engine(folder, record, tmp_path, "fp32")
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    recs = _records(cat, 3)
+    (cat / "items.jsonl").write_text("\n".join(json.dumps({**r, "image": Path(r["image"]).name}) for r in recs))
+    out = tmp_path / "report.json"
+    args = ["--engine", str(ref), "--reference", str(ref), "--samples", str(cat), "--limit", "3", "--max-new-tokens", "8",
+            "--json", str(out)]
+    assert main(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["items"] == 3 and rep["engines"][str(ref)]["gate"]["agreement"]["exact"] == 1.0
+    assert main(["--engine", str(broken_engine), *args[2:]]) == 1
+    assert "gates FAILED: token agreement" in capsys.readouterr().out
