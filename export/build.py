@@ -487,10 +487,10 @@ def build_reasoner_engines(folder: str | Path, out_dir: str | Path, precisions=R
         parity = json.loads((work / "fp32" / "reasoner.parity.json").read_text())
         for precision in precisions:
             qcfg = dataclasses.replace(quant or ReasonerQuantConfig(), precision=precision)
-            quant = quantize_reasoner(work / "fp32", work / precision, qcfg)
+            record = quantize_reasoner(work / "fp32", work / precision, qcfg)
             section, parts = reasoner_parts(work / precision, tok.to_str().encode(), tasks=TASKS,
                                             max_len=model.cfg.max_len, parity=parity, precision=precision,
-                                            quantization=quant if precision != "fp32" else None)
+                                            quantization=record if precision != "fp32" else None)
             out_dir.mkdir(parents=True, exist_ok=True)
             out[precision] = package_reasoner(out_dir / f"reasoner-{precision}.engine", section, parts)
             log(f"wrote {out[precision]} ({out[precision].stat().st_size / 2**20:.2f} MiB, {qcfg.label()})")
