@@ -280,7 +280,8 @@ def run_bench(
     from sdk.engine import EngineFile
 
     if reasoner and "reasoner" in EngineFile.read(engine).manifest:
-        rs = bench_reasoner(engine, titles[:4], rounds=max(1, min(rounds, 5)), warmup=min(warmup, 1), threads=threads)
+        reasoner_titles = load_inputs(samples, 4)[1]  # a few prompts, whatever the batch sizes
+        rs = bench_reasoner(engine, reasoner_titles, rounds=max(1, min(rounds, 5)), warmup=min(warmup, 1), threads=threads)
         report["reasoner"] = rs
         if log:
             log(f"reasoner ({rs['precision']}), {rs['prompts']} trace prompts: prefill {rs['prefill_tokens_per_s']:.0f} "
