@@ -43,17 +43,44 @@ class VisualGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """Logits of the last new position and the grown cache; P = 0 reads a whole prompt."""
+    """Logits of the last new position and the grown cache; P = 0 reads a whole prompt.
+
+    The decoder layers of `sdk.train.reasoner.Reasoner`, written for export with ONNX Runtime's
+    fused attention (com.microsoft MultiHeadAttention): one node per attention instead of the
+    exporter's reshapes, transposes, mask and concat ops; causal (`unidirectional`) over the cache
+    it appends to, and a second one over the layer's visual keys/values (a separate softmax, as in
+    training). The LM head runs on the last position only. `verify_reasoner` checks that greedy
+    generation through this graph gives exactly the PyTorch model's tokens.
+    """
 
     def __init__(self, reasoner: nn.Module):
         super().__init__()
         self.reasoner = reasoner
 
     def forward(self, input_ids, past_k, past_v, visual_k, visual_v, visual_mask):
-        vkv = list(zip(visual_k.unbind(0), visual_v.unbind(0)))
-        past = list(zip(past_k.unbind(0), past_v.unbind(0)))
-        logits, cache = self.reasoner(input_ids, visual_mask=visual_mask, past=past, visual_kv=vkv)
-        return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+        from torch.onnx.ops import symbolic, symbolic_multi_out
+
+        r = self.reasoner
+        B, T = input_ids.shape
+        P = past_k.shape[3]
+        d, H = r.cfg.d_model, r.cfg.n_heads
+        x = r.embed(input_ids) + r.pos(torch.arange(P, P + T))  # (B, T, d)
+        keys, values = [], []
+        for n, layer in enumerate(r.layers):
+            q, k, v = layer.qkv(layer.norm1(x)).chunk(3, dim=-1)  # (B, T, d) each
+            y, pk, pv = symbolic_multi_out(
+                "com.microsoft::MultiHeadAttention", (q, k, v, None, None, None, past_k[n], past_v[n]),
+                {"num_heads": H, "unidirectional": 1}, dtypes=(torch.float32,) * 3,
+                shapes=((B, T, d), (B, H, P + T, d // H), (B, H, P + T, d // H)), version=1)
+            yv = symbolic("com.microsoft::MultiHeadAttention", (q, visual_k[n], visual_v[n]), {"num_heads": H},
+                          dtype=torch.float32, shape=(B, T, d), version=1)  # keys/values (B, h, n, c)
+            y = y + torch.tanh(layer.gate) * visual_mask.view(B, 1, 1).to(y.dtype) * yv
+            x = x + layer.o(y)
+            x = x + layer.ffn(layer.norm2(x))
+            keys.append(pk)
+            values.append(pv)
+        logits = r.norm(x[:, -1]) @ r.embed.weight.T  # tied head, (B, V)
+        return logits, torch.stack(keys), torch.stack(values)
 
 
 @dataclass
