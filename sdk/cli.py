@@ -19,7 +19,7 @@ from sdk.errors import SdkError
 
 def _cmd_build(args: argparse.Namespace) -> int:
     try:
-        from sdk.export.build import BuildConfig, FidelityGates, GateError, build_engine
+        from sdk.export.build import BuildConfig, FidelityGates, GateError, ReasonerGates, build_engine
     except ImportError as exc:
         raise SdkError(f"`build` needs the export toolchain ({exc}): pip install 'moon3-sdk[export]'") from exc
     cfg = BuildConfig(
@@ -39,6 +39,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         reasoner_lm_head=args.reasoner_lm_head_int4,
         reasoner_accuracy_level=None if args.reasoner_accuracy_level < 0 else args.reasoner_accuracy_level,
         reasoner_eval_items=args.reasoner_eval_items,
+        reasoner_gates=ReasonerGates(args.reasoner_max_attribute_f1_drop, args.reasoner_max_category_acc_drop,
+                                     args.reasoner_min_token_agreement),
         **({"samples": args.samples} if args.samples else {}),
     )
     try:
@@ -301,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reasoner-accuracy-level", type=int, default=4,
                    help="MatMulNBits compute: 4 = INT8 activations (default, fastest on CPU), 0 = FP32, -1 = unset")
     b.add_argument("--reasoner-eval-items", type=int, default=150, help="products the reasoner gate is measured on")
+    b.add_argument("--reasoner-max-attribute-f1-drop", type=float, default=0.01)
+    b.add_argument("--reasoner-max-category-acc-drop", type=float, default=0.02)
+    b.add_argument("--reasoner-min-token-agreement", type=float, default=0.80)
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)

@@ -221,6 +221,8 @@ def test_cli_build_validates_reasoner_options(capsys):
     assert exc.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
     assert main(["build", "--reasoner-block-size", "24"]) == 2
     assert "block_size must be a power of 2 >= 16, got 24" in capsys.readouterr().err
+    assert main(["build", "--reasoner-min-token-agreement", "1.5"]) == 2
+    assert "min_token_agreement must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_eval_script_measures_engines_against_the_reference(exported, broken_engine, tmp_path, capsys):
