@@ -15,6 +15,7 @@ the report goes into the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -25,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from sdk.errors import SdkError
+
+from .eval_reasoner import ReasonerGates
+from .reasoner_quant import REASONER_PRECISIONS, ReasonerQuantConfig  # noqa: F401 - re-exported for the CLI
 
 PRECISIONS = ("fp32", "int8", "int8-static")
 LAYOUTS = ("split", "single")
@@ -80,6 +84,11 @@ class BuildConfig:
             as the engine's optional "completion" part (split layout only); "auto" adds the
             committed ones when present and trained against the embedder weights used; None
             leaves it out.
+        reasoner_precision: "fp32", "int8" (dynamic) or "int4" (weight-only MatMulNBits) for the
+            reasoner's graphs; a quantized reasoner is measured against the FP32 one through the
+            runtime on `reasoner_eval_items` evaluation products and gated by `reasoner_gates`.
+        reasoner_block_size, reasoner_lm_head, reasoner_accuracy_level: INT4 block length; quantize
+            the tied LM head too; MatMulNBits compute type (see `ReasonerQuantConfig`).
     """
 
     out: str | Path = "moon3.engine"
@@ -96,6 +105,12 @@ class BuildConfig:
     calib_method: str = "percentile"
     calib_items: int = 256
     completion: str | Path | None = "auto"
+    reasoner_precision: str = "int4"
+    reasoner_block_size: int = 32
+    reasoner_lm_head: bool = False
+    reasoner_accuracy_level: int | None = 4
+    reasoner_gates: ReasonerGates = field(default_factory=ReasonerGates)
+    reasoner_eval_items: int = 150
 
     def completion_dir(self) -> Path | None:
         if self.completion is None or self.layout != "split":
@@ -129,6 +144,13 @@ class BuildConfig:
             raise ValueError(f"eval_items must be >= 20 for a meaningful recall, got {self.eval_items}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        self.reasoner_quant()  # validates precision and block size
+        if self.reasoner_eval_items < 1:
+            raise ValueError(f"reasoner_eval_items must be >= 1, got {self.reasoner_eval_items}")
+
+    def reasoner_quant(self) -> ReasonerQuantConfig:
+        return ReasonerQuantConfig(self.reasoner_precision, self.reasoner_block_size, self.reasoner_lm_head,
+                                   self.reasoner_accuracy_level)
 
 
 def eval_products(catalog, samples, limit: int) -> list[tuple[Path, str]]:
@@ -396,7 +418,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         extra, extra_parts = {}, {}
         rdir = cfg.reasoner_dir()
         if rdir is not None:
-            extra, extra_parts = _reasoner_section(rdir, tmp / "reasoner", log)
+            extra, extra_parts = _reasoner_section(rdir, tmp / "reasoner", cfg, log)
         cdir = cfg.completion_dir()
         if cdir is not None:
             section, parts = _completion_section(cdir, weights, tmp / "completion", explicit=cfg.completion != "auto",
@@ -417,7 +439,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
             "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
-            "reasoner": str(rdir) if rdir else None, "completion": str(cdir) if cdir else None,
+            "reasoner": str(rdir) if rdir else None, "reasoner_precision": cfg.reasoner_precision if rdir else None,
+            "completion": str(cdir) if cdir else None,
             "seconds": round(time.time() - t0, 1)}})
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
     return out
@@ -450,24 +473,119 @@ def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool,
     return section, parts
 
 
-def _reasoner_section(folder: Path, work: Path, log=print) -> tuple[dict, dict[str, bytes]]:
-    """Export the trained reasoner in `folder` and return ({"reasoner": section}, parts)."""
+def _reasoner_section(folder: Path, work: Path, cfg: BuildConfig, log=print) -> tuple[dict, dict[str, bytes]]:
+    """Export the trained reasoner in `folder`, quantize and gate it as cfg says; ({"reasoner": section}, parts).
+
+    Raises:
+        GateError: the quantized reasoner failed its gates against the FP32 one and cfg.enforce.
+    """
     from sdk.train.reasoner import TASKS, load_reasoner
     from sdk.train.towers import load_image_tower
 
-    from .bundle import reasoner_parts
+    from .bundle import package_reasoner, reasoner_parts
+    from .eval_reasoner import eval_records
     from .onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
+    from .reasoner_quant import quantize_reasoner
 
-    log(f"[+] reasoner: {folder} -> visual / prefill / decode graphs, greedy parity vs PyTorch")
+    log(f"[+] reasoner: {folder} -> visual + step graphs, greedy parity vs PyTorch")
     model, tok = load_reasoner(folder)
-    export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work))
-    parity = json.loads((work / "reasoner.parity.json").read_text())
+    export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work / "fp32"))
+    parity = json.loads((work / "fp32" / "reasoner.parity.json").read_text())
     report = folder / "reasoner_report.json"
     metrics = json.loads(report.read_text()) if report.is_file() else {}
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    section, parts = reasoner_parts(work, tok.to_str().encode(), tasks=TASKS, max_len=model.cfg.max_len,
-                                    parity=parity, metrics=metrics)
+    common = dict(tasks=TASKS, max_len=model.cfg.max_len, parity=parity, metrics=metrics)
+    tok_json = tok.to_str().encode()
+    del model
+    qcfg = cfg.reasoner_quant()
+    if qcfg.precision == "fp32":
+        section, parts = reasoner_parts(work / "fp32", tok_json, **common)
+        return {"reasoner": section}, parts
+    log(f"[+] reasoner: quantize {qcfg.label()} with onnxruntime's quantizer")
+    quant = quantize_reasoner(work / "fp32", work / qcfg.precision, qcfg)
+    for name, info in quant["parts"].items():
+        log(f"      {name}: {info['quantized_ops']} quantized, {info['fp32_weight_matmuls']} FP32 weight matmuls, "
+            f"{info['bytes'] / 2**20:.1f} MiB")
+    records = eval_records(cfg.catalog, None if cfg.catalog else cfg.samples, cfg.reasoner_eval_items)
+    log(f"[+] reasoner fidelity: {qcfg.precision} vs FP32 through sdk.Reasoner on {len(records)} products "
+        f"({cfg.catalog or cfg.samples})")
+    engines = {}
+    for name, graphs, q in (("fp32", work / "fp32", None), (qcfg.precision, work / qcfg.precision, quant)):
+        sec, prt = reasoner_parts(graphs, tok_json, **common, precision=name, quantization=q)
+        engines[name] = package_reasoner(work / f"{name}.engine", sec, prt)
+    verdict = gate_reasoner(engines["fp32"], engines[qcfg.precision], records, cfg.reasoner_gates, label=qcfg.label(),
+                            enforce=cfg.enforce, threads=cfg.threads, log=log)
+    verdict["eval_source"] = str(cfg.catalog or cfg.samples)
+    quant["fidelity"] = verdict
+    section, parts = reasoner_parts(work / qcfg.precision, tok_json, **common, precision=qcfg.precision,
+                                    quantization=quant)
     return {"reasoner": section}, parts
+
+
+def build_reasoner_engines(folder: str | Path, out_dir: str | Path, precisions=REASONER_PRECISIONS,
+                           quant: ReasonerQuantConfig | None = None, log=print) -> dict[str, Path]:
+    """Engines holding only the reasoner in `folder`, one per precision (exported once, greedy parity
+    checked, then quantized; no gate): `out_dir/reasoner-{precision}.engine`. For benchmarks and
+    `python -m sdk.export.eval_reasoner`; `build_engine` is what gates and ships."""
+    from sdk.train.reasoner import TASKS, load_reasoner
+    from sdk.train.towers import load_image_tower
+
+    from .bundle import package_reasoner, reasoner_parts
+    from .onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
+    from .reasoner_quant import quantize_reasoner
+
+    out_dir = Path(out_dir)
+    model, tok = load_reasoner(folder)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="moon3-reasoner-") as tmp:
+        work = Path(tmp)
+        log(f"reasoner: {folder} -> visual + step graphs, greedy parity vs PyTorch")
+        export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work / "fp32"))
+        parity = json.loads((work / "fp32" / "reasoner.parity.json").read_text())
+        for precision in precisions:
+            qcfg = dataclasses.replace(quant or ReasonerQuantConfig(), precision=precision)
+            record = quantize_reasoner(work / "fp32", work / precision, qcfg)
+            section, parts = reasoner_parts(work / precision, tok.to_str().encode(), tasks=TASKS,
+                                            max_len=model.cfg.max_len, parity=parity, precision=precision,
+                                            quantization=record if precision != "fp32" else None)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            out[precision] = package_reasoner(out_dir / f"reasoner-{precision}.engine", section, parts)
+            log(f"wrote {out[precision]} ({out[precision].stat().st_size / 2**20:.2f} MiB, {qcfg.label()})")
+    return out
+
+
+def gate_reasoner(reference: Path, candidate: Path, records: list[dict], gates: ReasonerGates, *, label: str,
+                  enforce: bool = True, threads: int = 0, log=print) -> dict:
+    """Measure a quantized reasoner engine against the FP32 one through `sdk.Reasoner` and apply the gates.
+
+    Returns:
+        The verdict (`sdk.export.eval_reasoner.gate`): both engines' metrics, drops, token agreement.
+
+    Raises:
+        GateError: a gate failed and `enforce` (the message names the failed gates and the drops).
+    """
+    from .eval_reasoner import agreement, evaluate_engine, format_metrics, gate
+
+    measured = {}
+    for name, engine in (("fp32", reference), (label, candidate)):
+        measured[name] = evaluate_engine(engine, records, threads=threads or None, trace_items=min(100, len(records)))
+        log(f"      {name}: {format_metrics(measured[name][0])}")
+    (ref, ref_out), (cand, cand_out) = measured["fp32"], measured[label]
+    verdict = gate(ref, cand, agreement(cand_out, ref_out), gates)
+    ag = verdict["agreement"]
+    log(f"      agreement: {ag['exact']:.4f} of generations identical, {ag['tokens']:.4f} of tokens -> "
+        f"{'passed' if verdict['passed'] else 'failed: ' + '; '.join(verdict['failed'])}")
+    if not verdict["passed"]:
+        d = verdict["drop"]
+        msg = (f"the {label} reasoner failed its gates against the FP32 reasoner on {len(records)} products: "
+               f"{'; '.join(verdict['failed'])} (attribute F1 photo {ref['attribute_f1_photo']:.4f} -> "
+               f"{cand['attribute_f1_photo']:.4f}, title {ref['attribute_f1_title']:.4f} -> {cand['attribute_f1_title']:.4f}; "
+               f"category accuracy drops {d['category_acc_photo']:+.4f} / {d['category_acc_title']:+.4f})")
+        if enforce:
+            raise GateError(msg + " (nothing written; --no-enforce writes it anyway, "
+                            "--reasoner-precision fp32 ships the FP32 reasoner)", verdict)
+        log(f"WARNING: {msg}; written anyway (--no-enforce)")
+    return verdict
 
 
 def text_layer_groups(scopes: dict[str, str]) -> dict[str, list[str]]:

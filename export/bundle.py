@@ -130,21 +130,26 @@ def package_split_embedder(
 
 def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[str, str], max_len: int,
                    image: ImagePreprocess = ImagePreprocess(), parity: Mapping[str, Any] | None = None,
-                   metrics: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, bytes]]:
-    """The manifest's "reasoner" section and its parts, from graphs written by
-    `sdk.export.onnx_reasoner.export_reasoner_onnx` into `folder`.
+                   metrics: Mapping[str, Any] | None = None, precision: str = "fp32",
+                   quantization: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest's "reasoner" section and its parts, from the graphs in `folder` (written by
+    `sdk.export.onnx_reasoner.export_reasoner_onnx`, or quantized by `sdk.export.reasoner_quant`).
 
     Pass them to `package_embedder` / `package_split_embedder` as `extra={"reasoner": section}`
-    and `extra_parts=parts`; `sdk.Reasoner` reads them.
+    and `extra_parts=parts`; `sdk.Reasoner` reads them. `precision` ("fp32", "int8", "int4") and
+    `quantization` (what was quantized, per part, and the fidelity gate) are recorded as given.
     """
-    from .onnx_reasoner import DECODE_PART, PREFILL_PART, VISUAL_PART
+    from .onnx_reasoner import STEP_PART, VISUAL_PART
 
     folder = Path(folder)
-    names = {"visual": VISUAL_PART, "prefill": PREFILL_PART, "decode": DECODE_PART, "tokenizer": "reasoner_tokenizer.json"}
-    parts = {names[k]: (folder / names[k]).read_bytes() for k in ("visual", "prefill", "decode")}
+    names = {"visual": VISUAL_PART, "prefill": STEP_PART, "decode": STEP_PART, "tokenizer": "reasoner_tokenizer.json"}
+    parts = {names[k]: (folder / names[k]).read_bytes() for k in ("visual", "decode")}
     parts[names["tokenizer"]] = tokenizer_json
     section = {"parts": names, "tasks": dict(tasks), "max_len": int(max_len), "image": dataclasses.asdict(image),
-               "decoding": "greedy", "parity": dict(parity or {}), "metrics": dict(metrics or {})}
+               "decoding": "greedy", "precision": precision, "parity": dict(parity or {}),
+               "metrics": dict(metrics or {})}
+    if quantization:
+        section["quantization"] = dict(quantization)
     return section, parts
 
 
@@ -162,6 +167,14 @@ def completion_parts(onnx_path: str | Path, *, embedder_sha256: str, parity: Map
                "output": COMPLETION_OUTPUT, "embedder_sha256": embedder_sha256, "parity": dict(parity or {}),
                "metrics": dict(metrics or {})}
     return section, {COMPLETION_PART: Path(onnx_path).read_bytes()}
+
+
+def package_reasoner(out: str | Path, section: Mapping[str, Any], parts: Mapping[str, bytes]) -> Path:
+    """Write an engine holding only a reasoner (from `reasoner_parts`): what the build measures a
+    quantized reasoner with, through `sdk.Reasoner`, before it goes into the full engine."""
+    manifest = {"format": "moon3.engine", "format_version": FORMAT_VERSION, "versions": library_versions(),
+                "reasoner": dict(section)}
+    return write_engine(out, manifest, dict(parts))
 
 
 def _manifest(embedder: dict, *, dim: int, matryoshka_dims: Sequence[int], image: ImagePreprocess = ImagePreprocess(),

@@ -1,16 +1,17 @@
-"""Export the product reasoner to three ONNX graphs the runtime generates with, then prove them.
+"""Export the product reasoner to the ONNX graphs the runtime generates with, then prove them.
 
     visual.onnx   pixels (B, 3, H, W) -> visual_k, visual_v (L, B, h, n, c)
                   image tower + resampler + every layer's PUMGPT adapter, run once per photo
-    prefill.onnx  input_ids (B, T), visual_k, visual_v, visual_mask (B,)
-                  -> logits (B, V) of the last position, present_k, present_v (L, B, h, T, c)
-    decode.onnx   input_ids (B, 1), past_k, past_v (L, B, h, P, c), visual_k, visual_v, visual_mask
-                  -> logits (B, V), present_k, present_v (L, B, h, P + 1, c)
+    step.onnx     input_ids (B, T), past_k, past_v (L, B, h, P, c), visual_k, visual_v, visual_mask (B,)
+                  -> logits (B, V) of the last position, present_k, present_v (L, B, h, P + T, c)
 
+One step graph serves both phases: the prompt is read with a cache of length P = 0 (prefill),
+then each new token with T = 1 (decode), so the decoder weights are stored once. (Engines from
+before kept a prefill graph without past inputs beside a decode graph; the runtime reads both.)
 An item without a photo feeds zeros as visual_k / visual_v and visual_mask 0 (the adapters then add
-nothing). Parity: greedy generation with ONNX Runtime (`sdk.reasoner.generate_onnx`, the runtime's
-own loop) must give exactly the tokens of `Reasoner.generate` in PyTorch, and the prefill / decode
-logits must match to `max_abs_err`.
+nothing). Parity: greedy generation with ONNX Runtime (`sdk.reasoner.OnnxDecoder`, the runtime's
+own loop) must give exactly the tokens of `Reasoner.generate` in PyTorch, and the logits of every
+generated position must match to `max_abs_err`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from sdk.export.onnx_embedder import ExportError, _ort_session, export_module
 
-VISUAL_PART, PREFILL_PART, DECODE_PART = "reasoner_visual.onnx", "reasoner_prefill.onnx", "reasoner_decode.onnx"
+VISUAL_PART, STEP_PART = "reasoner_visual.onnx", "reasoner_step.onnx"
 
 
 class VisualGraph(nn.Module):
@@ -41,27 +42,45 @@ class VisualGraph(nn.Module):
         return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])  # (L, B, h, n, c) each
 
 
-class PrefillGraph(nn.Module):
-    def __init__(self, reasoner: nn.Module):
-        super().__init__()
-        self.reasoner = reasoner
+class StepGraph(nn.Module):
+    """Logits of the last new position and the grown cache; P = 0 reads a whole prompt.
 
-    def forward(self, input_ids, visual_k, visual_v, visual_mask):
-        vkv = list(zip(visual_k.unbind(0), visual_v.unbind(0)))
-        logits, cache = self.reasoner(input_ids, visual_mask=visual_mask, visual_kv=vkv)
-        return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+    The decoder layers of `sdk.train.reasoner.Reasoner`, written for export with ONNX Runtime's
+    fused attention (com.microsoft MultiHeadAttention): one node per attention instead of the
+    exporter's reshapes, transposes, mask and concat ops; causal (`unidirectional`) over the cache
+    it appends to, and a second one over the layer's visual keys/values (a separate softmax, as in
+    training). The LM head runs on the last position only. `verify_reasoner` checks that greedy
+    generation through this graph gives exactly the PyTorch model's tokens.
+    """
 
-
-class DecodeGraph(nn.Module):
     def __init__(self, reasoner: nn.Module):
         super().__init__()
         self.reasoner = reasoner
 
     def forward(self, input_ids, past_k, past_v, visual_k, visual_v, visual_mask):
-        vkv = list(zip(visual_k.unbind(0), visual_v.unbind(0)))
-        past = list(zip(past_k.unbind(0), past_v.unbind(0)))
-        logits, cache = self.reasoner(input_ids, visual_mask=visual_mask, past=past, visual_kv=vkv)
-        return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+        from torch.onnx.ops import symbolic, symbolic_multi_out
+
+        r = self.reasoner
+        B, T = input_ids.shape
+        P = past_k.shape[3]
+        d, H = r.cfg.d_model, r.cfg.n_heads
+        x = r.embed(input_ids) + r.pos(torch.arange(P, P + T))  # (B, T, d)
+        keys, values = [], []
+        for n, layer in enumerate(r.layers):
+            q, k, v = layer.qkv(layer.norm1(x)).chunk(3, dim=-1)  # (B, T, d) each
+            y, pk, pv = symbolic_multi_out(
+                "com.microsoft::MultiHeadAttention", (q, k, v, None, None, None, past_k[n], past_v[n]),
+                {"num_heads": H, "unidirectional": 1}, dtypes=(torch.float32,) * 3,
+                shapes=((B, T, d), (B, H, P + T, d // H), (B, H, P + T, d // H)), version=1)
+            yv = symbolic("com.microsoft::MultiHeadAttention", (q, visual_k[n], visual_v[n]), {"num_heads": H},
+                          dtype=torch.float32, shape=(B, T, d), version=1)  # keys/values (B, h, n, c)
+            y = y + torch.tanh(layer.gate) * visual_mask.view(B, 1, 1).to(y.dtype) * yv
+            x = x + layer.o(y)
+            x = x + layer.ffn(layer.norm2(x))
+            keys.append(pk)
+            values.append(pv)
+        logits = r.norm(x[:, -1]) @ r.embed.weight.T  # tied head, (B, V)
+        return logits, torch.stack(keys), torch.stack(values)
 
 
 @dataclass
@@ -79,10 +98,11 @@ class ReasonerExportConfig:
 
 def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: ReasonerExportConfig,
                          check_prompts: list[list[int]] | None = None) -> dict[str, Path]:
-    """Write visual / prefill / decode graphs into cfg.folder and check them against PyTorch.
+    """Write the visual and step graphs into cfg.folder and check them against PyTorch.
 
     Returns:
-        {"visual": path, "prefill": path, "decode": path}; `reasoner.parity.json` is written beside.
+        {"visual": path, "prefill": path, "decode": path} (prefill and decode: the one step
+        graph); `reasoner.parity.json` is written beside.
 
     Raises:
         ExportError: an export failed, logits differ by more than cfg.max_abs_err, or greedy
@@ -93,7 +113,7 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
     reasoner.eval()
     image_tower.eval()
     cfg.folder.mkdir(parents=True, exist_ok=True)
-    paths = {"visual": cfg.folder / VISUAL_PART, "prefill": cfg.folder / PREFILL_PART, "decode": cfg.folder / DECODE_PART}
+    paths = {"visual": cfg.folder / VISUAL_PART, "prefill": cfg.folder / STEP_PART, "decode": cfg.folder / STEP_PART}
     rcfg = reasoner.cfg
     L, h, c, n = rcfg.n_layers, rcfg.n_heads, rcfg.d_model // rcfg.n_heads, rcfg.n_visual
     g = torch.Generator().manual_seed(0)
@@ -109,11 +129,10 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
     vis = {0: None, 1: batch}
     jobs = (
         (VisualGraph(image_tower, reasoner), (pixels,), {"pixels": {0: batch}}, ["visual_k", "visual_v"], "visual"),
-        (PrefillGraph(reasoner), (ids, vk, vv, vmask),
-         {"input_ids": {0: batch, 1: seq}, "visual_k": vis, "visual_v": vis, "visual_mask": {0: batch}},
-         ["logits", "present_k", "present_v"], "prefill"),
-        (DecodeGraph(reasoner), (ids[:, :1], pk, pv, vk, vv, vmask),
-         {"input_ids": {0: batch}, "past_k": {1: batch, 3: past}, "past_v": {1: batch, 3: past},
+        # traced with a cache of P >= 1 positions; the graph is shape-generic and runs with P = 0
+        # (verify_reasoner checks generation through it against PyTorch)
+        (StepGraph(reasoner), (ids, pk, pv, vk, vv, vmask),
+         {"input_ids": {0: batch, 1: seq}, "past_k": {1: batch, 3: past}, "past_v": {1: batch, 3: past},
           "visual_k": vis, "visual_v": vis, "visual_mask": {0: batch}},
          ["logits", "present_k", "present_v"], "decode"),
     )
@@ -133,7 +152,9 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
 def verify_reasoner(image_tower, reasoner, paths, cfg: ReasonerExportConfig, prompts=None) -> dict[str, Any]:
     from sdk.reasoner import OnnxDecoder
 
-    dec = OnnxDecoder(*(_ort_session(paths[k], cfg.num_threads) for k in ("visual", "prefill", "decode")))
+    step = _ort_session(paths["decode"], cfg.num_threads)
+    prefill = step if paths["prefill"] == paths["decode"] else _ort_session(paths["prefill"], cfg.num_threads)
+    dec = OnnxDecoder(_ort_session(paths["visual"], cfg.num_threads), prefill, step)
     rcfg = reasoner.cfg
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1

@@ -10,7 +10,8 @@ What it measures, per modality ("image+text", "text", "image") and batch size:
   * throughput: items per second at the median latency;
   * that the timed vectors are the right ones: each timed call's rows against the same items
     embedded one by one (cosine; batching, padding and length-sorting must not change them).
-And, in a fresh Python process each (so imports count): cold start (`import sdk` -> engine
+When the engine has a reasoner: its greedy prefill and decode tokens/s on trace prompts
+(`bench_reasoner`). And, in a fresh Python process each (so imports count): cold start (`import sdk` -> engine
 loaded -> first vector) and the process's peak RSS after a warm call.
 
 Inputs are the photos and titles of `--samples` (a folder with items.jsonl, e.g. the
@@ -33,7 +34,7 @@ import numpy as np
 
 from sdk.errors import SdkError, TruncationWarning
 
-__all__ = ["MODALITIES", "latency_stats", "load_inputs", "make_call", "probe_process", "run_bench", "time_calls"]
+__all__ = ["MODALITIES", "bench_reasoner", "latency_stats", "load_inputs", "make_call", "probe_process", "run_bench", "time_calls"]
 
 MODALITIES = ("image+text", "text", "image")
 DEFAULT_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"  # present in a source checkout
@@ -189,6 +190,41 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
+def bench_reasoner(engine: str | os.PathLike, titles: Sequence[str], *, rounds: int = 5, warmup: int = 1,
+                   threads: int | None = None, max_new_tokens: int = 64) -> dict[str, Any]:
+    """Greedy generation speed of an engine's reasoner (`sdk.Reasoner`), title-only trace prompts.
+
+    Each round generates a trace for every title; prefill and decode tokens/s come from the
+    runtime's own split (`Reasoner.last_stats`), at the round with the median total time. The
+    tokens of every round must equal the first round's (greedy decoding is deterministic).
+    """
+    from sdk.reasoner import Reasoner
+
+    if rounds < 1 or warmup < 0 or not titles:
+        raise ValueError(f"need rounds >= 1, warmup >= 0 and titles, got rounds={rounds}, warmup={warmup}")
+    r = Reasoner(engine, threads=threads)
+
+    def one_round():
+        out, pre, dec, n_prompt = [], 0.0, 0.0, 0
+        for t in titles:
+            out.append(r.generate_ids(text=t, task="trace", max_new_tokens=max_new_tokens))
+            st = r.last_stats
+            pre, dec, n_prompt = pre + st["prefill_s"], dec + st["decode_s"], n_prompt + st["prompt_tokens"]
+        return out, pre, dec, n_prompt
+
+    for _ in range(warmup):
+        one_round()
+    runs = [one_round() for _ in range(rounds)]
+    if any(x[0] != runs[0][0] for x in runs):
+        raise SdkError("the reasoner gave different tokens for the same prompts (greedy decoding must not)")
+    out, pre, dec, n_prompt = sorted(runs, key=lambda x: x[1] + x[2])[len(runs) // 2]
+    n_new = sum(map(len, out))
+    return {"precision": r.precision, "prompts": len(titles), "prompt_tokens": n_prompt, "new_tokens": n_new,
+            "prefill_tokens_per_s": n_prompt / max(pre, 1e-9),
+            # every new token but each answer's first comes from one decode step
+            "decode_tokens_per_s": (n_new - len(out)) / max(dec, 1e-9), "rounds": rounds}
+
+
 def run_bench(
     engine: str | os.PathLike,
     *,
@@ -200,9 +236,11 @@ def run_bench(
     threads: int | None = None,
     samples: str | os.PathLike | None = None,
     cold_start: bool = True,
+    reasoner: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark an engine through `sdk.Embedder` -> a JSON-ready report (see the module doc)."""
+    """Benchmark an engine through `sdk.Embedder` (and `sdk.Reasoner` when the engine has one and
+    `reasoner`) -> a JSON-ready report (see the module doc)."""
     from sdk import __version__
     from sdk.embedder import Embedder
 
@@ -239,6 +277,15 @@ def run_bench(
             if log:
                 log(f"{m:10s} batch {b:3d}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
                     f"{row['items_per_s']:8.1f} items/s  cos>= {row['cosine_min_vs_unbatched']:.5f}")
+    from sdk.engine import EngineFile
+
+    if reasoner and "reasoner" in EngineFile.read(engine).manifest:
+        reasoner_titles = load_inputs(samples, 4)[1]  # a few prompts, whatever the batch sizes
+        rs = bench_reasoner(engine, reasoner_titles, rounds=max(1, min(rounds, 5)), warmup=min(warmup, 1), threads=threads)
+        report["reasoner"] = rs
+        if log:
+            log(f"reasoner ({rs['precision']}), {rs['prompts']} trace prompts: prefill {rs['prefill_tokens_per_s']:.0f} "
+                f"tok/s, decode {rs['decode_tokens_per_s']:.0f} tok/s ({rs['new_tokens']} new tokens)")
     if cold_start:
         if source == "synthetic":
             images = []

@@ -19,7 +19,7 @@ from sdk.errors import SdkError
 
 def _cmd_build(args: argparse.Namespace) -> int:
     try:
-        from sdk.export.build import BuildConfig, FidelityGates, GateError, build_engine
+        from sdk.export.build import BuildConfig, FidelityGates, GateError, ReasonerGates, build_engine
     except ImportError as exc:
         raise SdkError(f"`build` needs the export toolchain ({exc}): pip install 'moon3-sdk[export]'") from exc
     cfg = BuildConfig(
@@ -35,6 +35,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
         calib_method=args.calib_method,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         completion=None if args.no_completion else (args.completion or "auto"),
+        reasoner_precision=args.reasoner_precision,
+        reasoner_block_size=args.reasoner_block_size,
+        reasoner_lm_head=args.reasoner_lm_head_int4,
+        reasoner_accuracy_level=None if args.reasoner_accuracy_level < 0 else args.reasoner_accuracy_level,
+        reasoner_eval_items=args.reasoner_eval_items,
+        reasoner_gates=ReasonerGates(args.reasoner_max_attribute_f1_drop, args.reasoner_max_category_acc_drop,
+                                     args.reasoner_min_token_agreement),
         **({"samples": args.samples} if args.samples else {}),
     )
     try:
@@ -86,6 +93,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         met = rs.get("metrics", {})
         print(f"  reasoner: {', '.join(rs.get('tasks', {}))}; greedy, max {rs.get('max_len')} tokens"
               + (f"; validation caption token-F1 {met['caption_token_f1']:.3f}" if "caption_token_f1" in met else ""))
+        q = rs.get("quantization") or {}
+        print(f"    precision {q.get('label') or rs.get('precision', 'fp32')}"
+              + (f"; vs FP32: {'passed' if q['fidelity']['passed'] else 'FAILED'} (attribute F1 drop "
+                 f"{max(q['fidelity']['drop']['attribute_f1_photo'], q['fidelity']['drop']['attribute_f1_title']):+.4f}, "
+                 f"token agreement {q['fidelity']['agreement']['tokens']:.4f})" if "fidelity" in q else ""))
     cs = m.get("completion")
     if isinstance(cs, dict):
         print(f"  completion: missing {cs.get('completes')} from the title ({cs.get('part')}); "
@@ -362,6 +374,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         samples=samples,
         cold_start=not args.no_cold_start,
+        reasoner=not args.no_reasoner,
         log=lambda line: print(line, flush=True),
     )
     print(f"{report['engine']}: {report['precision']} on {report['backend']}, inputs {report['inputs']}, "
@@ -401,6 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--completion", default=None,
                    help="trained image completion folder to add (default: the committed one, if it fits the embedder)")
     b.add_argument("--no-completion", action="store_true", help="leave image completion out of the engine")
+    b.add_argument("--reasoner-precision", choices=("fp32", "int8", "int4"), default="int4",
+                   help="reasoner graphs: int4 weight-only MatMulNBits (default), int8 dynamic, or fp32; a quantized "
+                        "reasoner is gated against the FP32 one (attribute F1, category accuracy, token agreement)")
+    b.add_argument("--reasoner-block-size", type=int, default=32, help="INT4 block length (a power of 2, >= 16)")
+    b.add_argument("--reasoner-lm-head-int4", action="store_true",
+                   help="quantize the tied LM head too (default: FP32; it saves no bytes and costs fidelity)")
+    b.add_argument("--reasoner-accuracy-level", type=int, default=4,
+                   help="MatMulNBits compute: 4 = INT8 activations (default, fastest on CPU), 0 = FP32, -1 = unset")
+    b.add_argument("--reasoner-eval-items", type=int, default=150, help="products the reasoner gate is measured on")
+    b.add_argument("--reasoner-max-attribute-f1-drop", type=float, default=0.01)
+    b.add_argument("--reasoner-max-category-acc-drop", type=float, default=0.02)
+    b.add_argument("--reasoner-min-token-agreement", type=float, default=0.80)
     b.add_argument("--no-enforce", action="store_true", help="write the engine even if a gate fails")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)
@@ -513,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--samples", default=None, help="folder with items.jsonl + photos (default: data/samples of a "
                    "source checkout, else synthetic inputs)")
     n.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start / RSS probes")
+    n.add_argument("--no-reasoner", action="store_true", help="skip the reasoner's prefill / decode tokens/s")
     n.add_argument("--json", default=None, help="write the full report (JSON) here")
     n.set_defaults(func=_cmd_bench)
     return ap

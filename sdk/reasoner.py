@@ -7,10 +7,12 @@
     r.generate(image="shoe.jpg", task="attribute_qa", key="colour")
     r.last_stats                                                  # prefill / decode tokens per second
 
-The engine's "reasoner" section names three graphs (see `sdk.export.onnx_reasoner`): the visual
-graph (photo -> every decoder layer's adapter keys/values, run once per photo), the prefill graph
-(prompt -> logits + cache) and the decode graph (one token + cache -> logits + cache). Decoding is
-greedy, so the same inputs always give the same text. Never imports torch.
+The engine's "reasoner" section names its graphs (see `sdk.export.onnx_reasoner`): the visual
+graph (photo -> every decoder layer's adapter keys/values, run once per photo) and, as "prefill"
+and "decode", the step graph (tokens + cache -> logits + grown cache; the prompt is read with an
+empty cache); older engines name a separate prefill graph (prompt -> logits + cache). Graphs may
+be FP32, INT8 or INT4 weight-only (the section's "precision"); ONNX Runtime's CPU provider runs
+them all. Decoding is greedy, so the same inputs always give the same text. Never imports torch.
 """
 
 from __future__ import annotations
@@ -32,12 +34,19 @@ if TYPE_CHECKING:
 
 
 class OnnxDecoder:
-    """Greedy generation over the three reasoner graphs (ONNX Runtime sessions)."""
+    """Greedy generation over the reasoner graphs (ONNX Runtime sessions).
 
-    def __init__(self, visual, prefill, decode):
-        self.visual_session, self.prefill, self.decode = visual, prefill, decode
-        shape = {i.name: i.shape for i in prefill.get_inputs()}["visual_k"]  # (L, B, h, n, c)
+    `prefill` and `decode` may be one session: a step graph with past_k / past_v inputs reads the
+    prompt with a cache of length 0 (engines built since the shared graph; older engines carry a
+    prefill graph without past inputs).
+    """
+
+    def __init__(self, visual, prefill, decode=None):
+        self.visual_session, self.prefill, self.decode = visual, prefill, decode if decode is not None else prefill
+        inputs = {i.name: i.shape for i in prefill.get_inputs()}
+        shape = inputs["visual_k"]  # (L, B, h, n, c)
         self.L, self.h, self.n, self.c = (int(shape[k]) for k in (0, 2, 3, 4))
+        self._prefill_past = "past_k" in inputs
 
     def visual(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Adapter keys/values (L, B, h, n, c) of preprocessed photos (B, 3, H, W)."""
@@ -53,9 +62,11 @@ class OnnxDecoder:
         else:
             vk, vv = visual_kv
             vmask = np.ones(1, np.float32)
+        feed = {"input_ids": np.asarray([prompt], np.int64), "visual_k": vk, "visual_v": vv, "visual_mask": vmask}
+        if self._prefill_past:
+            feed["past_k"] = feed["past_v"] = np.zeros((self.L, 1, self.h, 0, self.c), np.float32)
         t0 = time.perf_counter()
-        logits, pk, pv = self.prefill.run(None, {"input_ids": np.asarray([prompt], np.int64), "visual_k": vk,
-                                                 "visual_v": vv, "visual_mask": vmask})
+        logits, pk, pv = self.prefill.run(None, feed)
         t1 = time.perf_counter()
         out: list[int] = []
         seen: list[np.ndarray] = []
@@ -132,12 +143,14 @@ class Reasoner:
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
-        sessions = []
+        sessions: dict[str, Any] = {}  # one session per part: prefill and decode may name one step graph
         for k in ("visual", "prefill", "decode"):
+            if parts[k] in sessions:
+                continue
             graph = engine.part(parts[k])  # EngineError on a checksum mismatch, before ONNX Runtime sees it
             _refuse_external_data(graph, self._path, parts[k], ort.__version__)
             try:
-                sessions.append(ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]))
+                sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
         from tokenizers import Tokenizer
@@ -147,7 +160,12 @@ class Reasoner:
             self._tok = Tokenizer.from_str(blob.decode("utf-8"))
         except Exception as exc:  # noqa: BLE001
             raise EngineError(f"{self._path}: reasoner tokenizer cannot be loaded: {exc}") from exc
-        self._dec = OnnxDecoder(*sessions)
+        try:
+            self._dec = OnnxDecoder(*(sessions[parts[k]] for k in ("visual", "prefill", "decode")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{self._path}: the reasoner graphs have unexpected inputs ({type(exc).__name__}: {exc})") from exc
+        # "fp32", "int8" or "int4" (weight-only MatMulNBits); engines from before quantization are fp32
+        self.precision: str = str(spec.get("precision", "fp32"))
         self.last_stats: dict = {}
 
     def prompt_ids(self, task: str, text: str | None = None, **fields: str) -> list[int]:
@@ -174,6 +192,11 @@ class Reasoner:
         Raises:
             InvalidInputError: no input, an unreadable image, a bad budget or an unknown task.
         """
+        return self.decode(self.generate_ids(image, text, task, max_new_tokens, **fields))
+
+    def generate_ids(self, image: Any = None, text: str | None = None, task: str = "trace", max_new_tokens: int = 96,
+                     **fields: str) -> list[int]:
+        """The greedy token ids `generate` decodes (without <eos>); same arguments and errors."""
         from sdk.preprocess import image_to_array, load_image
 
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -194,7 +217,7 @@ class Reasoner:
         budget = min(max_new_tokens, self.max_len - len(ids))
         out = self._dec.generate(ids, vkv, budget, stats=stats)
         self.last_stats = stats
-        return self.decode(out)
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated token ids (<think> / </think> kept as words)."""

@@ -67,7 +67,7 @@ def int8_engine(tmp_path_factory):
     from sdk.export.build import build_engine
 
     out = tmp_path_factory.mktemp("engine") / "moon3.engine"
-    return build_engine(BuildConfig(out=out, precision="int8", eval_items=40), log=lambda *_: None)
+    return build_engine(BuildConfig(out=out, precision="int8", eval_items=40, reasoner_eval_items=20), log=lambda *_: None)
 
 
 def test_int8_build_meets_its_gates_and_records_them(int8_engine):

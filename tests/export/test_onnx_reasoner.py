@@ -117,3 +117,67 @@ def test_cli_reason(reasoner_engine, capsys):
     assert all(t in out for t in ("caption", "category", "attributes", "trace")) and "attribute_qa" not in out
     assert main(["reason", str(path), "--task", "caption"]) == 2
     assert "nothing to reason about" in capsys.readouterr().err
+
+
+def test_one_step_graph_serves_prefill_and_decode(exported, reasoner_engine):
+    from sdk.engine import EngineFile
+
+    _, _, paths, _ = exported
+    assert paths["prefill"] == paths["decode"] and paths["decode"].name == "reasoner_step.onnx"
+    spec = EngineFile.read(reasoner_engine[0]).manifest["reasoner"]
+    assert spec["parts"]["prefill"] == spec["parts"]["decode"] and spec["precision"] == "fp32"
+    assert sorted(p for p in EngineFile.read(reasoner_engine[0]).part_names if p.endswith(".onnx")) == [
+        "reasoner_step.onnx", "reasoner_visual.onnx"]
+
+
+def test_bench_reasoner_reports_prefill_and_decode_speed(reasoner_engine):
+    from sdk.bench import bench_reasoner
+
+    rep = bench_reasoner(reasoner_engine[0], ["red shoe", "blue shirt"], rounds=2, warmup=0, threads=1, max_new_tokens=6)
+    assert rep["precision"] == "fp32" and rep["prompts"] == 2 and 0 < rep["new_tokens"] <= 12
+    assert rep["prefill_tokens_per_s"] > 0 and rep["decode_tokens_per_s"] >= 0
+    with pytest.raises(ValueError, match="rounds"):
+        bench_reasoner(reasoner_engine[0], ["x"], rounds=0)
+
+
+def test_runtime_still_reads_engines_with_a_separate_prefill_graph(exported, tmp_path):
+    """Engines built before the shared step graph name a prefill graph without past inputs."""
+    from torch import nn
+    from torch.export import Dim
+
+    from sdk.engine import FORMAT_VERSION, write_engine
+    from sdk.export.bundle import reasoner_parts
+    from sdk.export.onnx_embedder import export_module
+    from sdk.reasoner import Reasoner
+    from sdk.train.reasoner import TASKS, encode_example
+    from tiny_models import tiny_reasoner_tokenizer
+
+    class OldPrefill(nn.Module):  # the earlier prefill graph: no cache inputs
+        def __init__(self, reasoner):
+            super().__init__()
+            self.reasoner = reasoner
+
+        def forward(self, input_ids, visual_k, visual_v, visual_mask):
+            logits, cache = self.reasoner(input_ids, visual_mask=visual_mask,
+                                          visual_kv=list(zip(visual_k.unbind(0), visual_v.unbind(0))))
+            return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+
+    model, _, paths, parity = exported
+    c = model.cfg
+    vk = torch.randn(c.n_layers, 2, c.n_heads, c.n_visual, c.d_model // c.n_heads)
+    batch = Dim("batch", min=1)
+    export_module(OldPrefill(model).eval(), (torch.randint(6, 300, (2, 5)), vk, vk, torch.tensor([1.0, 0.0])),
+                  {"input_ids": {0: batch, 1: Dim("seq", min=1, max=c.max_len)}, "visual_k": {0: None, 1: batch},
+                   "visual_v": {0: None, 1: batch}, "visual_mask": {0: batch}},
+                  ["logits", "present_k", "present_v"], tmp_path / "old_prefill.onnx", 18)
+    tok = tiny_reasoner_tokenizer()
+    section, parts = reasoner_parts(paths["visual"].parent, tok.to_str().encode(), tasks=TASKS, max_len=64, parity=parity)
+    section = {k: v for k, v in section.items() if k != "precision"}  # older engines had no precision either
+    section["parts"] = {**section["parts"], "prefill": "old_prefill.onnx"}
+    parts["old_prefill.onnx"] = (tmp_path / "old_prefill.onnx").read_bytes()
+    write_engine(tmp_path / "old.engine", {"format": "moon3.engine", "format_version": FORMAT_VERSION, "reasoner": section},
+                 parts)
+    r = Reasoner(tmp_path / "old.engine", threads=1)
+    assert r.precision == "fp32" and not r._dec._prefill_past
+    ids, _ = encode_example(tok, TASKS["category"], None, "red shoe")
+    assert r.generate_ids(text="red shoe", task="category", max_new_tokens=8) == model.generate(ids, None, max_new_tokens=8)
