@@ -158,6 +158,37 @@ def catalog_traces(model, tok, titles: list[str], deep: np.ndarray | None, has_i
     return texts, counts, hidden
 
 
+SCORED_FIELDS = (("article type", "article_type"), ("colour", "base_colour"), ("gender", "gender"))
+
+
+def field_accuracy(texts: list[str], records: list[dict]) -> dict[str, float]:
+    """Share of traces that state each of `SCORED_FIELDS` as the catalog record has it."""
+    import re
+
+    out = {}
+    for name, key in SCORED_FIELDS:
+        pat = re.compile(rf"the {name} is ([^;<]+)")
+        hits = [bool((m := pat.search(t)) and m.group(1).strip().lower() == str(r.get(key) or "").strip().lower())
+                for t, r in zip(texts, records)]
+        out[name] = round(float(np.mean(hits)), 4) if hits else float("nan")
+    return out
+
+
+def score(folder: Path, catalog: str) -> dict:
+    """Field accuracy of every cached view, training and validation products apart."""
+    from .catalog import is_validation
+
+    products = {p.id: p for p in read_catalog(catalog)}
+    result = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for split, keep in (("train", False), ("validation", True)):
+            sel = [r for r in rows if is_validation(r["id"]) == keep]
+            result[f"{path.stem} {split}"] = field_accuracy([r["trace"] for r in sel],
+                                                            [products[r["id"]].record for r in sel])
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True)
@@ -169,7 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit", type=int, default=0, help="only the first N products (smoke runs)")
+    ap.add_argument("--score", action="store_true",
+                    help="only measure how often the cached traces state the record's fields right (writes score.json)")
     args = ap.parse_args(argv)
+    if args.score:
+        result = score(Path(args.out), args.catalog)
+        (Path(args.out) / "score.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
 
     from sdk.preprocess import TextTokenizer
 

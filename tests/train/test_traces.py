@@ -74,3 +74,13 @@ def test_catalog_traces_keep_row_order(reasoner):
         prompt = encode_example(tok, TASKS["trace"], None, t)[0]
         ref = reasoner.generate(prompt, torch.from_numpy(deep[i]) if has[i] else None, max_new_tokens=6)
         assert counts[i] == len(ref)
+
+
+def test_field_accuracy_reads_the_stated_fields():
+    from sdk.train.traces import field_accuracy
+
+    recs = [{"article_type": "Tshirts", "base_colour": "Navy Blue", "gender": "Men"},
+            {"article_type": "Watches", "base_colour": "Black", "gender": "Women"}]
+    texts = ["<think> the article type is Tshirts; the colour is Navy Blue; the gender is Women </think> x",
+             "<think> the article type is Tshirts; the gender is Women </think> y"]
+    assert field_accuracy(texts, recs) == {"article type": 0.5, "colour": 0.5, "gender": 0.5}
