@@ -145,7 +145,7 @@ def test_reasoner_is_loaded_only_when_text_must_be_generated(engines, tmp_path):
     assert again.reasoner_loaded and again.cache_hits == 2
 
 
-@pytest.mark.parametrize("part", ["reasoner_visual.onnx", "reasoner_decode.onnx", "reasoner_tokenizer.json"])
+@pytest.mark.parametrize("part", ["reasoner_visual.onnx", "reasoner_step.onnx", "reasoner_tokenizer.json"])
 def test_a_damaged_reasoner_part_does_not_stop_embedding(engines, tmp_path, part):
     """The embedder never reads the reasoner's parts; the reasoner refuses the damaged one by its
     checksum, before ONNX Runtime or the tokenizer sees it, wherever it is opened."""
