@@ -31,6 +31,9 @@ from .eval_reasoner import ReasonerGates
 from .reasoner_quant import REASONER_PRECISIONS, ReasonerQuantConfig  # noqa: F401 - re-exported for the CLI
 
 PRECISIONS = ("fp32", "int8", "int8-static")
+# `precision="auto"` builds these, keeps those that pass the fidelity gates, and picks the fastest
+AUTO_CANDIDATES = ("int8", "int8-static", "fp32")
+AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -111,6 +114,8 @@ class BuildConfig:
     reasoner_accuracy_level: int | None = 4
     reasoner_gates: ReasonerGates = field(default_factory=ReasonerGates)
     reasoner_eval_items: int = 150
+    auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
+    auto_rounds: int = 15
 
     def completion_dir(self) -> Path | None:
         if self.completion is None or self.layout != "split":
@@ -138,8 +143,11 @@ class BuildConfig:
 
         if self.calib_method not in METHODS:
             raise ValueError(f"calib_method must be one of {METHODS}, got {self.calib_method!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"precision must be one of {(*PRECISIONS, 'auto')}, got {self.precision!r}")
+        bad = [p for p in self.auto_candidates if p not in PRECISIONS]
+        if not self.auto_candidates or bad:
+            raise ValueError(f"auto_candidates must be precisions of {PRECISIONS}, got {self.auto_candidates}")
         if self.eval_items < 20:
             raise ValueError(f"eval_items must be >= 20 for a meaningful recall, got {self.eval_items}")
         if self.threads < 0:
@@ -339,6 +347,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         GateError: a fidelity gate failed and cfg.enforce is True (nothing is written).
         ExportError: ONNX export or its parity check failed.
     """
+    if cfg.precision == "auto":
+        return build_auto(cfg, log)
     from sdk.train.reference import WEIGHTS_DIR, ReferenceEmbedder
     from sdk.train.towers import text_tower_path
 
@@ -443,6 +453,87 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             "completion": str(cdir) if cdir else None,
             "seconds": round(time.time() - t0, 1)}})
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
+    return out
+
+
+def measure_latency(engine: Path, products: list[tuple[Path, str]], threads: int = 0, rounds: int = 15) -> dict:
+    """Median batch-1 latency (ms) of an engine through `sdk.Embedder` per view of `AUTO_VIEWS`,
+    cycling over `products` (3 warm-up calls first)."""
+    from sdk.embedder import Embedder
+
+    emb = Embedder(engine, threads=threads or None)
+    try:
+        out = {}
+        for view in AUTO_VIEWS:
+            times = []
+            for k in range(rounds + 3):
+                img, title = products[k % len(products)]
+                t0 = time.perf_counter()
+                emb.embed(images=[img] if view == "photo+title" else None, texts=[title], errors="raise")
+                if k >= 3:
+                    times.append(time.perf_counter() - t0)
+            out[view] = round(float(np.median(times)) * 1e3, 3)
+        return out
+    finally:
+        emb.close()
+
+
+def pick_precision(results: list[dict]) -> tuple[dict, str]:
+    """The fastest candidate that passed its gates (by the sum of its `AUTO_VIEWS` medians), and why.
+
+    Raises:
+        GateError: no candidate passed.
+    """
+    passed = [r for r in results if r["passed"]]
+    if not passed:
+        why = "; ".join(f"{r['precision']}: {'; '.join(r.get('failed') or ['failed'])}" for r in results)
+        raise GateError(f"no precision passed the fidelity gates ({why})", {"auto": results, "passed": False})
+    score = lambda r: sum(r["latency_ms"][v] for v in AUTO_VIEWS)  # noqa: E731
+    best = min(passed, key=score)
+    others = [f"{r['precision']} {score(r):.1f} ms" for r in passed if r is not best]
+    failed = [r["precision"] for r in results if not r["passed"]]
+    why = (f"{best['precision']}: the fastest that passed the gates ({score(best):.1f} ms for one photo+title "
+           f"plus one title" + (f"; vs {', '.join(others)}" if others else "") + ")"
+           + (f"; failed the gates: {', '.join(failed)}" if failed else ""))
+    return best, why
+
+
+def build_auto(cfg: BuildConfig, log=print) -> Path:
+    """`precision="auto"`: build each of cfg.auto_candidates (embedder only), measure its fidelity
+    (the gates) and its batch-1 latency on this machine, then build the fastest that passed, with
+    the reasoner and completion parts, and record the comparison in its manifest (build.auto)."""
+    from sdk.engine import EngineFile, write_engine
+
+    products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="moon3-auto-") as tmp:
+        for n, precision in enumerate(cfg.auto_candidates, 1):
+            log(f"[auto {n}/{len(cfg.auto_candidates)}] candidate {precision}")
+            c = dataclasses.replace(cfg, precision=precision, out=Path(tmp) / f"{precision}.engine", reasoner=None,
+                                    completion=None, enforce=True)
+            try:
+                path = build_engine(c, log=lambda msg, p=precision: log(f"  [{p}] {msg}"))
+            except GateError as exc:
+                results.append({"precision": precision, "passed": False, "failed": list(exc.report.get("failed", []))})
+                log(f"  {precision}: failed its gates")
+                continue
+            with EngineFile.open(path) as f:
+                fid = f.manifest["fidelity"]
+            lat = measure_latency(path, products, cfg.threads, cfg.auto_rounds)
+            results.append({"precision": precision, "passed": True, "latency_ms": lat,
+                            "size_mib": round(path.stat().st_size / 2**20, 1),
+                            "cosine_min": min(v["cosine_min"] for v in fid["views"].values()),
+                            "text->image R@10 drop": fid["text->image R@10"]["drop"]})
+            log(f"  {precision}: passed; batch-1 latency {lat}")
+    best, why = pick_precision(results)
+    log(f"[auto] chose {why}")
+    out = build_engine(dataclasses.replace(cfg, precision=best["precision"]), log)
+    engine = EngineFile.read(out)
+    manifest = json.loads(json.dumps(engine.manifest))
+    manifest.setdefault("build", {})["auto"] = {"chosen": best["precision"], "why": why, "candidates": results}
+    manifest["build"]["precision"] = "auto"
+    manifest.pop("parts", None)
+    write_engine(out, manifest, {name: engine.part(name) for name in engine.part_names})
     return out
 
 

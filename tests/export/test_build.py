@@ -172,3 +172,42 @@ def test_validate_an_existing_engine(int8_engine, tmp_path, capsys):
     assert json.loads(out.read_text())["passed"] is False
     assert main(["validate", str(tmp_path / "missing.engine")]) == 2
     assert "engine file not found" in capsys.readouterr().err
+
+
+def test_auto_precision_picks_the_fastest_that_passed():
+    from sdk.export.build import pick_precision
+
+    results = [
+        {"precision": "int8", "passed": True, "latency_ms": {"photo+title": 10.0, "title": 3.0}},
+        {"precision": "int8-static", "passed": False, "failed": ["cosine min 0.66 < 0.97"]},
+        {"precision": "fp32", "passed": True, "latency_ms": {"photo+title": 14.0, "title": 6.0}},
+    ]
+    best, why = pick_precision(results)
+    assert best["precision"] == "int8"
+    assert "13.0 ms" in why and "fp32 20.0 ms" in why and "failed the gates: int8-static" in why
+    results[0]["latency_ms"]["title"] = 11.0  # now slower than fp32
+    assert pick_precision(results)[0]["precision"] == "fp32"
+
+
+def test_auto_precision_refuses_when_nothing_passes():
+    from sdk.export.build import pick_precision
+
+    with pytest.raises(GateError, match="no precision passed.*int8: cosine min 0.5"):
+        pick_precision([{"precision": "int8", "passed": False, "failed": ["cosine min 0.5 < 0.97"]}])
+    with pytest.raises(ValueError, match="auto_candidates"):
+        BuildConfig(precision="auto", auto_candidates=("int4",))
+
+
+@pytest.mark.slow
+def test_auto_precision_builds_and_records_the_choice(tmp_path):
+    from sdk.engine import EngineFile
+    from sdk.export.build import build_engine
+
+    out = build_engine(BuildConfig(out=tmp_path / "auto.engine", precision="auto", eval_items=20,
+                                   auto_candidates=("int8", "fp32"), auto_rounds=5, reasoner=None, completion=None),
+                       log=lambda *_: None)
+    m = EngineFile.read(out).manifest
+    auto = m["build"]["auto"]
+    assert m["build"]["precision"] == "auto" and auto["chosen"] in ("int8", "fp32")
+    assert m["embedder"]["precision"] == {"int8": "int8-dynamic", "fp32": "fp32"}[auto["chosen"]]
+    assert [c["precision"] for c in auto["candidates"]] == ["int8", "fp32"] and "fastest" in auto["why"]
