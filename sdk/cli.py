@@ -98,6 +98,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               + (f"; vs FP32: {'passed' if q['fidelity']['passed'] else 'FAILED'} (attribute F1 drop "
                  f"{max(q['fidelity']['drop']['attribute_f1_photo'], q['fidelity']['drop']['attribute_f1_title']):+.4f}, "
                  f"token agreement {q['fidelity']['agreement']['tokens']:.4f})" if "fidelity" in q else ""))
+    auto = (m.get("build") or {}).get("auto")
+    if isinstance(auto, dict):
+        print(f"  precision chosen by --precision auto: {auto.get('why')}")
     cs = m.get("completion")
     if isinstance(cs, dict):
         print(f"  completion: missing {cs.get('completes')} from the title ({cs.get('part')}); "

@@ -199,7 +199,7 @@ def test_auto_precision_refuses_when_nothing_passes():
 
 
 @pytest.mark.slow
-def test_auto_precision_builds_and_records_the_choice(tmp_path):
+def test_auto_precision_builds_and_records_the_choice(tmp_path, capsys):
     from sdk.engine import EngineFile
     from sdk.export.build import build_engine
 
@@ -211,3 +211,7 @@ def test_auto_precision_builds_and_records_the_choice(tmp_path):
     assert m["build"]["precision"] == "auto" and auto["chosen"] in ("int8", "fp32")
     assert m["embedder"]["precision"] == {"int8": "int8-dynamic", "fp32": "fp32"}[auto["chosen"]]
     assert [c["precision"] for c in auto["candidates"]] == ["int8", "fp32"] and "fastest" in auto["why"]
+    from sdk.cli import main
+
+    assert main(["inspect", str(out)]) == 0
+    assert "precision chosen by --precision auto: " + auto["why"] in capsys.readouterr().out
