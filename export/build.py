@@ -364,24 +364,25 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     teacher_views = embed_views(teacher.embed, products)
     dims = list(teacher.model.cfg.matryoshka_dims)
     text_len = teacher.tokenizer.max_length
+    image_pre = teacher.preprocess  # the photo size the fusion model was trained for (224, or a student's)
     trace_trained = bool(teacher.metrics.get("trace_trained", False))
     del teacher
     tokenizer_path = text_tower_path() / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_bytes()
     precision = {"fp32": "fp32", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
     common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
-                  trace_trained=trace_trained)
+                  trace_trained=trace_trained, image=image_pre)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
         tmp = Path(tmp)
         graph = build_reference_graph(weights)
         if cfg.layout == "split":
             log("[2/4] export: image graph + text graph + head, parity vs PyTorch on padded batches")
-            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split"))
+            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split", image_size=image_pre.size))
             parity = json.loads((tmp / "split" / "split.parity.json").read_text())
             text_graph, image_graph = paths["text"], paths["image"]
         else:
             log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
-            text_graph = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx"))
+            text_graph = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx", image_size=image_pre.size))
             parity = json.loads(text_graph.with_suffix(".parity.json").read_text())
         del graph
         if cfg.precision.startswith("int8"):

@@ -425,14 +425,14 @@ def build_reference_graph(weights_dir: str | Path | None = None) -> nn.Module:
         BackendUnavailableError: a tower's package is not installed.
     """
     from sdk.train.embedder import load_embedder
-    from sdk.train.towers import load_image_tower, load_text_tower
+    from sdk.train.towers import load_towers
 
     if weights_dir is None:
         from sdk.train.reference import WEIGHTS_DIR
 
         weights_dir = WEIGHTS_DIR
     fusion = load_embedder(weights_dir)
-    return EmbedderGraph(load_image_tower(), load_text_tower(), fusion).eval()
+    return EmbedderGraph(*load_towers(fusion.cfg), fusion).eval()
 
 
 # ---------------------------------------------------------------------------------------------

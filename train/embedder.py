@@ -53,6 +53,9 @@ class EmbedderConfig:
     out_dim: int = 256
     matryoshka_dims: tuple[int, ...] = (64, 128, 256)
     dropout: float = 0.2
+    # the towers this fusion model reads (a distilled student uses cheaper ones; see towers.load_towers)
+    image_size: int = 224  # photo side in pixels; n_image_tokens = (image_size // 32) ** 2
+    text_layers: int = 6  # MiniLM layers kept (the first ones)
 
     def __post_init__(self) -> None:
         self.fire_depths = tuple(int(k) for k in self.fire_depths)
@@ -74,6 +77,10 @@ class EmbedderConfig:
             raise ValueError(f"matryoshka_dims must be increasing, got {self.matryoshka_dims}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_size < 64 or self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {self.image_size}")
+        if self.text_layers < 1:
+            raise ValueError(f"text_layers must be >= 1, got {self.text_layers}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

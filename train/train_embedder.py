@@ -50,6 +50,13 @@ class TrainConfig:
     trace_drop: float = 0.2  # share of rows of the trace views trained without their trace
     freeze_image: bool = False  # keep the image encoder as it is (continued training; a third of the step time)
     seed: int = 0
+    # distillation from a teacher embedder (sdk.export.distill): weights of the InfoNCE terms, of
+    # 1 - cosine to the teacher's vector of the same view, and of the relational term (KL between
+    # the teacher's and the student's in-batch similarity distributions at distill_temperature)
+    contrastive_weight: float = 1.0
+    distill_cosine: float = 0.0
+    distill_relational: float = 0.0
+    distill_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.group_size < 1:
@@ -60,6 +67,10 @@ class TrainConfig:
             raise ValueError(f"temperature must be in (0, 1), got {self.temperature}")
         if not 0.0 <= self.image_token_drop < 1.0:
             raise ValueError(f"image_token_drop must be in [0, 1), got {self.image_token_drop}")
+        if min(self.contrastive_weight, self.distill_cosine, self.distill_relational) < 0:
+            raise ValueError(f"loss weights must be >= 0: {self}")
+        if not 0.0 < self.distill_temperature < 1.0:
+            raise ValueError(f"distill_temperature must be in (0, 1), got {self.distill_temperature}")
 
 
 class Features:
@@ -150,6 +161,37 @@ def info_nce(a, b, same, valid_a, valid_b, scale):
     if ce_ab.numel() == 0:
         return logits.sum() * 0.0
     return 0.5 * (ce_ab.mean() + ce_ba.mean())
+
+
+def distill_terms(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float):
+    """(1 - cosine, relational KL) of student rows to the teacher's rows of the same items.
+
+    Both are L2-normalised (B, D); the relational term compares each row's softmax over its
+    in-batch similarities (teacher as the target), so the student keeps the teacher's geometry,
+    not only its directions. Rows where `valid` is False take no part.
+    """
+    s, t = student[valid], teacher[valid]
+    if len(s) < 2:
+        return student.sum() * 0.0, student.sum() * 0.0
+    cos = (1.0 - (s * t).sum(-1)).mean()
+    rel = F.kl_div(F.log_softmax(s @ s.T / temperature, -1), F.softmax(t @ t.T / temperature, -1),
+                   reduction="batchmean")
+    return cos, rel
+
+
+@torch.no_grad()
+def view_embeddings(model, f: "Features", rows) -> dict[str, torch.Tensor]:
+    """The four training views of rows without augmentation: photo+title, photo+description,
+    photo alone, title alone (what a teacher gives its student as targets)."""
+    title = batch_inputs(f, rows, image=True, text="title")
+    feats = title[:2]
+    img_tok = model.encode_image(*feats)
+    return {
+        "mm": model(*title, image_tokens=img_tok),
+        "mm_detail": model(*batch_inputs(f, rows, image=True, text="detail", image_features=feats), image_tokens=img_tok),
+        "image": model(*batch_inputs(f, rows, image=True, text=None, image_features=feats), image_tokens=img_tok),
+        "text": model(*batch_inputs(f, rows, image=False, text="title", image_features=feats), image_tokens=img_tok),
+    }
 
 
 def make_batches(rows: np.ndarray, groups: np.ndarray, cfg: TrainConfig, rng: np.random.Generator):
@@ -250,8 +292,17 @@ def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
 
 
 def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print,
-          init: nn.Module | None = None) -> dict:
-    """Train (or, with `init`, continue training) an embedder; returns the metrics dict."""
+          init: nn.Module | None = None, teacher: tuple[nn.Module, Features] | None = None) -> dict:
+    """Train (or, with `init`, continue training) an embedder; returns the metrics dict.
+
+    With `teacher` (a trained embedder and its own feature cache, rows in the same order as `f`),
+    the loss adds cfg.distill_cosine / cfg.distill_relational times the distillation terms of each
+    view (`distill_terms`) to cfg.contrastive_weight times the InfoNCE terms.
+    """
+    if teacher is not None:
+        if not np.array_equal(teacher[1].ids, f.ids):
+            raise ValueError("the teacher's feature cache holds other products (or another order) than the student's")
+        teacher[0].eval()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     keys = title_keys(f, catalog)
@@ -312,9 +363,16 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                     inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep)
                     traced.append(model(*inputs, image_tokens=img_tok))
             loss = 0.0
+            if teacher is not None:
+                t_views = view_embeddings(teacher[0], teacher[1], rows)
+                for name, e, valid in (("mm", e_mm1, all_ok), ("mm_detail", e_mm2, all_ok), ("image", e_img, has_img),
+                                       ("text", e_txt, all_ok)):
+                    cos, rel = distill_terms(e, t_views[name], valid, cfg.distill_temperature)
+                    loss = loss + (cfg.distill_cosine * cos + cfg.distill_relational * rel) / 4
+            contrastive = 0.0
             for d in dims:
                 mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))
-                loss = loss + (
+                contrastive = contrastive + (
                     info_nce(tx, mm1, same, all_ok, all_ok, scale)
                     + info_nce(im, mm1, same, has_img, all_ok, scale)
                     + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
@@ -322,13 +380,14 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 ) / len(dims)
                 if traced:
                     mm_t, tx_t, im_t = (matryoshka(e, d) for e in traced)
-                    loss = loss + (
+                    contrastive = contrastive + (
                         info_nce(tx_t, mm_t, same, all_ok, all_ok, scale)
                         + info_nce(im_t, mm_t, same, has_img, all_ok, scale)
                         + info_nce(mm_t, mm2, same, all_ok, all_ok, scale)
                         + info_nce(tx_t, mm1, same, all_ok, all_ok, scale)
                         + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
                     ) / len(dims)
+            loss = loss + cfg.contrastive_weight * contrastive
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)

@@ -61,6 +61,11 @@ class TrainConfig:
     threads: int = 2
     eval_items: int = 300
     max_new_tokens: int = 64
+    # knowledge distillation into a smaller reasoner (sdk.export.distill_reasoner): the loss is
+    # (1 - kd_weight) x cross-entropy + kd_weight x T^2 x KL(teacher || student) on the answer
+    # tokens, at temperature kd_temperature
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
 
 
 def tokenizer_corpus(records) -> list[str]:
@@ -153,8 +158,49 @@ def evaluate(model, tok, records, deep_rows, features, limit: int, max_new_token
     return res
 
 
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Token-level KL(teacher || student) over the answer positions (labels != -100), times T^2."""
+    keep = labels.reshape(-1) != -100
+    s = student_logits.reshape(-1, student_logits.shape[-1])[keep] / temperature
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep] / temperature
+    if not len(s):
+        return student_logits.sum() * 0.0
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def trace_view(use_title: bool, photo: bool) -> str:
+    """The trace cache view (`sdk.train.traces.VIEWS`) of an example shown title and/or photo."""
+    return "photo+title" if use_title and photo else ("title" if use_title else "photo")
+
+
+def epoch_examples(records, rng: random.Random, cfg: TrainConfig, deep_rows: dict,
+                   trace_targets: dict | None = None) -> list[tuple]:
+    """One epoch's (record, task, prompt, answer, use_title, photo) examples: `cfg.tasks_per_item`
+    tasks per product; titled examples drop the photo at rate cfg.drop_photo; with `trace_targets`
+    the trace task's answer is the teacher's trace for what the example shows."""
+    data = []
+    for r in records:
+        tasks = rng.sample(list(TASKS), cfg.tasks_per_item)
+        for task, prompt, answer, use_title in examples(r, rng, tasks):
+            photo = r["id"] in deep_rows and not (use_title and rng.random() < cfg.drop_photo)
+            if task == "caption" and not photo:
+                continue
+            if task == "trace" and trace_targets:
+                answer = trace_targets[trace_view(use_title, photo)].get(r["id"], answer)
+            data.append((r, task, prompt, answer, use_title, photo))
+    return data
+
+
 def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: ReasonerConfig, log=print,
-          init: Path | None = None) -> dict:
+          init: Path | None = None, start=None, teacher=None, trace_targets: dict | None = None) -> dict:
+    """Train a reasoner (from scratch, from `init`, or from a given `start` = (model, tokenizer)).
+
+    With `teacher` (a Reasoner sharing the tokenizer) and cfg.kd_weight > 0, the loss adds the
+    token-level KL to the teacher's logits; with `trace_targets` ({view: {id: trace}}, the
+    teacher's own traces from `sdk.train.traces`), the trace task learns the teacher's traces
+    instead of the catalog-built ones (sequence-level distillation).
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
@@ -167,7 +213,11 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     tr = [r for r in records if not is_validation(r["id"])]
     va = [r for r in records if is_validation(r["id"])]
     log(f"catalog: {len(tr)} train / {len(va)} validation products; {len(deep_rows)} with photo features")
-    if init is not None:  # continue from saved weights (their tokenizer and architecture)
+    if start is not None:
+        model, tok = start
+        model.train()
+        mcfg = model.cfg
+    elif init is not None:  # continue from saved weights (their tokenizer and architecture)
         from sdk.train.reasoner import load_reasoner
 
         model, tok = load_reasoner(init)
@@ -191,14 +241,7 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     step, t0, history = 0, time.time(), []
     for epoch in range(cfg.epochs):
         model.train()
-        data = []
-        for r in tr:
-            tasks = rng.sample(list(TASKS), cfg.tasks_per_item)
-            for task, prompt, answer, use_title in examples(r, rng, tasks):
-                photo = r["id"] in deep_rows and not (use_title and rng.random() < cfg.drop_photo)
-                if task == "caption" and not photo:
-                    continue
-                data.append((r, task, prompt, answer, use_title, photo))
+        data = epoch_examples(tr, rng, cfg, deep_rows, trace_targets)
         rng.shuffle(data)
         # length-sorted chunks of 50 batches: little padding, still shuffled across the epoch
         chunk = cfg.batch_size * 50
@@ -214,6 +257,10 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
                 g["lr"] = cfg.lr * g.get("lr_mult", 1.0) * cosine_schedule(step, total, cfg.warmup)
             logits, _ = model(ids, deep, vmask)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            if teacher is not None and cfg.kd_weight > 0:
+                with torch.no_grad():
+                    t_logits, _ = teacher(ids, deep, vmask)
+                loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(logits, t_logits, labels, cfg.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

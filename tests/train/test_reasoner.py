@@ -171,3 +171,75 @@ def test_a_few_sft_steps_learn_and_the_weights_round_trip(tok, tmp_path):
     assert m2.generate(prompt, deep[0]) == m.generate(prompt, deep[0])
     with pytest.raises(FileNotFoundError, match="reasoner file not found"):
         load_reasoner(tmp_path / "missing")
+
+
+def test_student_keeps_the_chosen_teacher_layers():
+    from sdk.export.distill_reasoner import student_from_teacher
+
+    teacher = tiny(seed=1, gate=0.5)
+    ids = torch.tensor([[BOS, 20, 21, 22, SEP, 30]])
+    deep = torch.randn(1, 9, 24)
+    same = student_from_teacher(teacher, [0, 1]).eval()
+    assert torch.equal(same(ids, deep)[0], teacher(ids, deep)[0])
+    one = student_from_teacher(teacher, [1])
+    assert one.cfg.n_layers == 1
+    assert torch.equal(one.layers[0].gate, teacher.layers[1].gate)
+    assert torch.equal(one.embed.weight, teacher.embed.weight)
+    with pytest.raises(ValueError, match="layers must be indices"):
+        student_from_teacher(teacher, [2])
+
+
+def test_kd_loss_counts_answer_tokens_only():
+    from sdk.train.train_reasoner import kd_loss
+
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 300)
+    labels = torch.full((2, 5), -100)
+    labels[:, 2:] = 7
+    assert kd_loss(t, t, labels).abs() < 1e-6
+    s = t.clone()
+    s[:, :2] = torch.randn(2, 2, 300)  # prompt positions differ: not counted
+    assert kd_loss(s, t, labels).abs() < 1e-6
+    s[:, 3] += torch.randn(2, 300)
+    assert kd_loss(s, t, labels) > 0.01
+    assert kd_loss(s, t, torch.full((2, 5), -100)) == 0
+
+
+def test_token_distillation_pulls_the_student_to_the_teacher(tok):
+    from sdk.export.distill_reasoner import student_from_teacher
+    from sdk.train.train_reasoner import batch_tensors, kd_loss
+
+    teacher = tiny(seed=2, gate=0.5)
+    student = student_from_teacher(teacher, [0]).train()
+    rng = random.Random(0)
+    recs = [dict(RECORD, id=i, title=f"{c} shirt", base_colour=c) for i, c in enumerate(("Blue", "Red", "Black"))]
+    feats = np.random.default_rng(0).standard_normal((3, 9, 24)).astype(np.float16)
+    batch = [(r, t, p, a, u, True) for r in recs for t, p, a, u in examples(r, rng, ("category", "attribute_qa"))]
+    ids, labels, deep, vmask = batch_tensors(tok, batch, {r["id"]: i for i, r in enumerate(recs)}, feats)
+    with torch.no_grad():
+        t_logits, _ = teacher(ids, deep, vmask)
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = kd_loss(student(ids, deep, vmask)[0], t_logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_sequence_distillation_trains_on_the_teachers_traces():
+    from sdk.train.train_reasoner import TrainConfig, epoch_examples, trace_view
+
+    assert [trace_view(True, True), trace_view(True, False), trace_view(False, True)] == ["photo+title", "title", "photo"]
+    recs = [dict(RECORD, id=i) for i in range(40)]
+    targets = {v: {i: f"<think> {v} {i} </think> teacher" for i in range(40)} for v in ("photo+title", "title", "photo")}
+    cfg = TrainConfig(tasks_per_item=len(TASKS))
+    data = epoch_examples(recs, random.Random(0), cfg, {i: i for i in range(40)}, targets)
+    traces = [(r, a, u, ph) for r, task, _, a, u, ph in data if task == "trace"]
+    assert len(traces) == 40 and {trace_view(u, ph) for _, _, u, ph in traces} == {"photo+title", "title", "photo"}
+    for r, a, u, ph in traces:
+        assert a == f"<think> {trace_view(u, ph)} {r['id']} </think> teacher"
+    plain = epoch_examples(recs, random.Random(0), cfg, {i: i for i in range(40)})
+    assert all(a == trace_target(r) for r, task, _, a, *_ in plain if task == "trace")

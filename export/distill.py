@@ -1,0 +1,242 @@
+"""Distil the embedder into a smaller, faster student.
+
+The student keeps the teacher's fusion architecture and reads cheaper towers: the first
+`--text-layers` of MiniLM's six (layer-drop; titles and traces run through half the encoder) and
+photos of `--image-size` pixels instead of 224 (160 px: half of EfficientNet-Lite0's
+multiply-adds, a 5x5 map, 25 image tokens instead of 49). Its fusion model starts from the
+teacher's weights (the image position table resized to the smaller grid) and is trained on the
+catalog with, per view (photo+title, photo+description, photo, title):
+
+- cosine distillation: 1 - cos(student vector, teacher vector of the same product and view);
+- relational distillation: KL between the teacher's and the student's softmax over in-batch
+  similarities, so neighbourhoods (what retrieval sees) survive, not only directions;
+- the teacher's own in-batch InfoNCE terms (`sdk.train.train_embedder`), weighted.
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features_s160_l3 \\
+        --image-size 160 --text-layers 3
+    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\
+        --features .cache/features_s160_l3 --out train/weights/student
+    moon3 build --weights train/weights/student --out student.engine
+
+Writes embedder.safetensors (fp16) + embedder.json like any embedder folder, distill_report.json
+(student vs teacher on the validation split: recall per task and its ratio, cosine of the student's
+vectors to the teacher's per view) and MODEL_CARD.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdk.train.catalog import is_validation
+from sdk.train.embedder import EmbedderConfig, build_embedder, copy_half, load_embedder
+from sdk.train.train_embedder import Features, TrainConfig, evaluate, title_keys, train, view_embeddings
+from sdk.train.towers import image_grid
+
+#: what a student keeps of the teacher's towers by default
+DEFAULT_IMAGE_SIZE = 160
+DEFAULT_TEXT_LAYERS = 3
+
+
+def student_config(teacher: EmbedderConfig, image_size: int, text_layers: int) -> EmbedderConfig:
+    """The teacher's fusion architecture over cheaper towers."""
+    grid = image_grid(image_size)
+    return dataclasses.replace(teacher, image_size=image_size, text_layers=text_layers, n_image_tokens=grid * grid)
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+    """Copy the teacher's weights into the student where shapes allow; the image position table
+    is resized (bilinear over the token grid). Returns {parameter: how it was initialised}."""
+    src = teacher.state_dict()
+    out, how = {}, {}
+    for name, p in student.state_dict().items():
+        t = src.get(name)
+        if t is not None and t.shape == p.shape:
+            out[name], how[name] = t.clone(), "copied"
+        elif t is not None and t.dim() == 3 and t.shape[0] == 1 and t.shape[2] == p.shape[2] and _square(t.shape[1]) \
+                and _square(p.shape[1]):
+            g_t, g_s = _square(t.shape[1]), _square(p.shape[1])
+            grid = t[0].T.reshape(1, t.shape[2], g_t, g_t)
+            out[name] = F.interpolate(grid, size=(g_s, g_s), mode="bilinear", align_corners=True).reshape(
+                t.shape[2], g_s * g_s).T[None].contiguous()
+            how[name] = f"resized {g_t}x{g_t} -> {g_s}x{g_s}"
+        else:
+            out[name], how[name] = p, "fresh"
+    student.load_state_dict(out)
+    return how
+
+
+def _square(n: int) -> int:
+    r = int(round(n ** 0.5))
+    return r if r * r == n and r > 1 else 0
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, f_s: Features, teacher: nn.Module, f_t: Features, rows: np.ndarray,
+              bs: int = 256) -> dict[str, dict[str, float]]:
+    """Cosine of the student's vectors to the teacher's, per view, over rows (products without a
+    photo are left out of the photo views)."""
+    student.eval()
+    teacher.eval()
+    sims: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(rows), bs):
+        r = rows[i:i + bs]
+        has = f_s.has_image[torch.as_tensor(r)].numpy().astype(bool)
+        s, t = view_embeddings(student, f_s, r), view_embeddings(teacher, f_t, r)
+        for view in s:
+            c = (s[view] * t[view]).sum(-1).numpy()
+            sims.setdefault(view, []).append(c if view == "text" else c[has])
+    return {v: {"mean": round(float(np.concatenate(c).mean()), 4), "min": round(float(np.concatenate(c).min()), 4)}
+            for v, c in sims.items()}
+
+
+def compare(student_metrics: dict, teacher_metrics: dict) -> dict[str, dict[str, float]]:
+    """Per recall metric: teacher, student and the student's share of the teacher."""
+    return {k: {"teacher": teacher_metrics[k], "student": v,
+                "ratio": round(v / teacher_metrics[k], 4) if teacher_metrics[k] else None}
+            for k, v in student_metrics.items() if k in teacher_metrics}
+
+
+def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
+            log=print) -> dict:
+    """Train a student on `features` (a cache made with the student's towers) against the teacher;
+    write it to `out` (fp16) with its report and model card. Returns the report."""
+    f_t, f_s = Features(teacher_features), Features(features)
+    if not np.array_equal(f_t.ids, f_s.ids):
+        raise SystemExit(f"{features} and {teacher_features} hold other products; build both from one catalog")
+    image_size = int(f_s.meta.get("image_size", 224))
+    text_layers = int(f_s.meta.get("text_layers", 6))
+    teacher = load_embedder(teacher_dir)
+    s_cfg = student_config(teacher.cfg, image_size, text_layers)
+    if f_s.deep.shape[1] != s_cfg.n_image_tokens:
+        raise SystemExit(f"{features} holds {f_s.deep.shape[1]} image tokens per photo, {image_size} px gives "
+                         f"{s_cfg.n_image_tokens}")
+    student = build_embedder(s_cfg)
+    how = init_from_teacher(student, teacher)
+    resized = [k for k, v in how.items() if v.startswith("resized")]
+    log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens), {text_layers} text layers; "
+        f"{sum(v == 'copied' for v in how.values())} tensors copied from the teacher, resized: {resized}")
+    catalog = catalog or f_s.meta.get("catalog")
+    keys = title_keys(f_s, catalog)
+    val_rows = np.flatnonzero([is_validation(i) for i in f_s.ids])
+    teacher_eval = evaluate(teacher, f_t, val_rows, keys, dims=teacher.cfg.matryoshka_dims)
+    before = evaluate(student, f_s, val_rows, keys)
+    log(f"teacher R@10 text->image {teacher_eval['text->image R@10']}; student before training {before['text->image R@10']}")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="moon3-distill-") as tmp:
+        res = train(s_cfg, cfg, f_s, catalog, Path(tmp), log=log, init=student, teacher=(teacher, f_t))
+        out.mkdir(parents=True, exist_ok=True)
+        copy_half(tmp, out)
+    student = load_embedder(out)  # what ships: the fp16 weights, loaded back
+    final = evaluate(student, f_s, val_rows, keys, dims=s_cfg.matryoshka_dims)
+    report = {
+        "student": {"image_size": image_size, "text_layers": text_layers, "n_image_tokens": s_cfg.n_image_tokens,
+                    "params": res["params"]},
+        "teacher": {"weights": str(teacher_dir), "image_size": teacher.cfg.image_size,
+                    "text_layers": teacher.cfg.text_layers},
+        "train_config": dataclasses.asdict(cfg),
+        "seconds": round(time.time() - t0, 1),
+        "history": res["history"],
+        "recall": compare(final, teacher_eval),
+        "before_training": {k: before[k] for k in ("text->image R@10", "image->text R@10", "mm->mm R@10")},
+        "cosine_to_teacher": agreement(student, f_s, teacher, f_t, val_rows),
+        "val_items": int(len(val_rows)),
+    }
+    meta_path = out / "embedder.json"
+    meta = json.loads(meta_path.read_text())
+    meta["metrics"] = {**meta.get("metrics", {}), "distilled_from": str(teacher_dir), "final": final}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    (out / "MODEL_CARD.md").write_text(model_card(report))
+    log(f"saved {out}: text->image R@10 {final['text->image R@10']} vs teacher {teacher_eval['text->image R@10']}")
+    return report
+
+
+def model_card(r: dict) -> str:
+    """The student's model card (markdown) from its distillation report."""
+    st, tc = r["student"], r["train_config"]
+    rows = "\n".join(f"| {k} | {v['teacher']:.4f} | {v['student']:.4f} | {100 * (v['ratio'] or 0):.1f}% |"
+                     for k, v in r["recall"].items() if k.endswith((" R@1", " R@10")))
+    cos = "\n".join(f"| {v} | {c['mean']:.4f} | {c['min']:.4f} |" for v, c in r["cosine_to_teacher"].items())
+    return f"""# moon3 student embedder: model card
+
+A distilled student of the reference embedder (`{r['teacher']['weights']}`): the same fusion architecture
+({st['params'] / 1e6:.2f}M trained parameters) over cheaper frozen towers — the first {st['text_layers']} of
+all-MiniLM-L6-v2's {r['teacher']['text_layers']} layers (layer-drop) and {st['image_size']} px photos into
+EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49). Weights stored fp16.
+
+## Training
+Initialised from the teacher's fusion weights (image position table resized to the smaller grid), then
+{tc['epochs']} epochs on the catalog's train split, batch {tc['batch_size']}, AdamW lr {tc['lr']}: per view
+(photo+title, photo+description, photo, title) {tc['distill_cosine']} x (1 - cosine to the teacher's vector)
++ {tc['distill_relational']} x relational KL (in-batch similarity distributions, temperature
+{tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's InfoNCE terms. {r['seconds'] / 60:.0f} min on 2 CPU cores.
+
+Reproduce:
+
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
+    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features_s{st['image_size']}_l{st['text_layers']} \\
+        --image-size {st['image_size']} --text-layers {st['text_layers']}
+    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\
+        --features .cache/features_s{st['image_size']}_l{st['text_layers']} --out train/weights/student \\
+        --epochs {tc['epochs']}
+    moon3 build --weights train/weights/student --out student.engine
+
+## Validation ({r['val_items']} held-out products; relevant = same product or same title)
+
+| task (256-d) | teacher | student | student / teacher |
+|---|---|---|---|
+{rows}
+
+Before training (teacher weights on the cheaper towers): text->image R@10
+{r['before_training']['text->image R@10']}.
+
+Cosine of the student's vectors to the teacher's (same product, same view):
+
+| view | mean | min |
+|---|---|---|
+{cos}
+
+The student lives in its own space: search a catalog embedded with the same engine, never mix its
+vectors with the teacher's. Latency and fidelity of its compiled engine: see the README ("Distilled
+student").
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", default=None, help="catalog folder (title groups, article types)")
+    ap.add_argument("--teacher", default=None, help="teacher embedder folder (default: the committed weights)")
+    ap.add_argument("--teacher-features", default=".cache/features", help="feature cache of the teacher's towers")
+    ap.add_argument("--features", required=True, help="feature cache of the student's towers (sdk.train.features "
+                                                      "--image-size N --text-layers K)")
+    ap.add_argument("--out", required=True, help="folder for the student's embedder.safetensors + embedder.json")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--cosine", type=float, default=1.0, help="weight of 1 - cosine to the teacher")
+    ap.add_argument("--relational", type=float, default=1.0, help="weight of the relational KL")
+    ap.add_argument("--contrastive", type=float, default=0.5, help="weight of the InfoNCE terms")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from sdk.train.reference import WEIGHTS_DIR
+
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, contrastive_weight=args.contrastive,
+                      distill_cosine=args.cosine, distill_relational=args.relational)
+    report = distill(Path(args.teacher or WEIGHTS_DIR), Path(args.teacher_features), Path(args.features),
+                     args.catalog, Path(args.out), cfg)
+    print(json.dumps({k: report[k] for k in ("recall", "cosine_to_teacher")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
