@@ -5,7 +5,7 @@ The student keeps the teacher's fusion architecture and reads cheaper towers: th
 photos of `--image-size` pixels instead of 224 (160 px: half of EfficientNet-Lite0's
 multiply-adds, a 5x5 map, 25 image tokens instead of 49). Its fusion model starts from the
 teacher's weights (the image position table resized to the smaller grid) and is trained on the
-catalog with, per view (photo+title, photo+description, photo, title):
+catalog with, per view (photo+title, photo+description, photo, title, description):
 
 - cosine distillation: 1 - cos(student vector, teacher vector of the same product and view);
 - relational distillation: KL between the teacher's and the student's softmax over in-batch
@@ -108,9 +108,12 @@ def compare(student_metrics: dict, teacher_metrics: dict) -> dict[str, dict[str,
 
 
 def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
-            log=print) -> dict:
+            log=print, init: Path | None = None) -> dict:
     """Train a student on `features` (a cache made with the student's towers) against the teacher;
-    write it to `out` (fp16) with its report and model card. Returns the report."""
+    write it to `out` (fp16) with its report and model card. Returns the report.
+
+    `init`: continue from an earlier student (same towers) instead of the teacher's weights.
+    """
     f_t, f_s = Features(teacher_features), Features(features)
     if not np.array_equal(f_t.ids, f_s.ids):
         raise SystemExit(f"{features} and {teacher_features} hold other products; build both from one catalog")
@@ -121,11 +124,19 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
     if f_s.deep.shape[1] != s_cfg.n_image_tokens:
         raise SystemExit(f"{features} holds {f_s.deep.shape[1]} image tokens per photo, {image_size} px gives "
                          f"{s_cfg.n_image_tokens}")
-    student = build_embedder(s_cfg)
-    how = init_from_teacher(student, teacher)
-    resized = [k for k, v in how.items() if v.startswith("resized")]
-    log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens), {text_layers} text layers; "
-        f"{sum(v == 'copied' for v in how.values())} tensors copied from the teacher, resized: {resized}")
+    if init is not None:
+        student = load_embedder(init)
+        if (student.cfg.image_size, student.cfg.text_layers) != (image_size, text_layers):
+            raise SystemExit(f"{init} reads {student.cfg.image_size} px photos and {student.cfg.text_layers} text layers, "
+                             f"{features} holds {image_size} px and {text_layers}")
+        s_cfg = student.cfg
+        log(f"student: continuing from {init}")
+    else:
+        student = build_embedder(s_cfg)
+        how = init_from_teacher(student, teacher)
+        resized = [k for k, v in how.items() if v.startswith("resized")]
+        log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens), {text_layers} text layers; "
+            f"{sum(v == 'copied' for v in how.values())} tensors copied from the teacher, resized: {resized}")
     catalog = catalog or f_s.meta.get("catalog")
     keys = title_keys(f_s, catalog)
     val_rows = np.flatnonzero([is_validation(i) for i in f_s.ids])
@@ -147,8 +158,10 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
         "train_config": dataclasses.asdict(cfg),
         "seconds": round(time.time() - t0, 1),
         "history": res["history"],
+        "continued_from": str(init) if init else None,
         "recall": compare(final, teacher_eval),
-        "before_training": {k: before[k] for k in ("text->image R@10", "image->text R@10", "mm->mm R@10")},
+        "before_training": {k: before[k] for k in ("text->image R@10", "image->text R@10", "mm->mm R@10",
+                                                    "description->mm R@10")},
         "cosine_to_teacher": agreement(student, f_s, teacher, f_t, val_rows),
         "val_items": int(len(val_rows)),
     }
@@ -190,7 +203,7 @@ Reproduce:
     python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\
         --features .cache/features_s{st['image_size']}_l{st['text_layers']} --out train/weights/student \\
         --epochs {tc['epochs']}
-    moon3 build --weights train/weights/student --out student.engine
+{r.get('reproduce_extra', '')}    moon3 build --weights train/weights/student --out student.engine
 
 ## Validation ({r['val_items']} held-out products; relevant = same product or same title)
 
@@ -198,8 +211,8 @@ Reproduce:
 |---|---|---|---|
 {rows}
 
-Before training (teacher weights on the cheaper towers): text->image R@10
-{r['before_training']['text->image R@10']}.
+Before {'this run (the earlier student)' if r.get('continued_from') else "training (the teacher's weights on the cheaper towers)"}:
+text->image R@10 {r['before_training']['text->image R@10']}, description->mm R@10 {r['before_training'].get('description->mm R@10')}.
 
 Cosine of the student's vectors to the teacher's (same product, same view):
 
@@ -227,14 +240,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cosine", type=float, default=1.0, help="weight of 1 - cosine to the teacher")
     ap.add_argument("--relational", type=float, default=1.0, help="weight of the relational KL")
     ap.add_argument("--contrastive", type=float, default=0.5, help="weight of the InfoNCE terms")
+    ap.add_argument("--init", default=None, help="continue from this student folder (same towers)")
+    ap.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from sdk.train.reference import WEIGHTS_DIR
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, contrastive_weight=args.contrastive,
-                      distill_cosine=args.cosine, distill_relational=args.relational)
+                      distill_cosine=args.cosine, distill_relational=args.relational, warmup_steps=args.warmup_steps)
     report = distill(Path(args.teacher or WEIGHTS_DIR), Path(args.teacher_features), Path(args.features),
-                     args.catalog, Path(args.out), cfg)
+                     args.catalog, Path(args.out), cfg, init=Path(args.init) if args.init else None)
     print(json.dumps({k: report[k] for k in ("recall", "cosine_to_teacher")}, indent=2))
 
 

@@ -181,8 +181,8 @@ def distill_terms(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Ten
 
 @torch.no_grad()
 def view_embeddings(model, f: "Features", rows) -> dict[str, torch.Tensor]:
-    """The four training views of rows without augmentation: photo+title, photo+description,
-    photo alone, title alone (what a teacher gives its student as targets)."""
+    """The views of rows without augmentation: photo+title, photo+description, photo alone, title
+    alone and description alone (what a teacher gives its student as targets)."""
     title = batch_inputs(f, rows, image=True, text="title")
     feats = title[:2]
     img_tok = model.encode_image(*feats)
@@ -191,6 +191,7 @@ def view_embeddings(model, f: "Features", rows) -> dict[str, torch.Tensor]:
         "mm_detail": model(*batch_inputs(f, rows, image=True, text="detail", image_features=feats), image_tokens=img_tok),
         "image": model(*batch_inputs(f, rows, image=True, text=None, image_features=feats), image_tokens=img_tok),
         "text": model(*batch_inputs(f, rows, image=False, text="title", image_features=feats), image_tokens=img_tok),
+        "detail": model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats), image_tokens=img_tok),
     }
 
 
@@ -364,11 +365,15 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                     traced.append(model(*inputs, image_tokens=img_tok))
             loss = 0.0
             if teacher is not None:
+                # the description-only view is not among the contrastive terms; a student whose
+                # text tower lost layers must still learn where descriptions land
+                e_det = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats), image_tokens=img_tok)
                 t_views = view_embeddings(teacher[0], teacher[1], rows)
-                for name, e, valid in (("mm", e_mm1, all_ok), ("mm_detail", e_mm2, all_ok), ("image", e_img, has_img),
-                                       ("text", e_txt, all_ok)):
+                views = (("mm", e_mm1, all_ok), ("mm_detail", e_mm2, all_ok), ("image", e_img, has_img),
+                         ("text", e_txt, all_ok), ("detail", e_det, all_ok))
+                for name, e, valid in views:
                     cos, rel = distill_terms(e, t_views[name], valid, cfg.distill_temperature)
-                    loss = loss + (cfg.distill_cosine * cos + cfg.distill_relational * rel) / 4
+                    loss = loss + (cfg.distill_cosine * cos + cfg.distill_relational * rel) / len(views)
             contrastive = 0.0
             for d in dims:
                 mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))

@@ -276,11 +276,12 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     metrics = evaluate(model, tok, va, deep_rows, features, cfg.eval_items, cfg.max_new_tokens, log)
     metrics.update(train_seconds=round(train_s, 1), history=history, params=n_params(model),
                    train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate)) for layer in model.layers])
+    if init is not None:  # read before writing: `out` may be the `init` folder
+        prev = json.loads((Path(init) / "reasoner_report.json").read_text()) if (Path(init) / "reasoner_report.json").is_file() else {}
+        metrics["continued_from"] = {"train_config": prev.get("train_config"), "train_seconds": prev.get("train_seconds"),
+                                     "continued_from": prev.get("continued_from")}
     save_reasoner(model, tok, out, metrics)
     (out / "reasoner_report.json").write_text(json.dumps(metrics, indent=2))
-    if init is not None:
-        prev = json.loads((Path(init) / "reasoner_report.json").read_text()) if (Path(init) / "reasoner_report.json").is_file() else {}
-        metrics["continued_from"] = {"train_config": prev.get("train_config"), "train_seconds": prev.get("train_seconds")}
     (out / "MODEL_CARD.md").write_text(model_card(metrics, mcfg))
     log(f"saved {out} ({train_s / 60:.1f} min training)")
     return metrics

@@ -101,7 +101,7 @@ def test_distilled_student_keeps_the_teachers_retrieval(tmp_path):
     r10 = report["recall"]["text->image R@10"]
     assert r10["teacher"] > 0.7 and r10["ratio"] > 0.85, report["recall"]
     cos = report["cosine_to_teacher"]
-    assert set(cos) == {"mm", "mm_detail", "image", "text"}
+    assert set(cos) == {"mm", "mm_detail", "image", "text", "detail"}
     assert cos["mm"]["mean"] > 0.8 and cos["text"]["mean"] > 0.8, cos
     card = (tmp_path / "student" / "MODEL_CARD.md").read_text()
     assert "| text->image R@10 |" in card and "--image-size 64 --text-layers 1" in card
