@@ -663,7 +663,7 @@ def gate_reasoner(reference: Path, candidate: Path, records: list[dict], gates: 
         measured[name] = evaluate_engine(engine, records, threads=threads or None, trace_items=min(100, len(records)))
         log(f"      {name}: {format_metrics(measured[name][0])}")
     (ref, ref_out), (cand, cand_out) = measured["fp32"], measured[label]
-    verdict = gate(ref, cand, agreement(cand_out, ref_out), gates)
+    verdict = gate(ref, cand, agreement(cand_out, ref_out), gates, n_items=len(records))
     ag = verdict["agreement"]
     log(f"      agreement: {ag['exact']:.4f} of generations identical, {ag['tokens']:.4f} of tokens -> "
         f"{'passed' if verdict['passed'] else 'failed: ' + '; '.join(verdict['failed'])}")

@@ -76,6 +76,15 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
     return how
 
 
+def _shown(path: Path) -> str:
+    """A path as the model card shows it: relative to the repository when inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _square(n: int) -> int:
     r = int(round(n ** 0.5))
     return r if r * r == n and r > 1 else 0
@@ -153,7 +162,7 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
     report = {
         "student": {"image_size": image_size, "text_layers": text_layers, "n_image_tokens": s_cfg.n_image_tokens,
                     "params": res["params"]},
-        "teacher": {"weights": str(teacher_dir), "image_size": teacher.cfg.image_size,
+        "teacher": {"weights": _shown(teacher_dir), "image_size": teacher.cfg.image_size,
                     "text_layers": teacher.cfg.text_layers},
         "train_config": dataclasses.asdict(cfg),
         "seconds": round(time.time() - t0, 1),
@@ -167,12 +176,24 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
     }
     meta_path = out / "embedder.json"
     meta = json.loads(meta_path.read_text())
-    meta["metrics"] = {**meta.get("metrics", {}), "distilled_from": str(teacher_dir), "final": final}
+    meta["metrics"] = {**meta.get("metrics", {}), "distilled_from": _shown(teacher_dir), "final": final}
     meta_path.write_text(json.dumps(meta, indent=2))
     (out / "distill_report.json").write_text(json.dumps(report, indent=2))
     (out / "MODEL_CARD.md").write_text(model_card(report))
     log(f"saved {out}: text->image R@10 {final['text->image R@10']} vs teacher {teacher_eval['text->image R@10']}")
     return report
+
+
+def _distill_commands(r: dict) -> str:
+    """The distill command(s) that made this student (two when it continued an earlier one,
+    which was made with the defaults)."""
+    st, tc = r["student"], r["train_config"]
+    base = ("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
+            f"        --features .cache/features_s{st['image_size']}_l{st['text_layers']}")
+    if not r.get("continued_from"):
+        return f"{base} --out train/weights/student \\\n        --epochs {tc['epochs']} --lr {tc['lr']}"
+    return (f"{base} --out runs/student\n{base} --init runs/student \\\n"
+            f"        --epochs {tc['epochs']} --lr {tc['lr']} --warmup-steps {tc['warmup_steps']} --out train/weights/student")
 
 
 def model_card(r: dict) -> str:
@@ -190,20 +211,18 @@ EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49). Weights 
 
 ## Training
 Initialised from the teacher's fusion weights (image position table resized to the smaller grid), then
-{tc['epochs']} epochs on the catalog's train split, batch {tc['batch_size']}, AdamW lr {tc['lr']}: per view
-(photo+title, photo+description, photo, title) {tc['distill_cosine']} x (1 - cosine to the teacher's vector)
+{'a first run with the defaults (6 epochs, lr 0.0005, without the description-only view) and ' if r.get('continued_from') else ''}{tc['epochs']} epochs on the catalog's train split, batch {tc['batch_size']}, AdamW lr {tc['lr']}: per view
+(photo+title, photo+description, photo, title, description) {tc['distill_cosine']} x (1 - cosine to the teacher's vector)
 + {tc['distill_relational']} x relational KL (in-batch similarity distributions, temperature
-{tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's InfoNCE terms. {r['seconds'] / 60:.0f} min on 2 CPU cores.
+{tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's InfoNCE terms. {r['seconds'] / 60:.0f} min on 2 CPU cores{' (this run; the first took 21 min)' if r.get('continued_from') else ''}.
 
 Reproduce:
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features_s{st['image_size']}_l{st['text_layers']} \\
         --image-size {st['image_size']} --text-layers {st['text_layers']}
-    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\
-        --features .cache/features_s{st['image_size']}_l{st['text_layers']} --out train/weights/student \\
-        --epochs {tc['epochs']}
-{r.get('reproduce_extra', '')}    moon3 build --weights train/weights/student --out student.engine
+{_distill_commands(r)}
+    moon3 build --weights train/weights/student --out student.engine
 
 ## Validation ({r['val_items']} held-out products; relevant = same product or same title)
 
@@ -222,7 +241,7 @@ Cosine of the student's vectors to the teacher's (same product, same view):
 
 The student lives in its own space: search a catalog embedded with the same engine, never mix its
 vectors with the teacher's. Latency and fidelity of its compiled engine: see the README ("Distilled
-student").
+students").
 """
 
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="0,3", help="teacher decoder layers the student keeps (comma-separated)")
     ap.add_argument("--traces", type=Path, default=None, help="teacher traces (sdk.train.traces) for sequence-level KD")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--tasks-per-item", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--kd", type=float, default=0.5, help="weight of the token-level KL")

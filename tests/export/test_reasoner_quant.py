@@ -190,6 +190,12 @@ def test_gate_names_each_failed_metric():
     assert "attribute F1 drop 0.0200 > 0.01" in v["failed"][0] and "category accuracy drop 0.0500" in v["failed"][1]
     assert v["drop"]["attribute_f1_photo"] == 0.0
     assert gate(ref, ref, {"generations": 10, "exact": 1.0, "tokens": 1.0}, ReasonerGates())["passed"]
+    # one product of twenty (5 points) is the measurement's step: it passes; two do not
+    ok = {"generations": 20, "exact": 1.0, "tokens": 1.0}
+    assert gate(ref, {**ref, "category_acc_title": 0.22}, ok, ReasonerGates(), n_items=20)["passed"]
+    v = gate(ref, {**ref, "category_acc_title": 0.17}, ok, ReasonerGates(), n_items=20)
+    assert not v["passed"] and "category accuracy drop 0.1000 > 0.05" in v["failed"][0]
+    assert not gate(ref, {**ref, "category_acc_title": 0.24}, ok, ReasonerGates(), n_items=150)["passed"]
 
 
 def test_agreement_counts_tokens_before_the_first_difference():
