@@ -155,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     (a.out / "distill_report.json").write_text(json.dumps(report, indent=2))
     card = a.out / "MODEL_CARD.md"
-    card.write_text(card.read_text() + model_card_section(report))
+    text = card.read_text().replace("# moon3 reasoner: model card", "# moon3 reasoner student: model card", 1)
+    if "Reproduce:" in text and "## Validation" in text:  # the student's own commands, not plain SFT
+        cmd = (f"    python -m sdk.train.traces --catalog {a.catalog} --features {a.features} --reasoner {a.teacher} "
+               f"--out .cache/traces\n" if traces is not None else "")
+        cmd += (f"    python -m sdk.export.distill_reasoner --catalog {a.catalog} --features {a.features} \\\n"
+                f"        --teacher {a.teacher} --layers {a.layers}{' --traces .cache/traces' if traces is not None else ''} "
+                f"--epochs {a.epochs} --kd {a.kd} --out {a.out}")
+        text = text[:text.index("Reproduce:")] + f"Reproduce:\n\n{cmd}\n\n" + text[text.index("## Validation"):]
+    card.write_text(text + model_card_section(report))
     print(json.dumps({k: report[k] for k in ("teacher", "student", "speed")}, indent=2))
     return 0
 

@@ -268,14 +268,14 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
             losses.append(loss.item())
             step += 1
             if step % 10 == 0:
-                gates = [round(float(torch.tanh(layer.gate)), 3) for layer in model.layers]
+                gates = [round(float(torch.tanh(layer.gate.detach())), 3) for layer in model.layers]
                 log(f"epoch {epoch + 1} step {step}/{total} loss {np.mean(losses[-10:]):.3f} "
                     f"tanh(g) {gates} {time.time() - t0:.0f}s")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None})
     train_s = time.time() - t0
     metrics = evaluate(model, tok, va, deep_rows, features, cfg.eval_items, cfg.max_new_tokens, log)
     metrics.update(train_seconds=round(train_s, 1), history=history, params=n_params(model),
-                   train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate)) for layer in model.layers])
+                   train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate.detach())) for layer in model.layers])
     if init is not None:  # read before writing: `out` may be the `init` folder
         prev = json.loads((Path(init) / "reasoner_report.json").read_text()) if (Path(init) / "reasoner_report.json").is_file() else {}
         metrics["continued_from"] = {"train_config": prev.get("train_config"), "train_seconds": prev.get("train_seconds"),
