@@ -48,15 +48,22 @@ DEFAULT_IMAGE_SIZE = 160
 DEFAULT_TEXT_LAYERS = 3
 
 
-def student_config(teacher: EmbedderConfig, image_size: int, text_layers: int) -> EmbedderConfig:
-    """The teacher's fusion architecture over cheaper towers."""
+def student_config(teacher: EmbedderConfig, image_size: int, text_layers: int,
+                   fusion_layers: int | None = None) -> EmbedderConfig:
+    """The teacher's fusion architecture over cheaper towers; `fusion_layers` (default: the
+    teacher's) keeps only the first fusion layers of the head."""
     grid = image_grid(image_size)
-    return dataclasses.replace(teacher, image_size=image_size, text_layers=text_layers, n_image_tokens=grid * grid)
+    fusion = teacher.n_fusion_layers if fusion_layers is None else fusion_layers
+    if isinstance(fusion, bool) or not isinstance(fusion, int) or not 1 <= fusion <= teacher.n_fusion_layers:
+        raise ValueError(f"fusion_layers must be an int in 1..{teacher.n_fusion_layers} (the teacher's), got {fusion!r}")
+    return dataclasses.replace(teacher, image_size=image_size, text_layers=text_layers, n_image_tokens=grid * grid,
+                               n_fusion_layers=fusion)
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
-    """Copy the teacher's weights into the student where shapes allow; the image position table
-    is resized (bilinear over the token grid). Returns {parameter: how it was initialised}."""
+    """Copy the teacher's weights into the student where names and shapes allow (a student with
+    fewer fusion layers gets the teacher's first ones); the image position table is resized
+    (bilinear over the token grid). Returns {parameter: how it was initialised}."""
     src = teacher.state_dict()
     out, how = {}, {}
     for name, p in student.state_dict().items():
@@ -117,11 +124,13 @@ def compare(student_metrics: dict, teacher_metrics: dict) -> dict[str, dict[str,
 
 
 def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
-            log=print, init: Path | None = None) -> dict:
+            log=print, init: Path | None = None, fusion_layers: int | None = None) -> dict:
     """Train a student on `features` (a cache made with the student's towers) against the teacher;
     write it to `out` (fp16) with its report and model card. Returns the report.
 
-    `init`: continue from an earlier student (same towers) instead of the teacher's weights.
+    `init`: start from an earlier student instead of the teacher's weights (its towers may differ:
+    the position table is resized as from the teacher). `fusion_layers`: keep only the first
+    fusion layers (default: as many as `init`, or the teacher).
     """
     f_t, f_s = Features(teacher_features), Features(features)
     if not np.array_equal(f_t.ids, f_s.ids):
@@ -129,23 +138,22 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
     image_size = int(f_s.meta.get("image_size", 224))
     text_layers = int(f_s.meta.get("text_layers", 6))
     teacher = load_embedder(teacher_dir)
-    s_cfg = student_config(teacher.cfg, image_size, text_layers)
+    s_cfg = student_config(teacher.cfg, image_size, text_layers, fusion_layers)
     if f_s.deep.shape[1] != s_cfg.n_image_tokens:
         raise SystemExit(f"{features} holds {f_s.deep.shape[1]} image tokens per photo, {image_size} px gives "
                          f"{s_cfg.n_image_tokens}")
+    source = teacher
     if init is not None:
-        student = load_embedder(init)
-        if (student.cfg.image_size, student.cfg.text_layers) != (image_size, text_layers):
-            raise SystemExit(f"{init} reads {student.cfg.image_size} px photos and {student.cfg.text_layers} text layers, "
-                             f"{features} holds {image_size} px and {text_layers}")
-        s_cfg = student.cfg
-        log(f"student: continuing from {init}")
-    else:
-        student = build_embedder(s_cfg)
-        how = init_from_teacher(student, teacher)
-        resized = [k for k, v in how.items() if v.startswith("resized")]
-        log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens), {text_layers} text layers; "
-            f"{sum(v == 'copied' for v in how.values())} tensors copied from the teacher, resized: {resized}")
+        source = load_embedder(init)
+        if fusion_layers is None:
+            s_cfg = dataclasses.replace(s_cfg, n_fusion_layers=source.cfg.n_fusion_layers)
+    student = build_embedder(s_cfg)
+    how = init_from_teacher(student, source)
+    resized = [k for k, v in how.items() if v.startswith("resized")]
+    fresh = [k for k, v in how.items() if v == "fresh"]
+    log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens), {text_layers} text layers, "
+        f"{s_cfg.n_fusion_layers} fusion layers, from {'the teacher' if init is None else init}: "
+        f"{sum(v == 'copied' for v in how.values())} tensors copied, resized: {resized}, fresh: {len(fresh)}")
     catalog = catalog or f_s.meta.get("catalog")
     keys = title_keys(f_s, catalog)
     val_rows = np.flatnonzero([is_validation(i) for i in f_s.ids])
@@ -161,13 +169,14 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
     final = evaluate(student, f_s, val_rows, keys, dims=s_cfg.matryoshka_dims)
     report = {
         "student": {"image_size": image_size, "text_layers": text_layers, "n_image_tokens": s_cfg.n_image_tokens,
-                    "params": res["params"]},
+                    "fusion_layers": s_cfg.n_fusion_layers, "params": res["params"]},
         "teacher": {"weights": _shown(teacher_dir), "image_size": teacher.cfg.image_size,
-                    "text_layers": teacher.cfg.text_layers},
+                    "text_layers": teacher.cfg.text_layers, "fusion_layers": teacher.cfg.n_fusion_layers},
         "train_config": dataclasses.asdict(cfg),
         "seconds": round(time.time() - t0, 1),
         "history": res["history"],
-        "continued_from": str(init) if init else None,
+        "continued_from": _shown(init) if init else None,
+        "init_report": _init_report(init),
         "recall": compare(final, teacher_eval),
         "before_training": {k: before[k] for k in ("text->image R@10", "image->text R@10", "mm->mm R@10",
                                                     "description->mm R@10")},
@@ -184,16 +193,64 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
     return report
 
 
+def _init_report(init: Path | None) -> dict | None:
+    """What the model card needs of the student this one started from: its own distill report
+    (recursively), so the card can list every command of the chain."""
+    if init is None or not (Path(init) / "distill_report.json").is_file():
+        return None
+    r = json.loads((Path(init) / "distill_report.json").read_text())
+    return {k: r.get(k) for k in ("student", "train_config", "continued_from", "init_report", "seconds")}
+
+
+def _chain(r: dict) -> list[dict]:
+    """The distillation runs that made a student, first to last."""
+    runs = [r]
+    while runs[0].get("init_report"):
+        runs.insert(0, runs[0]["init_report"])
+    if runs[0].get("continued_from"):  # an earlier report without its start: that start used the defaults
+        first = runs[0]["student"]
+        runs.insert(0, {"student": first, "train_config": {"epochs": 6, "lr": 5e-4, "warmup_steps": None}})
+    return runs
+
+
+def _features_tag(st: dict) -> str:
+    return f"features_s{st['image_size']}_l{st['text_layers']}"
+
+
 def _distill_commands(r: dict) -> str:
-    """The distill command(s) that made this student (two when it continued an earlier one,
-    which was made with the defaults)."""
-    st, tc = r["student"], r["train_config"]
-    base = ("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
-            f"        --features .cache/features_s{st['image_size']}_l{st['text_layers']}")
-    if not r.get("continued_from"):
-        return f"{base} --out train/weights/student \\\n        --epochs {tc['epochs']} --lr {tc['lr']}"
-    return (f"{base} --out runs/student\n{base} --init runs/student \\\n"
-            f"        --epochs {tc['epochs']} --lr {tc['lr']} --warmup-steps {tc['warmup_steps']} --out train/weights/student")
+    """The feature-cache and distill commands that made this student, every run of its chain."""
+    runs = _chain(r)
+    lines, seen = [], set()
+    for run in runs:
+        st = run["student"]
+        if _features_tag(st) not in seen:
+            seen.add(_features_tag(st))
+            lines.append(f"    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/{_features_tag(st)} \\\n"
+                         f"        --image-size {st['image_size']} --text-layers {st['text_layers']}")
+    for k, run in enumerate(runs):
+        st, tc = run["student"], run["train_config"]
+        out = "train/weights/student" if k == len(runs) - 1 else f"runs/student{k + 1}"
+        opts = f"--epochs {tc['epochs']} --lr {tc['lr']}"
+        if tc.get("warmup_steps") is not None and k:
+            opts += f" --warmup-steps {tc['warmup_steps']}"
+        if k:
+            opts += f" --init runs/student{k}"
+        before = runs[k - 1]["student"].get("fusion_layers") if k else r.get("teacher", {}).get("fusion_layers", 2)
+        if st.get("fusion_layers") and st["fusion_layers"] != before:
+            opts += f" --fusion-layers {st['fusion_layers']}"
+        lines.append("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
+                     f"        --features .cache/{_features_tag(st)} --out {out} \\\n        {opts}")
+    return "\n".join(lines)
+
+
+def _runs_table(r: dict) -> str:
+    rows = []
+    for k, run in enumerate(_chain(r), 1):
+        st, tc = run["student"], run["train_config"]
+        mins = f"{run['seconds'] / 60:.0f}" if run.get("seconds") else "21"  # the first run's report was not kept
+        rows.append(f"| {k} | {st['image_size']} | {st['text_layers']} | {st.get('fusion_layers') or r['teacher'].get('fusion_layers', 2)} "
+                    f"| {tc['epochs']} | {tc['lr']} | {mins} |")
+    return "\n".join(rows)
 
 
 def model_card(r: dict) -> str:
@@ -207,20 +264,24 @@ def model_card(r: dict) -> str:
 A distilled student of the reference embedder (`{r['teacher']['weights']}`): the same fusion architecture
 ({st['params'] / 1e6:.2f}M trained parameters) over cheaper frozen towers — the first {st['text_layers']} of
 all-MiniLM-L6-v2's {r['teacher']['text_layers']} layers (layer-drop) and {st['image_size']} px photos into
-EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49). Weights stored fp16.
+EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49), {st.get('fusion_layers') or r['teacher'].get('fusion_layers', 2)} of the teacher's
+{r['teacher'].get('fusion_layers', 2)} fusion layers. Weights stored fp16.
 
 ## Training
-Initialised from the teacher's fusion weights (image position table resized to the smaller grid), then
-{'a first run with the defaults (6 epochs, lr 0.0005, without the description-only view) and ' if r.get('continued_from') else ''}{tc['epochs']} epochs on the catalog's train split, batch {tc['batch_size']}, AdamW lr {tc['lr']}: per view
-(photo+title, photo+description, photo, title, description) {tc['distill_cosine']} x (1 - cosine to the teacher's vector)
-+ {tc['distill_relational']} x relational KL (in-batch similarity distributions, temperature
-{tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's InfoNCE terms. {r['seconds'] / 60:.0f} min on 2 CPU cores{' (this run; the first took 21 min)' if r.get('continued_from') else ''}.
+The first run starts from the teacher's fusion weights (image position table resized to the smaller
+grid{', the first fusion layers kept' if st.get('fusion_layers', r['teacher'].get('fusion_layers')) != r['teacher'].get('fusion_layers') else ''}); each later run starts from the run before it. Every run trains on the
+catalog's train split, batch {tc['batch_size']}, AdamW: per view (photo+title, photo+description, photo, title,
+description) {tc['distill_cosine']} x (1 - cosine to the teacher's vector) + {tc['distill_relational']} x relational KL
+(in-batch similarity distributions, temperature {tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's
+InfoNCE terms (the first 160 px run did not yet have the description-only view). On 2 CPU cores:
+
+| run | photo px | text layers | fusion layers | epochs | lr | minutes |
+|---|---|---|---|---|---|---|
+{_runs_table(r)}
 
 Reproduce:
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
-    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features_s{st['image_size']}_l{st['text_layers']} \\
-        --image-size {st['image_size']} --text-layers {st['text_layers']}
 {_distill_commands(r)}
     moon3 build --weights train/weights/student --out student.engine
 
@@ -230,7 +291,7 @@ Reproduce:
 |---|---|---|---|
 {rows}
 
-Before {'this run (the earlier student)' if r.get('continued_from') else "training (the teacher's weights on the cheaper towers)"}:
+Before {'the last run (the student it started from)' if r.get('continued_from') else "training (the teacher's weights on the cheaper towers)"}:
 text->image R@10 {r['before_training']['text->image R@10']}, description->mm R@10 {r['before_training'].get('description->mm R@10')}.
 
 Cosine of the student's vectors to the teacher's (same product, same view):
@@ -259,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cosine", type=float, default=1.0, help="weight of 1 - cosine to the teacher")
     ap.add_argument("--relational", type=float, default=1.0, help="weight of the relational KL")
     ap.add_argument("--contrastive", type=float, default=0.5, help="weight of the InfoNCE terms")
-    ap.add_argument("--init", default=None, help="continue from this student folder (same towers)")
+    ap.add_argument("--init", default=None, help="start from this student folder instead of the teacher (its photo "
+                                                  "size may differ: the position table is resized)")
+    ap.add_argument("--fusion-layers", type=int, default=None,
+                    help="keep only the first N fusion layers (default: as many as --init, or the teacher)")
     ap.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -268,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, contrastive_weight=args.contrastive,
                       distill_cosine=args.cosine, distill_relational=args.relational, warmup_steps=args.warmup_steps)
     report = distill(Path(args.teacher or WEIGHTS_DIR), Path(args.teacher_features), Path(args.features),
-                     args.catalog, Path(args.out), cfg, init=Path(args.init) if args.init else None)
+                     args.catalog, Path(args.out), cfg, init=Path(args.init) if args.init else None,
+                     fusion_layers=args.fusion_layers)
     print(json.dumps({k: report[k] for k in ("recall", "cosine_to_teacher")}, indent=2))
 
 

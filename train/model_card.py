@@ -96,8 +96,8 @@ def _traces(reports: dict) -> list[str]:
         "of a search shows it: photo+title (catalog side), title alone (a text query), photo alone (a",
         "photo query). Traces are greedy, batched (`sdk.train.traces`), cached with the MiniLM token",
         "states the trace modality reads (at most 128 tokens, the engine's trace budget).",
-        "The trace-trained embedder (`train/weights/trace`, fp16, not the default: build it with",
-        "`moon3 build --weights train/weights/trace`) continues from the default model for "
+        "The first trace-trained embedder (on the earlier reasoner's traces; `train/weights/trace` now",
+        "holds its retrained successor, next subsection) continued from the default model for "
         f"{tc['epochs']} epochs (lr {tc['lr']},",
         "image encoder frozen) with the trace views added to the loss (text+trace -> mm+trace, image+trace -> mm+trace, mm+trace <->",
         f"mm, text+trace -> mm, image+trace <-> text+trace; {tc['trace_drop']:.0%} of traced rows drop the trace).",
@@ -121,8 +121,7 @@ def _traces(reports: dict) -> list[str]:
     lines += [
         "",
         "(description->mm with traces: the description query has no trace; the catalog side has one.)",
-        "The fp16 copy in `train/weights/trace` measures within 0.003 of these numbers (`--eval-only --init",
-        "train/weights/trace`).",
+        "Its fp16 copy measured within 0.003 of these numbers.",
         "",
     ]
     if "trace_score" in reports:
@@ -192,18 +191,23 @@ def _traces(reports: dict) -> list[str]:
             "",
         ]
     if "trace3_eval" in reports:
-        lines += _stage3_traces(reports["trace3_eval"]["final"], reports.get("trace3_score", {}), f)
+        lines += _stage3_traces(reports["trace3_eval"]["final"], reports.get("trace3_score", {}), f,
+                                reports.get("trace3_train"), reports.get("trace3_fp16_eval"), b["text->image R@10"])
     lines += ["Reproduce (after the commands below):", "```bash",
               *[c.format(epochs=tc["epochs"], lr=tc["lr"], warmup=tc["warmup_steps"]) for c in TRACE_CMDS],
-              ".venv/bin/python -m sdk.train.embedder runs/full_trace train/weights/trace   # fp16 copy", "```", ""]
+              ".venv/bin/python -m sdk.train.embedder runs/full_trace runs/full_trace_fp16   # fp16 copy", "```", ""]
     return lines
 
 
-def _stage3_traces(e: dict, score: dict, before: dict) -> list[str]:
-    """The same trace-trained embedder, measured with traces of the stage-3 reasoner."""
+def _stage3_traces(e: dict, score: dict, before: dict, retrained: dict | None = None,
+                   shipped: dict | None = None, default_r10: float = float("nan")) -> list[str]:
+    """The trace-trained embedder measured with traces of the stage-3 reasoner, and (when its
+    reports exist) the trace modality retrained on those traces, which `train/weights/trace` holds."""
     val = {v: score.get(f"{v} validation", {}) for v in ("title", "photo", "photo+title")}
     rows = [("no traces", "", "text->image"), ("traces on both sides", "trace ", "text->image"),
-            ("traces on the catalog side only", "catalog-", "trace text->image")]
+            ("traces on the catalog side only", "catalog-trace ", "text->image"),
+            ("oracle traces (the catalog fields' own, both sides)", "oracle-trace ", "text->image")]
+    new = (shipped or {}).get("final") or (retrained or {}).get("final")
     lines = [
         "### With the stage-3 reasoner's traces",
         "The reasoner's third training stage (its model card) more than doubled its category accuracy. Its",
@@ -214,24 +218,53 @@ def _stage3_traces(e: dict, score: dict, before: dict) -> list[str]:
         *[f"| {v} | {a.get('article type', float('nan')):.3f} | {a.get('colour', float('nan')):.3f} | "
           f"{a.get('gender', float('nan')):.3f} |" for v, a in val.items()],
         "",
-        "The trace-trained embedder above, unchanged (trained on the earlier traces), reading these traces",
-        "(validation text->image R@1 / R@10):",
-        "",
-        "| traces | earlier reasoner | stage-3 reasoner |",
-        "|---|---|---|",
+        "Validation text->image R@1 / R@10 of the first trace-trained embedder with the earlier and with the",
+        "stage-3 reasoner's traces" + (", and of the trace modality retrained on the stage-3 traces (what"
+                                       if new else ":"),
     ]
+    if new:
+        lines.append("`train/weights/trace` holds):")
+    lines += ["", "| traces | first model, earlier traces | first model, stage-3 traces |"
+              + (" retrained on stage-3 traces |" if new else ""),
+              "|---|---|---|" + ("---|" if new else "")]
+
+    def cell(d: dict, k: str) -> str:
+        return f"{d[k + ' R@1']:.3f} / {d[k + ' R@10']:.3f}" if k + " R@10" in d else "-"
+
     for label, pre, task in rows:
         k = f"{pre}{task}"
-        lines.append(f"| {label} | {before[k + ' R@1']:.3f} / {before[k + ' R@10']:.3f} | "
-                     f"{e[k + ' R@1']:.3f} / {e[k + ' R@10']:.3f} |")
+        lines.append(f"| {label} | {cell(before, k)} | {cell(e, k)} |" + (f" {cell(new, k)} |" if new else ""))
     lines += [
         "",
         "(`python -m sdk.train.train_embedder --features .cache/features --traces .cache/traces3 --trace-views",
-        "photo+title title photo oracle --init train/weights/trace --eval-only`, traces written with",
-        "`python -m sdk.train.traces ... --reasoner train/weights/reasoner --out .cache/traces3`.) Training the",
-        "trace modality on these traces is the next step.",
-        "",
+        "photo+title title photo oracle --init runs/full_trace --eval-only`, traces written with",
+        "`python -m sdk.train.traces ... --reasoner train/weights/reasoner --out .cache/traces3`.)",
     ]
+    if new and retrained:
+        tc = retrained["train_config"]
+        lines += [
+            "",
+            f"Training the trace modality on these traces ({tc['epochs']} epochs from the default weights, as the first",
+            f"model was trained, lr {tc['lr']}, image encoder frozen, {retrained['seconds'] / 60:.1f} min): traces on the",
+            "catalog side no longer cost recall "
+            f"({new['catalog-trace text->image R@10'] - new['text->image R@10']:+.3f} text->image R@10 over no traces,",
+            f"within noise; the first model: {before['catalog-trace text->image R@10'] - before['text->image R@10']:+.3f}) "
+            "and traces on both sides cost less",
+            f"({new['trace text->image R@10'] - new['text->image R@10']:+.3f}; the first model: "
+            f"{before['trace text->image R@10'] - before['text->image R@10']:+.3f}). The trace-free default weights",
+            f"still lead on text->image R@10 ({default_r10:.3f}). Reproduce:",
+            "```bash",
+            ".venv/bin/python -m sdk.train.traces --catalog ../shared/data/catalog --features .cache/features "
+            "--reasoner train/weights/reasoner --out .cache/traces3",
+            ".venv/bin/python -m sdk.train.traces --catalog ../shared/data/catalog --features .cache/features "
+            "--reasoner train/weights/reasoner --out .cache/traces3 --views oracle",
+            ".venv/bin/python -m sdk.train.train_embedder --features .cache/features --traces .cache/traces3 "
+            f"--init train/weights --epochs {tc['epochs']} --lr {tc['lr']} --warmup-steps {tc['warmup_steps']} "
+            "--freeze-image --out runs/full_trace3",
+            ".venv/bin/python -m sdk.train.embedder runs/full_trace3 train/weights/trace   # fp16 copy",
+            "```",
+        ]
+    lines.append("")
     return lines
 
 
@@ -344,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("train/weights/MODEL_CARD.md"))
     args = ap.parse_args(argv)
     names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "full_trace", "full_trace_eval", "tte", "grpo",
-                                        "trace_score", "trace3_eval", "trace3_score"]
+                                        "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval"]
     reports = {v: json.loads((args.reports / f"{v}.json").read_text()) for v in names if (args.reports / f"{v}.json").is_file()}
     if "full_trace" in reports and "full_trace_eval" in reports:  # adds the oracle-trace measurement
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}

@@ -44,6 +44,10 @@ def test_student_config_and_position_table_from_the_teacher():
         student_config(teacher_cfg, 150, 3)
     with pytest.raises(ValueError, match="text_layers"):
         student_config(teacher_cfg, 160, 0)
+    two = EmbedderConfig(**{**TINY, "n_image_tokens": 49, "n_fusion_layers": 2})
+    with pytest.raises(ValueError, match="fusion_layers must be an int in 1..2"):
+        student_config(two, 160, 3, 3)
+    assert student_config(two, 160, 3, 1).n_fusion_layers == 1 and student_config(two, 160, 3).n_fusion_layers == 2
     torch.manual_seed(0)
     teacher, student = FusionEmbedder(teacher_cfg), FusionEmbedder(cfg)
     how = init_from_teacher(student, teacher)
@@ -54,6 +58,41 @@ def test_student_config_and_position_table_from_the_teacher():
         s = student.state_dict()[k][0].reshape(5, 5, -1)
         for (a, b), (c, d) in (((0, 0), (0, 0)), ((0, 6), (0, 4)), ((6, 0), (4, 0)), ((6, 6), (4, 4))):
             assert torch.allclose(t[a, b], s[c, d], atol=1e-6)
+
+
+def test_a_student_with_fewer_fusion_layers_gets_the_teachers_first_ones():
+    teacher_cfg = EmbedderConfig(**{**TINY, "n_image_tokens": 49, "n_fusion_layers": 2})
+    torch.manual_seed(0)
+    teacher = FusionEmbedder(teacher_cfg)
+    student = FusionEmbedder(student_config(teacher_cfg, 160, 3, 1))
+    how = init_from_teacher(student, teacher)
+    assert not [k for k, v in how.items() if v == "fresh"], how
+    assert any(k.startswith("fusion.0.") for k in how) and not any(k.startswith("fusion.1.") for k in how)
+    t, s = teacher.state_dict(), student.state_dict()
+    assert all(torch.equal(t[k], s[k]) for k in s if k.startswith("fusion.0."))
+
+
+def test_the_model_card_lists_every_run_of_a_chained_student():
+    from sdk.export.distill import _distill_commands, model_card
+
+    def run(size, fusion, epochs, init=None):
+        return {"student": {"image_size": size, "text_layers": 3, "n_image_tokens": 25, "fusion_layers": fusion,
+                            "params": 1e6},
+                "train_config": {**TrainConfig(epochs=epochs).__dict__}, "seconds": 600.0,
+                "continued_from": "runs/x" if init else None, "init_report": init}
+
+    first = run(160, 2, 6)
+    last = {**run(128, 1, 4, init=first), "teacher": {"weights": "train/weights", "image_size": 224, "text_layers": 6,
+                                                      "fusion_layers": 2},
+            "recall": {"text->image R@10": {"teacher": 0.85, "student": 0.83, "ratio": 0.976}},
+            "before_training": {"text->image R@10": 0.8}, "cosine_to_teacher": {"mm": {"mean": 0.95, "min": 0.8}},
+            "val_items": 816}
+    cmds = _distill_commands(last)
+    assert cmds.index("features_s160_l3 --out runs/student1") < cmds.index("--init runs/student1")
+    assert "--image-size 128 --text-layers 3" in cmds and "--fusion-layers 1" in cmds
+    assert cmds.count("--fusion-layers") == 1  # the first run kept the teacher's two
+    card = model_card(last)
+    assert "| 2 | 128 | 3 | 1 | 4 |" in card and "1 of the teacher's\n2 fusion layers" in card
 
 
 def test_towers_must_match_the_fusion_models_image_tokens():

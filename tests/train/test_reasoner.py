@@ -243,3 +243,19 @@ def test_sequence_distillation_trains_on_the_teachers_traces():
         assert a == f"<think> {trace_view(u, ph)} {r['id']} </think> teacher"
     plain = epoch_examples(recs, random.Random(0), cfg, {i: i for i in range(40)})
     assert all(a == trace_target(r) for r, task, _, a, *_ in plain if task == "trace")
+
+
+def test_teacher_traces_are_read_per_view_and_a_missing_view_is_named(tmp_path):
+    import json
+
+    from sdk.export.distill_reasoner import read_traces
+
+    for view in ("photo+title", "title"):
+        (tmp_path / f"{view}.jsonl").write_text(
+            "\n".join(json.dumps({"id": i, "trace": f"{view} {i}"}) for i in (3, 7)) + "\n\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"photo\.jsonl: no traces for the photo view; run python -m sdk.train.traces"):
+        read_traces(tmp_path)
+    (tmp_path / "photo.jsonl").write_text(json.dumps({"id": "5", "trace": "p"}) + "\n", encoding="utf-8")
+    got = read_traces(tmp_path)
+    assert got == {"photo+title": {3: "photo+title 3", 7: "photo+title 7"}, "title": {3: "title 3", 7: "title 7"},
+                   "photo": {5: "p"}}
