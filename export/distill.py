@@ -175,6 +175,7 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
         "train_config": dataclasses.asdict(cfg),
         "seconds": round(time.time() - t0, 1),
         "history": res["history"],
+        "out": _shown(out),
         "continued_from": _shown(init) if init else None,
         "init_report": _init_report(init),
         "recall": compare(final, teacher_eval),
@@ -229,13 +230,14 @@ def _distill_commands(r: dict) -> str:
                          f"        --image-size {st['image_size']} --text-layers {st['text_layers']}")
     for k, run in enumerate(runs):
         st, tc = run["student"], run["train_config"]
-        out = "train/weights/student" if k == len(runs) - 1 else f"runs/student{k + 1}"
+        out = r.get("out", "train/weights/student") if k == len(runs) - 1 else f"runs/student{k + 1}"
         opts = f"--epochs {tc['epochs']} --lr {tc['lr']}"
         if tc.get("warmup_steps") is not None and k:
             opts += f" --warmup-steps {tc['warmup_steps']}"
         if k:
             opts += f" --init runs/student{k}"
-        before = runs[k - 1]["student"].get("fusion_layers") if k else r.get("teacher", {}).get("fusion_layers", 2)
+        teacher_fusion = r.get("teacher", {}).get("fusion_layers", 2)
+        before = runs[k - 1]["student"].get("fusion_layers", teacher_fusion) if k else teacher_fusion
         if st.get("fusion_layers") and st["fusion_layers"] != before:
             opts += f" --fusion-layers {st['fusion_layers']}"
         lines.append("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
@@ -283,7 +285,7 @@ Reproduce:
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
 {_distill_commands(r)}
-    moon3 build --weights train/weights/student --out student.engine
+    moon3 build --weights {r.get('out', 'train/weights/student')} --out student.engine
 
 ## Validation ({r['val_items']} held-out products; relevant = same product or same title)
 

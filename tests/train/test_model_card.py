@@ -1,0 +1,31 @@
+"""The reference embedder's model card: the stage-3 traces subsection renders what the reports hold."""
+
+from sdk.train.model_card import _stage3_traces
+
+
+def _recalls(no, both, catalog, oracle=None):
+    out = {}
+    for pre, r10 in (("", no), ("trace ", both), ("catalog-trace ", catalog), ("oracle-trace ", oracle)):
+        if r10 is not None:
+            out[f"{pre}text->image R@10"] = r10
+            out[f"{pre}text->image R@1"] = r10 / 2
+    return out
+
+
+def test_stage3_subsection_adds_the_retrained_column_only_when_its_report_exists():
+    first = _recalls(0.832, 0.806, 0.820, 0.871)
+    with_new_traces = _recalls(0.832, 0.803, 0.817, 0.871)
+    score = {"title validation": {"article type": 0.43, "colour": 0.2, "gender": 0.9}}
+    plain = "\n".join(_stage3_traces(with_new_traces, score, first))
+    assert "retrained" not in plain and "| traces on both sides | 0.403 / 0.806 | 0.402 / 0.803 |" in plain
+    assert "| title | 0.430 | 0.200 | 0.900 |" in plain
+    retrained = {"final": _recalls(0.834, 0.820, 0.837, 0.868), "seconds": 870.0,
+                 "train_config": {"epochs": 3, "lr": 5e-4, "warmup_steps": 10}}
+    card = "\n".join(_stage3_traces(with_new_traces, score, first, retrained, None, 0.849))
+    assert "| traces on the catalog side only | 0.410 / 0.820 | 0.408 / 0.817 | 0.418 / 0.837 |" in card
+    assert "(+0.003 text->image R@10 over no traces" in card and "the first model: -0.012" in card
+    assert "still lead on text->image R@10 (0.849)" in card
+    assert "--init train/weights --epochs 3 --lr 0.0005 --warmup-steps 10 --freeze-image --out runs/full_trace3" in card
+    # the shipped (fp16) copy's own measurement wins over the training run's
+    shipped = {"final": _recalls(0.834, 0.821, 0.838, 0.868)}
+    assert "| 0.419 / 0.838 |" in "\n".join(_stage3_traces(with_new_traces, score, first, retrained, shipped, 0.849))
