@@ -193,6 +193,8 @@ def _traces(reports: dict) -> list[str]:
     if "trace3_eval" in reports:
         lines += _stage3_traces(reports["trace3_eval"]["final"], reports.get("trace3_score", {}), f,
                                 reports.get("trace3_train"), reports.get("trace3_fp16_eval"), b["text->image R@10"])
+        if "tte" in reports and "tte3" in reports:
+            lines += _stage3_tte(reports["tte"], reports["tte3"])
     lines += ["Reproduce (after the commands below):", "```bash",
               *[c.format(epochs=tc["epochs"], lr=tc["lr"], warmup=tc["warmup_steps"]) for c in TRACE_CMDS],
               ".venv/bin/python -m sdk.train.embedder runs/full_trace runs/full_trace_fp16   # fp16 copy", "```", ""]
@@ -266,6 +268,31 @@ def _stage3_traces(e: dict, score: dict, before: dict, retrained: dict | None = 
         ]
     lines.append("")
     return lines
+
+
+TTE_ROWS = ("text->image R@10 (TTE_u query, embedder gallery)", "text->image R@10 (TTE_u both sides)",
+            "image->text R@10 (TTE_u both sides)", "mm->mm R@10 (TTE_u query, embedder gallery)",
+            "text->image R@10 (two models, trace on)")
+
+
+def _stage3_tte(before: dict, after: dict) -> list[str]:
+    """TTE_u on the earlier reasoner's hidden states against the stage-3 reasoner's."""
+    v0, v1 = before["validation"], after["validation"]
+    return [
+        "TTE_u (one model for trace and vector) on the stage-3 reasoner's hidden states, trained against",
+        "the retrained trace embedder (`python -m sdk.train.tte --features .cache/features --traces",
+        f".cache/traces3 --catalog ../shared/data/catalog --embedder train/weights/trace`, layer {after['layer']} chosen on",
+        f"held-out training products, {after.get('seconds', 0) / 60:.0f} min), validation R@10:",
+        "",
+        "| | earlier reasoner | stage-3 reasoner |",
+        "|---|---|---|",
+        *[f"| {k} | {v0[k]:.3f} | {v1[k]:.3f} |" for k in TTE_ROWS if k in v0 and k in v1],
+        "",
+        "The better reasoner's hidden states carry more of the product (TTE_u both sides "
+        f"{v0[TTE_ROWS[1]]:.3f} -> {v1[TTE_ROWS[1]]:.3f}),",
+        "but a head on a 5M-parameter decoder stays far from the two-model path; the SDK keeps the two models.",
+        "",
+    ]
 
 
 def render(reports: dict, features_meta: dict, model_config: dict) -> str:
@@ -377,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("train/weights/MODEL_CARD.md"))
     args = ap.parse_args(argv)
     names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "full_trace", "full_trace_eval", "tte", "grpo",
-                                        "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval"]
+                                        "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval", "tte3"]
     reports = {v: json.loads((args.reports / f"{v}.json").read_text()) for v in names if (args.reports / f"{v}.json").is_file()}
     if "full_trace" in reports and "full_trace_eval" in reports:  # adds the oracle-trace measurement
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}

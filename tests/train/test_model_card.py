@@ -29,3 +29,13 @@ def test_stage3_subsection_adds_the_retrained_column_only_when_its_report_exists
     # the shipped (fp16) copy's own measurement wins over the training run's
     shipped = {"final": _recalls(0.834, 0.821, 0.838, 0.868)}
     assert "| 0.419 / 0.838 |" in "\n".join(_stage3_traces(with_new_traces, score, first, retrained, shipped, 0.849))
+
+
+def test_tte_u_rows_compare_the_two_reasoners():
+    from sdk.train.model_card import TTE_ROWS, _stage3_tte
+
+    before = {"layer": 4, "validation": {k: 0.1 for k in TTE_ROWS}}
+    after = {"layer": 3, "seconds": 420.0, "validation": {**{k: 0.2 for k in TTE_ROWS}, TTE_ROWS[1]: 0.152}}
+    text = "\n".join(_stage3_tte(before, after))
+    assert "| text->image R@10 (TTE_u both sides) | 0.100 | 0.152 |" in text
+    assert "layer 3 chosen" in text and "7 min" in text and "0.100 -> 0.152" in text
