@@ -39,3 +39,13 @@ def test_tte_u_rows_compare_the_two_reasoners():
     text = "\n".join(_stage3_tte(before, after))
     assert "| text->image R@10 (TTE_u both sides) | 0.100 | 0.152 |" in text
     assert "layer 3 chosen" in text and "7 min" in text and "0.100 -> 0.152" in text
+
+
+def test_grpo_rows_compare_the_two_reasoners():
+    from sdk.train.model_card import GRPO_ROWS, _stage3_grpo
+
+    before = {"validation": {k: 0.8 for _, k in GRPO_ROWS}}
+    after = {"seconds": 430.0, "config": {"steps": 60, "lr": 1e-5, "beta": 0.05},
+             "validation": {**{k: 0.82 for _, k in GRPO_ROWS}, GRPO_ROWS[2][1]: 0.831}}
+    text = "\n".join(_stage3_grpo(before, after))
+    assert "| title + GRPO trace | 0.800 | 0.831 |" in text and "60 steps, lr 1e-05" in text and "7.2 min" in text
