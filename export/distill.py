@@ -210,8 +210,20 @@ def _chain(r: dict) -> list[dict]:
         runs.insert(0, runs[0]["init_report"])
     if runs[0].get("continued_from"):  # an earlier report without its start: that start used the defaults
         first = runs[0]["student"]
-        runs.insert(0, {"student": first, "train_config": {"epochs": 6, "lr": 5e-4, "warmup_steps": None}})
+        # (its report was not kept; 21 min is its logged time)
+        runs.insert(0, {"student": first, "train_config": {"epochs": 6, "lr": 5e-4, "warmup_steps": None},
+                        "seconds": 21 * 60})
     return runs
+
+
+def _teacher_fusion(r: dict) -> int:
+    """The teacher's fusion layers (reports written before they were recorded: the teacher's 2)."""
+    return r.get("teacher", {}).get("fusion_layers", 2)
+
+
+def _fusion(r: dict, st: dict) -> int:
+    """A run's fusion layers (reports written before they were recorded: the teacher's)."""
+    return st.get("fusion_layers") or _teacher_fusion(r)
 
 
 def _features_tag(st: dict) -> str:
@@ -236,8 +248,7 @@ def _distill_commands(r: dict) -> str:
             opts += f" --warmup-steps {tc['warmup_steps']}"
         if k:
             opts += f" --init runs/student{k}"
-        teacher_fusion = r.get("teacher", {}).get("fusion_layers", 2)
-        before = runs[k - 1]["student"].get("fusion_layers", teacher_fusion) if k else teacher_fusion
+        before = _fusion(r, runs[k - 1]["student"]) if k else _teacher_fusion(r)
         if st.get("fusion_layers") and st["fusion_layers"] != before:
             opts += f" --fusion-layers {st['fusion_layers']}"
         lines.append("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
@@ -249,9 +260,8 @@ def _runs_table(r: dict) -> str:
     rows = []
     for k, run in enumerate(_chain(r), 1):
         st, tc = run["student"], run["train_config"]
-        mins = f"{run['seconds'] / 60:.0f}" if run.get("seconds") else "21"  # the first run's report was not kept
-        rows.append(f"| {k} | {st['image_size']} | {st['text_layers']} | {st.get('fusion_layers') or r['teacher'].get('fusion_layers', 2)} "
-                    f"| {tc['epochs']} | {tc['lr']} | {mins} |")
+        rows.append(f"| {k} | {st['image_size']} | {st['text_layers']} | {_fusion(r, st)} "
+                    f"| {tc['epochs']} | {tc['lr']} | {run['seconds'] / 60:.0f} |")
     return "\n".join(rows)
 
 
@@ -266,12 +276,12 @@ def model_card(r: dict) -> str:
 A distilled student of the reference embedder (`{r['teacher']['weights']}`): the same fusion architecture
 ({st['params'] / 1e6:.2f}M trained parameters) over cheaper frozen towers — the first {st['text_layers']} of
 all-MiniLM-L6-v2's {r['teacher']['text_layers']} layers (layer-drop) and {st['image_size']} px photos into
-EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49), {st.get('fusion_layers') or r['teacher'].get('fusion_layers', 2)} of the teacher's
-{r['teacher'].get('fusion_layers', 2)} fusion layers. Weights stored fp16.
+EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49), {_fusion(r, st)} of the teacher's
+{_teacher_fusion(r)} fusion layers. Weights stored fp16.
 
 ## Training
 The first run starts from the teacher's fusion weights (image position table resized to the smaller
-grid{', the first fusion layers kept' if st.get('fusion_layers', r['teacher'].get('fusion_layers')) != r['teacher'].get('fusion_layers') else ''}); each later run starts from the run before it. Every run trains on the
+grid{', the first fusion layers kept' if _fusion(r, st) != _teacher_fusion(r) else ''}); each later run starts from the run before it. Every run trains on the
 catalog's train split, batch {tc['batch_size']}, AdamW: per view (photo+title, photo+description, photo, title,
 description) {tc['distill_cosine']} x (1 - cosine to the teacher's vector) + {tc['distill_relational']} x relational KL
 (in-batch similarity distributions, temperature {tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's

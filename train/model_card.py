@@ -437,18 +437,31 @@ def main(argv: list[str] | None = None) -> None:
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}
     if "full" not in reports:
         raise SystemExit(f"no report for the full model in {args.reports}")
-    meta_path = args.features / "meta.json"
+    args.out.write_text(render(reports, features_record(args.reports, args.features), _model_config(args.reports)))
+    print(f"wrote {args.out}")
+
+
+def features_record(reports: Path, features: Path) -> dict:
+    """What the card says of the feature cache (input-scaling comparison, caching time, validation
+    photo queries): `reports/features.json` when kept beside the reports, else the cache itself,
+    so regenerating the card does not depend on how the cache on this machine was made."""
+    kept = reports / "features.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    meta_path = features / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.pop("ids", None)
-    flip = args.features / "val_flip_rows.npy"
+    flip = features / "val_flip_rows.npy"
     if flip.is_file():  # validation products with a photo: the text->image queries
         meta["val_with_photo"] = len(np.load(flip))
-    cfg_path = args.reports / "full" / "embedder.json"
+    return meta
+
+
+def _model_config(reports: Path) -> dict:
+    cfg_path = reports / "full" / "embedder.json"
     if not cfg_path.is_file():  # a reports folder without the run itself: the shipped weights' config
         cfg_path = Path(__file__).resolve().parent / "weights" / "embedder.json"
-    model_config = json.loads(cfg_path.read_text())["config"]
-    args.out.write_text(render(reports, meta, model_config))
-    print(f"wrote {args.out}")
+    return json.loads(cfg_path.read_text())["config"]
 
 
 if __name__ == "__main__":

@@ -49,3 +49,22 @@ def test_grpo_rows_compare_the_two_reasoners():
              "validation": {**{k: 0.82 for _, k in GRPO_ROWS}, GRPO_ROWS[2][1]: 0.831}}
     text = "\n".join(_stage3_grpo(before, after))
     assert "| title + GRPO trace | 0.800 | 0.831 |" in text and "60 steps, lr 1e-05" in text and "7.2 min" in text
+
+
+def test_the_kept_features_record_wins_over_the_local_cache(tmp_path):
+    import json
+
+    import numpy as np
+
+    from sdk.train.model_card import features_record
+
+    reports, cache = tmp_path / "reports", tmp_path / "cache"
+    reports.mkdir()
+    cache.mkdir()
+    (cache / "meta.json").write_text(json.dumps({"seconds": 1329.7, "ids": [1, 2, 3]}))
+    np.save(cache / "val_flip_rows.npy", np.arange(5))
+    assert features_record(reports, cache) == {"seconds": 1329.7, "val_with_photo": 5}
+    kept = {"seconds": 672.0, "scaling_1nn_article_type": {"pm1": 0.756, "imagenet": 0.7}, "val_with_photo": 796}
+    (reports / "features.json").write_text(json.dumps(kept))
+    assert features_record(reports, cache) == kept
+    assert features_record(tmp_path / "none", tmp_path / "none") == {}
