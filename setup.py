@@ -13,6 +13,7 @@ VERSION = "0.1.0"  # keep equal to pyproject's [project].version (a test checks 
 ext = Pybind11Extension(
     "sdk._C",
     sorted(glob("csrc/**/*.cpp", recursive=True)),
+    depends=sorted(glob("csrc/**/*.h", recursive=True)),  # a changed header rebuilds the extension
     cxx_std=17,
     define_macros=[("VERSION_INFO", VERSION)],
     # No -march=native: AVX2/FMA kernels are compiled per function and picked at run time.

@@ -14,162 +14,17 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
+#include "kernels.h"
 #include "ops.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define MOON3_FUSED_AVX2 1
-#include <immintrin.h>
-#else
-#define MOON3_FUSED_AVX2 0
-#endif
-
 namespace py = pybind11;
-using Arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using i64 = std::int64_t;
 
 namespace moon3 {
 namespace {
 
-constexpr float kLnEps = 1e-5f;   // torch.nn.LayerNorm's default
-constexpr float kNeg = -1e4f;     // the embedder's additive mask value
-constexpr float kL2Eps = 1e-12f;  // torch.nn.functional.normalize's default
-
-// Y[r, i] = sum_j X[r, j] * W[i, j] + b[i]     X: (n, k), W: (m, k), b: (m,) or null, Y: (n, m)
-using LinearKernel = void (*)(const float* X, i64 n, i64 k, const float* W, const float* b, i64 m, float* Y);
-
-inline float dot_scalar(const float* a, const float* w, i64 k) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight lanes: vectorisable without reassociation
-    i64 j = 0;
-    for (; j + 8 <= k; j += 8)
-        for (int t = 0; t < 8; ++t) acc[t] += a[j + t] * w[j + t];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; j < k; ++j) s += a[j] * w[j];
-    return s;
-}
-
-void linear_scalar(const float* X, i64 n, i64 k, const float* W, const float* b, i64 m, float* Y) {
-    for (i64 r = 0; r < n; ++r)
-        for (i64 i = 0; i < m; ++i) Y[r * m + i] = dot_scalar(X + r * k, W + i * k, k) + (b ? b[i] : 0.0f);
-}
-
-#if MOON3_FUSED_AVX2
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-    return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) void linear_avx2(const float* X, i64 n, i64 k, const float* W, const float* b,
-                                                      i64 m, float* Y) {
-    i64 r = 0;
-    for (; r + 4 <= n; r += 4) {  // four rows share each weight load
-        const float* x0 = X + r * k;
-        const float* x1 = x0 + k;
-        const float* x2 = x1 + k;
-        const float* x3 = x2 + k;
-        for (i64 i = 0; i < m; ++i) {
-            const float* w = W + i * k;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-                   a3 = _mm256_setzero_ps();
-            i64 j = 0;
-            for (; j + 8 <= k; j += 8) {
-                const __m256 wv = _mm256_loadu_ps(w + j);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + j), wv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + j), wv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + j), wv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + j), wv, a3);
-            }
-            float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-            for (; j < k; ++j) {
-                s0 += x0[j] * w[j];
-                s1 += x1[j] * w[j];
-                s2 += x2[j] * w[j];
-                s3 += x3[j] * w[j];
-            }
-            const float bi = b ? b[i] : 0.0f;
-            Y[r * m + i] = s0 + bi;
-            Y[(r + 1) * m + i] = s1 + bi;
-            Y[(r + 2) * m + i] = s2 + bi;
-            Y[(r + 3) * m + i] = s3 + bi;
-        }
-    }
-    for (; r < n; ++r) {
-        const float* x = X + r * k;
-        for (i64 i = 0; i < m; ++i) {
-            const float* w = W + i * k;
-            __m256 a = _mm256_setzero_ps();
-            i64 j = 0;
-            for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(w + j), a);
-            float s = hsum(a);
-            for (; j < k; ++j) s += x[j] * w[j];
-            Y[r * m + i] = s + (b ? b[i] : 0.0f);
-        }
-    }
-}
-#endif
-
-bool use_avx2() {
-    static const bool ok = [] {
-#if MOON3_FUSED_AVX2
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-        return false;
-#endif
-    }();
-    return ok;
-}
-
-LinearKernel pick(bool force_scalar) {
-#if MOON3_FUSED_AVX2
-    if (!force_scalar && use_avx2()) return linear_avx2;
-#endif
-    (void)force_scalar;
-    return linear_scalar;
-}
-
-// y = LayerNorm(x) over n values (biased variance, as torch); y may alias x.
-inline void layer_norm(const float* x, const float* w, const float* b, i64 n, float* y) {
-    float mu = 0.0f;
-    for (i64 i = 0; i < n; ++i) mu += x[i];
-    mu /= static_cast<float>(n);
-    float var = 0.0f;
-    for (i64 i = 0; i < n; ++i) var += (x[i] - mu) * (x[i] - mu);
-    const float inv = 1.0f / std::sqrt(var / static_cast<float>(n) + kLnEps);
-    for (i64 i = 0; i < n; ++i) y[i] = (x[i] - mu) * inv * w[i] + b[i];
-}
-
-inline float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
-
-// ---------------------------------------------------------------------------------------------
-// argument checks
-
-std::string shape_str(const Arr& a) {
-    std::string s = "(";
-    for (py::ssize_t k = 0; k < a.ndim(); ++k) s += (k ? ", " : "") + std::to_string(a.shape(k));
-    return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-void expect(const Arr& a, const char* name, std::initializer_list<i64> shape) {
-    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-    py::ssize_t k = 0;
-    for (i64 s : shape) ok = ok && a.shape(k++) == s;
-    if (!ok) {
-        std::string want = "(";
-        k = 0;
-        for (i64 s : shape) want += (k++ ? ", " : "") + std::to_string(s);
-        throw std::invalid_argument(std::string(name) + " must have shape " + want + (shape.size() == 1 ? ",)" : ")") +
-                                    ", got " + shape_str(a));
-    }
-}
+using namespace kern;  // NOLINT: the shared kernels and checks
 
 // ---------------------------------------------------------------------------------------------
 // ops
@@ -191,31 +46,8 @@ py::tuple fusion_epilogue(const Arr& q, const Arr& outs, const Arr& logits, cons
     const LinearKernel linear = pick(force_scalar);
     {
         py::gil_scoped_release release;
-        std::vector<float> fused(static_cast<size_t>(B * d));
-        for (i64 r = 0; r < B; ++r) {
-            float* g = gp + r * M;
-            float mx = -INFINITY;
-            for (i64 m = 0; m < M; ++m) {
-                g[m] = lp[r * M + m] + (1.0f - pp[r * M + m]) * kNeg;
-                mx = std::max(mx, g[m]);
-            }
-            float sum = 0.0f;
-            for (i64 m = 0; m < M; ++m) sum += (g[m] = std::exp(g[m] - mx));
-            for (i64 m = 0; m < M; ++m) g[m] /= sum;
-            float* f = fused.data() + r * d;
-            std::fill(f, f + d, 0.0f);
-            for (i64 m = 0; m < M; ++m) {
-                if (g[m] == 0.0f) continue;  // an absent modality adds exactly nothing
-                const float* o = op + (r * M + m) * d;
-                for (i64 i = 0; i < d; ++i) f[i] += g[m] * o[i];
-            }
-        }
-        linear(fused.data(), B, d, out_w.data(), out_b.data(), d, qn);  // (B, d)
-        for (i64 r = 0; r < B; ++r) {
-            float* row = qn + r * d;
-            for (i64 i = 0; i < d; ++i) row[i] += qp[r * d + i];
-            layer_norm(row, ln_w.data(), ln_b.data(), d, hp + r * d);
-        }
+        epilogue_rows(qp, op, lp, pp, B, M, d, out_w.data(), out_b.data(), ln_w.data(), ln_b.data(), linear, qn, hp,
+                      gp);
     }
     return py::make_tuple(q_new, h, gate);
 }
@@ -285,17 +117,8 @@ Arr project_normalize(const Arr& q, const Arr& ln_w, const Arr& ln_b, const Arr&
     const LinearKernel linear = pick(force_scalar);
     {
         py::gil_scoped_release release;
-        std::vector<float> ln(static_cast<size_t>(B * d));
-        for (i64 r = 0; r < B; ++r) layer_norm(q.data() + r * d, ln_w.data(), ln_b.data(), d, ln.data() + r * d);
-        float* o = out.mutable_data();
-        linear(ln.data(), B, d, w.data(), b.data(), dim, o);  // only the kept rows of w
-        for (i64 r = 0; r < B; ++r) {
-            float* row = o + r * dim;
-            float ss = 0.0f;
-            for (i64 i = 0; i < dim; ++i) ss += row[i] * row[i];
-            const float inv = 1.0f / std::max(std::sqrt(ss), kL2Eps);
-            for (i64 i = 0; i < dim; ++i) row[i] *= inv;
-        }
+        project_normalize_rows(q.data(), B, d, ln_w.data(), ln_b.data(), w.data(), b.data(), dim, linear,
+                               out.mutable_data());
     }
     return out;
 }

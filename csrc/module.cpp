@@ -16,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
     moon3::register_l2norm(m);
     moon3::register_fused(m);
+    moon3::register_head(m);
 }

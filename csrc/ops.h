@@ -7,5 +7,6 @@ namespace moon3 {
 
 void register_l2norm(pybind11::module_& m);
 void register_fused(pybind11::module_& m);
+void register_head(pybind11::module_& m);
 
 }  // namespace moon3

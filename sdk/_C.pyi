@@ -26,3 +26,49 @@ def l2_normalize_kernel() -> Literal["avx2", "scalar"]:
 
 def cpu_features() -> dict[str, bool]:
     """{'avx2': bool, 'fma': bool}: the CPU features the kernels dispatch on."""
+
+_F32 = npt.NDArray[np.float32]
+
+def fusion_epilogue(
+    q: _F32, outs: _F32, logits: _F32, present: _F32, out_w: _F32, out_b: _F32, ln_w: _F32, ln_b: _F32,
+    force_scalar: bool = False,
+) -> tuple[_F32, _F32, _F32]:
+    """Modality-fusion epilogue -> (q_new, LayerNorm(q_new), gate); see sdk.fused.fusion_epilogue."""
+
+def fire_residual(
+    h: _F32, shallow: _F32, norm_w: _F32, norm_b: _F32, gate_in_w: _F32, gate_in_b: _F32, gate_out_w: _F32,
+    gate_out_b: float, mlp_norm_w: _F32, mlp_norm_b: _F32, mlp_in_w: _F32, mlp_in_b: _F32, mlp_out_w: _F32,
+    mlp_out_b: _F32, scale: float, force_scalar: bool = False,
+) -> _F32:
+    """FIRE residual enhancement of (R, d) token states; see sdk.fused.fire_residual."""
+
+def project_normalize(
+    q: _F32, ln_w: _F32, ln_b: _F32, w: _F32, b: _F32, dim: int, force_scalar: bool = False
+) -> _F32:
+    """LayerNorm -> projection -> Matryoshka truncation -> L2 norm; see sdk.fused.project_normalize."""
+
+def linear(x: _F32, w: _F32, b: _F32 | None = None, force_scalar: bool = False) -> _F32:
+    """x @ w.T + b for x (..., k), w (m, k) in PyTorch's layout; one thread, no BLAS."""
+
+def fused_kernel() -> Literal["avx2", "scalar"]:
+    """Name of the matrix kernel the fused ops run here."""
+
+class FusionHeadKernel:
+    """The whole embedder head in one call (weights copied and packed at construction); see sdk.head.FusionHead.
+
+    Raises ValueError naming a missing or misshapen weight, or an inconsistent configuration.
+    """
+
+    def __init__(
+        self, weights: dict[str, _F32], d_model: int, n_heads: int, n_fusion_layers: int, out_dim: int,
+        text_dim: int, ffn_mult: int = 4,
+    ) -> None: ...
+    def __call__(
+        self, image_tokens: _F32, text_states: _F32, text_mask: _F32, trace_states: _F32, trace_mask: _F32,
+        present: _F32, dim: int, force_scalar: bool = False,
+    ) -> _F32:
+        """(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (B, 3) -> (B, dim) L2-normalised embeddings.
+
+        Masks are 0/1; padded and absent positions are never read into the result. The GIL is
+        released while it runs; one object may be called from many threads.
+        """

@@ -23,10 +23,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from typing import Any, Mapping
 
 import numpy as np
 
+from sdk import ops
 from sdk.errors import EngineError
 from sdk.fused import NEG, fusion_epilogue, gelu, layer_norm, linear, project_normalize
 
@@ -38,6 +40,29 @@ def _masked_mean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     # x: (B, T, C), mask: (B, T) -> (B, C); an all-zero mask gives zeros
     s = np.einsum("btc,bt->bc", x, mask).astype(_F32)
     return s / np.maximum(mask.sum(1, keepdims=True), _F32(1.0))
+
+
+def head_weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight the head reads, for an `EmbedderConfig` dict."""
+    d, c, out = int(config["d_model"]), int(config["text_dim"]), int(config["out_dim"])
+    need: dict[str, tuple[int, ...]] = {"query": (1, 1, d), "head.0.weight": (d,), "head.0.bias": (d,),
+                                        "head.1.weight": (out, d), "head.1.bias": (out,)}
+    for p in ("text_proj", "trace_proj"):
+        need |= {f"{p}.0.weight": (d, c), f"{p}.0.bias": (d,), f"{p}.1.weight": (d,), f"{p}.1.bias": (d,)}
+    for k in range(int(config["n_fusion_layers"])):
+        f = f"fusion.{k}."
+        need |= {f + "q_norm.weight": (d,), f + "q_norm.bias": (d,), f + "gate.0.weight": (d, 2 * d),
+                 f + "gate.0.bias": (d,), f + "gate.2.weight": (1, d), f + "gate.2.bias": (1,),
+                 f + "out.weight": (d, d), f + "out.bias": (d,), f + "ffn.0.weight": (d,), f + "ffn.0.bias": (d,)}
+        mult = int(config.get("ffn_mult", 4))
+        need |= {f + "ffn.1.weight": (mult * d, d), f + "ffn.1.bias": (mult * d,),
+                 f + "ffn.4.weight": (d, mult * d), f + "ffn.4.bias": (d,)}
+        for m in range(3):
+            need |= {f"{f}kv_norms.{m}.weight": (d,), f"{f}kv_norms.{m}.bias": (d,),
+                     f"{f}attn.{m}.q.weight": (d, d), f"{f}attn.{m}.q.bias": (d,),
+                     f"{f}attn.{m}.kv.weight": (2 * d, d), f"{f}attn.{m}.kv.bias": (2 * d,),
+                     f"{f}attn.{m}.o.weight": (d, d), f"{f}attn.{m}.o.bias": (d,)}
+    return need
 
 
 class FusionHead:
@@ -63,24 +88,7 @@ class FusionHead:
             raise EngineError(f"the head config lacks a field: {exc}") from exc
         self.config = dict(config)
         self._w: dict[str, np.ndarray] = {}
-        d, c = self.d, self.text_dim
-        need: dict[str, tuple[int, ...]] = {"query": (1, 1, d), "head.0.weight": (d,), "head.0.bias": (d,),
-                                            "head.1.weight": (self.out_dim, d), "head.1.bias": (self.out_dim,)}
-        for p in ("text_proj", "trace_proj"):
-            need |= {f"{p}.0.weight": (d, c), f"{p}.0.bias": (d,), f"{p}.1.weight": (d,), f"{p}.1.bias": (d,)}
-        for k in range(self.n_layers):
-            f = f"fusion.{k}."
-            need |= {f + "q_norm.weight": (d,), f + "q_norm.bias": (d,), f + "gate.0.weight": (d, 2 * d),
-                     f + "gate.0.bias": (d,), f + "gate.2.weight": (1, d), f + "gate.2.bias": (1,),
-                     f + "out.weight": (d, d), f + "out.bias": (d,), f + "ffn.0.weight": (d,), f + "ffn.0.bias": (d,)}
-            mult = int(config.get("ffn_mult", 4))
-            need |= {f + "ffn.1.weight": (mult * d, d), f + "ffn.1.bias": (mult * d,),
-                     f + "ffn.4.weight": (d, mult * d), f + "ffn.4.bias": (d,)}
-            for m in range(3):
-                need |= {f"{f}kv_norms.{m}.weight": (d,), f"{f}kv_norms.{m}.bias": (d,),
-                         f"{f}attn.{m}.q.weight": (d, d), f"{f}attn.{m}.q.bias": (d,),
-                         f"{f}attn.{m}.kv.weight": (2 * d, d), f"{f}attn.{m}.kv.bias": (2 * d,),
-                         f"{f}attn.{m}.o.weight": (d, d), f"{f}attn.{m}.o.bias": (d,)}
+        need = head_weight_shapes(config)
         for name, shape in need.items():
             if name not in state:
                 raise EngineError(f"the head weights lack {name!r}")
@@ -88,6 +96,15 @@ class FusionHead:
             if arr.shape != shape:
                 raise EngineError(f"head weight {name!r} has shape {arr.shape}, expected {shape}")
             self._w[name] = arr
+        self._kernel = None
+        if ops.HAVE_C and hasattr(ops._C, "FusionHeadKernel"):
+            try:
+                self._kernel = ops._C.FusionHeadKernel(self._w, self.d, self.h, self.n_layers, self.out_dim,
+                                                       self.text_dim, int(config.get("ffn_mult", 4)))
+            except ValueError as exc:
+                raise EngineError(f"the head config is inconsistent: {exc}") from exc
+        # False: run `forward_reference` (NumPy + the per-op kernels); MOON3_FUSED_HEAD=0 sets it off
+        self.fused = self._kernel is not None and os.environ.get("MOON3_FUSED_HEAD", "1") != "0"
 
     # ------------------------------------------------------------------ serialisation
 
@@ -135,6 +152,28 @@ class FusionHead:
 
     def __call__(
         self,
+        image_tokens: np.ndarray,
+        text_states: np.ndarray,
+        text_mask: np.ndarray,
+        trace_states: np.ndarray,
+        trace_mask: np.ndarray,
+        present: np.ndarray,
+        dim: int | None = None,
+    ) -> np.ndarray:
+        """Embeddings (B, dim) float32, L2-normalised; dim defaults to the full width.
+
+        Runs the whole head in one compiled call (`sdk._C.FusionHeadKernel`) when the extension
+        is built, `fused` is True and `sdk.ops.HAVE_C` holds; otherwise `forward_reference`.
+        Both take the arguments documented there and agree to cosine >= 0.99999.
+        """
+        if self.fused and ops.HAVE_C and self._kernel is not None:
+            f32 = lambda a: np.ascontiguousarray(a, _F32)  # noqa: E731
+            return self._kernel(f32(image_tokens), f32(text_states), f32(text_mask), f32(trace_states),
+                                f32(trace_mask), f32(present), self.out_dim if dim is None else int(dim))
+        return self.forward_reference(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim)
+
+    def forward_reference(
+        self,
         image_tokens: np.ndarray,  # (B, N, d) image token states (zeros where absent)
         text_states: np.ndarray,  # (B, T, text_dim) title token states
         text_mask: np.ndarray,  # (B, T) 1 on real tokens, 0 on padding and where the text is absent
@@ -143,7 +182,7 @@ class FusionHead:
         present: np.ndarray,  # (B, 3) 0/1: image, text, trace
         dim: int | None = None,
     ) -> np.ndarray:
-        """Embeddings (B, dim) float32, L2-normalised; dim defaults to the full width."""
+        """The head in NumPy plus the per-op fused kernels: the reference of the one-call kernel."""
         present = np.asarray(present, _F32)
         B = present.shape[0]
         img_mask = np.broadcast_to(present[:, :1], image_tokens.shape[:2]).astype(_F32)

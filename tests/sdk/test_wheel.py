@@ -97,7 +97,7 @@ def test_compiled_module_runs_on_any_x86_64(wheel, tmp_path):
     # The functions csrc/ compiles for AVX2 (`__attribute__((target("avx2...")))`); in the mangled
     # symbols a name appears as <length><name>.
     targeted = set()
-    for src in (REPO / "csrc").glob("**/*.cpp"):
+    for src in [*(REPO / "csrc").glob("**/*.cpp"), *(REPO / "csrc").glob("**/*.h")]:
         targeted |= set(re.findall(r'__attribute__\(\(target\("avx2[^"]*"\)\)\)\s+(?:inline\s+)?[\w:<>*&]+\s+(\w+)\s*\(',
                                    src.read_text()))
     assert targeted, "no AVX2 kernel found in csrc/"
