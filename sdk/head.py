@@ -1,4 +1,4 @@
-"""The embedder head in NumPy + fused ops: tower token states -> L2-normalised embeddings.
+"""The embedder head: tower token states -> L2-normalised embeddings, in one compiled call.
 
 A split engine (see `sdk.export.bundle.package_split_embedder`) runs the image graph
 (EfficientNet-Lite0 + image encoder with FIRE -> image token states) and the text graph (MiniLM
@@ -16,6 +16,10 @@ It computes what `sdk.train.embedder.FusionEmbedder.forward` computes (given the
 states), in float32; the export check holds the two to cosine >= 0.9999. An absent modality's
 states are never read into the result: its gate weight is exactly 0 and the query start skips it,
 so callers pass zeros for them without running a tower. This module never imports torch.
+
+Where `sdk._C` is built, the whole head runs in `sdk._C.FusionHeadKernel` (csrc/head.cpp: one
+call, weights packed when the engine loads, the GIL released); `FusionHead.forward_reference` is
+the NumPy version (calling the per-op fused kernels where they exist) and the fallback.
 """
 
 from __future__ import annotations
