@@ -120,6 +120,27 @@ def test_image_to_array_rules():
     assert np.allclose(x[0], (1 - 0.485) / 0.229, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [ImagePreprocess(), ImagePreprocess(size=40, resize="center_crop", scale="imagenet")],
+                         ids=["pm1-squash", "imagenet-crop"])
+def test_scaling_by_table_is_bit_identical_to_float_arithmetic(cfg):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8))
+    got = image_to_array(img, cfg)
+    s = cfg.size
+    if cfg.resize == "squash":
+        r = img.resize((s, s), Image.BILINEAR)
+    else:
+        k = s / min(img.size)
+        r = img.resize((max(s, round(img.size[0] * k)), max(s, round(img.size[1] * k))), Image.BILINEAR)
+        left, top = (r.size[0] - s) // 2, (r.size[1] - s) // 2
+        r = r.crop((left, top, left + s, top + s))
+    x = np.asarray(r, dtype=np.float32) / 255.0
+    x = x * 2.0 - 1.0 if cfg.scale == "pm1" else (x - np.float32(cfg.mean)) / np.float32(cfg.std)
+    want = x.transpose(2, 0, 1)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (3, s, s)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("kw", [{"size": 8}, {"resize": "stretch"}, {"scale": "0-1"}])
 def test_image_preprocess_validates(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
