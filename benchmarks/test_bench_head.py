@@ -12,8 +12,9 @@ ones (d=256, 49 image tokens, FIRE hidden 128). Implementations:
     "c_ops"        (whole head only) the NumPy head calling the per-op sdk._C kernels
                    (`FusionHead.forward_reference` with sdk._C on)
     "numpy"        the NumPy references (sdk.fused.*_ref; NumPy's BLAS with its own threads)
-    "onnxruntime"  the same sub-graph exported from PyTorch and run by ONNX Runtime (CPU, its
-                   default threads, all graph optimisations)
+    "onnxruntime"  the same sub-graph exported from PyTorch and run by ONNX Runtime (CPU,
+                   BENCH_THREADS threads (default 1, like every runner of the suites), all graph
+                   optimisations)
 Every benchmark checks the vector it timed against the PyTorch module.
 """
 
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bench_common import THREADS
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -46,7 +49,9 @@ def _onnx(module, args, names, dynamic, path):
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
     program.save(str(path), external_data=False)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     out = sess.get_outputs()[0].name
     return lambda *xs: sess.run([out], dict(zip(names, xs)))[0]
 
@@ -179,7 +184,7 @@ def test_end_to_end(benchmark, impl, kind):
         pytest.skip("sdk._C is not built")
     from sdk.embedder import Embedder
 
-    e = Embedder(engine)
+    e = Embedder(engine, threads=THREADS)
     if e.manifest["embedder"].get("layout") != "split":
         pytest.skip(f"{engine} is a single-graph engine; the head ops run in split engines")
     e._split.head.fused = impl == "c"

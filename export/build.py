@@ -30,9 +30,9 @@ from sdk.errors import SdkError
 from .eval_reasoner import ReasonerGates
 from .reasoner_quant import REASONER_PRECISIONS, ReasonerQuantConfig  # noqa: F401 - re-exported for the CLI
 
-PRECISIONS = ("fp32", "int8", "int8-static")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 # `precision="auto"` builds these, keeps those that pass the fidelity gates, and picks the fastest
-AUTO_CANDIDATES = ("int8", "int8-static", "fp32")
+AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
 AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -137,8 +137,8 @@ class BuildConfig:
         self.out = Path(self.out)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.precision == "int8-static" and self.layout != "split":
-            raise ValueError("precision 'int8-static' needs layout 'split'")
+        if self.precision in ("int8-static", "fp16") and self.layout != "split":
+            raise ValueError(f"precision {self.precision!r} needs layout 'split'")
         from sdk.calib import METHODS
 
         if self.calib_method not in METHODS:
@@ -148,6 +148,9 @@ class BuildConfig:
         bad = [p for p in self.auto_candidates if p not in PRECISIONS]
         if not self.auto_candidates or bad:
             raise ValueError(f"auto_candidates must be precisions of {PRECISIONS}, got {self.auto_candidates}")
+        split_only = [p for p in self.auto_candidates if p in ("int8-static", "fp16")]
+        if self.precision == "auto" and self.layout != "split" and split_only:
+            raise ValueError(f"auto_candidates {split_only} need layout 'split'")
         if self.eval_items < 20:
             raise ValueError(f"eval_items must be >= 20 for a meaningful recall, got {self.eval_items}")
         if self.threads < 0:
@@ -321,6 +324,27 @@ def fold_constants(src: Path, dst: Path) -> Path:
     return dst
 
 
+# Kept in FP32 in an FP16 graph, besides onnxruntime's default list (ops without FP16 kernels):
+# normalisation and softmax, whose sums and exponentials lose most in FP16.
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Softmax")
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """FP16 weights and activations, float32 inputs and outputs (Cast nodes at the edges), with the
+    ops of `FP16_KEEP_FP32` computing in FP32 (onnxruntime's transformer float16 converter).
+
+    The split engine's head (projection, Matryoshka truncation, final L2 norm) stays FP32 anyway:
+    it runs outside the graphs.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                     op_block_list=sorted({*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32}))
+    onnx.save(model, str(dst))
+    return dst
+
+
 def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None) -> Path:
     """Dynamic per-channel INT8 of MatMul/Gemm (weights offline, activations at run time).
 
@@ -369,7 +393,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     del teacher
     tokenizer_path = text_tower_path() / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_bytes()
-    precision = {"fp32": "fp32", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
+    precision = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
     common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
                   trace_trained=trace_trained, image=image_pre)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
@@ -398,7 +422,9 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         elif cfg.precision == "int8-static":
             candidates = _static_candidates(folded, scopes, tokenizer_path, cfg, tmp, log)
         else:
-            candidates = [("fp32", [])]
+            candidates = [(cfg.precision, [])]
+        if cfg.precision == "fp16":  # split layout only (checked by BuildConfig)
+            image_graph = convert_fp16(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.fp16.onnx")
 
         def package(out: Path, graph: Path, **extra) -> Path:
             if cfg.layout == "split":
@@ -416,6 +442,10 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                     graph = quantize_int8(folded, tmp / f"text.int8.{n}.onnx", exclude)
                 else:
                     graph = _quantize_static(folded, tmp / f"text.qdq.{n}.onnx", exclude, tmp, cfg)
+            elif cfg.precision == "fp16":
+                log(f"[3/4] convert: FP16 weights and activations ({', '.join(FP16_KEEP_FP32)} in FP32; "
+                    "float32 inputs and outputs)")
+                graph = convert_fp16(fold_constants(text_graph, tmp / "text.folded.onnx"), tmp / "text.fp16.onnx")
             else:
                 log("[3/4] quantize: skipped (fp32)")
                 graph = text_graph

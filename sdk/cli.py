@@ -400,11 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build moon3.engine from the trained reference embedder (needs [export])")
     b.add_argument("--out", default="moon3.engine")
-    b.add_argument("--precision", choices=("fp32", "int8", "int8-static", "auto"), default="int8",
+    b.add_argument("--precision", choices=("fp32", "fp16", "int8", "int8-static", "auto"), default="int8",
                    help="int8: dynamic per-channel INT8 matmuls; int8-static: calibrated Q/DQ INT8 of the text "
                         "graph (TensorRT's explicit-quantization format) with a sensitivity-ranked FP32 fallback; "
-                        "auto: build int8, int8-static and fp32, keep those that pass the gates, pick the fastest "
-                        "on this machine (batch-1 latency) and record why in the manifest")
+                        "fp16: FP16 graphs with LayerNorm and softmax in FP32 (half the size; fastest on GPUs); "
+                        "auto: build int8, int8-static, fp16 and fp32, keep those that pass the gates, pick the "
+                        "fastest on this machine (batch-1 latency) and record why in the manifest")
     b.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="percentile")
     b.add_argument("--layout", choices=("split", "single"), default="split",
                    help="split: image graph + text graph + fused-op head, each tower run only for the items "
