@@ -130,13 +130,14 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
     eng = [r for r in rows if r.get("kind") in ("engine", "teacher")]
     if eng:
         lines += ["## Embedder on sample products (p50 / p99 ms; photo decode + preprocessing included)", "",
-                  "| modality | batch | moon3 int8 | moon3 fp32 | torch eager teacher | int8 speed-up (p50; fastest rounds) | int8 items/s "
-                  "| int8 cosine vs teacher (mean / min) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| modality | batch | moon3 int8 | moon3 fp16 | moon3 fp32 | torch eager teacher | int8 speed-up (p50; fastest rounds) "
+                  "| int8 items/s | int8 cosine vs teacher (mean / min) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for modality in ("image+text", "text", "image"):
             for batch in sorted({r["batch"] for r in eng if r["modality"] == modality}):
                 i8 = _find(eng, runner="moon3 int8 (cpu)", modality=modality, batch=batch)
                 f32 = _find(eng, runner="moon3 fp32 (cpu)", modality=modality, batch=batch)
+                f16 = _find(eng, runner="moon3 fp16 (cpu)", modality=modality, batch=batch)
                 t = _find(eng, kind="teacher", modality=modality, batch=batch)
                 cell = lambda r: f"{_ms(r['p50_ms'])} / {_ms(r['p99_ms'])}" if r else "-"  # noqa: E731
                 sp = f"{t['p50_ms'] / i8['p50_ms']:.1f}x" if (i8 and t and i8["source"] == t["source"]) else "-"
@@ -144,7 +145,8 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
                     sp += f"; {t['min_ms'] / i8['min_ms']:.1f}x"
                 cos = f"{i8['cosine_mean']:.4f} / {i8['cosine_min']:.4f}" if i8 and "cosine_mean" in i8 else "-"
                 ips = f"{i8['items_per_s']:.0f}" if i8 else "-"
-                lines.append(f"| {modality} | {batch} | {cell(i8)} | {cell(f32)} | {cell(t)} | {sp} | {ips} | {cos} |")
+                lines.append(f"| {modality} | {batch} | {cell(i8)} | {cell(f16)} | {cell(f32)} | {cell(t)} | {sp} | {ips} "
+                             f"| {cos} |")
         lines.append("")
 
     peers = [r for r in rows if r.get("kind") == "text-peer"]

@@ -8,8 +8,9 @@
 #    BENCH_PEERS=0 skips it), with the engine beside them in the same run;
 # 3. benchmarks/report.py -> $OUT/results.{json,md}, latency_vs_batch.png, fidelity_vs_speed.png.
 #
-# MOON3_ENGINE_FP32 defaults to .cache/bench/moon3-fp32.engine, built once with `moon3 build
-# --precision fp32` (about 2 minutes) when missing; MOON3_ENGINE_SINGLE (optional) adds a one-graph
+# MOON3_ENGINE_FP32 and MOON3_ENGINE_FP16 default to .cache/bench/moon3-fp32.engine and
+# moon3-fp16.engine, built once with `moon3 build --precision fp32|fp16` (about 2-3 minutes each)
+# when missing; MOON3_ENGINE_SINGLE (optional) adds a one-graph
 # engine (`moon3 build --layout single`) for comparison. Knobs: BENCH_OUT (default benchmarks/results),
 # BENCH_ROUNDS (min rounds, default 5), BENCH_MAX_TIME (s per benchmark, default 0.5),
 # BENCH_THREADS (threads of every runner, default 1: see bench_common.py).
@@ -18,13 +19,17 @@ cd "$(dirname "$0")/.."
 : "${MOON3_ENGINE:?set MOON3_ENGINE=path/to/moon3.engine (build one with: moon3 build --out moon3.engine)}"
 export MOON3_ENGINE
 export MOON3_ENGINE_FP32=${MOON3_ENGINE_FP32:-.cache/bench/moon3-fp32.engine}
+export MOON3_ENGINE_FP16=${MOON3_ENGINE_FP16:-.cache/bench/moon3-fp16.engine}
 OUT=${BENCH_OUT:-benchmarks/results}
 mkdir -p "$OUT"
 [ -x .venv/bin/python ] || bash scripts/setup.sh
-if [ ! -f "$MOON3_ENGINE_FP32" ]; then
-    mkdir -p "$(dirname "$MOON3_ENGINE_FP32")"
-    .venv/bin/moon3 build --precision fp32 --out "$MOON3_ENGINE_FP32"
-fi
+for p in fp32 fp16; do
+    var=MOON3_ENGINE_${p^^}
+    if [ ! -f "${!var}" ]; then
+        mkdir -p "$(dirname "${!var}")"
+        .venv/bin/moon3 build --precision "$p" --no-reasoner --out "${!var}"
+    fi
+done
 OPTS=(-q -p no:cacheprovider --benchmark-min-rounds="${BENCH_ROUNDS:-5}" --benchmark-max-time="${BENCH_MAX_TIME:-0.5}"
       --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=median,max,ops,rounds
       --benchmark-group-by=group)

@@ -1,7 +1,8 @@
 """The embedder on real sample products: moon3 engines (each precision, each backend present)
 against the FP32 PyTorch teacher in eager mode, same inputs, same run.
 
-    MOON3_ENGINE=moon3.engine MOON3_ENGINE_FP32=moon3-fp32.engine [MOON3_ENGINE_SINGLE=one-graph.engine] \
+    MOON3_ENGINE=moon3.engine MOON3_ENGINE_FP32=moon3-fp32.engine [MOON3_ENGINE_FP16=moon3-fp16.engine] \
+        [MOON3_ENGINE_SINGLE=one-graph.engine] \
         .venv/bin/python -m pytest benchmarks/test_bench_embedder.py --benchmark-json=embedder.json
 
 (`benchmarks/run.sh` runs this with the peers and writes the report.) Per modality (photo +
@@ -19,7 +20,8 @@ from bench_common import BATCHES, MODALITIES, THREADS, check_fidelity, engine_fr
 
 # precision label -> the variable naming its engine; "int8-single" is an optional one-graph INT8
 # engine (`moon3 build --layout single`), to see what the split into image and text graphs buys.
-ENGINE_VARS = {"int8": "MOON3_ENGINE", "fp32": "MOON3_ENGINE_FP32", "int8-single": "MOON3_ENGINE_SINGLE"}
+ENGINE_VARS = {"int8": "MOON3_ENGINE", "fp16": "MOON3_ENGINE_FP16", "fp32": "MOON3_ENGINE_FP32",
+               "int8-single": "MOON3_ENGINE_SINGLE"}
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 _embedders: dict = {}
