@@ -83,7 +83,7 @@ def test_no_ratio_across_runs(report, tmp_path):
 def test_markdown_tables(report, files, tmp_path):
     written = report.write_report(files, tmp_path / "out", plots=False)
     md = written["md"].read_text()
-    assert "| image+text | 1 | 10.0 / 15.0 | - | 50.0 / 75.0 | 5.0x; 5.0x |" in md
+    assert "| image+text | 1 | 10.0 / 15.0 | - | - | 50.0 / 75.0 | 5.0x; 5.0x |" in md
     assert "| fastembed onnx | int8-dynamic | 8.00 | 167 | 3.00x |" in md  # 500 vs 167 titles/s
     assert "**0.60 s**" in md and "400 MiB" in md
     data = json.loads(written["json"].read_text())
