@@ -555,12 +555,20 @@ def _check_valid(path: Path) -> None:
         raise ExportError(f"{path} is not a valid ONNX model: {exc}") from exc
 
 
-def export_module(module: nn.Module, args: tuple, dynamic: dict, outputs: list[str], path: Path, opset: int) -> None:
+def export_module(module: nn.Module, args: tuple, dynamic: dict, outputs: list[str], path: Path, opset: int,
+                  inputs: list[str] | None = None) -> None:
     """torch.onnx.export (dynamo) of one module to `path` (weights inline), its outputs named
-    `outputs`; the file must pass the ONNX checker."""
+    `outputs` and, given `inputs`, its (flattened) inputs renamed in order; the file must pass the
+    ONNX checker."""
     with _harmless_warnings_ignored(), torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
                                     optimize=True, verbose=False)
+    if inputs is not None:
+        got = list(program.model.graph.inputs)
+        if len(got) != len(inputs):
+            raise ExportError(f"expected {len(inputs)} graph inputs, the exporter produced {len(got)}")
+        for value, name in zip(got, inputs):
+            value.name = name
     _rename_outputs_to(program.model, outputs)
     program.save(str(path), external_data=False)
     _check_valid(path)

@@ -2,12 +2,16 @@
 
     visual.onnx   pixels (B, 3, H, W) -> visual_k, visual_v (L, B, h, n, c)
                   image tower + resampler + every layer's PUMGPT adapter, run once per photo
-    step.onnx     input_ids (B, T), past_k, past_v (L, B, h, P, c), visual_k, visual_v, visual_mask (B,)
-                  -> logits (B, V) of the last position, present_k, present_v (L, B, h, P + T, c)
+    step.onnx     input_ids (B, T), visual_k, visual_v, visual_mask (B,), past_k_0..past_k_{L-1},
+                  past_v_0..past_v_{L-1} (B, h, P, c) -> logits (B, V) of the last position,
+                  present_k_0.., present_v_0.. (B, h, P + T, c)
 
 One step graph serves both phases: the prompt is read with a cache of length P = 0 (prefill),
-then each new token with T = 1 (decode), so the decoder weights are stored once. (Engines from
-before kept a prefill graph without past inputs beside a decode graph; the runtime reads both.)
+then each new token with T = 1 (decode), so the decoder weights are stored once. The cache is one
+input and one output per layer, fed straight to and taken straight from each layer's attention: a
+cache stacked over layers cost two extra copies of it per token (slicing it per layer, stacking it
+back). Engines from before hold such a stacked cache (past_k, past_v (L, B, h, P, c)), and the
+oldest a prefill graph without past inputs beside the decode graph; the runtime reads all three.
 An item without a photo feeds zeros as visual_k / visual_v and visual_mask 0 (the adapters then add
 nothing). Parity: greedy generation with ONNX Runtime (`sdk.reasoner.OnnxDecoder`, the runtime's
 own loop) must give exactly the tokens of `Reasoner.generate` in PyTorch, and the logits of every
@@ -57,19 +61,21 @@ class StepGraph(nn.Module):
         super().__init__()
         self.reasoner = reasoner
 
-    def forward(self, input_ids, past_k, past_v, visual_k, visual_v, visual_mask):
+    def forward(self, input_ids, visual_k, visual_v, visual_mask, past):
+        # past: [past_k_0, .., past_k_{L-1}, past_v_0, .., past_v_{L-1}], each (B, h, P, c)
         from torch.onnx.ops import symbolic, symbolic_multi_out
 
         r = self.reasoner
+        L = len(r.layers)
         B, T = input_ids.shape
-        P = past_k.shape[3]
+        P = past[0].shape[2]
         d, H = r.cfg.d_model, r.cfg.n_heads
         x = r.embed(input_ids) + r.pos(torch.arange(P, P + T))  # (B, T, d)
         keys, values = [], []
         for n, layer in enumerate(r.layers):
             q, k, v = layer.qkv(layer.norm1(x)).chunk(3, dim=-1)  # (B, T, d) each
             y, pk, pv = symbolic_multi_out(
-                "com.microsoft::MultiHeadAttention", (q, k, v, None, None, None, past_k[n], past_v[n]),
+                "com.microsoft::MultiHeadAttention", (q, k, v, None, None, None, past[n], past[L + n]),
                 {"num_heads": H, "unidirectional": 1}, dtypes=(torch.float32,) * 3,
                 shapes=((B, T, d), (B, H, P + T, d // H), (B, H, P + T, d // H)), version=1)
             yv = symbolic("com.microsoft::MultiHeadAttention", (q, visual_k[n], visual_v[n]), {"num_heads": H},
@@ -80,7 +86,12 @@ class StepGraph(nn.Module):
             keys.append(pk)
             values.append(pv)
         logits = r.norm(x[:, -1]) @ r.embed.weight.T  # tied head, (B, V)
-        return logits, torch.stack(keys), torch.stack(values)
+        return (logits, *keys, *values)
+
+
+def cache_names(n_layers: int, prefix: str = "past") -> list[str]:
+    """The step graph's cache inputs ("past") or outputs ("present"): every layer's keys, then values."""
+    return [f"{prefix}_{kv}_{i}" for kv in ("k", "v") for i in range(n_layers)]
 
 
 @dataclass
@@ -122,23 +133,25 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
     vk, vv = torch.randn(L, B, h, n, c, generator=g), torch.randn(L, B, h, n, c, generator=g)
     ids = torch.randint(6, rcfg.vocab_size, (B, T), generator=g)
     vmask = torch.tensor([1.0, 0.0])
-    pk, pv = torch.randn(L, B, h, P, c, generator=g), torch.randn(L, B, h, P, c, generator=g)
+    past = [torch.randn(B, h, P, c, generator=g) for _ in range(2 * L)]
     batch = Dim("batch", min=1)
     seq = Dim("seq", min=1, max=rcfg.max_len)
-    past = Dim("past", min=1, max=rcfg.max_len - 1)
+    cached = Dim("past", min=1, max=rcfg.max_len - 1)
     vis = {0: None, 1: batch}
     jobs = (
-        (VisualGraph(image_tower, reasoner), (pixels,), {"pixels": {0: batch}}, ["visual_k", "visual_v"], "visual"),
+        (VisualGraph(image_tower, reasoner), (pixels,), {"pixels": {0: batch}}, ["visual_k", "visual_v"], "visual",
+         None),
         # traced with a cache of P >= 1 positions; the graph is shape-generic and runs with P = 0
         # (verify_reasoner checks generation through it against PyTorch)
-        (StepGraph(reasoner), (ids, pk, pv, vk, vv, vmask),
-         {"input_ids": {0: batch, 1: seq}, "past_k": {1: batch, 3: past}, "past_v": {1: batch, 3: past},
-          "visual_k": vis, "visual_v": vis, "visual_mask": {0: batch}},
-         ["logits", "present_k", "present_v"], "decode"),
+        (StepGraph(reasoner), (ids, vk, vv, vmask, past),
+         {"input_ids": {0: batch, 1: seq}, "visual_k": vis, "visual_v": vis, "visual_mask": {0: batch},
+          "past": [{0: batch, 2: cached}] * (2 * L)},
+         ["logits", *cache_names(L, "present")], "decode",
+         ["input_ids", "visual_k", "visual_v", "visual_mask", *cache_names(L)]),
     )
-    for module, args, dyn, outs, key in jobs:
+    for module, args, dyn, outs, key, ins in jobs:
         try:
-            export_module(module.eval(), args, dyn, outs, paths[key], cfg.opset)
+            export_module(module.eval(), args, dyn, outs, paths[key], cfg.opset, inputs=ins)
         except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ExportError(f"reasoner {key} export failed: {type(exc).__name__}: {first}") from exc

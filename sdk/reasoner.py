@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 class OnnxDecoder:
     """Greedy generation over the reasoner graphs (ONNX Runtime sessions).
 
-    `prefill` and `decode` may be one session: a step graph with past_k / past_v inputs reads the
-    prompt with a cache of length 0 (engines built since the shared graph; older engines carry a
-    prefill graph without past inputs).
+    `prefill` and `decode` may be one session: a step graph with cache inputs reads the prompt
+    with a cache of length 0. Three engine generations are read: per-layer cache inputs
+    (past_k_0.., past_v_0.. (B, h, P, c); current), one cache stacked over layers (past_k, past_v
+    (L, B, h, P, c)), and the oldest, a prefill graph without cache inputs beside a stacked decode graph.
     """
 
     def __init__(self, visual, prefill, decode=None):
@@ -46,12 +47,27 @@ class OnnxDecoder:
         inputs = {i.name: i.shape for i in prefill.get_inputs()}
         shape = inputs["visual_k"]  # (L, B, h, n, c)
         self.L, self.h, self.n, self.c = (int(shape[k]) for k in (0, 2, 3, 4))
-        self._prefill_past = "past_k" in inputs
+        step_inputs = {i.name for i in self.decode.get_inputs()}
+        self._per_layer = "past_k_0" in step_inputs
+        self._prefill_past = "past_k" in inputs or "past_k_0" in inputs
+        # the step's cache outputs, in output order, and the input each one feeds next step
+        outs = [o.name for o in self.decode.get_outputs()][1:]
+        self._feeds_next = [name.replace("present", "past", 1) for name in outs]
+        missing = sorted(set(self._feeds_next) - step_inputs)
+        if missing:
+            raise EngineError(f"the reasoner's step graph outputs {outs} do not match its cache inputs ({missing})")
 
     def visual(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Adapter keys/values (L, B, h, n, c) of preprocessed photos (B, 3, H, W)."""
         vk, vv = self.visual_session.run(["visual_k", "visual_v"], {"pixels": np.ascontiguousarray(pixels, np.float32)})
         return vk, vv
+
+    def _empty_cache(self) -> dict[str, np.ndarray]:
+        if self._per_layer:
+            empty = np.zeros((1, self.h, 0, self.c), np.float32)
+            return {name: empty for name in self._feeds_next}
+        empty = np.zeros((self.L, 1, self.h, 0, self.c), np.float32)
+        return {"past_k": empty, "past_v": empty}
 
     def generate(self, prompt: Sequence[int], visual_kv: tuple[np.ndarray, np.ndarray] | None, max_new_tokens: int,
                  return_logits: bool = False, stats: dict | None = None):
@@ -62,11 +78,12 @@ class OnnxDecoder:
         else:
             vk, vv = visual_kv
             vmask = np.ones(1, np.float32)
-        feed = {"input_ids": np.asarray([prompt], np.int64), "visual_k": vk, "visual_v": vv, "visual_mask": vmask}
+        visual = {"visual_k": vk, "visual_v": vv, "visual_mask": vmask}
+        feed = {"input_ids": np.asarray([prompt], np.int64), **visual}
         if self._prefill_past:
-            feed["past_k"] = feed["past_v"] = np.zeros((self.L, 1, self.h, 0, self.c), np.float32)
+            feed.update(self._empty_cache())
         t0 = time.perf_counter()
-        logits, pk, pv = self.prefill.run(None, feed)
+        logits, *cache = self.prefill.run(None, feed)
         t1 = time.perf_counter()
         out: list[int] = []
         seen: list[np.ndarray] = []
@@ -79,8 +96,8 @@ class OnnxDecoder:
             out.append(nxt)
             if len(out) == max_new_tokens:
                 break
-            logits, pk, pv = self.decode.run(None, {"input_ids": np.asarray([[nxt]], np.int64), "past_k": pk,
-                                                    "past_v": pv, "visual_k": vk, "visual_v": vv, "visual_mask": vmask})
+            step = {"input_ids": np.asarray([[nxt]], np.int64), **visual, **dict(zip(self._feeds_next, cache))}
+            logits, *cache = self.decode.run(None, step)
         t2 = time.perf_counter()
         if stats is not None:
             stats.update(prompt_tokens=len(prompt), new_tokens=len(out), prefill_s=t1 - t0, decode_s=t2 - t1,

@@ -140,44 +140,89 @@ def test_bench_reasoner_reports_prefill_and_decode_speed(reasoner_engine):
         bench_reasoner(reasoner_engine[0], ["x"], rounds=0)
 
 
-def test_runtime_still_reads_engines_with_a_separate_prefill_graph(exported, tmp_path):
-    """Engines built before the shared step graph name a prefill graph without past inputs."""
-    from torch import nn
+class _StackedStep(torch.nn.Module):
+    """The step graph of engines before per-layer caches: one cache stacked over layers."""
+
+    def __init__(self, reasoner):
+        super().__init__()
+        from sdk.export.onnx_reasoner import StepGraph
+
+        self.step = StepGraph(reasoner)
+        self.L = reasoner.cfg.n_layers
+
+    def forward(self, input_ids, past_k, past_v, visual_k, visual_v, visual_mask):
+        logits, *cache = self.step(input_ids, visual_k, visual_v, visual_mask, [*past_k.unbind(0), *past_v.unbind(0)])
+        return logits, torch.stack(cache[: self.L]), torch.stack(cache[self.L :])
+
+
+class _OldPrefill(torch.nn.Module):
+    """The oldest engines' prefill graph: no cache inputs."""
+
+    def __init__(self, reasoner):
+        super().__init__()
+        self.reasoner = reasoner
+
+    def forward(self, input_ids, visual_k, visual_v, visual_mask):
+        logits, cache = self.reasoner(input_ids, visual_mask=visual_mask,
+                                      visual_kv=list(zip(visual_k.unbind(0), visual_v.unbind(0))))
+        return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+
+
+@pytest.mark.parametrize("layout", ["stacked-step", "separate-prefill"])
+def test_runtime_still_reads_engines_with_older_cache_layouts(exported, tmp_path, layout):
+    """Engines before per-layer caches hold one step graph with a cache stacked over layers; the
+    oldest, a prefill graph without cache inputs beside that stacked decode graph."""
     from torch.export import Dim
 
     from sdk.engine import FORMAT_VERSION, write_engine
     from sdk.export.bundle import reasoner_parts
     from sdk.export.onnx_embedder import export_module
+    from sdk.export.onnx_reasoner import STEP_PART
     from sdk.reasoner import Reasoner
     from sdk.train.reasoner import TASKS, encode_example
     from tiny_models import tiny_reasoner_tokenizer
 
-    class OldPrefill(nn.Module):  # the earlier prefill graph: no cache inputs
-        def __init__(self, reasoner):
-            super().__init__()
-            self.reasoner = reasoner
-
-        def forward(self, input_ids, visual_k, visual_v, visual_mask):
-            logits, cache = self.reasoner(input_ids, visual_mask=visual_mask,
-                                          visual_kv=list(zip(visual_k.unbind(0), visual_v.unbind(0))))
-            return logits[:, -1], torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
-
     model, _, paths, parity = exported
     c = model.cfg
-    vk = torch.randn(c.n_layers, 2, c.n_heads, c.n_visual, c.d_model // c.n_heads)
+    L, h, hc = c.n_layers, c.n_heads, c.d_model // c.n_heads
+    vk = torch.randn(L, 2, h, c.n_visual, hc)
     batch = Dim("batch", min=1)
-    export_module(OldPrefill(model).eval(), (torch.randint(6, 300, (2, 5)), vk, vk, torch.tensor([1.0, 0.0])),
-                  {"input_ids": {0: batch, 1: Dim("seq", min=1, max=c.max_len)}, "visual_k": {0: None, 1: batch},
-                   "visual_v": {0: None, 1: batch}, "visual_mask": {0: batch}},
-                  ["logits", "present_k", "present_v"], tmp_path / "old_prefill.onnx", 18)
+    seq = Dim("seq", min=1, max=c.max_len)
+    vis = {"visual_k": {0: None, 1: batch}, "visual_v": {0: None, 1: batch}, "visual_mask": {0: batch}}
+    past = Dim("past", min=1, max=c.max_len - 1)
+    pk = torch.randn(L, 2, h, 3, hc)
+    export_module(_StackedStep(model).eval(), (torch.randint(6, 300, (2, 5)), pk, pk, vk, vk, torch.tensor([1.0, 0.0])),
+                  {"input_ids": {0: batch, 1: seq}, "past_k": {1: batch, 3: past}, "past_v": {1: batch, 3: past}, **vis},
+                  ["logits", "present_k", "present_v"], tmp_path / "old_step.onnx", 18)
     tok = tiny_reasoner_tokenizer()
     section, parts = reasoner_parts(paths["visual"].parent, tok.to_str().encode(), tasks=TASKS, max_len=64, parity=parity)
     section = {k: v for k, v in section.items() if k != "precision"}  # older engines had no precision either
-    section["parts"] = {**section["parts"], "prefill": "old_prefill.onnx"}
-    parts["old_prefill.onnx"] = (tmp_path / "old_prefill.onnx").read_bytes()
+    parts[STEP_PART] = (tmp_path / "old_step.onnx").read_bytes()
+    if layout == "separate-prefill":
+        export_module(_OldPrefill(model).eval(), (torch.randint(6, 300, (2, 5)), vk, vk, torch.tensor([1.0, 0.0])),
+                      {"input_ids": {0: batch, 1: seq}, **vis}, ["logits", "present_k", "present_v"],
+                      tmp_path / "old_prefill.onnx", 18)
+        section["parts"] = {**section["parts"], "prefill": "old_prefill.onnx"}
+        parts["old_prefill.onnx"] = (tmp_path / "old_prefill.onnx").read_bytes()
     write_engine(tmp_path / "old.engine", {"format": "moon3.engine", "format_version": FORMAT_VERSION, "reasoner": section},
                  parts)
     r = Reasoner(tmp_path / "old.engine", threads=1)
-    assert r.precision == "fp32" and not r._dec._prefill_past
+    assert r.precision == "fp32" and not r._dec._per_layer
+    assert r._dec._prefill_past == (layout == "stacked-step")
     ids, _ = encode_example(tok, TASKS["category"], None, "red shoe")
     assert r.generate_ids(text="red shoe", task="category", max_new_tokens=8) == model.generate(ids, None, max_new_tokens=8)
+
+
+def test_current_step_graph_has_one_cache_input_per_layer(exported):
+    import onnx
+
+    from sdk.export.onnx_reasoner import cache_names
+
+    model, _, paths, _ = exported
+    g = onnx.load(str(paths["decode"])).graph
+    L = model.cfg.n_layers
+    assert [i.name for i in g.input] == ["input_ids", "visual_k", "visual_v", "visual_mask", *cache_names(L)]
+    assert [o.name for o in g.output] == ["logits", *cache_names(L, "present")]
+    assert "Concat" not in {n.op_type for n in g.node}, "no stacking of the cache"
+    readers = {i: n.op_type for n in g.node for i in n.input}
+    assert all(readers[name] == "MultiHeadAttention" for name in cache_names(L)), "each cache input feeds its attention"
