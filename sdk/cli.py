@@ -33,6 +33,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         threads=args.threads,
         layout=args.layout,
         calib_method=args.calib_method,
+        smooth_alpha=None if args.smooth_alpha < 0 else args.smooth_alpha,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         completion=None if args.no_completion else (args.completion or "auto"),
         reasoner_precision=args.reasoner_precision,
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: build int8, int8-static, fp16 and fp32, keep those that pass the gates, pick the "
                         "fastest on this machine (batch-1 latency) and record why in the manifest")
     b.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="percentile")
+    b.add_argument("--smooth-alpha", type=float, default=0.7,
+                   help="int8: first try every text matmul in INT8 after SmoothQuant with this migration strength "
+                        "(0-1, calibrated on catalog titles); -1 skips it")
     b.add_argument("--layout", choices=("split", "single"), default="split",
                    help="split: image graph + text graph + fused-op head, each tower run only for the items "
                         "that have its modality (default); single: one ONNX graph")

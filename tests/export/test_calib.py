@@ -102,3 +102,56 @@ def test_sensitivity_sweep_ranks_groups(text_graph, tmp_path):
     assert [g for g, _ in ranking] and sorted(g for g, _ in ranking) == sorted(groups)
     cos = [c for _, c in ranking]
     assert cos == sorted(cos) and all(0.9 < c <= 1.0 + 1e-9 for c in cos)
+
+
+def _outlier_matmul(path, K=48, N=32, factor=100.0, seed=0):
+    """y = (x * c) @ W: a matmul whose input has 3 outlier channels (c = factor there) that the
+    weights damp (those rows of W divided by factor), as in trained transformers; plus feeds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c = np.ones(K, np.float32)
+    c[:3] = factor
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    w[:3] /= factor
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "c"], ["xc"]), helper.make_node("MatMul", ["xc", "w"], ["y"])], "outliers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", N])],
+        [numpy_helper.from_array(c, "c"), numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, CalibrationSet([{"x": rng.standard_normal((4, 9, K)).astype(np.float32)} for _ in range(4)])
+
+
+def test_smoothing_keeps_the_fp32_graph_and_rescues_dynamic_int8(tmp_path):
+    import onnx
+
+    from sdk.calib import smooth_matmul_inputs
+    from sdk.export.build import quantize_int8
+
+    src, cal = _outlier_matmul(tmp_path / "outliers.onnx")
+    info = smooth_matmul_inputs(src, tmp_path / "smoothed.onnx", cal, alpha=0.7)
+    assert info == {"alpha": 0.7, "groups": 1, "matmuls": 1, "calibration": cal.source}
+    assert [n.op_type for n in onnx.load(str(tmp_path / "smoothed.onnx")).graph.node] == ["Mul", "Mul", "MatMul"]
+    assert output_cosine(src, tmp_path / "smoothed.onnx", cal.feeds) > 0.99999  # the same function in FP32
+    plain = output_cosine(src, quantize_int8(src, tmp_path / "plain.int8.onnx"), cal.feeds)
+    smoothed = output_cosine(src, quantize_int8(tmp_path / "smoothed.onnx", tmp_path / "smooth.int8.onnx"), cal.feeds)
+    assert plain < 0.99 < 0.999 < smoothed, (plain, smoothed)
+
+
+def test_smoothing_on_a_text_graph_keeps_its_function(text_graph, tmp_path):
+    from sdk.calib import smooth_matmul_inputs
+
+    src, cal, _ = text_graph
+    info = smooth_matmul_inputs(src, tmp_path / "smoothed.onnx", cal)
+    assert info["matmuls"] >= info["groups"] >= 4  # Q/K/V share one input
+    assert output_cosine(src, tmp_path / "smoothed.onnx", cal.feeds) > 0.99999
+
+
+def test_smoothing_validates_alpha(text_graph, tmp_path):
+    from sdk.calib import smooth_matmul_inputs
+
+    src, cal, _ = text_graph
+    with pytest.raises(ValueError, match="alpha must be in"):
+        smooth_matmul_inputs(src, tmp_path / "s.onnx", cal, alpha=1.5)
