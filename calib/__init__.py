@@ -1,8 +1,9 @@
-"""Calibration sets, calibrators and static INT8 (Q/DQ) quantization with a sensitivity sweep.
+"""Calibration sets, calibrators, SmoothQuant, and static INT8 (Q/DQ) quantization with a sensitivity sweep.
 
-    from sdk.calib import CalibrationSet, quantize_static_qdq, sensitivity_sweep
+    from sdk.calib import CalibrationSet, quantize_static_qdq, sensitivity_sweep, smooth_matmul_inputs
     cal = CalibrationSet.text_from_catalog("../shared/data/catalog", "tokenizer.json", n=256)
     quantize_static_qdq("text.onnx", "text.qdq.onnx", cal, method="percentile", cache="text.calib.json")
+    smooth_matmul_inputs("text.onnx", "text.smoothed.onnx", cal, alpha=0.7)  # then dynamic INT8
 
 A calibration set is any list of named numpy feeds (dicts keyed by the graph's input names);
 `CalibrationSet.text_from_catalog` / `image_from_catalog` draw one from a catalog, stratified by
