@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,14 @@ class ImagePreprocess:
             raise ValueError(f"ImagePreprocess.resize must be 'squash' or 'center_crop', got {self.resize!r}")
         if self.scale not in ("pm1", "imagenet"):
             raise ValueError(f"ImagePreprocess.scale must be 'pm1' or 'imagenet', got {self.scale!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            if not ok or (name == "std" and min(v) <= 0):
+                raise ValueError(f"ImagePreprocess.{name} must be 3 finite numbers{' > 0' if name == 'std' else ''}, "
+                                 f"got {v!r}")
+            object.__setattr__(self, name, tuple(float(x) for x in v))
 
 
 def load_image(src: Any, *, name: str = "image"):
@@ -216,9 +225,9 @@ def image_to_array(img, cfg: ImagePreprocess = ImagePreprocess()) -> np.ndarray:
         left, top = (w - s) // 2, (h - s) // 2
         img = img.crop((left, top, left + s, top + s))
     levels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W) view
-    table = _pixel_table(cfg.scale, tuple(cfg.mean), tuple(cfg.std))
     if cfg.scale == "pm1":
-        return np.take(table[0], levels)  # (3, H, W), C-contiguous
+        return np.take(_pixel_table("pm1", (), ())[0], levels)  # (3, H, W), C-contiguous
+    table = _pixel_table(cfg.scale, cfg.mean, cfg.std)
     out = np.empty(levels.shape, np.float32)
     for c in range(3):
         np.take(table[c], levels[c], out=out[c])

@@ -141,7 +141,9 @@ def test_scaling_by_table_is_bit_identical_to_float_arithmetic(cfg):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("kw", [{"size": 8}, {"resize": "stretch"}, {"scale": "0-1"}])
+@pytest.mark.parametrize("kw", [{"size": 8}, {"resize": "stretch"}, {"scale": "0-1"}, {"mean": (0.5, 0.5)},
+                                {"mean": "abc"}, {"mean": [[0.5], 0.5, 0.5]}, {"std": (0.2, 0.0, 0.2)},
+                                {"std": (0.2, float("nan"), 0.2)}, {"mean": (True, 0.5, 0.5)}])
 def test_image_preprocess_validates(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         ImagePreprocess(**kw)
