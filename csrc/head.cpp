@@ -120,8 +120,8 @@ class HeadKernel {
     }
 
    private:
-    // A modality's tokens for one row: n rows of d values, pooled to `mean` (zeros when no
-    // position was valid: the attention then runs over all positions, as in the reference).
+    // A modality's tokens for one row: n rows of d values; pool_zero when no position was valid
+    // (the attention then runs over all positions and the pooled mean is zero, as in the reference).
     struct Tokens {
         const float* x = nullptr;
         i64 n = 0;

@@ -35,6 +35,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
 AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
+SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
@@ -143,7 +144,7 @@ class BuildConfig:
         self.out = Path(self.out)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.precision in ("int8-static", "fp16") and self.layout != "split":
+        if self.precision in SPLIT_ONLY and self.layout != "split":
             raise ValueError(f"precision {self.precision!r} needs layout 'split'")
         from sdk.calib import METHODS
 
@@ -156,7 +157,7 @@ class BuildConfig:
         bad = [p for p in self.auto_candidates if p not in PRECISIONS]
         if not self.auto_candidates or bad:
             raise ValueError(f"auto_candidates must be precisions of {PRECISIONS}, got {self.auto_candidates}")
-        split_only = [p for p in self.auto_candidates if p in ("int8-static", "fp16")]
+        split_only = [p for p in self.auto_candidates if p in SPLIT_ONLY]
         if self.precision == "auto" and self.layout != "split" and split_only:
             raise ValueError(f"auto_candidates {split_only} need layout 'split'")
         if self.eval_items < 20:

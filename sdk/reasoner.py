@@ -63,11 +63,9 @@ class OnnxDecoder:
         return vk, vv
 
     def _empty_cache(self) -> dict[str, np.ndarray]:
-        if self._per_layer:
-            empty = np.zeros((1, self.h, 0, self.c), np.float32)
-            return {name: empty for name in self._feeds_next}
-        empty = np.zeros((self.L, 1, self.h, 0, self.c), np.float32)
-        return {"past_k": empty, "past_v": empty}
+        shape = (1, self.h, 0, self.c) if self._per_layer else (self.L, 1, self.h, 0, self.c)
+        empty = np.zeros(shape, np.float32)
+        return {name: empty for name in self._feeds_next}
 
     def generate(self, prompt: Sequence[int], visual_kv: tuple[np.ndarray, np.ndarray] | None, max_new_tokens: int,
                  return_logits: bool = False, stats: dict | None = None):
