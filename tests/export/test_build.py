@@ -45,7 +45,7 @@ def test_recall_counts_title_groups():
     "kw, match",
     [({"precision": "int3"}, "precision"), ({"eval_items": 5}, "eval_items"), ({"threads": -1}, "threads"),
      ({"layout": "pipelined"}, "layout"), ({"precision": "int8-static", "layout": "single"}, "needs layout 'split'"),
-     ({"calib_method": "kl"}, "calib_method")],
+     ({"calib_method": "kl"}, "calib_method"), ({"smooth_alpha": 1.5}, r"smooth_alpha must be in \[0, 1\]")],
 )
 def test_build_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
