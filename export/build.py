@@ -410,7 +410,9 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         graph = build_reference_graph(weights)
         if cfg.layout == "split":
             log("[2/4] export: image graph + text graph + head, parity vs PyTorch on padded batches")
-            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split", image_size=image_pre.size))
+            # The static Q/DQ graph is TensorRT's format: the exporter's plain ops, no com.microsoft ones.
+            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split", image_size=image_pre.size,
+                                                               fused_text=cfg.precision != "int8-static"))
             parity = json.loads((tmp / "split" / "split.parity.json").read_text())
             text_graph, image_graph = paths["text"], paths["image"]
         else:

@@ -5,7 +5,8 @@
     # -> build/split/image.onnx, text.onnx, head.npz, split.parity.json
 
     image.onnx   pixels (B, 3, H, W) float32 -> image_tokens (B, N, d)   image tower + image encoder with FIRE
-    text.onnx    input_ids, attention_mask (B, T) int64 -> token_states (B, T, C)   titles and traces
+    text.onnx    input_ids, attention_mask (B, T) int64 -> token_states (B, T, C)   titles and traces;
+                 a BERT tower with one fused attention and one GELU node per layer (`FusedBertTextGraph`)
     head.npz     `sdk.head.FusionHead` weights: projections, modality fusion, final projection
 
 Why split: the runtime runs each tower only on the items that have that modality (a text query
@@ -65,6 +66,60 @@ class TextGraph(nn.Module):
         return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+class FusedBertTextGraph(nn.Module):
+    """`TextGraph` for a BERT text tower, written for export with ONNX Runtime's fused operators.
+
+    The same weights and arithmetic as the Hugging Face `BertModel` it wraps, but each layer's
+    attention core (head split, scaled scores, padding mask, softmax, weighted sum, head merge) is
+    one com.microsoft MultiHeadAttention node and each feed-forward activation one com.microsoft
+    Gelu node, instead of the exporter's ~25 reshape, transpose, mask, softmax and erf nodes per
+    layer. The projections stay MatMuls in their modules' name scopes, so quantization, SmoothQuant
+    and the per-module fallbacks see the same matmuls as in the plain graph. Padding keys get the
+    operator's mask value (-10000 before the softmax; PyTorch uses the dtype's minimum): both give
+    them a weight that is exactly zero in float32. The export's parity check compares this graph
+    with the PyTorch tower, as for the plain one.
+
+    Only in an ONNX export: run eagerly, the com.microsoft nodes are placeholders.
+    """
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        if not fusable_bert(text_encoder):
+            raise ExportError("FusedBertTextGraph needs a BERT encoder with exact GELU and absolute positions")
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from torch.onnx.ops import symbolic
+
+        enc = self.text_encoder
+        B, T = input_ids.shape
+        heads = enc.config.num_attention_heads
+        x = enc.embeddings(input_ids=input_ids)  # (B, T, C); token types 0, positions 0..T-1
+        keep = attention_mask.to(torch.int32)  # (B, T): 1 = a real token
+        for layer in enc.encoder.layer:
+            att = layer.attention
+            q, k, v = att.self.query(x), att.self.key(x), att.self.value(x)  # (B, T, C) each
+            y = symbolic("com.microsoft::MultiHeadAttention", (q, k, v, None, keep), {"num_heads": heads},
+                         dtype=x.dtype, shape=(B, T, x.shape[-1]), version=1)
+            x = att.output.LayerNorm(att.output.dense(y) + x)
+            h = layer.intermediate.dense(x)  # (B, T, F)
+            h = symbolic("com.microsoft::Gelu", (h,), {}, dtype=h.dtype, shape=h.shape, version=1)
+            x = layer.output.LayerNorm(layer.output.dense(h) + x)
+        return x
+
+
+def fusable_bert(text_encoder: nn.Module) -> bool:
+    """Whether `FusedBertTextGraph` reproduces this text tower: a Hugging Face BERT encoder
+    (post-LayerNorm layers, absolute positions, exact erf GELU, no cross-attention)."""
+    cfg = getattr(text_encoder, "config", None)
+    layers = getattr(getattr(text_encoder, "encoder", None), "layer", None)
+    return (cfg is not None and getattr(cfg, "model_type", "") == "bert" and layers is not None
+            and getattr(cfg, "hidden_act", None) == "gelu"
+            and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+            and not getattr(cfg, "is_decoder", False) and not getattr(cfg, "add_cross_attention", False)
+            and cfg.hidden_size % cfg.num_attention_heads == 0)
+
+
 @dataclass
 class SplitExportConfig:
     """Where and how to export a split embedder.
@@ -77,6 +132,9 @@ class SplitExportConfig:
         min_cosine: per-row cosine gate, split runtime vs PyTorch.
         seed: seed of the example and check batches.
         num_threads: ONNX Runtime intra-op threads for the check (0 = its default).
+        fused_text: export a BERT text tower as `FusedBertTextGraph` (ONNX Runtime's fused
+            attention and GELU; other towers always export plainly). False: the exporter's own
+            decomposition, for runtimes without com.microsoft operators (e.g. TensorRT alone).
     """
 
     folder: str | Path
@@ -86,6 +144,7 @@ class SplitExportConfig:
     min_cosine: float = 0.9999
     seed: int = 0
     num_threads: int = 0
+    fused_text: bool = True
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
@@ -136,7 +195,9 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
     try:
         export_module(ImageGraph(graph.image_tower, fusion).eval(), (torch.from_numpy(ex["pixels"]),),
                       {"pixels": {0: batch}}, ["image_tokens"], paths["image"], cfg.opset)
-        export_module(TextGraph(graph.text_encoder).eval(),
+        fused = cfg.fused_text and fusable_bert(graph.text_encoder)
+        text_graph = FusedBertTextGraph(graph.text_encoder) if fused else TextGraph(graph.text_encoder)
+        export_module(text_graph.eval(),
                       (torch.from_numpy(ex["input_ids"]), torch.from_numpy(ex["attention_mask"])),
                       {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                       ["token_states"], paths["text"], cfg.opset)
@@ -165,6 +226,7 @@ def split_runner(paths: dict[str, Path], num_threads: int = 0):
 def verify_split(graph: nn.Module, paths: dict[str, Path], cfg: SplitExportConfig) -> dict[str, Any]:
     """Row cosine of the split runtime vs the PyTorch graph on cfg.check_batches (a report dict)."""
     runner = split_runner(paths, cfg.num_threads)
+    text_kind = "fused" if cfg.fused_text and fusable_bert(graph.text_encoder) else "plain"
     batches, cos_all, failure = [], [], None
     for k, (b, t, s) in enumerate(cfg.check_batches):
         feed = make_padded_batch(b, t, s, vocab_size=graph.vocab_size, image_size=cfg.image_size, seed=cfg.seed + 1 + k)
@@ -184,7 +246,8 @@ def verify_split(graph: nn.Module, paths: dict[str, Path], cfg: SplitExportConfi
     report = {"format": PARITY_FORMAT, "model": "split", "min_cosine_gate": cfg.min_cosine,
               "min_cosine": float(np.nan if np.isnan(cos).any() else cos.min()), "mean_cosine": float(cos.mean()),
               "max_abs_err": max(b["max_abs_err"] for b in batches), "rows": int(cos.size), "batches": batches,
-              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset, "versions": library_versions()}
+              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset, "text_graph": text_kind,
+              "versions": library_versions()}
     if failure:
         report["failure"] = failure
     return report
