@@ -65,6 +65,60 @@ def test_each_tower_runs_only_on_items_with_its_modality(tiny_split_engine):
     assert image.rows == [2] and text.rows == [3, 1, 1]  # 2 photos; 1 title; 1 trace
 
 
+def _brute_force_groups(lengths, run_cost):
+    """Every way to cut the sorted rows into consecutive groups: the least cost."""
+    import itertools
+
+    n, best = len(lengths), None
+    for k in range(n):
+        for cuts in itertools.combinations(range(1, n), k):
+            bounds = [0, *cuts, n]
+            cost = sum((b - a) * lengths[b - 1] + run_cost for a, b in zip(bounds, bounds[1:]))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("run_cost", [0.5, 4, 12, 100])
+def test_length_groups_is_the_cheapest_cut(seed, run_cost):
+    from sdk.head import length_groups
+
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 40, rng.integers(1, 9)))
+    groups = length_groups(lengths, run_cost)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a < b for a, b in groups) and all(b == a2 for (_, b), (a2, _) in zip(groups, groups[1:]))
+    cost = sum((b - a) * lengths[b - 1] + run_cost for a, b in groups)
+    assert cost == pytest.approx(_brute_force_groups(lengths, run_cost))
+
+
+def test_length_groups_extremes():
+    from sdk.head import length_groups
+
+    assert length_groups(np.array([7] * 32)) == [(0, 32)]  # equal lengths: one run
+    assert length_groups(np.array([3, 3, 3, 3, 3, 3, 3, 3, 60])) == [(0, 8), (8, 9)]  # one long outlier runs alone
+    assert length_groups(np.array([5])) == [(0, 1)]
+    assert length_groups(np.array([1, 2, 3]), run_cost=1e9) == [(0, 3)]
+
+
+def test_texts_of_very_different_lengths_run_in_length_groups_with_unchanged_vectors(split, tiny_engine):
+    """Titles of 3 and 12 tokens in one batch: the text graph runs once per length group (less
+    padding), and each vector is what the title gives alone."""
+    w = tiny_engine.words
+    long = " ".join(w[:tiny_engine.text_max - 2])  # the whole budget, no truncation
+    texts = [w[i % len(w)] for i in range(10)]
+    texts[3:3] = [long]
+    texts.append(" ".join(reversed(long.split())))
+    text = split._split.text_session = _Counting(split._split.text_session)
+    try:
+        got = split.embed(texts=texts)
+        assert text.rows == [10, 2]  # 10 one-word titles, then the 2 long ones
+        alone = np.stack([split.embed(texts=[t])[0] for t in texts])
+    finally:
+        split._split.text_session = text.session
+    np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
+
+
 def test_head_matches_the_torch_fusion_model(tiny_split_engine):
     torch = pytest.importorskip("torch")
     from sdk.export.onnx_split import head_state
