@@ -7,9 +7,9 @@ titles, same run, same thread count.
         --benchmark-json=peers.json
 
 Runners:
-  * moon3 int8: `sdk.Embedder(engine).embed(texts=...)`, the whole product embedder (256-d); its
-    vectors are checked against the FP32 teacher's. (Text-only queries still run the image tower
-    on zero pixels: the graph is one piece.)
+  * moon3 int8: `sdk.Embedder(engine).embed(texts=...)`, the whole product embedder (256-d): the
+    split engine's text graph (MiniLM, INT8) and its fusion head; the image tower does not run.
+    Its vectors are checked against the FP32 teacher's.
   * sentence-transformers, torch backend (FP32, eager).
   * sentence-transformers, ONNX backend with its dynamic quint8 model (`model_quint8_avx2.onnx`,
     exported and quantized here with `export_dynamic_quantized_onnx_model(model, "avx2", ...)`).

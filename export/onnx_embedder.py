@@ -454,7 +454,10 @@ def _ort_session(path: Path, num_threads: int):
     if num_threads:
         opts.intra_op_num_threads = num_threads
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        from sdk.embedder import session_kwargs  # the runtime's session settings
+
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                    **session_kwargs(["CPUExecutionProvider"]))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
         raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 

@@ -139,7 +139,7 @@ class Reasoner:
                 engine.close()
 
     def _init(self, engine: EngineFile, threads: int | None) -> None:
-        from sdk.embedder import _onnxruntime, _refuse_external_data
+        from sdk.embedder import _onnxruntime, _refuse_external_data, session_kwargs
         from sdk.preprocess import ImagePreprocess
 
         self._path = engine.path
@@ -165,7 +165,8 @@ class Reasoner:
             graph = engine.part(parts[k])  # EngineError on a checksum mismatch, before ONNX Runtime sees it
             _refuse_external_data(graph, self._path, parts[k], ort.__version__)
             try:
-                sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+                sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"],
+                                                          **session_kwargs(["CPUExecutionProvider"]))
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
         from tokenizers import Tokenizer

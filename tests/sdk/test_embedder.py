@@ -503,3 +503,33 @@ def test_engine_output_problems_are_not_silent(tiny_engine):
     e._session = _Broken(real, fail=True)
     with pytest.raises(EngineError, match=r"the embedder graph failed on inputs .*simulated kernel failure"):
         e.embed(texts=["red"])
+
+
+def test_cpu_sessions_turn_off_the_slow_skip_layernorm_fusion():
+    from sdk.embedder import session_kwargs
+
+    assert session_kwargs(["CPUExecutionProvider"]) == {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    assert session_kwargs(["CUDAExecutionProvider", "CPUExecutionProvider"]) == {}  # the GPU kernel is the fast one
+
+
+def test_add_layernorm_gives_what_the_fused_skip_layernorm_gives():
+    """The graph rewrite turned off on the CPU changes the time, not the arithmetic."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.embedder import session_kwargs
+
+    rng = np.random.default_rng(0)
+    g, b = rng.random(24).astype(np.float32), rng.random(24).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "s"], ["a"]),
+         helper.make_node("LayerNormalization", ["a", "g", "b"], ["y"], axis=-1, epsilon=1e-12)],
+        "skip_ln", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 5, 24]) for n in ("x", "s")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(g, "g"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    feed = {"x": rng.standard_normal((2, 5, 24)).astype(np.float32), "s": rng.standard_normal((2, 5, 24)).astype(np.float32)}
+    cpu = ["CPUExecutionProvider"]
+    fused = ort.InferenceSession(model, providers=cpu).run(None, feed)[0]
+    plain = ort.InferenceSession(model, providers=cpu, **session_kwargs(cpu)).run(None, feed)[0]
+    np.testing.assert_allclose(plain, fused, rtol=0, atol=1e-5)
