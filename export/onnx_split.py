@@ -152,10 +152,16 @@ class SplitExportConfig:
             raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
         if not self.check_batches or any(len(s) != 3 or min(s) < 1 for s in self.check_batches):
             raise ValueError(f"check_batches must be (batch, text_len, trace_len) triples >= 1, got {self.check_batches}")
+        if not isinstance(self.fused_text, bool):
+            raise ValueError(f"fused_text must be True or False, got {self.fused_text!r}")
 
     @property
     def parity_path(self) -> Path:
         return self.folder / "split.parity.json"
+
+    def text_graph_kind(self, text_encoder: nn.Module) -> str:
+        """"fused" when this text tower exports as `FusedBertTextGraph`, else "plain"."""
+        return "fused" if self.fused_text and fusable_bert(text_encoder) else "plain"
 
 
 def head_state(fusion: nn.Module) -> dict[str, np.ndarray]:
@@ -195,7 +201,7 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
     try:
         export_module(ImageGraph(graph.image_tower, fusion).eval(), (torch.from_numpy(ex["pixels"]),),
                       {"pixels": {0: batch}}, ["image_tokens"], paths["image"], cfg.opset)
-        fused = cfg.fused_text and fusable_bert(graph.text_encoder)
+        fused = cfg.text_graph_kind(graph.text_encoder) == "fused"
         text_graph = FusedBertTextGraph(graph.text_encoder) if fused else TextGraph(graph.text_encoder)
         export_module(text_graph.eval(),
                       (torch.from_numpy(ex["input_ids"]), torch.from_numpy(ex["attention_mask"])),
@@ -226,7 +232,6 @@ def split_runner(paths: dict[str, Path], num_threads: int = 0):
 def verify_split(graph: nn.Module, paths: dict[str, Path], cfg: SplitExportConfig) -> dict[str, Any]:
     """Row cosine of the split runtime vs the PyTorch graph on cfg.check_batches (a report dict)."""
     runner = split_runner(paths, cfg.num_threads)
-    text_kind = "fused" if cfg.fused_text and fusable_bert(graph.text_encoder) else "plain"
     batches, cos_all, failure = [], [], None
     for k, (b, t, s) in enumerate(cfg.check_batches):
         feed = make_padded_batch(b, t, s, vocab_size=graph.vocab_size, image_size=cfg.image_size, seed=cfg.seed + 1 + k)
@@ -246,7 +251,8 @@ def verify_split(graph: nn.Module, paths: dict[str, Path], cfg: SplitExportConfi
     report = {"format": PARITY_FORMAT, "model": "split", "min_cosine_gate": cfg.min_cosine,
               "min_cosine": float(np.nan if np.isnan(cos).any() else cos.min()), "mean_cosine": float(cos.mean()),
               "max_abs_err": max(b["max_abs_err"] for b in batches), "rows": int(cos.size), "batches": batches,
-              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset, "text_graph": text_kind,
+              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset,
+              "text_graph": cfg.text_graph_kind(graph.text_encoder),
               "versions": library_versions()}
     if failure:
         report["failure"] = failure

@@ -793,9 +793,10 @@ def _fingerprint(engine: EngineFile, spec: dict[str, Any]) -> str:
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
-def session_kwargs(providers: Sequence[str]) -> dict[str, Any]:
-    """Extra `onnxruntime.InferenceSession` arguments for these execution providers."""
-    if list(providers) == ["CPUExecutionProvider"]:
+def session_kwargs(providers: str | Sequence[str]) -> dict[str, Any]:
+    """Extra `onnxruntime.InferenceSession` arguments for these execution providers (onnxruntime
+    names, e.g. ["CPUExecutionProvider"]; one name may be given as a str)."""
+    if (list(providers) if not isinstance(providers, str) else [providers]) == ["CPUExecutionProvider"]:
         return {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)}
     return {}
 

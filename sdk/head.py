@@ -246,11 +246,18 @@ def length_groups(lengths: np.ndarray, run_cost: float = RUN_COST_TOKENS) -> lis
 
     Returns:
         [(start, end), ...] half-open row ranges covering 0..n in order.
+
+    Raises:
+        ValueError: lengths is not a 1-D ascending array of numbers >= 0, or run_cost < 0.
     """
-    n = len(lengths)
+    lens = np.asarray(lengths, np.float64)
+    if lens.ndim != 1 or not np.isfinite(lens).all() or (lens < 0).any() or (np.diff(lens) < 0).any():
+        raise ValueError(f"lengths must be a 1-D ascending array of finite numbers >= 0, got {lengths!r}")
+    if not run_cost >= 0:
+        raise ValueError(f"run_cost must be >= 0, got {run_cost!r}")
+    n = len(lens)
     best = np.zeros(n + 1)  # best[j]: cost of rows [0, j)
     cut = np.zeros(n + 1, np.int64)
-    lens = np.asarray(lengths, np.float64)
     for j in range(1, n + 1):  # last group [i, j) costs (j - i) * lengths[j - 1] + run_cost
         cost = best[:j] + (j - np.arange(j)) * lens[j - 1] + run_cost
         cut[j] = int(np.argmin(cost))

@@ -100,9 +100,16 @@ def test_fusable_bert(overrides, fusable):
 def test_fusable_bert_refuses_other_modules():
     from torch import nn
 
+    from sdk.export.onnx_embedder import ExportError
+
     assert not fusable_bert(nn.Linear(4, 4))
-    with pytest.raises(Exception, match="BERT encoder"):
+    with pytest.raises(ExportError, match="needs a BERT encoder with exact GELU"):
         FusedBertTextGraph(nn.Linear(4, 4))
+
+
+def test_fused_text_must_be_a_bool(tmp_path):
+    with pytest.raises(ValueError, match="fused_text must be True or False, got 'no'"):
+        SplitExportConfig(tmp_path, fused_text="no")
 
 
 def test_a_tower_that_cannot_be_fused_exports_plainly_and_passes_parity(tmp_path):

@@ -509,6 +509,7 @@ def test_cpu_sessions_turn_off_the_slow_skip_layernorm_fusion():
     from sdk.embedder import session_kwargs
 
     assert session_kwargs(["CPUExecutionProvider"]) == {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    assert session_kwargs("CPUExecutionProvider") == session_kwargs(("CPUExecutionProvider",))  # one name as a str
     assert session_kwargs(["CUDAExecutionProvider", "CPUExecutionProvider"]) == {}  # the GPU kernel is the fast one
 
 

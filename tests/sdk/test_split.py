@@ -99,6 +99,21 @@ def test_length_groups_extremes():
     assert length_groups(np.array([3, 3, 3, 3, 3, 3, 3, 3, 60])) == [(0, 8), (8, 9)]  # one long outlier runs alone
     assert length_groups(np.array([5])) == [(0, 1)]
     assert length_groups(np.array([1, 2, 3]), run_cost=1e9) == [(0, 3)]
+    assert length_groups(np.array([], np.int64)) == []
+
+
+@pytest.mark.parametrize(("lengths", "run_cost", "message"), [
+    ([3, 2], 12, "ascending"),
+    ([[1, 2]], 12, "1-D"),
+    ([-1, 2], 12, ">= 0"),
+    ([1, float("nan")], 12, "finite"),
+    ([1, 2], -1, "run_cost must be >= 0"),
+])
+def test_length_groups_refuses_bad_input(lengths, run_cost, message):
+    from sdk.head import length_groups
+
+    with pytest.raises(ValueError, match=message):
+        length_groups(np.array(lengths), run_cost)
 
 
 def test_texts_of_very_different_lengths_run_in_length_groups_with_unchanged_vectors(split, tiny_engine):
