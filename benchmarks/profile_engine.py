@@ -27,23 +27,36 @@ FAMILIES = {  # operator types -> what they are in this graph
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+class _Counted:
+    """An ONNX Runtime session that counts its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
 def profile(engine: str, modality: str, batch: int, rounds: int, threads: int) -> dict:
     import onnxruntime as ort
     from bench_common import SAMPLES  # the same inputs as the suites
     from sdk.bench import load_inputs, make_call
-    from sdk.embedder import Embedder
+    from sdk.embedder import Embedder, session_kwargs
     from sdk.engine import EngineFile
 
     emb = Embedder(engine, threads=threads)
     images, titles, _ = load_inputs(SAMPLES, batch)
-    # (one graph run per call: the calls below fit one batch)
     call = make_call(modality, images, titles)
+
     def profiled(part: str):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.enable_profiling = True
         so.profile_file_prefix = str(ROOT / ".cache" / "bench" / f"ort_profile_{part}")
-        return ort.InferenceSession(engine_file.part(part), so, providers=["CPUExecutionProvider"])
+        cpu = ["CPUExecutionProvider"]
+        # as the runtime creates it; counted, since a call may run a graph several times (length groups)
+        return _Counted(ort.InferenceSession(engine_file.part(part), so, providers=cpu, **session_kwargs(cpu)))
 
     (ROOT / ".cache" / "bench").mkdir(parents=True, exist_ok=True)
     engine_file = EngineFile.read(engine)
@@ -60,18 +73,18 @@ def profile(engine: str, modality: str, batch: int, rounds: int, threads: int) -
         sessions = [emb._session]
     for _ in range(2):
         emb.embed(**call, batch_size=batch)
+    warm_runs = [sess.runs for sess in sessions]
     t0 = time.perf_counter()
     for _ in range(rounds):  # the same calls the profile covers: graph time and wall time agree
         emb.embed(**call, batch_size=batch)
     total = (time.perf_counter() - t0) / rounds
     run_us = 0.0
     by_op: collections.Counter = collections.Counter()
-    for sess in sessions:
-        prof = Path(sess.end_profiling())
+    for sess, warm in zip(sessions, warm_runs):
+        prof = Path(sess.session.end_profiling())
         trace = json.loads(prof.read_text())
         prof.unlink()
-        runs = [e for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"]
-        runs = runs[-rounds:] if len(runs) > rounds else []  # one run per call; a graph an item set skips has none
+        runs = [e for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"][warm:]  # the timed calls'
         run_us += sum(e["dur"] for e in runs) / rounds
         start = runs[0]["ts"] if runs else float("inf")
         for e in trace:
