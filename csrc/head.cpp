@@ -179,6 +179,9 @@ class HeadKernel {
         }
         i64 max_n = 1;
         for (const Tokens& tk : tok) max_n = std::max(max_n, tk.n);
+        bool any_present[kModalities] = {};
+        for (i64 b = 0; b < B; ++b)
+            for (int m = 0; m < kModalities; ++m) any_present[m] = any_present[m] || present[b * kModalities + m] > 0.0f;
         Vec qn(static_cast<size_t>(B * d)), qp(static_cast<size_t>(kModalities * B * d));
         Vec y(static_cast<size_t>(kModalities * B * d)), outs(static_cast<size_t>(B * kModalities * d));
         Vec logits(static_cast<size_t>(B * kModalities)), gate(static_cast<size_t>(B * kModalities));
@@ -191,6 +194,13 @@ class HeadKernel {
             std::fill(y.begin(), y.end(), 0.0f);
             std::fill(logits.begin(), logits.end(), 0.0f);
             for (int m = 0; m < kModalities; ++m) {
+                if (!any_present[m]) {  // no row has it: its outputs are zero, skip its projections
+                    for (i64 b = 0; b < B; ++b) {
+                        float* dst = outs.data() + (b * kModalities + m) * d;
+                        std::fill(dst, dst + d, 0.0f);
+                    }
+                    continue;
+                }
                 float* qm = qp.data() + m * B * d;  // (B, d) this modality's projected queries
                 gemm(qn.data(), B, r.q[m], qm);
                 for (i64 b = 0; b < B; ++b) {
