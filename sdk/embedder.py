@@ -37,6 +37,7 @@ import copy
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ INPUT_NAMES = ("pixels", "input_ids", "attention_mask", "trace_ids", "trace_mask
 _IMAGE, _TEXT, _TRACE = 0, 1, 2
 ERRORS = ("report", "raise")
 COMPLETE = (None, "image")  # what `embed(..., complete_missing=)` accepts
+# Each thread keeps one pixel buffer for batches up to this many photos (19 MB at 224 px), so a
+# batch's photos are decoded straight into memory that is already mapped.
+PIXEL_BUFFER_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,7 @@ class Embedder:
     def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
         self._path = engine.path
         self._manifest = engine.manifest
+        self._buffers = threading.local()
         spec = _embedder_spec(engine)
         self._dim: int = spec["dim"]
         self._matryoshka: tuple[int, ...] = spec["matryoshka_dims"]
@@ -343,9 +348,10 @@ class Embedder:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Release the ONNX Runtime sessions; later calls raise `SdkError`."""
+        """Release the ONNX Runtime sessions and the pixel buffers; later calls raise `SdkError`."""
         self._session = None
         self._split = None
+        self._buffers = threading.local()
 
     def __enter__(self) -> "Embedder":
         return self
@@ -589,32 +595,30 @@ class Embedder:
         order = sorted(good, key=lambda i: (len(tok[i][1]), len(tok[i][0]), i))
 
         full = np.full((items.n, self._dim), np.nan, np.float32)  # (N, D)
-        size = self._image_cfg.size
         for start in range(0, len(order), batch_size):
-            chunk, pixels = [], []
-            for i in order[start : start + batch_size]:
-                src = items.images[i]
+            todo = order[start : start + batch_size]
+            buf = self._pixel_buffer(len(todo))  # (>= len(todo), 3, H, W), this thread's
+            chunk = []
+            for i in todo:  # photos decode straight into the buffer's rows
+                src, row = items.images[i], buf[len(chunk)]
                 if src is None:
-                    pixels.append(None)
-                    chunk.append(i)
-                    continue
-                try:
-                    pixels.append(image_to_array(load_image(src, name=f"{what} {i} image"), self._image_cfg))
-                except InvalidInputError as exc:
-                    if fail_fast:
-                        raise
-                    errors[i] = str(exc)
-                    continue
+                    row[...] = 0.0
+                else:
+                    try:
+                        image_to_array(load_image(src, name=f"{what} {i} image"), self._image_cfg, out=row)
+                    except InvalidInputError as exc:
+                        if fail_fast:
+                            raise
+                        errors[i] = str(exc)
+                        continue
                 chunk.append(i)
             if not chunk:
                 continue
             B = len(chunk)
-            pix = np.zeros((B, 3, size, size), np.float32)  # (B, 3, H, W)
+            pix = buf[:B]  # (B, 3, H, W)
             present = np.zeros((B, 3), np.float32)  # (B, 3)
-            for r, (i, p) in enumerate(zip(chunk, pixels)):
-                if p is not None:
-                    pix[r] = p
-                    present[r, _IMAGE] = 1.0
+            for r, i in enumerate(chunk):
+                present[r, _IMAGE] = items.images[i] is not None
                 present[r, _TEXT] = items.texts[i] is not None
                 present[r, _TRACE] = items.traces[i] is not None
             ids, mask = _pad([tok[i][0] for i in chunk])  # (B, T)
@@ -647,6 +651,17 @@ class Embedder:
             vectors = full  # the graph's output is already L2-normalised
         truncated = {i: c for i, c in truncated.items() if i not in errors}
         return Embeddings(vectors, dict(sorted(errors.items())), truncated)
+
+    def _pixel_buffer(self, rows: int) -> np.ndarray:
+        """This thread's reusable (rows, 3, H, W) float32 pixel buffer (grown on demand, kept while it
+        holds at most PIXEL_BUFFER_ROWS rows; a larger batch gets a fresh array each time)."""
+        size = self._image_cfg.size
+        if rows > PIXEL_BUFFER_ROWS:
+            return np.empty((rows, 3, size, size), np.float32)
+        buf = getattr(self._buffers, "pixels", None)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._buffers.pixels = np.empty((max(rows, 8), 3, size, size), np.float32)
+        return buf
 
     def _check_dim(self, dim: Any) -> int:
         return check_dim(dim, self._dim, hint=f"the trained widths are {list(self._matryoshka)}")

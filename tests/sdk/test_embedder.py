@@ -285,6 +285,27 @@ def test_every_bad_item_is_reported_by_index(emb, imgs, tmp_path):
         emb.embed(images, texts, errors="raise")
 
 
+def test_pixel_buffer_is_reused_and_leaks_nothing(emb, imgs, monkeypatch):
+    """Photos decode into one buffer per thread; rows of a batch with missing or bad photos, and
+    later calls, get exactly the vectors of items embedded one at a time."""
+    import sdk.embedder as embedder
+
+    one_by_one = np.stack([emb.embed([im], ["red"])[0] for im in imgs[:4]])
+    text_only = emb.embed(texts=["red"])[0]
+    first = emb.embed(imgs[:4], ["red"] * 4)
+    buf = emb._buffers.pixels
+    np.testing.assert_allclose(first, one_by_one, atol=2e-6)
+    # a bad photo and a missing one between good ones: the rows after them shift up in the buffer
+    res = emb.embed_batch([imgs[0], b"junk", None, imgs[1], imgs[2]], ["red"] * 5, batch_size=5)
+    assert emb._buffers.pixels is buf and sorted(res.errors) == [1]
+    np.testing.assert_allclose(res.vectors[[0, 3, 4]], one_by_one[:3], atol=2e-6)
+    np.testing.assert_allclose(res.vectors[2], text_only, atol=2e-6)  # its row held a photo before
+    # batches above PIXEL_BUFFER_ROWS get a fresh array and leave the kept buffer alone
+    monkeypatch.setattr(embedder, "PIXEL_BUFFER_ROWS", 2)
+    np.testing.assert_allclose(emb.embed(imgs[:4], ["red"] * 4), one_by_one, atol=2e-6)
+    assert emb._buffers.pixels is buf
+
+
 def test_call_level_errors(emb, imgs):
     with pytest.raises(InvalidInputError, match=r"one entry per item, got images 2, texts 3"):
         emb.embed(imgs[:2], ["a", "b", "c"])

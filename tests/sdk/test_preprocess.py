@@ -120,6 +120,21 @@ def test_image_to_array_rules():
     assert np.allclose(x[0], (1 - 0.485) / 0.229, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [ImagePreprocess(size=32), ImagePreprocess(size=32, resize="center_crop", scale="imagenet")],
+                         ids=["pm1-squash", "imagenet-crop"])
+def test_image_to_array_writes_into_out(cfg):
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (41, 23, 3), dtype=np.uint8))
+    batch = np.full((2, 3, 32, 32), np.nan, np.float32)
+    got = image_to_array(img, cfg, out=batch[1])
+    assert np.shares_memory(got, batch[1]) and got.shape == (3, 32, 32)
+    np.testing.assert_array_equal(batch[1], image_to_array(img, cfg))
+    assert np.isnan(batch[0]).all()  # the other row is untouched
+    for bad in (np.empty((3, 32, 32), np.float64), np.empty((3, 16, 16), np.float32),
+                np.empty((3, 32, 64), np.float32)[:, :, ::2]):
+        with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float32 array of shape \(3, 32, 32\)"):
+            image_to_array(img, cfg, out=bad)
+
+
 @pytest.mark.parametrize("cfg", [ImagePreprocess(), ImagePreprocess(size=40, resize="center_crop", scale="imagenet")],
                          ids=["pm1-squash", "imagenet-crop"])
 def test_scaling_by_table_is_bit_identical_to_float_arithmetic(cfg):
