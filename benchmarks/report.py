@@ -1,14 +1,15 @@
 """Benchmark report: pytest-benchmark JSON files -> results.json, results.md and PNG plots.
 
     python benchmarks/report.py benchmarks/results/embedder.json benchmarks/results/peers.json \
-        --out benchmarks/results
+        benchmarks/results/reasoner.json --out benchmarks/results
 
 Reads the `extra_info` the suites record (runner, kind, precision, modality, batch, p50/p99,
 items/s, cosine to the FP32 reference, cold start, peak RSS). Every ratio is taken between two
 benchmarks of the same JSON file, i.e. of the same run: absolute times on a shared machine drift
 from run to run, ratios much less. Writes:
   * results.json: every row, the ratios and the targets, with the machine and commit of each run;
-  * results.md: the tables (embedder vs teacher, text-only vs peers, cold start, targets);
+  * results.md: the tables (embedder vs teacher, text-only vs peers, cold start, reasoner tokens/s,
+    think-then-embed latency vs reasoning budget, targets);
   * latency_vs_batch.png: p50 (and p99) latency against batch size, per modality and runner;
   * fidelity_vs_speed.png: cosine to the FP32 reference against latency / throughput.
 """
@@ -26,6 +27,8 @@ TEACHER = "torch eager fp32 (teacher)"
 OURS_TEXT = "moon3 int8"
 ST_QUINT8 = "sentence-transformers onnx quint8"
 FASTEMBED = "fastembed onnx"
+TORCH_REASONER = "torch-eager"
+DEFAULT_REASONER = "onnx-int4"  # the reasoner precision `moon3 build` ships
 
 # (what, target, how to read it) - the speed goals of the embedder
 TARGETS = {
@@ -33,6 +36,7 @@ TARGETS = {
     "text_vs_st_quint8": ("text-only throughput / sentence-transformers ONNX quint8", 1.5, ">="),
     "text_vs_fastembed": ("text-only throughput / fastembed", 4.0, ">="),
     "cold_start": ("cold start: import sdk -> engine loaded -> first vector (s)", 1.0, "<="),
+    "reasoner_decode_vs_torch": ("reasoner decode tokens/s, INT4 engine / torch eager generate", 4.0, ">="),
 }
 
 
@@ -97,6 +101,14 @@ def targets(rows: list[dict]) -> list[dict]:
             if ours and p:
                 out.append(_target(key, ours["items_per_s"] / p["items_per_s"], src,
                                    f"{ours['items_per_s']:.0f} vs {p['items_per_s']:.0f} titles/s"))
+        ours = _find(rs, kind="reasoner", runner=DEFAULT_REASONER)
+        ref = _find(rs, kind="reasoner", runner=TORCH_REASONER)
+        if ours and ref and "decode_tokens_per_s" in ours and "decode_tokens_per_s" in ref:
+            best = (f"; least disturbed rounds {ours['decode_tokens_per_s_best'] / ref['decode_tokens_per_s_best']:.2f}x"
+                    if "decode_tokens_per_s_best" in ours and "decode_tokens_per_s_best" in ref else "")
+            out.append(_target("reasoner_decode_vs_torch", ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"], src,
+                               f"{ours['decode_tokens_per_s']:.0f} vs {ref['decode_tokens_per_s']:.0f} decode tokens/s"
+                               f"{best}"))
         for r in rs:
             if r.get("kind") == "cold-start" and r.get("modality") == "text" and r.get("batch") == 1:
                 out.append(_target("cold_start", r["cold_start_s"], src,
@@ -184,6 +196,32 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
             lines.append(f"| {r['runner']}, {r['precision']} | {r['modality']}, batch {r['batch']} | {r['import_s']:.2f} s | "
                          f"{r['load_s']:.2f} s{ort_s} | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
                          f"{r['process_s']:.2f} s | {r['peak_rss_mb']:.0f} MiB |")
+        lines.append("")
+
+    reasoner = [r for r in rows if r.get("kind") == "reasoner"]
+    for src in sorted({r["source"] for r in reasoner}):
+        rs = [r for r in reasoner if r["source"] == src]
+        lines += [f"## Reasoner greedy generation, run `{src}` (same prompts for every runner)", "",
+                  "| runner | precision | prefill tokens/s | decode tokens/s | decode ÷ torch eager (p50; least disturbed) "
+                  "| tokens agreeing with torch |",
+                  "|---|---|---|---|---|---|"]
+        for r in rs:
+            sp = (f"{r['decode_speedup_vs_torch']:.2f}x; {r['decode_speedup_vs_torch_best']:.2f}x"
+                  if "decode_speedup_vs_torch" in r else "-")
+            lines.append(f"| {r['runner']} | {r.get('precision', '-')} | {r.get('prefill_tokens_per_s', float('nan')):.0f} "
+                         f"| {r.get('decode_tokens_per_s', float('nan')):.0f} | {sp} "
+                         f"| {r.get('token_agreement_vs_torch', float('nan')):.3f} |")
+        lines.append("")
+
+    tte = sorted((r for r in rows if r.get("kind") == "think-then-embed"), key=lambda r: (r["source"], r["budget"]))
+    if tte:
+        lines += ["## Think-then-embed, one product (photo + title), latency vs reasoning budget", "",
+                  "| budget (trace tokens) | trace tokens written (mean) | p50 / p99 ms | ÷ embedder alone |",
+                  "|---|---|---|---|"]
+        for r in tte:
+            ratio = f"{r['x_embedder_alone']:.1f}x" if "x_embedder_alone" in r else ("1x" if r["budget"] == 0 else "-")
+            lines.append(f"| {r['budget'] or 'off'} | {r.get('trace_tokens', 0.0):.1f} | {_ms(r['p50_ms'])} / "
+                         f"{_ms(r.get('p99_ms'))} | {ratio} |")
         lines.append("")
 
     if tg:

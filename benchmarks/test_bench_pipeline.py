@@ -69,7 +69,7 @@ def test_think_then_embed_latency(benchmark, trace_engine, products, budget):
     stats = getattr(benchmark, "stats", None)
     if stats is not None:
         _latency[budget] = float(np.median(stats.stats.data))
-    info = {"runner": "pipeline", "budget": budget,
+    info = {"runner": "pipeline", "kind": "think-then-embed", "budget": budget,
             "trace_tokens": float(np.mean(state["tokens"])) if state["tokens"] else 0.0}
     if budget and 0 in _latency and budget in _latency:
         info["x_embedder_alone"] = _latency[budget] / _latency[0]

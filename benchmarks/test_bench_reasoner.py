@@ -156,7 +156,7 @@ def test_generate(benchmark, request, torch_reasoner, prompts, torch_tokens, run
         assert agree >= 0.5, f"{precision} tokens agree with PyTorch's on {agree:.3f} < 0.5"
     n_new = sum(map(len, out))
     # decode steps: every new token but the first comes from one decode call
-    info = {"runner": runner, "precision": precision, "threads": THREADS, "prompt_tokens": n_prompt,
+    info = {"runner": runner, "kind": "reasoner", "precision": precision, "threads": THREADS, "prompt_tokens": n_prompt,
             "new_tokens": n_new, "token_agreement_vs_torch": agree, "prefill_s": prefill_s}
     if total_s is not None:
         decode_s = max(total_s - prefill_s, 1e-9)

@@ -56,12 +56,23 @@ def files(tmp_path):
         _row("sentence-transformers onnx quint8", "text-peer", "text", 32, 600.0, items=150, workload="throughput"),
         _row("fastembed onnx", "text-peer", "text", 32, 900.0, items=150, workload="throughput"),
     ])
-    return [emb, peers]
+    reasoner = _file(tmp_path, "reasoner", [
+        _bench("g[torch-eager]", 2.0, runner="torch-eager", kind="reasoner", precision="fp32", prefill_tokens_per_s=900.0,
+               decode_tokens_per_s=1000.0, decode_tokens_per_s_best=1100.0, token_agreement_vs_torch=1.0),
+        _bench("g[onnx-int4]", 0.4, runner="onnx-int4", kind="reasoner", precision="int4", prefill_tokens_per_s=3000.0,
+               decode_tokens_per_s=4500.0, decode_tokens_per_s_best=5500.0, decode_speedup_vs_torch=4.5,
+               decode_speedup_vs_torch_best=5.0, token_agreement_vs_torch=0.96),
+        _bench("t[0]", 0.02, runner="pipeline", kind="think-then-embed", budget=0, trace_tokens=0.0, p50_ms=20.0,
+               p99_ms=25.0),
+        _bench("t[32]", 0.1, runner="pipeline", kind="think-then-embed", budget=32, trace_tokens=30.5, p50_ms=100.0,
+               p99_ms=120.0, x_embedder_alone=5.0),
+    ])
+    return [emb, peers, reasoner]
 
 
 def test_rows_and_targets_within_one_run(report, files):
     rows, meta = report.load_rows(files)
-    assert len(rows) == 10 and set(meta) == {"embedder", "peers"} and meta["peers"]["cpu"] == "Test CPU"
+    assert len(rows) == 14 and set(meta) == {"embedder", "peers", "reasoner"} and meta["peers"]["cpu"] == "Test CPU"
     tg = {(t["target"], t["detail"].split(":")[0]): t for t in report.targets(rows)}
     b1 = tg[("int8_vs_teacher_b1", "image+text")]
     assert b1["measured"] == pytest.approx(0.2) and not b1["met"]  # 10 ms vs 50 ms: 0.2 > 0.15
@@ -71,6 +82,8 @@ def test_rows_and_targets_within_one_run(report, files):
     assert fe["measured"] == pytest.approx(3.0) and not fe["met"]
     cold = next(t for t in tg.values() if t["target"] == "cold_start")
     assert cold["measured"] == pytest.approx(0.6) and cold["met"]
+    dec = next(t for t in tg.values() if t["target"] == "reasoner_decode_vs_torch")
+    assert dec["measured"] == pytest.approx(4.5) and dec["met"] and "least disturbed rounds 5.00x" in dec["detail"]
 
 
 def test_no_ratio_across_runs(report, tmp_path):
@@ -86,9 +99,11 @@ def test_markdown_tables(report, files, tmp_path):
     assert "| image+text | 1 | 10.0 / 15.0 | - | - | 50.0 / 75.0 | 5.0x; 5.0x |" in md
     assert "| fastembed onnx | int8-dynamic | 8.00 | 167 | 3.00x |" in md  # 500 vs 167 titles/s
     assert "**0.60 s**" in md and "400 MiB" in md
+    assert "| onnx-int4 | int4 | 3000 | 4500 | 4.50x; 5.00x | 0.960 |" in md
+    assert "| off | 0.0 | 20.0 / 25.0 | 1x |" in md and "| 32 | 30.5 | 100.0 / 120.0 | 5.0x |" in md
     data = json.loads(written["json"].read_text())
     assert {t["target"] for t in data["targets"]} == {"int8_vs_teacher_b1", "text_vs_st_quint8", "text_vs_fastembed",
-                                                       "cold_start"}
+                                                       "cold_start", "reasoner_decode_vs_torch"}
 
 
 def test_plots(report, files, tmp_path):
