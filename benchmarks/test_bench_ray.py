@@ -9,6 +9,9 @@ its actor pool and loading the engine in every actor, as a real job does.
         --benchmark-columns=median,rounds --benchmark-group-by=group
 
 items/s = 624 / median seconds, in each row's extra_info (`--benchmark-json`) and printed at the end.
+Every run's vectors are checked against one untimed `Embedder.embed_products` pass (same ids in the
+same order; cosine mean >= 0.9995, min >= 0.99: an INT8-dynamic engine scales activations per batch,
+so an item's vector moves slightly with the items it is batched with, and the runs batch differently).
 """
 
 import os
@@ -17,6 +20,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from catalogs import write_catalog
 
@@ -48,6 +52,27 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def reference(catalog):
+    """(ids, vectors) of the catalog from one untimed single-thread pass: what every timed run must give."""
+    from sdk import Embedder
+    from sdk.errors import TruncationWarning
+
+    with Embedder(ENGINE, threads=1) as emb, warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        vectors = emb.embed_products(catalog.records, root=catalog.root)
+    return [r["id"] for r in catalog.records], vectors
+
+
+def _check(reference, ids, vectors) -> None:
+    want_ids, want = reference
+    assert list(ids) == want_ids
+    assert vectors.shape == want.shape and np.isfinite(vectors).all()
+    cos = (vectors.astype(np.float64) * want).sum(1)  # both L2-normalised
+    assert cos.mean() >= 0.9995 and cos.min() >= 0.99, (
+        f"cosine to the reference pass: mean {cos.mean():.6f}, min {cos.min():.6f} (item {int(cos.argmin())})")
+
+
 def _record(benchmark, name: str, items: int) -> None:
     ips = items / benchmark.stats["median"]
     benchmark.extra_info["items_per_s"] = round(ips, 1)
@@ -62,7 +87,7 @@ def _fresh(out: Path):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_single_process(benchmark, catalog, threads):
+def test_single_process(benchmark, catalog, reference, threads):
     from sdk import Embedder
     from sdk.errors import TruncationWarning
 
@@ -75,24 +100,25 @@ def test_single_process(benchmark, catalog, threads):
 
     benchmark.group = "catalog"
     v = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    assert v.shape[0] == len(catalog.records)
+    _check(reference, reference[0], v)
     _record(benchmark, f"single process, Embedder({threads} thread{'s' * (threads > 1)})", len(catalog.records))
 
 
-def test_batch_job_local(benchmark, catalog, tmp_path):
-    from sdk.batch import CatalogJob, run_local
+def test_batch_job_local(benchmark, catalog, reference, tmp_path):
+    from sdk.batch import CatalogJob, read_vectors, run_local
 
     out = tmp_path / "out"
     job = CatalogJob(input=catalog.path, out=out, engine=ENGINE, root=catalog.root, shard_size=SHARD)
     benchmark.group = "catalog"
     s = benchmark.pedantic(lambda: run_local(job, threads=1), setup=_fresh(out), rounds=3, iterations=1)
     assert s.embedded == len(catalog.records)
+    _check(reference, *read_vectors(out))
     _record(benchmark, "sdk.batch.run_local (1 thread, + Parquet shards)", len(catalog.records))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_ray_job(benchmark, catalog, ray_cluster, tmp_path, workers):
-    from sdk.batch import CatalogJob
+def test_ray_job(benchmark, catalog, reference, ray_cluster, tmp_path, workers):
+    from sdk.batch import CatalogJob, read_vectors
     from sdk.ray import run_ray
 
     out = tmp_path / "out"
@@ -101,6 +127,7 @@ def test_ray_job(benchmark, catalog, ray_cluster, tmp_path, workers):
     s = benchmark.pedantic(lambda: run_ray(job, workers=workers, num_cpus=1, threads=1), setup=_fresh(out),
                            rounds=3, iterations=1)
     assert s.embedded == len(catalog.records)
+    _check(reference, *read_vectors(out))
     _record(benchmark, f"sdk.ray.run_ray ({workers} actor{'s' * (workers > 1)} x 1 thread)", len(catalog.records))
 
 
