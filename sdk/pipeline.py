@@ -1,7 +1,7 @@
 """Think-then-embed: the engine's reasoner writes, the embedder embeds, with a persistent cache.
 
     from sdk import Pipeline
-    p = Pipeline("moon3.engine", complete_title=True, cache="traces.sqlite")
+    p = Pipeline("moon3.engine", complete_title=True, trace_cache="traces.sqlite")
     v = p.embed(images=["a.jpg", "b.jpg"], texts=["Puma Men Blue T-shirt", None], ids=[17, 18])
     p.last_generated     # {1: {"caption": "..."}}: what the reasoner wrote for which item
 
@@ -16,9 +16,10 @@ Two uses of the reasoner:
   manifest says so with `embedder.trace_trained`); an engine whose embedder never saw traces
   refuses it rather than feed an untrained modality.
 
-Generated text is cached in SQLite, keyed by the reasoner's checksums and the item (its id, or a
-hash of its photo bytes and title), so a catalog's side is generated once, offline, and a query
-pays only for what is new. Never imports torch.
+Generated text is cached in SQLite, keyed by the reasoner (its parts' checksums, task templates
+and length limit), the task, the token budget and the item (its id, or a hash of its photo bytes
+and title), so a catalog's side is generated once, offline, and a query pays only for what is new.
+Never imports torch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import sqlite3
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -40,36 +42,71 @@ if TYPE_CHECKING:
     from sdk.reasoner import Reasoner
 
 REASON = ("off", "on", "cached")
+CAPTION_TOKENS = 96  # the token budget of a completed title
+# The cache file's schema (SQLite `user_version`). 0: a new file, or the unversioned first schema
+# (table "generated", keyed without the token budget). 2: table "texts", keyed with it.
+CACHE_SCHEMA = 2
 
 
 class TextCache:
-    """Generated texts in SQLite: (reasoner fingerprint, kind, item key) -> text. Thread-safe."""
+    """Generated texts in SQLite: (reasoner fingerprint, kind, token budget, item key) -> text. Thread-safe.
+
+    A file written before the budget was part of the key cannot tell which budget wrote each
+    text: its entries are discarded once, with a RuntimeWarning, and regenerated when asked for.
+
+    Raises:
+        InvalidInputError: the file is not SQLite, or was written by a newer sdk (its schema is
+            named in the message).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False)
-            self._db.execute("CREATE TABLE IF NOT EXISTS generated (reasoner TEXT, kind TEXT, key TEXT, text TEXT, "
-                             "PRIMARY KEY (reasoner, kind, key))")
-            self._db.commit()
+            try:
+                stale = self._prepare()
+            except BaseException:
+                self._db.close()
+                raise
         except sqlite3.DatabaseError as exc:
             raise InvalidInputError(f"{self.path}: not a usable trace cache ({exc})") from exc
+        if stale:
+            warnings.warn(f"{self.path}: this trace cache was written by an older sdk without the token budget in "
+                          f"its key; its {stale} entries were discarded and will be regenerated",
+                          RuntimeWarning, stacklevel=3)
 
-    def get(self, reasoner: str, kind: str, key: str) -> str | None:
+    def _prepare(self) -> int:
+        """Create or upgrade the schema; the number of old entries discarded."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > CACHE_SCHEMA:
+            raise InvalidInputError(f"{self.path}: trace cache schema {version} was written by a newer sdk; "
+                                    f"this one reads schema {CACHE_SCHEMA}")
+        stale = 0
+        if version < CACHE_SCHEMA and self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='generated'").fetchone():
+            stale = self._db.execute("SELECT COUNT(*) FROM generated").fetchone()[0]
+            self._db.execute("DROP TABLE generated")
+        self._db.execute("CREATE TABLE IF NOT EXISTS texts (reasoner TEXT, kind TEXT, budget INTEGER, key TEXT, "
+                         "text TEXT, PRIMARY KEY (reasoner, kind, budget, key))")
+        self._db.execute(f"PRAGMA user_version = {CACHE_SCHEMA}")
+        self._db.commit()
+        return stale
+
+    def get(self, reasoner: str, kind: str, budget: int, key: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT text FROM generated WHERE reasoner=? AND kind=? AND key=?",
-                                   (reasoner, kind, key)).fetchone()
+            row = self._db.execute("SELECT text FROM texts WHERE reasoner=? AND kind=? AND budget=? AND key=?",
+                                   (reasoner, kind, budget, key)).fetchone()
         return None if row is None else row[0]
 
-    def put(self, reasoner: str, kind: str, key: str, text: str) -> None:
+    def put(self, reasoner: str, kind: str, budget: int, key: str, text: str) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO generated VALUES (?, ?, ?, ?)", (reasoner, kind, key, text))
+            self._db.execute("INSERT OR REPLACE INTO texts VALUES (?, ?, ?, ?, ?)", (reasoner, kind, budget, key, text))
             self._db.commit()
 
     def __len__(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM generated").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -105,13 +142,17 @@ class Pipeline:
     Args:
         path: a `moon3.engine` with an embedder and a reasoner.
         reason: "off" (no traces), "on" (generate a trace per item) or "cached" (as "on", and
-            reuse / store traces in `cache`).
+            reuse / store traces in `trace_cache`).
         complete_title: write a title from the photo for items that have a photo but no title.
+        trace_cache: SQLite file for generated titles and traces (None: no cache; required for
+            "cached"). Texts are keyed by reasoner, task, token budget and item, so a trace
+            written with another `max_trace_tokens` is generated anew.
+        max_trace_tokens: the reasoning budget per item (an int >= 0).
+        threads: onnxruntime threads of both models.
         complete_image: complete the image tokens of items that have a title but no photo from
             their title (needs an engine with a completion part).
-        cache: SQLite file for generated titles and traces (None: no cache; required for "cached").
-        max_trace_tokens: the reasoning budget per item.
-        threads: onnxruntime threads of both models.
+        providers: backend names for both models, as `sdk.Embedder` takes them (None: ["cpu"]).
+        cache: deprecated name of `trace_cache`.
 
     The reasoner is loaded (its graphs read, verified and handed to ONNX Runtime) only when a
     title or trace must really be generated: never with reason="off" and no title completion,
@@ -119,27 +160,43 @@ class Pipeline:
     surfaces as an EngineError from the `embed` call that first needs it.
 
     Raises:
-        ValueError: a bad `reason`, or "cached" without a cache.
+        ValueError: a bad `reason` or `max_trace_tokens`, "cached" without a cache, both
+            `trace_cache` and `cache`, an unknown backend name or bad `threads`.
+        BackendUnavailableError: a requested backend is not in this onnxruntime build.
+        InvalidInputError: `trace_cache` is not a usable trace cache file.
         EngineError: the engine file is damaged, the engine has no reasoner although one is
             needed, reason is not "off" and its embedder was not trained with traces, or
             complete_image=True and the engine has no completion part.
+
+    Warns:
+        DeprecationWarning: `cache=` was given (use `trace_cache=`).
+        RuntimeWarning: a requested backend is not active (see `sdk.Embedder`); the reasoner
+            warns too, when it is loaded.
     """
 
     def __init__(self, path: str | os.PathLike, reason: str = "off", complete_title: bool = False,
-                 cache: str | os.PathLike | None = None, max_trace_tokens: int = 96, threads: int | None = None,
-                 complete_image: bool = False):
+                 trace_cache: str | os.PathLike | None = None, max_trace_tokens: int = 96,
+                 threads: int | None = None, complete_image: bool = False,
+                 providers: str | Sequence[str] | None = None, *, cache: str | os.PathLike | None = None):
         from sdk.embedder import Embedder
         from sdk.engine import EngineFile
 
+        if cache is not None:
+            if trace_cache is not None:
+                raise ValueError("give trace_cache= only; cache= is its deprecated name")
+            warnings.warn("Pipeline(cache=...) is deprecated; use trace_cache=...", DeprecationWarning, stacklevel=2)
+            trace_cache = cache
         if reason not in REASON:
             raise ValueError(f"reason must be one of {REASON}, got {reason!r}")
-        if reason == "cached" and cache is None:
-            raise ValueError('reason="cached" needs a cache file (cache="traces.sqlite")')
+        if reason == "cached" and trace_cache is None:
+            raise ValueError('reason="cached" needs a cache file (trace_cache="traces.sqlite")')
+        if isinstance(max_trace_tokens, bool) or not isinstance(max_trace_tokens, int) or max_trace_tokens < 0:
+            raise ValueError(f"max_trace_tokens must be an int >= 0, got {max_trace_tokens!r}")
         # One open file serves both models, so the reasoner loaded later reads the very file the
         # embedder was loaded from (each part verified when read), even if the path is replaced.
         self._engine: EngineFile | None = EngineFile.open(path)
         try:
-            self.embedder = Embedder(self._engine, threads=threads)
+            self.embedder = Embedder(self._engine, providers=providers, threads=threads)
             manifest = self.embedder.manifest  # a copy
             if reason != "off" and not manifest.get("embedder", {}).get("trace_trained", False):
                 raise EngineError(f"{path}: this engine's embedder was not trained with reasoning traces; "
@@ -157,14 +214,17 @@ class Pipeline:
             raise
         self.complete_image = bool(complete_image)
         self._reasoner: Reasoner | None = None
-        self._threads = threads
+        self._threads, self._providers = threads, providers
         self._reasoner_lock = threading.Lock()
         parts = {p["name"]: p["sha256"] for p in manifest.get("parts", [])}
         spec = manifest.get("reasoner") or {}
+        # what decides the generated text besides task, budget and item: the graphs and tokenizer,
+        # the prompt templates, the length limit and the photo preprocessing
         self.fingerprint = hashlib.sha256(json.dumps(
-            [parts.get(n) for n in sorted((spec.get("parts") or {}).values())]).encode()).hexdigest()[:16]
+            [[parts.get(n) for n in sorted((spec.get("parts") or {}).values())],
+             spec.get("tasks"), spec.get("max_len"), spec.get("image")], sort_keys=True).encode()).hexdigest()[:16]
         self.reason, self.complete_title, self.max_trace_tokens = reason, complete_title, max_trace_tokens
-        self.cache = TextCache(cache) if cache is not None else None
+        self.trace_cache = TextCache(trace_cache) if trace_cache is not None else None
         self.last_generated: dict[int, dict[str, str]] = {}
         self.cache_hits = 0
 
@@ -187,21 +247,21 @@ class Pipeline:
 
             with self._reasoner_lock:
                 if self._reasoner is None:
-                    self._reasoner = Reasoner(self._engine, threads=self._threads)
+                    self._reasoner = Reasoner(self._engine, threads=self._threads, providers=self._providers)
                     self._engine.close()  # every part needed is in memory now
         return self._reasoner
 
-    def _text(self, kind: str, key, make) -> str:
+    def _text(self, kind: str, budget: int, key, make) -> str:
         """`make()`, or its cached text; `key()` (which may read the photo file) runs only with a cache."""
-        if self.cache is None:
+        if self.trace_cache is None:
             return make()
         k = key()
-        hit = self.cache.get(self.fingerprint, kind, k)
+        hit = self.trace_cache.get(self.fingerprint, kind, budget, k)
         if hit is not None:
             self.cache_hits += 1
             return hit
         text = make()
-        self.cache.put(self.fingerprint, kind, k, text)
+        self.trace_cache.put(self.fingerprint, kind, budget, k, text)
         return text
 
     def embed(self, images: Sequence[Any] | None = None, texts: Sequence[str | None] | None = None, *,
@@ -224,11 +284,12 @@ class Pipeline:
             key = functools.partial(item_key, img, title, None if ids is None else ids[i])  # the given title
             try:
                 if self.complete_title and title is None and img is not None:
-                    title = self._text("caption", key, lambda: self.reasoner.generate(image=img, task="caption"))
+                    title = self._text("caption", CAPTION_TOKENS, key, lambda: self.reasoner.generate(
+                        image=img, task="caption", max_new_tokens=CAPTION_TOKENS))
                     texts[i] = title
                     self.last_generated.setdefault(i, {})["caption"] = title
                 if self.reason != "off" and (img is not None or title):
-                    trace = self._text("trace", key, lambda: self.reasoner.generate(
+                    trace = self._text("trace", self.max_trace_tokens, key, lambda: self.reasoner.generate(
                         image=img, text=title, task="trace", max_new_tokens=self.max_trace_tokens))
                     traces[i] = trace
                     self.last_generated.setdefault(i, {})["trace"] = trace
@@ -241,5 +302,5 @@ class Pipeline:
         self.embedder.close()
         if self._engine is not None:
             self._engine.close()
-        if self.cache is not None:
-            self.cache.close()
+        if self.trace_cache is not None:
+            self.trace_cache.close()

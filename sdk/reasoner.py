@@ -12,19 +12,21 @@ graph (photo -> every decoder layer's adapter keys/values, run once per photo) a
 and "decode", the step graph (tokens + cache -> logits + grown cache; the prompt is read with an
 empty cache); older engines name a separate prefill graph (prompt -> logits + cache). Graphs may
 be FP32, INT8 or INT4 weight-only (the section's "precision"); ONNX Runtime's CPU provider runs
-them all. Decoding is greedy, so the same inputs always give the same text. Never imports torch.
+them all, and `providers=` picks other backends as `sdk.Embedder` does. Decoding is greedy, so the
+same inputs always give the same text. Never imports torch.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from sdk.errors import EngineError, InvalidInputError
+from sdk.errors import BackendUnavailableError, EngineError, InvalidInputError
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner too)
 PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
@@ -121,25 +123,41 @@ class Reasoner:
             header and manifest are verified at once, each reasoner part against its checksum
             when read, before it runs; the embedder's parts are not read.
         threads: ONNX Runtime intra-op threads (None: its default).
+        providers: backend names from `sdk.embedder.BACKENDS`, in order of preference ("cpu",
+            "cuda", "tensorrt"), or one name; None means ["cpu"].
 
     Raises:
         EngineError: the file is damaged or has no reasoner.
+        ValueError: an unknown backend name (the message lists the known ones) or bad `threads`.
+        BackendUnavailableError: a requested backend is not in this onnxruntime build (the
+            message names the pip extra that brings it).
+
+    Warns:
+        RuntimeWarning: a requested backend was accepted but ONNX Runtime did not activate it
+            (e.g. CUDA libraries missing); `backend` then tells what really runs.
     """
 
-    def __init__(self, path: str | os.PathLike | EngineFile, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike | EngineFile, threads: int | None = None,
+                 providers: str | Sequence[str] | None = None):
+        from sdk.embedder import _backend_names, _onnxruntime
         from sdk.engine import EngineFile
 
+        names = _backend_names(providers)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        ort = _onnxruntime()
+        _check_available(names, ort)
         # Lazy: only the reasoner's parts are read, each verified against its checksum when read.
         own = not isinstance(path, EngineFile)
         engine = EngineFile.open(path) if own else path
         try:
-            self._init(engine, threads)
+            self._init(engine, names, threads, ort)
         finally:
             if own:
                 engine.close()
 
-    def _init(self, engine: EngineFile, threads: int | None) -> None:
-        from sdk.embedder import _onnxruntime, _refuse_external_data, session_kwargs
+    def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
+        from sdk.embedder import BACKENDS, _refuse_external_data, session_kwargs
         from sdk.preprocess import ImagePreprocess
 
         self._path = engine.path
@@ -154,10 +172,10 @@ class Reasoner:
             self._image = ImagePreprocess(**image_kw)
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{self._path}: the reasoner section is unusable ({type(exc).__name__}: {exc})") from exc
-        ort = _onnxruntime()
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
+        requested = [BACKENDS[n].provider for n in names]
         sessions: dict[str, Any] = {}  # one session per part: prefill and decode may name one step graph
         for k in ("visual", "prefill", "decode"):
             if parts[k] in sessions:
@@ -165,10 +183,21 @@ class Reasoner:
             graph = engine.part(parts[k])  # EngineError on a checksum mismatch, before ONNX Runtime sees it
             _refuse_external_data(graph, self._path, parts[k], ort.__version__)
             try:
-                sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"],
-                                                          **session_kwargs(["CPUExecutionProvider"]))
+                sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=requested,
+                                                          **session_kwargs(requested))
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
+        # every session was asked for the same providers; the step graph runs nearly all the work
+        self._providers = tuple(sessions[parts["decode"]].get_providers())
+        missing = [n for n in names if BACKENDS[n].provider not in self._providers]
+        if missing:
+            warnings.warn(
+                f"requested backend(s) {missing} are not active in onnxruntime (active providers: "
+                f"{list(self._providers)}); the reasoner runs on {self.backend!r}. Check the GPU drivers / "
+                f"CUDA / TensorRT libraries.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         from tokenizers import Tokenizer
 
         blob = engine.part(parts["tokenizer"])
@@ -183,6 +212,22 @@ class Reasoner:
         # "fp32", "int8" or "int4" (weight-only MatMulNBits); engines from before quantization are fp32
         self.precision: str = str(spec.get("precision", "fp32"))
         self.last_stats: dict = {}
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """ONNX Runtime execution providers really active, in priority order."""
+        return self._providers
+
+    @property
+    def backend(self) -> str:
+        """Name (as in `sdk.embedder.BACKENDS`) of the highest-priority backend really active."""
+        from sdk.embedder import BACKENDS
+
+        by_provider = {b.provider: name for name, b in BACKENDS.items()}
+        for p in self._providers:
+            if p in by_provider:
+                return by_provider[p]
+        return self._providers[0] if self._providers else "none"
 
     def prompt_ids(self, task: str, text: str | None = None, **fields: str) -> list[int]:
         """`<bos> instruction [title: text] <sep>` as token ids."""
@@ -238,6 +283,20 @@ class Reasoner:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated token ids (<think> / </think> kept as words)."""
         return decode_ids(self._tok, ids)
+
+
+def _check_available(names: list[str], ort) -> None:
+    """Raise BackendUnavailableError for a backend whose provider this onnxruntime build lacks."""
+    from sdk.embedder import BACKENDS
+
+    have = set(ort.get_available_providers())
+    for name in names:
+        b = BACKENDS[name]
+        if b.provider not in have:
+            raise BackendUnavailableError(
+                f"backend {name!r} needs {b.provider}, which this onnxruntime {ort.__version__} does not have "
+                f"(it has {sorted(have)}); {b.install}"
+            )
 
 
 def decode_ids(tok, ids: Sequence[int]) -> str:

@@ -105,6 +105,49 @@ def test_sdk_reasoner_bad_input(reasoner_engine, tmp_path):
         Reasoner(tmp_path / "e.engine")
 
 
+def test_reasoner_unknown_or_missing_backend_and_bad_threads(reasoner_engine):
+    import onnxruntime as ort
+
+    from sdk.embedder import BACKENDS
+    from sdk.errors import BackendUnavailableError
+    from sdk.reasoner import Reasoner
+
+    path = reasoner_engine[0]
+    with pytest.raises(ValueError, match=r"unknown backend 'rocm'; available: \['cpu', 'cuda', 'tensorrt'\]"):
+        Reasoner(path, providers=["rocm"])
+    with pytest.raises(ValueError, match=r"threads must be a positive int or None, got 0"):
+        Reasoner(path, threads=0)
+    r = Reasoner(path, threads=1, providers="cpu")
+    assert r.backend == "cpu" and r.providers == ("CPUExecutionProvider",)
+    if BACKENDS["tensorrt"].provider not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailableError, match=r"backend 'tensorrt' needs TensorrtExecutionProvider.*"
+                                                          r"moon3-sdk\[gpu,trt\]"):
+            Reasoner(path, providers=["tensorrt", "cpu"])
+
+
+def test_reasoner_inactive_backend_warns_and_reports_what_runs(reasoner_engine, monkeypatch):
+    """An EP that onnxruntime lists but fails to activate (no CUDA libraries): a visible warning."""
+    import onnxruntime as ort
+
+    from sdk.reasoner import Reasoner
+
+    asked = []
+    real_session, real_avail = ort.InferenceSession, ort.get_available_providers
+
+    def session(model, opts, providers):
+        asked.append(list(providers))
+        return real_session(model, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real_avail(), "CUDAExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    inactive = r"requested backend\(s\) \['cuda'\] are not active.*reasoner runs on 'cpu'"
+    with pytest.warns(RuntimeWarning, match=inactive):
+        r = Reasoner(reasoner_engine[0], threads=1, providers=["cuda", "cpu"])
+    assert r.backend == "cpu" and "CUDAExecutionProvider" not in r.providers
+    assert asked and all(a == ["CUDAExecutionProvider", "CPUExecutionProvider"] for a in asked)
+    assert isinstance(r.generate(text="red shoe", task="category", max_new_tokens=3), str)
+
+
 def test_cli_reason(reasoner_engine, capsys):
     from sdk.cli import main
 

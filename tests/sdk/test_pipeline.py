@@ -43,7 +43,7 @@ def test_completes_missing_titles_from_the_photo(engines, tmp_path):
     from sdk.reasoner import Reasoner
 
     both, _ = engines
-    p = Pipeline(both, complete_title=True, cache=tmp_path / "c.sqlite", threads=1)
+    p = Pipeline(both, complete_title=True, trace_cache=tmp_path / "c.sqlite", threads=1)
     imgs, texts = [photo(0), photo(1), None], [None, "red shoe", "blue shirt"]
     v = p.embed(imgs, texts)
     caption = Reasoner(both, threads=1).generate(image=imgs[0], task="caption")
@@ -62,7 +62,7 @@ def test_reasoning_needs_a_trace_trained_embedder(engines, tmp_path):
     both, traced = engines
     with pytest.raises(EngineError, match="not trained with reasoning traces"):
         Pipeline(both, reason="on")
-    with pytest.raises(ValueError, match="needs a cache file"):
+    with pytest.raises(ValueError, match=r'needs a cache file \(trace_cache="traces\.sqlite"\)'):
         Pipeline(traced, reason="cached")
     with pytest.raises(ValueError, match="reason must be one of"):
         Pipeline(traced, reason="always")
@@ -75,7 +75,7 @@ def test_traces_are_generated_cached_and_embedded(engines, tmp_path):
 
     _, traced = engines
     cache = tmp_path / "t.sqlite"
-    p = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    p = Pipeline(traced, reason="cached", trace_cache=cache, max_trace_tokens=8, threads=1)
     imgs, texts, ids = [photo(2), None], ["red shoe", "black watch"], [7, 8]
     v = p.embed(imgs, texts, ids=ids)
     r = Reasoner(traced, threads=1)
@@ -85,7 +85,7 @@ def test_traces_are_generated_cached_and_embedded(engines, tmp_path):
     want = Embedder(traced, threads=1).embed(imgs, texts, [t or None for t in traces])
     np.testing.assert_allclose(v, want, atol=1e-6)
     p.close()
-    p2 = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    p2 = Pipeline(traced, reason="cached", trace_cache=cache, max_trace_tokens=8, threads=1)
     np.testing.assert_allclose(p2.embed(imgs, texts, ids=ids), v, atol=1e-6)
     assert p2.cache_hits == 2  # the catalog side is generated once
 
@@ -102,7 +102,135 @@ def test_bad_items_are_reported_not_lost(engines, tmp_path):
         p.embed([photo(0)], ["a", "b"])
     (tmp_path / "bad.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InvalidInputError, match="not a usable trace cache"):
-        Pipeline(both, complete_title=True, cache=tmp_path / "bad.sqlite")
+        Pipeline(both, complete_title=True, trace_cache=tmp_path / "bad.sqlite")
+
+
+def test_reason_on_writes_traces_within_the_budget_and_embeds_them(engines):
+    from sdk import Embedder
+    from sdk.pipeline import Pipeline
+    from sdk.reasoner import Reasoner
+
+    _, traced = engines
+    imgs, texts = [photo(2), None], ["red shoe", "black watch"]
+    p = Pipeline(traced, reason="on", max_trace_tokens=4, threads=1)
+    assert p.trace_cache is None
+    v = p.embed(imgs, texts)
+    r = Reasoner(traced, threads=1)
+    for i in (0, 1):
+        ids = r.generate_ids(image=imgs[i], text=texts[i], task="trace", max_new_tokens=4)
+        longer = r.generate_ids(image=imgs[i], text=texts[i], task="trace", max_new_tokens=12)
+        assert len(ids) <= 4 and ids == longer[: len(ids)]
+        assert p.last_generated[i]["trace"] == r.decode(ids)
+    assert p.reasoner.last_stats["new_tokens"] <= 4
+    traces = [p.last_generated[i]["trace"] for i in (0, 1)]
+    assert all(traces)
+    e = Embedder(traced, threads=1)
+    np.testing.assert_allclose(v, e.embed(imgs, texts, traces), atol=1e-6)
+    assert not np.allclose(v, e.embed(imgs, texts), atol=1e-4)  # the traces changed the vectors
+
+
+def test_the_trace_cache_is_keyed_by_the_budget(engines, tmp_path):
+    from sdk.pipeline import Pipeline
+    from sdk.reasoner import Reasoner
+
+    _, traced = engines
+    cache = tmp_path / "t.sqlite"
+    imgs, texts, ids = [photo(2), None], ["red shoe", "black watch"], [7, 8]
+    r = Reasoner(traced, threads=1)
+
+    def run(budget):
+        p = Pipeline(traced, reason="cached", trace_cache=cache, max_trace_tokens=budget, threads=1)
+        p.embed(imgs, texts, ids=ids)
+        p.close()
+        return p, [p.last_generated[i]["trace"] for i in (0, 1)]
+
+    short, short_traces = run(2)
+    assert short.cache_hits == 0
+    longer, longer_traces = run(10)
+    assert longer.cache_hits == 0 and longer.reasoner_loaded  # another budget: generated anew
+    assert longer_traces == [r.generate(image=i, text=t, task="trace", max_new_tokens=10) for i, t in zip(imgs, texts)]
+    assert longer_traces != short_traces
+    again, again_traces = run(2)
+    assert again.cache_hits == 2 and not again.reasoner_loaded and again_traces == short_traces
+
+
+def test_a_trace_cache_from_before_the_budget_key_is_discarded_once(engines, tmp_path):
+    import sqlite3
+    import warnings
+
+    from sdk.pipeline import CACHE_SCHEMA, Pipeline
+
+    _, traced = engines
+    old = tmp_path / "old.sqlite"
+    db = sqlite3.connect(old)  # the first schema: no budget in the key, no user_version
+    db.execute("CREATE TABLE generated (reasoner TEXT, kind TEXT, key TEXT, text TEXT, "
+               "PRIMARY KEY (reasoner, kind, key))")
+    fingerprint = Pipeline(traced, reason="on", threads=1).fingerprint
+    db.executemany("INSERT INTO generated VALUES (?, ?, ?, ?)",
+                   [(fingerprint, "trace", "id:7", "stale trace"), ("0123", "caption", "id:8", "stale title")])
+    db.commit()
+    db.close()
+    with pytest.warns(RuntimeWarning, match=r"old\.sqlite: this trace cache was written by an older sdk without the "
+                                            r"token budget in its key; its 2 entries were discarded"):
+        p = Pipeline(traced, reason="cached", trace_cache=old, max_trace_tokens=4, threads=1)
+    p.embed([photo(2)], ["red shoe"], ids=[7])
+    assert p.cache_hits == 0 and p.last_generated[0]["trace"] != "stale trace"
+    p.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # upgraded: no second warning
+        again = Pipeline(traced, reason="cached", trace_cache=old, max_trace_tokens=4, threads=1)
+    again.embed([photo(2)], ["red shoe"], ids=[7])
+    assert again.cache_hits == 1 and len(again.trace_cache) == 1
+    again.close()
+    db = sqlite3.connect(old)
+    db.execute(f"PRAGMA user_version = {CACHE_SCHEMA + 1}")
+    db.close()
+    with pytest.raises(InvalidInputError, match=rf"old\.sqlite: trace cache schema {CACHE_SCHEMA + 1} was written by a "
+                                                rf"newer sdk; this one reads schema {CACHE_SCHEMA}"):
+        Pipeline(traced, reason="cached", trace_cache=old, threads=1)
+
+
+def test_cache_is_the_deprecated_name_of_trace_cache(engines, tmp_path):
+    from sdk.pipeline import Pipeline
+
+    both, traced = engines
+    with pytest.warns(DeprecationWarning, match=r"Pipeline\(cache=\.\.\.\) is deprecated; use trace_cache="):
+        p = Pipeline(both, complete_title=True, cache=tmp_path / "c.sqlite", threads=1)
+    assert p.trace_cache is not None and p.trace_cache.path == tmp_path / "c.sqlite"
+    p.close()
+    with pytest.raises(ValueError, match=r"give trace_cache= only; cache= is its deprecated name"):
+        Pipeline(both, trace_cache=tmp_path / "a.sqlite", cache=tmp_path / "b.sqlite")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"max_trace_tokens must be an int >= 0, got {bad!r}"):
+            Pipeline(traced, reason="on", max_trace_tokens=bad)
+
+
+def test_providers_reach_the_embedder_and_the_reasoner(engines, monkeypatch):
+    """As `sdk.Embedder`: an inactive backend warns and `.backend` tells what runs, for both models."""
+    import onnxruntime as ort
+
+    from sdk.pipeline import Pipeline
+
+    _, traced = engines
+    asked = []
+    real_session, real_avail = ort.InferenceSession, ort.get_available_providers
+
+    def session(model, opts, providers):
+        asked.append(list(providers))
+        return real_session(model, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real_avail(), "CUDAExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    inactive = r"requested backend\(s\) \['cuda'\] are not active.*"
+    with pytest.warns(RuntimeWarning, match=inactive + "embedding runs on 'cpu'"):
+        p = Pipeline(traced, reason="on", max_trace_tokens=2, providers=["cuda", "cpu"], threads=1)
+    n = len(asked)
+    with pytest.warns(RuntimeWarning, match=inactive + "reasoner runs on 'cpu'"):
+        assert p.embed([None], ["red shoe"]).shape == (1, p.embedder.dim)
+    assert p.embedder.backend == "cpu" and p.reasoner.backend == "cpu"
+    assert n > 0 and len(asked) > n and all(a == ["CUDAExecutionProvider", "CPUExecutionProvider"] for a in asked)
+    with pytest.raises(ValueError, match=r"unknown backend 'rocm'; available: \['cpu', 'cuda', 'tensorrt'\]"):
+        Pipeline(traced, providers=["rocm"])
 
 
 # ------------------------------------------------------------------ lazy reasoner, per-part verification
@@ -134,11 +262,11 @@ def test_reasoner_is_loaded_only_when_text_must_be_generated(engines, tmp_path):
     # "cached": a second pipeline over a filled cache never loads the reasoner
     cache = tmp_path / "t.sqlite"
     imgs, texts, ids = [photo(2), None], ["red shoe", "black watch"], [7, 8]
-    first = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    first = Pipeline(traced, reason="cached", trace_cache=cache, max_trace_tokens=8, threads=1)
     v = first.embed(imgs, texts, ids=ids)
     assert first.reasoner_loaded
     first.close()
-    again = Pipeline(traced, reason="cached", cache=cache, max_trace_tokens=8, threads=1)
+    again = Pipeline(traced, reason="cached", trace_cache=cache, max_trace_tokens=8, threads=1)
     np.testing.assert_array_equal(again.embed(imgs, texts, ids=ids), v)
     assert again.cache_hits == 2 and not again.reasoner_loaded
     again.embed([photo(3)], ["new shoe"], ids=[9])  # a miss: now it is loaded
