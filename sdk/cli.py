@@ -143,22 +143,25 @@ def _renumber(msg: str, index: int) -> str:
     return re.sub(r"^record \d+", f"record {index}", msg, count=1)
 
 
-def _embed_records(emb, records: list[dict], root: Path, dim: int | None, chunk: int = 256):
-    """Vectors for records (NaN rows for bad ones) and {index: message}, with progress on stderr."""
+def _embed_records(emb, records: list[dict], root: Path, dim: int | None, chunk: int = 256, batch_size: int = 32):
+    """Vectors for records (NaN rows for bad ones) and {index: message}, with a progress bar on stderr."""
+    import time
+
     import numpy as np
 
     from sdk.errors import BatchError
 
     vecs, errors = [], {}
+    t0 = time.time()
     for s in range(0, len(records), chunk):
         part = records[s : s + chunk]
         try:
-            v = emb.embed_products(part, root=root, dim=dim)
+            v = emb.embed_products(part, root=root, dim=dim, batch_size=batch_size)
         except BatchError as exc:
             v = exc.vectors
             errors.update({s + i: _renumber(msg, s + i) for i, msg in exc.errors.items()})
         vecs.append(v)
-        print(f"\rembedded {min(s + chunk, len(records))}/{len(records)} products", end="", file=sys.stderr, flush=True)
+        _progress(min(s + chunk, len(records)), len(records), t0)
     print(file=sys.stderr)
     return np.concatenate(vecs) if vecs else np.zeros((0, dim or emb.dim), np.float32), errors
 
@@ -170,8 +173,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     src = Path(args.input)
     records = _read_jsonl(src)
-    emb = Embedder(args.engine, threads=args.threads)
-    vecs, errors = _embed_records(emb, records, Path(args.root) if args.root else src.parent, args.dim)
+    emb = Embedder(args.engine, providers=args.providers, threads=args.threads)
+    vecs, errors = _embed_records(emb, records, Path(args.root) if args.root else src.parent, args.dim,
+                                  batch_size=args.batch_size)
     out = Path(args.out)
     np.save(out, vecs)
     ids = [r.get("id") if isinstance(r, dict) else None for r in records]
@@ -250,7 +254,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     records = _read_jsonl(src)
     if args.limit:
         records = records[: args.limit]
-    emb = Embedder(args.engine, threads=args.threads)
+    emb = Embedder(args.engine, providers=args.providers, threads=args.threads)
     bad: dict[int, str] = {}
     ids: list = []
     seen: set = set()
@@ -267,7 +271,8 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     for s in range(0, len(records), args.chunk):
         part = records[s : s + args.chunk]
         try:
-            vecs[s : s + len(part)] = emb.embed_products(part, root=args.root or root, dim=args.dim)
+            vecs[s : s + len(part)] = emb.embed_products(part, root=args.root or root, dim=args.dim,
+                                                         batch_size=args.batch_size)
         except BatchError as exc:
             vecs[s : s + len(part)] = exc.vectors
             bad.update({s + i: _renumber(msg, s + i) for i, msg in exc.errors.items() if s + i not in bad})
@@ -302,10 +307,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     root = Path(args.catalog)
     records = _read_jsonl(root / "items.jsonl")
     t0 = time.time()
-    emb = Embedder(args.engine, threads=args.threads)
+    emb = Embedder(args.engine, providers=args.providers, threads=args.threads)
     t_load = time.time() - t0
     t0 = time.time()
-    index, errors = _embed_records(emb, records, root, None)
+    index, errors = _embed_records(emb, records, root, None, batch_size=args.batch_size)
     ok = ~np.isnan(index).any(1)
     print(
         f"{emb.path.name} ({emb.precision}, backend {emb.backend}, loaded in {t_load:.1f} s): "
@@ -321,10 +326,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     queries = args.query or []
     if queries:
-        for text, q in zip(queries, emb.embed(texts=queries)):
+        for text, q in zip(queries, emb.embed(texts=queries, batch_size=args.batch_size)):
             show(f'text query "{text}":', q)
     for path in args.image or []:
-        show(f"photo query {path}:", emb.embed(images=[path])[0])
+        show(f"photo query {path}:", emb.embed(images=[path], batch_size=args.batch_size)[0])
     return 0
 
 
@@ -335,7 +340,7 @@ def _search_index(args: argparse.Namespace) -> int:
     from sdk.index import VectorIndex
 
     t0 = time.time()
-    emb = Embedder(args.engine, threads=args.threads)
+    emb = Embedder(args.engine, providers=args.providers, threads=args.threads)
     t_engine = time.time() - t0
     t0 = time.time()
     index = VectorIndex.load(args.index, embedder=emb, backend=args.backend)
@@ -354,7 +359,7 @@ def _search_index(args: argparse.Namespace) -> int:
         raise SdkError("give at least one --query TEXT or --image PATH")
     for title, call in queries:
         t0 = time.perf_counter()
-        q = emb.embed(**call, dim=dim)
+        q = emb.embed(**call, dim=dim, batch_size=args.batch_size)
         t1 = time.perf_counter()
         scores, ids = index.search(q, args.k)
         t2 = time.perf_counter()
@@ -387,6 +392,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _backend_list(text: str) -> list[str]:
+    """Parse "cuda,cpu" into ["cuda", "cpu"], names that `sdk.Embedder(providers=...)` accepts."""
+    from sdk.embedder import BACKENDS
+
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty backend name in {text!r}; separate names with commas, e.g. cuda,cpu")
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; available: {', '.join(BACKENDS)}")
+    return names
+
+
+def _runtime_args(p: argparse.ArgumentParser, threads_help: str = "ONNX Runtime intra-op threads") -> None:
+    """--providers, --batch-size and --threads of the commands that embed with `sdk.Embedder`."""
+    p.add_argument("--providers", type=_backend_list, default=None, metavar="NAMES",
+                   help="backends in order of preference, comma-separated: cpu, cuda, tensorrt (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                   help="items per ONNX Runtime call (default 32)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help=f"{threads_help} (default: the libraries' choice)")
 
 
 def _gate_args(p: argparse.ArgumentParser) -> None:
@@ -462,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="vectors .npy (bad items: NaN rows; see <out>.items.json)")
     e.add_argument("--root", default=None)
     e.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: full)")
-    e.add_argument("--threads", type=int, default=None)
+    _runtime_args(e)
     e.set_defaults(func=_cmd_embed)
 
     r = sub.add_parser("reason", help="let the engine's reasoner describe a product (photo and/or title)")
@@ -510,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", "--k", type=int, default=5)
     s.add_argument("--backend", choices=("faiss", "numpy"), default=None, help="index search backend "
                    "(default: faiss when installed, else numpy)")
-    s.add_argument("--threads", type=int, default=None)
+    _runtime_args(s)
     s.set_defaults(func=_cmd_search)
 
     x = sub.add_parser("index", help="vector indexes for `moon3 search` (faiss with `pip install 'moon3-sdk[search]'`)")
@@ -533,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     xb.add_argument("--limit", type=int, default=None, help="index only the first N products")
     xb.add_argument("--chunk", type=int, default=256, help="products per embedding call")
     xb.add_argument("--backend", choices=("faiss", "numpy"), default=None)
-    xb.add_argument("--threads", type=int, default=None)
+    _runtime_args(xb, threads_help="ONNX Runtime intra-op and faiss threads")
     xb.set_defaults(func=_cmd_index_build)
 
     n = sub.add_parser("bench", help="latency p50/p99, throughput, cold start and peak RSS of an engine (runtime only)")

@@ -1,4 +1,5 @@
-"""The moon3 command line on a tiny engine: clear errors and exit codes for bad input."""
+"""The moon3 command line on a tiny engine: clear errors and exit codes for bad input, the runtime flags
+(--providers, --batch-size, --threads) reaching `sdk.Embedder`, and the progress bar."""
 
 import json
 
@@ -59,3 +60,113 @@ def test_bad_records_are_numbered_in_the_file_across_chunks(tiny_engine, tmp_pat
         vecs, errors = _embed_records(emb, records, tmp_path, None, chunk=2)
     assert list(errors) == [3] and errors[3].startswith("record 3 image:")
     assert np.isnan(vecs[3]).all() and np.isfinite(np.delete(vecs, 3, 0)).all()
+
+
+def _catalog(folder, words, n=5):
+    folder.mkdir(exist_ok=True)
+    lines = [json.dumps({"id": i, "title": f"{words[i]} {words[i + 1]}"}) for i in range(n)]
+    (folder / "items.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_embed_shows_a_progress_bar_and_still_reports_bad_items(tiny_engine, tmp_path, capsys):
+    w = tiny_engine.words
+    src = tmp_path / "items.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [{"id": 1, "title": w[0]}, {"id": 2, "title": ""},
+                                                        {"id": 3, "title": w[1]}]) + "\n")
+    assert main(["embed", str(tiny_engine.path), "--input", str(src), "--out", str(tmp_path / "v.npy")]) == 1
+    err = capsys.readouterr().err
+    bar = f"\r[{'#' * 30}] 3/3 products"
+    assert bar in err and "embedded 3/3" not in err
+    assert err.index(bar) < err.index("  bad item: record 1")  # the report follows the finished bar
+    side = json.loads((tmp_path / "v.items.json").read_text())
+    assert side["ids"] == [1, 2, 3] and list(side["errors"]) == ["1"]
+
+
+def test_runtime_flags_parse():
+    from sdk.cli import build_parser
+
+    for cmd in (["embed", "e", "--input", "i", "--out", "o"], ["search", "e"],
+                ["index", "build", "e", "--catalog", "c", "--out", "o"]):
+        a = build_parser().parse_args(cmd)
+        assert (a.providers, a.batch_size, a.threads) == (None, 32, None)  # the Embedder's defaults
+        a = build_parser().parse_args([*cmd, "--providers", "cuda, cpu", "--batch-size", "8", "--threads", "2"])
+        assert (a.providers, a.batch_size, a.threads) == (["cuda", "cpu"], 8, 2)
+
+
+@pytest.mark.parametrize(
+    "cmd", [["embed", "e", "--input", "i", "--out", "o"], ["search", "e", "--catalog", "c"],
+            ["index", "build", "e", "--catalog", "c", "--out", "o"]], ids=["embed", "search", "index"])
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [("--providers", "gpu", "argument --providers: unknown backend 'gpu'; available: cpu, cuda, tensorrt"),
+     ("--providers", "cpu,", "argument --providers: empty backend name in 'cpu,'"),
+     ("--batch-size", "0", "argument --batch-size: expected a positive integer, got '0'"),
+     ("--batch-size", "2.5", "argument --batch-size: expected a positive integer, got '2.5'"),
+     ("--threads", "-1", "argument --threads: expected a positive integer, got '-1'")],
+)
+def test_runtime_flags_refuse_bad_values(cmd, flag, value, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd, f"{flag}={value}"])
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records what the CLI hands `Embedder`: (providers, threads) per engine load, batch_size per call."""
+    from sdk.embedder import Embedder
+
+    calls = {"init": [], "batch_size": []}
+    init = Embedder.__init__
+
+    def spy_init(self, path, providers=None, threads=None):
+        calls["init"].append((providers, threads))
+        init(self, path, providers=providers, threads=threads)
+
+    monkeypatch.setattr(Embedder, "__init__", spy_init)
+    for name in ("embed", "embed_products"):
+        def spy_call(self, *a, _orig=getattr(Embedder, name), **kw):
+            calls["batch_size"].append(kw.get("batch_size"))
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(Embedder, name, spy_call)
+    return calls
+
+
+@pytest.mark.parametrize("command", ["embed", "search-catalog", "index-build", "search-index"])
+def test_runtime_flags_reach_the_embedder(tiny_engine, tmp_path, spy, command, capsys):
+    cat = _catalog(tmp_path / "cat", tiny_engine.words)
+    flags = ["--providers", "cpu", "--batch-size", "2", "--threads", "1"]
+    eng = str(tiny_engine.path)
+    if command == "search-index":  # an index built without the flags; only the search is spied on
+        assert main(["index", "build", eng, "--catalog", str(cat), "--out", str(tmp_path / "idx"),
+                     "--backend", "numpy"]) == 0
+        spy["init"].clear()
+        spy["batch_size"].clear()
+    argv = {
+        "embed": ["embed", eng, "--input", str(cat / "items.jsonl"), "--out", str(tmp_path / "v.npy")],
+        "search-catalog": ["search", eng, "--catalog", str(cat), "--query", tiny_engine.words[0]],
+        "index-build": ["index", "build", eng, "--catalog", str(cat), "--out", str(tmp_path / "idx"),
+                        "--backend", "numpy"],
+        "search-index": ["search", eng, "--index", str(tmp_path / "idx"), "--query", tiny_engine.words[0],
+                         "--backend", "numpy"],
+    }[command]
+    assert main([*argv, *flags]) == 0, capsys.readouterr().err
+    assert spy["init"] == [(["cpu"], 1)]
+    assert spy["batch_size"] and set(spy["batch_size"]) == {2}
+    if command == "embed":  # the batch size changes the padding, never the vectors
+        v = np.load(tmp_path / "v.npy")
+        assert main(argv) == 0
+        np.testing.assert_allclose(v, np.load(tmp_path / "v.npy"), atol=1e-5)
+
+
+def test_a_backend_this_onnxruntime_lacks_is_named(tiny_engine, tmp_path, capsys):
+    from sdk.embedder import available_backends
+
+    if "cuda" in available_backends():
+        pytest.skip("this onnxruntime has CUDA")
+    cat = _catalog(tmp_path / "cat", tiny_engine.words)
+    rc = main(["embed", str(tiny_engine.path), "--input", str(cat / "items.jsonl"), "--out", str(tmp_path / "v.npy"),
+               "--providers", "cuda,cpu"])
+    assert rc == 2 and "error: backend 'cuda' needs CUDAExecutionProvider" in capsys.readouterr().err
+    assert not (tmp_path / "v.npy").exists()

@@ -1,0 +1,177 @@
+"""The README's "Using an engine" section, kept honest: its Python example runs as written against a
+tiny engine built in code (random weights, the README's widths: 256-d, Matryoshka 64/128/256, with
+a reasoner), and its `moon3 ...` command lines parse with the real CLI.
+
+The example runs in a fresh working directory holding what it names: the tiny engine under each
+`*.engine` name, and a copy of each input file it names (a photo, a JSONL) from the repository,
+which must exist. Anything else it names (e.g. a cache file) is created there by the example.
+"""
+
+import ast
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+SECTION = "Using an engine"
+INPUTS = {".jpg", ".jpeg", ".png", ".webp", ".jsonl", ".json", ".parquet"}  # suffixes of files the example reads
+DIM, MATRYOSHKA = 256, (64, 128, 256)
+
+
+def section_blocks(text: str, heading: str, lang: str) -> list[tuple[int, str]]:
+    """(line number of the code's first line, code) of each ```lang block in the section whose
+    heading starts with `heading`, up to the next heading of the same or a higher level."""
+    level = None
+    fence = None  # info string of the open fence, or None outside code
+    blocks: list[tuple[int, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            if fence is None:
+                fence, start, code = line.strip()[3:].strip(), n + 1, []
+            else:
+                if level is not None and fence.split()[:1] == [lang]:
+                    blocks.append((start, "\n".join(code) + "\n"))
+                fence = None
+            continue
+        if fence is not None:
+            code.append(line)
+            continue
+        m = re.match(r"(#+)\s+(.*)", line)
+        if m and level is None and m.group(2).startswith(heading):
+            level = len(m.group(1))
+        elif m and level is not None and len(m.group(1)) <= level:
+            break
+    if level is None:
+        raise AssertionError(f"README.md has no section headed {heading!r}")
+    return blocks
+
+
+def _root_conftest():
+    """tests/conftest.py as a module (by path: `from conftest import` picks whichever conftest
+    another test directory registered under that name first)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moon3_tests_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def readme_engine(tmp_path_factory):
+    """A tiny single-graph engine with the README's widths and a tiny reasoner."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    tiny_tokenizer_json = _root_conftest().tiny_tokenizer_json
+    from tiny_models import TEXT_DIM, PooledImageTower, tiny_bert, tiny_reasoner_export, tiny_reasoner_tokenizer
+
+    from sdk.export.bundle import package_embedder, reasoner_parts
+    from sdk.export.onnx_embedder import EmbedderGraph, OnnxExportConfig, export_embedder_onnx
+    from sdk.preprocess import ImagePreprocess
+    from sdk.train.embedder import EmbedderConfig, FusionEmbedder
+    from sdk.train.reasoner import TASKS
+
+    folder = tmp_path_factory.mktemp("readme")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(3)
+        fusion = FusionEmbedder(EmbedderConfig(d_model=32, n_heads=4, text_dim=TEXT_DIM, fire_hidden=16,
+                                               out_dim=DIM, matryoshka_dims=MATRYOSHKA, dropout=0.0))
+        with torch.no_grad():  # parameters that start at zero moved off it, as in tiny_models.tiny_fusion
+            for p in fusion.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.5)
+        graph = EmbedderGraph(PooledImageTower(), tiny_bert(), fusion.eval()).eval()
+        onnx_path = export_embedder_onnx(graph, OnnxExportConfig(folder / "embedder.onnx", exporter="torchscript",
+                                                                 num_threads=1, check_batches=((2, 5, 3),)))
+        _, _, _, parity = tiny_reasoner_export(folder / "r")
+    finally:
+        torch.set_num_threads(before)
+    section, parts = reasoner_parts(folder / "r", tiny_reasoner_tokenizer().to_str().encode(), tasks=TASKS,
+                                    max_len=64, parity=parity)
+    # a budget that fits the example's titles: the tiny tokenizer spells unknown words letter by letter
+    return package_embedder(folder / "readme.engine", onnx_path.read_bytes(), tiny_tokenizer_json().encode(),
+                            dim=DIM, matryoshka_dims=MATRYOSHKA, image=ImagePreprocess(size=224),
+                            text_max_length=64, trace_max_length=64, extra={"reasoner": section}, extra_parts=parts)
+
+
+def stage(tree: ast.AST, cwd: Path, engine: Path) -> None:
+    """Put in `cwd` what the example names: the engine under each *.engine name, the repo's input files."""
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        name = Path(node.value)
+        if name.is_absolute() or (cwd / name).exists():
+            continue
+        if name.suffix == ".engine":
+            src = engine
+        elif name.suffix.lower() in INPUTS:
+            src = REPO / name
+            assert src.is_file(), f"README.md's example reads {node.value}, which is not in the repository"
+        else:
+            continue
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, cwd / name)
+
+
+def test_using_an_engine_example_runs(readme_engine, tmp_path, monkeypatch, capsys):
+    blocks = section_blocks(README.read_text(encoding="utf-8"), SECTION, "python")
+    assert blocks, f"README.md has no ```python block under {SECTION!r}"
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {"__name__": "readme_example"}
+    try:
+        for line, code in blocks:
+            tree = ast.parse(code, filename="README.md")
+            ast.increment_lineno(tree, line - 1)  # tracebacks point at README.md's lines
+            stage(tree, tmp_path, readme_engine)
+            exec(compile(tree, str(README), "exec"), ns)
+    finally:
+        for obj in ns.values():
+            if type(obj).__module__.startswith("sdk.") and callable(getattr(obj, "close", None)):
+                obj.close()
+    out = capsys.readouterr().out.splitlines()
+
+    emb = ns["emb"]
+    assert emb.backend == "cpu" and emb.dim == DIM
+    assert f"cpu {emb.precision}" in out  # print(emb.backend, emb.precision)
+    for name, width in (("v", DIM), ("v64", 64)):
+        v = ns[name]
+        assert v.dtype == np.float32 and v.shape[1] == width, (name, v.shape)
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_backend_comment_shows_a_real_backend_name():
+    """The comment on `print(emb.backend, ...)` gives an example value; it must be a name `emb.backend`
+    can return (a key of `sdk.embedder.BACKENDS`), not an ONNX Runtime provider name."""
+    from sdk.embedder import BACKENDS
+
+    lines = [ln for _, code in section_blocks(README.read_text(encoding="utf-8"), SECTION, "python")
+             for ln in code.splitlines() if "print(emb.backend" in ln and "e.g." in ln]
+    assert lines, "README.md's example no longer prints emb.backend with an example value"
+    for ln in lines:
+        example = ln.split("e.g.", 1)[1].split()[0].strip(",;")
+        assert example in BACKENDS, (f"README.md: {ln.strip()!r} shows backend {example!r}; "
+                                     f"emb.backend is one of {list(BACKENDS)}")
+
+
+def test_command_lines_parse(capsys):
+    from sdk.cli import build_parser
+
+    blocks = section_blocks(README.read_text(encoding="utf-8"), SECTION, "bash")
+    commands = [shlex.split(ln, comments=True) for _, code in blocks for ln in code.splitlines()
+                if ln.strip().startswith("moon3 ")]
+    assert {c[1] for c in commands} >= {"embed", "search", "index"}, commands
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv[1:])
+        except SystemExit:
+            why = capsys.readouterr().err.strip().splitlines()[-1:]
+            pytest.fail(f"README.md: `{shlex.join(argv)}` does not parse: {' '.join(why)}", pytrace=False)
