@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": metrics.get("train_seconds"),
     }
     (a.out / "distill_report.json").write_text(json.dumps(report, indent=2))
-    card = a.out / "MODEL_CARD.md"
+    card = Path(metrics.get("card_path", a.out / "MODEL_CARD.md"))  # the card `train` generated
     text = card.read_text().replace("# moon3 reasoner: model card", "# moon3 reasoner student: model card", 1)
     if "Reproduce:" in text and "## Validation" in text:  # the student's own commands, not plain SFT
         cmd = (f"    python -m sdk.train.traces --catalog {a.catalog} --features {a.features} --reasoner {a.teacher} "

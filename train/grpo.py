@@ -16,9 +16,18 @@ where q = embedder(title + trace), the positive is the product's catalog-side ve
 the photo trace written by the SFT reasoner) and negatives are other products' catalog vectors
 (products sharing the title excluded). Advantages are normalised within each product's group of
 G; the loss is the policy gradient with those advantages plus beta * KL(policy || SFT reasoner)
-(the k3 estimator, per token). The embedder is frozen (trained with traces by
-`train_embedder --traces`). `--eval` then rewrites validation traces greedily and reports
+(the k3 estimator, per token). `--eval` then rewrites validation traces greedily and reports
 text->image R@10 with SFT traces vs GRPO traces, with the same embedder and gallery.
+
+Only the reasoner is updated. The embedder (trained with traces beforehand by
+`train_embedder --traces`, on the SFT reasoner's cached traces of all three views) is frozen:
+it embeds the queries under `torch.no_grad`, and the catalog-side vectors are computed once,
+from the SFT reasoner's photo traces, before the first step. MOON3.0 trains the embedder's
+contrastive loss and the GRPO reward jointly; that joint update is not done here. The reason is
+the CPU budget: the trace embedder is trained separately, once, on cached traces, and a
+joint update would back-propagate through the embedder and re-embed the gallery every step, on
+top of a GRPO run that already takes 7-10 min on 2 cores. So the reward is a fixed function of
+the trace, and the embedder never adapts to the GRPO traces.
 """
 
 from __future__ import annotations
@@ -101,9 +110,43 @@ def well_formed(ids: list[int]) -> bool:
 
 
 def shaping(conts: list[list[int]], cfg: GRPOConfig) -> torch.Tensor:
-    """Format reward minus length penalty, per continuation."""
+    """Format reward minus length penalty, per continuation:
+    cfg.format_weight * well_formed(c) - cfg.length_weight * len(c) (tokens, <eos> not counted)."""
     form = torch.tensor([float(well_formed(c)) for c in conts])
     return cfg.format_weight * form - cfg.length_weight * torch.tensor([float(len(c)) for c in conts])
+
+
+def retrieval_margin(q: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, negative_keys: np.ndarray,
+                     key) -> torch.Tensor:
+    """The retrieval part of the reward: how far each query beats the hardest negative.
+
+    margin_i = cos(q_i, positive) - max_j cos(q_i, negatives_j) over the negatives whose title key
+    differs from `key` (a product sharing the title is a hit, not a negative). The vectors are the
+    embedder's, L2-normalised, so dot products are cosines. If every negative shares the title, the
+    max is over nothing and counts as -2 (below any cosine).
+
+    Args:
+        q: (G, D) query vectors (title + one sampled trace each).
+        positive: (D,) the product's own catalog-side vector.
+        negatives: (K, D) other products' catalog-side vectors.
+        negative_keys: (K,) title keys of the negatives.
+        key: the product's title key.
+
+    Returns:
+        (G,) margins.
+    """
+    keep = torch.from_numpy(np.asarray(negative_keys) != key)  # (K,)
+    neg = (q @ negatives.T).masked_fill(~keep[None, :], -2.0)  # (G, K)
+    return q @ positive - neg.max(1).values
+
+
+def group_advantages(reward: torch.Tensor) -> torch.Tensor:
+    """GRPO advantages of one group of samples: (reward - mean) / (std + 1e-4).
+
+    Zero-mean within the group; unit (unbiased) std up to the 1e-4 guard, and all zeros when every
+    sample got the same reward (no signal, no update).
+    """
+    return (reward - reward.mean()) / (reward.std() + 1e-4)
 
 
 def grpo_step(policy, ref, opt, prompts: dict, reward_fn, cfg: GRPOConfig, gen: torch.Generator) -> dict:
@@ -118,7 +161,7 @@ def grpo_step(policy, ref, opt, prompts: dict, reward_fn, cfg: GRPOConfig, gen: 
         conts, ended = sample(policy, prompt, cfg.group, cfg.max_new_tokens, cfg.temperature, gen)
         policy.train()
         reward = reward_fn(key, conts)
-        adv = (reward - reward.mean()) / (reward.std() + 1e-4)
+        adv = group_advantages(reward)
         lp, mask = token_logprobs(policy, prompt, conts, ended)
         with torch.no_grad():
             ref_lp, _ = token_logprobs(ref, prompt, conts, ended)
@@ -213,9 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def reward_fn(r: int, conts: list[list[int]]) -> torch.Tensor:
         q = scorer.embed([r] * len(conts), [decode(tok, c) for c in conts])  # (G, D)
-        neg = gallery[neg_idx]
-        neg_ok = torch.from_numpy(keys[train_rows[neg_idx.numpy()]] != keys[r])
-        margin = q @ gallery[where[r]] - (q @ neg.T).masked_fill(~neg_ok[None, :], -2.0).max(1).values
+        margin = retrieval_margin(q, gallery[where[r]], gallery[neg_idx], keys[train_rows[neg_idx.numpy()]], keys[r])
         stats.setdefault("margin", []).append(float(margin.mean()))
         return margin + shaping(conts, cfg)
 

@@ -175,6 +175,7 @@ def _traces(reports: dict) -> list[str]:
         h = g["history"]
         lines += [
             "### GRPO with a retrieval reward",
+            *GRPO_FROZEN,
             f"{c['steps']} steps of {c['products_per_step']} training products x {c['group']} sampled title-only traces",
             f"(temperature {c['temperature']}); reward = cos(query, own catalog vector) - the hardest of "
             f"{c['negatives']} negatives",
@@ -297,6 +298,17 @@ def _stage3_tte(before: dict, after: dict) -> list[str]:
     ]
 
 
+GRPO_FROZEN = (  # what the GRPO stage trains, and what it does not
+    "Only the reasoner is trained in this stage; the embedder is frozen. The reward's embedder (the",
+    "trace-trained model above) gets no gradient and embeds the sampled queries under `torch.no_grad`,",
+    "and the catalog-side vectors it compares them with (photo + the supervised reasoner's photo trace)",
+    "are computed once, before the first step. MOON3.0 trains the embedder's contrastive loss and the",
+    "GRPO reward jointly; that joint update is not done here. The reason is the CPU budget: the trace",
+    "embedder is trained separately (`train_embedder --traces`, on cached traces of the supervised",
+    "reasoner), and each GRPO run below already takes 7-10 min on 2 cores. So the embedder never adapts",
+    "to the GRPO traces, and the shipped reasoner weights stay the supervised ones.",
+    "",
+)
 GRPO_ROWS = (("title, no trace", "text->image R@10, query without trace"),
              ("title + SFT trace", "text->image R@10, SFT query traces"),
              ("title + GRPO trace", "text->image R@10, GRPO query traces"))
@@ -306,10 +318,11 @@ def _stage3_grpo(before: dict, after: dict) -> list[str]:
     """GRPO from the earlier reasoner against GRPO from the stage-3 reasoner (same recipe)."""
     v0, v1, c = before["validation"], after["validation"], after["config"]
     return [
-        f"GRPO from the stage-3 reasoner, same recipe ({c['steps']} steps, lr {c['lr']}, beta {c['beta']}), with the",
-        "retrained trace embedder and the stage-3 photo traces on the catalog side (`python -m sdk.train.grpo",
-        "--catalog ../shared/data/catalog --features .cache/features --traces .cache/traces3 --reasoner",
-        f"train/weights/reasoner --embedder train/weights/trace --eval`, {after['seconds'] / 60:.1f} min), validation text->image R@10:",
+        f"GRPO from the stage-3 reasoner, same recipe ({c['steps']} steps, lr {c['lr']}, beta {c['beta']}; the embedder frozen,",
+        "as above), with the retrained trace embedder and the stage-3 photo traces on the catalog side",
+        "(`python -m sdk.train.grpo --catalog ../shared/data/catalog --features .cache/features --traces",
+        ".cache/traces3 --reasoner train/weights/reasoner --embedder train/weights/trace --eval`,",
+        f"{after['seconds'] / 60:.1f} min), validation text->image R@10:",
         "",
         "| query | earlier reasoner, first trace model | stage-3 reasoner, retrained trace model |",
         "|---|---|---|",

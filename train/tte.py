@@ -101,6 +101,69 @@ def recall_at_10(q: np.ndarray, g: np.ndarray, q_key: np.ndarray, g_key: np.ndar
     return float((g_key[top] == q_key[:, None]).any(1).mean())
 
 
+# The held-out score that picks the layer: retrieval with the head on both sides, the TTE_u case
+# the head exists for (the other rows lean on the embedder's gallery).
+SELECT_BY = "text->image R@10 (TTE_u both sides)"
+
+
+def scores(head: TTEHead, hidden: dict[str, np.ndarray], emb: dict[str, np.ndarray], keys: np.ndarray,
+           rows: np.ndarray) -> dict[str, float]:
+    """Retrieval of the head's vectors on `rows` (the embedder model card's protocol).
+
+    Args:
+        head: a trained (or any) head.
+        hidden: {view: (N, d_in)} one layer's pooled hidden states per view in `VIEWS`.
+        emb: {view: (N, d_out)} the embedder's trace-on vectors of the same views (the gallery and
+            the distillation target).
+        keys: (N,) title keys; a hit is a gallery item with the query's key.
+        rows: the rows to score, query and gallery alike.
+
+    Returns:
+        R@10 of the TTE_u vector against the embedder's gallery and against itself, and the mean
+        cosine to the embedder's title-view vector.
+    """
+    v = {view: head(torch.from_numpy(hidden[view][rows])).detach().numpy() for view in VIEWS}
+    k = keys[rows]
+    return {
+        "text->image R@10 (TTE_u query, embedder gallery)": recall_at_10(v["title"], emb["photo"][rows], k, k),
+        "text->image R@10 (TTE_u both sides)": recall_at_10(v["title"], v["photo"], k, k),
+        "image->text R@10 (TTE_u both sides)": recall_at_10(v["photo"], v["title"], k, k),
+        "mm->mm R@10 (TTE_u query, embedder gallery)": recall_at_10(v["photo+title"], emb["photo"][rows], k, k),
+        "cosine to the embedder's vector (title view)": float((v["title"] * emb["title"][rows]).sum(1).mean()),
+    }
+
+
+def choose_layer(cfg: TTEConfig, hidden: dict[str, np.ndarray], emb: dict[str, np.ndarray], keys: np.ndarray,
+                 fit_rows: np.ndarray, held_rows: np.ndarray, layers, log=print) -> tuple[int, TTEHead, dict]:
+    """Train one head per candidate layer on `fit_rows` and keep the best on `held_rows` by `SELECT_BY`.
+
+    Args:
+        cfg: head and training config.
+        hidden: {view: (N, L + 1, d_in)} pooled hidden states of every layer (0 = embeddings).
+        emb: {view: (N, d_out)} targets, as in `scores`.
+        keys: (N,) title keys: the negatives' mask in training and the hits in scoring.
+        fit_rows: rows the heads are trained on.
+        held_rows: rows (disjoint from fit_rows) the layer is chosen on.
+        layers: candidate layer indices, tried in order; ties keep the earlier one.
+        log: called with one JSON line per layer.
+
+    Returns:
+        (chosen layer, its head, {layer: rounded held-out scores}).
+    """
+    per_layer: dict[int, dict] = {}
+    best, best_score, best_head = None, -1.0, None
+    for layer in layers:
+        x = {v: hidden[v][:, layer] for v in VIEWS}
+        head = train_head(cfg, x, emb, fit_rows, keys, desc=f"tte layer {layer}")
+        with torch.no_grad():
+            s = scores(head, x, emb, keys, held_rows)
+        per_layer[layer] = {k: round(v, 4) for k, v in s.items()}
+        log(json.dumps({"layer": layer, **per_layer[layer]}))
+        if s[SELECT_BY] > best_score:
+            best, best_score, best_head = layer, s[SELECT_BY], head
+    return best, best_head, per_layer
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", default=".cache/features")
@@ -143,31 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     val_rows = np.flatnonzero(is_val & has)
     cfg = TTEConfig(epochs=args.epochs, d_in=hidden["title"].shape[2], d_out=emb["title"].shape[1])
 
-    def scores(head, rows) -> dict:
-        v = {view: head(torch.from_numpy(hidden[view][rows][:, layer])).detach().numpy() for view in VIEWS}
-        k = keys[rows]
-        return {
-            "text->image R@10 (TTE_u query, embedder gallery)": recall_at_10(v["title"], emb["photo"][rows], k, k),
-            "text->image R@10 (TTE_u both sides)": recall_at_10(v["title"], v["photo"], k, k),
-            "image->text R@10 (TTE_u both sides)": recall_at_10(v["photo"], v["title"], k, k),
-            "mm->mm R@10 (TTE_u query, embedder gallery)": recall_at_10(v["photo+title"], emb["photo"][rows], k, k),
-            "cosine to the embedder's vector (title view)": float((v["title"] * emb["title"][rows]).sum(1).mean()),
-        }
-
-    per_layer = {}
-    best, best_score, best_head = None, -1.0, None
-    for layer in range(1, n_layers + 1):
-        head = train_head(cfg, {v: hidden[v][:, layer] for v in VIEWS}, emb, fit_rows, keys, desc=f"tte layer {layer}")
-        with torch.no_grad():
-            s = scores(head, held)
-        per_layer[layer] = {k: round(x, 4) for k, x in s.items()}
-        print(json.dumps({"layer": layer, **per_layer[layer]}))
-        score = s["text->image R@10 (TTE_u both sides)"]
-        if score > best_score:
-            best, best_score, best_head = layer, score, head
-    layer = best
+    layer, best_head, per_layer = choose_layer(cfg, hidden, emb, keys, fit_rows, held, range(1, n_layers + 1))
     with torch.no_grad():
-        val = scores(best_head, val_rows)
+        val = scores(best_head, {v: hidden[v][:, layer] for v in VIEWS}, emb, keys, val_rows)
     k = keys[val_rows]
     two_model = {
         "text->image R@10 (two models, trace on)": recall_at_10(emb["title"][val_rows], emb["photo"][val_rows], k, k),
