@@ -12,10 +12,14 @@ ones (d=256, 49 image tokens, FIRE hidden 128). Implementations:
     "c_ops"        (whole head only) the NumPy head calling the per-op sdk._C kernels
                    (`FusionHead.forward_reference` with sdk._C on)
     "numpy"        the NumPy references (sdk.fused.*_ref; NumPy's BLAS with its own threads)
-    "onnxruntime"  the same sub-graph exported from PyTorch and run by ONNX Runtime (CPU,
-                   BENCH_THREADS threads (default 1, like every runner of the suites), all graph
-                   optimisations)
-Every benchmark checks the vector it timed against the PyTorch module.
+    "sdk.fused"    (single ops only) the public wrapper: argument conversion/checks + sdk._C, fresh
+                   outputs; "c" there is the bare sdk._C call writing into the caller's `out=` buffers
+    "onnxruntime"  the same sub-graph run by ONNX Runtime (CPU, BENCH_THREADS threads (default 1, like
+                   every runner of the suites), all graph optimisations, the session options the
+                   runtime uses: `sdk.embedder.session_kwargs`): exported from PyTorch for the head and
+                   FIRE, built with onnx.helper (opset 17, the same weights) for the single ops
+The head and FIRE check the vector they timed against the PyTorch module; the single ops against
+their NumPy reference, to within `sdk.fused.FUSED_ATOL`.
 """
 
 import json
@@ -49,11 +53,33 @@ def _onnx(module, args, names, dynamic, path):
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
     program.save(str(path), external_data=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = _session(path.read_bytes())
     out = sess.get_outputs()[0].name
     return lambda *xs: sess.run([out], dict(zip(names, xs)))[0]
+
+
+def _session(graph: bytes):
+    """An ONNX Runtime CPU session made as the runtime makes them (sdk.embedder), BENCH_THREADS threads."""
+    from sdk.embedder import session_kwargs
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    providers = ["CPUExecutionProvider"]
+    return ort.InferenceSession(graph, opts, providers=providers, **session_kwargs(providers))
+
+
+def _graph(name, nodes, inputs, outputs, weights):
+    """An ONNX Runtime session of a small opset-17 graph: inputs/outputs {name: shape} (float32,
+    "B" the dynamic batch), weights {name: array} as initializers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    io = lambda d: [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in d.items()]  # noqa: E731
+    graph = helper.make_graph(nodes, name, io(inputs), io(outputs),
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return _session(model.SerializeToString())
 
 
 class _Head(torch.nn.Module):
@@ -170,6 +196,109 @@ def test_fusion_epilogue_and_projection(benchmark, model, batch, impl):
     want_q = fused.fusion_epilogue_ref(q, outs, logits, present, *ep)[0]
     np.testing.assert_allclose(qn, want_q, rtol=0, atol=FUSED_ATOL)
     np.testing.assert_allclose(e, fused.project_normalize_ref(q, *pj, 256), rtol=0, atol=FUSED_ATOL)
+
+
+def _epilogue_inputs(model, batch):
+    """The first fusion round's epilogue weights and random unit-scale inputs of `batch` rows."""
+    f = model.fusion[0]
+    w = lambda t: t.detach().numpy()  # noqa: E731
+    rng = np.random.default_rng(batch)
+    present = np.ones((batch, 3), np.float32)
+    present[::2, 2] = 0  # every other row has no trace: its gate weight is 0
+    xs = (rng.standard_normal((batch, 256), np.float32), rng.standard_normal((batch, 3, 256), np.float32),
+          rng.standard_normal((batch, 3), np.float32), present)  # q, outs, logits, present
+    return xs, (w(f.out.weight), w(f.out.bias), w(f.ffn[0].weight), w(f.ffn[0].bias))
+
+
+def _ort_fusion_epilogue(out_w, out_b, ln_w, ln_b):
+    """fusion_epilogue as ONNX: Softmax(logits + (1 - present) * NEG) -> MatMul with outs -> Gemm ->
+    Add q -> LayerNormalization; outputs (q_new, h, gate)."""
+    from onnx import helper
+
+    d = out_w.shape[0]
+    n = helper.make_node
+    nodes = [
+        n("Sub", ["one", "present"], ["absent"]), n("Mul", ["absent", "neg"], ["mask"]),
+        n("Add", ["logits", "mask"], ["z"]), n("Softmax", ["z"], ["gate"], axis=-1),  # (B, M)
+        n("Unsqueeze", ["gate", "ax1"], ["gate3"]), n("MatMul", ["gate3", "outs"], ["fused3"]),  # (B, 1, d)
+        n("Squeeze", ["fused3", "ax1"], ["fused"]), n("Gemm", ["fused", "out_w", "out_b"], ["proj"], transB=1),
+        n("Add", ["q", "proj"], ["q_new"]),
+        n("LayerNormalization", ["q_new", "ln_w", "ln_b"], ["h"], axis=-1, epsilon=fused.LN_EPS),
+    ]
+    weights = {"out_w": out_w, "out_b": out_b, "ln_w": ln_w, "ln_b": ln_b, "one": np.float32(1.0),
+               "neg": np.float32(fused.NEG), "ax1": np.array([1], np.int64)}
+    sess = _graph("fusion_epilogue", nodes, {"q": ["B", d], "outs": ["B", 3, d], "logits": ["B", 3],
+                                             "present": ["B", 3]},
+                  {"q_new": ["B", d], "h": ["B", d], "gate": ["B", 3]}, weights)
+    return lambda q, outs, logits, present: tuple(
+        sess.run(["q_new", "h", "gate"], {"q": q, "outs": outs, "logits": logits, "present": present}))
+
+
+@pytest.mark.parametrize("impl", ["c", "sdk.fused", "numpy", "onnxruntime"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_fusion_epilogue(benchmark, model, batch, impl):
+    if impl in ("c", "sdk.fused") and not ops.HAVE_C:
+        pytest.skip("sdk._C is not built")
+    xs, ep = _epilogue_inputs(model, batch)
+    if impl == "c":  # into the caller's buffers: no allocation, no copy
+        bufs = tuple(np.empty(shape, np.float32) for shape in ((batch, 256), (batch, 256), (batch, 3)))
+        fn = lambda *a: ops._C.fusion_epilogue(*a, *ep, bufs)  # noqa: E731
+    elif impl == "sdk.fused":
+        fn = lambda *a: fused.fusion_epilogue(*a, *ep)  # noqa: E731
+    elif impl == "numpy":
+        fn = lambda *a: fused.fusion_epilogue_ref(*a, *ep)  # noqa: E731
+    else:
+        fn = _ort_fusion_epilogue(*ep)
+    for _ in range(3):
+        fn(*xs)
+    benchmark.group = f"fusion epilogue (d=256, 3 modalities), batch {batch}"
+    benchmark.extra_info.update(impl=impl, batch=batch)
+    got = benchmark(fn, *xs)
+    for g, w in zip(got, fused.fusion_epilogue_ref(*xs, *ep)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=FUSED_ATOL)
+
+
+def _ort_project_normalize(ln_w, ln_b, w, b, dim):
+    """project_normalize as ONNX: LayerNormalization -> Gemm with the kept rows of w -> x / max(||x||, eps)
+    (ReduceL2, Max, Div: what torch.nn.functional.normalize exports to)."""
+    from onnx import helper
+
+    n = helper.make_node
+    nodes = [
+        n("LayerNormalization", ["q", "ln_w", "ln_b"], ["h"], axis=-1, epsilon=fused.LN_EPS),
+        n("Gemm", ["h", "w", "b"], ["e"], transB=1),  # (B, dim)
+        n("ReduceL2", ["e"], ["norm"], axes=[-1], keepdims=1), n("Max", ["norm", "eps"], ["den"]),
+        n("Div", ["e", "den"], ["y"]),
+    ]
+    weights = {"ln_w": ln_w, "ln_b": ln_b, "w": np.ascontiguousarray(w[:dim]), "b": np.ascontiguousarray(b[:dim]),
+               "eps": np.float32(ops.L2_NORMALIZE_EPS)}
+    sess = _graph("project_normalize", nodes, {"q": ["B", w.shape[1]]}, {"y": ["B", dim]}, weights)
+    return lambda q: sess.run(["y"], {"q": q})[0]
+
+
+@pytest.mark.parametrize("impl", ["c", "sdk.fused", "numpy", "onnxruntime"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_project_normalize(benchmark, model, batch, impl):
+    if impl in ("c", "sdk.fused") and not ops.HAVE_C:
+        pytest.skip("sdk._C is not built")
+    hd, dim = model.head, 256
+    pj = tuple(t.detach().numpy() for t in (hd[0].weight, hd[0].bias, hd[1].weight, hd[1].bias))
+    q = np.random.default_rng(batch).standard_normal((batch, 256), np.float32)
+    if impl == "c":  # into the caller's buffer: no allocation, no copy
+        buf = np.empty((batch, dim), np.float32)
+        fn = lambda x: ops._C.project_normalize(x, *pj, dim, buf)  # noqa: E731
+    elif impl == "sdk.fused":
+        fn = lambda x: fused.project_normalize(x, *pj, dim)  # noqa: E731
+    elif impl == "numpy":
+        fn = lambda x: fused.project_normalize_ref(x, *pj, dim)  # noqa: E731
+    else:
+        fn = _ort_project_normalize(*pj, dim)
+    for _ in range(3):
+        fn(q)
+    benchmark.group = f"projection + L2 normalise (LayerNorm, 256 -> {dim}), batch {batch}"
+    benchmark.extra_info.update(impl=impl, batch=batch, dim=dim)
+    got = benchmark(fn, q)
+    np.testing.assert_allclose(got, fused.project_normalize_ref(q, *pj, dim), rtol=0, atol=FUSED_ATOL)
 
 
 @pytest.mark.parametrize("impl", ["c", "c_ops", "numpy"])

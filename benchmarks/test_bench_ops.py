@@ -1,15 +1,20 @@
-"""Speed of the fused L2 normalisation + Matryoshka truncation: sdk._C against the NumPy reference.
+"""Speed of the fused L2 normalisation + Matryoshka truncation: sdk._C against the NumPy reference
+and the same sub-graph in ONNX Runtime.
 
     .venv/bin/python -m pytest benchmarks/test_bench_ops.py --benchmark-group-by=group \
         --benchmark-columns=mean,median,ops,rounds
 
 Implementations: "c" (the dispatched kernel, AVX2+FMA where the CPU has it), "c_scalar" (the
-portable kernel), "sdk.ops" (the public op: validation + the dispatched kernel) and "numpy_ref"
-(`sdk.ops.l2_normalize_ref`). Each test checks its output against the reference.
+portable kernel), "sdk.ops" (the public op: validation + the dispatched kernel), "numpy_ref"
+(`sdk.ops.l2_normalize_ref`) and "onnxruntime" (Slice -> ReduceL2 -> Max(eps) -> Div, what
+torch.nn.functional.normalize exports to, built with onnx.helper and run on the CPU with
+BENCH_THREADS threads (default 1) and the session options the runtime uses). Each test checks its
+output against the reference, to within `sdk.ops.L2_NORMALIZE_ATOL`.
 """
 
 import numpy as np
 import pytest
+from bench_common import THREADS
 
 from sdk import ops
 from sdk.ops import L2_NORMALIZE_ATOL, l2_normalize_ref
@@ -22,7 +27,35 @@ IMPLS = {
     "c_scalar": lambda x, dim: _C.l2_normalize(x, dim, force_scalar=True),
     "sdk.ops": lambda x, dim: ops.l2_normalize(x, dim),
     "numpy_ref": l2_normalize_ref,
+    "onnxruntime": None,  # built per dim: _ort_l2_normalize
 }
+
+
+def _ort_l2_normalize(dim: int):
+    """x (B, WIDTH) -> x[:, :dim] / max(||x[:, :dim]||_2, eps) as an opset-17 graph, in an ONNX Runtime
+    CPU session made as the runtime makes them (sdk.embedder), BENCH_THREADS threads."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.embedder import session_kwargs
+
+    consts = {"starts": np.array([0], np.int64), "ends": np.array([dim], np.int64), "axes": np.array([1], np.int64),
+              "eps": np.float32(ops.L2_NORMALIZE_EPS)}
+    n = helper.make_node
+    nodes = [n("Slice", ["x", "starts", "ends", "axes"], ["v"]), n("ReduceL2", ["v"], ["norm"], axes=[-1], keepdims=1),
+             n("Max", ["norm", "eps"], ["den"]), n("Div", ["v", "den"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "l2_normalize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", dim])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    providers = ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers, **session_kwargs(providers))
+    return lambda x, _dim: sess.run(["y"], {"x": x})[0]
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -31,7 +64,7 @@ IMPLS = {
 def test_l2_normalize(benchmark, batch, dim, impl):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, WIDTH), dtype=np.float32) * 3  # (B, D)
-    fn = IMPLS[impl]
+    fn = IMPLS[impl] or _ort_l2_normalize(dim)
     for _ in range(20):  # warm-up: page in x, resolve the kernel dispatch
         fn(x, dim)
 

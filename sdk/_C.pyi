@@ -29,23 +29,35 @@ def cpu_features() -> dict[str, bool]:
 
 _F32 = npt.NDArray[np.float32]
 
+# The fused ops below read and write the caller's arrays where they lie: every array argument must
+# be a C-contiguous, aligned float32 ndarray (TypeError: not an ndarray, another dtype; ValueError:
+# strided, unaligned, misshapen), never converted. sdk.fused accepts anything and copies instead.
+# `out`, where given, receives the result and is returned: exactly the result's shape, writeable,
+# overlapping no input except the in-place alias each op names (ValueError otherwise).
+
 def fusion_epilogue(
     q: _F32, outs: _F32, logits: _F32, present: _F32, out_w: _F32, out_b: _F32, ln_w: _F32, ln_b: _F32,
+    out: tuple[_F32 | None, _F32 | None, _F32 | None] | None = None,
+    *,
     force_scalar: bool = False,
 ) -> tuple[_F32, _F32, _F32]:
-    """Modality-fusion epilogue -> (q_new, LayerNorm(q_new), gate); see sdk.fused.fusion_epilogue."""
+    """Modality-fusion epilogue -> (q_new, LayerNorm(q_new), gate); see sdk.fused.fusion_epilogue.
+
+    `out` is None or a 3-tuple (q_new, h, gate), each an array or None (fresh); q_new may be q.
+    """
 
 def fire_residual(
     h: _F32, shallow: _F32, norm_w: _F32, norm_b: _F32, gate_in_w: _F32, gate_in_b: _F32, gate_out_w: _F32,
     gate_out_b: float, mlp_norm_w: _F32, mlp_norm_b: _F32, mlp_in_w: _F32, mlp_in_b: _F32, mlp_out_w: _F32,
-    mlp_out_b: _F32, scale: float, force_scalar: bool = False,
+    mlp_out_b: _F32, scale: float, out: _F32 | None = None, *, force_scalar: bool = False,
 ) -> _F32:
-    """FIRE residual enhancement of (R, d) token states; see sdk.fused.fire_residual."""
+    """FIRE residual enhancement of (R, d) token states, into `out` (R, d) if given (it may be h)."""
 
 def project_normalize(
-    q: _F32, ln_w: _F32, ln_b: _F32, w: _F32, b: _F32, dim: int, force_scalar: bool = False
+    q: _F32, ln_w: _F32, ln_b: _F32, w: _F32, b: _F32, dim: int, out: _F32 | None = None, *,
+    force_scalar: bool = False,
 ) -> _F32:
-    """LayerNorm -> projection -> Matryoshka truncation -> L2 norm; see sdk.fused.project_normalize."""
+    """LayerNorm -> projection -> Matryoshka truncation -> L2 norm, into `out` (B, dim) if given (it may be q)."""
 
 def linear(x: _F32, w: _F32, b: _F32 | None = None, force_scalar: bool = False) -> _F32:
     """x @ w.T + b for x (..., k), w (m, k) in PyTorch's layout; one thread, no BLAS."""

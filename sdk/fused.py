@@ -11,15 +11,24 @@ erf GELU, the same finite mask value), in float32. The compiled kernels agree wi
 to within `FUSED_ATOL` per element. Like `sdk.ops`, the compiled path is chosen at each call
 (`sdk.ops.HAVE_C`; MOON3_DISABLE_C=1 turns it off) and the reference is the fallback. This module
 never imports torch.
+
+Buffers: the compiled kernels read C-contiguous float32 arrays where they lie; the wrappers here
+copy any other input (another dtype, a strided view) into one first, so pass C-contiguous float32
+arrays to avoid copies (`sdk._C` itself refuses them). Each op takes an optional `out=` (for
+`fusion_epilogue` a tuple) that receives the result in place and is returned, on both paths: a
+C-contiguous float32 array of exactly the result's shape that overlaps no input, except the one
+in-place alias each op documents (`q_new` may be `q`, FIRE's `out` may be `h`, the projection's
+`out` may be `q`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from sdk import ops
+from sdk.errors import InvalidInputError
 
 __all__ = [
     "FUSED_ATOL", "LN_EPS", "NEG", "FireParams", "erf", "fire_residual", "fire_residual_ref",
@@ -88,8 +97,10 @@ def fusion_epilogue_ref(q, outs, logits, present, out_w, out_b, ln_w, ln_b):
     return q_new, layer_norm(q_new, ln_w, ln_b), gate
 
 
-def fusion_epilogue(q, outs, logits, present, out_w, out_b, ln_w, ln_b):
+def fusion_epilogue(q, outs, logits, present, out_w, out_b, ln_w, ln_b, *, out=None):
     """The end of one modality-fusion round, fused.
+
+    Inputs that are not C-contiguous float32 arrays are copied into one first.
 
     Args:
         q: (B, d) query state before the round.
@@ -97,13 +108,39 @@ def fusion_epilogue(q, outs, logits, present, out_w, out_b, ln_w, ln_b):
         logits: (B, M) gate logits; present: (B, M) 0/1 modality presence (absent ones get weight 0).
         out_w: (d, d), out_b: (d,) the round's zero-initialised output projection.
         ln_w, ln_b: (d,) the LayerNorm of the FFN that follows.
+        out: optional tuple (q_new, h, gate) of arrays to write the results into, each None (a
+            fresh array) or C-contiguous float32 of the result's shape. `q_new` may be `q` itself
+            (the residual update in place); nothing else may overlap an input or another output.
 
     Returns:
-        (q_new (B, d), LayerNorm(q_new) (B, d), gate weights (B, M)), all float32 C-contiguous.
+        (q_new (B, d), LayerNorm(q_new) (B, d), gate weights (B, M)), float32 C-contiguous; the
+        given `out` arrays in their places.
+
+    Raises:
+        InvalidInputError: `out` is not a 3-tuple, or one of its arrays has the wrong type, dtype,
+            shape or layout, is read-only, or overlaps an input or another output.
     """
+    args = (q, outs, logits, present, out_w, out_b, ln_w, ln_b)
+    xs = _f32c(*args)
+    if out is not None:
+        if not (isinstance(out, tuple) and len(out) == 3):
+            got = f"a tuple of length {len(out)}" if isinstance(out, tuple) else type(out).__name__
+            raise InvalidInputError(f"out must be a 3-tuple (q_new, h, gate), each an array or None, got {got}")
+        others = dict(zip(("q", "outs", "logits", "present", "out_w", "out_b", "ln_w", "ln_b"), args))
+        q_in = others.pop("q")
+        for k, (name, shape) in enumerate((("out[0] (q_new)", xs[0].shape), ("out[1] (h)", xs[0].shape),
+                                           ("out[2] (gate)", xs[2].shape))):
+            if out[k] is not None:
+                _check_out(out[k], name, shape, others, alias=("q", q_in) if k == 0 else None)
+                others[name] = out[k]
+            if k == 0:
+                others["q"] = q_in
     if ops.HAVE_C:
-        return ops._C.fusion_epilogue(*_f32c(q, outs, logits, present, out_w, out_b, ln_w, ln_b))
-    return fusion_epilogue_ref(q, outs, logits, present, out_w, out_b, ln_w, ln_b)
+        return ops._C.fusion_epilogue(*xs, out)
+    got = fusion_epilogue_ref(*xs)
+    if out is None:
+        return got
+    return tuple(r if o is None else _put(o, r) for o, r in zip(out, got))
 
 
 @dataclass(frozen=True)
@@ -150,25 +187,39 @@ def fire_residual_ref(h: np.ndarray, shallow: np.ndarray, p: FireParams) -> np.n
     return (h + _F32(p.scale) * a[..., None].astype(_F32) * m).astype(_F32)
 
 
-def fire_residual(h: np.ndarray, shallow: np.ndarray, p: FireParams) -> np.ndarray:
+def fire_residual(h: np.ndarray, shallow: np.ndarray, p: FireParams, *, out: np.ndarray | None = None) -> np.ndarray:
     """FIRE residual enhancement of visual tokens, fused.
+
+    Inputs that are not C-contiguous float32 arrays are copied into one first.
 
     Args:
         h: (..., N, d) deep token states; shallow: (..., N, Cs) shallow tokens at the same positions.
         p: the block's weights.
+        out: optional C-contiguous float32 array of h's shape to write the result into. It may be
+            `h` itself (``h += ...`` in place) but must not otherwise overlap an input.
 
     Returns:
-        (..., N, d) float32: ``h + scale * sigmoid(w^T GELU(W LN(h))) * MLP(shallow)``.
+        (..., N, d) float32: ``h + scale * sigmoid(w^T GELU(W LN(h))) * MLP(shallow)``; `out` when given.
+
+    Raises:
+        InvalidInputError: `out` has the wrong type, dtype, shape or layout, is read-only, or
+            overlaps an input other than `h`.
     """
+    hh, ss = _f32c(h, shallow)
+    if out is not None:
+        others = {"shallow": shallow, **{f.name: getattr(p, f.name) for f in fields(p)}}
+        _check_out(out, "out", hh.shape, others, alias=("h", h))
     if ops.HAVE_C:
-        lead = h.shape[:-1]
-        hh, ss = _f32c(h.reshape(-1, h.shape[-1]), shallow.reshape(-1, shallow.shape[-1]))
-        out = ops._C.fire_residual(
-            hh, ss, *_f32c(p.norm_w, p.norm_b, p.gate_in_w, p.gate_in_b, p.gate_out_w), p.gate_out_b,
+        lead = hh.shape[:-1]
+        res = ops._C.fire_residual(
+            hh.reshape(-1, hh.shape[-1]), ss.reshape(-1, ss.shape[-1]),
+            *_f32c(p.norm_w, p.norm_b, p.gate_in_w, p.gate_in_b, p.gate_out_w), p.gate_out_b,
             *_f32c(p.mlp_norm_w, p.mlp_norm_b, p.mlp_in_w, p.mlp_in_b, p.mlp_out_w, p.mlp_out_b), p.scale,
+            None if out is None else out.reshape(-1, out.shape[-1]),  # a view: out is C-contiguous
         )
-        return out.reshape(*lead, out.shape[-1])
-    return fire_residual_ref(h, shallow, p)
+        return res.reshape(*lead, res.shape[-1]) if out is None else out
+    res = fire_residual_ref(hh, ss, p)
+    return res if out is None else _put(out, res)
 
 
 def project_normalize_ref(q, ln_w, ln_b, w, b, dim: int) -> np.ndarray:
@@ -177,22 +228,76 @@ def project_normalize_ref(q, ln_w, ln_b, w, b, dim: int) -> np.ndarray:
     return ops.l2_normalize_ref(e)
 
 
-def project_normalize(q, ln_w, ln_b, w, b, dim: int) -> np.ndarray:
+def project_normalize(q, ln_w, ln_b, w, b, dim: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Final LayerNorm -> projection -> Matryoshka truncation -> L2 normalisation, fused.
 
     Only the first `dim` output rows of the projection are computed (a truncated prefix,
-    re-normalised, is the Matryoshka embedding).
+    re-normalised, is the Matryoshka embedding). Inputs that are not C-contiguous float32 arrays
+    are copied into one first.
 
     Args:
         q: (B, d); ln_w, ln_b: (d,); w: (D, d) projection, b: (D,); dim: in [1, D].
+        out: optional C-contiguous float32 (B, dim) array to write the result into. It may be `q`
+            itself (when dim == d; q is read whole before out is written) but must not otherwise
+            overlap an input.
 
     Returns:
-        (B, dim) float32, rows of unit norm (zero rows stay zero).
+        (B, dim) float32, rows of unit norm (zero rows stay zero); `out` when given.
+
+    Raises:
+        InvalidInputError: `out` has the wrong type, dtype, shape or layout, is read-only, or
+            overlaps an input other than `q`.
     """
+    xs = _f32c(q, ln_w, ln_b, w, b)
+    dim = int(dim)
+    if out is not None:
+        _check_out(out, "out", (*xs[0].shape[:-1], dim), {"ln_w": ln_w, "ln_b": ln_b, "w": w, "b": b}, alias=("q", q))
     if ops.HAVE_C:
-        return ops._C.project_normalize(*_f32c(q, ln_w, ln_b, w, b), int(dim))
-    return project_normalize_ref(q, ln_w, ln_b, w, b, dim)
+        return ops._C.project_normalize(*xs, dim, out)
+    res = project_normalize_ref(*xs, dim)
+    return res if out is None else _put(out, res)
 
 
 def _f32c(*arrays):
-    return tuple(np.ascontiguousarray(a, _F32) for a in arrays)
+    """The arrays as C-contiguous aligned float32, each copied only where it is not one already."""
+    out = tuple(np.ascontiguousarray(a, _F32) for a in arrays)
+    if all(a.flags.aligned for a in out):
+        return out
+    return tuple(a if a.flags.aligned else a.copy() for a in out)
+
+
+def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.shape == b.shape and a.dtype == b.dtype and a.flags.c_contiguous and b.flags.c_contiguous
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+def _check_out(out, name: str, shape: tuple, others: dict, alias: tuple[str, object] | None = None) -> None:
+    """Refuse an `out` the result cannot be written into as given, naming what to pass instead.
+
+    `others` (name -> caller's argument) must not overlap `out`; `alias` (name, argument) may be
+    the very same buffer (where the op works in place) but must not otherwise overlap it. The same
+    checks and messages as sdk._C's, so the compiled and reference paths refuse alike.
+    """
+    fix = f"; allocate it with np.empty({tuple(shape)}, np.float32)"
+    if not isinstance(out, np.ndarray):
+        raise InvalidInputError(f"{name} must be a numpy.ndarray or None, got {type(out).__name__}")
+    if out.dtype != _F32:  # a byte-swapped float32 too
+        raise InvalidInputError(f"{name} must have dtype float32 (native byte order), got {out.dtype}{fix}")
+    if out.shape != tuple(shape):
+        raise InvalidInputError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.aligned):
+        raise InvalidInputError(f"{name} must be C-contiguous and aligned: the result is written into it{fix}")
+    if not out.flags.writeable:
+        raise InvalidInputError(f"{name} is read-only; pass a writeable array")
+    hint = f" (or {alias[0]} itself, to work in place)" if alias else ""
+    for other, a in others.items():
+        if isinstance(a, np.ndarray) and np.may_share_memory(out, a):
+            raise InvalidInputError(f"{name} overlaps {other}; pass a separate buffer{hint}")
+    if alias and isinstance(alias[1], np.ndarray) and np.may_share_memory(out, alias[1]) \
+            and not _same_buffer(out, alias[1]):
+        raise InvalidInputError(f"{name} overlaps {alias[0]}; pass a separate buffer{hint}")
+
+
+def _put(out: np.ndarray, result: np.ndarray) -> np.ndarray:
+    out[...] = result
+    return out
