@@ -146,8 +146,9 @@ def _reader(feeds: Sequence[Mapping[str, np.ndarray]]):
 
 def quantize_static_qdq(src: str | Path, dst: str | Path, calibration: CalibrationSet | None, *,
                         method: str = "minmax", exclude: Iterable[str] = (), cache: str | Path | None = None,
-                        op_types: Sequence[str] = ("MatMul", "Gemm"), percentile: float = 99.999) -> Path:
-    """Static INT8 Q/DQ: symmetric INT8 activations (ranges from `calibration`), per-channel INT8 weights.
+                        op_types: Sequence[str] = ("MatMul", "Gemm"), percentile: float = 99.999,
+                        symmetric: bool = True) -> Path:
+    """Static INT8 Q/DQ: INT8 activations (ranges from `calibration`), per-channel symmetric INT8 weights.
 
     Args:
         src: the FP32 graph (run `sdk.export.build.fold_constants` first); dst: output path.
@@ -157,6 +158,9 @@ def quantize_static_qdq(src: str | Path, dst: str | Path, calibration: Calibrati
         cache: JSON file of the computed ranges (written on the first call, reused after).
         op_types: op types to quantize.
         percentile: the percentile of |activation| kept by the "percentile" method.
+        symmetric: symmetric signed INT8 activations (TensorRT's format); False: asymmetric
+            unsigned INT8 (ONNX Runtime's CPU kernels; no range wasted on the negative half
+            after a ReLU6).
 
     Raises:
         ValueError: an unknown method, or neither calibration nor a cache.
@@ -169,13 +173,14 @@ def quantize_static_qdq(src: str | Path, dst: str | Path, calibration: Calibrati
         raise ValueError("give a calibration set or an existing calibration cache")
     cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
           "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
     if method == "percentile":
-        extra.update(CalibPercentile=percentile, CalibTensorRangeSymmetric=True)
+        extra.update(CalibPercentile=percentile, CalibTensorRangeSymmetric=symmetric)
     quantize_static(
         str(src), str(dst), None if calibration is None else _reader(calibration.feeds),
         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
         calibrate_method=cm, extra_options=extra, calibration_cache_path=None if cache is None else str(cache),
     )
     return Path(dst)
@@ -200,12 +205,13 @@ def output_cosine(reference: str | Path, candidate: str | Path, feeds: Sequence[
 
 def sensitivity_sweep(src: str | Path, groups: Mapping[str, Sequence[str]], calibration: CalibrationSet,
                       work: str | Path, *, method: str = "minmax", cache: str | Path | None = None,
-                      reduce=None, log=print) -> list[tuple[str, float]]:
+                      reduce=None, log=print, **quant) -> list[tuple[str, float]]:
     """Quantize one node group at a time and measure the output cosine against FP32.
 
     Args:
         src: the FP32 graph; groups: group name -> node names (e.g. one per transformer sublayer).
         calibration: feeds for calibration and for the measurement.
+        quant: more `quantize_static_qdq` settings (op_types, symmetric, percentile).
 
     Returns:
         (group, cosine) pairs, most sensitive (lowest cosine) first.
@@ -216,7 +222,8 @@ def sensitivity_sweep(src: str | Path, groups: Mapping[str, Sequence[str]], cali
     out = []
     for k, (name, nodes) in enumerate(groups.items()):
         dst = work / f"sweep.{k}.onnx"
-        quantize_static_qdq(src, dst, calibration, method=method, exclude=sorted(everything - set(nodes)), cache=cache)
+        quantize_static_qdq(src, dst, calibration, method=method, exclude=sorted(everything - set(nodes)), cache=cache,
+                            **quant)
         cos = output_cosine(src, dst, calibration.feeds, reduce)
         log(f"      sensitivity {name:40s} cosine {cos:.6f}")
         out.append((name, cos))

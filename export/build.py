@@ -35,6 +35,11 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
 AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
+IMAGE_CONVS = ("fp32", "int8")  # the image tower's convolutions in an "int8" split engine
+# Image-convolution candidates: the k convolutions most sensitive to static INT8 (each measured
+# alone) stay FP32; the first k whose engine passes the gates wins, else every convolution stays FP32.
+IMAGE_CONV_LADDER = (0, 2, 4, 8, 16)
+IMAGE_SWEEP_MIN_COSINE = 0.98  # image-token cosine a candidate needs before it is gated end to end
 SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -98,6 +103,12 @@ class BuildConfig:
             runtime on `reasoner_eval_items` evaluation products and gated by `reasoner_gates`.
         reasoner_block_size, reasoner_lm_head, reasoner_accuracy_level: INT4 block length; quantize
             the tied LM head too; MatMulNBits compute type (see `ReasonerQuantConfig`).
+        image_convs: "fp32" keeps the image tower's convolutions in FP32; "int8" (precision
+            "int8", split layout) quantizes them statically (per-channel INT8 weights, unsigned
+            INT8 activations calibrated on `calib_images` photos), after a sensitivity sweep
+            keeps the most sensitive ones FP32 as `IMAGE_CONV_LADDER` says, each candidate gated
+            end to end; when none passes, the convolutions stay FP32.
+        calib_images: photos (stratified; the catalog's train split) for the image calibration.
     """
 
     out: str | Path = "moon3.engine"
@@ -123,6 +134,8 @@ class BuildConfig:
     reasoner_eval_items: int = 150
     auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
     auto_rounds: int = 15
+    image_convs: str = "fp32"
+    calib_images: int = 64
 
     def completion_dir(self) -> Path | None:
         if self.completion is None or self.layout != "split":
@@ -164,6 +177,13 @@ class BuildConfig:
             raise ValueError(f"eval_items must be >= 20 for a meaningful recall, got {self.eval_items}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.image_convs not in IMAGE_CONVS:
+            raise ValueError(f"image_convs must be one of {IMAGE_CONVS}, got {self.image_convs!r}")
+        if self.image_convs == "int8" and (self.precision not in ("int8", "auto") or self.layout != "split"):
+            raise ValueError(f"image_convs 'int8' needs precision 'int8' (or 'auto') and layout 'split', got "
+                             f"precision {self.precision!r}, layout {self.layout!r}")
+        if self.calib_images < 8:
+            raise ValueError(f"calib_images must be >= 8 (one calibration batch), got {self.calib_images}")
         self.reasoner_quant()  # validates precision and block size
         if self.reasoner_eval_items < 1:
             raise ValueError(f"reasoner_eval_items must be >= 1, got {self.reasoner_eval_items}")
@@ -426,7 +446,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             scopes = matmul_scopes(text_graph)
             folded = fold_constants(text_graph, tmp / "text.folded.onnx")
             if cfg.layout == "split":
-                image_graph = quantize_int8(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.int8.onnx")
+                folded_image = fold_constants(image_graph, tmp / "image.folded.onnx")
+                image_graph = quantize_int8(folded_image, tmp / "image.int8.onnx")
         sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
         if cfg.precision == "int8":
             candidates = [(label, sorted(n for n, sc in scopes.items() if pattern and re.search(pattern, sc)))
@@ -478,6 +499,13 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                           "views": report["views"], "text->image R@10": report["text->image R@10"]})
             if report["passed"]:
                 break
+        if cfg.image_convs == "int8" and cfg.precision == "int8" and report["passed"]:
+            def with_image(image: Path) -> Path:  # the passing text graph with this image graph
+                return package_split_embedder(tmp / "candidate.engine", image.read_bytes(), graph.read_bytes(),
+                                              paths["head"].read_bytes(), tokenizer_json, **common)
+
+            image_graph, report = _gate_image_convs(folded_image, image_graph, with_image, report, teacher_views,
+                                                    products, image_pre, cfg, tmp, log)
         extra, extra_parts = {}, {}
         rdir = cfg.reasoner_dir()
         if rdir is not None:
@@ -502,6 +530,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
             "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
+            "image_convs": report.get("image_convolutions", "fp32"),
             "reasoner": str(rdir) if rdir else None, "reasoner_precision": cfg.reasoner_precision if rdir else None,
             "completion": str(cdir) if cdir else None,
             "seconds": round(time.time() - t0, 1)}})
@@ -563,6 +592,7 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
         for n, precision in enumerate(cfg.auto_candidates, 1):
             log(f"[auto {n}/{len(cfg.auto_candidates)}] candidate {precision}")
             c = dataclasses.replace(cfg, precision=precision, out=Path(tmp) / f"{precision}.engine", reasoner=None,
+                                    image_convs=cfg.image_convs if precision == "int8" else "fp32",
                                     completion=None, enforce=True)
             try:
                 path = build_engine(c, log=lambda msg, p=precision: log(f"  [{p}] {msg}"))
@@ -580,7 +610,8 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
             log(f"  {precision}: passed; batch-1 latency {lat}")
     best, why = pick_precision(results)
     log(f"[auto] chose {why}")
-    out = build_engine(dataclasses.replace(cfg, precision=best["precision"]), log)
+    out = build_engine(dataclasses.replace(cfg, precision=best["precision"],
+                                           image_convs=cfg.image_convs if best["precision"] == "int8" else "fp32"), log)
     engine = EngineFile.read(out)
     manifest = json.loads(json.dumps(engine.manifest))
     manifest.setdefault("build", {})["auto"] = {"chosen": best["precision"], "why": why, "candidates": results}
@@ -778,3 +809,70 @@ def _quantize_static(folded: Path, dst: Path, exclude: list[str], tmp: Path, cfg
     from sdk.calib import quantize_static_qdq
 
     return quantize_static_qdq(folded, dst, None, method=cfg.calib_method, exclude=exclude, cache=tmp / "text.calib.json")
+
+
+def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path, log) -> list[tuple[str, list[str], float, Path]]:
+    """Static INT8 candidates for the image tower's convolutions: a sensitivity sweep (each
+    convolution quantized alone, image-token cosine to FP32 on the calibration photos), then one
+    candidate per `IMAGE_CONV_LADDER` step with the k most sensitive kept FP32.
+
+    Returns:
+        (label, FP32 convolution names, image-token cosine, the candidate's Q/DQ graph) of the
+        candidates that reach `IMAGE_SWEEP_MIN_COSINE`, fewest FP32 convolutions first.
+    """
+    import onnx
+
+    from sdk.calib import CalibrationSet, output_cosine, quantize_static_qdq, sensitivity_sweep
+
+    root = Path(cfg.catalog or cfg.samples)
+    cal = CalibrationSet.image_from_catalog(root, n=cfg.calib_images, image=image_pre)
+    convs = [n.name for n in onnx.load(str(folded), load_external_data=False).graph.node if n.op_type == "Conv"]
+    log(f"[3/4] image convolutions: {cfg.calib_method} calibration on {cal.source}; sensitivity of each of "
+        f"{len(convs)} convolutions alone")
+    quant = dict(method=cfg.calib_method, cache=tmp / "image.calib.json", op_types=["Conv"], symmetric=False)
+    ranking = sensitivity_sweep(folded, {c: [c] for c in convs}, cal, tmp / "image.sweep", log=lambda *_: None, **quant)
+    worst = ", ".join(f"{n} {c:.4f}" for n, c in ranking[:4])
+    log(f"      most sensitive: {worst}")
+    out = []
+    for k in IMAGE_CONV_LADDER:
+        if k >= len(convs):
+            break
+        keep = [name for name, _ in ranking[:k]]
+        dst = quantize_static_qdq(folded, tmp / f"image.qdq.{k}.onnx", None, exclude=keep, **quant)
+        cos = output_cosine(folded, dst, cal.feeds)
+        label = f"image convolutions int8, {k} most sensitive fp32" if k else "image convolutions all int8"
+        log(f"      {label}: image-token cosine {cos:.5f}")
+        if cos >= IMAGE_SWEEP_MIN_COSINE:
+            out.append((label, keep, cos, dst))
+    return out
+
+
+def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teacher_views: dict, products,
+                      image_pre, cfg: BuildConfig, tmp: Path, log) -> tuple[Path, dict]:
+    """Gate the image-convolution candidates end to end with the passing text graph.
+
+    Args:
+        folded: the constant-folded FP32 image graph; fallback: the image graph that passed
+            (convolutions FP32, matmuls dynamic INT8); package: image graph -> candidate engine.
+        report: the passing fidelity report of `fallback`.
+
+    Returns:
+        (image graph, its fidelity report): the first candidate that passes, else `fallback`;
+        the report's "image_candidates_tried" lists every candidate gated and why it lost.
+    """
+    tried = []
+    for n, (label, keep, cos, static) in enumerate(_image_conv_candidates(folded, cfg, image_pre, tmp, log), 1):
+        image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx")  # + the matmuls dynamic INT8, as before
+        log(f"[4/4] fidelity: {label} (image-token cosine {cos:.5f}), through sdk.Embedder vs the FP32 teacher")
+        rep = measure_engine(package(image), teacher_views, products, cfg.gates, cfg.threads, log)
+        tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
+                      "passed": rep["passed"], "failed": rep["failed"]})
+        if rep["passed"]:
+            rep["image_candidates_tried"] = tried
+            rep["image_convolutions"] = label
+            return image, rep
+    log("      no image-convolution candidate passed: the convolutions stay FP32")
+    report["image_candidates_tried"] = tried
+    report["image_convolutions"] = "fp32 (no INT8 candidate passed)"
+    return fallback, report
+

@@ -34,6 +34,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         layout=args.layout,
         calib_method=args.calib_method,
         smooth_alpha=None if args.smooth_alpha < 0 else args.smooth_alpha,
+        image_convs=args.image_convs,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         completion=None if args.no_completion else (args.completion or "auto"),
         reasoner_precision=args.reasoner_precision,
@@ -449,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--smooth-alpha", type=float, default=0.7,
                    help="int8: first try every text matmul in INT8 after SmoothQuant with this migration strength "
                         "(0-1, calibrated on catalog titles); -1 skips it")
+    b.add_argument("--image-convs", choices=("fp32", "int8"), default="fp32",
+                   help="int8 (with --precision int8): the image tower's convolutions static INT8 (calibrated on "
+                        "catalog photos), the most sensitive kept FP32 after a sensitivity sweep, each candidate "
+                        "gated end to end; FP32 when none passes")
     b.add_argument("--layout", choices=("split", "single"), default="split",
                    help="split: image graph + text graph + fused-op head, each tower run only for the items "
                         "that have its modality (default); single: one ONNX graph")

