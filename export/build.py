@@ -811,14 +811,16 @@ def _quantize_static(folded: Path, dst: Path, exclude: list[str], tmp: Path, cfg
     return quantize_static_qdq(folded, dst, None, method=cfg.calib_method, exclude=exclude, cache=tmp / "text.calib.json")
 
 
-def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path, log) -> list[tuple[str, list[str], float, Path]]:
+def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
+                           log) -> tuple[list[tuple[str, list[str], float, Path]], list[tuple[str, float]]]:
     """Static INT8 candidates for the image tower's convolutions: a sensitivity sweep (each
     convolution quantized alone, image-token cosine to FP32 on the calibration photos), then one
     candidate per `IMAGE_CONV_LADDER` step with the k most sensitive kept FP32.
 
     Returns:
-        (label, FP32 convolution names, image-token cosine, the candidate's Q/DQ graph) of the
-        candidates that reach `IMAGE_SWEEP_MIN_COSINE`, fewest FP32 convolutions first.
+        (candidates, ranking): (label, FP32 convolution names, image-token cosine, the candidate's
+        Q/DQ graph) of the candidates that reach `IMAGE_SWEEP_MIN_COSINE`, fewest FP32
+        convolutions first; and (convolution, image-token cosine quantized alone), most sensitive first.
     """
     import onnx
 
@@ -844,7 +846,7 @@ def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
         log(f"      {label}: image-token cosine {cos:.5f}")
         if cos >= IMAGE_SWEEP_MIN_COSINE:
             out.append((label, keep, cos, dst))
-    return out
+    return out, ranking
 
 
 def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teacher_views: dict, products,
@@ -861,18 +863,19 @@ def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teach
         the report's "image_candidates_tried" lists every candidate gated and why it lost.
     """
     tried = []
-    for n, (label, keep, cos, static) in enumerate(_image_conv_candidates(folded, cfg, image_pre, tmp, log), 1):
+    candidates, ranking = _image_conv_candidates(folded, cfg, image_pre, tmp, log)
+    sensitivity = [[name, round(cos, 6)] for name, cos in ranking]
+    for n, (label, keep, cos, static) in enumerate(candidates, 1):
         image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx")  # + the matmuls dynamic INT8, as before
         log(f"[4/4] fidelity: {label} (image-token cosine {cos:.5f}), through sdk.Embedder vs the FP32 teacher")
         rep = measure_engine(package(image), teacher_views, products, cfg.gates, cfg.threads, log)
         tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
                       "passed": rep["passed"], "failed": rep["failed"]})
         if rep["passed"]:
-            rep["image_candidates_tried"] = tried
-            rep["image_convolutions"] = label
+            rep.update(image_candidates_tried=tried, image_convolutions=label, image_sensitivity=sensitivity)
             return image, rep
     log("      no image-convolution candidate passed: the convolutions stay FP32")
-    report["image_candidates_tried"] = tried
-    report["image_convolutions"] = "fp32 (no INT8 candidate passed)"
+    report.update(image_candidates_tried=tried, image_convolutions="fp32 (no INT8 candidate passed)",
+                  image_sensitivity=sensitivity)
     return fallback, report
 

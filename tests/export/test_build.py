@@ -97,7 +97,10 @@ def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypat
     folded = _tiny_conv_graph(tmp_path / "image.onnx")
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8", calib_images=16, calib_method="minmax")
     lines = []
-    cands = build._image_conv_candidates(folded, cfg, ImagePreprocess(size=16), tmp_path, lines.append)
+    cands, ranking = build._image_conv_candidates(folded, cfg, ImagePreprocess(size=16), tmp_path, lines.append)
+    assert sorted(n for n, _ in ranking) == ["conv_0", "conv_1", "conv_2"]
+    assert [c for _, c in ranking] == sorted(c for _, c in ranking)  # most sensitive first
+    assert set(cands[1][1]) == {n for n, _ in ranking[:2]}
     assert [len(keep) for _, keep, _, _ in cands] == [0, 2]  # the ladder's steps below 3 convolutions
     assert cands[0][0] == "image convolutions all int8" and "2 most sensitive fp32" in cands[1][0]
     assert set(cands[1][1]) < {"conv_0", "conv_1", "conv_2"}
@@ -114,7 +117,7 @@ def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeyp
     from sdk.export import build
 
     cands = [(f"cand {k}", [f"conv_{i}" for i in range(k)], 0.99, tmp_path / f"q{k}.onnx") for k in (0, 2)]
-    monkeypatch.setattr(build, "_image_conv_candidates", lambda *a: cands)
+    monkeypatch.setattr(build, "_image_conv_candidates", lambda *a: (cands, [("conv_1", 0.9), ("conv_0", 0.95)]))
     monkeypatch.setattr(build, "quantize_int8", lambda src, dst: dst)
     packaged = []
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8")
@@ -131,6 +134,7 @@ def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeyp
     assert image == tmp_path / "image.cand.2.int8.onnx" and report["image_convolutions"] == "cand 2"
     assert [t["passed"] for t in report["image_candidates_tried"]] == [False, True]
     assert report["image_candidates_tried"][1]["fp32_convolutions"] == ["conv_0", "conv_1"]
+    assert report["image_sensitivity"] == [["conv_1", 0.9], ["conv_0", 0.95]]
     image, report = gate([False, False])
     assert image == fallback and report["image_convolutions"].startswith("fp32 (no INT8 candidate passed)")
     assert len(report["image_candidates_tried"]) == 2 and report["passed"]
