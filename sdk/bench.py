@@ -191,7 +191,8 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def bench_reasoner(engine: str | os.PathLike, titles: Sequence[str], *, rounds: int = 5, warmup: int = 1,
-                   threads: int | None = None, max_new_tokens: int = 64) -> dict[str, Any]:
+                   threads: int | None = None, max_new_tokens: int = 64,
+                   providers: Sequence[str] | None = None) -> dict[str, Any]:
     """Greedy generation speed of an engine's reasoner (`sdk.Reasoner`), title-only trace prompts.
 
     Each round generates a trace for every title; prefill and decode tokens/s come from the
@@ -202,7 +203,7 @@ def bench_reasoner(engine: str | os.PathLike, titles: Sequence[str], *, rounds: 
 
     if rounds < 1 or warmup < 0 or not titles:
         raise ValueError(f"need rounds >= 1, warmup >= 0 and titles, got rounds={rounds}, warmup={warmup}")
-    r = Reasoner(engine, threads=threads)
+    r = Reasoner(engine, threads=threads, providers=providers)
 
     def one_round():
         out, pre, dec, n_prompt = [], 0.0, 0.0, 0
@@ -281,7 +282,8 @@ def run_bench(
 
     if reasoner and "reasoner" in EngineFile.read(engine).manifest:
         reasoner_titles = load_inputs(samples, 4)[1]  # a few prompts, whatever the batch sizes
-        rs = bench_reasoner(engine, reasoner_titles, rounds=max(1, min(rounds, 5)), warmup=min(warmup, 1), threads=threads)
+        rs = bench_reasoner(engine, reasoner_titles, rounds=max(1, min(rounds, 5)), warmup=min(warmup, 1), threads=threads,
+                            providers=providers)
         report["reasoner"] = rs
         if log:
             log(f"reasoner ({rs['precision']}), {rs['prompts']} trace prompts: prefill {rs['prefill_tokens_per_s']:.0f} "

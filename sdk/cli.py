@@ -191,7 +191,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_reason(args: argparse.Namespace) -> int:
     from sdk.reasoner import Reasoner
 
-    r = Reasoner(args.engine, threads=args.threads)
+    r = Reasoner(args.engine, threads=args.threads, providers=args.providers)
     fields = {k: v for k, v in (("key", args.key), ("question", args.question)) if v}
     tasks = list(r.tasks) if args.task == "all" else [args.task]
     for task in tasks:
@@ -380,7 +380,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         batches=args.batch or (1, 8, 32),
         rounds=args.rounds,
         warmup=args.warmup,
-        providers=args.providers,
+        providers=[name for names in args.providers for name in names],
         threads=args.threads,
         samples=samples,
         cold_start=not args.no_cold_start,
@@ -516,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--key", default=None, help="attribute for attribute_qa, e.g. colour")
     r.add_argument("--question", default=None, help="question for qa")
     r.add_argument("--max-new-tokens", type=int, default=96)
-    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--providers", type=_backend_list, default=None, metavar="NAMES",
+                   help="backends in order of preference, comma-separated: cpu, cuda, tensorrt (default: cpu)")
+    r.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     r.set_defaults(func=_cmd_reason)
 
     c = sub.add_parser(
@@ -586,8 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch", action="append", type=int, help="batch size, repeatable (default: 1, 8, 32)")
     n.add_argument("--rounds", type=int, default=20, help="timed calls per case (default 20)")
     n.add_argument("--warmup", type=int, default=2)
-    n.add_argument("--providers", nargs="+", default=["cpu"], help="backends in order of preference (cpu, cuda, tensorrt)")
-    n.add_argument("--threads", type=int, default=None)
+    n.add_argument("--providers", type=_backend_list, nargs="+", default=[["cpu"]], metavar="NAMES",
+                   help="backends in order of preference, comma-separated (or space-separated): cpu, cuda, tensorrt")
+    n.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     n.add_argument("--samples", default=None, help="folder with items.jsonl + photos (default: data/samples of a "
                    "source checkout, else synthetic inputs)")
     n.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start / RSS probes")

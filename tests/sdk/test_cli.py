@@ -94,6 +94,21 @@ def test_runtime_flags_parse():
         assert (a.providers, a.batch_size, a.threads) == (["cuda", "cpu"], 8, 2)
 
 
+def test_reason_and_bench_take_the_same_backend_names(capsys):
+    from sdk.cli import build_parser
+
+    a = build_parser().parse_args(["reason", "e", "--providers", "cuda,cpu", "--threads", "2"])
+    assert (a.providers, a.threads) == (["cuda", "cpu"], 2)
+    assert build_parser().parse_args(["reason", "e"]).providers is None
+    for given, want in ((["cuda,cpu"], ["cuda", "cpu"]), (["cuda", "cpu"], ["cuda", "cpu"]), ([], ["cpu"])):
+        a = build_parser().parse_args(["bench", "e", *(["--providers", *given] if given else [])])
+        assert [n for names in a.providers for n in names] == want  # comma- or space-separated
+    for cmd in (["reason", "e"], ["bench", "e"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--providers", "gpu"])
+        assert "unknown backend 'gpu'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "cmd", [["embed", "e", "--input", "i", "--out", "o"], ["search", "e", "--catalog", "c"],
             ["index", "build", "e", "--catalog", "c", "--out", "o"]], ids=["embed", "search", "index"])
