@@ -11,7 +11,8 @@ What it measures, per modality ("image+text", "text", "image") and batch size:
   * that the timed vectors are the right ones: each timed call's rows against the same items
     embedded one by one (cosine; batching, padding and length-sorting must not change them).
 When the engine has a reasoner: its greedy prefill and decode tokens/s on trace prompts
-(`bench_reasoner`). And, in a fresh Python process each (so imports count): cold start (`import sdk` -> engine
+(`bench_reasoner`); when its embedder was also trained with traces: think-then-embed latency of
+one product (photo + title) against the reasoning budget (`bench_think_then_embed`). And, in a fresh Python process each (so imports count): cold start (`import sdk` -> engine
 loaded -> first vector) and the process's peak RSS after a warm call.
 
 Inputs are the photos and titles of `--samples` (a folder with items.jsonl, e.g. the
@@ -34,9 +35,10 @@ import numpy as np
 
 from sdk.errors import SdkError, TruncationWarning
 
-__all__ = ["MODALITIES", "bench_reasoner", "latency_stats", "load_inputs", "make_call", "probe_process", "run_bench", "time_calls"]
+__all__ = ["MODALITIES", "TTE_BUDGETS", "bench_reasoner", "bench_think_then_embed", "latency_stats", "load_inputs", "make_call", "probe_process", "run_bench", "time_calls"]
 
 MODALITIES = ("image+text", "text", "image")
+TTE_BUDGETS = (0, 16, 32, 64)  # reasoning-token budgets of `bench_think_then_embed` (0: reason="off")
 DEFAULT_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"  # present in a source checkout
 _WORDS = ("Men", "Women", "Black", "White", "Red", "Blue", "Running", "Casual", "Leather", "Cotton", "Shoes",
           "T-shirt", "Watch", "Handbag", "Jeans", "Dress", "Sports", "Analog", "Slim", "Fit")
@@ -226,6 +228,51 @@ def bench_reasoner(engine: str | os.PathLike, titles: Sequence[str], *, rounds: 
             "decode_tokens_per_s": (n_new - len(out)) / max(dec, 1e-9), "rounds": rounds}
 
 
+def bench_think_then_embed(engine: str | os.PathLike, images: Sequence[Any], titles: Sequence[str], *,
+                           budgets: Sequence[int] = TTE_BUDGETS, rounds: int = 5, warmup: int = 1,
+                           threads: int | None = None, providers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Latency of `sdk.Pipeline(reason="on", max_trace_tokens=budget)` on one product per call
+    (photo + title, cycling through the given ones; no trace cache, so every call generates),
+    per budget; budget 0 is `reason="off"`, the embedder alone, the baseline of `x_embedder_alone`.
+    Each budget's last vector must equal a fresh pipeline's for the same item (greedy decoding is
+    deterministic).
+
+    Raises:
+        SdkError: a timed vector differs from the fresh pipeline's.
+    """
+    from sdk.pipeline import Pipeline
+
+    if not images or len(images) != len(titles) or any(b < 0 for b in budgets):
+        raise ValueError(f"need one title per photo and budgets >= 0, got {len(images)} photos, "
+                         f"{len(titles)} titles, budgets {list(budgets)}")
+    rows: list[dict[str, Any]] = []
+    for budget in budgets:
+        reason = "on" if budget else "off"
+        pipe = Pipeline(engine, reason=reason, max_trace_tokens=max(budget, 1), threads=threads, providers=providers)
+        state = {"i": 0, "tokens": []}
+
+        def one():
+            i = state["i"] % len(images)
+            state["i"] += 1
+            v = pipe.embed([images[i]], [titles[i]])
+            if budget:
+                state["tokens"].append(pipe.reasoner.last_stats.get("new_tokens", 0))
+            return v
+
+        times, v = time_calls(one, rounds, warmup)
+        i = (state["i"] - 1) % len(images)
+        again = Pipeline(engine, reason=reason, max_trace_tokens=max(budget, 1), threads=threads,
+                         providers=providers).embed([images[i]], [titles[i]])
+        if float(_cosine_rows(v, again).min()) < 0.99999:
+            raise SdkError(f"think-then-embed, budget {budget}: the timed vector differs from a fresh pipeline's")
+        row = {"budget": budget, **latency_stats(times, 1),
+               "trace_tokens": float(np.mean(state["tokens"])) if state["tokens"] else 0.0}
+        if rows and rows[0]["budget"] == 0:
+            row["x_embedder_alone"] = row["p50_ms"] / rows[0]["p50_ms"]
+        rows.append(row)
+    return rows
+
+
 def run_bench(
     engine: str | os.PathLike,
     *,
@@ -238,10 +285,13 @@ def run_bench(
     samples: str | os.PathLike | None = None,
     cold_start: bool = True,
     reasoner: bool = True,
+    think_then_embed: bool = True,
+    budgets: Sequence[int] = TTE_BUDGETS,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark an engine through `sdk.Embedder` (and `sdk.Reasoner` when the engine has one and
-    `reasoner`) -> a JSON-ready report (see the module doc)."""
+    `reasoner`; `sdk.Pipeline` think-then-embed per budget in `budgets` when its embedder was
+    trained with traces and `think_then_embed`) -> a JSON-ready report (see the module doc)."""
     from sdk import __version__
     from sdk.embedder import Embedder
 
@@ -280,7 +330,8 @@ def run_bench(
                     f"{row['items_per_s']:8.1f} items/s  cos>= {row['cosine_min_vs_unbatched']:.5f}")
     from sdk.engine import EngineFile
 
-    if reasoner and "reasoner" in EngineFile.read(engine).manifest:
+    manifest = EngineFile.read(engine).manifest
+    if reasoner and "reasoner" in manifest:
         reasoner_titles = load_inputs(samples, 4)[1]  # a few prompts, whatever the batch sizes
         rs = bench_reasoner(engine, reasoner_titles, rounds=max(1, min(rounds, 5)), warmup=min(warmup, 1), threads=threads,
                             providers=providers)
@@ -288,6 +339,15 @@ def run_bench(
         if log:
             log(f"reasoner ({rs['precision']}), {rs['prompts']} trace prompts: prefill {rs['prefill_tokens_per_s']:.0f} "
                 f"tok/s, decode {rs['decode_tokens_per_s']:.0f} tok/s ({rs['new_tokens']} new tokens)")
+    if think_then_embed and "reasoner" in manifest and manifest.get("embedder", {}).get("trace_trained"):
+        tte = bench_think_then_embed(engine, images[:4], titles[:4], budgets=budgets, rounds=max(1, min(rounds, 5)),
+                                     warmup=min(warmup, 1), threads=threads, providers=providers)
+        report["think_then_embed"] = tte
+        if log:
+            for r in tte:
+                x = f" ({r['x_embedder_alone']:.1f}x the embedder alone)" if "x_embedder_alone" in r else ""
+                log(f"think-then-embed, budget {r['budget']:3d}: p50 {r['p50_ms']:8.2f} ms, "
+                    f"{r['trace_tokens']:.1f} trace tokens{x}")
     if cold_start:
         if source == "synthetic":
             images = []

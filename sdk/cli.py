@@ -371,7 +371,7 @@ def _search_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sdk.bench import DEFAULT_SAMPLES, run_bench
+    from sdk.bench import DEFAULT_SAMPLES, TTE_BUDGETS, run_bench
 
     samples = args.samples if args.samples else (DEFAULT_SAMPLES if (DEFAULT_SAMPLES / "items.jsonl").is_file() else None)
     report = run_bench(
@@ -385,6 +385,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         samples=samples,
         cold_start=not args.no_cold_start,
         reasoner=not args.no_reasoner,
+        think_then_embed=not args.no_reasoner,
+        budgets=args.budget or TTE_BUDGETS,
         log=lambda line: print(line, flush=True),
     )
     print(f"{report['engine']}: {report['precision']} on {report['backend']}, inputs {report['inputs']}, "
@@ -402,6 +404,16 @@ def _positive_int(text: str) -> int:
         n = 0
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _budget(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a token budget >= 0, got {text!r}")
     return n
 
 
@@ -594,7 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--samples", default=None, help="folder with items.jsonl + photos (default: data/samples of a "
                    "source checkout, else synthetic inputs)")
     n.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start / RSS probes")
-    n.add_argument("--no-reasoner", action="store_true", help="skip the reasoner's prefill / decode tokens/s")
+    n.add_argument("--no-reasoner", action="store_true",
+                   help="skip the reasoner's prefill / decode tokens/s and the think-then-embed latency")
+    n.add_argument("--budget", action="append", type=_budget, metavar="N",
+                   help="think-then-embed reasoning budget, repeatable (default: 0, 16, 32, 64; 0 = reason off); "
+                        "measured when the engine's embedder was trained with traces")
     n.add_argument("--json", default=None, help="write the full report (JSON) here")
     n.set_defaults(func=_cmd_bench)
     return ap

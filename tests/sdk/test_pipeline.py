@@ -333,3 +333,39 @@ def test_the_reasoner_is_loaded_once_by_concurrent_callers(engines):
         got = list(ex.map(lambda _: p.reasoner, range(8)))
     assert p.reasoner_loaded and all(r is got[0] for r in got)
     assert p._engine._finalizer.alive is False  # the file is closed once the reasoner is in memory
+
+
+def test_bench_times_think_then_embed_per_budget(engines, tmp_path, capsys):
+    """`moon3 bench` on an engine that may reason: one row per budget, tokens within the budget,
+    budget 0 the embedder alone; an engine whose embedder was not trained with traces has none."""
+    from sdk.bench import bench_think_then_embed, run_bench
+
+    both, traced = engines
+    imgs, titles = [photo(5), photo(6)], ["red shoe", "black leather watch"]
+    rows = bench_think_then_embed(traced, imgs, titles, budgets=(0, 2, 6), rounds=2, warmup=0, threads=1)
+    assert [r["budget"] for r in rows] == [0, 2, 6]
+    assert rows[0]["trace_tokens"] == 0.0 and "x_embedder_alone" not in rows[0]
+    assert 0 < rows[1]["trace_tokens"] <= 2 and 0 < rows[2]["trace_tokens"] <= 6
+    assert all(r["x_embedder_alone"] > 0 and r["rounds"] == 2 for r in rows[1:])
+    with pytest.raises(ValueError, match="budgets >= 0"):
+        bench_think_then_embed(traced, imgs, titles, budgets=(-1,))
+    from PIL import Image
+
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"id": i, "image": f"{i}.png", "title": t}) + "\n"
+                                                  for i, t in enumerate(titles)))
+    kw = dict(modalities=("text",), batches=(1,), rounds=2, warmup=0, threads=1, cold_start=False, budgets=(0, 2),
+              samples=tmp_path, reasoner=False)  # the tiny reasoner reads short prompts only
+    assert [r["budget"] for r in run_bench(traced, **kw)["think_then_embed"]] == [0, 2]
+    assert "think_then_embed" not in run_bench(both, **kw)  # not trace-trained: nothing to time
+    assert "think_then_embed" not in run_bench(traced, **kw, think_then_embed=False)
+    from sdk.cli import main
+
+    assert main(["bench", str(traced), "--modality", "text", "--batch", "1", "--rounds", "2", "--no-cold-start",
+                 "--samples", str(tmp_path), "--budget", "0", "--budget", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "think-then-embed, budget   0" in out and "think-then-embed, budget   3" in out
+    with pytest.raises(SystemExit):
+        main(["bench", str(traced), "--budget", "-2"])
+    assert "expected a token budget >= 0, got '-2'" in capsys.readouterr().err
