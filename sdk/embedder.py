@@ -164,7 +164,23 @@ class _Items:
     errors: dict[int, str]
 
 
-class Embedder:
+class ActiveBackend:
+    """`providers` and `backend` of a runtime object whose sessions set `_providers`."""
+
+    _providers: tuple[str, ...] = ()
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """ONNX Runtime execution providers really active, in priority order."""
+        return self._providers
+
+    @property
+    def backend(self) -> str:
+        """Name (as in `BACKENDS`) of the highest-priority backend really active."""
+        return backend_of(self._providers)
+
+
+class Embedder(ActiveBackend):
     """Embeds products (image, title, reasoning trace) with a `moon3.engine`.
 
     Args:
@@ -194,18 +210,7 @@ class Embedder:
         providers: str | Sequence[str] | None = None,
         threads: int | None = None,
     ):
-        names = _backend_names(providers)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        ort = _onnxruntime()
-        have = set(ort.get_available_providers())
-        for name in names:
-            b = BACKENDS[name]
-            if b.provider not in have:
-                raise BackendUnavailableError(
-                    f"backend {name!r} needs {b.provider}, which this onnxruntime {ort.__version__} does not have "
-                    f"(it has {sorted(have)}); {b.install}"
-                )
+        names, ort = runtime_backends(providers, threads)
 
         # Lazy: only the parts the embedder uses are read, each verified against its checksum
         # when read (a reasoner's graphs are never read here). A given EngineFile stays open.
@@ -322,20 +327,6 @@ class Embedder:
     def completes(self) -> tuple[str, ...]:
         """The missing modalities this engine can complete (`embed(..., complete_missing=...)`)."""
         return ("image",) if self._split is not None and self._split.completion_session is not None else ()
-
-    @property
-    def providers(self) -> tuple[str, ...]:
-        """ONNX Runtime execution providers really active, in priority order."""
-        return self._providers
-
-    @property
-    def backend(self) -> str:
-        """Name (as in `BACKENDS`) of the highest-priority backend really active."""
-        by_provider = {b.provider: name for name, b in BACKENDS.items()}
-        for p in self._providers:
-            if p in by_provider:
-                return by_provider[p]
-        return self._providers[0] if self._providers else "none"
 
     @property
     def path(self) -> Path:
@@ -669,6 +660,44 @@ class Embedder:
 
 # ---------------------------------------------------------------------------------------------
 # module internals
+
+
+def runtime_backends(providers: str | Sequence[str] | None, threads: int | None) -> tuple[list[str], Any]:
+    """Checked `providers` and `threads` of a runtime object -> (backend names, onnxruntime).
+
+    Raises:
+        ValueError: an unknown backend name or bad `threads`.
+        BackendUnavailableError: a backend this onnxruntime build lacks.
+    """
+    names = _backend_names(providers)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    ort = _onnxruntime()
+    check_available(names, ort)
+    return names, ort
+
+
+def check_available(names: Sequence[str], ort) -> None:
+    """Raise BackendUnavailableError for a backend (a `BACKENDS` name) whose provider this
+    onnxruntime build lacks, naming what to install."""
+    have = set(ort.get_available_providers())
+    for name in names:
+        b = BACKENDS[name]
+        if b.provider not in have:
+            raise BackendUnavailableError(
+                f"backend {name!r} needs {b.provider}, which this onnxruntime {ort.__version__} does not have "
+                f"(it has {sorted(have)}); {b.install}"
+            )
+
+
+def backend_of(providers: Sequence[str]) -> str:
+    """The `BACKENDS` name of the first of these active onnxruntime providers that has one (else
+    the provider's own name; "none" for no provider)."""
+    by_provider = {b.provider: name for name, b in BACKENDS.items()}
+    for p in providers:
+        if p in by_provider:
+            return by_provider[p]
+    return providers[0] if providers else "none"
 
 
 def _onnxruntime():

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from sdk.errors import BackendUnavailableError, EngineError, InvalidInputError
+from sdk.embedder import ActiveBackend
+from sdk.errors import EngineError, InvalidInputError
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner too)
 PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
@@ -115,7 +116,7 @@ class Generation:
     stats: dict
 
 
-class Reasoner:
+class Reasoner(ActiveBackend):
     """Writes titles, categories, attributes, answers and reasoning traces for products.
 
     Args:
@@ -128,25 +129,18 @@ class Reasoner:
 
     Raises:
         EngineError: the file is damaged or has no reasoner.
-        ValueError: an unknown backend name (the message lists the known ones) or bad `threads`.
-        BackendUnavailableError: a requested backend is not in this onnxruntime build (the
-            message names the pip extra that brings it).
+        ValueError, BackendUnavailableError: as `sdk.Embedder`, for `providers` and `threads`.
 
     Warns:
-        RuntimeWarning: a requested backend was accepted but ONNX Runtime did not activate it
-            (e.g. CUDA libraries missing); `backend` then tells what really runs.
+        RuntimeWarning: as `sdk.Embedder`, when ONNX Runtime does not activate a requested backend.
     """
 
     def __init__(self, path: str | os.PathLike | EngineFile, threads: int | None = None,
                  providers: str | Sequence[str] | None = None):
-        from sdk.embedder import _backend_names, _onnxruntime
+        from sdk.embedder import runtime_backends
         from sdk.engine import EngineFile
 
-        names = _backend_names(providers)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        ort = _onnxruntime()
-        _check_available(names, ort)
+        names, ort = runtime_backends(providers, threads)
         # Lazy: only the reasoner's parts are read, each verified against its checksum when read.
         own = not isinstance(path, EngineFile)
         engine = EngineFile.open(path) if own else path
@@ -213,22 +207,6 @@ class Reasoner:
         self.precision: str = str(spec.get("precision", "fp32"))
         self.last_stats: dict = {}
 
-    @property
-    def providers(self) -> tuple[str, ...]:
-        """ONNX Runtime execution providers really active, in priority order."""
-        return self._providers
-
-    @property
-    def backend(self) -> str:
-        """Name (as in `sdk.embedder.BACKENDS`) of the highest-priority backend really active."""
-        from sdk.embedder import BACKENDS
-
-        by_provider = {b.provider: name for name, b in BACKENDS.items()}
-        for p in self._providers:
-            if p in by_provider:
-                return by_provider[p]
-        return self._providers[0] if self._providers else "none"
-
     def prompt_ids(self, task: str, text: str | None = None, **fields: str) -> list[int]:
         """`<bos> instruction [title: text] <sep>` as token ids."""
         if task not in self.tasks:
@@ -283,20 +261,6 @@ class Reasoner:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated token ids (<think> / </think> kept as words)."""
         return decode_ids(self._tok, ids)
-
-
-def _check_available(names: list[str], ort) -> None:
-    """Raise BackendUnavailableError for a backend whose provider this onnxruntime build lacks."""
-    from sdk.embedder import BACKENDS
-
-    have = set(ort.get_available_providers())
-    for name in names:
-        b = BACKENDS[name]
-        if b.provider not in have:
-            raise BackendUnavailableError(
-                f"backend {name!r} needs {b.provider}, which this onnxruntime {ort.__version__} does not have "
-                f"(it has {sorted(have)}); {b.install}"
-            )
 
 
 def decode_ids(tok, ids: Sequence[int]) -> str:

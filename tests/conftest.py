@@ -105,3 +105,21 @@ def tiny_split_engine(tmp_path_factory, tiny_engine):
     )
     parity = json.loads((folder / "split.parity.json").read_text())
     return SimpleNamespace(path=engine, graph=tiny_engine.graph, parity=parity, parts=paths)
+
+
+@pytest.fixture
+def inactive_cuda(monkeypatch):
+    """onnxruntime lists CUDAExecutionProvider but every session falls back to the CPU, as without
+    the CUDA libraries. Returns the provider lists the sessions were asked for."""
+    import onnxruntime as ort
+
+    asked = []
+    real_session, real_avail = ort.InferenceSession, ort.get_available_providers
+
+    def session(model, opts, providers, **kw):
+        asked.append(list(providers))
+        return real_session(model, opts, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real_avail(), "CUDAExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return asked

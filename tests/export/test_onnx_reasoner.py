@@ -125,21 +125,11 @@ def test_reasoner_unknown_or_missing_backend_and_bad_threads(reasoner_engine):
             Reasoner(path, providers=["tensorrt", "cpu"])
 
 
-def test_reasoner_inactive_backend_warns_and_reports_what_runs(reasoner_engine, monkeypatch):
+def test_reasoner_inactive_backend_warns_and_reports_what_runs(reasoner_engine, inactive_cuda):
     """An EP that onnxruntime lists but fails to activate (no CUDA libraries): a visible warning."""
-    import onnxruntime as ort
-
     from sdk.reasoner import Reasoner
 
-    asked = []
-    real_session, real_avail = ort.InferenceSession, ort.get_available_providers
-
-    def session(model, opts, providers):
-        asked.append(list(providers))
-        return real_session(model, opts, providers=["CPUExecutionProvider"])
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real_avail(), "CUDAExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    asked = inactive_cuda
     inactive = r"requested backend\(s\) \['cuda'\] are not active.*reasoner runs on 'cpu'"
     with pytest.warns(RuntimeWarning, match=inactive):
         r = Reasoner(reasoner_engine[0], threads=1, providers=["cuda", "cpu"])

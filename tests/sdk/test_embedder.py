@@ -381,17 +381,14 @@ def test_backend_missing_from_this_onnxruntime_names_the_extra(tiny_engine, name
         Embedder(tiny_engine.path, providers=[name, "cpu"])
 
 
-def test_inactive_backend_warns_and_reports_what_runs(tiny_engine, monkeypatch):
+def test_inactive_backend_warns_and_reports_what_runs(tiny_engine, inactive_cuda):
     """An EP that onnxruntime lists but fails to activate (no CUDA libraries): a visible warning."""
     from sdk import Embedder
 
-    real_session, real_avail = ort.InferenceSession, ort.get_available_providers
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real_avail(), "CUDAExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession",
-                        lambda model, opts, providers: real_session(model, opts, providers=["CPUExecutionProvider"]))
     with pytest.warns(RuntimeWarning, match=r"requested backend\(s\) \['cuda'\] are not active.*runs on 'cpu'"):
         e = Embedder(tiny_engine.path, providers=["cuda", "cpu"], threads=1)
     assert e.backend == "cpu" and "CUDAExecutionProvider" not in e.providers
+    assert inactive_cuda and all(a == ["CUDAExecutionProvider", "CPUExecutionProvider"] for a in inactive_cuda)
     assert e.embed(texts=["red"]).shape == (1, 32)
 
 

@@ -205,22 +205,12 @@ def test_cache_is_the_deprecated_name_of_trace_cache(engines, tmp_path):
             Pipeline(traced, reason="on", max_trace_tokens=bad)
 
 
-def test_providers_reach_the_embedder_and_the_reasoner(engines, monkeypatch):
+def test_providers_reach_the_embedder_and_the_reasoner(engines, inactive_cuda):
     """As `sdk.Embedder`: an inactive backend warns and `.backend` tells what runs, for both models."""
-    import onnxruntime as ort
-
     from sdk.pipeline import Pipeline
 
     _, traced = engines
-    asked = []
-    real_session, real_avail = ort.InferenceSession, ort.get_available_providers
-
-    def session(model, opts, providers):
-        asked.append(list(providers))
-        return real_session(model, opts, providers=["CPUExecutionProvider"])
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real_avail(), "CUDAExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    asked = inactive_cuda
     inactive = r"requested backend\(s\) \['cuda'\] are not active.*"
     with pytest.warns(RuntimeWarning, match=inactive + "embedding runs on 'cpu'"):
         p = Pipeline(traced, reason="on", max_trace_tokens=2, providers=["cuda", "cpu"], threads=1)

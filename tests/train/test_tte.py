@@ -39,13 +39,7 @@ def toy(seed: int = 0):
     return hidden, emb, keys, np.sort(perm[:200]), np.sort(perm[200:])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster than two fighting on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 CFG = TTEConfig(d_in=D_IN, d_hidden=64, d_out=D_OUT, epochs=25, batch_size=50, lr=5e-3, weight_decay=0.0,
