@@ -499,6 +499,9 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                           "views": report["views"], "text->image R@10": report["text->image R@10"]})
             if report["passed"]:
                 break
+        if cfg.image_convs == "int8" and cfg.precision == "int8" and not report["passed"]:
+            log("      image convolutions: not tried, no text-graph candidate passed the gates")
+            report["image_convolutions"] = "fp32 (not tried: the text graph failed the gates)"
         if cfg.image_convs == "int8" and cfg.precision == "int8" and report["passed"]:
             def with_image(image: Path) -> Path:  # the passing text graph with this image graph
                 return package_split_embedder(tmp / "candidate.engine", image.read_bytes(), graph.read_bytes(),
@@ -819,8 +822,8 @@ def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
 
     Returns:
         (candidates, ranking): (label, FP32 convolution names, image-token cosine, the candidate's
-        Q/DQ graph) of the candidates that reach `IMAGE_SWEEP_MIN_COSINE`, fewest FP32
-        convolutions first; and (convolution, image-token cosine quantized alone), most sensitive first.
+        Q/DQ graph) of every ladder step, fewest FP32 convolutions first; and (convolution,
+        image-token cosine quantized alone), most sensitive first.
     """
     import onnx
 
@@ -844,8 +847,7 @@ def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
         cos = output_cosine(folded, dst, cal.feeds)
         label = f"image convolutions int8, {k} most sensitive fp32" if k else "image convolutions all int8"
         log(f"      {label}: image-token cosine {cos:.5f}")
-        if cos >= IMAGE_SWEEP_MIN_COSINE:
-            out.append((label, keep, cos, dst))
+        out.append((label, keep, cos, dst))
     return out, ranking
 
 
@@ -866,6 +868,11 @@ def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teach
     candidates, ranking = _image_conv_candidates(folded, cfg, image_pre, tmp, log)
     sensitivity = [[name, round(cos, 6)] for name, cos in ranking]
     for n, (label, keep, cos, static) in enumerate(candidates, 1):
+        if cos < IMAGE_SWEEP_MIN_COSINE:  # too far off to be worth a gate run
+            tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
+                          "passed": False, "failed": [f"not gated: image-token cosine {cos:.4f} < "
+                                                      f"{IMAGE_SWEEP_MIN_COSINE}"]})
+            continue
         image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx")  # + the matmuls dynamic INT8, as before
         log(f"[4/4] fidelity: {label} (image-token cosine {cos:.5f}), through sdk.Embedder vs the FP32 teacher")
         rep = measure_engine(package(image), teacher_views, products, cfg.gates, cfg.threads, log)

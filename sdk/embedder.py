@@ -64,9 +64,10 @@ INPUT_NAMES = ("pixels", "input_ids", "attention_mask", "trace_ids", "trace_mask
 _IMAGE, _TEXT, _TRACE = 0, 1, 2
 ERRORS = ("report", "raise")
 COMPLETE = (None, "image")  # what `embed(..., complete_missing=)` accepts
-# Each thread keeps one pixel buffer for batches up to this many photos (19 MB at 224 px), so a
-# batch's photos are decoded straight into memory that is already mapped.
-PIXEL_BUFFER_ROWS = 64
+# Each thread that embeds photos keeps one pixel buffer for batches up to this many items (19 MB
+# at 224 px), so a batch's photos are decoded straight into memory that is already mapped; a
+# larger batch, or one without photos, gets a fresh array.
+PIXEL_BUFFER_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -586,14 +587,18 @@ class Embedder(ActiveBackend):
         order = sorted(good, key=lambda i: (len(tok[i][1]), len(tok[i][0]), i))
 
         full = np.full((items.n, self._dim), np.nan, np.float32)  # (N, D)
+        size = self._image_cfg.size
         for start in range(0, len(order), batch_size):
             todo = order[start : start + batch_size]
-            buf = self._pixel_buffer(len(todo))  # (>= len(todo), 3, H, W), this thread's
+            photos = any(items.images[i] is not None for i in todo)
+            # (>= len(todo), 3, H, W): this thread's buffer; without photos, zeros never touched
+            buf = self._pixel_buffer(len(todo)) if photos else np.zeros((len(todo), 3, size, size), np.float32)
             chunk = []
             for i in todo:  # photos decode straight into the buffer's rows
                 src, row = items.images[i], buf[len(chunk)]
                 if src is None:
-                    row[...] = 0.0
+                    if photos:
+                        row[...] = 0.0
                 else:
                     try:
                         image_to_array(load_image(src, name=f"{what} {i} image"), self._image_cfg, out=row)
@@ -644,14 +649,15 @@ class Embedder(ActiveBackend):
         return Embeddings(vectors, dict(sorted(errors.items())), truncated)
 
     def _pixel_buffer(self, rows: int) -> np.ndarray:
-        """This thread's reusable (rows, 3, H, W) float32 pixel buffer (grown on demand, kept while it
-        holds at most PIXEL_BUFFER_ROWS rows; a larger batch gets a fresh array each time)."""
+        """This thread's reusable (>= rows, 3, H, W) float32 pixel buffer (grown on demand up to
+        PIXEL_BUFFER_ROWS rows; a larger batch gets a fresh array each time). Freed when the thread
+        ends or the embedder is closed."""
         size = self._image_cfg.size
         if rows > PIXEL_BUFFER_ROWS:
             return np.empty((rows, 3, size, size), np.float32)
         buf = getattr(self._buffers, "pixels", None)
         if buf is None or buf.shape[0] < rows:
-            buf = self._buffers.pixels = np.empty((max(rows, 8), 3, size, size), np.float32)
+            buf = self._buffers.pixels = np.empty((min(max(rows, 8), PIXEL_BUFFER_ROWS), 3, size, size), np.float32)
         return buf
 
     def _check_dim(self, dim: Any) -> int:

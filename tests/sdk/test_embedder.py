@@ -306,6 +306,30 @@ def test_pixel_buffer_is_reused_and_leaks_nothing(emb, imgs, monkeypatch):
     assert emb._buffers.pixels is buf
 
 
+def test_pixel_buffers_are_per_thread_and_only_for_photos(tiny_split_engine, imgs):
+    import threading
+
+    from sdk import Embedder
+
+    with Embedder(tiny_split_engine.path, threads=1) as emb:
+        emb.embed(texts=["red", "blue"])
+        assert getattr(emb._buffers, "pixels", None) is None  # a batch without photos takes none
+        mine = emb.embed(imgs[:2], ["red", "blue"])
+        other = {}
+
+        def work():
+            other["v"] = emb.embed(imgs[:2], ["red", "blue"])
+            other["buf"] = emb._buffers.pixels
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        assert other["buf"] is not emb._buffers.pixels  # each thread its own
+        np.testing.assert_array_equal(other["v"], mine)
+        emb.close()
+        assert getattr(emb._buffers, "pixels", None) is None  # close() lets them go
+
+
 def test_call_level_errors(emb, imgs):
     with pytest.raises(InvalidInputError, match=r"one entry per item, got images 2, texts 3"):
         emb.embed(imgs[:2], ["a", "b", "c"])

@@ -1,6 +1,7 @@
 """sdk.Pipeline: reasoner completions and traces feeding the embedder, with the SQLite cache."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -182,6 +183,18 @@ def test_a_trace_cache_from_before_the_budget_key_is_discarded_once(engines, tmp
     again.embed([photo(2)], ["red shoe"], ids=[7])
     assert again.cache_hits == 1 and len(again.trace_cache) == 1
     again.close()
+    # an up-to-date cache is not written to on open: it opens (and reads) while another process
+    # holds the write lock, as a read-only one would
+    writer = sqlite3.connect(old)
+    writer.execute("BEGIN IMMEDIATE")
+    t0 = time.perf_counter()
+    from sdk.pipeline import TextCache
+
+    ro = TextCache(old)
+    assert time.perf_counter() - t0 < 2.0 and len(ro) == 1
+    ro.close()
+    writer.rollback()
+    writer.close()
     db = sqlite3.connect(old)
     db.execute(f"PRAGMA user_version = {CACHE_SCHEMA + 1}")
     db.close()
@@ -197,6 +210,8 @@ def test_cache_is_the_deprecated_name_of_trace_cache(engines, tmp_path):
     with pytest.warns(DeprecationWarning, match=r"Pipeline\(cache=\.\.\.\) is deprecated; use trace_cache="):
         p = Pipeline(both, complete_title=True, cache=tmp_path / "c.sqlite", threads=1)
     assert p.trace_cache is not None and p.trace_cache.path == tmp_path / "c.sqlite"
+    with pytest.warns(DeprecationWarning, match=r"Pipeline\.cache is deprecated; use Pipeline\.trace_cache"):
+        assert p.cache is p.trace_cache
     p.close()
     with pytest.raises(ValueError, match=r"give trace_cache= only; cache= is its deprecated name"):
         Pipeline(both, trace_cache=tmp_path / "a.sqlite", cache=tmp_path / "b.sqlite")
@@ -332,8 +347,9 @@ def test_bench_times_think_then_embed_per_budget(engines, tmp_path, capsys):
 
     both, traced = engines
     imgs, titles = [photo(5), photo(6)], ["red shoe", "black leather watch"]
-    rows = bench_think_then_embed(traced, imgs, titles, budgets=(0, 2, 6), rounds=2, warmup=0, threads=1)
-    assert [r["budget"] for r in rows] == [0, 2, 6]
+    rows = bench_think_then_embed(traced, imgs, titles, budgets=(2, 0, 6), rounds=2, warmup=0, threads=1)
+    assert [r["budget"] for r in rows] == [2, 0, 6]
+    rows = [rows[1], rows[0], rows[2]]  # the ratio to budget 0 holds whatever the order
     assert rows[0]["trace_tokens"] == 0.0 and "x_embedder_alone" not in rows[0]
     assert 0 < rows[1]["trace_tokens"] <= 2 and 0 < rows[2]["trace_tokens"] <= 6
     assert all(r["x_embedder_alone"] > 0 and r["rounds"] == 2 for r in rows[1:])
