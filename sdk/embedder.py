@@ -180,6 +180,20 @@ class ActiveBackend:
         """Name (as in `BACKENDS`) of the highest-priority backend really active."""
         return backend_of(self._providers)
 
+    def _activate(self, active: Sequence[str], names: Sequence[str], what: str) -> None:
+        """Record the providers a session really got and warn, naming what runs, when a requested
+        backend (of `names`) is not among them. Called from `_init`, itself called from `__init__`."""
+        self._providers = tuple(active)
+        missing = [n for n in names if BACKENDS[n].provider not in self._providers]
+        if missing:
+            warnings.warn(
+                f"requested backend(s) {missing} are not active in onnxruntime (active providers: "
+                f"{list(self._providers)}); {what} runs on {self.backend!r}. Check the GPU drivers / CUDA / "
+                f"TensorRT libraries.",
+                RuntimeWarning,
+                stacklevel=4,  # the caller of __init__
+            )
+
 
 class Embedder(ActiveBackend):
     """Embeds products (image, title, reasoning trace) with a `moon3.engine`.
@@ -273,16 +287,7 @@ class Embedder(ActiveBackend):
             self._split = None
         self._session = session
         self._fingerprint = _fingerprint(engine, spec)  # every part it names was read above
-        active = list(session.get_providers())
-        self._providers = tuple(active)
-        missing = [n for n in names if BACKENDS[n].provider not in active]
-        if missing:
-            warnings.warn(
-                f"requested backend(s) {missing} are not active in onnxruntime (active providers: {active}); "
-                f"embedding runs on {self.backend!r}. Check the GPU drivers / CUDA / TensorRT libraries.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self._activate(session.get_providers(), names, "embedding")
         trt = self._manifest.get("tensorrt")
         plans = trt.get("plans") if isinstance(trt, dict) else None
         if plans:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -182,16 +181,7 @@ class Reasoner(ActiveBackend):
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
         # every session was asked for the same providers; the step graph runs nearly all the work
-        self._providers = tuple(sessions[parts["decode"]].get_providers())
-        missing = [n for n in names if BACKENDS[n].provider not in self._providers]
-        if missing:
-            warnings.warn(
-                f"requested backend(s) {missing} are not active in onnxruntime (active providers: "
-                f"{list(self._providers)}); the reasoner runs on {self.backend!r}. Check the GPU drivers / "
-                f"CUDA / TensorRT libraries.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self._activate(sessions[parts["decode"]].get_providers(), names, "the reasoner")
         from tokenizers import Tokenizer
 
         blob = engine.part(parts["tokenizer"])

@@ -131,8 +131,9 @@ def test_reasoner_inactive_backend_warns_and_reports_what_runs(reasoner_engine, 
 
     asked = inactive_cuda
     inactive = r"requested backend\(s\) \['cuda'\] are not active.*reasoner runs on 'cpu'"
-    with pytest.warns(RuntimeWarning, match=inactive):
+    with pytest.warns(RuntimeWarning, match=inactive) as rec:
         r = Reasoner(reasoner_engine[0], threads=1, providers=["cuda", "cpu"])
+    assert rec[0].filename == __file__  # points at the caller
     assert r.backend == "cpu" and "CUDAExecutionProvider" not in r.providers
     assert asked and all(a == ["CUDAExecutionProvider", "CPUExecutionProvider"] for a in asked)
     assert isinstance(r.generate(text="red shoe", task="category", max_new_tokens=3), str)

@@ -409,8 +409,9 @@ def test_inactive_backend_warns_and_reports_what_runs(tiny_engine, inactive_cuda
     """An EP that onnxruntime lists but fails to activate (no CUDA libraries): a visible warning."""
     from sdk import Embedder
 
-    with pytest.warns(RuntimeWarning, match=r"requested backend\(s\) \['cuda'\] are not active.*runs on 'cpu'"):
+    with pytest.warns(RuntimeWarning, match=r"requested backend\(s\) \['cuda'\] are not active.*runs on 'cpu'") as rec:
         e = Embedder(tiny_engine.path, providers=["cuda", "cpu"], threads=1)
+    assert rec[0].filename == __file__  # points at the caller
     assert e.backend == "cpu" and "CUDAExecutionProvider" not in e.providers
     assert inactive_cuda and all(a == ["CUDAExecutionProvider", "CPUExecutionProvider"] for a in inactive_cuda)
     assert e.embed(texts=["red"]).shape == (1, 32)
