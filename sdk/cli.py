@@ -397,24 +397,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+def _int_at_least(minimum: int, expected: str):
+    """An argparse type: an int >= minimum, else an error saying `expected` and what was given."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return n
+
+    return parse
 
 
-def _budget(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a token budget >= 0, got {text!r}")
-    return n
+_positive_int = _int_at_least(1, "a positive integer")
+_budget = _int_at_least(0, "a token budget >= 0")
 
 
 def _backend_list(text: str) -> list[str]:
@@ -430,10 +429,16 @@ def _backend_list(text: str) -> list[str]:
     return names
 
 
+def _providers_arg(p: argparse.ArgumentParser, **kw) -> None:
+    """--providers: backend names, comma-separated (`kw` may make it repeatable, with its default and help)."""
+    kw.setdefault("default", None)
+    kw.setdefault("help", "backends in order of preference, comma-separated: cpu, cuda, tensorrt (default: cpu)")
+    p.add_argument("--providers", type=_backend_list, metavar="NAMES", **kw)
+
+
 def _runtime_args(p: argparse.ArgumentParser, threads_help: str = "ONNX Runtime intra-op threads") -> None:
     """--providers, --batch-size and --threads of the commands that embed with `sdk.Embedder`."""
-    p.add_argument("--providers", type=_backend_list, default=None, metavar="NAMES",
-                   help="backends in order of preference, comma-separated: cpu, cuda, tensorrt (default: cpu)")
+    _providers_arg(p)
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                    help="items per ONNX Runtime call (default 32)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -528,8 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--key", default=None, help="attribute for attribute_qa, e.g. colour")
     r.add_argument("--question", default=None, help="question for qa")
     r.add_argument("--max-new-tokens", type=int, default=96)
-    r.add_argument("--providers", type=_backend_list, default=None, metavar="NAMES",
-                   help="backends in order of preference, comma-separated: cpu, cuda, tensorrt (default: cpu)")
+    _providers_arg(r)
     r.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     r.set_defaults(func=_cmd_reason)
 
@@ -600,8 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch", action="append", type=int, help="batch size, repeatable (default: 1, 8, 32)")
     n.add_argument("--rounds", type=int, default=20, help="timed calls per case (default 20)")
     n.add_argument("--warmup", type=int, default=2)
-    n.add_argument("--providers", type=_backend_list, nargs="+", default=[["cpu"]], metavar="NAMES",
-                   help="backends in order of preference, comma-separated (or space-separated): cpu, cuda, tensorrt")
+    _providers_arg(n, nargs="+", default=[["cpu"]],  # parsed as [["cuda", "cpu"]] or [["cuda"], ["cpu"]]
+                   help="backends in order of preference, comma- or space-separated: cpu, cuda, tensorrt")
     n.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     n.add_argument("--samples", default=None, help="folder with items.jsonl + photos (default: data/samples of a "
                    "source checkout, else synthetic inputs)")
