@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -469,10 +470,10 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         if cfg.precision == "fp16":  # split layout only (checked by BuildConfig)
             image_graph = convert_fp16(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.fp16.onnx")
 
-        def package(out: Path, graph: Path, **extra) -> Path:
-            if cfg.layout == "split":
-                return package_split_embedder(out, image_graph.read_bytes(), graph.read_bytes(), paths["head"].read_bytes(),
-                                              tokenizer_json, **common, **extra)
+        def package(out: Path, graph: Path, image: Path | None = None, **extra) -> Path:
+            if cfg.layout == "split":  # with `image_graph`, or the given image graph
+                return package_split_embedder(out, (image or image_graph).read_bytes(), graph.read_bytes(),
+                                              paths["head"].read_bytes(), tokenizer_json, **common, **extra)
             return package_embedder(out, graph.read_bytes(), tokenizer_json, **common, **extra)
 
         tried = []
@@ -499,16 +500,14 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                           "views": report["views"], "text->image R@10": report["text->image R@10"]})
             if report["passed"]:
                 break
-        if cfg.image_convs == "int8" and cfg.precision == "int8" and not report["passed"]:
-            log("      image convolutions: not tried, no text-graph candidate passed the gates")
-            report["image_convolutions"] = "fp32 (not tried: the text graph failed the gates)"
-        if cfg.image_convs == "int8" and cfg.precision == "int8" and report["passed"]:
-            def with_image(image: Path) -> Path:  # the passing text graph with this image graph
-                return package_split_embedder(tmp / "candidate.engine", image.read_bytes(), graph.read_bytes(),
-                                              paths["head"].read_bytes(), tokenizer_json, **common)
-
-            image_graph, report = _gate_image_convs(folded_image, image_graph, with_image, report, teacher_views,
-                                                    products, image_pre, cfg, tmp, log)
+        if cfg.image_convs == "int8" and cfg.precision == "int8":
+            if report["passed"]:  # the passing text graph with each image-graph candidate
+                image_graph, report = _gate_image_convs(
+                    folded_image, image_graph, lambda image: package(tmp / "candidate.engine", graph, image=image),
+                    report, teacher_views, products, image_pre, cfg, tmp, log)
+            else:
+                log("      image convolutions: not tried, no text-graph candidate passed the gates")
+                report["image_convolutions"] = "fp32 (not tried: the text graph failed the gates)"
         extra, extra_parts = {}, {}
         rdir = cfg.reasoner_dir()
         if rdir is not None:
@@ -815,15 +814,16 @@ def _quantize_static(folded: Path, dst: Path, exclude: list[str], tmp: Path, cfg
 
 
 def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
-                           log) -> tuple[list[tuple[str, list[str], float, Path]], list[tuple[str, float]]]:
+                           log) -> tuple[Iterator[tuple[str, list[str], float, Path]], list[tuple[str, float]]]:
     """Static INT8 candidates for the image tower's convolutions: a sensitivity sweep (each
     convolution quantized alone, image-token cosine to FP32 on the calibration photos), then one
     candidate per `IMAGE_CONV_LADDER` step with the k most sensitive kept FP32.
 
     Returns:
-        (candidates, ranking): (label, FP32 convolution names, image-token cosine, the candidate's
-        Q/DQ graph) of every ladder step, fewest FP32 convolutions first; and (convolution,
-        image-token cosine quantized alone), most sensitive first.
+        (candidates, ranking): an iterator of (label, FP32 convolution names, image-token cosine,
+        the candidate's Q/DQ graph) per ladder step, fewest FP32 convolutions first, each
+        quantized and measured only when the iteration reaches it (the gate stops at the first
+        that passes); and (convolution, image-token cosine quantized alone), most sensitive first.
     """
     import onnx
 
@@ -838,17 +838,19 @@ def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
     ranking = sensitivity_sweep(folded, {c: [c] for c in convs}, cal, tmp / "image.sweep", log=lambda *_: None, **quant)
     worst = ", ".join(f"{n} {c:.4f}" for n, c in ranking[:4])
     log(f"      most sensitive: {worst}")
-    out = []
-    for k in IMAGE_CONV_LADDER:
-        if k >= len(convs):
-            break
-        keep = [name for name, _ in ranking[:k]]
-        dst = quantize_static_qdq(folded, tmp / f"image.qdq.{k}.onnx", None, exclude=keep, **quant)
-        cos = output_cosine(folded, dst, cal.feeds)
-        label = f"image convolutions int8, {k} most sensitive fp32" if k else "image convolutions all int8"
-        log(f"      {label}: image-token cosine {cos:.5f}")
-        out.append((label, keep, cos, dst))
-    return out, ranking
+
+    def candidates():
+        for k in IMAGE_CONV_LADDER:
+            if k >= len(convs):
+                return
+            keep = [name for name, _ in ranking[:k]]
+            dst = quantize_static_qdq(folded, tmp / f"image.qdq.{k}.onnx", None, exclude=keep, **quant)
+            cos = output_cosine(folded, dst, cal.feeds)
+            label = f"image convolutions int8, {k} most sensitive fp32" if k else "image convolutions all int8"
+            log(f"      {label}: image-token cosine {cos:.5f}")
+            yield label, keep, cos, dst
+
+    return candidates(), ranking
 
 
 def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teacher_views: dict, products,

@@ -97,6 +97,8 @@ def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypat
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8", calib_images=16, calib_method="minmax")
     lines = []
     cands, ranking = build._image_conv_candidates(folded, cfg, ImagePreprocess(size=16), tmp_path, lines.append)
+    assert not list(tmp_path.glob("image.qdq.*.onnx"))  # candidates are quantized only when reached
+    cands = list(cands)
     assert sorted(n for n, _ in ranking) == ["conv_0", "conv_1", "conv_2"]
     assert [c for _, c in ranking] == sorted(c for _, c in ranking)  # most sensitive first
     assert set(cands[1][1]) == {n for n, _ in ranking[:2]}
