@@ -99,3 +99,30 @@ def fastest_torch_threads(fn, candidates=(1, THREADS)) -> int:
             best = (min(t), n)
     torch.set_num_threads(best[1])
     return best[1]
+
+
+def ort_session(graph: bytes):
+    """An ONNX Runtime CPU session of a serialized graph, made as the runtime makes them
+    (`sdk.embedder.session_kwargs`), with BENCH_THREADS threads."""
+    import onnxruntime as ort
+
+    from sdk.embedder import session_kwargs
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    providers = ["CPUExecutionProvider"]
+    return ort.InferenceSession(graph, opts, providers=providers, **session_kwargs(providers))
+
+
+def ort_graph(name: str, nodes, inputs: dict, outputs: dict, weights: dict):
+    """`ort_session` of a small opset-17 graph: inputs/outputs {name: shape} (float32, "B" the
+    dynamic batch), weights {name: array} as initializers; checked with onnx.checker first."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    io = lambda d: [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in d.items()]  # noqa: E731
+    graph = helper.make_graph(nodes, name, io(inputs), io(outputs),
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return ort_session(model.SerializeToString())

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench_common import THREADS
+from bench_common import THREADS, ort_graph, ort_session
 
 torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 
 from sdk import fused, ops  # noqa: E402
 from sdk.fused import FUSED_ATOL, FireParams  # noqa: E402
@@ -53,33 +53,9 @@ def _onnx(module, args, names, dynamic, path):
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False)
     program.save(str(path), external_data=False)
-    sess = _session(path.read_bytes())
+    sess = ort_session(path.read_bytes())
     out = sess.get_outputs()[0].name
     return lambda *xs: sess.run([out], dict(zip(names, xs)))[0]
-
-
-def _session(graph: bytes):
-    """An ONNX Runtime CPU session made as the runtime makes them (sdk.embedder), BENCH_THREADS threads."""
-    from sdk.embedder import session_kwargs
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(graph, opts, providers=providers, **session_kwargs(providers))
-
-
-def _graph(name, nodes, inputs, outputs, weights):
-    """An ONNX Runtime session of a small opset-17 graph: inputs/outputs {name: shape} (float32,
-    "B" the dynamic batch), weights {name: array} as initializers."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    io = lambda d: [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in d.items()]  # noqa: E731
-    graph = helper.make_graph(nodes, name, io(inputs), io(outputs),
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model, full_check=True)
-    return _session(model.SerializeToString())
 
 
 class _Head(torch.nn.Module):
@@ -227,7 +203,7 @@ def _ort_fusion_epilogue(out_w, out_b, ln_w, ln_b):
     ]
     weights = {"out_w": out_w, "out_b": out_b, "ln_w": ln_w, "ln_b": ln_b, "one": np.float32(1.0),
                "neg": np.float32(fused.NEG), "ax1": np.array([1], np.int64)}
-    sess = _graph("fusion_epilogue", nodes, {"q": ["B", d], "outs": ["B", 3, d], "logits": ["B", 3],
+    sess = ort_graph("fusion_epilogue", nodes, {"q": ["B", d], "outs": ["B", 3, d], "logits": ["B", 3],
                                              "present": ["B", 3]},
                   {"q_new": ["B", d], "h": ["B", d], "gate": ["B", 3]}, weights)
     return lambda q, outs, logits, present: tuple(
@@ -272,7 +248,7 @@ def _ort_project_normalize(ln_w, ln_b, w, b, dim):
     ]
     weights = {"ln_w": ln_w, "ln_b": ln_b, "w": np.ascontiguousarray(w[:dim]), "b": np.ascontiguousarray(b[:dim]),
                "eps": np.float32(ops.L2_NORMALIZE_EPS)}
-    sess = _graph("project_normalize", nodes, {"q": ["B", w.shape[1]]}, {"y": ["B", dim]}, weights)
+    sess = ort_graph("project_normalize", nodes, {"q": ["B", w.shape[1]]}, {"y": ["B", dim]}, weights)
     return lambda q: sess.run(["y"], {"q": q})[0]
 
 

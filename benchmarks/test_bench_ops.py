@@ -14,7 +14,7 @@ output against the reference, to within `sdk.ops.L2_NORMALIZE_ATOL`.
 
 import numpy as np
 import pytest
-from bench_common import THREADS
+from bench_common import ort_graph
 
 from sdk import ops
 from sdk.ops import L2_NORMALIZE_ATOL, l2_normalize_ref
@@ -34,27 +34,16 @@ IMPLS = {
 def _ort_l2_normalize(dim: int):
     """x (B, WIDTH) -> x[:, :dim] / max(||x[:, :dim]||_2, eps) as an opset-17 graph, in an ONNX Runtime
     CPU session made as the runtime makes them (sdk.embedder), BENCH_THREADS threads."""
-    ort = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    from sdk.embedder import session_kwargs
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from onnx import helper
 
     consts = {"starts": np.array([0], np.int64), "ends": np.array([dim], np.int64), "axes": np.array([1], np.int64),
               "eps": np.float32(ops.L2_NORMALIZE_EPS)}
     n = helper.make_node
     nodes = [n("Slice", ["x", "starts", "ends", "axes"], ["v"]), n("ReduceL2", ["v"], ["norm"], axes=[-1], keepdims=1),
              n("Max", ["norm", "eps"], ["den"]), n("Div", ["v", "den"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "l2_normalize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", dim])],
-        [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model, full_check=True)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    providers = ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers, **session_kwargs(providers))
+    sess = ort_graph("l2_normalize", nodes, {"x": ["B", WIDTH]}, {"y": ["B", dim]}, consts)
     return lambda x, _dim: sess.run(["y"], {"x": x})[0]
 
 
