@@ -49,15 +49,55 @@ DEFAULT_TEXT_LAYERS = 3
 
 
 def student_config(teacher: EmbedderConfig, image_size: int, text_layers: int,
-                   fusion_layers: int | None = None) -> EmbedderConfig:
+                   fusion_layers: int | None = None, tuned_text_layers: int = 0) -> EmbedderConfig:
     """The teacher's fusion architecture over cheaper towers; `fusion_layers` (default: the
-    teacher's) keeps only the first fusion layers of the head."""
+    teacher's) keeps only the first fusion layers of the head; the last `tuned_text_layers` of
+    the `text_layers` are fine-tuned with it."""
     grid = image_grid(image_size)
     fusion = teacher.n_fusion_layers if fusion_layers is None else fusion_layers
     if isinstance(fusion, bool) or not isinstance(fusion, int) or not 1 <= fusion <= teacher.n_fusion_layers:
         raise ValueError(f"fusion_layers must be an int in 1..{teacher.n_fusion_layers} (the teacher's), got {fusion!r}")
     return dataclasses.replace(teacher, image_size=image_size, text_layers=text_layers, n_image_tokens=grid * grid,
-                               n_fusion_layers=fusion)
+                               n_fusion_layers=fusion, text_tuned_layers=tuned_text_layers)
+
+
+def init_image_tail(student: nn.Module, how: dict[str, str], tower: nn.Module | None = None) -> list[str]:
+    """Start the student's fine-tuned image blocks that `init_from_teacher` left fresh from the
+    image tower's own (`tower`, an `ImageTower`; default EfficientNet-Lite0). Returns the names
+    it set."""
+    fresh = [k for k, v in how.items() if k.startswith("image_tail.") and v == "fresh"]
+    if not fresh:
+        return []
+    from sdk.train.towers import load_image_tower
+
+    net = (tower if tower is not None else load_image_tower(image_size=student.cfg.image_size)).net
+    tail = student.image_tail
+    for i, block in enumerate(tail.blocks):
+        block.load_state_dict(net._blocks[tail.first + i].state_dict())
+    tail.conv_head.load_state_dict(net._conv_head.state_dict())
+    tail.bn1.load_state_dict(net._bn1.state_dict())
+    for k in fresh:
+        how[k] = "image tower"
+    return fresh
+
+
+def init_text_tail(student: nn.Module, how: dict[str, str], tower: nn.Module | None = None) -> list[str]:
+    """Start the student's fine-tuned text layers that `init_from_teacher` left fresh from the text
+    tower's own layers at the same depth (layer-drop; `tower` defaults to MiniLM). Returns the
+    names it set."""
+    fresh = [k for k, v in how.items() if k.startswith("text_tail.") and v == "fresh"]
+    if not fresh:
+        return []
+    from sdk.train.towers import load_text_tower
+
+    cfg = student.cfg
+    tower = tower if tower is not None else load_text_tower(layers=cfg.text_layers)
+    first = cfg.text_layers - cfg.text_tuned_layers
+    for i, layer in enumerate(student.text_tail):
+        layer.load_state_dict(tower.encoder.layer[first + i].state_dict())
+    for k in fresh:
+        how[k] = f"text tower layer {first + int(k.split('.')[1]) + 1}"
+    return fresh
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
@@ -124,36 +164,56 @@ def compare(student_metrics: dict, teacher_metrics: dict) -> dict[str, dict[str,
 
 
 def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
-            log=print, init: Path | None = None, fusion_layers: int | None = None) -> dict:
+            log=print, init: Path | None = None, fusion_layers: int | None = None,
+            tune_text_layers: int | None = None, text_tower: nn.Module | None = None,
+            tune_image_blocks: int | None = None, image_tower: nn.Module | None = None) -> dict:
     """Train a student on `features` (a cache made with the student's towers) against the teacher;
     write it to `out` (fp16) with its report and model card. Returns the report.
 
     `init`: start from an earlier student instead of the teacher's weights (its towers may differ:
     the position table is resized as from the teacher). `fusion_layers`: keep only the first
-    fusion layers (default: as many as `init`, or the teacher).
+    fusion layers (default: as many as `init`, or the teacher). `tune_text_layers`: fine-tune
+    that many MiniLM layers above the ones `features` cached (default: as many as `init`, or 0);
+    they start from the text tower's own (`text_tower`, default MiniLM). `tune_image_blocks`:
+    fine-tune the image tower's last blocks and head convolution from the map `features` cached
+    (`--image-mid-blocks`; default: as many as `init`, or 0), from the image tower's own weights
+    (`image_tower`, default EfficientNet-Lite0).
     """
     f_t, f_s = Features(teacher_features), Features(features)
     if not np.array_equal(f_t.ids, f_s.ids):
         raise SystemExit(f"{features} and {teacher_features} hold other products; build both from one catalog")
     image_size = int(f_s.meta.get("image_size", 224))
-    text_layers = int(f_s.meta.get("text_layers", 6))
+    cached_layers = f_s.text_layers
     teacher = load_embedder(teacher_dir)
-    s_cfg = student_config(teacher.cfg, image_size, text_layers, fusion_layers)
+    source = teacher if init is None else load_embedder(init)
+    if init is not None and fusion_layers is None:
+        fusion_layers = source.cfg.n_fusion_layers
+    if tune_text_layers is None:
+        tune_text_layers = source.cfg.text_tuned_layers if init is not None else 0
+    if tune_image_blocks is None:
+        tune_image_blocks = source.cfg.image_tuned_blocks if init is not None else 0
+    text_layers = cached_layers + tune_text_layers
+    if text_layers > teacher.cfg.text_layers:
+        raise SystemExit(f"{features} caches the states after {cached_layers} text layers: {tune_text_layers} more "
+                         f"would pass the teacher's {teacher.cfg.text_layers}")
+    s_cfg = dataclasses.replace(student_config(teacher.cfg, image_size, text_layers, fusion_layers, tune_text_layers),
+                                image_tuned_blocks=tune_image_blocks)
     if f_s.deep.shape[1] != s_cfg.n_image_tokens:
         raise SystemExit(f"{features} holds {f_s.deep.shape[1]} image tokens per photo, {image_size} px gives "
                          f"{s_cfg.n_image_tokens}")
-    source = teacher
-    if init is not None:
-        source = load_embedder(init)
-        if fusion_layers is None:
-            s_cfg = dataclasses.replace(s_cfg, n_fusion_layers=source.cfg.n_fusion_layers)
     student = build_embedder(s_cfg)
     how = init_from_teacher(student, source)
+    from_towers = init_text_tail(student, how, text_tower) + init_image_tail(student, how, image_tower)
     resized = [k for k, v in how.items() if v.startswith("resized")]
     fresh = [k for k, v in how.items() if v == "fresh"]
-    log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens), {text_layers} text layers, "
-        f"{s_cfg.n_fusion_layers} fusion layers, from {'the teacher' if init is None else init}: "
-        f"{sum(v == 'copied' for v in how.values())} tensors copied, resized: {resized}, fresh: {len(fresh)}")
+    log(f"student: {image_size} px photos ({s_cfg.n_image_tokens} tokens, last {tune_image_blocks} image blocks "
+        f"fine-tuned), {text_layers} text layers ({tune_text_layers} fine-tuned), {s_cfg.n_fusion_layers} fusion "
+        f"layers, from {'the teacher' if init is None else init}: {sum(v == 'copied' for v in how.values())} tensors "
+        f"copied, resized: {resized}, from the towers: {len(from_towers)}, fresh: {len(fresh)}")
+    try:
+        f_s.tune_with(student)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     catalog = catalog or f_s.meta.get("catalog")
     keys = title_keys(f_s, catalog)
     val_rows = np.flatnonzero([is_validation(i) for i in f_s.ids])
@@ -166,10 +226,13 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
         out.mkdir(parents=True, exist_ok=True)
         copy_half(tmp, out)
     student = load_embedder(out)  # what ships: the fp16 weights, loaded back
+    f_s.tune_with(student)
     final = evaluate(student, f_s, val_rows, keys, dims=s_cfg.matryoshka_dims)
     report = {
         "student": {"image_size": image_size, "text_layers": text_layers, "n_image_tokens": s_cfg.n_image_tokens,
-                    "fusion_layers": s_cfg.n_fusion_layers, "params": res["params"]},
+                    "fusion_layers": s_cfg.n_fusion_layers, "text_tuned_layers": tune_text_layers,
+                    "image_tuned_blocks": tune_image_blocks,
+                    "params": res["params"]},
         "teacher": {"weights": _shown(teacher_dir), "image_size": teacher.cfg.image_size,
                     "text_layers": teacher.cfg.text_layers, "fusion_layers": teacher.cfg.n_fusion_layers},
         "train_config": dataclasses.asdict(cfg),
@@ -226,8 +289,25 @@ def _fusion(r: dict, st: dict) -> int:
     return st.get("fusion_layers") or _teacher_fusion(r)
 
 
+def _tuned(st: dict) -> int:
+    return int(st.get("text_tuned_layers") or 0)
+
+
+def _cached_layers(st: dict) -> int:
+    """The text layers a run's feature cache ran (the fine-tuned ones run in training)."""
+    return st["text_layers"] - _tuned(st)
+
+
+def _blocks(st: dict) -> int:
+    return int(st.get("image_tuned_blocks") or 0)
+
+
 def _features_tag(st: dict) -> str:
-    return f"features_s{st['image_size']}_l{st['text_layers']}"
+    return f"features_s{st['image_size']}_l{_cached_layers(st)}" + (f"_m{_blocks(st)}" if _blocks(st) else "")
+
+
+def _text_layers_shown(st: dict) -> str:
+    return f"{st['text_layers']} ({_tuned(st)} tuned)" if _tuned(st) else str(st["text_layers"])
 
 
 def _distill_commands(r: dict) -> str:
@@ -239,7 +319,8 @@ def _distill_commands(r: dict) -> str:
         if _features_tag(st) not in seen:
             seen.add(_features_tag(st))
             lines.append(f"    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/{_features_tag(st)} \\\n"
-                         f"        --image-size {st['image_size']} --text-layers {st['text_layers']}")
+                         f"        --image-size {st['image_size']} --text-layers {_cached_layers(st)}"
+                         + (f" --image-mid-blocks {_blocks(st)}" if _blocks(st) else ""))
     for k, run in enumerate(runs):
         st, tc = run["student"], run["train_config"]
         out = r.get("out", "train/weights/student") if k == len(runs) - 1 else f"runs/student{k + 1}"
@@ -251,6 +332,12 @@ def _distill_commands(r: dict) -> str:
         before = _fusion(r, runs[k - 1]["student"]) if k else _teacher_fusion(r)
         if st.get("fusion_layers") and st["fusion_layers"] != before:
             opts += f" --fusion-layers {st['fusion_layers']}"
+        if _tuned(st) != (_tuned(runs[k - 1]["student"]) if k else 0):
+            opts += f" --tune-text-layers {_tuned(st)}"
+        if _blocks(st) != (_blocks(runs[k - 1]["student"]) if k else 0):
+            opts += f" --tune-image-blocks {_blocks(st)}"
+        if (_tuned(st) or _blocks(st)) and tc.get("tower_lr_scale", TrainConfig.tower_lr_scale) != TrainConfig.tower_lr_scale:
+            opts += f" --tower-lr-scale {tc['tower_lr_scale']}"
         lines.append("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
                      f"        --features .cache/{_features_tag(st)} --out {out} \\\n        {opts}")
     return "\n".join(lines)
@@ -260,9 +347,35 @@ def _runs_table(r: dict) -> str:
     rows = []
     for k, run in enumerate(_chain(r), 1):
         st, tc = run["student"], run["train_config"]
-        rows.append(f"| {k} | {st['image_size']} | {st['text_layers']} | {_fusion(r, st)} "
+        px = f"{st['image_size']} ({_blocks(st)} blocks tuned)" if _blocks(st) else str(st["image_size"])
+        rows.append(f"| {k} | {px} | {_text_layers_shown(st)} | {_fusion(r, st)} "
                     f"| {tc['epochs']} | {tc['lr']} | {run['seconds'] / 60:.0f} |")
     return "\n".join(rows)
+
+
+def _tuned_note(st: dict) -> str:
+    t = _tuned(st)
+    if not t:
+        return "; frozen"
+    which = f"layer {st['text_layers']}" if t == 1 else f"layers {st['text_layers'] - t + 1}-{st['text_layers']}"
+    return (f"; {which} fine-tuned with the fusion model, its weights stored with it under text_tail.*, "
+            f"the layers below frozen")
+
+
+def _tower_lr_note(r: dict) -> str:
+    st, tc = r["student"], r["train_config"]
+    if not (_tuned(st) or _blocks(st)):
+        return ""
+    return (f" The fine-tuned tower layers learn at {tc.get('tower_lr_scale', TrainConfig.tower_lr_scale)} x the "
+            "rate, from the towers' own weights where the run before did not tune them.")
+
+
+def _blocks_note(st: dict) -> str:
+    k = _blocks(st)
+    if not k:
+        return "frozen"
+    return (f"its last {k} blocks and head convolution fine-tuned with the fusion model, stored with it under "
+            f"image_tail.*, the blocks below frozen")
 
 
 def model_card(r: dict) -> str:
@@ -274,9 +387,9 @@ def model_card(r: dict) -> str:
     return f"""# moon3 student embedder: model card
 
 A distilled student of the reference embedder (`{r['teacher']['weights']}`): the same fusion architecture
-({st['params'] / 1e6:.2f}M trained parameters) over cheaper frozen towers — the first {st['text_layers']} of
-all-MiniLM-L6-v2's {r['teacher']['text_layers']} layers (layer-drop) and {st['image_size']} px photos into
-EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49), {_fusion(r, st)} of the teacher's
+({st['params'] / 1e6:.2f}M trained parameters) over cheaper towers — the first {st['text_layers']} of
+all-MiniLM-L6-v2's {r['teacher']['text_layers']} layers (layer-drop{_tuned_note(st)}) and {st['image_size']} px photos into
+EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49; {_blocks_note(st)}), {_fusion(r, st)} of the teacher's
 {_teacher_fusion(r)} fusion layers. Weights stored fp16.
 
 ## Training
@@ -285,7 +398,7 @@ grid{', the first fusion layers kept' if _fusion(r, st) != _teacher_fusion(r) el
 catalog's train split, batch {tc['batch_size']}, AdamW: per view (photo+title, photo+description, photo, title,
 description) {tc['distill_cosine']} x (1 - cosine to the teacher's vector) + {tc['distill_relational']} x relational KL
 (in-batch similarity distributions, temperature {tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's
-InfoNCE terms (the first 160 px run did not yet have the description-only view). On 2 CPU cores:
+InfoNCE terms (the first 160 px run did not yet have the description-only view).{_tower_lr_note(r)} On 2 CPU cores:
 
 | run | photo px | text layers | fusion layers | epochs | lr | minutes |
 |---|---|---|---|---|---|---|
@@ -337,15 +450,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fusion-layers", type=int, default=None,
                     help="keep only the first N fusion layers (default: as many as --init, or the teacher)")
     ap.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    ap.add_argument("--tune-text-layers", type=int, default=None,
+                    help="fine-tune N MiniLM layers above those --features cached, starting from MiniLM's own "
+                         "(default: as many as --init, or 0)")
+    ap.add_argument("--tune-image-blocks", type=int, default=None,
+                    help="fine-tune the image tower's last K blocks and head convolution, from the map --features "
+                         "cached with --image-mid-blocks K (default: as many as --init, or 0)")
+    ap.add_argument("--tower-lr-scale", type=float, default=TrainConfig.tower_lr_scale,
+                    help="learning rate of the fine-tuned tower layers, as a share of --lr")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from sdk.train.reference import WEIGHTS_DIR
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, contrastive_weight=args.contrastive,
-                      distill_cosine=args.cosine, distill_relational=args.relational, warmup_steps=args.warmup_steps)
+                      distill_cosine=args.cosine, distill_relational=args.relational, warmup_steps=args.warmup_steps,
+                      tower_lr_scale=args.tower_lr_scale)
     report = distill(Path(args.teacher or WEIGHTS_DIR), Path(args.teacher_features), Path(args.features),
                      args.catalog, Path(args.out), cfg, init=Path(args.init) if args.init else None,
-                     fusion_layers=args.fusion_layers)
+                     fusion_layers=args.fusion_layers, tune_text_layers=args.tune_text_layers,
+                     tune_image_blocks=args.tune_image_blocks)
     print(json.dumps({k: report[k] for k in ("recall", "cosine_to_teacher")}, indent=2))
 
 

@@ -432,7 +432,7 @@ def build_reference_graph(weights_dir: str | Path | None = None) -> nn.Module:
 
         weights_dir = WEIGHTS_DIR
     fusion = load_embedder(weights_dir)
-    return EmbedderGraph(*load_towers(fusion.cfg), fusion).eval()
+    return EmbedderGraph(*load_towers(fusion.cfg, fusion), fusion).eval()
 
 
 # ---------------------------------------------------------------------------------------------

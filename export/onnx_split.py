@@ -165,8 +165,10 @@ class SplitExportConfig:
 
 
 def head_state(fusion: nn.Module) -> dict[str, np.ndarray]:
-    """The head's weights (the fusion model without its image encoder) as float32 arrays."""
-    return {k: v.detach().float().cpu().numpy() for k, v in fusion.state_dict().items() if not k.startswith("image.")}
+    """The head's weights (the fusion model without its image encoder, and without the fine-tuned
+    tower layers, which are in the text and image graphs) as float32 arrays."""
+    return {k: v.detach().float().cpu().numpy() for k, v in fusion.state_dict().items()
+            if not k.startswith(("image.", "text_tail.", "image_tail."))}
 
 
 def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Path]:

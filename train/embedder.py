@@ -32,6 +32,8 @@ from torch import nn
 IMAGE, TEXT, TRACE = 0, 1, 2
 MODALITIES = ("image", "text", "trace")
 NEG = -1e4  # additive mask value; finite so a fully masked row stays NaN-free
+IMAGE_BLOCKS = 16  # EfficientNet-Lite0's MBConv blocks
+MAX_IMAGE_TUNED_BLOCKS = 5  # blocks 12-16: above the shallow taps (towers.SHALLOW_BLOCKS)
 
 
 @dataclass
@@ -56,6 +58,14 @@ class EmbedderConfig:
     # the towers this fusion model reads (a distilled student uses cheaper ones; see towers.load_towers)
     image_size: int = 224  # photo side in pixels; n_image_tokens = (image_size // 32) ** 2
     text_layers: int = 6  # MiniLM layers kept (the first ones)
+    # the last `text_tuned_layers` of those were fine-tuned with this model: their weights are in
+    # this model's state under `text_tail.*` and replace MiniLM's (towers.load_towers)
+    text_tuned_layers: int = 0
+    text_heads: int = 12  # the text tower's attention heads and FFN width (MiniLM's), for those layers
+    text_ffn: int = 1536
+    # the last `image_tuned_blocks` of EfficientNet-Lite0's 16 blocks and its head convolution were
+    # fine-tuned with this model: their weights are in this model's state under `image_tail.*`
+    image_tuned_blocks: int = 0
 
     def __post_init__(self) -> None:
         self.fire_depths = tuple(int(k) for k in self.fire_depths)
@@ -81,6 +91,17 @@ class EmbedderConfig:
             raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {self.image_size}")
         if self.text_layers < 1:
             raise ValueError(f"text_layers must be >= 1, got {self.text_layers}")
+        if isinstance(self.text_tuned_layers, bool) or not 0 <= self.text_tuned_layers <= self.text_layers:
+            raise ValueError(f"text_tuned_layers must be in 0..text_layers={self.text_layers}, "
+                             f"got {self.text_tuned_layers!r}")
+        if isinstance(self.image_tuned_blocks, bool) or not 0 <= self.image_tuned_blocks <= MAX_IMAGE_TUNED_BLOCKS:
+            raise ValueError(f"image_tuned_blocks must be in 0..{MAX_IMAGE_TUNED_BLOCKS} (the blocks above the "
+                             f"image tower's shallow taps), got {self.image_tuned_blocks!r}")
+        if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
+            raise ValueError("the 'linear' variant cannot fine-tune tower layers")
+        if self.text_tuned_layers and (self.text_heads < 1 or self.text_dim % self.text_heads or self.text_ffn < 1):
+            raise ValueError(f"text_dim ({self.text_dim}) must split into text_heads ({self.text_heads}) heads, "
+                             f"text_ffn ({self.text_ffn}) >= 1")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -207,6 +228,84 @@ class ModalityFusion(nn.Module):
         return q + self.ffn(q), w.squeeze(1)
 
 
+class _Dense(nn.Module):
+    """Linear + LayerNorm of a BERT sub-layer, named as in `transformers` so state dicts match."""
+
+    def __init__(self, d_in: int, d: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+
+
+class MiniLMLayer(nn.Module):
+    """One post-LN BERT layer, by default all-MiniLM-L6-v2's (384 wide, 12 heads, GELU FFN of 1536).
+
+    Its parameter names are those of `transformers`' BertLayer, so its state dict loads into the
+    text tower's layer as it is (`towers.load_towers`) and the tower's layer loads into it.
+    """
+
+    def __init__(self, d: int = 384, n_heads: int = 12, d_ff: int = 1536, dropout: float = 0.1, eps: float = 1e-12):
+        super().__init__()
+        self.h, self.drop = n_heads, dropout
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.self, name, nn.Linear(d, d))
+        self.attention.output = _Dense(d, d, eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(d, d_ff)
+        self.output = _Dense(d_ff, d, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, d) token states; mask: (B, T) 1 = token, 0 = padding
+        B, T, C = x.shape
+        a = self.attention.self
+        q, k, v = (m(x).view(B, T, self.h, C // self.h).transpose(1, 2) for m in (a.query, a.key, a.value))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.h))
+        att = att + (1.0 - mask.to(att.dtype))[:, None, None, :] * NEG
+        att = F.dropout(att.softmax(-1), self.drop, self.training)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        o = self.attention.output
+        x = o.LayerNorm(F.dropout(o.dense(y), self.drop, self.training) + x)
+        f = F.gelu(self.intermediate.dense(x))
+        o = self.output
+        return o.LayerNorm(F.dropout(o.dense(f), self.drop, self.training) + x)
+
+
+class ImageTail(nn.Module):
+    """The last `n_blocks` MBConv blocks of EfficientNet-Lite0 and its head (1x1 conv 1280, BN,
+    ReLU6): the map entering those blocks (B, C, g, g) -> deep tokens (B, g*g, 1280), as
+    `towers.ImageTower` gives them. Its BatchNorms keep their running statistics (eval mode
+    even while training), so the tower exports as it trains."""
+
+    def __init__(self, n_blocks: int):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:
+            from sdk.errors import BackendUnavailableError
+
+            raise BackendUnavailableError("fine-tuned image blocks need efficientnet-lite-pytorch: "
+                                          "pip install 'moon3-sdk[export]'") from exc
+        net = EfficientNet.from_name("efficientnet-lite0")
+        self.first = IMAGE_BLOCKS - n_blocks
+        self.blocks = nn.ModuleList(list(net._blocks)[self.first:])
+        self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
+        self.train()  # BatchNorm in eval mode from the start
+
+    def train(self, mode: bool = True) -> "ImageTail":
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return self.act(self.bn1(self.conv_head(h))).flatten(2).transpose(1, 2)
+
+
 class FusionEmbedder(nn.Module):
     """Trained part of the teacher: tower tokens -> (B, out_dim) L2-normalised embedding."""
 
@@ -223,6 +322,26 @@ class FusionEmbedder(nn.Module):
         self.fusion = nn.ModuleList(ModalityFusion(cfg) for _ in range(cfg.n_fusion_layers))
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.out_dim))
         self.last_gate: torch.Tensor | None = None
+        if cfg.image_tuned_blocks:
+            self.image_tail = ImageTail(cfg.image_tuned_blocks)
+        if cfg.text_tuned_layers:
+            self.text_tail = nn.ModuleList(MiniLMLayer(cfg.text_dim, cfg.text_heads, cfg.text_ffn)
+                                           for _ in range(cfg.text_tuned_layers))
+
+    def tune_image(self, mid: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned last image blocks over the map entering them (B, C, g, g): the deep
+        tokens (B, g*g, 1280) the whole image tower gives. Like `tune_text`, training runs it over
+        a cache; `forward` never does."""
+        return self.image_tail(mid)
+
+    def tune_text(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned last text layers over the token states of the layers before them
+        (text_layers - text_tuned_layers of MiniLM's): what the whole text tower gives. Training
+        reads cached states of the frozen layers and runs only these; `forward` takes the
+        tower's output and never runs them."""
+        for layer in getattr(self, "text_tail", ()):
+            states = layer(states, mask)
+        return states
 
     def encode_image(self, img_deep: torch.Tensor, img_shallow: torch.Tensor) -> torch.Tensor:
         """Image token states (B, 49, d); independent of the text, so one pass serves many views."""

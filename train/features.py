@@ -12,6 +12,9 @@ caches what they give instead (25 image tokens, the states after MiniLM's third 
 
     python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features_s160_l3 \
         --image-size 160 --text-layers 3
+
+`--image-mid-blocks K` also caches the map entering EfficientNet's last K blocks (img_mid, and
+img_mid_flip for the validation flips), for a student that fine-tunes those blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tqdm import tqdm
 
 from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
 from .catalog import Product, is_validation, read_catalog
+from .embedder import IMAGE_BLOCKS, MAX_IMAGE_TUNED_BLOCKS
 from .towers import (
     DEEP_DIM,
     SHALLOW_DIM,
@@ -42,20 +46,27 @@ TRACE_LEN = 128  # the engine's trace token budget (manifest preprocess.trace.ma
 
 
 @torch.no_grad()
-def image_features(tower, images, cfg: ImagePreprocess, batch: int = 32, flip: bool = False, desc="images"):
-    """Run the image tower over PIL-loadable sources -> (deep, shallow) fp16 arrays."""
+def image_features(tower, images, cfg: ImagePreprocess, batch: int = 32, flip: bool = False, desc="images",
+                   mid_block: int | None = None):
+    """Run the image tower over PIL-loadable sources -> (deep, shallow) fp16 arrays, and with
+    `mid_block` the map entering that block as a third (N, C, grid, grid) array."""
     n, tokens = len(images), getattr(tower, "grid", 7) ** 2
     deep = np.zeros((n, tokens, DEEP_DIM), np.float16)
     shallow = np.zeros((n, tokens, SHALLOW_DIM), np.float16)
+    mid = None
     for s in tqdm(range(0, n, batch), desc=desc, unit="batch"):
         xs = [image_to_array(load_image(p, name=str(p)), cfg) for p in images[s : s + batch]]
         x = torch.from_numpy(np.stack(xs))
         if flip:
             x = torch.flip(x, dims=[3])
-        d, sh = tower(x)
-        deep[s : s + len(xs)] = d.numpy()
-        shallow[s : s + len(xs)] = sh.numpy()
-    return deep, shallow
+        out = tower(x) if mid_block is None else tower(x, mid_block=mid_block)
+        deep[s : s + len(xs)] = out[0].numpy()
+        shallow[s : s + len(xs)] = out[1].numpy()
+        if mid_block is not None:
+            if mid is None:
+                mid = np.zeros((n, *out[2].shape[1:]), np.float16)
+            mid[s : s + len(xs)] = out[2].numpy()
+    return (deep, shallow) if mid_block is None else (deep, shallow, mid)
 
 
 @torch.no_grad()
@@ -102,7 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", choices=("pm1", "imagenet"), default="pm1")
     ap.add_argument("--image-size", type=int, default=224, help="photo side in pixels (a multiple of 32)")
     ap.add_argument("--text-layers", type=int, default=None, help="keep only the first N MiniLM layers")
+    ap.add_argument("--image-mid-blocks", type=int, default=0, metavar="K",
+                    help="also cache the map entering EfficientNet's last K blocks (img_mid), for a student "
+                         "that fine-tunes them (sdk.export.distill --tune-image-blocks K)")
     args = ap.parse_args(argv)
+    if not 0 <= args.image_mid_blocks <= MAX_IMAGE_TUNED_BLOCKS:
+        ap.error(f"--image-mid-blocks must be in 0..{MAX_IMAGE_TUNED_BLOCKS}")
+    mid_block = IMAGE_BLOCKS - args.image_mid_blocks if args.image_mid_blocks else None
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     products = read_catalog(args.catalog)
@@ -115,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     text = load_text_tower(layers=args.text_layers)
     meta: dict = {"ids": [p.id for p in products], "catalog": str(args.catalog), "scale": args.scale,
                   "image_size": args.image_size, "text_layers": len(text.encoder.layer)}
+    if mid_block is not None:
+        meta["image_mid_block"] = mid_block
     if args.compare_scaling:
         meta["scaling_1nn_article_type"] = compare_scaling(tower, products, args.compare_scaling)
         print("input scaling, 1-NN article-type accuracy:", meta["scaling_1nn_article_type"])
@@ -124,18 +143,26 @@ def main(argv: list[str] | None = None) -> None:
     deep = np.zeros((len(products), tower.grid ** 2, DEEP_DIM), np.float16)
     shallow = np.zeros((len(products), tower.grid ** 2, SHALLOW_DIM), np.float16)
     rows = np.flatnonzero(has)
-    d, s = image_features(tower, [products[i].image for i in rows], cfg)
-    deep[rows], shallow[rows] = d, s
+    got = image_features(tower, [products[i].image for i in rows], cfg, mid_block=mid_block)
+    deep[rows], shallow[rows] = got[0], got[1]
     np.save(out / "img_deep.npy", deep)
     np.save(out / "img_shallow.npy", shallow)
     np.save(out / "has_image.npy", has)
-    del deep, shallow, d, s
+    if mid_block is not None:
+        mid = np.zeros((len(products), *got[2].shape[1:]), np.float16)
+        mid[rows] = got[2]
+        np.save(out / "img_mid.npy", mid)
+        del mid
+    del deep, shallow, got
 
     val_rows = np.array([i for i in rows if is_validation(products[i].id)], np.int64)
-    d, s = image_features(tower, [products[i].image for i in val_rows], cfg, flip=True, desc="val flipped")
+    got = image_features(tower, [products[i].image for i in val_rows], cfg, flip=True, desc="val flipped",
+                         mid_block=mid_block)
     np.save(out / "val_flip_rows.npy", val_rows)
-    np.save(out / "img_deep_flip.npy", d)
-    np.save(out / "img_shallow_flip.npy", s)
+    np.save(out / "img_deep_flip.npy", got[0])
+    np.save(out / "img_shallow_flip.npy", got[1])
+    if mid_block is not None:
+        np.save(out / "img_mid_flip.npy", got[2])
 
     tok_path = text_tower_path() / "tokenizer.json"
     st, m = text_features(text, TextTokenizer(tok_path, TITLE_LEN), [p.title for p in products], desc="titles")

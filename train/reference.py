@@ -36,7 +36,7 @@ class ReferenceEmbedder:
                  trace_max_length: int = TRACE_LEN):
         self.model = load_embedder(weights)
         self.metrics = json.loads((Path(weights) / "embedder.json").read_text()).get("metrics", {})
-        self.image_tower, self.text_tower = load_towers(self.model.cfg)
+        self.image_tower, self.text_tower = load_towers(self.model.cfg, self.model)
         self.tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", text_max_length)
         self.trace_tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", trace_max_length)
         self.preprocess = ImagePreprocess(size=self.model.cfg.image_size)

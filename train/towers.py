@@ -8,8 +8,9 @@
 
 A distilled student (`sdk.export.distill`) uses the same towers made cheaper: fewer MiniLM layers
 (the first `text_layers`, layer-drop from the top) and smaller photos (`image_size`, a multiple of
-32: 160 px gives a 5x5 map, 25 tokens). `load_towers(cfg)` gives the towers an embedder config
-asks for.
+32: 160 px gives a 5x5 map, 25 tokens), and its last text layers may be fine-tuned with its fusion
+model (their weights travel in the fusion model's file). `load_towers(cfg, fusion)` gives the
+towers an embedder config asks for.
 """
 
 from __future__ import annotations
@@ -73,18 +74,23 @@ class ImageTower(nn.Module):
         self.net = net
         self.grid = int(grid)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mid_block: int | None = None):
+        """(deep, shallow) tokens, each (B, grid*grid, C); with `mid_block` also the map entering
+        that block (B, C, grid, grid), which a student's fine-tuned last blocks start from."""
         # x: (B, 3, 32*grid, 32*grid)
         n = self.net
         h = n._swish(n._bn0(n._conv_stem(x)))
-        taps = []
+        taps, mid = [], None
         for i, block in enumerate(n._blocks):
+            if i == mid_block:
+                mid = h
             h = block(h)
             if i in SHALLOW_BLOCKS:
                 taps.append(F.adaptive_avg_pool2d(h, self.grid))
         deep = n._swish(n._bn1(n._conv_head(h)))  # (B, 1280, grid, grid)
         shallow = torch.cat(taps, dim=1)  # (B, 152, grid, grid)
-        return deep.flatten(2).transpose(1, 2), shallow.flatten(2).transpose(1, 2)  # (B, 49, C)
+        out = deep.flatten(2).transpose(1, 2), shallow.flatten(2).transpose(1, 2)  # (B, 49, C)
+        return out if mid_block is None else (*out, mid)
 
 
 def load_image_tower(weights_path: str | Path | None = None, image_size: int = 224) -> ImageTower:
@@ -111,10 +117,32 @@ def image_grid(image_size: int) -> int:
     return image_size // 32
 
 
-def load_towers(cfg) -> tuple[ImageTower, nn.Module]:
-    """The (image, text) towers an `EmbedderConfig` asks for (its image_size and text_layers)."""
+def load_towers(cfg, fusion: nn.Module | None = None) -> tuple[ImageTower, nn.Module]:
+    """The (image, text) towers an `EmbedderConfig` asks for (its image_size and text_layers).
+
+    When the config fine-tuned its last text layers (`text_tuned_layers`), `fusion` is the
+    trained model holding them (`text_tail`): they replace MiniLM's layers at those depths.
+    """
     grid = image_grid(cfg.image_size)
     if grid * grid != cfg.n_image_tokens:
         raise ValueError(f"embedder config: {cfg.image_size} px photos give {grid * grid} image tokens, "
                          f"the fusion model expects n_image_tokens={cfg.n_image_tokens}")
-    return load_image_tower(image_size=cfg.image_size), load_text_tower(layers=cfg.text_layers)
+    tuned, blocks = getattr(cfg, "text_tuned_layers", 0), getattr(cfg, "image_tuned_blocks", 0)
+    tail, image_tail = getattr(fusion, "text_tail", None), getattr(fusion, "image_tail", None)
+    if (tuned and (tail is None or len(tail) != tuned)) or (blocks and (image_tail is None or
+                                                                        len(image_tail.blocks) != blocks)):
+        raise ValueError(f"embedder config fine-tunes the towers' last layers (text {tuned}, image blocks {blocks}): "
+                         "pass the trained model that holds them (load_towers(cfg, fusion=model))")
+    text = load_text_tower(layers=cfg.text_layers)
+    if tuned:
+        first = cfg.text_layers - tuned
+        for i, layer in enumerate(tail):
+            text.encoder.layer[first + i].load_state_dict(layer.state_dict())
+    image = load_image_tower(image_size=cfg.image_size)
+    if blocks:
+        net = image.net
+        for i, block in enumerate(image_tail.blocks):
+            net._blocks[image_tail.first + i].load_state_dict(block.state_dict())
+        net._conv_head.load_state_dict(image_tail.conv_head.state_dict())
+        net._bn1.load_state_dict(image_tail.bn1.state_dict())
+    return image, text

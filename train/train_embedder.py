@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .catalog import is_validation
-from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
+from .embedder import IMAGE, IMAGE_BLOCKS, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
 
 
 @dataclass
@@ -57,6 +57,9 @@ class TrainConfig:
     distill_cosine: float = 0.0
     distill_relational: float = 0.0
     distill_temperature: float = 0.05
+    # learning rate of fine-tuned pretrained tower layers (EmbedderConfig.text_tuned_layers,
+    # image_tuned_blocks), as a share of lr
+    tower_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.group_size < 1:
@@ -69,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"image_token_drop must be in [0, 1), got {self.image_token_drop}")
         if min(self.contrastive_weight, self.distill_cosine, self.distill_relational) < 0:
             raise ValueError(f"loss weights must be >= 0: {self}")
+        if not 0.0 < self.tower_lr_scale <= 1.0:
+            raise ValueError(f"tower_lr_scale must be in (0, 1], got {self.tower_lr_scale}")
         if not 0.0 < self.distill_temperature < 1.0:
             raise ValueError(f"distill_temperature must be in (0, 1), got {self.distill_temperature}")
 
@@ -89,6 +94,36 @@ class Features:
         self.flip_rows = np.load(folder / "val_flip_rows.npy")
         self.deep_flip, self.shallow_flip = load("img_deep_flip"), load("img_shallow_flip")
         self.traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text_layers = int(self.meta.get("text_layers", 6))
+        # the map entering the image tower's last blocks (sdk.train.features --image-mid-blocks)
+        self.mid_block = self.meta.get("image_mid_block")
+        self.mid = self.mid_flip = None
+        if self.mid_block is not None:
+            self.mid, self.mid_flip = load("img_mid"), load("img_mid_flip")
+        self.text_model: nn.Module | None = None
+        self.image_model: nn.Module | None = None
+
+    def tune_with(self, model: nn.Module) -> "Features":
+        """Run `model`'s fine-tuned tower layers over the cache in every `batch_inputs` from now
+        on: its last text layers (`text_tuned_layers`) over the cached title and description
+        states, which must be those of the layers below them, and its last image blocks
+        (`image_tuned_blocks`) over the cached map entering them. A model without such layers
+        detaches any earlier one."""
+        tuned = getattr(model.cfg, "text_tuned_layers", 0)
+        if tuned and self.text_layers != model.cfg.text_layers - tuned:
+            raise ValueError(f"the feature cache holds the states after {self.text_layers} MiniLM layers; a model that "
+                             f"fine-tunes layers {model.cfg.text_layers - tuned + 1}..{model.cfg.text_layers} needs "
+                             f"the states after {model.cfg.text_layers - tuned} (sdk.train.features --text-layers "
+                             f"{model.cfg.text_layers - tuned})")
+        blocks = getattr(model.cfg, "image_tuned_blocks", 0)
+        if blocks and self.mid_block != IMAGE_BLOCKS - blocks:
+            held = "no image map" if self.mid_block is None else f"the map entering block {self.mid_block + 1}"
+            raise ValueError(f"the feature cache holds {held}; a model that fine-tunes the image tower's last {blocks} "
+                             f"blocks needs the map entering block {IMAGE_BLOCKS - blocks + 1} "
+                             f"(sdk.train.features --image-mid-blocks {blocks})")
+        self.text_model = model if tuned else None
+        self.image_model = model if blocks else None
+        return self
 
     def load_traces(self, folder: str | Path, views=("photo+title", "title", "photo")) -> None:
         """Attach the reasoner's traces (MiniLM token states per view) from `sdk.train.traces`."""
@@ -106,12 +141,13 @@ class Features:
 
 
 def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False, image_features=None,
-                 trace: str | None = None, trace_keep: torch.Tensor | None = None):
+                 trace: str | None = None, trace_keep: torch.Tensor | None = None, text_states=None):
     """Model inputs for rows: image on/off, text None/'title'/'detail', trace None or a view of
     `f.traces` (rows with `trace_keep` 0 go without it).
 
-    `image_features` (deep, shallow) of these rows from an earlier call are reused as they are,
-    so the views of one training step gather and convert the image features once.
+    `image_features` (deep, shallow) and `text_states` (tokens, mask of the same text) of these
+    rows from an earlier call are reused as they are, so the views of one training step gather
+    the features, and run fine-tuned text layers, once.
     """
     rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
     B = len(rows)
@@ -121,14 +157,23 @@ def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool
         pos = {int(r): i for i, r in enumerate(f.flip_rows)}
         sel = torch.tensor([pos[int(r)] for r in rows], dtype=torch.long)
         deep, shallow = f.deep_flip[sel].float(), f.shallow_flip[sel].float()
+        if f.image_model is not None:
+            deep = f.image_model.tune_image(f.mid_flip[sel].float())
     else:
         deep, shallow = f.deep[rows].float(), f.shallow[rows].float()
-    if text == "detail":
-        tok, mask = f.detail[rows].float(), f.detail_mask[rows].float()
+        if f.image_model is not None:
+            deep = f.image_model.tune_image(f.mid[rows].float())
+    if text_states is not None:
+        tok, mask = text_states
     else:
-        tok, mask = f.title[rows].float(), f.title_mask[rows].float()
-    t = int(mask.sum(1).max().clamp(min=1))
-    tok, mask = tok[:, :t], mask[:, :t]
+        if text == "detail":
+            tok, mask = f.detail[rows].float(), f.detail_mask[rows].float()
+        else:
+            tok, mask = f.title[rows].float(), f.title_mask[rows].float()
+        t = int(mask.sum(1).max().clamp(min=1))
+        tok, mask = tok[:, :t], mask[:, :t]
+        if text is not None and f.text_model is not None:
+            tok = f.text_model.tune_text(tok, mask)
     present = torch.zeros(B, 3)
     present[:, IMAGE] = f.has_image[rows].float() if image else 0.0
     if text is not None:
@@ -292,6 +337,22 @@ def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
     return np.array([index.setdefault(at[int(i)], len(index)) for i in f.ids])
 
 
+def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: matrices decay, vectors/positions/queries do not; fine-tuned pretrained tower
+    layers (`text_tail.*`, `image_tail.*`) learn at cfg.tower_lr_scale of the rate with a light
+    decay."""
+    groups = []
+    for tail in (False, True):
+        mine = [(n, p) for n, p in named if n.startswith(("text_tail.", "image_tail.")) == tail]
+        decay = [p for n, p in mine if p.ndim >= 2 and "pos" not in n and "query" not in n]
+        rest = [p for n, p in mine if not (p.ndim >= 2 and "pos" not in n and "query" not in n)]
+        lr = cfg.lr * (cfg.tower_lr_scale if tail else 1.0)
+        for params, wd in ((decay, 0.01 if tail else cfg.weight_decay), (rest, 0.0)):
+            if params or not tail:
+                groups.append({"params": params, "weight_decay": wd, "lr": lr})
+    return groups
+
+
 def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print,
           init: nn.Module | None = None, teacher: tuple[nn.Module, Features] | None = None) -> dict:
     """Train (or, with `init`, continue training) an embedder; returns the metrics dict.
@@ -317,11 +378,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         for p in model.image.parameters():
             p.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "pos" not in n and "query" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos" not in n and "query" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr)
     steps_per_epoch = len(train_rows) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_rows)} training products are fewer than one batch of {cfg.batch_size}")
@@ -349,25 +406,28 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             with torch.set_grad_enabled(not cfg.freeze_image):
                 img_tok = model.encode_image(*feats)  # shared by the views with a photo
             e_mm1 = model(*title, image_tokens=img_tok)
-            e_mm2 = model(
-                *batch_inputs(f, rows, image=True, text="detail", image_features=feats), image_keep=keep, image_tokens=img_tok
-            )
+            detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
+            e_mm2 = model(*detail, image_keep=keep, image_tokens=img_tok)
+            title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
             keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
             e_img = model(
                 *batch_inputs(f, rows, image=True, text=None, image_features=feats), image_keep=keep_img, image_tokens=img_tok
             )
-            e_txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats), image_tokens=img_tok)
+            e_txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
+                                        text_states=title_states), image_tokens=img_tok)
             traced = []
             if f.traces:
                 for view, image, text in (("photo+title", True, "title"), ("title", False, "title"), ("photo", True, None)):
                     keep = (torch.rand(len(rows)) >= cfg.trace_drop).float()
-                    inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep)
+                    inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep,
+                                          text_states=title_states if text else None)
                     traced.append(model(*inputs, image_tokens=img_tok))
             loss = 0.0
             if teacher is not None:
                 # the description-only view is not among the contrastive terms; a student whose
                 # text tower lost layers must still learn where descriptions land
-                e_det = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats), image_tokens=img_tok)
+                e_det = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats,
+                                            text_states=detail_states), image_tokens=img_tok)
                 t_views = view_embeddings(teacher[0], teacher[1], rows)
                 views = (("mm", e_mm1, all_ok), ("mm_detail", e_mm2, all_ok), ("image", e_img, has_img),
                          ("text", e_txt, all_ok), ("detail", e_det, all_ok))

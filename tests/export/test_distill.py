@@ -202,3 +202,196 @@ def test_a_small_photo_student_runs_through_the_runtime(tmp_path, tiny_engine):
         want = graph(pix, torch.from_numpy(ids), torch.from_numpy(mask), torch.zeros(2, 1, dtype=torch.long),
                      torch.zeros(2, 1, dtype=torch.long), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).numpy()
     assert (got * want).sum(1).min() > 0.9999
+
+
+def test_a_minilm_layer_matches_the_towers_layer_on_padded_text():
+    """The fine-tunable layer loads a BERT layer's weights by name and gives its output."""
+    from tiny_models import VOCAB, tiny_bert
+
+    from sdk.train.embedder import MiniLMLayer
+
+    torch.manual_seed(0)
+    bert = tiny_bert()
+    layer = MiniLMLayer(16, n_heads=2, d_ff=32).eval()
+    layer.load_state_dict(bert.encoder.layer[0].state_dict())  # strict: every name matches
+    ids = torch.randint(1, VOCAB, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        want = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = layer(bert.embeddings(input_ids=ids), mask)
+    keep = mask.bool()
+    assert torch.allclose(got[keep], want[keep], atol=1e-5), (got[keep] - want[keep]).abs().max()
+
+
+def test_fine_tuned_text_layers_are_configured_and_checked():
+    cfg = EmbedderConfig(**{**TINY, "text_layers": 2, "text_tuned_layers": 1, "text_heads": 2, "text_ffn": 32})
+    model = FusionEmbedder(cfg)
+    assert len(model.text_tail) == 1 and not hasattr(FusionEmbedder(EmbedderConfig(**TINY)), "text_tail")
+    with pytest.raises(ValueError, match="text_tuned_layers must be in 0..text_layers=2"):
+        EmbedderConfig(**{**TINY, "text_layers": 2, "text_tuned_layers": 3})
+    with pytest.raises(ValueError, match="split into text_heads"):
+        EmbedderConfig(**{**TINY, "text_tuned_layers": 1, "text_heads": 5})
+    with pytest.raises(ValueError, match="linear"):
+        EmbedderConfig(**{**TINY, "variant": "linear", "text_tuned_layers": 1, "text_heads": 2})
+    from sdk.export.onnx_split import head_state
+    from sdk.train.towers import load_towers
+
+    assert not [k for k in head_state(model) if k.startswith("text_tail.")]  # they live in the text graph
+    with pytest.raises(ValueError, match="pass the trained model"):
+        load_towers(dataclasses_replace(cfg, n_image_tokens=49))
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_the_fine_tuned_layers_learn_at_their_own_rate():
+    from sdk.train.train_embedder import param_groups
+
+    cfg = EmbedderConfig(**{**TINY, "text_layers": 2, "text_tuned_layers": 1, "text_heads": 2, "text_ffn": 32})
+    model = FusionEmbedder(cfg)
+    groups = param_groups(list(model.named_parameters()), TrainConfig(lr=1e-3, tower_lr_scale=0.1))
+    tail = {id(p) for p in model.text_tail.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        mine = {id(p) in tail for p in g["params"]}
+        assert len(mine) == 1, "a group mixes tail and fusion parameters"
+        assert g["lr"] == pytest.approx(1e-4 if mine == {True} else 1e-3)
+    # without a tail: the two groups of before
+    assert len(param_groups(list(FusionEmbedder(EmbedderConfig(**TINY)).named_parameters()), TrainConfig())) == 2
+
+
+def test_a_student_fine_tunes_its_last_text_layer(tmp_path):
+    """The cache holds the states of the frozen layer below; the student runs (and trains) the
+    layer above it from the tower's own weights, and ships it in its weights file."""
+    from tiny_models import tiny_bert
+
+    t_cache = tmp_path / "teacher_cache"
+    t_cache.mkdir()
+    write_cache(t_cache)
+    s_cache = write_student_cache(t_cache, tmp_path / "student_cache")  # caches 1 text layer
+    tiny = {**TINY, "text_heads": 2, "text_ffn": 32, "text_layers": 2}
+    cfg = TrainConfig(epochs=6, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5)
+    train(EmbedderConfig(**tiny), cfg, Features(t_cache), None, tmp_path / "teacher", log=lambda *_: None)
+    tower = tiny_bert()
+    tower.encoder.layer.append(tiny_bert().encoder.layer[0])  # a second layer to fine-tune
+    dcfg = TrainConfig(epochs=4, batch_size=32, group_size=4, lr=2e-3, warmup_steps=5, contrastive_weight=0.5,
+                       distill_cosine=1.0, distill_relational=1.0, tower_lr_scale=0.5)
+    report = distill(tmp_path / "teacher", t_cache, s_cache, None, tmp_path / "student", dcfg, log=lambda *_: None,
+                     tune_text_layers=1, text_tower=tower)
+    student = load_embedder(tmp_path / "student")
+    assert (student.cfg.text_layers, student.cfg.text_tuned_layers) == (2, 1)
+    assert report["student"]["text_tuned_layers"] == 1
+    start, trained = tower.encoder.layer[1].state_dict(), student.text_tail[0].state_dict()
+    assert set(start) == set(trained)
+    assert any(not torch.allclose(start[k], trained[k].float(), atol=1e-3) for k in start), "the layer did not train"
+    assert report["recall"]["text->image R@10"]["ratio"] > 0.8, report["recall"]
+    f = Features(s_cache)
+    with pytest.raises(ValueError, match="needs the states after 2"):
+        Features(t_cache).tune_with(dataclasses_replace_model(student, 3))
+    f.tune_with(student)
+    assert f.text_model is student
+    card = (tmp_path / "student" / "MODEL_CARD.md").read_text()
+    assert "--image-size 64 --text-layers 1" in card and "--tune-text-layers 1 --tower-lr-scale 0.5" in card
+    assert "| 1 | 64 | 2 (1 tuned) |" in card and "layer 2 fine-tuned" in card
+
+
+def dataclasses_replace_model(model, text_layers):
+    """A stand-in model whose config fine-tunes 1 layer on top of text_layers - 1 cached ones."""
+    import types
+
+    return types.SimpleNamespace(cfg=dataclasses_replace(model.cfg, text_layers=text_layers))
+
+
+def _tail_cfg(**kw):
+    return EmbedderConfig(**{**TINY, "image_dim": 1280, "n_image_tokens": 49, "image_tuned_blocks": 2, **kw})
+
+
+def test_the_image_tail_gives_the_towers_deep_tokens_and_loads_into_the_tower(monkeypatch):
+    """Fine-tuned image blocks: from the map entering them they give what the whole tower gives;
+    `load_towers` puts their weights into the exported tower; BatchNorm keeps its statistics."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from tiny_models import efficientnet_tower, tiny_bert
+
+    from sdk.export.distill import init_image_tail
+    from sdk.train import towers
+
+    torch.manual_seed(0)
+    tower = efficientnet_tower().eval()
+    student = FusionEmbedder(_tail_cfg())
+    how = {k: "fresh" for k in student.state_dict() if k.startswith("image_tail.")}
+    assert init_image_tail(student, how, tower) and set(how.values()) == {"image tower"}
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        deep, _, mid = tower(x, mid_block=14)
+        assert mid.shape == (2, 192, 7, 7)
+        assert torch.allclose(student.tune_image(mid), deep, atol=1e-4)
+    student.train()
+    assert not any(m.training for m in student.image_tail.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():  # a trained tail (changed weights) is what the exported tower runs
+        for p in student.image_tail.parameters():
+            p.mul_(1.1)
+    student.eval()
+    monkeypatch.setattr(towers, "load_image_tower", lambda **kw: efficientnet_tower().eval())
+    two = tiny_bert()
+    two.encoder.layer.append(tiny_bert().encoder.layer[0])
+    monkeypatch.setattr(towers, "load_text_tower", lambda **kw: two)
+    with pytest.raises(ValueError, match="image blocks 2"):
+        towers.load_towers(student.cfg)
+    image, _ = towers.load_towers(student.cfg, student)
+    with torch.no_grad():
+        got = image(x)[0]
+        want = student.tune_image(image(x, mid_block=14)[2])
+    assert torch.allclose(got, want, atol=1e-4)
+    with pytest.raises(ValueError, match="image_tuned_blocks must be in 0..5"):
+        _tail_cfg(image_tuned_blocks=6)
+
+
+def test_a_student_fine_tunes_its_last_image_blocks(tmp_path):
+    """The student cache holds the map entering the last image block; the student trains that
+    block from the tower's weights and ships it; its BatchNorm statistics stay the tower's."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from tiny_models import efficientnet_tower
+
+    rng = np.random.default_rng(1)
+    t_cache = tmp_path / "teacher_cache"
+    t_cache.mkdir()
+    write_cache(t_cache)
+    lift = rng.normal(size=(24, 1280)).astype(np.float32) / 24 ** 0.5
+    for name in ("img_deep", "img_deep_flip"):  # the teacher reads 1280-d deep tokens, like the real tower
+        np.save(t_cache / f"{name}.npy", (np.load(t_cache / f"{name}.npy").astype(np.float32) @ lift).astype(np.float16))
+    s_cache = write_student_cache(t_cache, tmp_path / "student_cache")  # 4 image tokens: a 2x2 map
+    down = rng.normal(size=(1280, 192)).astype(np.float32) / 1280 ** 0.5
+    for name, src in (("img_mid", "img_deep"), ("img_mid_flip", "img_deep_flip")):
+        tokens = np.load(s_cache / f"{src}.npy").astype(np.float32) @ down  # (N, 4, 192)
+        np.save(s_cache / f"{name}.npy", tokens.transpose(0, 2, 1).reshape(len(tokens), 192, 2, 2).astype(np.float16))
+    meta = json.loads((s_cache / "meta.json").read_text())
+    (s_cache / "meta.json").write_text(json.dumps({**meta, "image_mid_block": 15}))
+    tiny = {**TINY, "image_dim": 1280}
+    cfg = TrainConfig(epochs=4, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5)
+    train(EmbedderConfig(**tiny), cfg, Features(t_cache), None, tmp_path / "teacher", log=lambda *_: None)
+    tower = efficientnet_tower().eval()
+    dcfg = TrainConfig(epochs=2, batch_size=32, group_size=4, lr=2e-3, warmup_steps=5, contrastive_weight=0.5,
+                       distill_cosine=1.0, distill_relational=1.0)
+    with pytest.raises(SystemExit, match="--image-mid-blocks 2"):
+        distill(tmp_path / "teacher", t_cache, s_cache, None, tmp_path / "bad", dcfg, log=lambda *_: None,
+                tune_image_blocks=2, image_tower=tower)
+    report = distill(tmp_path / "teacher", t_cache, s_cache, None, tmp_path / "student", dcfg, log=lambda *_: None,
+                     tune_image_blocks=1, image_tower=tower)
+    student = load_embedder(tmp_path / "student")
+    assert student.cfg.image_tuned_blocks == 1 and report["student"]["image_tuned_blocks"] == 1
+    start = {**{f"blocks.0.{k}": v for k, v in tower.net._blocks[15].state_dict().items()},
+             **{f"conv_head.{k}": v for k, v in tower.net._conv_head.state_dict().items()},
+             **{f"bn1.{k}": v for k, v in tower.net._bn1.state_dict().items()}}
+    trained = student.image_tail.state_dict()
+    assert set(start) == set(trained)
+    stats = [k for k in start if "running_" in k]
+    assert stats and all(torch.allclose(start[k], trained[k].float(), rtol=1e-2, atol=1e-3) for k in stats)
+    assert any(not torch.allclose(start[k].float(), trained[k].float(), atol=1e-3) for k in start
+               if k.endswith("weight")), "the blocks did not train"
+    card = (tmp_path / "student" / "MODEL_CARD.md").read_text()
+    assert "--image-mid-blocks 1" in card and "--tune-image-blocks 1" in card and "64 (1 blocks tuned)" in card
