@@ -19,6 +19,11 @@ catalog with, per view (photo+title, photo+description, photo, title, descriptio
         --features .cache/features_s160_l3 --out train/weights/student
     moon3 build --weights train/weights/student --out student.engine
 
+`--tune-image-blocks K` / `--tune-text-layers K` also fine-tune the towers' last layers with the
+fusion model, from a cache of the frozen layers' output (`--image-mid-blocks K`, `--text-layers`);
+they start from the towers' own weights, learn at `--tower-lr-scale` x lr, and are stored with the
+student (image_tail.*, text_tail.*) for the build to put into its graphs.
+
 Writes embedder.safetensors (fp16) + embedder.json like any embedder folder, distill_report.json
 (student vs teacher on the validation split: recall per task and its ratio, cosine of the student's
 vectors to the teacher's per view) and MODEL_CARD.md.
