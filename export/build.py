@@ -43,6 +43,8 @@ IMAGE_CONV_LADDER = (0, 2, 4, 8, 16)
 IMAGE_SWEEP_MIN_COSINE = 0.98  # image-token cosine a candidate needs before it is gated end to end
 SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+# the catalog's train-split calibration titles, shipped (python -m sdk.train.samples --calib-only)
+REPO_CALIB = Path(__file__).resolve().parent.parent / "data" / "calib"
 
 
 class GateError(SdkError):
@@ -88,9 +90,10 @@ class BuildConfig:
         calib_method, calib_items: calibrator ("minmax", "entropy", "percentile") and number of
             titles (stratified by article type; the catalog's train split) for "int8-static" and
             for SmoothQuant.
-        smooth_alpha: "int8" first tries every text matmul in INT8 after SmoothQuant with this
-            migration strength (`sdk.calib.smooth_matmul_inputs`, calibrated on `calib_items`
-            titles); None skips that candidate and starts with plain INT8.
+        smooth_alpha: "int8" applies SmoothQuant with this migration strength
+            (`sdk.calib.smooth_matmul_inputs`, calibrated on `calib_items` titles) before
+            quantizing, for every candidate that keeps text matmuls INT8 (all of them, then the
+            FFN down-projections FP32, then the FFN FP32); None quantizes the plain graph.
         reasoner: folder of trained reasoner weights to add (exported to ONNX, greedy parity
             checked); "auto" adds the committed ones when present; None leaves it out.
         layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
@@ -110,6 +113,9 @@ class BuildConfig:
             keeps the most sensitive ones FP32 as `IMAGE_CONV_LADDER` says, each candidate gated
             end to end; when none passes, the convolutions stay FP32.
         calib_images: photos (stratified; the catalog's train split) for the image calibration.
+        calib_titles: folder (items.jsonl) of the text calibration titles when no `catalog` is
+            given. None: the repo's data/calib (the titles the catalog would give) while
+            `samples` is the repo's data/samples, else `samples` itself (your own products).
     """
 
     out: str | Path = "moon3.engine"
@@ -117,6 +123,7 @@ class BuildConfig:
     weights: str | Path | None = None
     samples: str | Path = REPO_SAMPLES
     catalog: str | Path | None = None
+    calib_titles: str | Path | None = None
     eval_items: int = 400
     gates: FidelityGates = field(default_factory=FidelityGates)
     enforce: bool = True
@@ -269,6 +276,21 @@ INT8_CANDIDATES: tuple[tuple[str, str | None], ...] = (
     ("text FFN fp32", r"^text_encoder\.encoder\.layer\.\d+\.(intermediate|output)\.dense$"),
     ("text tower fp32", r"^text_encoder\."),
 )
+
+
+
+
+def int8_candidates(scopes: dict[str, str], smooth_alpha: float | None) -> list[tuple[str, list[str], bool]]:
+    """The "int8" build's candidates in order: (label, names of the text-graph matmuls kept FP32,
+    whether it quantizes the SmoothQuant-ed graph). With `smooth_alpha`, every candidate that
+    keeps text matmuls INT8 quantizes the smoothed graph (FP32-equivalent, kinder to per-tensor
+    INT8); the last one, the text tower in FP32, needs no smoothing."""
+    out = []
+    for k, (label, pattern) in enumerate(INT8_CANDIDATES):
+        exclude = sorted(n for n, sc in scopes.items() if pattern and re.search(pattern, sc))
+        smooth = smooth_alpha is not None and k < len(INT8_CANDIDATES) - 1
+        out.append((label + (f" after SmoothQuant (alpha {smooth_alpha})" if smooth else ""), exclude, smooth))
+    return out
 
 
 def matmul_scopes(path: Path) -> dict[str, str]:
@@ -451,18 +473,17 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                 image_graph = quantize_int8(folded_image, tmp / "image.int8.onnx")
         sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
         if cfg.precision == "int8":
-            candidates = [(label, sorted(n for n, sc in scopes.items() if pattern and re.search(pattern, sc)))
-                          for label, pattern in INT8_CANDIDATES]
-            if cfg.smooth_alpha is not None:  # first: every text matmul INT8 after SmoothQuant
+            listed = int8_candidates(scopes, cfg.smooth_alpha)
+            candidates = [(label, exclude) for label, exclude, _ in listed]
+            if cfg.smooth_alpha is not None:
                 from sdk.calib import smooth_matmul_inputs
 
-                label = f"all MatMul/Gemm int8 after SmoothQuant (alpha {cfg.smooth_alpha})"
-                sources[label] = tmp / "text.smoothed.onnx"
-                smoothing = smooth_matmul_inputs(folded, sources[label], _calibration(cfg, tokenizer_path),
+                smoothed = tmp / "text.smoothed.onnx"
+                smoothing = smooth_matmul_inputs(folded, smoothed, _calibration(cfg, tokenizer_path),
                                                  alpha=cfg.smooth_alpha)
                 log(f"[3/4] SmoothQuant: {smoothing['matmuls']} text-graph matmuls rescaled "
                     f"({smoothing['groups']} inputs, calibrated on {smoothing['calibration']})")
-                candidates.insert(0, (label, []))
+                sources = {label: smoothed for label, _, smooth in listed if smooth}
         elif cfg.precision == "int8-static":
             candidates = _static_candidates(folded, scopes, tokenizer_path, cfg, tmp, log)
         else:
@@ -779,8 +800,17 @@ def text_layer_groups(scopes: dict[str, str]) -> dict[str, list[str]]:
 def _calibration(cfg: BuildConfig, tokenizer_path: Path):
     from sdk.calib import CalibrationSet
 
-    root = Path(cfg.catalog or cfg.samples)
-    return CalibrationSet.text_from_catalog(root, tokenizer_path, n=cfg.calib_items)
+    return CalibrationSet.text_from_catalog(Path(calibration_root(cfg)), tokenizer_path, n=cfg.calib_items)
+
+
+def calibration_root(cfg: BuildConfig) -> Path:
+    """Where the build's text calibration titles come from (see `BuildConfig.calib_titles`)."""
+    if cfg.catalog:
+        return Path(cfg.catalog)
+    if cfg.calib_titles is not None:
+        return Path(cfg.calib_titles)
+    repo = Path(cfg.samples).resolve() == REPO_SAMPLES.resolve()
+    return REPO_CALIB if repo and (REPO_CALIB / "items.jsonl").is_file() else Path(cfg.samples)
 
 
 def _static_candidates(folded: Path, scopes: dict[str, str], tokenizer_path: Path, cfg: BuildConfig, tmp: Path, log):

@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fastest on this machine (batch-1 latency) and record why in the manifest")
     b.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="percentile")
     b.add_argument("--smooth-alpha", type=float, default=0.7,
-                   help="int8: first try every text matmul in INT8 after SmoothQuant with this migration strength "
-                        "(0-1, calibrated on catalog titles); -1 skips it")
+                   help="int8: SmoothQuant with this migration strength (0-1, calibrated on catalog titles) "
+                        "before quantizing the text graph, for every candidate that keeps text matmuls INT8; "
+                        "-1 skips it")
     b.add_argument("--image-convs", choices=("fp32", "int8"), default="fp32",
                    help="int8 (with --precision int8): the image tower's convolutions static INT8 (calibrated on "
                         "catalog photos), the most sensitive kept FP32 after a sensitivity sweep, each candidate "

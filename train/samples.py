@@ -4,6 +4,11 @@
 
 Takes validation-split products only (never trained on), a seeded random draw plus a few
 products without a photo; photos are downsized to 168x224 JPEG (users' catalogs are mostly JPEG).
+
+`--calib-out data/calib` (with `--calib-only`: only that) writes the build's default text
+calibration set: the titles that
+`moon3 build --catalog` calibrates SmoothQuant on (256 of the train split, stratified by article
+type), so a build without the catalog calibrates on the same titles.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ from .catalog import is_validation, read_catalog
 SAMPLE_SIZE = (168, 224)
 
 
+def write_calibration_titles(catalog: str | Path, out: Path, n: int = 256) -> Path:
+    """The catalog's text calibration titles (`CalibrationSet.text_from_catalog`'s draw: train
+    split, stratified by article type, seed 0) as items.jsonl records of id, title and article
+    type."""
+    from sdk.calib import CalibrationSet, _records
+
+    picked = CalibrationSet.stratified(_records(catalog, True), n, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "items.jsonl").open("w", encoding="utf-8") as f:
+        for r in sorted(picked, key=lambda r: int(r["id"])):
+            f.write(json.dumps({"id": r["id"], "title": r["title"], "article_type": r.get("article_type")},
+                               ensure_ascii=False) + "\n")
+    print(f"wrote {len(picked)} calibration titles to {out}")
+    return out / "items.jsonl"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True)
@@ -27,7 +48,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=150, help="products with a photo")
     ap.add_argument("--n-text-only", type=int, default=6, help="products without a photo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-out", default=None, help="also write the text calibration titles here (data/calib)")
+    ap.add_argument("--calib-n", type=int, default=256, help="calibration titles (the build's calib_items)")
+    ap.add_argument("--calib-only", action="store_true", help="write only the calibration titles (--calib-out)")
     args = ap.parse_args(argv)
+    if args.calib_only and not args.calib_out:
+        ap.error("--calib-only needs --calib-out")
+    if args.calib_out:
+        write_calibration_titles(args.catalog, Path(args.calib_out), args.calib_n)
+        if args.calib_only:
+            return
     val = [p for p in read_catalog(args.catalog) if is_validation(p.id)]
     rng = random.Random(args.seed)
     with_img = sorted((p for p in val if p.image is not None), key=lambda p: p.id)

