@@ -372,6 +372,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     is_val = np.array([is_validation(i) for i in f.ids])
     train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     model = build_embedder(model_cfg) if init is None else init
+    f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
     if cfg.freeze_image:
@@ -518,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
         if init is None:
             raise SystemExit("--eval-only needs --init")
         is_val = np.array([is_validation(i) for i in f.ids])
+        f.tune_with(init)
         res = {"final": evaluate(init, f, np.flatnonzero(is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)}
         print(json.dumps(res["final"], indent=2))
         if args.report:
