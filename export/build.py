@@ -43,7 +43,8 @@ IMAGE_CONV_LADDER = (0, 2, 4, 8, 16)
 IMAGE_SWEEP_MIN_COSINE = 0.98  # image-token cosine a candidate needs before it is gated end to end
 SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
-# the catalog's train-split calibration titles, shipped (python -m sdk.train.samples --calib-only)
+# the catalog's train-split calibration titles, shipped
+# (python -m sdk.train.samples --catalog ../shared/data/catalog --calib-out data/calib --calib-only)
 REPO_CALIB = Path(__file__).resolve().parent.parent / "data" / "calib"
 
 

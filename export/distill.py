@@ -66,6 +66,24 @@ def student_config(teacher: EmbedderConfig, image_size: int, text_layers: int,
                                n_fusion_layers=fusion, text_tuned_layers=tuned_text_layers)
 
 
+def stale_tails(how: dict[str, str], source: EmbedderConfig, student: EmbedderConfig) -> list[str]:
+    """Mark as fresh the student's tuned tower layers that `init_from_teacher` copied from a start
+    whose tuned layers sit at other depths (their names number the tuned layers, not the tower's,
+    so same-shaped layers would be copied to the wrong depth). Returns what was reset."""
+    out = []
+    checks = (("text_tail.", "text layers", source.text_layers - source.text_tuned_layers, source.text_tuned_layers,
+               student.text_layers - student.text_tuned_layers, student.text_tuned_layers),
+              ("image_tail.", "image blocks", -source.image_tuned_blocks, source.image_tuned_blocks,
+               -student.image_tuned_blocks, student.image_tuned_blocks))
+    for prefix, what, src_first, src_n, dst_first, dst_n in checks:
+        mine = [k for k in how if k.startswith(prefix)]
+        if mine and src_n and (src_first, src_n) != (dst_first, dst_n):
+            for k in mine:
+                how[k] = "fresh"
+            out.append(what)
+    return out
+
+
 def init_image_tail(student: nn.Module, how: dict[str, str], tower: nn.Module | None = None) -> list[str]:
     """Start the student's fine-tuned image blocks that `init_from_teacher` left fresh from the
     image tower's own (`tower`, an `ImageTower`; default EfficientNet-Lite0). Returns the names
@@ -208,6 +226,8 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
                          f"{s_cfg.n_image_tokens}")
     student = build_embedder(s_cfg)
     how = init_from_teacher(student, source)
+    for dropped in stale_tails(how, source.cfg, s_cfg):
+        log(f"the start's fine-tuned {dropped} sit at other depths than this student's: they start from the tower")
     from_towers = init_text_tail(student, how, text_tower) + init_image_tail(student, how, image_tower)
     resized = [k for k, v in how.items() if v.startswith("resized")]
     fresh = [k for k, v in how.items() if v == "fresh"]
@@ -352,7 +372,8 @@ def _runs_table(r: dict) -> str:
     rows = []
     for k, run in enumerate(_chain(r), 1):
         st, tc = run["student"], run["train_config"]
-        px = f"{st['image_size']} ({_blocks(st)} blocks tuned)" if _blocks(st) else str(st["image_size"])
+        px = (f"{st['image_size']} ({_blocks(st)} block{'s' if _blocks(st) > 1 else ''} tuned)" if _blocks(st)
+              else str(st["image_size"]))
         rows.append(f"| {k} | {px} | {_text_layers_shown(st)} | {_fusion(r, st)} "
                     f"| {tc['epochs']} | {tc['lr']} | {run['seconds'] / 60:.0f} |")
     return "\n".join(rows)
@@ -464,6 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tower-lr-scale", type=float, default=TrainConfig.tower_lr_scale,
                     help="learning rate of the fine-tuned tower layers, as a share of --lr")
     args = ap.parse_args(argv)
+    from sdk.train.embedder import MAX_IMAGE_TUNED_BLOCKS
+
+    if args.tune_text_layers is not None and args.tune_text_layers < 0:
+        ap.error("--tune-text-layers must be >= 0")
+    if args.tune_image_blocks is not None and not 0 <= args.tune_image_blocks <= MAX_IMAGE_TUNED_BLOCKS:
+        ap.error(f"--tune-image-blocks must be in 0..{MAX_IMAGE_TUNED_BLOCKS}")
+    if not 0.0 < args.tower_lr_scale <= 1.0:
+        ap.error("--tower-lr-scale must be in (0, 1]")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from sdk.train.reference import WEIGHTS_DIR
 

@@ -97,6 +97,8 @@ class EmbedderConfig:
         if isinstance(self.image_tuned_blocks, bool) or not 0 <= self.image_tuned_blocks <= MAX_IMAGE_TUNED_BLOCKS:
             raise ValueError(f"image_tuned_blocks must be in 0..{MAX_IMAGE_TUNED_BLOCKS} (the blocks above the "
                              f"image tower's shallow taps), got {self.image_tuned_blocks!r}")
+        if self.image_tuned_blocks and self.image_dim != 1280:
+            raise ValueError(f"fine-tuned image blocks give EfficientNet-Lite0's 1280-d tokens; image_dim is {self.image_dim}")
         if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
             raise ValueError("the 'linear' variant cannot fine-tune tower layers")
         if self.text_tuned_layers and (self.text_heads < 1 or self.text_dim % self.text_heads or self.text_ffn < 1):
@@ -274,7 +276,8 @@ class MiniLMLayer(nn.Module):
 
 class ImageTail(nn.Module):
     """The last `n_blocks` MBConv blocks of EfficientNet-Lite0 and its head (1x1 conv 1280, BN,
-    ReLU6): the map entering those blocks (B, C, g, g) -> deep tokens (B, g*g, 1280), as
+    ReLU6): the map entering those blocks (B, C, h, w; g x g for up to 4 blocks, 2g x 2g for 5,
+    which include the last stride-2 block) -> deep tokens (B, g*g, 1280), as
     `towers.ImageTower` gives them. Its BatchNorms keep their running statistics (eval mode
     even while training), so the tower exports as it trains."""
 
@@ -329,7 +332,7 @@ class FusionEmbedder(nn.Module):
                                            for _ in range(cfg.text_tuned_layers))
 
     def tune_image(self, mid: torch.Tensor) -> torch.Tensor:
-        """The fine-tuned last image blocks over the map entering them (B, C, g, g): the deep
+        """The fine-tuned last image blocks over the map entering them (B, C, h, w): the deep
         tokens (B, g*g, 1280) the whole image tower gives. Like `tune_text`, training runs it over
         a cache; `forward` never does."""
         return self.image_tail(mid)

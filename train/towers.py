@@ -8,8 +8,8 @@
 
 A distilled student (`sdk.export.distill`) uses the same towers made cheaper: fewer MiniLM layers
 (the first `text_layers`, layer-drop from the top) and smaller photos (`image_size`, a multiple of
-32: 160 px gives a 5x5 map, 25 tokens), and its last text layers may be fine-tuned with its fusion
-model (their weights travel in the fusion model's file). `load_towers(cfg, fusion)` gives the
+32: 160 px gives a 5x5 map, 25 tokens), and its last text layers and image blocks may be
+fine-tuned with its fusion model (their weights travel in the fusion model's file). `load_towers(cfg, fusion)` gives the
 towers an embedder config asks for.
 """
 
@@ -120,8 +120,9 @@ def image_grid(image_size: int) -> int:
 def load_towers(cfg, fusion: nn.Module | None = None) -> tuple[ImageTower, nn.Module]:
     """The (image, text) towers an `EmbedderConfig` asks for (its image_size and text_layers).
 
-    When the config fine-tuned its last text layers (`text_tuned_layers`), `fusion` is the
-    trained model holding them (`text_tail`): they replace MiniLM's layers at those depths.
+    When the config fine-tuned its last text layers (`text_tuned_layers`) or image blocks
+    (`image_tuned_blocks`), `fusion` is the trained model holding them (`text_tail`,
+    `image_tail`): they replace the towers' layers at those depths.
     """
     grid = image_grid(cfg.image_size)
     if grid * grid != cfg.n_image_tokens:

@@ -157,11 +157,11 @@ def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool
         pos = {int(r): i for i, r in enumerate(f.flip_rows)}
         sel = torch.tensor([pos[int(r)] for r in rows], dtype=torch.long)
         deep, shallow = f.deep_flip[sel].float(), f.shallow_flip[sel].float()
-        if f.image_model is not None:
+        if f.image_model is not None and image:
             deep = f.image_model.tune_image(f.mid_flip[sel].float())
     else:
         deep, shallow = f.deep[rows].float(), f.shallow[rows].float()
-        if f.image_model is not None:
+        if f.image_model is not None and image:  # a view without the photo never reads them
             deep = f.image_model.tune_image(f.mid[rows].float())
     if text_states is not None:
         tok, mask = text_states
@@ -344,8 +344,11 @@ def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> lis
     groups = []
     for tail in (False, True):
         mine = [(n, p) for n, p in named if n.startswith(("text_tail.", "image_tail.")) == tail]
-        decay = [p for n, p in mine if p.ndim >= 2 and "pos" not in n and "query" not in n]
-        rest = [p for n, p in mine if not (p.ndim >= 2 and "pos" not in n and "query" not in n)]
+        # the fusion model's position table and query vector do not decay; a tuned layer's
+        # matrices (its attention "query" included) all do
+        decays = lambda n, p: p.ndim >= 2 and (tail or ("pos" not in n and "query" not in n))  # noqa: E731
+        decay = [p for n, p in mine if decays(n, p)]
+        rest = [p for n, p in mine if not decays(n, p)]
         lr = cfg.lr * (cfg.tower_lr_scale if tail else 1.0)
         for params, wd in ((decay, 0.01 if tail else cfg.weight_decay), (rest, 0.0)):
             if params or not tail:

@@ -395,3 +395,36 @@ def test_a_student_fine_tunes_its_last_image_blocks(tmp_path):
                if k.endswith("weight")), "the blocks did not train"
     card = (tmp_path / "student" / "MODEL_CARD.md").read_text()
     assert "--image-mid-blocks 1" in card and "--tune-image-blocks 1" in card and "64 (1 blocks tuned)" in card
+
+
+def test_a_start_with_tuned_layers_at_other_depths_does_not_lend_them():
+    """Tail names number the tuned layers, not the tower's: a start whose tuned layers sit at
+    other depths must not have them copied (same shapes, wrong layers)."""
+    from sdk.export.distill import stale_tails
+
+    text = {**TINY, "text_heads": 2, "text_ffn": 32}
+    src = EmbedderConfig(**{**text, "text_layers": 2, "text_tuned_layers": 1})  # tunes layer 2
+    same = EmbedderConfig(**{**text, "text_layers": 2, "text_tuned_layers": 1})
+    deeper = EmbedderConfig(**{**text, "text_layers": 3, "text_tuned_layers": 1})  # tunes layer 3
+    how = {"text_tail.0.output.dense.weight": "copied", "fusion.0.out.weight": "copied"}
+    assert stale_tails(dict(how), src, same) == []
+    got = dict(how)
+    assert stale_tails(got, src, deeper) == ["text layers"]
+    assert got == {"text_tail.0.output.dense.weight": "fresh", "fusion.0.out.weight": "copied"}
+    img = {**TINY, "image_dim": 1280}
+    four, two = (EmbedderConfig(**{**img, "image_tuned_blocks": k}) for k in (4, 2))
+    got = {"image_tail.blocks.0._bn0.weight": "copied"}
+    assert stale_tails(got, four, two) == ["image blocks"] and got["image_tail.blocks.0._bn0.weight"] == "fresh"
+    with pytest.raises(ValueError, match="1280-d tokens"):
+        EmbedderConfig(**{**TINY, "image_tuned_blocks": 1})
+
+
+def test_the_distill_command_checks_its_tuning_arguments(capsys):
+    from sdk.export.distill import main
+
+    for args, msg in ((["--tune-text-layers", "-1"], "--tune-text-layers must be >= 0"),
+                      (["--tune-image-blocks", "6"], "--tune-image-blocks must be in 0..5"),
+                      (["--tower-lr-scale", "2"], "--tower-lr-scale must be in")):
+        with pytest.raises(SystemExit):
+            main(["--features", "x", "--out", "y", *args])
+        assert msg in capsys.readouterr().err
