@@ -394,7 +394,7 @@ def test_a_student_fine_tunes_its_last_image_blocks(tmp_path):
     assert any(not torch.allclose(start[k].float(), trained[k].float(), atol=1e-3) for k in start
                if k.endswith("weight")), "the blocks did not train"
     card = (tmp_path / "student" / "MODEL_CARD.md").read_text()
-    assert "--image-mid-blocks 1" in card and "--tune-image-blocks 1" in card and "64 (1 blocks tuned)" in card
+    assert "--image-mid-blocks 1" in card and "--tune-image-blocks 1" in card and "64 (1 block tuned)" in card
 
 
 def test_a_start_with_tuned_layers_at_other_depths_does_not_lend_them():
