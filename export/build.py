@@ -279,8 +279,6 @@ INT8_CANDIDATES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-
-
 def int8_candidates(scopes: dict[str, str], smooth_alpha: float | None) -> list[tuple[str, list[str], bool]]:
     """The "int8" build's candidates in order: (label, names of the text-graph matmuls kept FP32,
     whether it quantizes the SmoothQuant-ed graph). With `smooth_alpha`, every candidate that

@@ -71,13 +71,11 @@ def stale_tails(how: dict[str, str], source: EmbedderConfig, student: EmbedderCo
     whose tuned layers sit at other depths (their names number the tuned layers, not the tower's,
     so same-shaped layers would be copied to the wrong depth). Returns what was reset."""
     out = []
-    checks = (("text_tail.", "text layers", source.text_layers - source.text_tuned_layers, source.text_tuned_layers,
-               student.text_layers - student.text_tuned_layers, student.text_tuned_layers),
-              ("image_tail.", "image blocks", -source.image_tuned_blocks, source.image_tuned_blocks,
-               -student.image_tuned_blocks, student.image_tuned_blocks))
-    for prefix, what, src_first, src_n, dst_first, dst_n in checks:
+    spans = (("text_tail.", "text layers", lambda c: (c.text_tuned_first, c.text_tuned_layers)),
+             ("image_tail.", "image blocks", lambda c: (c.image_tuned_first, c.image_tuned_blocks)))
+    for prefix, what, span in spans:
         mine = [k for k in how if k.startswith(prefix)]
-        if mine and src_n and (src_first, src_n) != (dst_first, dst_n):
+        if mine and span(source)[1] and span(source) != span(student):
             for k in mine:
                 how[k] = "fresh"
             out.append(what)
@@ -91,14 +89,11 @@ def init_image_tail(student: nn.Module, how: dict[str, str], tower: nn.Module | 
     fresh = [k for k, v in how.items() if k.startswith("image_tail.") and v == "fresh"]
     if not fresh:
         return []
-    from sdk.train.towers import load_image_tower
+    from sdk.train.towers import load_image_tower, tuned_pairs
 
-    net = (tower if tower is not None else load_image_tower(image_size=student.cfg.image_size)).net
-    tail = student.image_tail
-    for i, block in enumerate(tail.blocks):
-        block.load_state_dict(net._blocks[tail.first + i].state_dict())
-    tail.conv_head.load_state_dict(net._conv_head.state_dict())
-    tail.bn1.load_state_dict(net._bn1.state_dict())
+    tower = tower if tower is not None else load_image_tower(image_size=student.cfg.image_size)
+    for trained, tower_module in tuned_pairs(student, image=tower):
+        trained.load_state_dict(tower_module.state_dict())
     for k in fresh:
         how[k] = "image tower"
     return fresh
@@ -111,13 +106,12 @@ def init_text_tail(student: nn.Module, how: dict[str, str], tower: nn.Module | N
     fresh = [k for k, v in how.items() if k.startswith("text_tail.") and v == "fresh"]
     if not fresh:
         return []
-    from sdk.train.towers import load_text_tower
+    from sdk.train.towers import load_text_tower, tuned_pairs
 
-    cfg = student.cfg
-    tower = tower if tower is not None else load_text_tower(layers=cfg.text_layers)
-    first = cfg.text_layers - cfg.text_tuned_layers
-    for i, layer in enumerate(student.text_tail):
-        layer.load_state_dict(tower.encoder.layer[first + i].state_dict())
+    first = student.cfg.text_tuned_first
+    tower = tower if tower is not None else load_text_tower(layers=student.cfg.text_layers)
+    for trained, tower_module in tuned_pairs(student, text=tower):
+        trained.load_state_dict(tower_module.state_dict())
     for k in fresh:
         how[k] = f"text tower layer {first + int(k.split('.')[1]) + 1}"
     return fresh

@@ -105,6 +105,16 @@ class EmbedderConfig:
             raise ValueError(f"text_dim ({self.text_dim}) must split into text_heads ({self.text_heads}) heads, "
                              f"text_ffn ({self.text_ffn}) >= 1")
 
+    @property
+    def text_tuned_first(self) -> int:
+        """Index (0-based) of the first fine-tuned MiniLM layer: the layers below it are frozen."""
+        return self.text_layers - self.text_tuned_layers
+
+    @property
+    def image_tuned_first(self) -> int:
+        """Index (0-based) of the first fine-tuned EfficientNet block."""
+        return IMAGE_BLOCKS - self.image_tuned_blocks
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -291,8 +301,7 @@ class ImageTail(nn.Module):
             raise BackendUnavailableError("fine-tuned image blocks need efficientnet-lite-pytorch: "
                                           "pip install 'moon3-sdk[export]'") from exc
         net = EfficientNet.from_name("efficientnet-lite0")
-        self.first = IMAGE_BLOCKS - n_blocks
-        self.blocks = nn.ModuleList(list(net._blocks)[self.first:])
+        self.blocks = nn.ModuleList(list(net._blocks)[IMAGE_BLOCKS - n_blocks:])
         self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
         self.train()  # BatchNorm in eval mode from the start
 

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     shallow = np.zeros((len(products), tower.grid ** 2, SHALLOW_DIM), np.float16)
     rows = np.flatnonzero(has)
     got = image_features(tower, [products[i].image for i in rows], cfg, mid_block=mid_block)
+    if mid_block is not None and got[2] is None:
+        ap.error("--image-mid-blocks needs products with a photo; this catalog has none")
     deep[rows], shallow[rows] = got[0], got[1]
     np.save(out / "img_deep.npy", deep)
     np.save(out / "img_shallow.npy", shallow)

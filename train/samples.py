@@ -6,9 +6,9 @@ Takes validation-split products only (never trained on), a seeded random draw pl
 products without a photo; photos are downsized to 168x224 JPEG (users' catalogs are mostly JPEG).
 
 `--calib-out data/calib` (with `--calib-only`: only that) writes the build's default text
-calibration set: the titles that
-`moon3 build --catalog` calibrates SmoothQuant on (256 of the train split, stratified by article
-type), so a build without the catalog calibrates on the same titles.
+calibration set: the titles that `moon3 build --catalog` calibrates SmoothQuant on (256 of the
+train split, stratified by article type), so a build without the catalog calibrates on the same
+titles.
 """
 
 from __future__ import annotations

@@ -134,16 +134,24 @@ def load_towers(cfg, fusion: nn.Module | None = None) -> tuple[ImageTower, nn.Mo
                                                                         len(image_tail.blocks) != blocks)):
         raise ValueError(f"embedder config fine-tunes the towers' last layers (text {tuned}, image blocks {blocks}): "
                          "pass the trained model that holds them (load_towers(cfg, fusion=model))")
-    text = load_text_tower(layers=cfg.text_layers)
-    if tuned:
-        first = cfg.text_layers - tuned
-        for i, layer in enumerate(tail):
-            text.encoder.layer[first + i].load_state_dict(layer.state_dict())
-    image = load_image_tower(image_size=cfg.image_size)
-    if blocks:
-        net = image.net
-        for i, block in enumerate(image_tail.blocks):
-            net._blocks[image_tail.first + i].load_state_dict(block.state_dict())
-        net._conv_head.load_state_dict(image_tail.conv_head.state_dict())
-        net._bn1.load_state_dict(image_tail.bn1.state_dict())
+    text, image = load_text_tower(layers=cfg.text_layers), load_image_tower(image_size=cfg.image_size)
+    if tuned or blocks:
+        for trained, tower_module in tuned_pairs(fusion, image=image, text=text):
+            tower_module.load_state_dict(trained.state_dict())
     return image, text
+
+
+def tuned_pairs(fusion: nn.Module, image: ImageTower | None = None,
+                text: nn.Module | None = None) -> list[tuple[nn.Module, nn.Module]]:
+    """(fine-tuned module of `fusion`, the tower's module at its depth) for each of the fusion
+    model's tuned text layers (with `text`, a MiniLM model) and its tuned image blocks and head
+    convolution (with `image`): `load_towers` copies the first into the second, a new student
+    starts the first from the second."""
+    cfg, pairs = fusion.cfg, []
+    if text is not None and cfg.text_tuned_layers:
+        pairs += [(layer, text.encoder.layer[cfg.text_tuned_first + i]) for i, layer in enumerate(fusion.text_tail)]
+    if image is not None and cfg.image_tuned_blocks:
+        tail, net = fusion.image_tail, image.net
+        pairs += [(block, net._blocks[cfg.image_tuned_first + i]) for i, block in enumerate(tail.blocks)]
+        pairs += [(tail.conv_head, net._conv_head), (tail.bn1, net._bn1)]
+    return pairs

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .catalog import is_validation
-from .embedder import IMAGE, IMAGE_BLOCKS, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
+from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
 
 
 @dataclass
@@ -109,17 +109,16 @@ class Features:
         states, which must be those of the layers below them, and its last image blocks
         (`image_tuned_blocks`) over the cached map entering them. A model without such layers
         detaches any earlier one."""
-        tuned = getattr(model.cfg, "text_tuned_layers", 0)
-        if tuned and self.text_layers != model.cfg.text_layers - tuned:
+        cfg = model.cfg
+        tuned, blocks = cfg.text_tuned_layers, cfg.image_tuned_blocks
+        if tuned and self.text_layers != cfg.text_tuned_first:
             raise ValueError(f"the feature cache holds the states after {self.text_layers} MiniLM layers; a model that "
-                             f"fine-tunes layers {model.cfg.text_layers - tuned + 1}..{model.cfg.text_layers} needs "
-                             f"the states after {model.cfg.text_layers - tuned} (sdk.train.features --text-layers "
-                             f"{model.cfg.text_layers - tuned})")
-        blocks = getattr(model.cfg, "image_tuned_blocks", 0)
-        if blocks and self.mid_block != IMAGE_BLOCKS - blocks:
+                             f"fine-tunes layers {cfg.text_tuned_first + 1}..{cfg.text_layers} needs the states after "
+                             f"{cfg.text_tuned_first} (sdk.train.features --text-layers {cfg.text_tuned_first})")
+        if blocks and self.mid_block != cfg.image_tuned_first:
             held = "no image map" if self.mid_block is None else f"the map entering block {self.mid_block + 1}"
             raise ValueError(f"the feature cache holds {held}; a model that fine-tunes the image tower's last {blocks} "
-                             f"blocks needs the map entering block {IMAGE_BLOCKS - blocks + 1} "
+                             f"blocks needs the map entering block {cfg.image_tuned_first + 1} "
                              f"(sdk.train.features --image-mid-blocks {blocks})")
         self.text_model = model if tuned else None
         self.image_model = model if blocks else None

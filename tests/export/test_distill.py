@@ -428,3 +428,31 @@ def test_the_distill_command_checks_its_tuning_arguments(capsys):
         with pytest.raises(SystemExit):
             main(["--features", "x", "--out", "y", *args])
         assert msg in capsys.readouterr().err
+
+
+def test_the_cache_and_calibration_commands_check_their_new_arguments(tmp_path, capsys):
+    from sdk.train.features import main as features_main
+    from sdk.train.samples import main as samples_main
+
+    with pytest.raises(SystemExit):
+        features_main(["--catalog", str(tmp_path), "--image-mid-blocks", "6"])
+    assert "--image-mid-blocks must be in 0..5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        samples_main(["--catalog", str(tmp_path), "--calib-only"])
+    assert "--calib-only needs --calib-out" in capsys.readouterr().err
+
+
+def test_tuned_pairs_match_each_tuned_module_with_the_towers_at_its_depth():
+    from tiny_models import tiny_bert
+
+    from sdk.train.towers import tuned_pairs
+
+    cfg = EmbedderConfig(**{**TINY, "text_heads": 2, "text_ffn": 32, "text_layers": 3, "text_tuned_layers": 2})
+    assert (cfg.text_tuned_first, cfg.image_tuned_first) == (1, 16)
+    model = FusionEmbedder(cfg)
+    tower = tiny_bert()
+    tower.encoder.layer.extend([tiny_bert().encoder.layer[0], tiny_bert().encoder.layer[0]])
+    pairs = tuned_pairs(model, text=tower)
+    assert [(a, b) for a, b in pairs] == [(model.text_tail[0], tower.encoder.layer[1]),
+                                          (model.text_tail[1], tower.encoder.layer[2])]
+    assert tuned_pairs(model) == [] and tuned_pairs(FusionEmbedder(EmbedderConfig(**TINY)), text=tower) == []
