@@ -247,8 +247,11 @@ def bench_think_then_embed(engine: str | os.PathLike, images: Sequence[Any], tit
                          f"{len(titles)} titles, budgets {list(budgets)}")
     rows: list[dict[str, Any]] = []
     for budget in budgets:
-        reason = "on" if budget else "off"
-        pipe = Pipeline(engine, reason=reason, max_trace_tokens=max(budget, 1), threads=threads, providers=providers)
+        def pipeline(budget=budget) -> Pipeline:  # the timed one and the fresh one that checks it
+            return Pipeline(engine, reason="on" if budget else "off", max_trace_tokens=max(budget, 1), threads=threads,
+                            providers=providers)
+
+        pipe = pipeline()
         _ = pipe.reasoner  # loaded before timing, whatever the warm-up
         state = {"i": 0, "tokens": []}
 
@@ -265,7 +268,7 @@ def bench_think_then_embed(engine: str | os.PathLike, images: Sequence[Any], tit
         finally:
             pipe.close()
         i = (state["i"] - 1) % len(images)
-        fresh = Pipeline(engine, reason=reason, max_trace_tokens=max(budget, 1), threads=threads, providers=providers)
+        fresh = pipeline()
         try:
             again = fresh.embed([images[i]], [titles[i]])
         finally:
