@@ -112,13 +112,14 @@ class CalibrationSet:
 def _records(root: str | Path, train_only: bool) -> list[dict]:
     import json
 
-    from sdk.train.catalog import is_validation
+    from sdk.train.catalog import catalog_split
 
     path = Path(root) / "items.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"catalog file not found: {path}")
     recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    kept = [r for r in recs if not (train_only and is_validation(r["id"]))]
+    split = catalog_split(root) if train_only else None
+    kept = [r for r in recs if not (split and split.is_validation(r["id"]))]
     return kept or recs  # a folder holding only validation products (data/samples) still calibrates
 
 

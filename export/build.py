@@ -206,9 +206,9 @@ def eval_products(catalog, samples, limit: int) -> list[tuple[Path, str]]:
     """(photo path, title) of at most `limit` evaluation products: the validation split of
     `catalog` when given, else every product with a photo in the `samples` folder."""
     if catalog is not None:
-        from sdk.train.catalog import is_validation, read_catalog
+        from sdk.train.catalog import catalog_split, read_catalog
 
-        items = [(p.image, p.title) for p in read_catalog(catalog) if is_validation(p.id) and p.image]
+        items = [(p.image, p.title) for p in read_catalog(catalog) if catalog_split(catalog).is_validation(p.id) and p.image]
     else:
         root = Path(samples)
         path = root / "items.jsonl"

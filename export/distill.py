@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdk.train.catalog import is_validation
 from sdk.train.embedder import EmbedderConfig, build_embedder, copy_half, load_embedder
 from sdk.train.train_embedder import Features, TrainConfig, evaluate, title_keys, train, view_embeddings
 from sdk.train.towers import image_grid
@@ -235,7 +234,7 @@ def distill(teacher_dir: Path, teacher_features: Path, features: Path, catalog, 
         raise SystemExit(str(exc)) from exc
     catalog = catalog or f_s.meta.get("catalog")
     keys = title_keys(f_s, catalog)
-    val_rows = np.flatnonzero([is_validation(i) for i in f_s.ids])
+    val_rows = np.flatnonzero(f_s.is_val)
     teacher_eval = evaluate(teacher, f_t, val_rows, keys, dims=teacher.cfg.matryoshka_dims)
     before = evaluate(student, f_s, val_rows, keys)
     log(f"teacher R@10 text->image {teacher_eval['text->image R@10']}; student before training {before['text->image R@10']}")

@@ -131,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
                     trace_targets=traces)
     t_report = json.loads((a.teacher / "reasoner_report.json").read_text())
     # speed: both models, same products, alternating, in this process
-    from sdk.train.catalog import is_validation, read_catalog
+    from sdk.train.catalog import catalog_split, read_catalog
 
     meta = json.loads((a.features / "meta.json").read_text())
     has = np.load(a.features / "has_image.npy")
     deep_rows = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
     features = np.load(a.features / "img_deep.npy", mmap_mode="r")
-    recs = [p.record for p in read_catalog(a.catalog) if is_validation(p.id) and p.id in deep_rows][: a.speed_products]
+    recs = [p.record for p in read_catalog(a.catalog) if catalog_split(a.catalog).is_validation(p.id) and p.id in deep_rows][: a.speed_products]
     student, _ = load_reasoner(a.out)
     torch.set_num_threads(1)
     sp_t = decode_speed(teacher, tok, recs, deep_rows, features)

@@ -52,14 +52,14 @@ class ReasonerGates:
 def eval_records(catalog: str | Path | None, samples: str | Path | None, limit: int) -> list[dict]:
     """Catalog records with a photo (the "image" key an absolute path): the validation split of
     `catalog`, else every product of the `samples` folder; at most `limit`."""
-    from sdk.train.catalog import is_validation, read_catalog
+    from sdk.train.catalog import catalog_split, read_catalog
 
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     root = catalog if catalog is not None else samples
     if root is None:
         raise ValueError("give a catalog or a samples folder")
-    products = [p for p in read_catalog(root) if p.image is not None and (catalog is None or is_validation(p.id))]
+    products = [p for p in read_catalog(root) if p.image is not None and (catalog is None or catalog_split(catalog).is_validation(p.id))]
     return [{**p.record, "image": str(p.image)} for p in products[:limit]]
 
 

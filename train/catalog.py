@@ -1,15 +1,109 @@
-"""Reading a product catalog (items.jsonl + images/) and the fixed train/validation split."""
+"""Reading a product catalog (items.jsonl + images/) and its leak-free train/validation split."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SPLIT_RULE = "leak-free-v1"  # recorded beside every feature cache and report that used the split
 
 
-def is_validation(item_id: int) -> bool:
-    """The validation slice: every product whose id ends in 0 (about 10%). Never trained on."""
+def legacy_is_validation(item_id: int) -> bool:
+    """The split this project used before `catalog_split`: ids ending in 0. It lets a product's
+    design (same title) or its very photo sit on both sides; kept only to report old numbers once
+    for continuity."""
     return int(item_id) % 10 == 0
+
+
+def normalize_title(title: str) -> str:
+    """A title's design key: lower case, runs of anything but letters and digits become one space."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", str(title).lower()).split())
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Split:
+    """A catalog's leak-free train/validation split.
+
+    Products are joined into groups when they share a normalised title (one design in other
+    colours or sizes) or a byte-identical photo, transitively; a whole group is validation when
+    any of its products has an id ending in 0 (the old validation products all stay validation,
+    and the training products that shared a design or a photo with one of them move over). No
+    title and no photo is therefore on both sides.
+
+    Attributes:
+        validation_ids: ids of the validation products.
+        group: id -> group number (products of one group share a design or a photo).
+    """
+
+    validation_ids: frozenset[int]
+    group: dict[int, int]
+
+    def is_validation(self, item_id: int) -> bool:
+        return int(item_id) in self.validation_ids
+
+    def mask(self, ids: Iterable[int]) -> np.ndarray:
+        """Boolean validation mask over `ids` (in their order)."""
+        return np.array([int(i) in self.validation_ids for i in ids], dtype=bool)
+
+    @classmethod
+    def of(cls, products: Sequence["Product"]) -> "Split":
+        """The split of these products (photos are read to hash them)."""
+        parent: dict = {}
+
+        def find(x):
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for p in products:
+            root = find(("id", p.id))
+            keys = [("title", normalize_title(p.title))]
+            if p.image is not None and Path(p.image).is_file():
+                keys.append(("photo", file_sha256(p.image)))
+            for k in keys:
+                parent[find(k)] = root
+        number: dict = {}
+        group = {p.id: number.setdefault(find(("id", p.id)), len(number)) for p in products}
+        val_groups = {g for pid, g in group.items() if pid % 10 == 0}
+        return cls(frozenset(pid for pid, g in group.items() if g in val_groups), group)
+
+    def summary(self) -> dict:
+        n_val = len(self.validation_ids)
+        return {"rule": SPLIT_RULE, "products": len(self.group), "validation": n_val,
+                "train": len(self.group) - n_val, "groups": len(set(self.group.values()))}
+
+
+_SPLITS: dict[tuple[str, int, int], Split] = {}
+
+
+def catalog_split(root: str | Path) -> Split:
+    """The leak-free split of the catalog in `root` (memoised per items.jsonl version).
+
+    Raises:
+        FileNotFoundError, ValueError: as `read_catalog`.
+    """
+    path = (Path(root) / "items.jsonl").resolve()
+    st = path.stat() if path.is_file() else None
+    key = (str(path), st.st_mtime_ns if st else 0, st.st_size if st else 0)
+    if key not in _SPLITS:
+        _SPLITS[key] = Split.of(read_catalog(root))
+    return _SPLITS[key]
 
 
 @dataclass(frozen=True)

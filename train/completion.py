@@ -126,14 +126,6 @@ class ImageCompletion(nn.Module):
 # ---------------------------------------------------------------------------------------------- files
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_completion(model: ImageCompletion, folder: str | Path, embedder_sha256: str, metrics: dict | None = None,
                     dtype: torch.dtype = torch.float16) -> Path:
     """Write `completion.safetensors` (weights, fp16 by default: lean) + `completion.json` (config,
@@ -287,15 +279,13 @@ def evaluate(model, embedder, features, tokens: dict, rows: np.ndarray, keys: np
 
 def train(features, embedder, tokens: dict, keys: np.ndarray, ccfg: CompletionConfig, cfg: CompletionTrainConfig,
           log=print) -> tuple[ImageCompletion, dict]:
-    from .catalog import is_validation
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     for p in embedder.parameters():
         p.requires_grad_(False)
     embedder.eval()
     has = features.has_image.numpy().astype(bool)
-    val = np.array([is_validation(i) for i in features.ids])
+    val = features.is_val
     train_rows, val_rows = np.flatnonzero(has & ~val), np.flatnonzero(has & val)
     # per-channel variance of the real pooled tokens (training rows, a sample) for the pooled loss
     sample = tokens["tokens"][rng.choice(train_rows, size=min(2000, len(train_rows)), replace=False)].astype(np.float32)

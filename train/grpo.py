@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .catalog import is_validation, read_catalog
+from .catalog import read_catalog
 from .traces import _rows
 from .reasoner import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     embedder = load_embedder(args.embedder)
     scorer = TraceScorer(embedder, f, load_text_tower(), TextTokenizer(text_tower_path() / "tokenizer.json", TRACE_LEN))
     has = f.has_image.numpy().astype(bool)
-    is_val = np.array([is_validation(i) for i in f.ids])
+    is_val = f.is_val
     train_rows = np.flatnonzero(~is_val & has)
     gallery = embed_rows(embedder, f, train_rows, image=True, text=None, trace="photo")  # catalog side, SFT traces
     where = {int(r): i for i, r in enumerate(train_rows)}

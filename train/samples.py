@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .catalog import is_validation, read_catalog
+from .catalog import catalog_split, read_catalog
 
 SAMPLE_SIZE = (168, 224)
 
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         write_calibration_titles(args.catalog, Path(args.calib_out), args.calib_n)
         if args.calib_only:
             return
-    val = [p for p in read_catalog(args.catalog) if is_validation(p.id)]
+    split = catalog_split(args.catalog)
+    val = [p for p in read_catalog(args.catalog) if split.is_validation(p.id)]
     rng = random.Random(args.seed)
     with_img = sorted((p for p in val if p.image is not None), key=lambda p: p.id)
     without = sorted((p for p in val if p.image is None), key=lambda p: p.id)

@@ -176,14 +176,15 @@ def field_accuracy(texts: list[str], records: list[dict]) -> dict[str, float]:
 
 def score(folder: Path, catalog: str) -> dict:
     """Field accuracy of every cached view, training and validation products apart."""
-    from .catalog import is_validation
+    from .catalog import catalog_split
 
+    split = catalog_split(catalog)
     products = {p.id: p for p in read_catalog(catalog)}
     result = {}
     for path in sorted(folder.glob("*.jsonl")):
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         for split, keep in (("train", False), ("validation", True)):
-            sel = [r for r in rows if is_validation(r["id"]) == keep]
+            sel = [r for r in rows if split.is_validation(r["id"]) == keep]
             result[f"{path.stem} {split}"] = field_accuracy([r["trace"] for r in sel],
                                                             [products[r["id"]].record for r in sel])
     return result

@@ -16,6 +16,15 @@ trace stay in one space. `--init` continues from trained weights.
 Batches are built from groups of products of one article type, so in-batch negatives include
 hard ones; products that share a title (same design, other colour/size) are masked out of each
 other's negatives. Products without a photo take part in the text-only terms.
+
+Views that keep what the towers know (a cache with `sdk.train.features --renditions K`):
+`--rendition-prob p` makes a share p of the photo-only and description views read a cached
+rendition of the photo (thumbnail, JPEG, crop, grayscale, light); `--image-instance w` adds a
+rendition -> original photo term; `--caption-weight w` adds field captions ("Men Blue Tshirts")
+-> photo + title and <-> photo terms; `--tower-relational w` keeps the photo vectors' in-batch
+similarities those of the frozen image tower's standardised pooled features (KL at
+`--tower-temperature`). `--holdout-master-category Footwear` trains without that category (the
+validation suite's out-of-domain family). `--checkpoint FILE` saves every epoch and resumes.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .catalog import is_validation
+from .catalog import SPLIT_RULE, catalog_split, legacy_is_validation, normalize_title
 from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
 
 
@@ -60,6 +69,19 @@ class TrainConfig:
     # learning rate of fine-tuned pretrained tower layers (EmbedderConfig.text_tuned_layers,
     # image_tuned_blocks), as a share of lr
     tower_lr_scale: float = 0.1
+    # views that keep what the towers know (they need `sdk.train.features --renditions K`):
+    # the share of photo-only and description views whose photo is a cached rendition; the weight
+    # of the image-image instance term (a rendition's photo-only vector against its original's);
+    # the weight of the field-caption terms (caption -> photo + title, caption <-> photo); the
+    # weight of the relational term that keeps the photo vectors' in-batch similarities those of
+    # the frozen tower's pooled features (at tower_temperature)
+    rendition_prob: float = 0.0
+    image_instance: float = 0.0
+    caption_weight: float = 0.0
+    tower_relational: float = 0.0
+    tower_temperature: float = 0.05
+    # train without this master category (the validation suite's out-of-domain family)
+    holdout_master_category: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.group_size < 1:
@@ -76,6 +98,16 @@ class TrainConfig:
             raise ValueError(f"tower_lr_scale must be in (0, 1], got {self.tower_lr_scale}")
         if not 0.0 < self.distill_temperature < 1.0:
             raise ValueError(f"distill_temperature must be in (0, 1), got {self.distill_temperature}")
+        if not 0.0 <= self.rendition_prob <= 1.0:
+            raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
+        if min(self.image_instance, self.caption_weight, self.tower_relational) < 0:
+            raise ValueError(f"image_instance, caption_weight and tower_relational must be >= 0: {self}")
+        if not 0.0 < self.tower_temperature < 1.0:
+            raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
+
+    @property
+    def uses_renditions(self) -> bool:
+        return bool(self.rendition_prob or self.image_instance or self.caption_weight)
 
 
 class Features:
@@ -92,6 +124,7 @@ class Features:
         self.title, self.title_mask = load("title_tok"), load("title_mask")
         self.detail, self.detail_mask = load("detail_tok"), load("detail_mask")
         self.flip_rows = np.load(folder / "val_flip_rows.npy")
+        self.is_val = self._validation_mask(folder)
         self.deep_flip, self.shallow_flip = load("img_deep_flip"), load("img_shallow_flip")
         self.traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_layers = int(self.meta.get("text_layers", 6))
@@ -102,6 +135,33 @@ class Features:
             self.mid, self.mid_flip = load("img_mid"), load("img_mid_flip")
         self.text_model: nn.Module | None = None
         self.image_model: nn.Module | None = None
+        # renditions and field captions (sdk.train.features --renditions K), memory-mapped
+        self.renditions = int(self.meta.get("renditions", 0))
+        self.deep_aug = self.shallow_aug = self.caption = self.caption_mask = None
+        if self.renditions:
+            mm = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
+            self.deep_aug, self.shallow_aug = mm("img_deep_aug"), mm("img_shallow_aug")
+            self.caption, self.caption_mask = mm("caption_tok"), mm("caption_mask")
+
+    def _validation_mask(self, folder: Path) -> np.ndarray:
+        """Validation rows: the ids the cache recorded (its catalog's leak-free split); for a cache
+        written before the split was recorded, the split of the catalog it names; a cache with no
+        catalog (no titles, no photos to group by) puts the ids ending in 0 in validation."""
+        if "validation_ids" in self.meta:
+            mask = np.isin(self.ids, np.asarray(self.meta["validation_ids"], np.int64))
+        elif self.meta.get("catalog"):
+            if not (Path(self.meta["catalog"]) / "items.jsonl").is_file():
+                raise FileNotFoundError(f"the feature cache in {folder} records no split and its catalog "
+                                        f"{self.meta['catalog']} is gone: rebuild it (python -m sdk.train.features)")
+            mask = catalog_split(self.meta["catalog"]).mask(self.ids)
+        else:
+            mask = np.array([legacy_is_validation(i) for i in self.ids], dtype=bool)
+        with_photo = np.flatnonzero(mask & self.has_image.numpy().astype(bool))
+        if not np.isin(with_photo, self.flip_rows).all():
+            raise ValueError(f"the feature cache in {folder} was written for another train/validation split "
+                             f"(validation photos without their flipped view): rebuild it with "
+                             f"python -m sdk.train.features (split {SPLIT_RULE})")
+        return mask
 
     def tune_with(self, model: nn.Module) -> "Features":
         """Run `model`'s fine-tuned tower layers over the cache in every `batch_inputs` from now
@@ -218,9 +278,14 @@ def distill_terms(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Ten
     if len(s) < 2:
         return student.sum() * 0.0, student.sum() * 0.0
     cos = (1.0 - (s * t).sum(-1)).mean()
-    rel = F.kl_div(F.log_softmax(s @ s.T / temperature, -1), F.softmax(t @ t.T / temperature, -1),
-                   reduction="batchmean")
-    return cos, rel
+    return cos, relational_kl(s, t, temperature)
+
+
+def relational_kl(s: torch.Tensor, t: torch.Tensor, temperature: float, t_temperature: float | None = None):
+    """KL from the teacher rows' in-batch similarity distributions to the student's: s (B, Ds)
+    and t (B, Dt) L2-normalised, any widths."""
+    return F.kl_div(F.log_softmax(s @ s.T / temperature, -1), F.softmax(t @ t.T / (t_temperature or temperature), -1),
+                    reduction="batchmean")
 
 
 @torch.no_grad()
@@ -315,25 +380,36 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
     return res
 
 
-def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
-    """Integer key per row: rows sharing a title share a key (falls back to the row index)."""
-    if catalog is None:
-        return np.arange(len(f))
-    from .catalog import read_catalog
-
-    titles = {p.id: p.title.strip().lower() for p in read_catalog(catalog)}
-    index: dict[str, int] = {}
-    return np.array([index.setdefault(titles[int(i)], len(index)) for i in f.ids])
-
-
-def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
+def field_keys(f: Features, catalog: str | Path | None, value) -> np.ndarray:
+    """Integer key per row of `value(product)` (rows with equal values share a key); without a
+    catalog every row gets 0."""
     if catalog is None:
         return np.zeros(len(f), np.int64)
     from .catalog import read_catalog
 
-    at = {p.id: p.article_type for p in read_catalog(catalog)}
-    index: dict[str, int] = {}
-    return np.array([index.setdefault(at[int(i)], len(index)) for i in f.ids])
+    got = {p.id: value(p) for p in read_catalog(catalog)}
+    index: dict = {}
+    return np.array([index.setdefault(got[int(i)], len(index)) for i in f.ids])
+
+
+def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
+    """Integer key per row: rows sharing a normalised title (one design) share a key (without a
+    catalog, the row index)."""
+    if catalog is None:
+        return np.arange(len(f))
+    return field_keys(f, catalog, lambda p: normalize_title(p.title))
+
+
+def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
+    return field_keys(f, catalog, lambda p: p.article_type)
+
+
+def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the image tower's mean-pooled deep features over `rows` that
+    have a photo: what standardises the tower's own view of a photo (the relational term)."""
+    rows = rows[f.has_image[torch.as_tensor(rows)].numpy().astype(bool)]
+    pooled = torch.cat([f.deep[torch.as_tensor(rows[s : s + chunk])].float().mean(1) for s in range(0, len(rows), chunk)])
+    return pooled.mean(0), pooled.std(0) + 1e-6
 
 
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
@@ -356,12 +432,17 @@ def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> lis
 
 
 def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print,
-          init: nn.Module | None = None, teacher: tuple[nn.Module, Features] | None = None) -> dict:
+          init: nn.Module | None = None, teacher: tuple[nn.Module, Features] | None = None,
+          checkpoint: Path | None = None) -> dict:
     """Train (or, with `init`, continue training) an embedder; returns the metrics dict.
 
     With `teacher` (a trained embedder and its own feature cache, rows in the same order as `f`),
     the loss adds cfg.distill_cosine / cfg.distill_relational times the distillation terms of each
     view (`distill_terms`) to cfg.contrastive_weight times the InfoNCE terms.
+
+    With `checkpoint` (a file), the model, optimiser, schedule, random states and history are
+    written there after every epoch, and a run that finds one resumes after its last epoch (the
+    same configuration must be given; a finished run's checkpoint trains nothing more).
     """
     if teacher is not None:
         if not np.array_equal(teacher[1].ids, f.ids):
@@ -371,8 +452,39 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     rng = np.random.default_rng(cfg.seed)
     keys = title_keys(f, catalog)
     types = article_types(f, catalog)
-    is_val = np.array([is_validation(i) for i in f.ids])
-    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    train_rows, val_rows = np.flatnonzero(~f.is_val), np.flatnonzero(f.is_val)
+    if cfg.holdout_master_category is not None:
+        if catalog is None:
+            raise ValueError("holdout_master_category needs the catalog (its master categories)")
+        from .catalog import read_catalog
+
+        cats = {p.id: p.record.get("master_category") or "" for p in read_catalog(catalog)}
+        held = np.array([cats[int(i)] == cfg.holdout_master_category for i in f.ids])
+        if not held.any():
+            raise ValueError(f"no product is in master category {cfg.holdout_master_category!r}")
+        train_rows = train_rows[~held[train_rows]]
+    if cfg.uses_renditions and not f.renditions:
+        raise ValueError("rendition_prob, image_instance and caption_weight need renditions and captions in the "
+                         "feature cache (python -m sdk.train.features ... --renditions K)")
+    if cfg.uses_renditions and (model_cfg.image_tuned_blocks or model_cfg.text_tuned_layers):
+        raise ValueError("renditions and captions are cached as the whole towers' features; a model that fine-tunes "
+                         "tower layers cannot read them")
+    cap_keys = tower_stats = None
+    if cfg.caption_weight:
+        if catalog is None:
+            raise ValueError("caption_weight needs the catalog (products that share a caption are not negatives)")
+        from .augment import CAPTIONS, captions
+
+        cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
+    if cfg.tower_relational:
+        tower_stats = pooled_stats(f, train_rows)
+    cap_keys = None
+    if cfg.caption_weight:
+        if catalog is None:
+            raise ValueError("caption_weight needs the catalog (the captions' texts mask shared captions)")
+        from .augment import CAPTIONS, captions
+
+        cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
     model = build_embedder(model_cfg) if init is None else init
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())
@@ -396,7 +508,20 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     t0 = time.time()
     bar = tqdm(total=total, desc=f"train {model_cfg.variant}", unit="step")
     metrics: dict = {}
-    for epoch in range(cfg.epochs):
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=False)  # our own training state (never shipped)
+        if state["train_config"] != cfg.__dict__ or state["model_config"] != json.loads(model_cfg.to_json()):
+            raise ValueError(f"{checkpoint} was written by another configuration; remove it or give the same arguments")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = state["numpy_rng"]
+        start, history = state["epoch"], state["history"]
+        bar.update(start * steps_per_epoch)
+        log(f"resumed from {checkpoint} after epoch {start}")
+    for epoch in range(start, cfg.epochs):
         model.train()
         for rows in make_batches(train_rows, types[train_rows], cfg, rng):
             rows_t = torch.as_tensor(rows)
@@ -409,13 +534,34 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             with torch.set_grad_enabled(not cfg.freeze_image):
                 img_tok = model.encode_image(*feats)  # shared by the views with a photo
             e_mm1 = model(*title, image_tokens=img_tok)
+            img_only = batch_inputs(f, rows, image=True, text=None, image_features=feats)
+            view_tok, e_aug = img_tok, None
+            if cfg.uses_renditions:
+                # a cached rendition of each photo: the description and photo-only views read it
+                # at rendition_prob, and its photo-only vector must find its original's
+                pick = rng.integers(0, f.renditions, len(rows))
+                aug_tok = model.encode_image(torch.from_numpy(f.deep_aug[rows, pick].astype(np.float32)),
+                                             torch.from_numpy(f.shallow_aug[rows, pick].astype(np.float32)))
+                use = (torch.rand(len(rows)) < cfg.rendition_prob)[:, None, None]
+                view_tok = torch.where(use, aug_tok, img_tok)
+                if cfg.image_instance:
+                    e_aug = model(*img_only, image_tokens=aug_tok)
+            e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or tower_stats) else None
             detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
-            e_mm2 = model(*detail, image_keep=keep, image_tokens=img_tok)
+            e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok)
             title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
             keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-            e_img = model(
-                *batch_inputs(f, rows, image=True, text=None, image_features=feats), image_keep=keep_img, image_tokens=img_tok
-            )
+            e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok)
+            e_cap = same_cap = None
+            if cfg.caption_weight:
+                c = rng.integers(0, cap_keys.shape[1], len(rows))
+                cap = (torch.from_numpy(f.caption[rows, c].astype(np.float32)),
+                       torch.from_numpy(f.caption_mask[rows, c].astype(np.float32)))
+                t = int(cap[1].sum(1).max().clamp(min=1))
+                e_cap = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
+                                            text_states=(cap[0][:, :t], cap[1][:, :t])), image_tokens=img_tok)
+                k = cap_keys[rows, c]
+                same_cap = same | torch.as_tensor(k[:, None] == k[None, :])
             e_txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
                                         text_states=title_states), image_tokens=img_tok)
             traced = []
@@ -446,6 +592,14 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                     + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
                     + info_nce(im, tx, same, has_img, all_ok, scale)
                 ) / len(dims)
+                if e_aug is not None:
+                    contrastive = contrastive + cfg.image_instance * info_nce(
+                        matryoshka(e_aug, d), matryoshka(e_clean, d), same, has_img, has_img, scale) / len(dims)
+                if e_cap is not None:
+                    cp = matryoshka(e_cap, d)
+                    contrastive = contrastive + cfg.caption_weight * (
+                        info_nce(cp, mm1, same_cap, all_ok, all_ok, scale) + info_nce(cp, im, same_cap, all_ok, has_img, scale)
+                    ) / len(dims)
                 if traced:
                     mm_t, tx_t, im_t = (matryoshka(e, d) for e in traced)
                     contrastive = contrastive + (
@@ -456,6 +610,10 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                         + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
                     ) / len(dims)
             loss = loss + cfg.contrastive_weight * contrastive
+            if tower_stats is not None and has_img.sum() > 1:
+                ref = F.normalize((feats[0][has_img].mean(1) - tower_stats[0]) / tower_stats[1], dim=-1)
+                loss = loss + cfg.tower_relational * relational_kl(e_clean[has_img], ref, cfg.temperature,
+                                                                   cfg.tower_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -464,8 +622,17 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = evaluate(model, f, val_rows, keys)
-        history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), **metrics})
+        history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1),
+                        **metrics})
         log(json.dumps(history[-1]))
+        if checkpoint is not None:
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{checkpoint}.tmp")
+            torch.save({"epoch": epoch + 1, "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "schedule": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "numpy_rng": rng.bit_generator.state, "train_config": cfg.__dict__,
+                        "model_config": json.loads(model_cfg.to_json())}, tmp)
+            tmp.replace(checkpoint)
     bar.close()
     final = evaluate(model, f, val_rows, keys, dims=dims)
     fire_scales = {
@@ -504,6 +671,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-views", nargs="+", default=["photo+title", "title", "photo"],
                     help="trace views to load (add 'oracle' to also measure the catalog fields' own traces)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the --init embedder on the validation split")
+    ap.add_argument("--rendition-prob", type=float, default=TrainConfig.rendition_prob,
+                    help="share of photo-only and description views whose photo is a cached rendition")
+    ap.add_argument("--image-instance", type=float, default=TrainConfig.image_instance,
+                    help="weight of the rendition <-> original photo term")
+    ap.add_argument("--caption-weight", type=float, default=TrainConfig.caption_weight,
+                    help="weight of the field-caption terms")
+    ap.add_argument("--tower-relational", type=float, default=TrainConfig.tower_relational,
+                    help="weight of the term keeping photo similarities those of the frozen image tower")
+    ap.add_argument("--tower-temperature", type=float, default=TrainConfig.tower_temperature)
+    ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
+                    help="train without this master category (the validation suite's ood family)")
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--checkpoint", default=None, help="checkpoint file: written every epoch, resumed from when present")
     ap.add_argument("--out", default=None, help="folder to write embedder.safetensors + embedder.json")
     ap.add_argument("--report", default=None, help="also write the metrics JSON here")
     args = ap.parse_args(argv)
@@ -520,22 +700,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_only:
         if init is None:
             raise SystemExit("--eval-only needs --init")
-        is_val = np.array([is_validation(i) for i in f.ids])
         f.tune_with(init)
-        res = {"final": evaluate(init, f, np.flatnonzero(is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)}
+        res = {"final": evaluate(init, f, np.flatnonzero(f.is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)}
         print(json.dumps(res["final"], indent=2))
         if args.report:
             Path(args.report).write_text(json.dumps(res, indent=2))
         return
+    try:
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
+                          freeze_image=args.freeze_image, rendition_prob=args.rendition_prob,
+                          image_instance=args.image_instance, caption_weight=args.caption_weight,
+                          tower_relational=args.tower_relational, tower_temperature=args.tower_temperature,
+                          holdout_master_category=args.holdout_master_category, seed=args.seed)
+    except ValueError as exc:
+        ap.error(str(exc))
     res = train(
         init.cfg if init is not None else EmbedderConfig(variant=args.variant),
-        TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
-                    freeze_image=args.freeze_image),
+        cfg,
         f,
         catalog,
         Path(args.out) if args.out else None,
         log=tqdm.write,
         init=init,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
     )
     print(json.dumps(res["final"], indent=2))
     if args.report:

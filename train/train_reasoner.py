@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sdk.train.catalog import is_validation, read_catalog
+from sdk.train.catalog import catalog_split, read_catalog
 from sdk.train.reasoner import (
     PAD,
     TASKS,
@@ -222,8 +222,9 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     features = np.load(features_dir / "img_deep.npy", mmap_mode="r")  # (N, 49, 1280) float16
     has = np.load(features_dir / "has_image.npy")
     deep_rows = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
-    tr = [r for r in records if not is_validation(r["id"])]
-    va = [r for r in records if is_validation(r["id"])]
+    split = catalog_split(catalog)
+    tr = [r for r in records if not split.is_validation(r["id"])]
+    va = [r for r in records if split.is_validation(r["id"])]
     log(f"catalog: {len(tr)} train / {len(va)} validation products; {len(deep_rows)} with photo features")
     if start is not None:
         model, tok = start

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .catalog import is_validation
 
 VIEWS = ("title", "photo", "photo+title")
 
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     hidden = {v: np.load(Path(args.traces) / f"{v}_hidden.npy") for v in VIEWS}
     n_layers = hidden["title"].shape[1] - 1
 
-    is_val = np.array([is_validation(i) for i in f.ids])
+    is_val = f.is_val
     rng = np.random.default_rng(0)
     train_rows = np.flatnonzero(~is_val & has)
     held = rng.choice(train_rows, size=len(train_rows) // 10, replace=False)

@@ -332,16 +332,19 @@ def test_int8_candidates_quantize_the_smoothed_graph_until_the_text_tower_is_fp3
 def test_text_calibration_uses_the_shipped_train_split_titles_by_default(tmp_path):
     from sdk.calib import CalibrationSet
     from sdk.export.build import REPO_CALIB, REPO_SAMPLES, calibration_root
-    from sdk.train.catalog import is_validation
+    from sdk.train.catalog import Split, legacy_is_validation, normalize_title, read_catalog
 
     assert calibration_root(BuildConfig()) == REPO_CALIB
     assert calibration_root(BuildConfig(catalog=tmp_path)) == tmp_path
     assert calibration_root(BuildConfig(samples=tmp_path)) == tmp_path  # your own products: calibrate on them
     assert calibration_root(BuildConfig(samples=tmp_path, calib_titles=REPO_CALIB)) == REPO_CALIB
     records = [json.loads(x) for x in (REPO_CALIB / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(records) == 256 and not any(is_validation(r["id"]) for r in records)
-    sample_ids = {json.loads(x)["id"] for x in (REPO_SAMPLES / "items.jsonl").read_text(encoding="utf-8").splitlines()}
-    assert not sample_ids & {r["id"] for r in records}  # the gates' products are not calibrated on
+    assert len(records) == 256 and not any(legacy_is_validation(r["id"]) for r in records)
+    samples = read_catalog(REPO_SAMPLES)
+    assert not {p.id for p in samples} & {r["id"] for r in records}  # the gates' products are not calibrated on
+    # nor their designs: no calibration title is a sample's (the split's groups)
+    assert not {normalize_title(p.title) for p in samples} & {normalize_title(r["title"]) for r in records}
+    assert Split.of(samples).validation_ids == {p.id for p in samples}
     # every shipped title is drawn (the stratified draw of 256 from 256 takes them all)
     from sdk.train.towers import text_tower_path
 

@@ -16,6 +16,7 @@ TINY = dict(d_model=32, n_heads=4, image_dim=24, shallow_dim=8, text_dim=16, n_i
 
 def write_cache(folder, n=300, seed=0):
     """Image and text tokens are two different noisy linear views of one latent per product."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n, 6))
     A, B, C = rng.normal(size=(6, 24)), rng.normal(size=(6, 16)), rng.normal(size=(6, 16))
@@ -147,3 +148,105 @@ def test_traces_must_match_the_feature_rows(tmp_path):
     (traces / "title.jsonl").write_text("\n".join(lines[::-1]) + "\n")
     with pytest.raises(ValueError, match="do not match"):
         Features(cache).load_traces(traces)
+
+
+def add_views(cache, k=2, seed=2):
+    """Renditions (the photo's tokens, noisier) and two field captions (the text latent, other
+    noise) in the layout `sdk.train.features --renditions K` writes."""
+    rng = np.random.default_rng(seed)
+    deep = np.load(cache / "img_deep.npy").astype(np.float32)
+    shallow = np.load(cache / "img_shallow.npy")
+    np.save(cache / "img_deep_aug.npy", (deep[:, None] + 0.5 * rng.normal(size=(len(deep), k, *deep.shape[1:]))).astype(np.float16))
+    np.save(cache / "img_shallow_aug.npy", np.repeat(shallow[:, None], k, 1))
+    title = np.load(cache / "title_tok.npy").astype(np.float32)
+    cap = title[:, None, :4] + 0.3 * rng.normal(size=(len(title), 2, 4, title.shape[-1]))
+    np.save(cache / "caption_tok.npy", cap.astype(np.float16))
+    np.save(cache / "caption_mask.npy", np.ones((len(title), 2, 4), np.uint8))
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps({**meta, "renditions": k}))
+    return cache
+
+
+def write_catalog_for(cache, folder):
+    """items.jsonl for the cache's ids: titles, article types and master categories."""
+    ids = json.loads((cache / "meta.json").read_text())["ids"]
+    kinds = ["Tshirts", "Shoes", "Watches"]
+    masters = {"Tshirts": "Apparel", "Shoes": "Footwear", "Watches": "Accessories"}
+    with (folder / "items.jsonl").open("w") as out:
+        for i in ids:
+            at = kinds[i % 3]
+            out.write(json.dumps({"id": i, "title": f"product {i}", "article_type": at, "master_category": masters[at],
+                                  "gender": "Men", "base_colour": ["Red", "Blue"][i % 2]}) + "\n")
+    return folder
+
+
+VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_relational=0.5)
+
+
+def test_training_with_renditions_captions_and_tower_relations(tmp_path):
+    cache = add_views(write_cache(tmp_path / "cache"))
+    catalog = write_catalog_for(cache, tmp_path)
+    f = Features(cache)
+    assert f.renditions == 2
+    cfg = TrainConfig(epochs=6, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5, **VIEWS)
+    res = train(EmbedderConfig(**TINY), cfg, f, catalog, None, log=lambda *_: None)
+    assert res["final"]["text->image R@1"] > 0.4, res["final"]
+    assert all(np.isfinite(h["loss"]) for h in res["history"])
+
+
+def test_views_need_their_cache_and_catalog(tmp_path):
+    f = Features(write_cache(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="--renditions"):
+        train(EmbedderConfig(**TINY), TrainConfig(batch_size=32, group_size=4, rendition_prob=0.5), f, None, None)
+    cache = add_views(tmp_path / "cache")
+    with pytest.raises(ValueError, match="caption_weight needs the catalog"):
+        train(EmbedderConfig(**TINY), TrainConfig(batch_size=32, group_size=4, caption_weight=0.5), Features(cache), None,
+              None)
+    with pytest.raises(ValueError, match="rendition_prob"):
+        TrainConfig(rendition_prob=1.5)
+
+
+def test_holdout_master_category_is_never_trained_on(tmp_path, monkeypatch):
+    cache = write_cache(tmp_path / "cache")
+    catalog = write_catalog_for(cache, tmp_path)
+    seen = []
+    import sdk.train.train_embedder as te
+
+    real = te.make_batches
+    monkeypatch.setattr(te, "make_batches", lambda rows, *a: seen.append(rows) or real(rows, *a))
+    cfg = TrainConfig(epochs=1, batch_size=32, group_size=4, holdout_master_category="Footwear")
+    train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=lambda *_: None)
+    ids = np.asarray(json.loads((cache / "meta.json").read_text())["ids"])
+    assert seen and not any(ids[r] % 3 == 1 for r in seen[0]) and len(seen[0]) > 100
+    with pytest.raises(ValueError, match="no product is in master category 'Toys'"):
+        train(EmbedderConfig(**TINY), TrainConfig(batch_size=32, group_size=4, holdout_master_category="Toys"),
+              Features(cache), catalog, None)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    cache = add_views(write_cache(tmp_path / "cache"))
+    catalog = write_catalog_for(cache, tmp_path)
+    cfg = TrainConfig(epochs=3, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5, **VIEWS)
+    whole = train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, tmp_path / "whole", log=lambda *_: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second_epoch(msg):
+        if '"epoch": 2' in msg:
+            raise Stop
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Stop):
+        train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=stop_at_second_epoch, checkpoint=ckpt)
+    logs = []
+    resumed = train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, tmp_path / "resumed", log=logs.append,
+                    checkpoint=ckpt)
+    assert any("resumed" in x and "after epoch 1" in x for x in logs)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    a, b = load_embedder(tmp_path / "whole"), load_embedder(tmp_path / "resumed")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="another configuration"):
+        train(EmbedderConfig(**TINY), TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), Features(cache), catalog, None,
+              checkpoint=ckpt)
