@@ -151,6 +151,39 @@ def load_subject(path: str | Path, threads: int | None = None) -> Subject:
     raise FileNotFoundError(f"{path}: not an embedder folder (embedder.json + embedder.safetensors) nor an engine file")
 
 
+class MemoImageTower:
+    """An image tower that remembers its (deep, shallow) maps per input photo (keyed by the pixel
+    bytes), so the suite runs EfficientNet once per photo and rendition for the probe and every
+    PyTorch subject that reads the same tower (224 px, no fine-tuned blocks)."""
+
+    def __init__(self, tower):
+        self.tower, self.memo = tower, {}
+        self.grid = getattr(tower, "grid", 7)
+
+    def __call__(self, x):
+        import hashlib
+
+        import torch
+
+        keys = [hashlib.sha1(row.numpy().tobytes()).digest() for row in x]  # x: (B, 3, H, W)
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            with torch.no_grad():
+                deep, shallow = self.tower(x[todo])
+            for j, i in enumerate(todo):
+                self.memo[keys[i]] = (deep[j].clone(), shallow[j].clone())
+        return torch.stack([self.memo[k][0] for k in keys]), torch.stack([self.memo[k][1] for k in keys])
+
+
+def share_tower(subject, tower: MemoImageTower):
+    """Give a PyTorch subject (`ReferenceEmbedder`) the suite's memoised image tower where it
+    reads the same one; other subjects are returned as they are."""
+    cfg = getattr(getattr(subject, "model", None), "cfg", None)
+    if cfg is not None and hasattr(subject, "image_tower") and cfg.image_size == 224 and not cfg.image_tuned_blocks:
+        subject.image_tower = tower
+    return subject
+
+
 class ProbeTowers(Protocol):
     """Frozen features a linear probe reads: (N, Di) per photo and (N, Dt) per text."""
 
@@ -169,7 +202,7 @@ class FrozenTowers:
         from .features import TITLE_LEN
         from .towers import load_image_tower, load_text_tower, text_tower_path
 
-        self.image, self.text = load_image_tower(), load_text_tower()
+        self.image, self.text = MemoImageTower(load_image_tower()), load_text_tower()
         self.preprocess = ImagePreprocess()
         self.tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", TITLE_LEN)
         self.batch_size = batch_size
@@ -590,6 +623,9 @@ def run_suite(catalog: str | Path, subjects: dict[str, Subject], *, ood_subjects
     val = ValidationSet.of([p for p in products if split.is_validation(p.id)], cfg.limit)
     log(f"validation: {len(val.products)} products, {len(val.with_photo)} with a photo ({split.summary()})")
     towers = towers or FrozenTowers()
+    if isinstance(getattr(towers, "image", None), MemoImageTower):
+        subjects = {n: share_tower(s, towers.image) for n, s in subjects.items()}
+        ood_subjects = {n: share_tower(s, towers.image) for n, s in (ood_subjects or {}).items()}
     report: dict = {"format": FORMAT, "catalog": str(catalog), "split": split.summary(),
                     "validation_products": len(val.products), "validation_photos": int(len(val.with_photo)),
                     "config": asdict(cfg), "probe": {}, "results": {}, "verdict": {}}

@@ -343,7 +343,20 @@ def _stage3_grpo(before: dict, after: dict) -> list[str]:
     ]
 
 
-def render(reports: dict, features_meta: dict, model_config: dict) -> str:
+def _suite(suite: dict | None) -> list[str]:
+    """The validation suite's table (sdk.train.evaluate) on the leak-free split, when given."""
+    if suite is None:
+        return []
+    from .evaluate import render_markdown
+
+    return ["## Validation suite (leak-free split)",
+            "Every task family beside a linear probe over the same frozen towers, trained and measured in",
+            "the same run ([docs/validation.md](../../docs/validation.md) says what each family measures).",
+            f"Command: `{suite.get('command', 'python -m sdk.train.evaluate')}`.", "",
+            *render_markdown(suite).rstrip("\n").split("\n"), ""]
+
+
+def render(reports: dict, features_meta: dict, model_config: dict, suite: dict | None = None) -> str:
     full = reports["full"]
     tc = full["train_config"]
     dropout = model_config.get("dropout")
@@ -405,6 +418,9 @@ def render(reports: dict, features_meta: dict, model_config: dict) -> str:
         f"  {tc['epochs']} epochs, seed {tc['seed']}, dropout {dropout}, 2 CPU cores (one thread per run).",
         "",
         "## Validation results and ablation",
+        *(["Measured when the model was trained, on the earlier split (validation: ids ending in 0, which",
+           "let a validation product share its title or photo with a training one); the suite below",
+           "measures on the leak-free split.", ""] if suite is not None else []),
         "Retrieval among the validation products; a hit is a product with the query's title (the",
         "same product or another colour/size of the same design). text->image: title alone vs.",
         "photos alone; image->text: photo vs. all titles; mm->mm: photo+title vs. the mirrored",
@@ -422,6 +438,7 @@ def render(reports: dict, features_meta: dict, model_config: dict) -> str:
         *_matryoshka(full),
         "",
         *_traces(reports),
+        *_suite(suite),
         "## Reproduce",
         "```bash",
         "bash scripts/setup.sh",
@@ -450,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reports", type=Path, default=Path("runs"), help="folder with <variant>.json reports")
     ap.add_argument("--features", type=Path, default=Path(".cache/features"))
     ap.add_argument("--out", type=Path, default=Path("train/weights/MODEL_CARD.md"))
+    ap.add_argument("--suite", type=Path, default=None, help="the validation suite's report (sdk.train.evaluate) to add")
     args = ap.parse_args(argv)
     names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "full_trace", "full_trace_eval", "tte", "grpo",
                                         "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval", "tte3", "grpo3"]
@@ -458,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}
     if "full" not in reports:
         raise SystemExit(f"no report for the full model in {args.reports}")
-    args.out.write_text(render(reports, features_record(args.reports, args.features), _model_config(args.reports)))
+    suite = json.loads(args.suite.read_text()) if args.suite else None
+    args.out.write_text(render(reports, features_record(args.reports, args.features), _model_config(args.reports), suite))
     print(f"wrote {args.out}")
 
 

@@ -233,3 +233,30 @@ def test_linear_probe_embeds_each_modality():
     assert v.shape == (3, 8) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     both = v[0] + v[1]
     assert np.allclose(v[2], both / np.linalg.norm(both), atol=1e-5)
+
+
+def test_memo_tower_runs_each_photo_once_and_is_shared_only_where_it_fits():
+    import torch
+
+    from sdk.train.evaluate import MemoImageTower, share_tower
+
+    calls = []
+
+    def tower(x):
+        calls.append(len(x))
+        return x.mean(1).flatten(1)[:, :, None].repeat(1, 1, 2), x[:, :1].flatten(1)[:, :, None]
+
+    memo = MemoImageTower(tower)
+    x = torch.rand(3, 3, 4, 4)
+    first = memo(x)
+    again = memo(torch.cat([x[2:], x[:1], torch.rand(1, 3, 4, 4)]))
+    assert calls == [3, 1]  # only the new photo ran
+    assert torch.equal(again[0][0], first[0][2]) and torch.equal(again[1][1], first[1][0])
+    from types import SimpleNamespace
+
+    fits = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=224, image_tuned_blocks=0)), image_tower=None)
+    student = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=128, image_tuned_blocks=0)),
+                              image_tower=None)
+    assert share_tower(fits, memo).image_tower is memo and share_tower(student, memo).image_tower is None
+    engine = object()
+    assert share_tower(engine, memo) is engine

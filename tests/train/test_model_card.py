@@ -68,3 +68,30 @@ def test_the_kept_features_record_wins_over_the_local_cache(tmp_path):
     (reports / "features.json").write_text(json.dumps(kept))
     assert features_record(reports, cache) == kept
     assert features_record(tmp_path / "none", tmp_path / "none") == {}
+
+
+def test_card_adds_the_validation_suite_when_given():
+    import json
+    from pathlib import Path
+
+    from sdk.train.model_card import _model_config, features_record, render
+
+    weights = Path(__file__).resolve().parents[2] / "train" / "weights"
+    reports = {p.stem: json.loads(p.read_text()) for p in (weights / "reports").glob("*.json")}
+    if "full_trace" in reports and "full_trace_eval" in reports:
+        reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}
+    meta, cfg = features_record(weights / "reports", weights / "no-cache"), _model_config(weights / "reports")
+    # without a suite the card is the committed one: it is generated, never edited by hand
+    assert render(reports, meta, cfg) == (weights / "MODEL_CARD.md").read_text()
+    cm = lambda r1, r10: {"title->photo": {"R@1": r1, "R@10": r10}, "photo->title": {"R@1": r1, "R@10": r10}}  # noqa: E731
+    suite = {"results": {"probe": {"cross_modal": cm(0.2, 0.5)}, "teacher": {"cross_modal": cm(0.25, 0.6)}},
+             "verdict": {"teacher": {"beats_probe": True, "not_scored": [],
+                                     "families": {"cross_modal": {"min_delta": 0.05, "beats_probe": True}}}},
+             "config": {"families": ["cross_modal"], "margin": 0.02}, "validation_photos": 10,
+             "split": {"rule": "leak-free-v1", "validation": 12, "train": 30},
+             "probe": {"training": {"lr": 0.001, "epochs": 7}}, "command": "python -m sdk.train.evaluate --catalog c"}
+    card = render(reports, meta, cfg, suite)
+    assert "## Validation suite (leak-free split)" in card and "`python -m sdk.train.evaluate --catalog c`" in card
+    assert "| cross-modal | title->photo R@10 | 0.500 | 0.600 | +10.0 |" in card
+    assert "measured when the model was trained, on the earlier split" in card.lower()
+    assert card.index("## Validation suite") < card.index("## Reproduce")
