@@ -117,7 +117,7 @@ def weighted_f1(y: np.ndarray, pred: np.ndarray) -> float:
         rec = tp / float(np.sum(y == c))
         f1 = 0.0 if tp == 0 else 2 * prec * rec / (prec + rec)
         score += f1 * np.sum(y == c) / total
-    return round(score, 4)
+    return round(float(score), 4)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -547,7 +547,7 @@ def headline(family_result: dict, family: str) -> dict[str, float]:
         elif family == "knn":
             flat[f"{task} accuracy"] = v["accuracy"]
         elif family == "ood":  # the held-out category's own families
-            flat.update({f"{task}: {m}": x for m, x in headline(v, task).items()})
+            flat.update({f"{FAMILY_TITLES.get(task, task)}: {m}": x for m, x in headline(v, task).items()})
         else:
             flat.update({f"{task} {m}": x for m, x in v.items() if m.startswith("R@")})
     return flat
@@ -560,7 +560,7 @@ def compare(subject: dict, probe: dict, margin: float) -> dict:
         mine, theirs = headline(res, family), headline(probe.get(family, {}), family)
         deltas = {m: round(v - theirs[m], 4) for m, v in mine.items() if m in theirs}
         if deltas:
-            out[family] = {"min_delta": min(deltas.values()), "beats_probe": min(deltas.values()) >= margin - 1e-9,
+            out[family] = {"min_delta": min(deltas.values()), "beats_probe": bool(min(deltas.values()) >= margin - 1e-9),
                            "deltas": deltas}
     return out
 
@@ -660,7 +660,7 @@ def run_suite(catalog: str | Path, subjects: dict[str, Subject], *, ood_subjects
         fams = compare(res, report["results"]["probe"], cfg.margin)
         judged = [f for f in cfg.families if headline(report["results"]["probe"].get(f, {}), f)]
         missing = [f for f in judged if f not in fams]
-        report["verdict"][name] = {"beats_probe": not missing and all(f["beats_probe"] for f in fams.values()),
+        report["verdict"][name] = {"beats_probe": bool(not missing and all(f["beats_probe"] for f in fams.values())),
                                    "margin": cfg.margin, "not_scored": missing, "families": fams}
     report["seconds"] = round(time.time() - t0, 1)
     return report
@@ -689,7 +689,10 @@ def render_markdown(report: dict) -> str:
             for n in names:
                 v = headline(results[n].get(family, {}), family).get(metric)
                 cells += ["—", ""] if v is None else [f"{v:.3f}", f"{100 * (v - base):+.1f}"]
-            lines.append(f"| {FAMILY_TITLES[family]} | {metric} | {base:.3f} | " + " | ".join(cells) + " |")
+            title = FAMILY_TITLES[family]
+            if family == "ood" and "holdout" in report.get("ood", {}):
+                title = f"held-out category ({report['ood']['holdout']}, trained without it)"
+            lines.append(f"| {title} | {metric} | {base:.3f} | " + " | ".join(cells) + " |")
     margin = report["config"]["margin"]
     lines.append("")
     for n in names:

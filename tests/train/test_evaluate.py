@@ -95,6 +95,7 @@ def suite(tmp_path_factory):
 
 def test_split_of_the_test_catalog_is_leak_free(suite):
     cat, report = suite
+    assert json.dumps(json.loads(json.dumps(report))) == json.dumps(report)  # plain JSON types all the way down
     assert report["split"]["validation"] == report["validation_products"] == 156
     assert report["validation_photos"] == 150
 
