@@ -646,7 +646,8 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
 def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool, log=print):
     """Export the image completion weights in `folder` -> (manifest section, parts), or (None, {})
     when they were trained against other embedder weights and were not asked for explicitly."""
-    from sdk.train.completion import file_sha256, load_completion
+    from sdk.train.catalog import file_sha256
+    from sdk.train.completion import load_completion
 
     from .bundle import completion_parts
     from .onnx_completion import CompletionExportConfig, export_completion_onnx

@@ -34,7 +34,6 @@ only the completion module trains.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .catalog import file_sha256
 from .embedder import FFN, IMAGE, TEXT, Attention
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "completion"

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from .catalog import read_catalog
-    from .completion import EMBEDDER_DIR, WEIGHTS_DIR, file_sha256, image_tokens, load_completion
+    from .catalog import file_sha256
+    from .completion import EMBEDDER_DIR, WEIGHTS_DIR, image_tokens, load_completion
     from .embedder import load_embedder
     from .features import TITLE_LEN, text_features
     from .towers import load_text_tower, text_tower_path

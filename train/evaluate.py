@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field

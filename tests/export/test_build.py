@@ -189,7 +189,8 @@ def test_runtime_on_the_built_engine_matches_the_teacher(int8_engine):
 def test_built_engine_completes_a_missing_photo_when_the_weights_fit(int8_engine):
     from sdk.embedder import Embedder
     from sdk.engine import EngineFile
-    from sdk.train.completion import EMBEDDER_DIR, WEIGHTS_DIR, file_sha256
+    from sdk.train.catalog import file_sha256
+    from sdk.train.completion import EMBEDDER_DIR, WEIGHTS_DIR
 
     meta = json.loads((WEIGHTS_DIR / "completion.json").read_text())
     e = Embedder(int8_engine)
