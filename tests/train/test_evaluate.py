@@ -261,3 +261,33 @@ def test_memo_tower_runs_each_photo_once_and_is_shared_only_where_it_fits():
     assert share_tower(fits, memo).image_tower is memo and share_tower(student, memo).image_tower is None
     engine = object()
     assert share_tower(engine, memo) is engine
+
+
+def test_the_documented_table_is_the_committed_reports():
+    """docs/validation.md's table is generated from docs/results/suite.json, never edited by hand."""
+    from pathlib import Path
+
+    from sdk.train.evaluate import BEGIN, END
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    report = json.loads((docs / "results" / "suite.json").read_text())
+    page = (docs / "validation.md").read_text()
+    table = page.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert table.strip() == render_markdown(report).strip()
+    assert report["split"]["rule"] == "leak-free-v1" and report["results"]["probe"]["cross_modal"]
+    assert "command" in report and "python -m sdk.train.evaluate" in report["command"]
+
+
+def test_write_table_keeps_the_rest_of_the_page(tmp_path, suite):
+    from sdk.train.evaluate import BEGIN, END, write_table
+
+    _, report = suite
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\nintro\n\n{BEGIN}\nold table\n{END}\n\nafter\n")
+    write_table(report, page)
+    text = page.read_text()
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{END}\n\nafter\n")
+    assert "old table" not in text and "| cross-modal |" in text
+    plain = tmp_path / "plain.md"
+    write_table(report, plain)
+    assert plain.read_text() == render_markdown(report)
