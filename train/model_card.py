@@ -352,7 +352,9 @@ def _suite(suite: dict | None) -> list[str]:
     return ["## Validation suite (leak-free split)",
             "Every task family beside a linear probe over the same frozen towers, trained and measured in",
             "the same run ([docs/validation.md](../../docs/validation.md) says what each family measures).",
-            f"Command: `{suite.get('command', 'python -m sdk.train.evaluate')}`.", "",
+            f"Command: `{suite.get('command', 'python -m sdk.train.evaluate')}`.",
+            *[f"These weights are `{name}` in the table." for name, path in suite.get("subjects", {}).items()
+              if str(path).rstrip("/") in ("train/weights", "sdk/train/weights")], "",
             *render_markdown(suite).rstrip("\n").split("\n"), ""]
 
 

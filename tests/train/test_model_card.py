@@ -81,8 +81,10 @@ def test_card_adds_the_validation_suite_when_given():
     if "full_trace" in reports and "full_trace_eval" in reports:
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}
     meta, cfg = features_record(weights / "reports", weights / "no-cache"), _model_config(weights / "reports")
-    # without a suite the card is the committed one: it is generated, never edited by hand
-    assert render(reports, meta, cfg) == (weights / "MODEL_CARD.md").read_text()
+    # the committed card is generated (with the committed suite report), never edited by hand
+    committed = json.loads((weights.parents[1] / "docs" / "results" / "suite.json").read_text())
+    assert render(reports, meta, cfg, committed) == (weights / "MODEL_CARD.md").read_text()
+    assert "## Validation suite" not in render(reports, meta, cfg)
     cm = lambda r1, r10: {"title->photo": {"R@1": r1, "R@10": r10}, "photo->title": {"R@1": r1, "R@10": r10}}  # noqa: E731
     suite = {"results": {"probe": {"cross_modal": cm(0.2, 0.5)}, "teacher": {"cross_modal": cm(0.25, 0.6)}},
              "verdict": {"teacher": {"beats_probe": True, "not_scored": [],
