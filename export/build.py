@@ -208,7 +208,8 @@ def eval_products(catalog, samples, limit: int) -> list[tuple[Path, str]]:
     if catalog is not None:
         from sdk.train.catalog import catalog_split, read_catalog
 
-        items = [(p.image, p.title) for p in read_catalog(catalog) if catalog_split(catalog).is_validation(p.id) and p.image]
+        split = catalog_split(catalog)
+        items = [(p.image, p.title) for p in read_catalog(catalog) if split.is_validation(p.id) and p.image]
     else:
         root = Path(samples)
         path = root / "items.jsonl"

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     has = np.load(a.features / "has_image.npy")
     deep_rows = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
     features = np.load(a.features / "img_deep.npy", mmap_mode="r")
-    recs = [p.record for p in read_catalog(a.catalog) if catalog_split(a.catalog).is_validation(p.id) and p.id in deep_rows][: a.speed_products]
+    split = catalog_split(a.catalog)
+    recs = [p.record for p in read_catalog(a.catalog) if split.is_validation(p.id) and p.id in deep_rows][: a.speed_products]
     student, _ = load_reasoner(a.out)
     torch.set_num_threads(1)
     sp_t = decode_speed(teacher, tok, recs, deep_rows, features)

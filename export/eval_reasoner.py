@@ -59,7 +59,8 @@ def eval_records(catalog: str | Path | None, samples: str | Path | None, limit: 
     root = catalog if catalog is not None else samples
     if root is None:
         raise ValueError("give a catalog or a samples folder")
-    products = [p for p in read_catalog(root) if p.image is not None and (catalog is None or catalog_split(catalog).is_validation(p.id))]
+    split = catalog_split(catalog) if catalog is not None else None
+    products = [p for p in read_catalog(root) if p.image is not None and (split is None or split.is_validation(p.id))]
     return [{**p.record, "image": str(p.image)} for p in products[:limit]]
 
 

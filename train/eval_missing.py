@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/mmpc/eval_missing.json")
     args = ap.parse_args(argv)
 
-    from .catalog import read_catalog
-    from .catalog import file_sha256
+    from .catalog import file_sha256, read_catalog
     from .completion import EMBEDDER_DIR, WEIGHTS_DIR, image_tokens, load_completion
     from .embedder import load_embedder
     from .features import TITLE_LEN, text_features
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = title_keys(features, args.catalog)
     products = {p.id: p for p in read_catalog(args.catalog)}
     has = features.has_image.numpy().astype(bool)
-    rows = np.array([i for i, pid in enumerate(features.ids) if features.is_val[i] and has[i]], np.int64)
+    rows = np.flatnonzero(features.is_val & has)
     val = [products[int(features.ids[i])] for i in rows]
 
     captions = generate_captions(args.engine, val, args.captions)

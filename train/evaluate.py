@@ -400,6 +400,14 @@ class ValidationSet:
     title_key: np.ndarray  # per product: its normalised title's number
     photo_key: np.ndarray  # per product with a photo: its photo's number (byte-identical photos share one)
     field_values: dict[str, np.ndarray] = field(default_factory=dict)
+    _rendered: dict[str, list] = field(default_factory=dict)
+
+    def rendered(self) -> dict[str, list]:
+        """Each of `RENDITIONS` of every photo, made once and shared by every subject (the same
+        pixels, so a memoised tower runs on them once)."""
+        if not self._rendered:
+            self._rendered.update({name: [fn(im) for im in self.photos] for name, fn in RENDITIONS.items()})
+        return self._rendered
 
     @classmethod
     def of(cls, products: Sequence[Product], limit: int = 0) -> "ValidationSet":
@@ -506,7 +514,7 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
                                 "photo->title": recall_at_k(li, ttl[legacy], k[lp], k[legacy])}
         res["cross_modal"] = out
     if "renditions" in families or "mm_rendition" in families:
-        rendered = {name: [fn(im) for im in val.photos] for name, fn in RENDITIONS.items()}
+        rendered = val.rendered()
     if "renditions" in families:
         res["renditions"] = {name: recall_at_k(_embed(subject, images=r, batch_size=bs), img, val.photo_key, val.photo_key)
                              for name, r in rendered.items()}

@@ -5,8 +5,8 @@
 Writes, per product (rows in catalog order, ids in meta.json):
   img_deep (N, 49, 1280) fp16, img_shallow (N, 49, 152) fp16, has_image (N,) bool,
   title_tok (N, 32, 384) fp16 + title_mask, detail_tok (N, 96, 384) fp16 + detail_mask,
-  and for validation products (the catalog's leak-free split, `catalog.Split`; their ids in meta.json)
-the horizontally flipped photo's maps (img_*_flip) as a second view.
+  and for validation products (the catalog's leak-free split, `catalog.Split`; their ids in
+  meta.json) the horizontally flipped photo's maps (img_*_flip) as a second view.
 
 For a distilled student's cheaper towers (`sdk.export.distill`), `--image-size 160 --text-layers 3`
 caches what they give instead (25 image tokens, the states after MiniLM's third layer):

@@ -183,9 +183,9 @@ def score(folder: Path, catalog: str) -> dict:
     result = {}
     for path in sorted(folder.glob("*.jsonl")):
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for split, keep in (("train", False), ("validation", True)):
+        for part, keep in (("train", False), ("validation", True)):
             sel = [r for r in rows if split.is_validation(r["id"]) == keep]
-            result[f"{path.stem} {split}"] = field_accuracy([r["trace"] for r in sel],
+            result[f"{path.stem} {part}"] = field_accuracy([r["trace"] for r in sel],
                                                             [products[r["id"]].record for r in sel])
     return result
 

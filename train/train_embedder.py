@@ -478,13 +478,6 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
     if cfg.tower_relational:
         tower_stats = pooled_stats(f, train_rows)
-    cap_keys = None
-    if cfg.caption_weight:
-        if catalog is None:
-            raise ValueError("caption_weight needs the catalog (the captions' texts mask shared captions)")
-        from .augment import CAPTIONS, captions
-
-        cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
     model = build_embedder(model_cfg) if init is None else init
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())

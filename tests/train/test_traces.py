@@ -84,3 +84,23 @@ def test_field_accuracy_reads_the_stated_fields():
     texts = ["<think> the article type is Tshirts; the colour is Navy Blue; the gender is Women </think> x",
              "<think> the article type is Tshirts; the gender is Women </think> y"]
     assert field_accuracy(texts, recs) == {"article type": 0.5, "colour": 0.5, "gender": 0.5}
+
+
+def test_score_reads_the_split_and_parts_training_from_validation(tmp_path):
+    import json
+
+    from sdk.train.traces import score
+
+    recs = [{"id": 10, "title": "Blue Shirt", "article_type": "Shirts", "base_colour": "Blue", "gender": "Men"},
+            {"id": 11, "title": "blue shirt", "article_type": "Shirts", "base_colour": "Blue", "gender": "Men"},
+            {"id": 13, "title": "Red Shoe", "article_type": "Shoes", "base_colour": "Red", "gender": "Women"}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    traces = {10: "the article type is shirts; the colour is blue", 11: "the article type is shirts; the colour is red",
+              13: "the article type is shoes; the gender is women"}
+    (folder / "title.jsonl").write_text("".join(json.dumps({"id": i, "trace": t}) + "\n" for i, t in traces.items()))
+    got = score(folder, str(tmp_path))
+    # 11 shares 10's design, so it is validation too; 13 alone trains
+    assert got["title validation"] == {"article type": 1.0, "colour": 0.5, "gender": 0.0}
+    assert got["title train"] == {"article type": 1.0, "colour": 0.0, "gender": 1.0}
