@@ -23,7 +23,9 @@ rendition of the photo (thumbnail, JPEG, crop, grayscale, light); `--image-insta
 rendition -> original photo term; `--caption-weight w` adds field captions ("Men Blue Tshirts")
 -> photo + title and <-> photo terms; `--tower-relational w` keeps the photo vectors' in-batch
 similarities those of the frozen image tower's standardised pooled features (KL at
-`--tower-temperature`). `--holdout-master-category Footwear` trains without that category (the
+`--tower-temperature`); `--text-relational w` and `--mm-relational w` do the same for the title-only
+vectors (against MiniLM's pooled title states) and the photo + title vectors (against both).
+`--holdout-master-category Footwear` trains without that category (the
 validation suite's out-of-domain family). `--checkpoint FILE` saves every epoch and resumes.
 """
 
@@ -43,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .catalog import SPLIT_RULE, catalog_split, legacy_is_validation, normalize_title
-from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, matryoshka, save_embedder
+from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
 
 
 @dataclass
@@ -80,6 +82,12 @@ class TrainConfig:
     caption_weight: float = 0.0
     tower_relational: float = 0.0
     tower_temperature: float = 0.05
+    # the same relational term for the title-only vectors against MiniLM's standardised pooled
+    # title states, and for the photo + title vectors against both towers' (each standardised,
+    # normalised, concatenated: the probe's sum of the two): what nearest-neighbour categories
+    # and zero-shot prompts read
+    text_relational: float = 0.0
+    mm_relational: float = 0.0
     # train without this master category (the validation suite's out-of-domain family)
     holdout_master_category: str | None = None
 
@@ -100,8 +108,9 @@ class TrainConfig:
             raise ValueError(f"distill_temperature must be in (0, 1), got {self.distill_temperature}")
         if not 0.0 <= self.rendition_prob <= 1.0:
             raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
-        if min(self.image_instance, self.caption_weight, self.tower_relational) < 0:
-            raise ValueError(f"image_instance, caption_weight and tower_relational must be >= 0: {self}")
+        if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
+               self.mm_relational) < 0:
+            raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
         if not 0.0 < self.tower_temperature < 1.0:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
 
@@ -412,6 +421,18 @@ def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch
     return pooled.mean(0), pooled.std(0) + 1e-6
 
 
+def title_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the text tower's mean-pooled title states over `rows`."""
+    pooled = torch.cat([masked_mean(f.title[r].float(), f.title_mask[r].float())
+                        for r in (torch.as_tensor(rows[s : s + chunk]) for s in range(0, len(rows), chunk))])
+    return pooled.mean(0), pooled.std(0) + 1e-6
+
+
+def standardized(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Pooled tower features (B, C), standardised by `stats` and L2-normalised."""
+    return F.normalize((x - stats[0]) / stats[1], dim=-1)
+
+
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
     """AdamW groups: matrices decay, vectors/positions/queries do not; fine-tuned pretrained tower
     layers (`text_tail.*`, `image_tail.*`) learn at cfg.tower_lr_scale of the rate with a light
@@ -476,8 +497,11 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         from .augment import CAPTIONS, captions
 
         cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
-    if cfg.tower_relational:
+    text_stats = None
+    if cfg.tower_relational or cfg.mm_relational:
         tower_stats = pooled_stats(f, train_rows)
+    if cfg.text_relational or cfg.mm_relational:
+        text_stats = title_stats(f, train_rows)
     model = build_embedder(model_cfg) if init is None else init
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())
@@ -539,7 +563,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 view_tok = torch.where(use, aug_tok, img_tok)
                 if cfg.image_instance:
                     e_aug = model(*img_only, image_tokens=aug_tok)
-            e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or tower_stats) else None
+            e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational) else None
             detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
             e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok)
             title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
@@ -603,10 +627,16 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                         + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
                     ) / len(dims)
             loss = loss + cfg.contrastive_weight * contrastive
-            if tower_stats is not None and has_img.sum() > 1:
-                ref = F.normalize((feats[0][has_img].mean(1) - tower_stats[0]) / tower_stats[1], dim=-1)
-                loss = loss + cfg.tower_relational * relational_kl(e_clean[has_img], ref, cfg.temperature,
-                                                                   cfg.tower_temperature)
+            rel = lambda e, ref: relational_kl(e, ref, cfg.temperature, cfg.tower_temperature)  # noqa: E731
+            ref_img = standardized(feats[0][has_img].mean(1), tower_stats) if tower_stats is not None else None
+            ref_txt = standardized(masked_mean(*title_states), text_stats) if text_stats is not None else None
+            if cfg.tower_relational and has_img.sum() > 1:
+                loss = loss + cfg.tower_relational * rel(e_clean[has_img], ref_img)
+            if cfg.text_relational:
+                loss = loss + cfg.text_relational * rel(e_txt, ref_txt)
+            if cfg.mm_relational and has_img.sum() > 1:
+                ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
+                loss = loss + cfg.mm_relational * rel(e_mm1[has_img], ref_mm)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -673,6 +703,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tower-relational", type=float, default=TrainConfig.tower_relational,
                     help="weight of the term keeping photo similarities those of the frozen image tower")
     ap.add_argument("--tower-temperature", type=float, default=TrainConfig.tower_temperature)
+    ap.add_argument("--text-relational", type=float, default=TrainConfig.text_relational,
+                    help="weight of the title-only vectors' relational term against MiniLM's pooled title states")
+    ap.add_argument("--mm-relational", type=float, default=TrainConfig.mm_relational,
+                    help="weight of the photo + title vectors' relational term against both towers' pooled features")
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
                     help="train without this master category (the validation suite's ood family)")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -704,6 +738,7 @@ def main(argv: list[str] | None = None) -> None:
                           freeze_image=args.freeze_image, rendition_prob=args.rendition_prob,
                           image_instance=args.image_instance, caption_weight=args.caption_weight,
                           tower_relational=args.tower_relational, tower_temperature=args.tower_temperature,
+                          text_relational=args.text_relational, mm_relational=args.mm_relational,
                           holdout_master_category=args.holdout_master_category, seed=args.seed)
     except ValueError as exc:
         ap.error(str(exc))

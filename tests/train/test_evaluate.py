@@ -291,3 +291,15 @@ def test_write_table_keeps_the_rest_of_the_page(tmp_path, suite):
     plain = tmp_path / "plain.md"
     write_table(report, plain)
     assert plain.read_text() == render_markdown(report)
+
+
+def test_near_a_perfect_score_the_margin_is_half_the_headroom():
+    from sdk.train.evaluate import compare, required_margin
+
+    assert required_margin(0.5, 0.02) == 0.02 and required_margin(0.996, 0.02) == pytest.approx(0.002)
+    assert required_margin(1.0, 0.02) == 0.0
+    probe = {"renditions": {"jpeg": {"R@1": 0.90, "R@10": 0.996}}}
+    ok = compare({"renditions": {"jpeg": {"R@1": 0.93, "R@10": 0.999}}}, probe, 0.02)["renditions"]
+    assert ok["beats_probe"] and ok["required"] == {"jpeg R@1": 0.02, "jpeg R@10": 0.002}
+    short = compare({"renditions": {"jpeg": {"R@1": 0.93, "R@10": 0.997}}}, probe, 0.02)["renditions"]
+    assert not short["beats_probe"] and short["min_excess"] == pytest.approx(-0.001)

@@ -180,7 +180,8 @@ def write_catalog_for(cache, folder):
     return folder
 
 
-VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_relational=0.5)
+VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_relational=0.5, text_relational=0.5,
+             mm_relational=0.5)
 
 
 def test_training_with_renditions_captions_and_tower_relations(tmp_path):
@@ -192,6 +193,20 @@ def test_training_with_renditions_captions_and_tower_relations(tmp_path):
     res = train(EmbedderConfig(**TINY), cfg, f, catalog, None, log=lambda *_: None)
     assert res["final"]["text->image R@1"] > 0.4, res["final"]
     assert all(np.isfinite(h["loss"]) for h in res["history"])
+
+
+def test_title_stats_standardise_the_pooled_title_states(tmp_path):
+    from sdk.train.train_embedder import standardized, title_stats
+
+    f = Features(write_cache(tmp_path / "cache"))
+    rows = np.arange(0, len(f), 2)
+    tok, mask = f.title[rows].float().numpy(), f.title_mask[rows].float().numpy()
+    pooled = (tok * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    mean, std = title_stats(f, rows, chunk=7)
+    np.testing.assert_allclose(mean.numpy(), pooled.mean(0), atol=1e-5)
+    np.testing.assert_allclose(std.numpy(), pooled.std(0, ddof=1) + 1e-6, rtol=1e-4)
+    z = standardized(torch.from_numpy(pooled), (mean, std)).numpy()
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
 
 
 def test_views_need_their_cache_and_catalog(tmp_path):
