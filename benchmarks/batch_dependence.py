@@ -4,7 +4,7 @@ embedded one at a time against the same products in batches of 8, 32 and 150 (co
     .venv/bin/python benchmarks/batch_dependence.py moon3.engine
 
 An INT8-dynamic engine takes one activation scale per tensor, i.e. per batch, so its vectors move
-slightly with their batch neighbours; FP32 and FP16 engines do not (README, "Guarantees").
+slightly with their batch neighbours; FP32 and FP16 engines do not (docs/reliability.md, "Batches").
 """
 
 from __future__ import annotations

@@ -445,8 +445,8 @@ Cosine of the student's vectors to the teacher's (same product, same view):
 {cos}
 
 The student lives in its own space: search a catalog embedded with the same engine, never mix its
-vectors with the teacher's. Latency and fidelity of its compiled engine: see the README ("Distilled
-students").
+vectors with the teacher's. Latency and fidelity of its compiled engine: see docs/students.md
+in the moon3-sdk repository.
 """
 
 

@@ -2,7 +2,7 @@
 file reader, image decoding, arrays and text tokenisation. Only the documented exception types
 (SdkError subclasses) may escape; nothing may crash or hang (the hang guard of conftest.py).
 
-The longer, coverage-guided run is tests/reliability/fuzz_atheris.py (see the README).
+The longer, coverage-guided run is tests/reliability/fuzz_atheris.py (see docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -175,3 +175,81 @@ def test_command_lines_parse(capsys):
         except SystemExit:
             why = capsys.readouterr().err.strip().splitlines()[-1:]
             pytest.fail(f"README.md: `{shlex.join(argv)}` does not parse: {' '.join(why)}", pytrace=False)
+
+
+# --- The README fits on a page, and its map of docs/ points at real pages -------------------------
+
+MAX_README_LINES = 250
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (links inside code are not links)."""
+    return re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page (lower case, punctuation dropped, spaces to '-',
+    '-1', '-2' ... for repeated headings)."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in _prose(page.read_text(encoding="utf-8")).splitlines():
+        m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            anchors.add(f"{slug}-{n}" if n else slug)
+    return anchors
+
+
+def _broken_links(page: Path) -> list[str]:
+    """Each relative link of `page` whose file (or heading anchor, in a Markdown file) is missing."""
+    broken = []
+    for target in LINK.findall(_prose(page.read_text(encoding="utf-8"))):
+        if re.match(r"[a-zA-Z][\w+.-]*:", target):  # https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target} (no heading with that anchor)")
+    return broken
+
+
+def test_readme_fits_on_a_page():
+    n = len(README.read_text(encoding="utf-8").splitlines())
+    assert n <= MAX_README_LINES, (f"README.md has {n} lines (at most {MAX_README_LINES}): move the long "
+                                   "sections to a page under docs/ and link it from the README's map")
+
+
+def test_readme_links_resolve():
+    assert not _broken_links(README), f"README.md: broken links {_broken_links(README)}"
+
+
+def test_readme_maps_every_docs_page():
+    """Every docs/*.md the README links exists (test above), and every docs page is in its map."""
+    linked = {(README.parent / t.partition("#")[0]).resolve()
+              for t in LINK.findall(_prose(README.read_text(encoding="utf-8")))}
+    pages = sorted((REPO / "docs").glob("*.md"))
+    assert pages, "docs/ has no pages"
+    missing = [p.name for p in pages if p.resolve() not in linked]
+    assert not missing, f"README.md's map of docs/ does not link {missing}"
+
+
+@pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_docs_links_resolve(page):
+    """A page under docs/ links repository files as ../path; moved text must keep its links working."""
+    assert not _broken_links(page), f"docs/{page.name}: broken links {_broken_links(page)}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """The "Two commands" section is the CI contract: .ci/run runs exactly its test command."""
+    blocks = section_blocks(README.read_text(encoding="utf-8"), "Two commands", "bash")
+    commands = [ln.strip() for _, code in blocks for ln in code.splitlines()
+                if ln.strip() and not ln.strip().startswith("#")]
+    assert commands == ["bash scripts/quickstart.sh", "bash scripts/test.sh"], commands
+    ci = [ln.strip() for ln in (REPO / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.lstrip().startswith("#")]
+    assert ci[-1] == commands[-1], f".ci/run runs {ci[-1]!r}, the README says {commands[-1]!r}"
