@@ -24,7 +24,9 @@ rendition -> original photo term; `--caption-weight w` adds field captions ("Men
 -> photo + title and <-> photo terms; `--tower-relational w` keeps the photo vectors' in-batch
 similarities those of the frozen image tower's standardised pooled features (KL at
 `--tower-temperature`); `--text-relational w` and `--mm-relational w` do the same for the title-only
-vectors (against MiniLM's pooled title states) and the photo + title vectors (against both).
+vectors (against MiniLM's pooled title states) and the photo + title vectors (against both);
+`--category-weight w` gathers the photo + title and photo-only vectors of one article type
+(supervised contrastive).
 `--holdout-master-category Footwear` trains without that category (the
 validation suite's out-of-domain family). `--checkpoint FILE` saves every epoch and resumes.
 """
@@ -88,6 +90,11 @@ class TrainConfig:
     # and zero-shot prompts read
     text_relational: float = 0.0
     mm_relational: float = 0.0
+    # supervised contrastive term over article types (`category_term`): photo + title and photo-only
+    # vectors of one article type gather (what nearest-neighbour categories and zero-shot type
+    # prompts read), at category_temperature
+    category_weight: float = 0.0
+    category_temperature: float = 0.1
     # train without this master category (the validation suite's out-of-domain family)
     holdout_master_category: str | None = None
 
@@ -109,10 +116,12 @@ class TrainConfig:
         if not 0.0 <= self.rendition_prob <= 1.0:
             raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
         if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
-               self.mm_relational) < 0:
+               self.mm_relational, self.category_weight) < 0:
             raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
         if not 0.0 < self.tower_temperature < 1.0:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
+        if not 0.0 < self.category_temperature < 1.0:
+            raise ValueError(f"category_temperature must be in (0, 1), got {self.category_temperature}")
 
     @property
     def uses_renditions(self) -> bool:
@@ -274,6 +283,23 @@ def info_nce(a, b, same, valid_a, valid_b, scale):
     if ce_ab.numel() == 0:
         return logits.sum() * 0.0
     return 0.5 * (ce_ab.mean() + ce_ba.mean())
+
+
+def category_term(e: torch.Tensor, labels: np.ndarray, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020) over rows of e (B, D), L2-normalised: each
+    valid row's log-probability of the other valid rows with its label (B,), averaged over those
+    positives; rows without a positive take no part."""
+    lab = np.asarray(labels)
+    same = torch.as_tensor(lab[:, None] == lab[None, :])
+    eye = torch.eye(len(e), dtype=torch.bool)
+    logits = (scale * e @ e.T).masked_fill(eye | ~valid[None, :], -1e4)
+    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = same & ~eye & valid[None, :] & valid[:, None]
+    n = pos.sum(1)
+    rows = n > 0
+    if not rows.any():
+        return e.sum() * 0.0
+    return (-(logp * pos).sum(1)[rows] / n[rows]).mean()
 
 
 def distill_terms(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float):
@@ -498,6 +524,14 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
 
         cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
     text_stats = None
+    typed = None
+    if cfg.category_weight:
+        if catalog is None:
+            raise ValueError("category_weight needs the catalog (its article types)")
+        from .catalog import read_catalog
+
+        known = {p.id for p in read_catalog(catalog) if p.article_type}
+        typed = np.array([int(i) in known for i in f.ids])
     if cfg.tower_relational or cfg.mm_relational:
         tower_stats = pooled_stats(f, train_rows)
     if cfg.text_relational or cfg.mm_relational:
@@ -634,6 +668,11 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 loss = loss + cfg.tower_relational * rel(e_clean[has_img], ref_img)
             if cfg.text_relational:
                 loss = loss + cfg.text_relational * rel(e_txt, ref_txt)
+            if cfg.category_weight:
+                sc = 1.0 / cfg.category_temperature
+                typed_t = torch.as_tensor(typed[rows])
+                loss = loss + cfg.category_weight * 0.5 * (category_term(e_mm1, types[rows], typed_t, sc)
+                                                            + category_term(e_img, types[rows], typed_t & has_img, sc))
             if cfg.mm_relational and has_img.sum() > 1:
                 ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
                 loss = loss + cfg.mm_relational * rel(e_mm1[has_img], ref_mm)
@@ -707,6 +746,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of the title-only vectors' relational term against MiniLM's pooled title states")
     ap.add_argument("--mm-relational", type=float, default=TrainConfig.mm_relational,
                     help="weight of the photo + title vectors' relational term against both towers' pooled features")
+    ap.add_argument("--category-weight", type=float, default=TrainConfig.category_weight,
+                    help="weight of the supervised contrastive term over article types (photo + title, photo)")
+    ap.add_argument("--category-temperature", type=float, default=TrainConfig.category_temperature)
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
                     help="train without this master category (the validation suite's ood family)")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -739,6 +781,7 @@ def main(argv: list[str] | None = None) -> None:
                           image_instance=args.image_instance, caption_weight=args.caption_weight,
                           tower_relational=args.tower_relational, tower_temperature=args.tower_temperature,
                           text_relational=args.text_relational, mm_relational=args.mm_relational,
+                          category_weight=args.category_weight, category_temperature=args.category_temperature,
                           holdout_master_category=args.holdout_master_category, seed=args.seed)
     except ValueError as exc:
         ap.error(str(exc))

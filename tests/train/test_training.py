@@ -181,7 +181,7 @@ def write_catalog_for(cache, folder):
 
 
 VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_relational=0.5, text_relational=0.5,
-             mm_relational=0.5)
+             mm_relational=0.5, category_weight=0.5)
 
 
 def test_training_with_renditions_captions_and_tower_relations(tmp_path):
@@ -207,6 +207,22 @@ def test_title_stats_standardise_the_pooled_title_states(tmp_path):
     np.testing.assert_allclose(std.numpy(), pooled.std(0, ddof=1) + 1e-6, rtol=1e-4)
     z = standardized(torch.from_numpy(pooled), (mean, std)).numpy()
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+def test_category_term_gathers_rows_of_one_label():
+    from sdk.train.train_embedder import category_term
+
+    labels = np.array([0, 0, 1, 1, 2])
+    valid = torch.ones(5, dtype=torch.bool)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    grouped = torch.stack([a, a, b, b, (a + b) / 2 ** 0.5])
+    mixed = torch.stack([a, b, a, b, (a + b) / 2 ** 0.5])
+    assert category_term(grouped, labels, valid, 10.0) < category_term(mixed, labels, valid, 10.0) - 5
+    # label 2 has one row: no positive, no part; an invalid row is neither anchor nor candidate
+    only = category_term(grouped, labels, torch.tensor([True, True, False, False, True]), 10.0)
+    expected = -np.log(np.exp(10.0) / (np.exp(10.0) + np.exp(10.0 / 2 ** 0.5)))  # rows 0, 1 against 0/1 and 4
+    assert torch.isclose(only, torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+    assert category_term(grouped, np.arange(5), valid, 10.0) == 0.0
 
 
 def test_views_need_their_cache_and_catalog(tmp_path):
