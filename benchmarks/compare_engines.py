@@ -47,9 +47,9 @@ class _Timed:
 
 def compare(engines: list[str], modality: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """{engine: {part: median ms}} for one call kind ("image+text", "text", "image") and batch."""
-    import sdk.embedder as embedder
     from bench_common import SAMPLES
 
+    import sdk.embedder as embedder
     from sdk.bench import load_inputs, make_call
     from sdk.errors import TruncationWarning
 
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = (res[p] for p in args.engines)
         print(f"== {modality}, batch {batch or 1}: medians of {args.rounds} calls, ms")
         for part in ["total", *[k for k in a if k not in ("total", "rest")], "rest"]:
-            print(f"  {part:14s} {a.get(part, 0):9.3f} {b.get(part, 0):9.3f}   ratio {a.get(part, 0) / max(b.get(part, 0), 1e-9):.2f}")
+            ratio = a.get(part, 0) / max(b.get(part, 0), 1e-9)
+            print(f"  {part:14s} {a.get(part, 0):9.3f} {b.get(part, 0):9.3f}   ratio {ratio:.2f}")
     return 0
 
 

@@ -3,9 +3,10 @@ by operator type, next to the time spent outside the graph (photo decode, tokeni
 
     .venv/bin/python benchmarks/profile_engine.py moon3.engine --modality text --batch 1 --batch 32
 
-Times are with the profiler on (a few % slower than without). Operator families: Conv (+ its Clip/Mul/Add activations) is the image tower; MatMulInteger,
-DynamicQuantizeLinear, MatMul, LayerNormalization, Erf, Softmax are the text towers (title and
-trace: MiniLM runs once for each) and the fusion model.
+Times are with the profiler on (a few % slower than without). Operator families: Conv (+ its
+Clip/Mul/Add activations) is the image tower; MatMulInteger, DynamicQuantizeLinear, MatMul,
+LayerNormalization, Erf, Softmax are the text towers (title and trace: MiniLM runs once for each)
+and the fusion model.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class _Counted:
 def profile(engine: str, modality: str, batch: int, rounds: int, threads: int) -> dict:
     import onnxruntime as ort
     from bench_common import SAMPLES  # the same inputs as the suites
+
     from sdk.bench import load_inputs, make_call
     from sdk.embedder import Embedder, session_kwargs
     from sdk.engine import EngineFile

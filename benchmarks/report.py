@@ -142,7 +142,8 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
     eng = [r for r in rows if r.get("kind") in ("engine", "teacher")]
     if eng:
         lines += ["## Embedder on sample products (p50 / p99 ms; photo decode + preprocessing included)", "",
-                  "| modality | batch | moon3 int8 | moon3 fp16 | moon3 fp32 | torch eager teacher | int8 speed-up (p50; fastest rounds) "
+                  "| modality | batch | moon3 int8 | moon3 fp16 | moon3 fp32 | torch eager teacher "
+                  "| int8 speed-up (p50; fastest rounds) "
                   "| int8 items/s | int8 cosine vs teacher (mean / min) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for modality in ("image+text", "text", "image"):
@@ -193,7 +194,8 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in cold:
             ort_s = f" ({r['ort_import_s']:.2f} s)" if "ort_import_s" in r else ""
-            lines.append(f"| {r['runner']}, {r['precision']} | {r['modality']}, batch {r['batch']} | {r['import_s']:.2f} s | "
+            lines.append(f"| {r['runner']}, {r['precision']} | {r['modality']}, batch {r['batch']} "
+                         f"| {r['import_s']:.2f} s | "
                          f"{r['load_s']:.2f} s{ort_s} | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
                          f"{r['process_s']:.2f} s | {r['peak_rss_mb']:.0f} MiB |")
         lines.append("")
@@ -239,7 +241,8 @@ def plot_latency(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("image+text", "photo + title"), ("text", "title only"), ("image", "photo only"), ("peers", "text-only vs peers (MiniLM)")]
+    panels = [("image+text", "photo + title"), ("text", "title only"), ("image", "photo only"),
+              ("peers", "text-only vs peers (MiniLM)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for ax, (key, title) in zip(axes, panels):
         if key == "peers":

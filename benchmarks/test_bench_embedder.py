@@ -92,7 +92,8 @@ def test_cold_start(benchmark, products, teacher_vectors, tmp_path, precision, m
     benchmark.pedantic(probe, rounds=3, iterations=1, warmup_rounds=1)  # the warm-up run fills the page cache
     runs = runs[1:] or runs  # (one run only under --benchmark-disable)
     med = {k: float(np.median([r[k] for r in runs])) for k in
-           ("cold_start_s", "import_s", "ort_import_s", "load_s", "first_embed_s", "warm_embed_s", "peak_rss_mb", "process_s")}
+           ("cold_start_s", "import_s", "ort_import_s", "load_s", "first_embed_s", "warm_embed_s", "peak_rss_mb",
+            "process_s")}
     record(benchmark, batch, runner=f"moon3 {precision} (cpu)", kind="cold-start",
            precision=runs[0]["precision"], backend=runs[0]["backend"], modality=modality, batch=batch,
            threads=THREADS, **med)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bench_common import THREADS, ort_graph, ort_session
 
 torch = pytest.importorskip("torch")

@@ -119,7 +119,8 @@ def _make_runner(name: str):
         d = _onnx_models()
         tok = AutoTokenizer.from_pretrained(str(d))
         m = ortm.ORTModelForFeatureExtraction.from_pretrained(
-            str(d), subfolder="onnx", file_name="model.onnx", provider="CPUExecutionProvider", session_options=_session_options())
+            str(d), subfolder="onnx", file_name="model.onnx", provider="CPUExecutionProvider",
+            session_options=_session_options())
 
         def run(texts, b):
             out = []

@@ -17,7 +17,8 @@ medians taken in this run (`test_goals`, which runs last):
 
 Load (MOON3_ENGINE): `sdk.Embedder` of the engine as it is (embedder + reasoner parts) and of a
 copy without its reasoner, in fresh state each round; goal: the reasoner's parts cost at most 15%
-(they are not read: parts are read and verified lazily), compared on the fastest of 7 rounds. `Pipeline(reason="off")` is timed too.
+(they are not read: parts are read and verified lazily), compared on the fastest of 7 rounds.
+`Pipeline(reason="off")` is timed too.
 """
 
 from __future__ import annotations

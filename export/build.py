@@ -557,7 +557,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             "reasoner": str(rdir) if rdir else None, "reasoner_precision": cfg.reasoner_precision if rdir else None,
             "completion": str(cdir) if cdir else None,
             "seconds": round(time.time() - t0, 1)}})
-    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; gates {'passed' if report['passed'] else 'FAILED'}")
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; "
+        f"gates {'passed' if report['passed'] else 'FAILED'}")
     return out
 
 
@@ -778,7 +779,8 @@ def gate_reasoner(reference: Path, candidate: Path, records: list[dict], gates: 
         d = verdict["drop"]
         msg = (f"the {label} reasoner failed its gates against the FP32 reasoner on {len(records)} products: "
                f"{'; '.join(verdict['failed'])} (attribute F1 photo {ref['attribute_f1_photo']:.4f} -> "
-               f"{cand['attribute_f1_photo']:.4f}, title {ref['attribute_f1_title']:.4f} -> {cand['attribute_f1_title']:.4f}; "
+               f"{cand['attribute_f1_photo']:.4f}, title {ref['attribute_f1_title']:.4f} -> "
+               f"{cand['attribute_f1_title']:.4f}; "
                f"category accuracy drops {d['category_acc_photo']:+.4f} / {d['category_acc_title']:+.4f})")
         if enforce:
             raise GateError(msg + " (nothing written; --no-enforce writes it anyway, "

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdk.train.embedder import EmbedderConfig, build_embedder, copy_half, load_embedder
-from sdk.train.train_embedder import Features, TrainConfig, evaluate, title_keys, train, view_embeddings
 from sdk.train.towers import image_grid
+from sdk.train.train_embedder import Features, TrainConfig, evaluate, title_keys, train, view_embeddings
 
 #: what a student keeps of the teacher's towers by default
 DEFAULT_IMAGE_SIZE = 160
@@ -336,7 +336,8 @@ def _distill_commands(r: dict) -> str:
         st = run["student"]
         if _features_tag(st) not in seen:
             seen.add(_features_tag(st))
-            lines.append(f"    python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/{_features_tag(st)} \\\n"
+            lines.append("    python -m sdk.train.features --catalog ../shared/data/catalog "
+                         f"--out .cache/{_features_tag(st)} \\\n"
                          f"        --image-size {st['image_size']} --text-layers {_cached_layers(st)}"
                          + (f" --image-mid-blocks {_blocks(st)}" if _blocks(st) else ""))
     for k, run in enumerate(runs):
@@ -354,9 +355,11 @@ def _distill_commands(r: dict) -> str:
             opts += f" --tune-text-layers {_tuned(st)}"
         if _blocks(st) != (_blocks(runs[k - 1]["student"]) if k else 0):
             opts += f" --tune-image-blocks {_blocks(st)}"
-        if (_tuned(st) or _blocks(st)) and tc.get("tower_lr_scale", TrainConfig.tower_lr_scale) != TrainConfig.tower_lr_scale:
+        tower_lr_scale = tc.get("tower_lr_scale", TrainConfig.tower_lr_scale)
+        if (_tuned(st) or _blocks(st)) and tower_lr_scale != TrainConfig.tower_lr_scale:
             opts += f" --tower-lr-scale {tc['tower_lr_scale']}"
-        lines.append("    python -m sdk.export.distill --catalog ../shared/data/catalog --teacher-features .cache/features \\\n"
+        lines.append("    python -m sdk.export.distill --catalog ../shared/data/catalog "
+                     "--teacher-features .cache/features \\\n"
                      f"        --features .cache/{_features_tag(st)} --out {out} \\\n        {opts}")
     return "\n".join(lines)
 
@@ -403,6 +406,10 @@ def model_card(r: dict) -> str:
     rows = "\n".join(f"| {k} | {v['teacher']:.4f} | {v['student']:.4f} | {100 * (v['ratio'] or 0):.1f}% |"
                      for k, v in r["recall"].items() if k.endswith((" R@1", " R@10")))
     cos = "\n".join(f"| {v} | {c['mean']:.4f} | {c['min']:.4f} |" for v, c in r["cosine_to_teacher"].items())
+    kept = ", the first fusion layers kept" if _fusion(r, st) != _teacher_fusion(r) else ""
+    before = ("the last run (the student it started from)" if r.get("continued_from")
+              else "training (the teacher's weights on the cheaper towers)")
+    bt = r["before_training"]
     return f"""# moon3 student embedder: model card
 
 A distilled student of the reference embedder (`{r['teacher']['weights']}`): the same fusion architecture
@@ -413,7 +420,7 @@ EfficientNet-Lite0 ({st['n_image_tokens']} image tokens instead of 49; {_blocks_
 
 ## Training
 The first run starts from the teacher's fusion weights (image position table resized to the smaller
-grid{', the first fusion layers kept' if _fusion(r, st) != _teacher_fusion(r) else ''}); each later run starts from the run before it. Every run trains on the
+grid{kept}); each later run starts from the run before it. Every run trains on the
 catalog's train split, batch {tc['batch_size']}, AdamW: per view (photo+title, photo+description, photo, title,
 description) {tc['distill_cosine']} x (1 - cosine to the teacher's vector) + {tc['distill_relational']} x relational KL
 (in-batch similarity distributions, temperature {tc['distill_temperature']}) + {tc['contrastive_weight']} x the teacher's
@@ -435,8 +442,8 @@ Reproduce:
 |---|---|---|---|
 {rows}
 
-Before {'the last run (the student it started from)' if r.get('continued_from') else "training (the teacher's weights on the cheaper towers)"}:
-text->image R@10 {r['before_training']['text->image R@10']}, description->mm R@10 {r['before_training'].get('description->mm R@10')}.
+Before {before}:
+text->image R@10 {bt['text->image R@10']}, description->mm R@10 {bt.get('description->mm R@10')}.
 
 Cosine of the student's vectors to the teacher's (same product, same view):
 

@@ -89,12 +89,14 @@ def model_card_section(report: dict) -> str:
     rows = "\n".join(f"| {k} | {report['teacher'][k]:.3f} | {report['student'][k]:.3f} |" for k in METRICS
                      if k in report["teacher"] and k in report["student"])
     sp = report["speed"]
+    tc = report["train_config"]
+    seq = " and sequence-level distillation on the teacher's traces" if report["sequence_level"] else ""
     return f"""
 ## Distilled from the {report['teacher_layers']}-layer reasoner
 Student: {report['student_layers']} decoder layers (teacher layers {report['layers']}), {report['student_params'] / 1e6:.2f}M
-parameters vs {report['teacher_params'] / 1e6:.2f}M; token-level KL to the teacher's logits (weight {report['train_config']['kd_weight']},
-T={report['train_config']['kd_temperature']}){' and sequence-level distillation on the teacher' + chr(39) + 's traces' if report['sequence_level'] else ''};
-{report['train_config']['epochs']} epochs x {report['train_config']['tasks_per_item']} tasks per product, lr {report['train_config']['lr']}.
+parameters vs {report['teacher_params'] / 1e6:.2f}M; token-level KL to the teacher's logits (weight {tc['kd_weight']},
+T={tc['kd_temperature']}){seq};
+{tc['epochs']} epochs x {tc['tasks_per_item']} tasks per product, lr {tc['lr']}.
 
 | metric (same {report['student'].get('items')} validation products) | teacher | student |
 |---|---|---|
@@ -102,7 +104,8 @@ T={report['train_config']['kd_temperature']}){' and sequence-level distillation 
 
 Greedy trace generation in PyTorch, {sp['products']} products (photo + title), one process:
 teacher {sp['teacher']['ms_per_product']} ms / {sp['teacher']['tokens_per_s']} tok/s, student
-{sp['student']['ms_per_product']} ms / {sp['student']['tokens_per_s']} tok/s ({sp['student_vs_teacher']:.2f}x the teacher's time).
+{sp['student']['ms_per_product']} ms / {sp['student']['tokens_per_s']} tok/s \
+({sp['student_vs_teacher']:.2f}x the teacher's time).
 """
 
 
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", required=True, type=Path)
     ap.add_argument("--features", required=True, type=Path, help="folder written by sdk.train.features")
-    ap.add_argument("--teacher", type=Path, default=Path(__file__).resolve().parent.parent / "train" / "weights" / "reasoner")
+    ap.add_argument("--teacher", type=Path,
+                    default=Path(__file__).resolve().parent.parent / "train" / "weights" / "reasoner")
     ap.add_argument("--layers", default="0,3", help="teacher decoder layers the student keeps (comma-separated)")
     ap.add_argument("--traces", type=Path, default=None, help="teacher traces (sdk.train.traces) for sequence-level KD")
     ap.add_argument("--out", required=True, type=Path)
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = (f"    python -m sdk.train.traces --catalog {a.catalog} --features {a.features} --reasoner {a.teacher} "
                f"--out .cache/traces\n" if traces is not None else "")
         cmd += (f"    python -m sdk.export.distill_reasoner --catalog {a.catalog} --features {a.features} \\\n"
-                f"        --teacher {a.teacher} --layers {a.layers}{' --traces .cache/traces' if traces is not None else ''} "
+                f"        --teacher {a.teacher} --layers {a.layers}"
+                f"{' --traces .cache/traces' if traces is not None else ''} "
                 f"--epochs {a.epochs} --kd {a.kd} --out {a.out}")
         text = text[:text.index("Reproduce:")] + f"Reproduce:\n\n{cmd}\n\n" + text[text.index("## Validation"):]
     card.write_text(text + model_card_section(report))

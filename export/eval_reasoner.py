@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdk.export.eval_reasoner", description=__doc__.splitlines()[0])
     ap.add_argument("--engine", required=True, type=Path, action="append",
                     help="engine whose reasoner is measured (repeatable: each is compared with the reference)")
-    ap.add_argument("--reference", type=Path, default=None, help="reference engine (FP32) to compare tokens and gate against")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="reference engine (FP32) to compare tokens and gate against")
     ap.add_argument("--catalog", type=Path, default=None, help="catalog folder; its validation split is used")
     ap.add_argument("--samples", type=Path, default=None, help="or a samples folder (every product); default data/samples")
     ap.add_argument("--limit", type=int, default=300)

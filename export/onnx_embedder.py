@@ -19,9 +19,10 @@ the TorchScript exporter (dynamo=False) cannot export the image tower at all —
 `adaptive_avg_pool2d(h, 7)` taps lose their spatial sizes once the batch axis is dynamic
 ("input size not accessible") — and it is deprecated, so it is kept only as the fallback of
 `exporter="auto"` for towers it can handle. The dynamo exporter keeps text_len / trace_len
-symbolic through transformers 5 BERT (bounded by its position table). One of its bugs is worked around here: naming the output
-"embedding" through `output_names` collides with BERT's own Gather value "embedding" and yields an
-invalid model (pytorch#158094), so the output is renamed in the ONNX IR after freeing the name.
+symbolic through transformers 5 BERT (bounded by its position table). One of its bugs is worked
+around here: naming the output "embedding" through `output_names` collides with BERT's own Gather
+value "embedding" and yields an invalid model (pytorch#158094), so the output is renamed in the
+ONNX IR after freeing the name.
 Whatever the exporter, parity on padded mixed-length batches of other shapes decides.
 """
 

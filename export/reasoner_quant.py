@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdk.export.reasoner_quant",
                                  description="write reasoner-only engines (out-dir/reasoner-PRECISION.engine), no gate")
     ap.add_argument("--out-dir", required=True, type=Path)
-    ap.add_argument("--reasoner", type=Path, default=Path(__file__).resolve().parent.parent / "train" / "weights" / "reasoner")
+    ap.add_argument("--reasoner", type=Path,
+                    default=Path(__file__).resolve().parent.parent / "train" / "weights" / "reasoner")
     ap.add_argument("--precision", nargs="+", choices=REASONER_PRECISIONS, default=list(REASONER_PRECISIONS))
     ap.add_argument("--block-size", type=int, default=d.block_size)
     ap.add_argument("--lm-head", action="store_true", help="quantize the tied LM head too")

@@ -3,4 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Lint first ([tool.ruff] in pyproject.toml: pycodestyle, pyflakes, import order): fails in seconds.
+if ! .venv/bin/python -m ruff check .; then
+    echo "scripts/test.sh: ruff check . failed (lint errors above; '.venv/bin/ruff check --fix .' fixes the safe ones)" >&2
+    exit 1
+fi
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

@@ -12,8 +12,9 @@ What it measures, per modality ("image+text", "text", "image") and batch size:
     embedded one by one (cosine; batching, padding and length-sorting must not change them).
 When the engine has a reasoner: its greedy prefill and decode tokens/s on trace prompts
 (`bench_reasoner`); when its embedder was also trained with traces: think-then-embed latency of
-one product (photo + title) against the reasoning budget (`bench_think_then_embed`). And, in a fresh Python process each (so imports count): cold start (`import sdk` -> engine
-loaded -> first vector) and the process's peak RSS after a warm call.
+one product (photo + title) against the reasoning budget (`bench_think_then_embed`). And, in a
+fresh Python process each (so imports count): cold start (`import sdk` -> engine loaded -> first
+vector) and the process's peak RSS after a warm call.
 
 Inputs are the photos and titles of `--samples` (a folder with items.jsonl, e.g. the
 repository's data/samples); with none, synthetic photos (noise) and titles are used.
@@ -35,7 +36,8 @@ import numpy as np
 
 from sdk.errors import SdkError, TruncationWarning
 
-__all__ = ["MODALITIES", "TTE_BUDGETS", "bench_reasoner", "bench_think_then_embed", "latency_stats", "load_inputs", "make_call", "probe_process", "run_bench", "time_calls"]
+__all__ = ["MODALITIES", "TTE_BUDGETS", "bench_reasoner", "bench_think_then_embed", "latency_stats", "load_inputs",
+           "make_call", "probe_process", "run_bench", "time_calls"]
 
 MODALITIES = ("image+text", "text", "image")
 TTE_BUDGETS = (0, 16, 32, 64)  # reasoning-token budgets of `bench_think_then_embed` (0: reason="off")
@@ -138,7 +140,8 @@ try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak 
 except (OSError, StopIteration):
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({
-    "import_s": t_import - t0, "ort_import_s": t_ort - t_import, "load_s": t_load - t_import, "first_embed_s": t_first - t_load,
+    "import_s": t_import - t0, "ort_import_s": t_ort - t_import, "load_s": t_load - t_import,
+    "first_embed_s": t_first - t_load,
     "cold_start_s": t_first - t0, "warm_embed_s": t_second - t_first, "shape": list(v.shape),
     "peak_rss_mb": peak_kb / 1024,
     "backend": emb.backend, "precision": emb.precision,

@@ -109,7 +109,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               f"parity min cosine {cs.get('parity', {}).get('min_cosine')}")
     pre = m.get("preprocess", {})
     print(f"  image:    {pre.get('image')}")
-    print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; trace max {pre.get('trace', {}).get('max_length')}")
+    print(f"  text:     max {pre.get('text', {}).get('max_length')} tokens; "
+          f"trace max {pre.get('trace', {}).get('max_length')}")
     if fid:
         print(f"  fidelity vs FP32 teacher ({fid.get('items')} products, {fid.get('eval_source')}): "
               f"{'passed' if fid.get('passed') else 'FAILED ' + '; '.join(fid.get('failed', []))}")
@@ -501,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)
 
-    v = sub.add_parser("validate", help="measure an engine against the FP32 teacher (needs [export]); exit 3 if a gate fails")
+    v = sub.add_parser("validate",
+                       help="measure an engine against the FP32 teacher (needs [export]); exit 3 if a gate fails")
     v.add_argument("engine")
     v.add_argument("--catalog", default=None, help="use this catalog's validation split")
     v.add_argument("--samples", default=None, help="evaluation products when no --catalog (default: data/samples)")

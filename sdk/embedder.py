@@ -274,7 +274,8 @@ class Embedder(ActiveBackend):
             _check_split_graphs(image_s, text_s, self._path, self._image_cfg.size)
             head = FusionHead.from_bytes(engine.part(parts["head"]), f"{self._path}: part {parts['head']!r}")
             if head.out_dim != self._dim:
-                raise EngineError(f"{self._path}: the head gives {head.out_dim}-d vectors, the manifest says dim {self._dim}")
+                raise EngineError(f"{self._path}: the head gives {head.out_dim}-d vectors, "
+                                  f"the manifest says dim {self._dim}")
             completion = None
             if self._manifest.get("completion") is not None:
                 completion = load(_completion_part(self._manifest["completion"], self._path))

@@ -138,7 +138,8 @@ class FusionHead:
         except Exception as exc:  # noqa: BLE001 - zipfile/numpy/json raise many types
             raise EngineError(f"{where}: the head weights cannot be read ({type(exc).__name__}: {exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT or not isinstance(meta.get("config"), dict):
-            raise EngineError(f"{where}: unknown head weights format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+            raise EngineError(f"{where}: unknown head weights format "
+                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
         return cls(arrays, meta["config"])
 
     # ------------------------------------------------------------------ inference

@@ -192,7 +192,8 @@ class Reasoner(ActiveBackend):
         try:
             self._dec = OnnxDecoder(*(sessions[parts[k]] for k in ("visual", "prefill", "decode")))
         except (KeyError, TypeError, ValueError) as exc:
-            raise EngineError(f"{self._path}: the reasoner graphs have unexpected inputs ({type(exc).__name__}: {exc})") from exc
+            raise EngineError(f"{self._path}: the reasoner graphs have unexpected inputs "
+                              f"({type(exc).__name__}: {exc})") from exc
         # "fp32", "int8" or "int4" (weight-only MatMulNBits); engines from before quantization are fp32
         self.precision: str = str(spec.get("precision", "fp32"))
         self.last_stats: dict = {}

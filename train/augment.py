@@ -41,7 +41,8 @@ def rendition(img, rng: np.random.Generator):
     if ops[0]:  # a thumbnail of 15-50% of the side, back to size
         f = rng.uniform(0.15, 0.5)
         size = img.size
-        img = img.resize((max(8, round(size[0] * f)), max(8, round(size[1] * f))), Image.BILINEAR).resize(size, Image.BILINEAR)
+        small = (max(8, round(size[0] * f)), max(8, round(size[1] * f)))
+        img = img.resize(small, Image.BILINEAR).resize(size, Image.BILINEAR)
     if ops[1]:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(10, 51)))

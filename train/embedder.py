@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -98,7 +98,8 @@ class EmbedderConfig:
             raise ValueError(f"image_tuned_blocks must be in 0..{MAX_IMAGE_TUNED_BLOCKS} (the blocks above the "
                              f"image tower's shallow taps), got {self.image_tuned_blocks!r}")
         if self.image_tuned_blocks and self.image_dim != 1280:
-            raise ValueError(f"fine-tuned image blocks give EfficientNet-Lite0's 1280-d tokens; image_dim is {self.image_dim}")
+            raise ValueError("fine-tuned image blocks give EfficientNet-Lite0's 1280-d tokens; "
+                             f"image_dim is {self.image_dim}")
         if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
             raise ValueError("the 'linear' variant cannot fine-tune tower layers")
         if self.text_tuned_layers and (self.text_heads < 1 or self.text_dim % self.text_heads or self.text_ffn < 1):
@@ -196,7 +197,8 @@ class ImageEncoder(nn.Module):
         d = cfg.d_model
         self.proj = nn.Sequential(nn.Linear(cfg.image_dim, d), nn.LayerNorm(d))
         self.pos = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, d))
-        self.layers = nn.ModuleList(EncoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.n_image_layers))
+        self.layers = nn.ModuleList(EncoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
+                                    for _ in range(cfg.n_image_layers))
         self.fire = nn.ModuleDict({str(k): FIRE(d, cfg.shallow_dim, cfg.fire_hidden) for k in cfg.fire_depths})
         nn.init.normal_(self.pos, std=0.02)
 

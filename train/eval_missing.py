@@ -232,13 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/mmpc/eval_missing.json")
     args = ap.parse_args(argv)
 
+    from sdk.preprocess import TextTokenizer
+
     from .catalog import file_sha256, read_catalog
     from .completion import EMBEDDER_DIR, WEIGHTS_DIR, image_tokens, load_completion
     from .embedder import load_embedder
     from .features import TITLE_LEN, text_features
     from .towers import load_text_tower, text_tower_path
     from .train_embedder import Features, title_keys
-    from sdk.preprocess import TextTokenizer
 
     torch.set_num_threads(1)
     t0 = time.time()

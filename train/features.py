@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
+
 from .augment import CAPTIONS, captions, rendition
 from .catalog import Product, Split, read_catalog
 from .embedder import IMAGE_BLOCKS, MAX_IMAGE_TUNED_BLOCKS

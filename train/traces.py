@@ -147,7 +147,8 @@ def catalog_traces(model, tok, titles: list[str], deep: np.ndarray | None, has_i
     for rows in chunks:
         d = None
         if use_photo:
-            d = torch.from_numpy(np.asarray(deep[rows], np.float32)) * torch.from_numpy(has_image[rows].astype(np.float32))[:, None, None]
+            d = (torch.from_numpy(np.asarray(deep[rows], np.float32))
+                 * torch.from_numpy(has_image[rows].astype(np.float32))[:, None, None])
         pooled = np.zeros((len(rows), *hidden.shape[1:]), np.float32)
         gen = generate_batch(model, [prompts[i] for i in rows], d, max_new_tokens, pooled)
         hidden[rows] = pooled

@@ -649,7 +649,8 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 if e_cap is not None:
                     cp = matryoshka(e_cap, d)
                     contrastive = contrastive + cfg.caption_weight * (
-                        info_nce(cp, mm1, same_cap, all_ok, all_ok, scale) + info_nce(cp, im, same_cap, all_ok, has_img, scale)
+                        info_nce(cp, mm1, same_cap, all_ok, all_ok, scale)
+                        + info_nce(cp, im, same_cap, all_ok, has_img, scale)
                     ) / len(dims)
                 if traced:
                     mm_t, tx_t, im_t = (matryoshka(e, d) for e in traced)

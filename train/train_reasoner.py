@@ -240,7 +240,8 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     else:
         tok = train_tokenizer(tokenizer_corpus(tr), mcfg.vocab_size)
         model = Reasoner(mcfg)
-    log(f"reasoner: {n_params(model) / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d={mcfg.d_model}, vocab {mcfg.vocab_size}")
+    log(f"reasoner: {n_params(model) / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d={mcfg.d_model}, "
+        f"vocab {mcfg.vocab_size}")
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     gates = [p for n, p in named if n.endswith(".gate")]
@@ -295,7 +296,8 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     metrics.update(train_seconds=round(train_s, 1), history=history, params=n_params(model), train_items=len(tr),
                    train_config=asdict(cfg), gates=[float(torch.tanh(layer.gate.detach())) for layer in model.layers])
     if init is not None:  # read before writing: `out` may be the `init` folder
-        prev = json.loads((Path(init) / "reasoner_report.json").read_text()) if (Path(init) / "reasoner_report.json").is_file() else {}
+        prev_path = Path(init) / "reasoner_report.json"
+        prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
         metrics["continued_from"] = {"train_config": prev.get("train_config"), "train_seconds": prev.get("train_seconds"),
                                      "continued_from": prev.get("continued_from")}
     save_reasoner(model, tok, out, metrics)
@@ -385,7 +387,8 @@ Think-Then-Embed trace (`<think> the article type is ...; the colour is ... </th
 from the catalog's fields. {tc.get('epochs')} epochs x {tc.get('tasks_per_item')} task(s) per product, batch
 {tc.get('batch_size')}, AdamW lr {tc.get('lr')}; half of the non-captioning examples also see the title,
 {int(100 * tc.get('drop_photo', 0))}% of those without the photo; the adapter gates learn at
-{tc.get('gate_lr_mult')}x the base lr (at 1x they stayed shut: tanh(g) < 0.01 after 180 steps). {m.get('train_seconds', 0) / 60:.0f} min on 2 shared CPU cores.{cont}
+{tc.get('gate_lr_mult')}x the base lr (at 1x they stayed shut: tanh(g) < 0.01 after 180 steps). \
+{m.get('train_seconds', 0) / 60:.0f} min on 2 shared CPU cores.{cont}
 
 Reproduce:
 
@@ -400,7 +403,8 @@ Reproduce:
 | attribute micro-F1 (key: value pairs) | {m.get('attribute_f1_photo', 0):.3f} | {m.get('attribute_f1_title', 0):.3f} |
 
 Captioning from the photo: exact title {m.get('caption_exact', 0):.3f}, token F1 {m.get('caption_token_f1', 0):.3f}.
-Trace format (`<think> ... </think> summary`) well formed: {m.get('trace_format_ok', 0):.3f} of {min(100, m.get('items') or 0)}.
+Trace format (`<think> ... </think> summary`) well formed: {m.get('trace_format_ok', 0):.3f} of \
+{min(100, m.get('items') or 0)}.
 
 | id | title | written from the photo |
 |---|---|---|

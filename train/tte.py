@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-
 VIEWS = ("title", "photo", "photo+title")
 
 

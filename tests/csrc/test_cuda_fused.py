@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from fused_cases import epilogue_args, fire_params, rand
 
 from sdk import cuda_ops

@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-
 from fused_cases import epilogue_args, fire_params, rand
 
 from sdk import fused, ops

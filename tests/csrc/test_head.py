@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from fused_cases import rand
 
 from sdk import ops

@@ -163,14 +163,13 @@ def test_a_small_photo_student_runs_through_the_runtime(tmp_path, tiny_engine):
     """A student reading 64-px photos (2x2 image tokens): export, package and embed torch-free;
     the runtime resizes photos to the manifest's size and matches PyTorch."""
     pytest.importorskip("onnxruntime")
+    from PIL import Image
     from tiny_models import PooledImageTower, tiny_bert
 
     from sdk import Embedder
     from sdk.export.bundle import package_split_embedder
     from sdk.export.onnx_embedder import EmbedderGraph
     from sdk.export.onnx_split import SplitExportConfig, export_split_onnx
-    from PIL import Image
-
     from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array
 
     torch.manual_seed(3)

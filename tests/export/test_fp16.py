@@ -43,8 +43,8 @@ def test_fp16_engine_embeds_like_the_fp32_one(tiny_split_engine, fp16_parts, tmp
     from PIL import Image
 
     from sdk.embedder import Embedder
-    from sdk.export.bundle import package_split_embedder
     from sdk.engine import EngineFile
+    from sdk.export.bundle import package_split_embedder
     from sdk.preprocess import ImagePreprocess
 
     src = EngineFile.read(tiny_split_engine.path)

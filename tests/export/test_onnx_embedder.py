@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from tiny_models import VOCAB  # noqa: E402  (the tiny BERT vocabulary)
+
 from sdk.errors import SdkError  # noqa: E402
 from sdk.export import onnx_embedder  # noqa: E402
 from sdk.export.onnx_embedder import (  # noqa: E402
@@ -25,7 +27,6 @@ from sdk.export.onnx_embedder import (  # noqa: E402
     verify_embedder_onnx,
 )
 
-from tiny_models import VOCAB  # noqa: E402  (the tiny BERT vocabulary)
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "train" / "weights"
 SAMPLES = REPO / "data" / "samples"

@@ -41,10 +41,10 @@ def test_runtime_decoder_matches_on_other_prompts_and_reports_speed(exported):
 
 @pytest.fixture(scope="module")
 def reasoner_engine(exported, tmp_path_factory):
-    from sdk.engine import FORMAT_VERSION, write_engine
-    from sdk.export.bundle import reasoner_parts
     from tiny_models import tiny_reasoner_tokenizer
 
+    from sdk.engine import FORMAT_VERSION, write_engine
+    from sdk.export.bundle import reasoner_parts
     from sdk.train.reasoner import TASKS
 
     model, _, paths, parity = exported
@@ -206,6 +206,7 @@ class _OldPrefill(torch.nn.Module):
 def test_runtime_still_reads_engines_with_older_cache_layouts(exported, tmp_path, layout):
     """Engines before per-layer caches hold one step graph with a cache stacked over layers; the
     oldest, a prefill graph without cache inputs beside that stacked decode graph."""
+    from tiny_models import tiny_reasoner_tokenizer
     from torch.export import Dim
 
     from sdk.engine import FORMAT_VERSION, write_engine
@@ -214,7 +215,6 @@ def test_runtime_still_reads_engines_with_older_cache_layouts(exported, tmp_path
     from sdk.export.onnx_reasoner import STEP_PART
     from sdk.reasoner import Reasoner
     from sdk.train.reasoner import TASKS, encode_example
-    from tiny_models import tiny_reasoner_tokenizer
 
     model, _, paths, parity = exported
     c = model.cfg

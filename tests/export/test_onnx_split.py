@@ -82,7 +82,8 @@ def test_fused_and_plain_text_graphs_agree_on_real_tokens(exports):
     real = mask.astype(bool)
     np.testing.assert_allclose(fused[real], plain[real], atol=2e-5)
     # a row's states do not depend on its padding (the keys beyond its length get zero weight)
-    alone = _session(exports[True]["text"]).run(["token_states"], {"input_ids": ids[:1, :1], "attention_mask": mask[:1, :1]})[0]
+    alone = _session(exports[True]["text"]).run(["token_states"],
+                                                 {"input_ids": ids[:1, :1], "attention_mask": mask[:1, :1]})[0]
     np.testing.assert_allclose(alone[0, 0], fused[0, 0], atol=2e-5)
 
 

@@ -84,7 +84,8 @@ def test_lm_head_stays_fp32_by_default_sharing_the_embedding_table(exported, tmp
     folder, record = _quantized(exported, tmp_path, precision="int4", block_size=16)
     step = record["parts"]["reasoner_step.onnx"]
     assert step["quantized_ops"] == {"MatMulNBits": STEP_MATMULS - 1} and step["fp32_weight_matmuls"] == 1
-    tables = [t for t in onnx.load(str(folder / "reasoner_step.onnx")).graph.initializer if list(t.dims) in ([300, 32], [32, 300])]
+    tables = [t for t in onnx.load(str(folder / "reasoner_step.onnx")).graph.initializer
+              if list(t.dims) in ([300, 32], [32, 300])]
     assert len(tables) == 1  # one table: the Gather and the head's Transpose read it
 
 
@@ -108,9 +109,10 @@ def test_reasoner_gates_validate(kw):
 
 
 def _engine(folder, record, tmp_path, name):
+    from tiny_models import tiny_reasoner_tokenizer
+
     from sdk.export.bundle import package_reasoner, reasoner_parts
     from sdk.train.reasoner import TASKS
-    from tiny_models import tiny_reasoner_tokenizer
 
     section, parts = reasoner_parts(folder, tiny_reasoner_tokenizer().to_str().encode(), tasks=TASKS, max_len=64,
                                     precision=record["precision"], quantization=record)
@@ -126,7 +128,8 @@ def test_manifest_records_precision_per_part_and_runtime_reads_it(exported, tmp_
     spec = EngineFile.read(path).manifest["reasoner"]
     assert spec["precision"] == "int4" and spec["quantization"]["config"]["block_size"] == 32
     assert spec["parts"]["prefill"] == spec["parts"]["decode"] == "reasoner_step.onnx"
-    assert spec["quantization"]["parts"]["reasoner_step.onnx"]["quantized_ops"]["MatMulNBits"] == STEP_MATMULS - 1  # all but the FP32 head
+    quantized_ops = spec["quantization"]["parts"]["reasoner_step.onnx"]["quantized_ops"]
+    assert quantized_ops["MatMulNBits"] == STEP_MATMULS - 1  # all but the FP32 head
     r = Reasoner(path, threads=1)
     assert r.precision == "int4"
     assert isinstance(r.generate(text="red shoe", task="category", max_new_tokens=4), str)
@@ -149,14 +152,16 @@ def _records(tmp_path, n=4):
 @pytest.fixture(scope="module")
 def broken_engine(exported, tmp_path_factory):
     """A 'quantization' that broke the weights: another model's graphs under the same engine contract."""
+    from tiny_models import PooledImageTower
+
     from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
     from sdk.train.reasoner import Reasoner as TorchReasoner
-    from tiny_models import PooledImageTower
 
     tmp = tmp_path_factory.mktemp("broken")
     torch.manual_seed(5)
     broken = TorchReasoner(exported[0].cfg).eval()
-    export_reasoner_onnx(PooledImageTower().eval(), broken, ReasonerExportConfig(tmp / "g", num_threads=1, check_new_tokens=4))
+    export_reasoner_onnx(PooledImageTower().eval(), broken,
+                         ReasonerExportConfig(tmp / "g", num_threads=1, check_new_tokens=4))
     record = {"precision": "int4", "label": "int4 (broken)", "parts": {}}
     return _engine(tmp / "g", record, tmp, "broken")
 

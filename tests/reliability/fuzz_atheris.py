@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # tests/: pictures.py
 
 import PIL.Image  # noqa: E402
-
 from fuzz_seeds import seed_engine, seed_images  # noqa: E402
+
 from sdk.engine import _HEADER, FORMAT_VERSION, MAGIC, EngineFile  # noqa: E402
 from sdk.errors import SdkError  # noqa: E402
 from sdk.onnxcheck import MalformedGraph, external_data_tensors  # noqa: E402

@@ -7,7 +7,6 @@ import io
 import os
 
 import numpy as np
-
 import pictures
 
 # MOON3_FUZZ_SCALE=20 runs 20x the examples of every hypothesis fuzz test (still derandomized).

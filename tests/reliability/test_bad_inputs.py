@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-
 from pictures import gradient
 from PIL import Image
 
@@ -196,7 +195,8 @@ CASES: dict[str, Case] = {
     "9000x9000 png header (over the sdk limit only)": Case(
         img(png_header(9000, 9000)), r"item {i} image: image too large \(9000x9000 = 81000000 pixels, limit 64000000\)"),
     "1x100M png header": Case(img(png_header(1, 100_000_000)), r"item {i} image: image too large"),
-    "svg bytes": Case(img(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"><rect width="9" height="9"/></svg>'),
+    "svg bytes": Case(img(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9">'
+                          b'<rect width="9" height="9"/></svg>'),
                       r"item {i} image: not a recognised image format"),
     "html bytes": Case(img(b"<!doctype html><html><body><img src=x></body></html>"),
                        r"item {i} image: not a recognised image format"),
@@ -228,7 +228,8 @@ CASES: dict[str, Case] = {
     "empty text only": Case(lambda tmp: {"text": ""}, r"item {i}: nothing to embed \(no image, text is empty/whitespace"),
     "whitespace text only": Case(lambda tmp: {"text": " \t\n\u00a0\u3000"},
                                  r"item {i}: nothing to embed \(no image, text is empty/whitespace, no trace\)"),
-    "non-UTF-8 bytes as text": Case(lambda tmp: {"text": b"\xff\xfe caf\xe9"}, r"item {i}: text must be a str or None, got bytes"),
+    "non-UTF-8 bytes as text": Case(lambda tmp: {"text": b"\xff\xfe caf\xe9"},
+                                    r"item {i}: text must be a str or None, got bytes"),
     "undecodable bytes decoded with surrogateescape": Case(
         lambda tmp: {"text": b"red \xff shoe".decode("utf-8", "surrogateescape")},
         r"item {i}: text is not valid Unicode \(lone surrogate at character 4\)"),
@@ -246,7 +247,8 @@ CASES: dict[str, Case] = {
                                              not_pixels=const(G)),
     "rgba array": Case(img(_rgba()), pixels=const(_over_white(_rgba()))),
     "LA png": Case(img(enc(Image.fromarray(_rgba()).convert("LA"), "PNG")),
-                   pixels=const(lambda tmp: _over_white(np.asarray(Image.fromarray(_rgba()).convert("LA").convert("RGBA"))))),
+                   pixels=const(lambda tmp: _over_white(
+                       np.asarray(Image.fromarray(_rgba()).convert("LA").convert("RGBA"))))),
     "palette png with transparency": Case(
         img(_palette_transparent()),
         pixels=const(lambda tmp: _over_white(np.asarray(Image.open(io.BytesIO(_palette_transparent())).convert("RGBA")))),

@@ -63,7 +63,8 @@ def read_or_refuse(path) -> EngineFile | None:
 def forge(manifest_body: bytes, data: bytes) -> bytes:
     """An engine file around any manifest bytes, with the manifest digest recomputed (what an
     attacker who edits the manifest would do: integrity must then come from the part digests)."""
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_body), hashlib.sha256(manifest_body).digest()) + manifest_body + data
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_body), hashlib.sha256(manifest_body).digest())
+    return header + manifest_body + data
 
 
 def split(raw: bytes) -> tuple[dict, bytes]:

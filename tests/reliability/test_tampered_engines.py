@@ -123,7 +123,8 @@ def test_a_manifest_from_another_engine_is_refused(tiny_engine, raw, bad, tmp_pa
     """Another engine's header + manifest (digest valid) grafted onto these parts."""
     e = EngineFile.read(tiny_engine.path)
     tok = e.part("tokenizer.json").replace(b"[UNK]", b"[ZZZ]", 1)  # same length, other bytes
-    other = write_engine(tmp_path / "other.engine", e.manifest, {"embedder.onnx": e.part("embedder.onnx"), "tokenizer.json": tok})
+    other = write_engine(tmp_path / "other.engine", e.manifest,
+                         {"embedder.onnx": e.part("embedder.onnx"), "tokenizer.json": tok})
     o_start, _, _ = layout(other.read_bytes())
     start, _, _ = layout(raw)
     bad.write_bytes(other.read_bytes()[:o_start] + raw[start:])

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from pictures import gradient
 
 from sdk.engine import EngineFile, write_engine

@@ -102,7 +102,8 @@ def test_forged_path_name_is_refused_on_read(engine):
     man = json.loads(raw[52 : 52 + n])
     man["parts"][1]["name"] = "../../etc/passwd"
     body = json.dumps(man).encode()
-    engine.write_bytes(struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body + raw[52 + n :])
+    header = struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest())
+    engine.write_bytes(header + body + raw[52 + n :])
     with pytest.raises(EngineError, match="invalid part name"):
         EngineFile.read(engine)
 
@@ -176,7 +177,8 @@ def test_a_file_truncated_after_the_open_is_refused_when_read(engine, tmp_path):
         with open(engine, "r+b") as f:
             f.truncate(engine.stat().st_size - 5)
         assert e.part("embedder.onnx") == PARTS["embedder.onnx"]
-        with pytest.raises(EngineError, match=r"part 'tokenizer\.json' extends past the end of the file; the file is truncated"):
+        with pytest.raises(EngineError,
+                           match=r"part 'tokenizer\.json' extends past the end of the file; the file is truncated"):
             e.part("tokenizer.json")
 
 

@@ -56,7 +56,8 @@ def _root_conftest():
     another test directory registered under that name first)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("moon3_tests_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+    spec = importlib.util.spec_from_file_location("moon3_tests_conftest",
+                                                  Path(__file__).resolve().parents[1] / "conftest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

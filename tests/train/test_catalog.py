@@ -8,7 +8,8 @@ from sdk.train.catalog import Split, catalog_split, legacy_is_validation, normal
 def test_read_catalog_resolves_images_and_views(tmp_path):
     rec = {"id": 30, "title": "Red Shoe", "brand": "Acme", "description": "Soft  sole\nlight", "image": "images/30.jpg",
            "article_type": "Casual Shoes"}
-    (tmp_path / "items.jsonl").write_text(json.dumps(rec) + "\n\n" + json.dumps({"id": 31, "title": "Cap", "image": None}) + "\n")
+    (tmp_path / "items.jsonl").write_text(
+        json.dumps(rec) + "\n\n" + json.dumps({"id": 31, "title": "Cap", "image": None}) + "\n")
     a, b = read_catalog(tmp_path)
     assert a.image == tmp_path / "images" / "30.jpg" and b.image is None
     assert a.detail_text == "Acme. Soft sole light"
@@ -69,5 +70,6 @@ def test_split_is_memoised_per_catalog_version(tmp_path):
 
 def test_split_of_products_without_photos_on_disk(tmp_path):
     # a photo path that does not exist groups by title only (nothing to hash)
-    _write(tmp_path, [{"id": 30, "title": "X", "image": "images/gone.jpg"}, {"id": 31, "title": "Y", "image": "images/gone.jpg"}], {})
+    _write(tmp_path, [{"id": 30, "title": "X", "image": "images/gone.jpg"},
+                      {"id": 31, "title": "Y", "image": "images/gone.jpg"}], {})
     assert Split.of(read_catalog(tmp_path)).validation_ids == {30}

@@ -17,7 +17,6 @@ from sdk.train.completion import (  # noqa: E402
     save_completion,
 )
 
-
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 

@@ -255,7 +255,8 @@ def test_memo_tower_runs_each_photo_once_and_is_shared_only_where_it_fits():
     assert torch.equal(again[0][0], first[0][2]) and torch.equal(again[1][1], first[1][0])
     from types import SimpleNamespace
 
-    fits = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=224, image_tuned_blocks=0)), image_tower=None)
+    fits = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=224, image_tuned_blocks=0)),
+                           image_tower=None)
     student = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=128, image_tuned_blocks=0)),
                               image_tower=None)
     assert share_tower(fits, memo).image_tower is memo and share_tower(student, memo).image_tower is None

@@ -253,7 +253,8 @@ def test_teacher_traces_are_read_per_view_and_a_missing_view_is_named(tmp_path):
     for view in ("photo+title", "title"):
         (tmp_path / f"{view}.jsonl").write_text(
             "\n".join(json.dumps({"id": i, "trace": f"{view} {i}"}) for i in (3, 7)) + "\n\n", encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match=r"photo\.jsonl: no traces for the photo view; run python -m sdk.train.traces"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"photo\.jsonl: no traces for the photo view; run python -m sdk.train.traces"):
         read_traces(tmp_path)
     (tmp_path / "photo.jsonl").write_text(json.dumps({"id": "5", "trace": "p"}) + "\n", encoding="utf-8")
     got = read_traces(tmp_path)
