@@ -79,12 +79,30 @@ class ReferenceEmbedder:
         return l2_normalize(out, dim) if dim < self.dim else out
 
     def _text_states(self, texts: list[str | None], tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-        filled = [t if t else "" for t in texts]
-        ids, mask = tokenizer(filled)
+        """Token states and mask (B, T, C), (B, T) of the items that have a text; the text tower
+        runs on those rows only (none: zeros of length 1), the others are zeros with a zero mask."""
+        rows = [i for i, t in enumerate(texts) if t]
+        c = self.model.cfg.text_dim
+        if not rows:
+            return torch.zeros(len(texts), 1, c), torch.zeros(len(texts), 1)
+        ids, mask = tokenizer([texts[i] for i in rows])
         h = self.text_tower(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-        mask_t = torch.from_numpy(mask).float()
-        present = torch.tensor([1.0 if t else 0.0 for t in texts])
-        return h, mask_t * present[:, None]
+        states, mask_t = torch.zeros(len(texts), ids.shape[1], c), torch.zeros(len(texts), ids.shape[1])
+        states[rows], mask_t[rows] = h, torch.from_numpy(mask).float()
+        return states, mask_t
+
+    def _image_inputs(self, pix: np.ndarray, rows: list[int]):
+        """(deep, shallow, image tokens) for the batch: the image tower and the fusion model's image
+        encoder run on the rows with a photo only (as a user's own torch code would); the other
+        rows are zeros, which the fusion never reads for an absent photo."""
+        cfg, B = self.model.cfg, len(pix)
+        deep, shallow = torch.zeros(B, cfg.n_image_tokens, cfg.image_dim), torch.zeros(B, cfg.n_image_tokens, cfg.shallow_dim)
+        if rows:
+            deep[rows], shallow[rows] = self.image_tower(torch.from_numpy(pix[rows]))
+        tok = self.model.encode_image(deep[rows], shallow[rows])
+        tokens = torch.zeros(B, *tok.shape[1:])
+        tokens[rows] = tok
+        return deep, shallow, tokens
 
     def _embed_batch(self, images, texts, traces, offset: int) -> np.ndarray:
         B = len(images)
@@ -104,8 +122,8 @@ class ReferenceEmbedder:
         traces = [t if t and t.strip() else None for t in traces]
         present[:, TEXT] = torch.tensor([t is not None for t in texts], dtype=torch.float32)
         present[:, TRACE] = torch.tensor([t is not None for t in traces], dtype=torch.float32)
-        deep, shallow = self.image_tower(torch.from_numpy(pix))
+        deep, shallow, image_tokens = self._image_inputs(pix, [i for i in range(B) if present[i, IMAGE]])
         text_tok, text_mask = self._text_states(texts, self.tokenizer)
         trace_tok, trace_mask = self._text_states(traces, self.trace_tokenizer)
-        e = self.model(deep, shallow, text_tok, text_mask, trace_tok, trace_mask, present)
+        e = self.model(deep, shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_tokens=image_tokens)
         return e.numpy()

@@ -80,3 +80,27 @@ def test_bad_items_raise_clear_errors(ref):
         ref.embed(texts=["a"], dim=300)
     with pytest.raises(InvalidInputError, match="text must be str"):
         ref.embed(texts=[b"bytes title"])
+
+
+def test_each_item_runs_only_the_towers_it_needs(samples, monkeypatch):
+    """A fair torch baseline: titles never run EfficientNet, photos never run MiniLM, and a mixed
+    batch runs each tower on its own rows only; the vectors are those of the items alone."""
+    from sdk.train.reference import ReferenceEmbedder
+
+    r = ReferenceEmbedder()
+    with_img, _ = samples
+    photo, titles = SAMPLES / with_img[0]["image"], [it["title"] for it in with_img[:3]]
+    alone = np.concatenate([r.embed(images=[photo]), r.embed(texts=titles)])
+    rows = {"image": [], "text": []}
+    image_tower, text_tower = r.image_tower, r.text_tower
+    monkeypatch.setattr(r, "image_tower", lambda pix: rows["image"].append(len(pix)) or image_tower(pix))
+    monkeypatch.setattr(r, "text_tower", lambda **kw: rows["text"].append(len(kw["input_ids"])) or text_tower(**kw))
+    r.embed(texts=titles)
+    assert rows == {"image": [], "text": [3]}
+    rows["text"].clear()
+    r.embed(images=[photo])
+    assert rows == {"image": [1], "text": []}
+    rows["image"].clear()
+    mixed = r.embed(images=[photo, None, None, None], texts=[None, *titles])
+    assert rows == {"image": [1], "text": [3]}
+    assert np.sum(mixed * alone, axis=1).min() > 0.99999
