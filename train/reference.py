@@ -96,7 +96,8 @@ class ReferenceEmbedder:
         encoder run on the rows with a photo only (as a user's own torch code would); the other
         rows are zeros, which the fusion never reads for an absent photo."""
         cfg, B = self.model.cfg, len(pix)
-        deep, shallow = torch.zeros(B, cfg.n_image_tokens, cfg.image_dim), torch.zeros(B, cfg.n_image_tokens, cfg.shallow_dim)
+        deep = torch.zeros(B, cfg.n_image_tokens, cfg.image_dim)
+        shallow = torch.zeros(B, cfg.n_image_tokens, cfg.shallow_dim)
         if rows:
             deep[rows], shallow[rows] = self.image_tower(torch.from_numpy(pix[rows]))
         tok = self.model.encode_image(deep[rows], shallow[rows])
