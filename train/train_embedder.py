@@ -95,6 +95,8 @@ class TrainConfig:
     # prompts read), at category_temperature
     category_weight: float = 0.0
     category_temperature: float = 0.1
+    # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
+    cross_modal_weight: float = 1.0
     # train without this master category (the validation suite's out-of-domain family)
     holdout_master_category: str | None = None
 
@@ -116,7 +118,7 @@ class TrainConfig:
         if not 0.0 <= self.rendition_prob <= 1.0:
             raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
         if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
-               self.mm_relational, self.category_weight) < 0:
+               self.mm_relational, self.category_weight, self.cross_modal_weight) < 0:
             raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
         if not 0.0 < self.tower_temperature < 1.0:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
@@ -562,7 +564,9 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, weights_only=False)  # our own training state (never shipped)
-        if state["train_config"] != cfg.__dict__ or state["model_config"] != json.loads(model_cfg.to_json()):
+        # a field added since the checkpoint was written takes its default (what that run trained with)
+        written = {**TrainConfig().__dict__, **state["train_config"]}
+        if written != cfg.__dict__ or state["model_config"] != json.loads(model_cfg.to_json()):
             raise ValueError(f"{checkpoint} was written by another configuration; remove it or give the same arguments")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -641,7 +645,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                     info_nce(tx, mm1, same, all_ok, all_ok, scale)
                     + info_nce(im, mm1, same, has_img, all_ok, scale)
                     + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
-                    + info_nce(im, tx, same, has_img, all_ok, scale)
+                    + cfg.cross_modal_weight * info_nce(im, tx, same, has_img, all_ok, scale)
                 ) / len(dims)
                 if e_aug is not None:
                     contrastive = contrastive + cfg.image_instance * info_nce(
@@ -750,6 +754,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--category-weight", type=float, default=TrainConfig.category_weight,
                     help="weight of the supervised contrastive term over article types (photo + title, photo)")
     ap.add_argument("--category-temperature", type=float, default=TrainConfig.category_temperature)
+    ap.add_argument("--cross-modal-weight", type=float, default=TrainConfig.cross_modal_weight,
+                    help="weight of the photo-only <-> title-only InfoNCE term")
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
                     help="train without this master category (the validation suite's ood family)")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -783,6 +789,7 @@ def main(argv: list[str] | None = None) -> None:
                           tower_relational=args.tower_relational, tower_temperature=args.tower_temperature,
                           text_relational=args.text_relational, mm_relational=args.mm_relational,
                           category_weight=args.category_weight, category_temperature=args.category_temperature,
+                          cross_modal_weight=args.cross_modal_weight,
                           holdout_master_category=args.holdout_master_category, seed=args.seed)
     except ValueError as exc:
         ap.error(str(exc))

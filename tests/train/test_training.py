@@ -282,3 +282,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         train(EmbedderConfig(**TINY), TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), Features(cache), catalog, None,
               checkpoint=ckpt)
+    # a checkpoint written before a TrainConfig field existed resumes: the field takes its default
+    state = torch.load(ckpt, weights_only=False)
+    del state["train_config"]["cross_modal_weight"]
+    torch.save(state, ckpt)
+    logs.clear()
+    train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=logs.append, checkpoint=ckpt)
+    assert any("resumed" in x and "after epoch 3" in x for x in logs)
