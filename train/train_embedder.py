@@ -723,6 +723,21 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     return result
 
 
+# TrainConfig's view and loss weights, each a `--flag-name` of `main`, with its help
+VIEW_FLAGS = {
+    "rendition_prob": "share of photo-only and description views whose photo is a cached rendition",
+    "image_instance": "weight of the rendition <-> original photo term",
+    "caption_weight": "weight of the field-caption terms",
+    "tower_relational": "weight of the term keeping photo similarities those of the frozen image tower",
+    "tower_temperature": "temperature of the towers' side of the relational terms",
+    "text_relational": "weight of the title-only vectors' relational term against MiniLM's pooled title states",
+    "mm_relational": "weight of the photo + title vectors' relational term against both towers' pooled features",
+    "category_weight": "weight of the supervised contrastive term over article types (photo + title, photo)",
+    "category_temperature": "temperature of the article-type term",
+    "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", default=".cache/features", help="feature cache from sdk.train.features")
@@ -738,24 +753,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-views", nargs="+", default=["photo+title", "title", "photo"],
                     help="trace views to load (add 'oracle' to also measure the catalog fields' own traces)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the --init embedder on the validation split")
-    ap.add_argument("--rendition-prob", type=float, default=TrainConfig.rendition_prob,
-                    help="share of photo-only and description views whose photo is a cached rendition")
-    ap.add_argument("--image-instance", type=float, default=TrainConfig.image_instance,
-                    help="weight of the rendition <-> original photo term")
-    ap.add_argument("--caption-weight", type=float, default=TrainConfig.caption_weight,
-                    help="weight of the field-caption terms")
-    ap.add_argument("--tower-relational", type=float, default=TrainConfig.tower_relational,
-                    help="weight of the term keeping photo similarities those of the frozen image tower")
-    ap.add_argument("--tower-temperature", type=float, default=TrainConfig.tower_temperature)
-    ap.add_argument("--text-relational", type=float, default=TrainConfig.text_relational,
-                    help="weight of the title-only vectors' relational term against MiniLM's pooled title states")
-    ap.add_argument("--mm-relational", type=float, default=TrainConfig.mm_relational,
-                    help="weight of the photo + title vectors' relational term against both towers' pooled features")
-    ap.add_argument("--category-weight", type=float, default=TrainConfig.category_weight,
-                    help="weight of the supervised contrastive term over article types (photo + title, photo)")
-    ap.add_argument("--category-temperature", type=float, default=TrainConfig.category_temperature)
-    ap.add_argument("--cross-modal-weight", type=float, default=TrainConfig.cross_modal_weight,
-                    help="weight of the photo-only <-> title-only InfoNCE term")
+    for name, text in VIEW_FLAGS.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(TrainConfig, name), help=text)
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
                     help="train without this master category (the validation suite's ood family)")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -784,13 +783,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
-                          freeze_image=args.freeze_image, rendition_prob=args.rendition_prob,
-                          image_instance=args.image_instance, caption_weight=args.caption_weight,
-                          tower_relational=args.tower_relational, tower_temperature=args.tower_temperature,
-                          text_relational=args.text_relational, mm_relational=args.mm_relational,
-                          category_weight=args.category_weight, category_temperature=args.category_temperature,
-                          cross_modal_weight=args.cross_modal_weight,
-                          holdout_master_category=args.holdout_master_category, seed=args.seed)
+                          freeze_image=args.freeze_image, holdout_master_category=args.holdout_master_category,
+                          seed=args.seed, **{name: getattr(args, name) for name in VIEW_FLAGS})
     except ValueError as exc:
         ap.error(str(exc))
     res = train(

@@ -289,3 +289,17 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     logs.clear()
     train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=logs.append, checkpoint=ckpt)
     assert any("resumed" in x and "after epoch 3" in x for x in logs)
+
+
+def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
+    import sdk.train.train_embedder as te
+
+    cache = write_cache(tmp_path / "cache")
+    seen = {}
+    monkeypatch.setattr(te, "train", lambda model_cfg, cfg, *a, **kw: seen.setdefault("cfg", cfg) and {"final": {}})
+    flags = {name: 0.25 + i / 100 for i, name in enumerate(te.VIEW_FLAGS)}
+    argv = ["--features", str(cache)] + [x for n, v in flags.items() for x in (f"--{n.replace('_', '-')}", str(v))]
+    te.main(argv)
+    assert {n: getattr(seen["cfg"], n) for n in flags} == flags
+    with pytest.raises(SystemExit):
+        te.main(["--features", str(cache), "--category-temperature", "2"])
