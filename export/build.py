@@ -542,6 +542,11 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             else:
                 cdir = None
         report["candidate"] = tried[-1]["candidate"]
+        # not a gate: whether TensorRT's ONNX parser would read these graphs (sdk.export.trt_ops)
+        from .trt_ops import parser_report
+
+        graphs = {"text": graph, **({"image": image_graph} if cfg.layout == "split" else {})}
+        report["tensorrt_parser"] = parser_report(graphs)
         report["candidates_tried"] = tried
         report["onnx_parity"] = {k: parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
         report["eval_source"] = str(cfg.catalog or cfg.samples)

@@ -172,6 +172,9 @@ def test_int8_build_meets_its_gates_and_records_them(int8_engine):
     assert fid["onnx_parity"]["min_cosine"] >= 0.9999
     assert fid["candidates_tried"][-1]["passed"]
     assert m["versions"]["onnxruntime"]
+    # dynamic INT8 is onnxruntime's format: the report says what TensorRT's parser would refuse
+    trt = fid["tensorrt_parser"]
+    assert trt["tensorrt"] == "10.15" and not trt["text"]["parsable"] and "MatMulInteger" in trt["text"]["refused_ops"]
 
 
 def test_runtime_on_the_built_engine_matches_the_teacher(int8_engine):

@@ -122,3 +122,49 @@ def test_a_tower_that_cannot_be_fused_exports_plainly_and_passes_parity(tmp_path
     report = json.loads((tmp_path / "split.parity.json").read_text())
     assert report["passed"] and report["text_graph"] == "plain"
     assert "MultiHeadAttention" not in _ops(paths["text"])
+
+
+def test_trt_parser_reads_the_plain_graphs_and_names_what_it_would_refuse(exports, tmp_path):
+    """The plain-op graphs (plain text graph, image graph, symmetric static INT8) are what TensorRT's
+    ONNX parser reads; the fused text graph's contrib ops, onnxruntime's dynamic INT8 and unsigned
+    (asymmetric) Q/DQ are refused, each node named."""
+    from sdk.calib import CalibrationSet, quantize_static_qdq
+    from sdk.export.build import fold_constants, quantize_int8
+    from sdk.export.onnx_embedder import ExportError
+    from sdk.export.trt_ops import require_trt_parsable, trt_unsupported
+
+    plain, fused = exports[False], exports[True]
+    assert trt_unsupported(plain["image"]) == [] and trt_unsupported(plain["text"]) == []
+    refused = trt_unsupported(fused["text"])
+    assert refused and all(b.op.startswith("com.microsoft.") for b in refused)
+    refusal = r"text graph has \d+ node\(s\) TensorRT 10.15.*com\.microsoft\.MultiHeadAttention"
+    with pytest.raises(ExportError, match=refusal):
+        require_trt_parsable(fused["text"], what="text graph")
+    folded = fold_constants(plain["text"], tmp_path / "text.folded.onnx")
+    dynamic = {b.op for b in trt_unsupported(quantize_int8(folded, tmp_path / "text.dyn.onnx"))}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= dynamic
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(1, 100, (2, 6)).astype(np.int64), "attention_mask": np.ones((2, 6), np.int64)}
+             for _ in range(4)]
+    cal = CalibrationSet(feeds)
+    signed = quantize_static_qdq(folded, tmp_path / "text.qdq.onnx", cal)
+    assert _ops(signed)["QuantizeLinear"] > 0 and trt_unsupported(signed) == []
+    unsigned = trt_unsupported(quantize_static_qdq(folded, tmp_path / "text.qdq.u8.onnx", cal, symmetric=False))
+    assert unsigned and all(b.op in ("QuantizeLinear", "DequantizeLinear") and "UINT8" in b.reason for b in unsigned)
+
+
+def test_trt_check_covers_opset_and_subgraphs():
+    from onnx import TensorProto, helper
+
+    from sdk.export.trt_ops import trt_unsupported
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    body = helper.make_graph([helper.make_node("Unique", ["x"], ["u"], name="inner")], "body", [],
+                             [helper.make_tensor_value_info("u", TensorProto.FLOAT, [None])])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    node = helper.make_node("If", ["c"], ["y"], name="branch", then_branch=body, else_branch=body)
+    graph = helper.make_graph([node], "g", [cond, x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    bad = trt_unsupported(old)
+    assert [b.op for b in bad] == ["opset", "Unique", "Unique"] and bad[1].node == "inner"
+    assert "opset 8 outside 9..24" in bad[0].reason
