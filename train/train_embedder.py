@@ -26,7 +26,7 @@ similarities those of the frozen image tower's standardised pooled features (KL 
 `--tower-temperature`); `--text-relational w` and `--mm-relational w` do the same for the title-only
 vectors (against MiniLM's pooled title states) and the photo + title vectors (against both);
 `--category-weight w` gathers the photo + title and photo-only vectors of one article type
-(supervised contrastive).
+(supervised contrastive), `--colour-weight w` those of one base colour.
 `--holdout-master-category Footwear` trains without that category (the
 validation suite's out-of-domain family). `--checkpoint FILE` saves every epoch and resumes.
 """
@@ -95,6 +95,9 @@ class TrainConfig:
     # prompts read), at category_temperature
     category_weight: float = 0.0
     category_temperature: float = 0.1
+    # the same over base colours: keeps colour in the vectors that the article-type term would
+    # otherwise make colour-blind (zero-shot colour prompts)
+    colour_weight: float = 0.0
     # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
     cross_modal_weight: float = 1.0
     # train without this master category (the validation suite's out-of-domain family)
@@ -118,7 +121,7 @@ class TrainConfig:
         if not 0.0 <= self.rendition_prob <= 1.0:
             raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
         if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
-               self.mm_relational, self.category_weight, self.cross_modal_weight) < 0:
+               self.mm_relational, self.category_weight, self.colour_weight, self.cross_modal_weight) < 0:
             raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
         if not 0.0 < self.tower_temperature < 1.0:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
@@ -437,6 +440,16 @@ def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
     return field_keys(f, catalog, lambda p: normalize_title(p.title))
 
 
+def labelled_rows(f: Features, catalog: str | Path, value) -> tuple[np.ndarray, np.ndarray]:
+    """(integer key per row of `value(product)`, whether the product has a value at all)."""
+    from .catalog import read_catalog
+
+    got = {p.id: str(value(p) or "") for p in read_catalog(catalog)}
+    vals = [got[int(i)] for i in f.ids]
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(v, len(index)) for v in vals]), np.array([bool(v) for v in vals])
+
+
 def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
     return field_keys(f, catalog, lambda p: p.article_type)
 
@@ -526,14 +539,13 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
 
         cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
     text_stats = None
-    typed = None
-    if cfg.category_weight:
-        if catalog is None:
-            raise ValueError("category_weight needs the catalog (its article types)")
-        from .catalog import read_catalog
-
-        known = {p.id for p in read_catalog(catalog) if p.article_type}
-        typed = np.array([int(i) in known for i in f.ids])
+    supervised = []  # (weight, label key per row, whether the row has that label) of each supervised term
+    for name, w, value in (("category_weight", cfg.category_weight, lambda p: p.article_type),
+                           ("colour_weight", cfg.colour_weight, lambda p: p.record.get("base_colour"))):
+        if w:
+            if catalog is None:
+                raise ValueError(f"{name} needs the catalog (its product fields)")
+            supervised.append((w, *labelled_rows(f, catalog, value)))
     if cfg.tower_relational or cfg.mm_relational:
         tower_stats = pooled_stats(f, train_rows)
     if cfg.text_relational or cfg.mm_relational:
@@ -673,11 +685,10 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 loss = loss + cfg.tower_relational * rel(e_clean[has_img], ref_img)
             if cfg.text_relational:
                 loss = loss + cfg.text_relational * rel(e_txt, ref_txt)
-            if cfg.category_weight:
-                sc = 1.0 / cfg.category_temperature
-                typed_t = torch.as_tensor(typed[rows])
-                loss = loss + cfg.category_weight * 0.5 * (category_term(e_mm1, types[rows], typed_t, sc)
-                                                            + category_term(e_img, types[rows], typed_t & has_img, sc))
+            for w, labels, known in supervised:
+                sc, k = 1.0 / cfg.category_temperature, torch.as_tensor(known[rows])
+                loss = loss + w * 0.5 * (category_term(e_mm1, labels[rows], k, sc)
+                                         + category_term(e_img, labels[rows], k & has_img, sc))
             if cfg.mm_relational and has_img.sum() > 1:
                 ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
                 loss = loss + cfg.mm_relational * rel(e_mm1[has_img], ref_mm)
@@ -733,7 +744,8 @@ VIEW_FLAGS = {
     "text_relational": "weight of the title-only vectors' relational term against MiniLM's pooled title states",
     "mm_relational": "weight of the photo + title vectors' relational term against both towers' pooled features",
     "category_weight": "weight of the supervised contrastive term over article types (photo + title, photo)",
-    "category_temperature": "temperature of the article-type term",
+    "category_temperature": "temperature of the article-type and colour terms",
+    "colour_weight": "weight of the supervised contrastive term over base colours (photo + title, photo)",
     "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
 }
 

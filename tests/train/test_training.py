@@ -182,7 +182,7 @@ def write_catalog_for(cache, folder):
 
 
 VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_relational=0.5, text_relational=0.5,
-             mm_relational=0.5, category_weight=0.5)
+             mm_relational=0.5, category_weight=0.5, colour_weight=0.5)
 
 
 def test_training_with_renditions_captions_and_tower_relations(tmp_path):
