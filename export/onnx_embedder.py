@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -473,10 +474,18 @@ def _run_onnx(sess, feed: Mapping[str, np.ndarray]) -> np.ndarray:
 
 @contextlib.contextmanager
 def _harmless_warnings_ignored():
-    with warnings.catch_warnings():
-        for category, message in _HARMLESS_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
+    # torch.onnx logs one "torchvision is not installed. Skipping torchvision::..." per torchvision
+    # op at every export: noise for graphs that use none of them
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _HARMLESS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> list[str]:

