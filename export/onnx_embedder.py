@@ -472,20 +472,26 @@ def _run_onnx(sess, feed: Mapping[str, np.ndarray]) -> np.ndarray:
         raise ExportError(f"ONNX Runtime failed on inputs {shapes}: {exc}") from exc
 
 
+_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
+
+
 @contextlib.contextmanager
 def _harmless_warnings_ignored():
     # torch.onnx logs one "torchvision is not installed. Skipping torchvision::..." per torchvision
-    # op at every export: noise for graphs that use none of them
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    # op at every export, and onnxscript's optimizer that it skips folding multi-output Splits:
+    # noise for these graphs (no torchvision op; the Splits run as they are)
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             for category, message in _HARMLESS_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
             yield
     finally:
-        registration.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> list[str]:

@@ -137,7 +137,7 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
     batch = Dim("batch", min=1)
     seq = Dim("seq", min=1, max=rcfg.max_len)
     cached = Dim("past", min=1, max=rcfg.max_len - 1)
-    vis = {0: None, 1: batch}
+    vis = {0: Dim.STATIC, 1: batch}  # layers: fixed
     jobs = (
         (VisualGraph(image_tower, reasoner), (pixels,), {"pixels": {0: batch}}, ["visual_k", "visual_v"], "visual",
          None),
