@@ -420,16 +420,26 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
     return res
 
 
+def _row_values(f: Features, catalog: str | Path, value) -> list:
+    """`value(product)` of each cached row's product, in row order."""
+    from .catalog import read_catalog
+
+    got = {p.id: value(p) for p in read_catalog(catalog)}
+    return [got[int(i)] for i in f.ids]
+
+
+def _keys(values: list) -> np.ndarray:
+    """An integer per value; equal values share one."""
+    index: dict = {}
+    return np.array([index.setdefault(v, len(index)) for v in values])
+
+
 def field_keys(f: Features, catalog: str | Path | None, value) -> np.ndarray:
     """Integer key per row of `value(product)` (rows with equal values share a key); without a
     catalog every row gets 0."""
     if catalog is None:
         return np.zeros(len(f), np.int64)
-    from .catalog import read_catalog
-
-    got = {p.id: value(p) for p in read_catalog(catalog)}
-    index: dict = {}
-    return np.array([index.setdefault(got[int(i)], len(index)) for i in f.ids])
+    return _keys(_row_values(f, catalog, value))
 
 
 def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
@@ -442,12 +452,8 @@ def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
 
 def labelled_rows(f: Features, catalog: str | Path, value) -> tuple[np.ndarray, np.ndarray]:
     """(integer key per row of `value(product)`, whether the product has a value at all)."""
-    from .catalog import read_catalog
-
-    got = {p.id: str(value(p) or "") for p in read_catalog(catalog)}
-    vals = [got[int(i)] for i in f.ids]
-    index: dict[str, int] = {}
-    return np.array([index.setdefault(v, len(index)) for v in vals]), np.array([bool(v) for v in vals])
+    vals = [str(v or "") for v in _row_values(f, catalog, value)]
+    return _keys(vals), np.array([bool(v) for v in vals])
 
 
 def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
@@ -458,14 +464,17 @@ def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch
     """Per-channel mean and std of the image tower's mean-pooled deep features over `rows` that
     have a photo: what standardises the tower's own view of a photo (the relational term)."""
     rows = rows[f.has_image[torch.as_tensor(rows)].numpy().astype(bool)]
-    pooled = torch.cat([f.deep[torch.as_tensor(rows[s : s + chunk])].float().mean(1) for s in range(0, len(rows), chunk)])
-    return pooled.mean(0), pooled.std(0) + 1e-6
+    return _mean_std(lambda r: f.deep[r].float().mean(1), rows, chunk)
 
 
 def title_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the text tower's mean-pooled title states over `rows`."""
-    pooled = torch.cat([masked_mean(f.title[r].float(), f.title_mask[r].float())
-                        for r in (torch.as_tensor(rows[s : s + chunk]) for s in range(0, len(rows), chunk))])
+    return _mean_std(lambda r: masked_mean(f.title[r].float(), f.title_mask[r].float()), rows, chunk)
+
+
+def _mean_std(pool, rows: np.ndarray, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (+1e-6) of `pool(row indices)` (B, C) over `rows`, `chunk` at a time."""
+    pooled = torch.cat([pool(torch.as_tensor(rows[s : s + chunk])) for s in range(0, len(rows), chunk)])
     return pooled.mean(0), pooled.std(0) + 1e-6
 
 
