@@ -1,9 +1,10 @@
-"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | index | search | bench`
+"""Command line: `moon3 build | validate | inspect | embed | embed-catalog | reason | index | search | bench | serve`
 (also `python -m sdk`).
 
 `build` and `validate` need the toolchain (`pip install 'moon3-sdk[export]'`); `embed-catalog` needs
 pyarrow, and Ray for `--runner ray` (`pip install 'moon3-sdk[ray]'`); the other commands need only
-the runtime (numpy + onnxruntime), never torch. `bench` times an engine through the runtime alone
+the runtime (numpy + onnxruntime), never torch; `serve` needs the web stack too
+(`pip install 'moon3-sdk[serve]'`). `bench` times an engine through the runtime alone
 (`sdk.bench`); the suite against the PyTorch teacher and peer libraries is `benchmarks/run.sh`.
 """
 
@@ -205,6 +206,12 @@ def _cmd_reason(args: argparse.Namespace) -> int:
         print(f"{'':13s} ({st['new_tokens']} tokens; prefill {st['prefill_tokens_per_s']:.0f} tok/s, "
               f"decode {st['decode_tokens_per_s']:.0f} tok/s)", file=sys.stderr)
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from sdk.serve import main_args
+
+    return main_args(args)
 
 
 def _cmd_embed_catalog(args: argparse.Namespace) -> int:
@@ -620,6 +627,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured when the engine's embedder was trained with traces")
     n.add_argument("--json", default=None, help="write the full report (JSON) here")
     n.set_defaults(func=_cmd_bench)
+
+    sv = sub.add_parser("serve", help="HTTP embedding server with dynamic batching (needs [serve]; docs/serve.md)",
+                        description="Serve an engine over HTTP: POST /v1/embeddings (OpenAI-compatible), /v1/embed "
+                        "(photo + title products), /v1/reason; GET /health, /ready, /metrics. Concurrent requests "
+                        "are merged into engine batches; a full queue answers 429; SIGTERM drains, then exits.")
+    sv.add_argument("engine")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    sv.add_argument("--port", type=_int_at_least(0, "a port in [0, 65535]"), default=8000,
+                    help="port (default 8000; 0: any free port, printed at start)")
+    sv.add_argument("--max-batch", type=_positive_int, default=32, metavar="N", help="most items per engine batch")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                    help="longest wait of a queued item for its batch to fill (default 5)")
+    sv.add_argument("--queue", type=_positive_int, default=1024, metavar="N",
+                    help="most items waiting for the engine; more get 429 + Retry-After (default 1024)")
+    sv.add_argument("--max-items", type=_positive_int, default=256, metavar="N",
+                    help="most items in one request, 413 above (default 256)")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB", help="largest request body (default 32)")
+    sv.add_argument("--reason-queue", type=_positive_int, default=16, metavar="N",
+                    help="most /v1/reason requests waiting or running (default 16)")
+    sv.add_argument("--drain-s", type=float, default=30.0, metavar="S",
+                    help="on SIGTERM, how long requests in flight may take to finish (default 30)")
+    sv.add_argument("--no-reasoner", action="store_true", help="do not load the engine's reasoner (/v1/reason: 404)")
+    sv.add_argument("--model-name", default=None, help="the model name responses report (default: the file's stem)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.add_argument("--access-log", action="store_true", help="log one line per request")
+    _providers_arg(sv)
+    sv.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+    sv.set_defaults(func=_cmd_serve)
     return ap
 
 
