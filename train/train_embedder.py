@@ -100,6 +100,9 @@ class TrainConfig:
     colour_weight: float = 0.0
     # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
     cross_modal_weight: float = 1.0
+    # decay per step of an exponential moving average of the weights; when > 0 the average is what
+    # each epoch's validation measures and what is saved (0: the last step's weights)
+    ema_decay: float = 0.0
     # train without this master category (the validation suite's out-of-domain family)
     holdout_master_category: str | None = None
 
@@ -127,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
         if not 0.0 < self.category_temperature < 1.0:
             raise ValueError(f"category_temperature must be in (0, 1), got {self.category_temperature}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @property
     def uses_renditions(self) -> bool:
@@ -576,6 +581,9 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         opt,
         lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
     )
+    # the weight average (a copy of the model, updated after each step) that is measured and saved
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None)
     scale = 1.0 / cfg.temperature
     dims = model_cfg.matryoshka_dims
     history = []
@@ -590,6 +598,8 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         if written != cfg.__dict__ or state["model_config"] != json.loads(model_cfg.to_json()):
             raise ValueError(f"{checkpoint} was written by another configuration; remove it or give the same arguments")
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
@@ -706,9 +716,11 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = evaluate(model, f, val_rows, keys)
+        metrics = evaluate(model if ema is None else ema.module, f, val_rows, keys)
         history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1),
                         **metrics})
         log(json.dumps(history[-1]))
@@ -717,10 +729,13 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             tmp = Path(f"{checkpoint}.tmp")
             torch.save({"epoch": epoch + 1, "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "schedule": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "ema": None if ema is None else ema.state_dict(),
                         "numpy_rng": rng.bit_generator.state, "train_config": cfg.__dict__,
                         "model_config": json.loads(model_cfg.to_json())}, tmp)
             tmp.replace(checkpoint)
     bar.close()
+    if ema is not None:
+        model = ema.module  # the average is the trained model
     final = evaluate(model, f, val_rows, keys, dims=dims)
     fire_scales = {
         f"fire@{k}": round(m.scale.item(), 4) for k, m in getattr(getattr(model, "image", None), "fire", {}).items()
@@ -756,6 +771,7 @@ VIEW_FLAGS = {
     "category_temperature": "temperature of the article-type and colour terms",
     "colour_weight": "weight of the supervised contrastive term over base colours (photo + title, photo)",
     "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
+    "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
 }
 
 

@@ -258,7 +258,7 @@ def test_holdout_master_category_is_never_trained_on(tmp_path, monkeypatch):
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     cache = add_views(write_cache(tmp_path / "cache"))
     catalog = write_catalog_for(cache, tmp_path)
-    cfg = TrainConfig(epochs=3, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5, **VIEWS)
+    cfg = TrainConfig(epochs=3, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5, ema_decay=0.8, **VIEWS)
     whole = train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, tmp_path / "whole", log=lambda *_: None)
 
     class Stop(Exception):
@@ -289,6 +289,37 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     logs.clear()
     train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=logs.append, checkpoint=ckpt)
     assert any("resumed" in x and "after epoch 3" in x for x in logs)
+
+
+def test_the_weight_average_is_what_is_validated_and_saved(tmp_path, monkeypatch):
+    import sdk.train.train_embedder as te
+
+    cache = write_cache(tmp_path / "cache")
+    models, steps = [], []  # the model trained; its weights after each optimizer step
+    real_build, real_step = te.build_embedder, torch.optim.AdamW.step
+    monkeypatch.setattr(te, "build_embedder", lambda c: models.append(real_build(c)) or models[-1])
+
+    def step(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        steps.append({n: p.detach().clone() for n, p in models[0].named_parameters()})
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = TrainConfig(epochs=2, batch_size=32, group_size=4, lr=3e-3, warmup_steps=2, ema_decay=0.7)
+    res = train(EmbedderConfig(**TINY), cfg, Features(cache), None, tmp_path / "out", log=lambda *_: None)
+    saved = dict(load_embedder(tmp_path / "out").named_parameters())
+    assert len(steps) > 3 and steps[0].keys() == saved.keys()
+    # the exponential average of the steps' weights (the first step's weights start it) ...
+    avg = steps[0]
+    for w in steps[1:]:
+        avg = {n: 0.7 * a + 0.3 * w[n] for n, a in avg.items()}
+    for n, a in avg.items():
+        torch.testing.assert_close(saved[n], a, rtol=1e-4, atol=1e-5, msg=n)
+    # ... not the last step's weights
+    assert max((saved[n] - w).abs().max().item() for n, w in steps[-1].items()) > 1e-4
+    assert res["train_config"]["ema_decay"] == 0.7
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        te.TrainConfig(ema_decay=1.0)
 
 
 def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
