@@ -26,7 +26,9 @@ similarities those of the frozen image tower's standardised pooled features (KL 
 `--tower-temperature`); `--text-relational w` and `--mm-relational w` do the same for the title-only
 vectors (against MiniLM's pooled title states) and the photo + title vectors (against both);
 `--category-weight w` gathers the photo + title and photo-only vectors of one article type
-(supervised contrastive), `--colour-weight w` those of one base colour.
+(supervised contrastive), `--colour-weight w` those of one base colour, `--photo-colour-weight w`
+only the photo-only vectors of one base colour (colour stays in what photos say; nearest neighbours
+of photo + title vectors stay by type). `--ema-decay d` validates and saves a moving average of the weights.
 `--holdout-master-category Footwear` trains without that category (the
 validation suite's out-of-domain family). `--checkpoint FILE` saves every epoch and resumes.
 """
@@ -98,6 +100,9 @@ class TrainConfig:
     # the same over base colours: keeps colour in the vectors that the article-type term would
     # otherwise make colour-blind (zero-shot colour prompts)
     colour_weight: float = 0.0
+    # the base-colour term on the photo-only vectors alone (what zero-shot colour prompts read),
+    # leaving the photo + title vectors' neighbourhoods to the article-type term
+    photo_colour_weight: float = 0.0
     # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
     cross_modal_weight: float = 1.0
     # decay per step of an exponential moving average of the weights; when > 0 the average is what
@@ -124,7 +129,8 @@ class TrainConfig:
         if not 0.0 <= self.rendition_prob <= 1.0:
             raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
         if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
-               self.mm_relational, self.category_weight, self.colour_weight, self.cross_modal_weight) < 0:
+               self.mm_relational, self.category_weight, self.colour_weight, self.photo_colour_weight,
+               self.cross_modal_weight) < 0:
             raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
         if not 0.0 < self.tower_temperature < 1.0:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
@@ -553,13 +559,17 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
 
         cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
     text_stats = None
-    supervised = []  # (weight, label key per row, whether the row has that label) of each supervised term
-    for name, w, value in (("category_weight", cfg.category_weight, lambda p: p.article_type),
-                           ("colour_weight", cfg.colour_weight, lambda p: p.record.get("base_colour"))):
+    # (weight, whether it applies to the photo + title vectors, label key per row, whether the row
+    # has that label) of each supervised term; all apply to the photo-only vectors
+    supervised = []
+    colour = lambda p: p.record.get("base_colour")  # noqa: E731
+    for name, w, mm, value in (("category_weight", cfg.category_weight, True, lambda p: p.article_type),
+                               ("colour_weight", cfg.colour_weight, True, colour),
+                               ("photo_colour_weight", cfg.photo_colour_weight, False, colour)):
         if w:
             if catalog is None:
                 raise ValueError(f"{name} needs the catalog (its product fields)")
-            supervised.append((w, *labelled_rows(f, catalog, value)))
+            supervised.append((w, mm, *labelled_rows(f, catalog, value)))
     if cfg.tower_relational or cfg.mm_relational:
         tower_stats = pooled_stats(f, train_rows)
     if cfg.text_relational or cfg.mm_relational:
@@ -704,10 +714,10 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 loss = loss + cfg.tower_relational * rel(e_clean[has_img], ref_img)
             if cfg.text_relational:
                 loss = loss + cfg.text_relational * rel(e_txt, ref_txt)
-            for w, labels, known in supervised:
+            for w, mm, labels, known in supervised:
                 sc, k = 1.0 / cfg.category_temperature, torch.as_tensor(known[rows])
-                loss = loss + w * 0.5 * (category_term(e_mm1, labels[rows], k, sc)
-                                         + category_term(e_img, labels[rows], k & has_img, sc))
+                photo = category_term(e_img, labels[rows], k & has_img, sc)
+                loss = loss + w * (0.5 * (category_term(e_mm1, labels[rows], k, sc) + photo) if mm else photo)
             if cfg.mm_relational and has_img.sum() > 1:
                 ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
                 loss = loss + cfg.mm_relational * rel(e_mm1[has_img], ref_mm)
@@ -770,6 +780,7 @@ VIEW_FLAGS = {
     "category_weight": "weight of the supervised contrastive term over article types (photo + title, photo)",
     "category_temperature": "temperature of the article-type and colour terms",
     "colour_weight": "weight of the supervised contrastive term over base colours (photo + title, photo)",
+    "photo_colour_weight": "weight of the supervised contrastive term over base colours (photo only)",
     "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
     "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
 }

@@ -182,7 +182,23 @@ def write_catalog_for(cache, folder):
 
 
 VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_relational=0.5, text_relational=0.5,
-             mm_relational=0.5, category_weight=0.5, colour_weight=0.5)
+             mm_relational=0.5, category_weight=0.5, colour_weight=0.5, photo_colour_weight=0.5)
+
+
+def test_the_photo_colour_term_reads_only_photo_vectors(tmp_path, monkeypatch):
+    import sdk.train.train_embedder as te
+
+    cache = add_views(write_cache(tmp_path / "cache"))
+    catalog = write_catalog_for(cache, tmp_path)
+    calls = []  # the vectors each supervised term reads, in order
+    real = te.category_term
+    monkeypatch.setattr(te, "category_term", lambda e, *a: calls.append(e.data_ptr()) or real(e, *a))
+    cfg = TrainConfig(epochs=1, batch_size=32, group_size=4, category_weight=0.5, photo_colour_weight=0.5)
+    train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=lambda *_: None)
+    # each step: article types over the photo and the photo + title vectors, then colours over the photo ones
+    steps = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert steps and len(calls) == 3 * len(steps)
+    assert all(photo != mm and colour == photo for photo, mm, colour in steps)
 
 
 def test_training_with_renditions_captions_and_tower_relations(tmp_path):
