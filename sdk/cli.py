@@ -653,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.add_argument("--access-log", action="store_true", help="log one line per request")
     _providers_arg(sv)
-    sv.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+    sv.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                    help="ONNX Runtime intra-op threads (default: physical cores - 1, at least 1; the rest serve HTTP)")
     sv.set_defaults(func=_cmd_serve)
     return ap
 

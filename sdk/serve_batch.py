@@ -1,10 +1,12 @@
 """Dynamic batching for `moon3 serve`: concurrent requests' items merged into engine batches.
 
 Each request's items join one FIFO queue. A single worker takes up to `max_batch` items, waiting
-at most `max_wait_s` after the oldest queued item arrived for more to come, runs the batch in one
-engine thread (off the event loop), and hands every item its vector or its error; a request's
-future resolves when its last item is done. While the engine runs a batch, new items queue up, so
-under load batches fill by themselves and the wait is only paid when traffic is light.
+for more to come at most `max_wait_s` after the oldest queued item arrived or the engine finished
+its last batch (whichever is later), runs the batch in one engine thread (off the event loop), and
+hands every item its vector or its error; a request's future resolves when its last item is done.
+While the engine runs a batch, new items queue up; when it finishes, the clients it just answered
+get up to `max_wait_s` to send their next items, so under load batches stay full (32 clients give
+batches of 32, not batches alternating between the items that waited and those just answered).
 
 The queue is bounded in items: a request that does not fit is refused whole (`QueueFull`, with a
 retry estimate), so memory never grows with the offered load. A batch that fails in the engine
@@ -45,11 +47,13 @@ class QueueFull(SdkError):
 
 @dataclass
 class BatchItem:
-    """One product to embed: encoded photo bytes and/or a title and/or a trace (None = absent)."""
+    """One product to embed: encoded photo bytes and/or a title and/or a trace (None = absent).
+    `count_tokens`: report its tokens in `ItemResult.tokens` (OpenAI `usage`; tokenizes it again)."""
 
     image: bytes | None = None
     text: str | None = None
     trace: str | None = None
+    count_tokens: bool = True
 
 
 @dataclass
@@ -86,7 +90,8 @@ class DynamicBatcher:
     Args:
         embedder: an `sdk.Embedder` (its `embed_batch` is called from one worker thread).
         max_batch: most items per engine batch.
-        max_wait_s: longest time the oldest queued item waits for a batch to fill.
+        max_wait_s: longest time a batch waits to fill, counted from when its oldest item arrived
+            or the engine finished the previous batch, whichever is later.
         max_queue: most items waiting (not yet in a running batch); more are refused.
         observe: optional callback `observe(event, value)` for metrics: "batch" (size),
             "engine_s", "queue_wait_s", "queue" (depth), "engine_error" (message).
@@ -109,6 +114,7 @@ class DynamicBatcher:
         self._stopping = False
         self._rate = 0.0  # items/s of recent batches (exponential average), for Retry-After
         self.engine_failures_in_row = 0  # batches whose every item failed in the engine
+        self._idle_since = 0.0
         self.batches = 0
         self.last_batch_sizes: deque[int] = deque(maxlen=1024)  # for tests and /metrics-free checks
 
@@ -193,8 +199,11 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # wait for the batch to fill, at most max_wait_s after its oldest item arrived
-            deadline = self._queue[0].enqueued + self.max_wait_s
+            # wait for the batch to fill, at most max_wait_s after its oldest item arrived or the
+            # engine became free, whichever is later: the requests answered by the last batch come
+            # back within that time, so under load batches stay full rather than alternating between
+            # the part that waited and the part that was just answered
+            deadline = max(self._queue[0].enqueued, self._idle_since) + self.max_wait_s
             while len(self._queue) < self.max_batch and not self._stopping:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -219,7 +228,8 @@ class DynamicBatcher:
                 results = await loop.run_in_executor(self._pool, self._run, [s.request.items[s.index] for s in batch])
             except Exception as exc:  # noqa: BLE001 - a bug here must fail these requests, not the worker
                 results = [ItemResult(error=f"item 0: internal error: {type(exc).__name__}: {exc}")] * len(batch)
-            dt = time.perf_counter() - t0
+            self._idle_since = time.perf_counter()
+            dt = self._idle_since - t0
             self.batches += 1
             self.last_batch_sizes.append(len(batch))
             self._observe("batch", len(batch))
@@ -281,12 +291,13 @@ def _renumber(msg: str, index: int) -> str:
 
 
 def _token_counts(emb: Any, items: list[BatchItem]) -> list[int]:
-    """Tokens of each item's title and trace, as the engine's tokenizers cut them (OpenAI `usage`)."""
+    """Tokens of each item's title and trace, as the engine's tokenizers cut them (OpenAI `usage`);
+    0 for items that do not ask (`count_tokens=False`)."""
     text_tok = getattr(emb, "_text_tok", None)
     trace_tok = getattr(emb, "_trace_tok", None)
     counts = [0] * len(items)
     for tok, get in ((text_tok, lambda it: it.text), (trace_tok, lambda it: it.trace)):
-        idx = [i for i, it in enumerate(items) if isinstance(get(it), str) and get(it).strip()]
+        idx = [i for i, it in enumerate(items) if it.count_tokens and isinstance(get(it), str) and get(it).strip()]
         if tok is None or not idx:
             continue
         for i, (ids, _) in zip(idx, tok.encode([get(items[i]) for i in idx])):

@@ -3,9 +3,10 @@
 A load test on one box shares its cores between the client, the server and the engine, so every
 cycle the client spends is taken from what is measured. This client does only what a load
 generator needs: one keep-alive connection per `Connection`, a request written in one call, the
-response read by Content-Length. It never retries, so each request is answered at most once and
-a lost one shows up as an exception. Use a full client (httpx, the `openai` package) for
-anything else.
+response's head read in one call and its body by Content-Length, and no task per request (the
+timeout is a deadline on the running task, not `asyncio.wait_for`). It never retries, so each
+request is answered at most once and a lost one shows up as an exception. Use a full client
+(httpx, the `openai` package) for anything else.
 
     async with Connection("127.0.0.1", 8000) as c:
         status, headers, body = await c.post("/v1/embeddings", b'{"input": "red shoe"}')
@@ -14,8 +15,11 @@ anything else.
 from __future__ import annotations
 
 import asyncio
+import sys
 
 __all__ = ["Connection"]
+
+_HEAD_END = b"\r\n\r\n"
 
 
 class Connection:
@@ -49,6 +53,9 @@ class Connection:
             ConnectionError: the server closed the connection before answering (never retried).
             asyncio.TimeoutError: no complete answer within `timeout` seconds.
         """
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(self.timeout):
+                return await self._request(method, path, body, content_type)
         return await asyncio.wait_for(self._request(method, path, body, content_type), self.timeout)
 
     async def post(self, path: str, body: bytes, content_type: str = "application/json"):
@@ -64,17 +71,17 @@ class Connection:
                 + (f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n" if method != "GET" else "")
                 + "\r\n").encode("latin-1")
         self._writer.write(head + body)
-        line = await self._reader.readline()
-        if not line:
+        try:
+            raw = await self._reader.readuntil(_HEAD_END)
+        except asyncio.IncompleteReadError:
             await self.close()
-            raise ConnectionError(f"{self.host}:{self.port} closed the connection without answering {method} {path}")
-        status = int(line.split(b" ", 2)[1])
+            raise ConnectionError(f"{self.host}:{self.port} closed the connection without answering "
+                                  f"{method} {path}") from None
+        status_line, *lines = raw[:-4].decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
         headers: dict[str, str] = {}
-        while True:
-            line = await self._reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
+        for line in lines:
+            name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         data = await self._reader.readexactly(int(headers.get("content-length", "0")))
         if headers.get("connection", "").lower() == "close":

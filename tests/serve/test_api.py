@@ -148,6 +148,23 @@ def test_request_errors_name_what_was_wrong(server, body, status, message):
     assert message in err["message"] and err["code"] == status and err["type"] == "invalid_request_error"
 
 
+def test_json_beyond_orjson_is_answered_as_by_the_standard_library(server):
+    """orjson (when installed) parses and writes the bodies; what it refuses (NaN, an int over 64
+    bits to write) or would read differently (an int over 64 bits, as a float) goes to the json
+    module, so such requests get the same answers as without orjson."""
+    from sdk.serve import dumps, loads
+
+    big = 2**70
+    r = post(server, "/v1/embed", json={"items": [{"id": big, "title": "rote Schuhe, Größe 42"}]})
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == big
+    value = {"a": [0.1, 1e-05, -2.5, 3.4028234663852886e38], "id": big, "t": "Größe", "n": None}
+    assert json.loads(dumps(value)) == value
+    assert loads(b'{"x": 1, "n": 123456789012345678901234567890}')["n"] == 123456789012345678901234567890
+    assert np.isnan(loads(b'{"x": NaN}')["x"])
+    with pytest.raises(json.JSONDecodeError, match="Expecting property name"):
+        loads(b"{not json")
+
+
 def test_embed_request_errors(server):
     r = post(server, "/v1/embed", json={"items": [{"title": "a"}], "dimension": 8})
     assert r.status_code == 400 and "unknown field(s) ['dimension']" in r.json()["error"]["message"]

@@ -80,6 +80,27 @@ def test_a_large_request_spans_batches_and_keeps_its_order():
     assert [r.vector[0] for r in res] == pytest.approx([(k + 1) / np.hypot(k + 1, 1) for k in range(10)])
 
 
+def test_clients_just_answered_get_max_wait_to_come_back_so_batches_stay_full():
+    """8 clients, each sending its next item as soon as it has its answer; 4 of them start while the
+    engine runs the first 4. The batch after that waits (at most max_wait) for the 4 just answered,
+    so every later batch holds all 8, rather than batches of 4 alternating for ever."""
+    fake = FakeEmbedder(delay=0.2)  # the first batch runs from 0.05 s to 0.25 s
+    b = DynamicBatcher(fake, max_batch=8, max_wait_s=0.05, max_queue=64)
+
+    async def client(k: int, start: float):
+        await asyncio.sleep(start)
+        for n in range(4):
+            (res,) = await b.submit([BatchItem(text=f"c{k} n{n}")])
+            assert res.error is None
+
+    async def body():
+        await asyncio.gather(*(client(k, 0.0 if k < 4 else 0.15) for k in range(8)))
+
+    run(_with(b, body))
+    sizes = [len(c) for c in fake.calls]
+    assert sizes[0] == 4 and sizes[1:] == [8, 8, 8, 4], sizes
+
+
 def test_a_full_queue_refuses_the_whole_request_with_a_retry_estimate():
     fake = FakeEmbedder(delay=0.3)
     b = DynamicBatcher(fake, max_batch=8, max_wait_s=0.0, max_queue=8)

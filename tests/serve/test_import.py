@@ -29,3 +29,12 @@ def test_bad_settings_are_refused_with_the_value(capsys, tmp_path):
 
     assert main(["serve", str(tmp_path / "x.engine"), "--max-batch", "64", "--queue", "32"]) == 2
     assert "queue (32) must be >= max_batch (64)" in capsys.readouterr().err
+
+
+def test_default_threads_leave_a_core_for_the_event_loop():
+    import os
+
+    from sdk.serve import default_threads
+
+    n = default_threads()
+    assert 1 <= n <= max(1, (os.cpu_count() or 1) - 1)
