@@ -1,6 +1,6 @@
 """csrc/ stays portable: x86 intrinsics only behind the AVX2 guard, and it compiles for aarch64 (Jetson).
 
-The wheel-level check (no AVX instruction outside the dispatched kernel) is in tests/sdk/test_wheel.py.
+The wheel-level check (no AVX instruction outside the dispatched kernel) is in tests/packaging/test_wheels.py.
 """
 
 import re

@@ -558,6 +558,7 @@ def test_cpu_sessions_turn_off_the_slow_skip_layernorm_fusion():
 def test_add_layernorm_gives_what_the_fused_skip_layernorm_gives():
     """The graph rewrite turned off on the CPU changes the time, not the arithmetic."""
     ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx", reason="builds its graph with onnx (the [export] extra)")
     from onnx import TensorProto, helper, numpy_helper
 
     from sdk.embedder import session_kwargs
