@@ -653,16 +653,18 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
 def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool, log=print):
     """Export the image completion weights in `folder` -> (manifest section, parts), or (None, {})
     when they were trained against other embedder weights and were not asked for explicitly."""
-    from sdk.train.catalog import file_sha256
     from sdk.train.completion import load_completion
+    from sdk.train.embedder import embedder_sha256s
 
     from .bundle import completion_parts
     from .onnx_completion import CompletionExportConfig, export_completion_onnx
     from .onnx_embedder import ExportError
 
     model, meta = load_completion(folder)
-    sha = file_sha256(weights / "embedder.safetensors")
-    if meta.get("embedder_sha256") != sha:
+    # the file's own hash, and for an fp16 copy the FP32 file it was converted from (trained against)
+    names = embedder_sha256s(weights)
+    sha = names[0]
+    if meta.get("embedder_sha256") not in names:
         msg = (f"the completion weights in {folder} were trained against other embedder weights "
                f"(sha256 {str(meta.get('embedder_sha256'))[:12]}..., these are {sha[:12]}...); re-train them with "
                f"python -m sdk.train.completion")

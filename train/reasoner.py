@@ -355,9 +355,10 @@ def save_reasoner(model: Reasoner, tok, folder: str | Path, metrics: dict | None
 
 
 def load_reasoner(folder: str | Path):
-    """(model in eval mode, tokenizer) from what `save_reasoner` wrote."""
-    from safetensors.torch import load_file
+    """(model in eval mode, fp32, tokenizer) from what `save_reasoner` or `copy_half` wrote."""
     from tokenizers import Tokenizer
+
+    from .storage import load_fp32_state
 
     folder = Path(folder)
     for name in ("reasoner.json", "reasoner.safetensors", "reasoner_tokenizer.json"):
@@ -365,8 +366,26 @@ def load_reasoner(folder: str | Path):
             raise FileNotFoundError(f"reasoner file not found: {folder / name}")
     cfg = ReasonerConfig(**json.loads((folder / "reasoner.json").read_text())["config"])
     model = Reasoner(cfg)
-    model.load_state_dict(load_file(str(folder / "reasoner.safetensors")))
+    model.load_state_dict(load_fp32_state(folder / "reasoner.safetensors"))  # fp16-stored weights come back as fp32
     return model.eval(), Tokenizer.from_file(str(folder / "reasoner_tokenizer.json"))
+
+
+def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
+    """Copy a saved reasoner with its weights stored as fp16 (half the bytes; `load_reasoner` loads
+    them back into the fp32 model) and its tokenizer. `dst` may be `src` (converted in place).
+
+    reasoner.json records the stored dtype and the SHA-256 of the FP32 source and of the copy."""
+    import shutil
+
+    from .storage import merge_record, write_half
+
+    src, dst = Path(src), Path(dst)
+    meta = json.loads((src / "reasoner.json").read_text())
+    record = write_half(src / "reasoner.safetensors", dst / "reasoner.safetensors", dtype)
+    if dst.resolve() != src.resolve():
+        shutil.copyfile(src / "reasoner_tokenizer.json", dst / "reasoner_tokenizer.json")
+    (dst / "reasoner.json").write_text(json.dumps(merge_record(meta, record), indent=2))
+    return dst / "reasoner.safetensors"
 
 
 def n_params(model: nn.Module) -> int:
@@ -377,3 +396,15 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Copy a saved reasoner with fp16 weights: python -m sdk.train.reasoner "
+                                 "SRC DST (DST may be SRC: converted in place)")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    a = ap.parse_args()
+    print(copy_half(a.src, a.dst, a.dtype))

@@ -97,6 +97,20 @@ def test_build_adds_completion_only_for_the_embedder_it_was_trained_against(tmp_
     assert "trained against other embedder weights" in logged[-1] and "built without image completion" in logged[-1]
     with pytest.raises(ExportError, match="re-train them"):
         _completion_section(stale, weights, tmp_path / "w3", explicit=True, log=logged.append)
+    # an fp16 copy of that embedder (sdk.train.embedder.copy_half) still matches: its record names the
+    # FP32 file it came from; the engine records the copy's own hash
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "embedder.safetensors").write_bytes(b"the same weights, stored fp16")
+    own = file_sha256(half / "embedder.safetensors")
+    record = {"config": {}, "stored_dtype": "float16", "source_sha256": sha, "sha256": own}
+    (half / "embedder.json").write_text(json.dumps(record))
+    section, _ = _completion_section(good, half, tmp_path / "w4", explicit=True, log=logged.append)
+    assert section["embedder_sha256"] == own
+    # ... but only while the copy is the file its record describes
+    (half / "embedder.safetensors").write_bytes(b"other weights, put in its place")
+    with pytest.raises(ExportError, match="re-train them"):
+        _completion_section(good, half, tmp_path / "w5", explicit=True, log=logged.append)
     # the single layout never carries it; None leaves it out
     assert BuildConfig(layout="single", completion=good).completion_dir() is None
     assert BuildConfig(completion=None).completion_dir() is None

@@ -7,7 +7,7 @@ the runtime tests, the fused ops against their NumPy references, the sample prod
 engine built in code: the head runs in the wheel's sdk._C) and the README example (a tiny engine with
 the README's widths and a reasoner) run. What ships, and why:
   * sdk/ with the compiled sdk/_C*.so: the runtime;
-  * sdk/export, sdk/train (+ weights ~21 MB), sdk/calib: inert without the [export] extra, and with
+  * sdk/export, sdk/train (+ weights ~14 MB), sdk/calib: inert without the [export] extra, and with
     it `moon3 build` works from the installed wheel, no source checkout;
   * not tests/, benchmarks/, data/, csrc/ sources, engines or caches.
 The aarch64 wheel, cross-compiled and run under qemu-user, is the slow test (it needs Debian's

@@ -13,6 +13,8 @@ from sdk.train.embedder import (  # noqa: E402
     FusionEmbedder,
     LinearEmbedder,
     build_embedder,
+    copy_half,
+    embedder_sha256s,
     load_embedder,
     matryoshka,
     save_embedder,
@@ -142,3 +144,38 @@ def test_save_load_roundtrip(tmp_path):
     assert torch.allclose(model(*x), again(*x))
     with pytest.raises(FileNotFoundError, match="embedder file not found"):
         load_embedder(tmp_path / "missing")
+
+
+def test_fp16_copy_loads_into_the_fp32_model_and_keeps_naming_its_source(tmp_path):
+    from safetensors import safe_open
+
+    from sdk.train.catalog import file_sha256
+
+    torch.manual_seed(0)
+    model = trained_like(FusionEmbedder(EmbedderConfig(**TINY)))
+    save_embedder(model, tmp_path / "fp32", metrics={"R@10": 0.5})
+    fp32_sha = file_sha256(tmp_path / "fp32" / "embedder.safetensors")
+    copy_half(tmp_path / "fp32", tmp_path / "fp16")
+    w = tmp_path / "fp16" / "embedder.safetensors"
+    with safe_open(str(w), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+    assert w.stat().st_size < 0.6 * (tmp_path / "fp32" / "embedder.safetensors").stat().st_size
+    half = load_embedder(tmp_path / "fp16")
+    assert all(p.dtype == torch.float32 for p in half.parameters())  # upcast on load: it computes in fp32
+    x = inputs()
+    assert torch.nn.functional.cosine_similarity(model(*x), half(*x)).min() > 0.999
+    meta = json.loads((tmp_path / "fp16" / "embedder.json").read_text())
+    assert meta["metrics"] == {"R@10": 0.5} and meta["stored_dtype"] == "float16"
+    # the copy is named by its own hash and its FP32 source's (what the image completion was trained against)
+    assert embedder_sha256s(tmp_path / "fp16") == (file_sha256(w), fp32_sha)
+    assert embedder_sha256s(tmp_path / "fp32") == (fp32_sha,)
+    # converted in place (DST = SRC), and converted again: the same bytes, still naming the first source
+    copy_half(tmp_path / "fp32", tmp_path / "fp32")
+    assert file_sha256(tmp_path / "fp32" / "embedder.safetensors") == file_sha256(w)
+    copy_half(tmp_path / "fp16", tmp_path / "fp16")
+    assert embedder_sha256s(tmp_path / "fp16") == (file_sha256(w), fp32_sha)
+    # another file in the copy's place: its record no longer describes it, so only its own hash names it
+    save_embedder(model, tmp_path / "other")
+    (tmp_path / "other" / "embedder.safetensors").replace(w)
+    assert embedder_sha256s(tmp_path / "fp16") == (file_sha256(w),)
+

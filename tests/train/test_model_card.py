@@ -97,3 +97,21 @@ def test_card_adds_the_validation_suite_when_given():
     assert "| cross-modal | title->photo R@10 | 0.500 | 0.600 | +10.0 |" in card
     assert "measured when the model was trained, on the earlier split" in card.lower()
     assert card.index("## Validation suite") < card.index("## Reproduce")
+
+
+def test_card_says_how_the_weights_are_stored_and_what_fp16_cost():
+    from sdk.train.model_card import _storage
+
+    files, paragraph = _storage({"dtype": "float32", "mib": 20.6})
+    assert files == ["`embedder.safetensors` (trained fusion weights, fp32) and `embedder.json` (config + the"]
+    assert paragraph == []
+    files, paragraph = _storage({"dtype": "float16", "mib": 10.3})
+    assert "stored FP16, 10.3 MiB, loaded into the FP32" in files[0] and "not yet measured" in paragraph[-1]
+    views = {v: {"max_l2_distance": d} for v, d in (("photo", 4e-4), ("title", 6.6e-4))}
+    fidelity = {"views": views, "text->image R@10": {"fp32": 0.9267, "fp16": 0.92, "drop": 0.0067},
+                "image->text R@10": {"fp32": 0.9467, "fp16": 0.9467, "drop": 0.0}}
+    stored = {"dtype": "float16", "mib": 10.3,
+              "fidelity": {"fidelity": fidelity, "products": 150, "source": "data/samples", "command": "..."}}
+    text = " ".join(_storage(stored)[1])
+    assert "150 sample products" in text and "at most 6.6e-04 apart (L2) in each view (photo, title)" in text
+    assert "R@10 moves: text->image 0.9267 / 0.9200" in text

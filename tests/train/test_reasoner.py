@@ -18,6 +18,7 @@ from sdk.train.reasoner import (  # noqa: E402
     THINK,
     Reasoner,
     ReasonerConfig,
+    copy_half,
     decode,
     encode_example,
     examples,
@@ -171,6 +172,15 @@ def test_a_few_sft_steps_learn_and_the_weights_round_trip(tok, tmp_path):
     assert m2.generate(prompt, deep[0]) == m.generate(prompt, deep[0])
     with pytest.raises(FileNotFoundError, match="reasoner file not found"):
         load_reasoner(tmp_path / "missing")
+    # stored fp16 (half the bytes), loaded back into the fp32 model: same greedy tokens here
+    copy_half(tmp_path / "r", tmp_path / "r16")
+    sizes = [(tmp_path / d / "reasoner.safetensors").stat().st_size for d in ("r", "r16")]
+    assert sizes[1] < 0.6 * sizes[0]
+    m3, tok3 = load_reasoner(tmp_path / "r16")
+    assert all(p.dtype == torch.float32 for p in m3.parameters()) and tok3.to_str() == tok.to_str()
+    assert m3.generate(prompt, deep[0]) == m.generate(prompt, deep[0])
+    with torch.no_grad():
+        assert torch.allclose(m3(ids[:2], deep[:2], vmask[:2])[0], m(ids[:2], deep[:2], vmask[:2])[0], atol=2e-2)
 
 
 def test_student_keeps_the_chosen_teacher_layers():
