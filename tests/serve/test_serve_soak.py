@@ -4,7 +4,7 @@ through the run, must stay flat after warm-up (growth < 5%; TEI #156 grew 6 GB -
 
 The 100k run is marked slow; a 5k run is in the default suite. To record the long run's result:
 
-    MOON3_SERVE_SOAK_OUT=docs/results/serve_soak.json .venv/bin/python -m pytest tests/serve/test_soak.py -m slow
+    MOON3_SERVE_SOAK_OUT=docs/results/serve_soak.json .venv/bin/python -m pytest tests/serve/test_serve_soak.py -m slow
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_soak_100k_rss_flat(engine_path):
     out = os.environ.get("MOON3_SERVE_SOAK_OUT")
     if out:
         res |= {"command": "MOON3_SERVE_SOAK_OUT=docs/results/serve_soak.json .venv/bin/python -m pytest "
-                           "tests/serve/test_soak.py -m slow",
+                           "tests/serve/test_serve_soak.py -m slow",
                 "engine": "the tiny split FP32 engine of tests/conftest.py (server: --max-batch 16 --max-wait-ms 2)",
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                 "max_growth": MAX_GROWTH}
