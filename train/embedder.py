@@ -476,12 +476,6 @@ def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
 
 
 if __name__ == "__main__":
-    import argparse
+    from .storage import copy_half_main
 
-    ap = argparse.ArgumentParser(description="Copy a saved embedder with fp16 weights: python -m sdk.train.embedder "
-                                 "SRC DST (DST may be SRC: converted in place)")
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    a = ap.parse_args()
-    print(copy_half(a.src, a.dst, a.dtype))
+    copy_half_main("embedder", "embedder", copy_half)

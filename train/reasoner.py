@@ -399,12 +399,6 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 if __name__ == "__main__":
-    import argparse
+    from .storage import copy_half_main
 
-    ap = argparse.ArgumentParser(description="Copy a saved reasoner with fp16 weights: python -m sdk.train.reasoner "
-                                 "SRC DST (DST may be SRC: converted in place)")
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    a = ap.parse_args()
-    print(copy_half(a.src, a.dst, a.dtype))
+    copy_half_main("reasoner", "reasoner", copy_half)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,3 +82,16 @@ def weights_sha256s(path: str | Path, meta: dict | None = None) -> tuple[str, ..
     if meta.get("stored_dtype") in STORED_DTYPES and meta.get("sha256") == own and meta.get("source_sha256"):
         return (own, meta["source_sha256"])
     return (own,)
+
+
+def copy_half_main(module: str, what: str, copy_half: Callable[[str, str, str], Path]) -> None:
+    """The command line of a model module's `copy_half`: `python -m sdk.train.MODULE SRC DST [--dtype]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=f"Copy a saved {what} with fp16 weights: python -m sdk.train.{module} "
+                                 "SRC DST (DST may be SRC: converted in place)")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    a = ap.parse_args()
+    print(copy_half(a.src, a.dst, a.dtype))

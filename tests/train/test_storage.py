@@ -41,3 +41,15 @@ def test_half_copy_refuses_weights_that_do_not_fit_and_unknown_dtypes(tmp_path):
     assert load_fp32_state(tmp_path / "b.safetensors")["w"][1] == pytest.approx(1e6, rel=1e-2)
     with pytest.raises(ValueError, match="dtype must be one of"):
         write_half(src, tmp_path / "x.safetensors", "int8")
+
+
+def test_the_half_copy_command_line_passes_its_arguments(monkeypatch, capsys):
+    from sdk.train.storage import copy_half_main
+
+    seen = []
+    monkeypatch.setattr("sys.argv", ["embedder", "a", "b", "--dtype", "bfloat16"])
+    copy_half_main("embedder", "embedder", lambda *a: seen.append(a) or "b/embedder.safetensors")
+    assert seen == [("a", "b", "bfloat16")] and "b/embedder.safetensors" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["reasoner", "a"])
+    with pytest.raises(SystemExit):
+        copy_half_main("reasoner", "reasoner", lambda *a: None)
