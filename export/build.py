@@ -37,6 +37,8 @@ AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
 AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
 IMAGE_CONVS = ("fp32", "int8")  # the image tower's convolutions in an "int8" split engine
+# "int8" engines' activation scales: one per tensor (per batch) or one per token (sdk.export.per_token)
+INT8_ACTIVATIONS = ("per-tensor", "per-token")
 # Image-convolution candidates: the k convolutions most sensitive to static INT8 (each measured
 # alone) stay FP32; the first k whose engine passes the gates wins, else every convolution stays FP32.
 IMAGE_CONV_LADDER = (0, 2, 4, 8, 16)
@@ -114,6 +116,10 @@ class BuildConfig:
             keeps the most sensitive ones FP32 as `IMAGE_CONV_LADDER` says, each candidate gated
             end to end; when none passes, the convolutions stay FP32.
         calib_images: photos (stratified; the catalog's train split) for the image calibration.
+        int8_activations: "per-tensor" (ONNX Runtime's dynamic quantization: one activation scale
+            per batch, so an item's vector moves slightly with its batch neighbours) or "per-token"
+            (one scale per token, `sdk.export.per_token`: an item's vector is the same alone or in
+            any batch); precision "int8" only.
         calib_titles: folder (items.jsonl) of the text calibration titles when no `catalog` is
             given. None: the repo's data/calib (the titles the catalog would give) while
             `samples` is the repo's data/samples, else `samples` itself (your own products).
@@ -145,6 +151,7 @@ class BuildConfig:
     auto_rounds: int = 15
     image_convs: str = "fp32"
     calib_images: int = 64
+    int8_activations: str = "per-tensor"
 
     def completion_dir(self) -> Path | None:
         if self.completion is None or self.layout != "split":
@@ -191,6 +198,11 @@ class BuildConfig:
         if self.image_convs == "int8" and (self.precision not in ("int8", "auto") or self.layout != "split"):
             raise ValueError(f"image_convs 'int8' needs precision 'int8' (or 'auto') and layout 'split', got "
                              f"precision {self.precision!r}, layout {self.layout!r}")
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"int8_activations must be one of {INT8_ACTIVATIONS}, got {self.int8_activations!r}")
+        if self.int8_activations != "per-tensor" and self.precision not in ("int8", "auto"):
+            raise ValueError(f"int8_activations {self.int8_activations!r} needs precision 'int8' (or 'auto'), "
+                             f"got {self.precision!r}")
         if self.calib_images < 8:
             raise ValueError(f"calib_images must be >= 8 (one calibration batch), got {self.calib_images}")
         self.reasoner_quant()  # validates precision and block size
@@ -397,19 +409,25 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None) -> Path:
+def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None, activations: str = "per-tensor") -> Path:
     """Dynamic per-channel INT8 of MatMul/Gemm (weights offline, activations at run time).
 
     Args:
         src: a constant-folded ONNX graph (`fold_constants`); dst: output path;
-        exclude: node names kept in FP32.
+        exclude: node names kept in FP32; activations: "per-tensor" (one activation scale per
+            tensor, as ONNX Runtime writes it) or "per-token" (`sdk.export.per_token`).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    plain = dst.with_name(dst.stem + ".per-tensor.onnx") if activations == "per-token" else dst
     quantize_dynamic(
-        str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+        str(src), str(plain), per_channel=True, weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(exclude or []),
     )
+    if activations == "per-token":
+        from .per_token import per_token_activations
+
+        per_token_activations(plain, dst)
     return dst
 
 
@@ -446,6 +464,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     tokenizer_path = text_tower_path() / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_bytes()
     precision = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
+    if cfg.precision == "int8" and cfg.int8_activations == "per-token":
+        precision = "int8-dynamic-per-token"
     common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
                   trace_trained=trace_trained, image=image_pre)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
@@ -470,7 +490,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
             folded = fold_constants(text_graph, tmp / "text.folded.onnx")
             if cfg.layout == "split":
                 folded_image = fold_constants(image_graph, tmp / "image.folded.onnx")
-                image_graph = quantize_int8(folded_image, tmp / "image.int8.onnx")
+                image_graph = quantize_int8(folded_image, tmp / "image.int8.onnx", activations=cfg.int8_activations)
         sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
         if cfg.precision == "int8":
             listed = int8_candidates(scopes, cfg.smooth_alpha)
@@ -504,7 +524,8 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
                 log(f"[3/4] quantize: INT8 {kind} per channel, candidate {n}/{len(candidates)}: {label} "
                     f"({len(exclude)} of {len(scopes)} text-graph matmuls fp32)")
                 if cfg.precision == "int8":
-                    graph = quantize_int8(sources.get(label, folded), tmp / f"text.int8.{n}.onnx", exclude)
+                    graph = quantize_int8(sources.get(label, folded), tmp / f"text.int8.{n}.onnx", exclude,
+                                          activations=cfg.int8_activations)
                 else:
                     graph = _quantize_static(folded, tmp / f"text.qdq.{n}.onnx", exclude, tmp, cfg)
             elif cfg.precision == "fp16":
@@ -559,6 +580,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
             "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
             "image_convs": report.get("image_convolutions", "fp32"),
+            "int8_activations": cfg.int8_activations if cfg.precision == "int8" else None,
             "reasoner": str(rdir) if rdir else None, "reasoner_precision": cfg.reasoner_precision if rdir else None,
             "completion": str(cdir) if cdir else None,
             "seconds": round(time.time() - t0, 1)}})
@@ -915,7 +937,8 @@ def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teach
                           "passed": False, "failed": [f"not gated: image-token cosine {cos:.4f} < "
                                                       f"{IMAGE_SWEEP_MIN_COSINE}"]})
             continue
-        image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx")  # + the matmuls dynamic INT8, as before
+        # + the matmuls dynamic INT8, as before
+        image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx", activations=cfg.int8_activations)
         log(f"[4/4] fidelity: {label} (image-token cosine {cos:.5f}), through sdk.Embedder vs the FP32 teacher")
         rep = measure_engine(package(image), teacher_views, products, cfg.gates, cfg.threads, log)
         tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),

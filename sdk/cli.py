@@ -36,6 +36,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         calib_method=args.calib_method,
         smooth_alpha=None if args.smooth_alpha < 0 else args.smooth_alpha,
         image_convs=args.image_convs,
+        int8_activations=args.int8_activations,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         completion=None if args.no_completion else (args.completion or "auto"),
         reasoner_precision=args.reasoner_precision,
@@ -480,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 (with --precision int8): the image tower's convolutions static INT8 (calibrated on "
                         "catalog photos), the most sensitive kept FP32 after a sensitivity sweep, each candidate "
                         "gated end to end; FP32 when none passes")
+    b.add_argument("--int8-activations", choices=("per-tensor", "per-token"), default="per-tensor",
+                   help="int8: one activation scale per tensor (ONNX Runtime's dynamic quantization; an item's "
+                        "vector moves slightly with its batch neighbours) or per token (batch-invariant: the "
+                        "same vector alone or in any batch)")
     b.add_argument("--layout", choices=("split", "single"), default="split",
                    help="split: image graph + text graph + fused-op head, each tower run only for the items "
                         "that have its modality (default); single: one ONNX graph")

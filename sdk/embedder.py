@@ -331,6 +331,15 @@ class Embedder(ActiveBackend):
         return self._precision
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether an item's vector is the same alone or in any batch (to float rounding).
+
+        False only for "int8-dynamic" engines, whose activation scale is one per batch; build with
+        `moon3 build --int8-activations per-token` for an INT8 engine that is batch-invariant.
+        """
+        return self._precision != "int8-dynamic"
+
+    @property
     def completes(self) -> tuple[str, ...]:
         """The missing modalities this engine can complete (`embed(..., complete_missing=...)`)."""
         return ("image",) if self._split is not None and self._split.completion_session is not None else ()

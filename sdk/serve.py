@@ -728,7 +728,8 @@ def create_app(config: ServeConfig, embedder: Any, reasoner: Any = None) -> Any:
         b = state.batcher
         return json_response({"ready": ok, "status": why, "model": state.model,
                               "precision": state.embedder.precision, "backend": state.embedder.backend,
-                              "dim": state.embedder.dim, "queue": b.depth if b else 0,
+                              "batch_invariant": state.embedder.batch_invariant, "dim": state.embedder.dim,
+                              "queue": b.depth if b else 0,
                               "reasoner": state.reasoner is not None}, 200 if ok else 503)
 
     async def metrics_endpoint(request):

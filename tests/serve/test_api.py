@@ -194,6 +194,7 @@ def test_health_ready_models_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     ready = httpx.get(server.url + "/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["precision"] == "fp32"
+    assert ready.json()["batch_invariant"] is True
     models = httpx.get(server.url + "/v1/models").json()["data"]
     assert models[0]["id"] == "tiny_split" and models[0]["matryoshka_dims"] == [16, 32]
     before = server.metrics()
