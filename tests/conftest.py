@@ -107,6 +107,29 @@ def tiny_split_engine(tmp_path_factory, tiny_engine):
     return SimpleNamespace(path=engine, graph=tiny_engine.graph, parity=parity, parts=paths)
 
 
+@pytest.fixture(scope="session")
+def tiny_int8_engines(tiny_engine, tiny_split_engine, tmp_path_factory):
+    """The tiny split engine with both graphs dynamic INT8: {"per-tensor": path, "per-token": path}
+    (ONNX Runtime's one activation scale per batch, and `sdk.export.per_token`'s one per token)."""
+    from sdk.engine import EngineFile
+    from sdk.export.build import fold_constants, quantize_int8
+    from sdk.export.bundle import package_split_embedder
+    from sdk.preprocess import ImagePreprocess
+
+    d = tmp_path_factory.mktemp("int8_tiny")
+    parts = tiny_split_engine.parts
+    folded = {k: fold_constants(parts[k], d / f"{k}.folded.onnx") for k in ("image", "text")}
+    engines = {}
+    for acts, label in (("per-tensor", "int8-dynamic"), ("per-token", "int8-dynamic-per-token")):
+        q = {k: quantize_int8(folded[k], d / f"{k}.{acts}.onnx", activations=acts) for k in folded}
+        engines[acts] = package_split_embedder(
+            d / f"{acts}.engine", q["image"].read_bytes(), q["text"].read_bytes(), parts["head"].read_bytes(),
+            EngineFile.read(tiny_split_engine.path).part("tokenizer.json"), dim=32, matryoshka_dims=(16, 32),
+            image=ImagePreprocess(size=224), text_max_length=tiny_engine.text_max,
+            trace_max_length=tiny_engine.trace_max, precision=label)
+    return engines
+
+
 @pytest.fixture
 def inactive_cuda(monkeypatch):
     """onnxruntime lists CUDAExecutionProvider but every session falls back to the CPU, as without

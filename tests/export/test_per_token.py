@@ -113,29 +113,7 @@ def test_build_config_checks_the_activation_scales(kw, match):
         BuildConfig(**kw)
 
 
-@pytest.fixture(scope="module")
-def int8_tiny_engines(tiny_engine, tiny_split_engine, tmp_path_factory):
-    """The tiny split engine with both graphs dynamic INT8: per-tensor and per-token activation scales."""
-    from sdk.engine import EngineFile
-    from sdk.export.build import fold_constants
-    from sdk.export.bundle import package_split_embedder
-    from sdk.preprocess import ImagePreprocess
-
-    d = tmp_path_factory.mktemp("int8_tiny")
-    parts = tiny_split_engine.parts
-    folded = {k: fold_constants(parts[k], d / f"{k}.folded.onnx") for k in ("image", "text")}
-    engines = {}
-    for acts, label in (("per-tensor", "int8-dynamic"), ("per-token", "int8-dynamic-per-token")):
-        q = {k: quantize_int8(folded[k], d / f"{k}.{acts}.onnx", activations=acts) for k in folded}
-        engines[acts] = package_split_embedder(
-            d / f"{acts}.engine", q["image"].read_bytes(), q["text"].read_bytes(), parts["head"].read_bytes(),
-            EngineFile.read(tiny_split_engine.path).part("tokenizer.json"), dim=32, matryoshka_dims=(16, 32),
-            image=ImagePreprocess(size=224), text_max_length=tiny_engine.text_max,
-            trace_max_length=tiny_engine.trace_max, precision=label)
-    return engines
-
-
-def test_a_per_token_engine_gives_an_item_the_same_vector_alone_or_in_any_batch(int8_tiny_engines):
+def test_a_per_token_engine_gives_an_item_the_same_vector_alone_or_in_any_batch(tiny_int8_engines):
     from pictures import gradient
 
     from sdk import Embedder
@@ -143,7 +121,7 @@ def test_a_per_token_engine_gives_an_item_the_same_vector_alone_or_in_any_batch(
     texts = ["red", "red cotton shirt for the men", "blue", "black leather shoes", "watch", "white sport dress"]
     images = [gradient(seed, 40 + 9 * seed, 30 + 5 * seed) for seed in range(len(texts))]
     diffs = {}
-    for acts, path in int8_tiny_engines.items():
+    for acts, path in tiny_int8_engines.items():
         emb = Embedder(path, threads=1)
         assert emb.batch_invariant is (acts == "per-token")
         worst = 0.0

@@ -11,7 +11,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import TITLES, b64, photo
+from serve_helpers import TITLES, Server, b64, photo
 
 ATOL = 1e-6  # the tiny engine is FP32: batch-independent
 
@@ -239,3 +239,31 @@ def test_concurrent_requests_are_batched_and_equal_the_embedder(server, referenc
     batches = m["moon3_batch_size_count"] - before["moon3_batch_size_count"]
     assert m["moon3_batch_size_sum"] - before["moon3_batch_size_sum"] == 48
     assert batches < 48 / 2, f"{batches} batches for 48 concurrent requests: not merged"
+
+
+def test_a_per_token_int8_server_gives_each_item_its_vector_alone(tiny_int8_engines):
+    """INT8 with one activation scale per token (`--int8-activations per-token`): whatever batches
+    the server merges concurrent requests into, each item gets the vector it gets alone."""
+    from sdk.embedder import Embedder
+
+    photos = [photo(300 + k) for k in range(8)]
+    items = [{"id": k, "title": TITLES[k % len(TITLES)] + f" {k}", **({"image": b64(photos[k % 8])} if k % 2 else {})}
+             for k in range(24)]
+    emb = Embedder(tiny_int8_engines["per-token"], threads=1)
+    alone = np.concatenate([emb.embed(images=[photos[k % 8] if k % 2 else None], texts=[it["title"]])
+                            for k, it in enumerate(items)])
+    s = Server(tiny_int8_engines["per-token"], "--max-batch", "8", "--max-wait-ms", "20")
+    try:
+        assert httpx.get(s.url + "/ready").json()["batch_invariant"] is True
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60, limits=httpx.Limits(max_connections=24)) as c:
+                return await asyncio.gather(*(c.post("/v1/embed", json={"items": [it]}) for it in items))
+
+        responses = asyncio.run(go())
+        merged = s.metrics()["moon3_batch_size_count"]
+    finally:
+        s.stop()
+    got = np.array([r.json()["data"][0]["embedding"] for r in responses], np.float32)
+    np.testing.assert_allclose(got, alone, atol=2e-6)
+    assert merged < 24, "the requests were not merged into batches: nothing was checked"
