@@ -120,7 +120,7 @@ def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeyp
     cands = [("cand far off", [], 0.5, tmp_path / "q.onnx")]  # below IMAGE_SWEEP_MIN_COSINE: recorded, not gated
     cands += [(f"cand {k}", [f"conv_{i}" for i in range(k)], 0.99, tmp_path / f"q{k}.onnx") for k in (0, 2)]
     monkeypatch.setattr(build, "_image_conv_candidates", lambda *a: (cands, [("conv_1", 0.9), ("conv_0", 0.95)]))
-    monkeypatch.setattr(build, "quantize_int8", lambda src, dst: dst)
+    monkeypatch.setattr(build, "quantize_int8", lambda src, dst, **kw: dst)
     packaged = []
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8")
     fallback, before = tmp_path / "fp32.onnx", {"passed": True, "failed": []}
