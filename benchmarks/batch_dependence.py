@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdk import Embedder
     from sdk.bench import load_inputs
-    from sdk.engine import EngineFile
     from sdk.errors import TruncationWarning
 
     warnings.simplefilter("ignore", TruncationWarning)
@@ -150,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
               "commit": _git("rev-parse", "HEAD"), "tree_clean": not _git("status", "--porcelain", "--untracked-files=no"),
               "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
               "products": len(titles), "engines": {}}
-    for (name, emb), path in zip(embedders.items(), args.engines):
+    for name, emb in embedders.items():
         dep = dependence(emb, views, args.batch)
         for label, r in dep.items():
             print(f"{name}  {label:28s} vs one at a time: cosine mean {r['cosine_mean']:.7f}  "
                   f"min {r['cosine_min']:.7f}  max |diff| {r['max_abs_diff']:.2e}")
-        fid = EngineFile.read(path).manifest.get("fidelity", {})
+        fid = emb.manifest.get("fidelity", {})
         report["engines"][name] = {
             "precision": emb.precision, "batch_invariant": emb.batch_invariant, "dependence": dep,
             "gates_vs_fp32_teacher": {"passed": fid.get("passed"), "items": fid.get("items"),

@@ -419,6 +419,8 @@ def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None, activa
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if activations not in INT8_ACTIVATIONS:
+        raise ValueError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
     plain = dst.with_name(dst.stem + ".per-tensor.onnx") if activations == "per-token" else dst
     quantize_dynamic(
         str(src), str(plain), per_channel=True, weight_type=QuantType.QInt8,

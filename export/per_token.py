@@ -101,12 +101,12 @@ def per_token_activations(src: str | Path, dst: str | Path) -> dict:
             replace[id(cast)] = replace[id(mul)] = []
             replace[id(prod)] = []
             matmuls += 1
+    # shapes recorded for the replaced nodes' outputs (the per-tensor scales above all) would now be wrong
+    stale = {o for n in graph.node if id(n) in replace for o in n.output}
     nodes = [m for n in graph.node for m in replace.get(id(n), [n])]
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    # shapes recorded for the old per-tensor scales and the removed products would now be wrong
-    stale = {o for n in quantizers for o in n.output[1:]} | {o for n in graph.node for o in n.output if "/per_token" in o}
     kept = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(kept)
@@ -140,7 +140,7 @@ def _set_opsets(model, versions: dict[str, int]) -> None:
     have = {o.domain: o for o in model.opset_import}
     for domain, version in versions.items():
         key = "" if domain in ("", "ai.onnx") else domain
-        o = have.get(key) or have.get("ai.onnx" if key == "" else key)
+        o = have.get(key) or (have.get("ai.onnx") if key == "" else None)
         if o is None:
             o = model.opset_import.add()
             o.domain = key

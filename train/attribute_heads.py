@@ -86,19 +86,11 @@ class Heads:
 
         t = {**self.thresholds, **(thresholds or {})}
         probs = self.probabilities(x) if probs is None else probs
-        out = []
-        for i in range(len(x)):
-            pairs = []
-            for key, _ in fields():
-                if key not in probs:
-                    continue
-                p = probs[key][i]
-                j = int(p.argmax())
-                value = self.classes[key][j]
-                if value != ABSENT and p[j] >= t[key]:
-                    pairs.append((key, value))
-            out.append(pairs[: max_pairs or MAX_ATTRIBUTES])
-        return out
+        keys = [k for k, _ in fields() if k in probs]  # record_attributes' order
+        best = {k: probs[k].argmax(1) for k in keys}
+        sure = {k: (best[k] != 0) & (probs[k].max(1) >= t[k]) for k in keys}  # class 0 is ABSENT
+        return [[(k, self.classes[k][best[k][i]]) for k in keys if sure[k][i]][: max_pairs or MAX_ATTRIBUTES]
+                for i in range(len(x))]
 
 
 def _model(dims: int, classes: dict[str, list[str]], hidden: int):
@@ -130,6 +122,8 @@ def fit(x: np.ndarray, records: Sequence[dict], cfg: HeadConfig, extra_x: np.nda
     `extra_x` labelled like `records[extra_rows]` (renditions of the same photos)."""
     import torch
 
+    if len(x) != len(records):
+        raise ValueError(f"fit needs one feature row per record, got {len(x)} rows and {len(records)} records")
     torch.manual_seed(cfg.seed)
     classes, targets = {}, {}
     for key, f in fields():
@@ -144,6 +138,9 @@ def fit(x: np.ndarray, records: Sequence[dict], cfg: HeadConfig, extra_x: np.nda
         classes[key] = [ABSENT, *kept]
         index = {v: n for n, v in enumerate(classes[key])}
         targets[key] = np.array([index.get(v, -100) if v else 0 for v in values], np.int64)  # rare values: ignored
+    if not classes:
+        raise ValueError(f"no field has a value on at least min_count={cfg.min_count} of the {len(records)} records: "
+                         "nothing to learn (more records, or a lower min_count)")
     if extra_x is not None:
         x = np.concatenate([x, extra_x])
         targets = {k: np.concatenate([t, t[extra_rows]]) for k, t in targets.items()}
@@ -229,8 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_groups = set(np.random.default_rng(0).choice(groups, size=len(groups) // 10, replace=False).tolist())
     fit_part = [p for p in train if split.group[p.id] not in dev_groups]
     dev_part = [p for p in train if split.group[p.id] in dev_groups]
-    rows = {name: np.array([row_of[p.id] for p in ps]) for name, ps in
-            (("train", train), ("fit", fit_part), ("dev", dev_part), ("val", val))}
+    parts = {"train": train, "fit": fit_part, "dev": dev_part, "val": val}
+    rows = {name: np.array([row_of[p.id] for p in ps]) for name, ps in parts.items()}
+    records = {name: [p.record for p in ps] for name, ps in parts.items()}
     every = pooled(args.features)
     x = {name: every[r] for name, r in rows.items()}
     renditions = not args.no_renditions and (args.features / "img_deep_aug.npy").is_file()
@@ -242,8 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         xs = aug[rows[name]]  # (n, K, C)
         return xs.reshape(-1, xs.shape[-1]), np.repeat(np.arange(len(rows[name])), xs.shape[1])
 
-    records = {name: [p.record for p in ps] for name, ps in (("train", train), ("fit", fit_part), ("dev", dev_part),
-                                                              ("val", val))}
     sweep = []
     ex_fit = extra("fit")
     for hidden in args.hidden:

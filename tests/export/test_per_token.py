@@ -133,3 +133,9 @@ def test_a_per_token_engine_gives_an_item_the_same_vector_alone_or_in_any_batch(
         diffs[acts] = worst
     assert diffs["per-token"] <= 2e-6, diffs
     assert diffs["per-tensor"] > 10 * max(diffs["per-token"], 1e-7), diffs  # what the pass removes
+
+
+def test_quantize_int8_names_an_unknown_activation_scheme(graphs, tmp_path):
+    _, d = graphs
+    with pytest.raises(ValueError, match=r"activations must be one of \('per-tensor', 'per-token'\), got 'per-row'"):
+        quantize_int8(d / "f32.onnx", tmp_path / "x.onnx", activations="per-row")

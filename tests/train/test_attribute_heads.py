@@ -59,3 +59,11 @@ def test_score_is_the_reasoners_micro_f1():
         "attribute_f1": 1.0, "category_acc": 1.0, "items": 1}
     m = score([[("article type", "Watches")]], recs)
     assert m["category_acc"] == 0.0 and m["attribute_f1"] == 0.0
+
+
+def test_fit_refuses_what_it_cannot_learn():
+    x, recs = _data(20, 0)
+    with pytest.raises(ValueError, match="one feature row per record, got 19 rows and 20 records"):
+        fit(x[:19], recs, HeadConfig(epochs=1))
+    with pytest.raises(ValueError, match="no field has a value on at least min_count=50"):
+        fit(x, recs, HeadConfig(epochs=1, min_count=50))
