@@ -92,7 +92,7 @@ class HeadKernel {
     }
 
     Arr forward(const Arr& image, const Arr& text, const Arr& text_mask, const Arr& trace, const Arr& trace_mask,
-                const Arr& present, i64 dim, bool force_scalar) const {
+                const Arr& present, i64 dim, const py::object& skip_obj, bool force_scalar) const {
         if (present.ndim() != 2) throw std::invalid_argument("present must be (B, 3), got " + shape_str(present));
         const i64 B = present.shape(0);
         expect(present, "present", {B, kModalities});
@@ -108,13 +108,20 @@ class HeadKernel {
         if (dim < 1 || dim > out_dim_)
             throw std::invalid_argument("dim must be in [1, " + std::to_string(out_dim_) + "], got " +
                                         std::to_string(dim));
+        Arr skip;  // (a default-constructed array is an empty one, not a null handle: has_skip says)
+        const bool has_skip = !skip_obj.is_none();
+        if (has_skip) {
+            skip = Arr::ensure(skip_obj);
+            if (!skip) throw std::invalid_argument("skip must be a float array");
+            expect(skip, "skip", {B, out_dim_});
+        }
         Arr out({B, dim});
         const LinearKernel linear = pick(force_scalar);
         const PackedKernel gemm = pick_packed(force_scalar);
         {
             py::gil_scoped_release release;
             run(image.data(), N, text.data(), text_mask.data(), T, trace.data(), trace_mask.data(), S, present.data(),
-                B, dim, linear, gemm, out.mutable_data());
+                B, dim, linear, gemm, out.mutable_data(), has_skip ? skip.data() : nullptr);
         }
         return out;
     }
@@ -130,7 +137,7 @@ class HeadKernel {
 
     void run(const float* image, i64 N, const float* text, const float* text_mask, i64 T, const float* trace,
              const float* trace_mask, i64 S, const float* present, i64 B, i64 dim, LinearKernel linear,
-             PackedKernel gemm, float* out) const {
+             PackedKernel gemm, float* out, const float* skip) const {
         const i64 d = d_, c = d / heads_;
         // projected title and trace tokens of every row, valid positions only
         std::vector<Vec> projected(static_cast<size_t>(B * kModalities));
@@ -260,7 +267,7 @@ class HeadKernel {
             for (i64 i = 0; i < B * d; ++i) q[i] += hq[i];
         }
         project_normalize_rows(q.data(), B, d, head_norm_.w.data(), head_norm_.b.data(), head_proj_.w.data(),
-                               head_proj_.b.data(), dim, linear, out);
+                               head_proj_.b.data(), dim, linear, out, skip, out_dim_);
     }
 
     static void mean_rows(const float* x, i64 n, i64 d, float* mean) {
@@ -310,8 +317,9 @@ void register_head(py::module_& m) {
              py::arg("ffn_mult") = 4)
         .def("__call__", &HeadKernel::forward, py::arg("image_tokens"), py::arg("text_states"), py::arg("text_mask"),
              py::arg("trace_states"), py::arg("trace_mask"), py::arg("present"), py::arg("dim"),
-             py::arg("force_scalar") = false,
-             "(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (B, 3), dim -> (B, dim) L2-normalised embeddings.");
+             py::arg("skip") = py::none(), py::arg("force_scalar") = false,
+             "(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (B, 3), dim[, skip (B, out_dim) added before the "
+             "truncation and norm] -> (B, dim) L2-normalised embeddings.");
 }
 
 }  // namespace moon3

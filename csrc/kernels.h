@@ -201,14 +201,18 @@ inline void epilogue_rows(const float* q, const float* outs, const float* logits
     }
 }
 
-// out (B, dim) = l2normalize((w[:dim] @ LayerNorm(q) + b[:dim])), q: (B, d), w: (D >= dim, d).
+// out (B, dim) = l2normalize((w[:dim] @ LayerNorm(q) + b[:dim] + skip[:, :dim])), q: (B, d), w: (D >= dim, d);
+// skip (optional): a per-row term, row r at skip + r * skip_ld (the embedder's skip path).
 inline void project_normalize_rows(const float* q, i64 B, i64 d, const float* ln_w, const float* ln_b, const float* w,
-                                   const float* b, i64 dim, LinearKernel linear, float* out) {
+                                   const float* b, i64 dim, LinearKernel linear, float* out,
+                                   const float* skip = nullptr, i64 skip_ld = 0) {
     std::vector<float> ln(static_cast<size_t>(B * d));
     for (i64 r = 0; r < B; ++r) layer_norm(q + r * d, ln_w, ln_b, d, ln.data() + r * d);
     linear(ln.data(), B, d, w, b, dim, out);  // only the kept rows of w
     for (i64 r = 0; r < B; ++r) {
         float* row = out + r * dim;
+        if (skip)
+            for (i64 i = 0; i < dim; ++i) row[i] += skip[r * skip_ld + i];
         float ss = 0.0f;
         for (i64 i = 0; i < dim; ++i) ss += row[i] * row[i];
         const float inv = 1.0f / std::max(std::sqrt(ss), kL2Eps);

@@ -50,9 +50,12 @@ class ImageGraph(nn.Module):
         self.image_tower = image_tower
         self.fusion = fusion
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor):
         deep, shallow = self.image_tower(pixels)  # (B, N, Cd), (B, N, Cs)
-        return self.fusion.encode_image(deep, shallow)  # (B, N, d)
+        tokens = self.fusion.encode_image(deep, shallow)  # (B, N, d)
+        if getattr(self.fusion.cfg, "skip_path", False):  # and the photo's skip-path term (B, out_dim)
+            return tokens, self.fusion.skip_image(deep.mean(1))
+        return tokens
 
 
 class TextGraph(nn.Module):
@@ -164,11 +167,17 @@ class SplitExportConfig:
         return "fused" if self.fused_text and fusable_bert(text_encoder) else "plain"
 
 
+def image_outputs(fusion: nn.Module) -> list[str]:
+    """The image graph's outputs: the image token states, and the photo's skip-path term where
+    the model has one (`EmbedderConfig.skip_path`)."""
+    return ["image_tokens", "image_skip"] if getattr(fusion.cfg, "skip_path", False) else ["image_tokens"]
+
+
 def head_state(fusion: nn.Module) -> dict[str, np.ndarray]:
     """The head's weights (the fusion model without its image encoder, and without the fine-tuned
     tower layers, which are in the text and image graphs) as float32 arrays."""
     return {k: v.detach().float().cpu().numpy() for k, v in fusion.state_dict().items()
-            if not k.startswith(("image.", "text_tail.", "image_tail."))}
+            if not k.startswith(("image.", "text_tail.", "image_tail.", "skip_image."))}
 
 
 def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Path]:
@@ -202,7 +211,7 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
                            presence=[(1, 1, 1)] * 3)
     try:
         export_module(ImageGraph(graph.image_tower, fusion).eval(), (torch.from_numpy(ex["pixels"]),),
-                      {"pixels": {0: batch}}, ["image_tokens"], paths["image"], cfg.opset)
+                      {"pixels": {0: batch}}, image_outputs(fusion), paths["image"], cfg.opset)
         fused = cfg.text_graph_kind(graph.text_encoder) == "fused"
         text_graph = FusedBertTextGraph(graph.text_encoder) if fused else TextGraph(graph.text_encoder)
         export_module(text_graph.eval(),

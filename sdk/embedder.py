@@ -271,8 +271,8 @@ class Embedder(ActiveBackend):
 
             parts = spec["parts"]
             image_s, text_s = load(parts["image"]), load(parts["text"])
-            _check_split_graphs(image_s, text_s, self._path, self._image_cfg.size)
             head = FusionHead.from_bytes(engine.part(parts["head"]), f"{self._path}: part {parts['head']!r}")
+            _check_split_graphs(image_s, text_s, self._path, self._image_cfg.size, head.skip_path)
             if head.out_dim != self._dim:
                 raise EngineError(f"{self._path}: the head gives {head.out_dim}-d vectors, "
                                   f"the manifest says dim {self._dim}")
@@ -884,15 +884,16 @@ def _refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str
         )
 
 
-def _check_split_graphs(image, text, where: Path, size: int) -> None:
+def _check_split_graphs(image, text, where: Path, size: int, skip_path: bool = False) -> None:
     """The split engine's graphs take and give what `sdk.head.SplitRunner` feeds and reads."""
-    for sess, ins, out, what in ((image, ["pixels"], "image_tokens", "image"),
-                                 (text, ["input_ids", "attention_mask"], "token_states", "text")):
+    image_outs = ["image_tokens", "image_skip"] if skip_path else ["image_tokens"]
+    for sess, ins, outs, what in ((image, ["pixels"], image_outs, "image"),
+                                  (text, ["input_ids", "attention_mask"], ["token_states"], "text")):
         got_in = sorted(i.name for i in sess.get_inputs())
         got_out = [o.name for o in sess.get_outputs()]
-        if got_in != sorted(ins) or out not in got_out:
+        if got_in != sorted(ins) or any(o not in got_out for o in outs):
             raise EngineError(f"{where}: the {what} graph has inputs {got_in} / outputs {got_out}, "
-                              f"expected {ins} / [{out!r}]")
+                              f"expected {ins} / {outs}")
     _check_pixels(image.get_inputs()[0].shape, where, "the image graph's", size)
 
 

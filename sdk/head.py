@@ -75,6 +75,9 @@ def head_weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
                      f"{f}attn.{m}.q.weight": (d, d), f"{f}attn.{m}.q.bias": (d,),
                      f"{f}attn.{m}.kv.weight": (2 * d, d), f"{f}attn.{m}.kv.bias": (2 * d,),
                      f"{f}attn.{m}.o.weight": (d, d), f"{f}attn.{m}.o.bias": (d,)}
+    if config.get("skip_path"):  # the title's side of the skip path (the photo's is in the image graph)
+        need |= {"skip_text.mean": (c,), "skip_text.inv_std": (c,), "skip_text.proj.weight": (out, c),
+                 "skip_text.proj.bias": (out,)}
     return need
 
 
@@ -100,6 +103,9 @@ class FusionHead:
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"the head config lacks a field: {exc}") from exc
         self.config = dict(config)
+        # the skip path: the image graph gives each photo's term ("image_skip", B x out_dim) and the
+        # head adds it and the title's own (a linear map of its mean token state) before the norm
+        self.skip_path = bool(config.get("skip_path", False))
         self._w: dict[str, np.ndarray] = {}
         need = head_weight_shapes(config)
         for name, shape in need.items():
@@ -173,6 +179,7 @@ class FusionHead:
         trace_mask: np.ndarray,
         present: np.ndarray,
         dim: int | None = None,
+        image_skip: np.ndarray | None = None,
     ) -> np.ndarray:
         """Embeddings (B, dim) float32, L2-normalised; dim defaults to the full width.
 
@@ -180,11 +187,29 @@ class FusionHead:
         is built, `fused` is True and `sdk.ops.HAVE_C` holds; otherwise `forward_reference`.
         Both take the arguments documented there and agree to cosine >= 0.99999.
         """
+        skip = self.skip_term(image_skip, text_states, text_mask, present) if self.skip_path else None
         if self.fused and ops.HAVE_C and self._kernel is not None:
             f32 = lambda a: np.ascontiguousarray(a, _F32)  # noqa: E731
             return self._kernel(f32(image_tokens), f32(text_states), f32(text_mask), f32(trace_states),
-                                f32(trace_mask), f32(present), self.out_dim if dim is None else int(dim))
-        return self.forward_reference(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim)
+                                f32(trace_mask), f32(present), self.out_dim if dim is None else int(dim), skip)
+        return self.forward_reference(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim,
+                                      skip=skip)
+
+    def skip_term(self, image_skip: np.ndarray | None, text_states: np.ndarray, text_mask: np.ndarray,
+                  present: np.ndarray) -> np.ndarray:
+        """The skip path's term (B, out_dim): the photo's (`image_skip`, from the image graph; None:
+        no photo term, as for completed image tokens) where a photo is present, plus the linear
+        map of the standardised mean title state where a title is."""
+        present = np.asarray(present, _F32)
+        txt = _masked_mean(np.asarray(text_states, _F32), np.asarray(text_mask, _F32))  # (B, C)
+        w = self._w
+        out = self._linear((txt - w["skip_text.mean"]) * w["skip_text.inv_std"], "skip_text.proj") * present[:, 1:2]
+        if image_skip is not None:
+            image_skip = np.asarray(image_skip, _F32)
+            if image_skip.shape != (present.shape[0], self.out_dim):
+                raise EngineError(f"image_skip has shape {image_skip.shape}, expected ({present.shape[0]}, {self.out_dim})")
+            out = out + image_skip * present[:, :1]
+        return np.ascontiguousarray(out, _F32)
 
     def forward_reference(
         self,
@@ -195,6 +220,7 @@ class FusionHead:
         trace_mask: np.ndarray,  # (B, S)
         present: np.ndarray,  # (B, 3) 0/1: image, text, trace
         dim: int | None = None,
+        skip: np.ndarray | None = None,  # (B, out_dim) `skip_term`, added before the truncation and norm
     ) -> np.ndarray:
         """The head in NumPy plus the per-op fused kernels: the reference of the one-call kernel."""
         present = np.asarray(present, _F32)
@@ -228,6 +254,10 @@ class FusionHead:
             q, hq, _ = fusion_epilogue(q, outs, logits, present, self._w[f + "out.weight"], self._w[f + "out.bias"],
                                        self._w[f + "ffn.0.weight"], self._w[f + "ffn.0.bias"])
             q = q + self._linear(gelu(self._linear(hq, f + "ffn.1")), f + "ffn.4")
+        if skip is not None:
+            k = self.out_dim if dim is None else int(dim)
+            e = self._ln(q, "head.0") @ self._w["head.1.weight"][:k].T + self._w["head.1.bias"][:k] + skip[:, :k]
+            return ops.l2_normalize_ref(e.astype(_F32))
         return project_normalize(q, self._w["head.0.weight"], self._w["head.0.bias"], self._w["head.1.weight"],
                                  self._w["head.1.bias"], self.out_dim if dim is None else int(dim))
 
@@ -323,12 +353,20 @@ class SplitRunner:
         B = present.shape[0]
         n_tok = int(self.head.config.get("n_image_tokens", 49))
         rows = np.flatnonzero(present[:, 0] > 0)
+        names = ["image_tokens", "image_skip"] if self.head.skip_path else ["image_tokens"]
+        image_skip = None
         if rows.size == B:
-            image = self.image_session.run(["image_tokens"], {"pixels": np.ascontiguousarray(pixels)})[0]
+            got = self.image_session.run(names, {"pixels": np.ascontiguousarray(pixels)})
+            image, image_skip = got[0], (got[1] if self.head.skip_path else None)
         elif rows.size or complete_image:
             image = np.zeros((B, n_tok, self.head.d), _F32)  # (B, N, d)
+            if self.head.skip_path:
+                image_skip = np.zeros((B, self.head.out_dim), _F32)  # a completed photo gets no skip term
             if rows.size:
-                image[rows] = self.image_session.run(["image_tokens"], {"pixels": np.ascontiguousarray(pixels[rows])})[0]
+                got = self.image_session.run(names, {"pixels": np.ascontiguousarray(pixels[rows])})
+                image[rows] = got[0]
+                if self.head.skip_path:
+                    image_skip[rows] = got[1]
         else:
             image = _zeros((B, n_tok, self.head.d))
         text_rows, trace_rows = np.flatnonzero(present[:, 1] > 0), np.flatnonzero(present[:, 2] > 0)
@@ -346,4 +384,4 @@ class SplitRunner:
                 present[fill, 0] = 1.0
         text_mask = feed["attention_mask"].astype(_F32) * present[:, 1:2]
         trace_mask = feed["trace_mask"].astype(_F32) * present[:, 2:3]
-        return self.head(image, text, text_mask, trace, trace_mask, present, dim)
+        return self.head(image, text, text_mask, trace, trace_mask, present, dim, image_skip=image_skip)

@@ -52,17 +52,20 @@ class PooledImageTower(nn.Module):
         return torch.relu(self.deep(t)), self.shallow(t)
 
 
-def tiny_fusion(variant="full"):
+def tiny_fusion(variant="full", skip_path=False):
     cfg = EmbedderConfig(variant=variant, d_model=32, n_heads=4, image_dim=1280, shallow_dim=152,
                          text_dim=TEXT_DIM, n_image_tokens=49, n_image_layers=2, fire_hidden=16,
-                         n_fusion_layers=2, out_dim=32, matryoshka_dims=(16, 32), dropout=0.0)
+                         n_fusion_layers=2, out_dim=32, matryoshka_dims=(16, 32), dropout=0.0, skip_path=skip_path)
     model = FusionEmbedder(cfg)
-    # FIRE scale and the fusion out-projection start at zero; move them off it, as training does,
-    # so their paths are part of what parity checks.
+    # FIRE scale, the fusion out-projection and the skip path start at zero; move them off it, as
+    # training does, so their paths are part of what parity checks.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not p.abs().sum():
-                p.normal_(0, 0.5)
+                p.normal_(0, 0.5 if not name.startswith("skip_") else 0.05)
+        if skip_path:
+            for m in (model.skip_image, model.skip_text):
+                m.set_stats(torch.randn(m.mean.shape) * 0.1, torch.rand(m.mean.shape) + 0.5)
     return model.eval()
 
 

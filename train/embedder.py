@@ -68,6 +68,10 @@ class EmbedderConfig:
     # the last `image_tuned_blocks` of EfficientNet-Lite0's 16 blocks and its head convolution were
     # fine-tuned with this model: their weights are in this model's state under `image_tail.*`
     image_tuned_blocks: int = 0
+    # a skip path around the fusion: one linear map per modality from the towers' mean-pooled
+    # features (photo: the image tower's deep map; title: the text tower's token states), added to
+    # the head's output before the L2 norm, so what the frozen towers know stays reachable
+    skip_path: bool = False
 
     def __post_init__(self) -> None:
         self.fire_depths = tuple(int(k) for k in self.fire_depths)
@@ -102,6 +106,8 @@ class EmbedderConfig:
         if self.image_tuned_blocks and self.image_dim != 1280:
             raise ValueError("fine-tuned image blocks give EfficientNet-Lite0's 1280-d tokens; "
                              f"image_dim is {self.image_dim}")
+        if self.skip_path and self.variant == "linear":
+            raise ValueError("the 'linear' variant is a skip path already; skip_path needs 'full' or 'no_fire'")
         if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
             raise ValueError("the 'linear' variant cannot fine-tune tower layers")
         if self.text_tuned_layers and (self.text_heads < 1 or self.text_dim % self.text_heads or self.text_ffn < 1):
@@ -322,6 +328,27 @@ class ImageTail(nn.Module):
         return self.act(self.bn1(self.conv_head(h))).flatten(2).transpose(1, 2)
 
 
+class SkipPath(nn.Module):
+    """Mean-pooled tower features (B, C) -> (B, out): standardised by the training set's per-channel
+    statistics (fixed buffers), then one linear map that starts at zero (the fusion's output is
+    where training starts)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d_in))
+        self.register_buffer("inv_std", torch.ones(d_in))
+        self.proj = nn.Linear(d_in, d_out)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.inv_std.copy_(1.0 / std)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.proj((pooled - self.mean) * self.inv_std)
+
+
 class FusionEmbedder(nn.Module):
     """Trained part of the teacher: tower tokens -> (B, out_dim) L2-normalised embedding."""
 
@@ -338,6 +365,9 @@ class FusionEmbedder(nn.Module):
         self.fusion = nn.ModuleList(ModalityFusion(cfg) for _ in range(cfg.n_fusion_layers))
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.out_dim))
         self.last_gate: torch.Tensor | None = None
+        if cfg.skip_path:
+            self.skip_image = SkipPath(cfg.image_dim, cfg.out_dim)
+            self.skip_text = SkipPath(cfg.text_dim, cfg.out_dim)
         if cfg.image_tuned_blocks:
             self.image_tail = ImageTail(cfg.image_tuned_blocks)
         if cfg.text_tuned_layers:
@@ -374,6 +404,7 @@ class FusionEmbedder(nn.Module):
         present: torch.Tensor,  # (B, 3) float 0/1: image, text, trace
         image_keep: torch.Tensor | None = None,  # (B, 49) optional token dropout mask (training)
         image_tokens: torch.Tensor | None = None,  # (B, 49, d) from encode_image, to reuse across calls
+        image_pooled: torch.Tensor | None = None,  # (B, 1280) the skip path's photo features (default: img_deep's mean)
     ) -> torch.Tensor:
         img = self.encode_image(img_deep, img_shallow) if image_tokens is None else image_tokens
         img_mask = torch.ones(img.shape[:2], dtype=img.dtype, device=img.device)
@@ -389,7 +420,21 @@ class FusionEmbedder(nn.Module):
         for layer in self.fusion:
             q, gate = layer(q, tokens, masks, present)
         self.last_gate = gate.detach()
-        return F.normalize(self.head(q.squeeze(1)), dim=-1)  # (B, out_dim)
+        out = self.head(q.squeeze(1))  # (B, out_dim)
+        if self.cfg.skip_path:
+            out = out + self.skip(img_deep, image_pooled, text_tok, masks[TEXT], present)
+        return F.normalize(out, dim=-1)
+
+    def skip(self, img_deep, image_pooled, text_tok, text_mask, present) -> torch.Tensor:
+        """The skip path's term (B, out_dim): the linear maps of the present modalities' pooled
+        tower features (a photo without `img_deep` or `image_pooled`, as completed tokens are,
+        adds nothing)."""
+        out = self.skip_text(masked_mean(text_tok, text_mask)) * present[:, TEXT:TEXT + 1]
+        if image_pooled is None and img_deep is not None:
+            image_pooled = img_deep.mean(1)
+        if image_pooled is not None:
+            out = out + self.skip_image(image_pooled) * present[:, IMAGE:IMAGE + 1]
+        return out
 
 
 class LinearEmbedder(nn.Module):

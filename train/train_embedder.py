@@ -103,6 +103,10 @@ class TrainConfig:
     # the base-colour term on the photo-only vectors alone (what zero-shot colour prompts read),
     # leaving the photo + title vectors' neighbourhoods to the article-type term
     photo_colour_weight: float = 0.0
+    # field-prompt term (`prompt_term`): each photo-only vector picks its article type, base colour
+    # and gender among short class prompts ("a {type} item", "{colour} coloured", "for {gender}")
+    # embedded by the model's own title path, so field words and photos share directions
+    prompt_weight: float = 0.0
     # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
     cross_modal_weight: float = 1.0
     # decay per step of an exponential moving average of the weights; when > 0 the average is what
@@ -130,7 +134,7 @@ class TrainConfig:
             raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
         if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
                self.mm_relational, self.category_weight, self.colour_weight, self.photo_colour_weight,
-               self.cross_modal_weight) < 0:
+               self.cross_modal_weight, self.prompt_weight) < 0:
             raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
         if not 0.0 < self.tower_temperature < 1.0:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
@@ -471,6 +475,86 @@ def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
     return field_keys(f, catalog, lambda p: p.article_type)
 
 
+PROMPT_FIELDS = {  # field -> training templates (the validation suite's zero-shot prompts are other words)
+    "article_type": ("a {} item", "{} for sale"),
+    "base_colour": ("{} coloured", "in {}"),
+    "gender": ("for {}", "{} style"),
+}
+PROMPT_MIN_ROWS = 5  # a class is prompted when at least this many training products have it
+
+
+@dataclass
+class FieldPrompts:
+    """One field's class prompts: MiniLM states (C * templates, L, 384) + mask, each training
+    row's class (-1: none of the prompted classes) and the class names."""
+
+    field: str
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    label: np.ndarray
+    classes: list[str]
+
+
+def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarray) -> list[FieldPrompts]:
+    """The prompt term's classes: per field of `PROMPT_FIELDS`, the values at least
+    `PROMPT_MIN_ROWS` training products have, their prompts run through the frozen text tower."""
+    if catalog is None:
+        raise ValueError("prompt_weight needs the catalog (its product fields)")
+    out = []
+    for name, templates in PROMPT_FIELDS.items():
+        vals = np.array([str(v or "").strip() for v in _row_values(f, catalog, lambda p, n=name: p.record.get(n))],
+                        dtype=object)
+        counts = {}
+        for v in vals[train_rows]:
+            counts[v] = counts.get(v, 0) + 1
+        classes = sorted(v for v, n in counts.items() if v and n >= PROMPT_MIN_ROWS)
+        if len(classes) < 2:
+            continue
+        index = {c: i for i, c in enumerate(classes)}
+        states, mask = prompt_states([t.format(c.lower()) for c in classes for t in templates])
+        out.append(FieldPrompts(name, states, mask, np.array([index.get(v, -1) for v in vals]), classes))
+    if not out:
+        raise ValueError(f"prompt_weight: no field of {sorted(PROMPT_FIELDS)} has two classes with "
+                         f">= {PROMPT_MIN_ROWS} training products")
+    return out
+
+
+def prompt_states(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Short texts through the frozen text tower, as the feature cache's captions are: token
+    states (N, L, 384) float32 and mask (N, L)."""
+    from sdk.preprocess import TextTokenizer
+
+    from .features import CAPTION_LEN
+    from .towers import load_text_tower, text_tower_path
+
+    ids, mask = TextTokenizer(text_tower_path() / "tokenizer.json", CAPTION_LEN)(texts)
+    with torch.no_grad():
+        states = load_text_tower()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    return states.float(), torch.from_numpy(mask).float()
+
+
+def prompt_term(model, prompts: list[FieldPrompts], e_img: torch.Tensor, rows: np.ndarray, has_img: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Mean over fields of the cross-entropy of each photo-only vector (e_img, B x D) picking its
+    class among the field's prompt vectors (each class: the mean of its templates' title-only
+    vectors, through the model being trained)."""
+    total, n = e_img.sum() * 0.0, 0
+    for p in prompts:
+        label = torch.as_tensor(p.label[rows])
+        ok = has_img & (label >= 0)
+        if not ok.any():
+            continue
+        b = len(p.tokens)
+        d = model.cfg.d_model
+        present = torch.tensor([[0.0, 1.0, 0.0]]).expand(b, 3)
+        e = model(None, None, p.tokens, p.mask, torch.zeros(b, 1, p.tokens.shape[-1]), torch.zeros(b, 1), present,
+                  image_tokens=torch.zeros(b, model.cfg.n_image_tokens, d))
+        centers = F.normalize(e.reshape(len(p.classes), -1, e.shape[-1]).mean(1), dim=-1)  # (C, D)
+        total = total + F.cross_entropy(e_img[ok] @ centers.T * scale, label[ok])
+        n += 1
+    return total / max(n, 1)
+
+
 def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the image tower's mean-pooled deep features over `rows` that
     have a photo: what standardises the tower's own view of a photo (the relational term)."""
@@ -575,6 +659,10 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     if cfg.text_relational or cfg.mm_relational:
         text_stats = title_stats(f, train_rows)
     model = build_embedder(model_cfg) if init is None else init
+    if init is None and model_cfg.skip_path:
+        model.skip_image.set_stats(*(tower_stats or pooled_stats(f, train_rows)))
+        model.skip_text.set_stats(*(text_stats or title_stats(f, train_rows)))
+    prompts = field_prompts(f, catalog, train_rows) if cfg.prompt_weight else []
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
@@ -636,18 +724,23 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 # a cached rendition of each photo: the description and photo-only views read it
                 # at rendition_prob, and its photo-only vector must find its original's
                 pick = rng.integers(0, f.renditions, len(rows))
-                aug_tok = model.encode_image(torch.from_numpy(f.deep_aug[rows, pick].astype(np.float32)),
-                                             torch.from_numpy(f.shallow_aug[rows, pick].astype(np.float32)))
+                aug_deep = torch.from_numpy(f.deep_aug[rows, pick].astype(np.float32))
+                aug_tok = model.encode_image(aug_deep, torch.from_numpy(f.shallow_aug[rows, pick].astype(np.float32)))
                 use = (torch.rand(len(rows)) < cfg.rendition_prob)[:, None, None]
                 view_tok = torch.where(use, aug_tok, img_tok)
+                # the skip path reads the pooled features of the photo each view shows
+                aug_pooled = aug_deep.mean(1)
+                view_pooled = torch.where(use[:, 0], aug_pooled, feats[0].mean(1))
                 if cfg.image_instance:
-                    e_aug = model(*img_only, image_tokens=aug_tok)
+                    e_aug = model(*img_only, image_tokens=aug_tok, image_pooled=aug_pooled)
+            else:
+                view_pooled = None
             e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational) else None
             detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
-            e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok)
+            e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled)
             title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
             keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-            e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok)
+            e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok, image_pooled=view_pooled)
             e_cap = same_cap = None
             if cfg.caption_weight:
                 c = rng.integers(0, cap_keys.shape[1], len(rows))
@@ -718,6 +811,8 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
                 sc, k = 1.0 / cfg.category_temperature, torch.as_tensor(known[rows])
                 photo = category_term(e_img, labels[rows], k & has_img, sc)
                 loss = loss + w * (0.5 * (category_term(e_mm1, labels[rows], k, sc) + photo) if mm else photo)
+            if prompts:
+                loss = loss + cfg.prompt_weight * prompt_term(model, prompts, e_img, rows, has_img, scale)
             if cfg.mm_relational and has_img.sum() > 1:
                 ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
                 loss = loss + cfg.mm_relational * rel(e_mm1[has_img], ref_mm)
@@ -782,6 +877,7 @@ VIEW_FLAGS = {
     "colour_weight": "weight of the supervised contrastive term over base colours (photo + title, photo)",
     "photo_colour_weight": "weight of the supervised contrastive term over base colours (photo only)",
     "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
+    "prompt_weight": "weight of the term where each photo picks its type, colour and gender among class prompts",
     "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
 }
 
@@ -801,6 +897,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-views", nargs="+", default=["photo+title", "title", "photo"],
                     help="trace views to load (add 'oracle' to also measure the catalog fields' own traces)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the --init embedder on the validation split")
+    ap.add_argument("--skip-path", action="store_true",
+                    help="add linear maps of the towers' pooled features to the output (EmbedderConfig.skip_path)")
     for name, text in VIEW_FLAGS.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(TrainConfig, name), help=text)
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
@@ -836,7 +934,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         ap.error(str(exc))
     res = train(
-        init.cfg if init is not None else EmbedderConfig(variant=args.variant),
+        init.cfg if init is not None else EmbedderConfig(variant=args.variant, skip_path=args.skip_path),
         cfg,
         f,
         catalog,

@@ -350,3 +350,87 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
     assert {n: getattr(seen["cfg"], n) for n in flags} == flags
     with pytest.raises(SystemExit):
         te.main(["--features", str(cache), "--category-temperature", "2"])
+
+
+def _fake_prompt_states(monkeypatch, dim=16):
+    """Prompts through a stand-in text tower: each word a fixed random state (no MiniLM in tests)."""
+    import sdk.train.train_embedder as te
+
+    seen = []
+
+    def states(texts):
+        seen.extend(texts)
+        L = max(len(t.split()) for t in texts)
+        out, mask = torch.zeros(len(texts), L, dim), torch.zeros(len(texts), L)
+        for i, t in enumerate(texts):
+            for j, w in enumerate(t.split()):
+                out[i, j] = torch.from_numpy(np.random.default_rng(abs(hash(w)) % 2**32).normal(size=dim)).float()
+                mask[i, j] = 1.0
+        return out, mask
+
+    monkeypatch.setattr(te, "prompt_states", states)
+    return seen
+
+
+def test_field_prompts_take_the_training_products_classes(tmp_path, monkeypatch):
+    import sdk.train.train_embedder as te
+
+    cache = write_cache(tmp_path / "cache")
+    catalog = write_catalog_for(cache, tmp_path)
+    seen = _fake_prompt_states(monkeypatch)
+    f = Features(cache)
+    rows = np.arange(len(f))
+    prompts = {p.field: p for p in te.field_prompts(f, catalog, rows)}
+    # every product is "Men": one class is no choice, so gender is not prompted
+    assert set(prompts) == {"article_type", "base_colour"}
+    assert prompts["article_type"].classes == ["Shoes", "Tshirts", "Watches"]
+    assert prompts["base_colour"].tokens.shape[0] == 2 * len(te.PROMPT_FIELDS["base_colour"])
+    assert "red coloured" in seen and "a shoes item" in seen
+    ids = json.loads((cache / "meta.json").read_text())["ids"]
+    assert [prompts["base_colour"].classes[k] for k in prompts["base_colour"].label[:4]] == \
+        [["Red", "Blue"][i % 2] for i in ids[:4]]
+    # a class the training rows lack is not prompted, and its rows carry no label
+    no_shoes = rows[np.array([i % 3 != 1 for i in ids])]
+    p = {p.field: p for p in te.field_prompts(f, catalog, no_shoes)}["article_type"]
+    assert p.classes == ["Tshirts", "Watches"] and (p.label[[i % 3 == 1 for i in ids]] == -1).all()
+    with pytest.raises(ValueError, match="prompt_weight needs the catalog"):
+        te.field_prompts(f, None, rows)
+
+
+def test_prompt_term_rewards_photos_near_their_class_prompt(monkeypatch):
+    import sdk.train.train_embedder as te
+    from sdk.train.embedder import build_embedder
+
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(**TINY)).eval()
+    _fake_prompt_states(monkeypatch)
+    tok, mask = te.prompt_states(["a tee item", "tee for sale", "a shoe item", "shoe for sale"])
+    p = te.FieldPrompts("article_type", tok, mask, np.array([0, 1, 0, 1]), ["tee", "shoe"])
+    with torch.no_grad():
+        e = model(None, None, tok, mask, torch.zeros(4, 1, 16), torch.zeros(4, 1), torch.tensor([[0.0, 1.0, 0.0]] * 4),
+                  image_tokens=torch.zeros(4, 9, 32))
+    centers = torch.nn.functional.normalize(e.reshape(2, 2, -1).mean(1), dim=-1)
+    rows, has = np.arange(4), torch.ones(4, dtype=torch.bool)
+    right = te.prompt_term(model, [p], centers[[0, 1, 0, 1]], rows, has, 20.0)
+    wrong = te.prompt_term(model, [p], centers[[1, 0, 1, 0]], rows, has, 20.0)
+    assert right < wrong
+    # rows without a photo or a prompted class take no part
+    assert te.prompt_term(model, [p], centers[[1, 0, 1, 0]], rows, torch.zeros(4, dtype=torch.bool), 20.0) == 0.0
+
+
+def test_training_with_the_skip_path_and_prompts(tmp_path, monkeypatch):
+    from sdk.train.train_embedder import pooled_stats
+
+    cache = add_views(write_cache(tmp_path / "cache"))
+    catalog = write_catalog_for(cache, tmp_path)
+    _fake_prompt_states(monkeypatch)
+    f = Features(cache)
+    cfg = TrainConfig(epochs=6, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5, prompt_weight=0.5, **VIEWS)
+    res = train(EmbedderConfig(**TINY, skip_path=True), cfg, f, catalog, tmp_path / "out", log=lambda *_: None)
+    assert res["final"]["text->image R@1"] > 0.4, res["final"]
+    model = load_embedder(tmp_path / "out")
+    assert model.cfg.skip_path
+    mean, std = pooled_stats(f, np.flatnonzero(~f.is_val))
+    torch.testing.assert_close(model.skip_image.mean, mean)
+    torch.testing.assert_close(model.skip_image.inv_std, 1.0 / std)
+    assert model.skip_image.proj.weight.abs().max() > 1e-3 and model.skip_text.proj.weight.abs().max() > 1e-3
