@@ -103,6 +103,11 @@ class TrainConfig:
     # the base-colour term on the photo-only vectors alone (what zero-shot colour prompts read),
     # leaving the photo + title vectors' neighbourhoods to the article-type term
     photo_colour_weight: float = 0.0
+    # how a model with a skip path (EmbedderConfig.skip_path) starts: "zero" (the skip maps at
+    # zero: the fusion's output) or "probe" (the skip maps are a linear probe trained here on the
+    # training rows' pooled features, and the fusion's output projection starts at zero: training
+    # starts from the probe and the fusion learns a residual on it)
+    skip_init: str = "zero"
     # field-prompt term (`prompt_term`): each photo-only vector picks its article type, base colour
     # and gender among short class prompts ("a {type} item", "{colour} coloured", "for {gender}")
     # embedded by the model's own title path, so field words and photos share directions
@@ -140,6 +145,8 @@ class TrainConfig:
             raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
         if not 0.0 < self.category_temperature < 1.0:
             raise ValueError(f"category_temperature must be in (0, 1), got {self.category_temperature}")
+        if self.skip_init not in ("zero", "probe"):
+            raise ValueError(f"skip_init must be 'zero' or 'probe', got {self.skip_init!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -578,6 +585,48 @@ def standardized(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> t
     return F.normalize((x - stats[0]) / stats[1], dim=-1)
 
 
+SKIP_INIT_NORM = 4.0  # mean norm of each modality's probe-initialised skip term over the training rows
+
+
+def init_skip_from_probe(model, f: Features, catalog, train_rows: np.ndarray, keys: np.ndarray, log=print) -> dict:
+    """Start a skip-path model from a linear probe: train the probe of the validation suite
+    (`sdk.train.evaluate.train_probe`, its learning-rate sweep included) on the training rows'
+    pooled photo and title features, copy its maps into the skip path (scaled so each modality's
+    term has mean norm `SKIP_INIT_NORM`), and zero the head's output projection, so the model
+    starts as the probe and the fusion learns a residual on it. Returns the probe's report."""
+    from .evaluate import ProbeConfig, train_probe
+
+    rows = train_rows[f.has_image[torch.as_tensor(train_rows)].numpy().astype(bool)]
+    idx = torch.as_tensor(rows)
+    with torch.no_grad():
+        img = torch.cat([f.deep[idx[s : s + 512]].float().mean(1) for s in range(0, len(rows), 512)]).numpy()
+        txt = torch.cat([masked_mean(f.title[idx[s : s + 512]].float(), f.title_mask[idx[s : s + 512]].float())
+                         for s in range(0, len(rows), 512)]).numpy()
+    if catalog is not None:
+        split = catalog_split(catalog)
+        group = np.array([split.group[int(i)] for i in f.ids[rows]])
+    else:
+        group = keys[rows]
+    probe, report = train_probe(img, txt, keys[rows], group, towers=None, cfg=ProbeConfig(dim=model.cfg.out_dim),
+                                log=log)
+    with torch.no_grad():
+        _copy_probe(model, probe, img, txt)
+    log(f"skip path initialised from a probe (lr {report['lr']}, {report['epochs']} epochs, dev R@10 {report['dev_R@10']})")
+    return report
+
+
+def _copy_probe(model, probe, img: np.ndarray, txt: np.ndarray) -> None:
+    for skip, w, kind, x in ((model.skip_image, probe.w_img, "img", img), (model.skip_text, probe.w_txt, "txt", txt)):
+        skip.set_stats(torch.from_numpy(probe.stats[f"{kind}_mean"]), torch.from_numpy(probe.stats[f"{kind}_std"]))
+        skip.proj.weight.copy_(torch.from_numpy(w[:-1].T))
+        skip.proj.bias.copy_(torch.from_numpy(w[-1]))
+        norm = skip(torch.from_numpy(x)).norm(dim=-1).mean().clamp(min=1e-6)
+        skip.proj.weight.mul_(SKIP_INIT_NORM / norm)
+        skip.proj.bias.mul_(SKIP_INIT_NORM / norm)
+    model.head[1].weight.zero_()
+    model.head[1].bias.zero_()
+
+
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
     """AdamW groups: matrices decay, vectors/positions/queries do not; fine-tuned pretrained tower
     layers (`text_tail.*`, `image_tail.*`) learn at cfg.tower_lr_scale of the rate with a light
@@ -662,6 +711,10 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     if init is None and model_cfg.skip_path:
         model.skip_image.set_stats(*(tower_stats or pooled_stats(f, train_rows)))
         model.skip_text.set_stats(*(text_stats or title_stats(f, train_rows)))
+        if cfg.skip_init == "probe":
+            init_skip_from_probe(model, f, catalog, train_rows, keys, log)
+    elif cfg.skip_init != "zero":
+        raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
     prompts = field_prompts(f, catalog, train_rows) if cfg.prompt_weight else []
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())
@@ -877,6 +930,7 @@ VIEW_FLAGS = {
     "colour_weight": "weight of the supervised contrastive term over base colours (photo + title, photo)",
     "photo_colour_weight": "weight of the supervised contrastive term over base colours (photo only)",
     "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
+    "skip_init": "how a skip-path model starts: 'zero' or 'probe' (the suite's linear probe, trained here)",
     "prompt_weight": "weight of the term where each photo picks its type, colour and gender among class prompts",
     "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
 }
@@ -900,7 +954,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-path", action="store_true",
                     help="add linear maps of the towers' pooled features to the output (EmbedderConfig.skip_path)")
     for name, text in VIEW_FLAGS.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(TrainConfig, name), help=text)
+        default = getattr(TrainConfig, name)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=text)
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
                     help="train without this master category (the validation suite's ood family)")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)

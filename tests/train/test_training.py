@@ -344,7 +344,8 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
     cache = write_cache(tmp_path / "cache")
     seen = {}
     monkeypatch.setattr(te, "train", lambda model_cfg, cfg, *a, **kw: seen.setdefault("cfg", cfg) and {"final": {}})
-    flags = {name: 0.25 + i / 100 for i, name in enumerate(te.VIEW_FLAGS)}
+    flags = {name: 0.25 + i / 100 for i, name in enumerate(te.VIEW_FLAGS) if name != "skip_init"}
+    flags["skip_init"] = "probe"
     argv = ["--features", str(cache)] + [x for n, v in flags.items() for x in (f"--{n.replace('_', '-')}", str(v))]
     te.main(argv)
     assert {n: getattr(seen["cfg"], n) for n in flags} == flags
@@ -434,3 +435,32 @@ def test_training_with_the_skip_path_and_prompts(tmp_path, monkeypatch):
     torch.testing.assert_close(model.skip_image.mean, mean)
     torch.testing.assert_close(model.skip_image.inv_std, 1.0 / std)
     assert model.skip_image.proj.weight.abs().max() > 1e-3 and model.skip_text.proj.weight.abs().max() > 1e-3
+
+
+def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
+    import sdk.train.train_embedder as te
+    from sdk.train.embedder import build_embedder
+
+    cache = write_cache(tmp_path / "cache")
+    f = Features(cache)
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(**TINY, skip_path=True)).eval()
+    rows = np.flatnonzero(~f.is_val)
+    keys = te.title_keys(f, None)
+    report = te.init_skip_from_probe(model, f, None, rows, keys, log=lambda *_: None)
+    assert report["epochs"] >= 1
+    val = np.flatnonzero(f.is_val & f.has_image.numpy().astype(bool))
+    with torch.no_grad():
+        img = model(*te.batch_inputs(f, val, image=True, text=None))
+        txt = model(*te.batch_inputs(f, val, image=False, text="title"))
+        # the head's projection is zero: each vector is its skip term alone, normalised
+        inputs = te.batch_inputs(f, val, image=True, text=None)
+        want = torch.nn.functional.normalize(model.skip(inputs[0], None, inputs[2], inputs[3], inputs[6]), dim=-1)
+    torch.testing.assert_close(img, want)
+    assert (txt @ img.T).argmax(1).eq(torch.arange(len(val))).float().mean() > 0.4  # the probe already retrieves
+    mean_norm = model.skip_image(f.deep[torch.as_tensor(rows)].float().mean(1)).norm(dim=-1).mean()
+    assert abs(mean_norm.item() - te.SKIP_INIT_NORM) < 0.2 * te.SKIP_INIT_NORM  # (mean over photos and blanks)
+    with pytest.raises(ValueError, match="skip_init must be"):
+        TrainConfig(skip_init="random")
+    with pytest.raises(ValueError, match="needs a new model with a skip path"):
+        train(EmbedderConfig(**TINY), TrainConfig(batch_size=32, group_size=4, skip_init="probe"), f, None, None)
