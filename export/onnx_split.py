@@ -167,12 +167,6 @@ class SplitExportConfig:
         return "fused" if self.fused_text and fusable_bert(text_encoder) else "plain"
 
 
-def image_outputs(fusion: nn.Module) -> list[str]:
-    """The image graph's outputs: the image token states, and the photo's skip-path term where
-    the model has one (`EmbedderConfig.skip_path`)."""
-    return ["image_tokens", "image_skip"] if getattr(fusion.cfg, "skip_path", False) else ["image_tokens"]
-
-
 def head_state(fusion: nn.Module) -> dict[str, np.ndarray]:
     """The head's weights (the fusion model without its image encoder, and without the fine-tuned
     tower layers, which are in the text and image graphs) as float32 arrays."""
@@ -191,7 +185,7 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
             cfg.min_cosine (the report is still written, with "passed": false).
         BackendUnavailableError: onnx or onnxruntime is missing.
     """
-    from sdk.head import FusionHead
+    from sdk.head import FusionHead, image_graph_outputs
 
     _require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
     fusion = graph.fusion
@@ -211,7 +205,8 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
                            presence=[(1, 1, 1)] * 3)
     try:
         export_module(ImageGraph(graph.image_tower, fusion).eval(), (torch.from_numpy(ex["pixels"]),),
-                      {"pixels": {0: batch}}, image_outputs(fusion), paths["image"], cfg.opset)
+                      {"pixels": {0: batch}}, image_graph_outputs(getattr(fusion.cfg, "skip_path", False)), paths["image"],
+                      cfg.opset)
         fused = cfg.text_graph_kind(graph.text_encoder) == "fused"
         text_graph = FusedBertTextGraph(graph.text_encoder) if fused else TextGraph(graph.text_encoder)
         export_module(text_graph.eval(),

@@ -886,8 +886,9 @@ def _refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str
 
 def _check_split_graphs(image, text, where: Path, size: int, skip_path: bool = False) -> None:
     """The split engine's graphs take and give what `sdk.head.SplitRunner` feeds and reads."""
-    image_outs = ["image_tokens", "image_skip"] if skip_path else ["image_tokens"]
-    for sess, ins, outs, what in ((image, ["pixels"], image_outs, "image"),
+    from sdk.head import image_graph_outputs
+
+    for sess, ins, outs, what in ((image, ["pixels"], image_graph_outputs(skip_path), "image"),
                                   (text, ["input_ids", "attention_mask"], ["token_states"], "text")):
         got_in = sorted(i.name for i in sess.get_inputs())
         got_out = [o.name for o in sess.get_outputs()]

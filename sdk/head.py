@@ -81,6 +81,12 @@ def head_weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return need
 
 
+def image_graph_outputs(skip_path: bool) -> list[str]:
+    """The outputs a split engine's image graph gives: the image token states, and each photo's
+    skip-path term where the model has one (`EmbedderConfig.skip_path`)."""
+    return ["image_tokens", "image_skip"] if skip_path else ["image_tokens"]
+
+
 class FusionHead:
     """NumPy inference of the fusion embedder's head.
 
@@ -353,7 +359,7 @@ class SplitRunner:
         B = present.shape[0]
         n_tok = int(self.head.config.get("n_image_tokens", 49))
         rows = np.flatnonzero(present[:, 0] > 0)
-        names = ["image_tokens", "image_skip"] if self.head.skip_path else ["image_tokens"]
+        names = image_graph_outputs(self.head.skip_path)
         image_skip = None
         if rows.size == B:
             got = self.image_session.run(names, {"pixels": np.ascontiguousarray(pixels)})

@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,9 +512,7 @@ def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarra
     for name, templates in PROMPT_FIELDS.items():
         vals = np.array([str(v or "").strip() for v in _row_values(f, catalog, lambda p, n=name: p.record.get(n))],
                         dtype=object)
-        counts = {}
-        for v in vals[train_rows]:
-            counts[v] = counts.get(v, 0) + 1
+        counts = Counter(vals[train_rows])
         classes = sorted(v for v, n in counts.items() if v and n >= PROMPT_MIN_ROWS)
         if len(classes) < 2:
             continue
@@ -562,16 +561,27 @@ def prompt_term(model, prompts: list[FieldPrompts], e_img: torch.Tensor, rows: n
     return total / max(n, 1)
 
 
+def pooled_photo(f: Features, rows: torch.Tensor) -> torch.Tensor:
+    """The image tower's mean-pooled deep features of `rows` (B, C): what the skip path and the
+    probe read of a photo."""
+    return f.deep[rows].float().mean(1)
+
+
+def pooled_title(f: Features, rows: torch.Tensor) -> torch.Tensor:
+    """The text tower's mean title states of `rows` (B, C), padding left out."""
+    return masked_mean(f.title[rows].float(), f.title_mask[rows].float())
+
+
 def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the image tower's mean-pooled deep features over `rows` that
     have a photo: what standardises the tower's own view of a photo (the relational term)."""
     rows = rows[f.has_image[torch.as_tensor(rows)].numpy().astype(bool)]
-    return _mean_std(lambda r: f.deep[r].float().mean(1), rows, chunk)
+    return _mean_std(lambda r: pooled_photo(f, r), rows, chunk)
 
 
 def title_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the text tower's mean-pooled title states over `rows`."""
-    return _mean_std(lambda r: masked_mean(f.title[r].float(), f.title_mask[r].float()), rows, chunk)
+    return _mean_std(lambda r: pooled_title(f, r), rows, chunk)
 
 
 def _mean_std(pool, rows: np.ndarray, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -599,9 +609,8 @@ def init_skip_from_probe(model, f: Features, catalog, train_rows: np.ndarray, ke
     rows = train_rows[f.has_image[torch.as_tensor(train_rows)].numpy().astype(bool)]
     idx = torch.as_tensor(rows)
     with torch.no_grad():
-        img = torch.cat([f.deep[idx[s : s + 512]].float().mean(1) for s in range(0, len(rows), 512)]).numpy()
-        txt = torch.cat([masked_mean(f.title[idx[s : s + 512]].float(), f.title_mask[idx[s : s + 512]].float())
-                         for s in range(0, len(rows), 512)]).numpy()
+        img, txt = (torch.cat([pool(f, idx[s : s + 512]) for s in range(0, len(rows), 512)]).numpy()
+                    for pool in (pooled_photo, pooled_title))
     if catalog is not None:
         split = catalog_split(catalog)
         group = np.array([split.group[int(i)] for i in f.ids[rows]])
@@ -709,10 +718,11 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         text_stats = title_stats(f, train_rows)
     model = build_embedder(model_cfg) if init is None else init
     if init is None and model_cfg.skip_path:
-        model.skip_image.set_stats(*(tower_stats or pooled_stats(f, train_rows)))
-        model.skip_text.set_stats(*(text_stats or title_stats(f, train_rows)))
-        if cfg.skip_init == "probe":
+        if cfg.skip_init == "probe":  # the probe's own statistics and maps
             init_skip_from_probe(model, f, catalog, train_rows, keys, log)
+        else:
+            model.skip_image.set_stats(*(tower_stats or pooled_stats(f, train_rows)))
+            model.skip_text.set_stats(*(text_stats or title_stats(f, train_rows)))
     elif cfg.skip_init != "zero":
         raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
     prompts = field_prompts(f, catalog, train_rows) if cfg.prompt_weight else []

@@ -118,6 +118,8 @@ def test_fused_head_adds_the_skip_term_like_the_reference(skip_split):
         np.testing.assert_allclose(no_skip[present[:, 0] == 0], got[present[:, 0] == 0], atol=1e-6)
     with pytest.raises(EngineError, match="image_skip has shape"):
         head(image, text, mask, trace, tmask, present, image_skip=image_skip[:, :4])
+    with pytest.raises(ValueError, match="skip"):  # the kernel names a wrong per-row term
+        head._kernel(image, text, mask, trace, tmask, present, head.out_dim, image_skip[:4])
 
 
 def test_an_engine_whose_image_graph_lacks_the_skip_output_is_refused(skip_split):

@@ -80,7 +80,8 @@ def test_batches_are_grouped_by_type():
             assert len(set(types[b[g : g + 4]])) == 1
 
 
-@pytest.mark.parametrize("kw", [{"batch_size": 30, "group_size": 8}, {"temperature": 0.0}, {"epochs": 0}])
+@pytest.mark.parametrize("kw", [{"batch_size": 30, "group_size": 8}, {"temperature": 0.0}, {"epochs": 0},
+                                {"prompt_weight": -0.5}])
 def test_train_config_validates(kw):
     with pytest.raises(ValueError):
         TrainConfig(**kw)
