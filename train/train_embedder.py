@@ -109,6 +109,10 @@ class TrainConfig:
     # training rows' pooled features, and the fusion's output projection starts at zero: training
     # starts from the probe and the fusion learns a residual on it)
     skip_init: str = "zero"
+    # learning rate of the skip maps as a share of lr; 0 keeps them as they start (with
+    # skip_init="probe": the probe stays as its own early-stopped training left it, and the fusion
+    # learns a residual on it)
+    skip_lr_scale: float = 1.0
     # field-prompt term (`prompt_term`): each photo-only vector picks its article type, base colour
     # and gender among short class prompts ("a {type} item", "{colour} coloured", "for {gender}")
     # embedded by the model's own title path, so field words and photos share directions
@@ -148,6 +152,8 @@ class TrainConfig:
             raise ValueError(f"category_temperature must be in (0, 1), got {self.category_temperature}")
         if self.skip_init not in ("zero", "probe"):
             raise ValueError(f"skip_init must be 'zero' or 'probe', got {self.skip_init!r}")
+        if not 0.0 <= self.skip_lr_scale <= 1.0:
+            raise ValueError(f"skip_lr_scale must be in [0, 1], got {self.skip_lr_scale}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -639,19 +645,21 @@ def _copy_probe(model, probe, img: np.ndarray, txt: np.ndarray) -> None:
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
     """AdamW groups: matrices decay, vectors/positions/queries do not; fine-tuned pretrained tower
     layers (`text_tail.*`, `image_tail.*`) learn at cfg.tower_lr_scale of the rate with a light
-    decay."""
+    decay; the skip maps (`skip_image.*`, `skip_text.*`) at cfg.skip_lr_scale of it."""
+    kind = lambda n: ("tail" if n.startswith(("text_tail.", "image_tail.")) else  # noqa: E731
+                      "skip" if n.startswith(("skip_image.", "skip_text.")) else "fusion")
     groups = []
-    for tail in (False, True):
-        mine = [(n, p) for n, p in named if n.startswith(("text_tail.", "image_tail.")) == tail]
+    for k, scale in (("fusion", 1.0), ("tail", cfg.tower_lr_scale), ("skip", cfg.skip_lr_scale)):
+        mine = [(n, p) for n, p in named if kind(n) == k]
+        tail = k == "tail"
         # the fusion model's position table and query vector do not decay; a tuned layer's
         # matrices (its attention "query" included) all do
         decays = lambda n, p: p.ndim >= 2 and (tail or ("pos" not in n and "query" not in n))  # noqa: E731
         decay = [p for n, p in mine if decays(n, p)]
         rest = [p for n, p in mine if not decays(n, p)]
-        lr = cfg.lr * (cfg.tower_lr_scale if tail else 1.0)
         for params, wd in ((decay, 0.01 if tail else cfg.weight_decay), (rest, 0.0)):
-            if params or not tail:
-                groups.append({"params": params, "weight_decay": wd, "lr": lr})
+            if params or k == "fusion":
+                groups.append({"params": params, "weight_decay": wd, "lr": cfg.lr * scale})
     return groups
 
 
@@ -731,6 +739,9 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
     if cfg.freeze_image:
         for p in model.image.parameters():
+            p.requires_grad_(False)
+    if model_cfg.skip_path and not cfg.skip_lr_scale:
+        for p in (*model.skip_image.parameters(), *model.skip_text.parameters()):
             p.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr)
@@ -941,6 +952,7 @@ VIEW_FLAGS = {
     "photo_colour_weight": "weight of the supervised contrastive term over base colours (photo only)",
     "cross_modal_weight": "weight of the photo-only <-> title-only InfoNCE term",
     "skip_init": "how a skip-path model starts: 'zero' or 'probe' (the suite's linear probe, trained here)",
+    "skip_lr_scale": "learning rate of the skip maps as a share of --lr (0: they stay as they start)",
     "prompt_weight": "weight of the term where each photo picks its type, colour and gender among class prompts",
     "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
 }

@@ -463,5 +463,35 @@ def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
     assert abs(mean_norm.item() - te.SKIP_INIT_NORM) < 0.2 * te.SKIP_INIT_NORM  # (mean over photos and blanks)
     with pytest.raises(ValueError, match="skip_init must be"):
         TrainConfig(skip_init="random")
+    with pytest.raises(ValueError, match="skip_lr_scale must be"):
+        TrainConfig(skip_lr_scale=-0.1)
     with pytest.raises(ValueError, match="needs a new model with a skip path"):
         train(EmbedderConfig(**TINY), TrainConfig(batch_size=32, group_size=4, skip_init="probe"), f, None, None)
+
+
+def test_a_frozen_probe_skip_path_keeps_the_probe_and_trains_the_fusion(tmp_path, monkeypatch):
+    import sdk.train.train_embedder as te
+
+    cache = write_cache(tmp_path / "cache")
+    f = Features(cache)
+    starts = {}
+    real = te.init_skip_from_probe
+
+    def init(model, *a, **kw):
+        report = real(model, *a, **kw)
+        starts.update({k: v.clone() for k, v in model.state_dict().items() if k.startswith(("skip_", "head."))})
+        return report
+
+    monkeypatch.setattr(te, "init_skip_from_probe", init)
+    cfg = TrainConfig(epochs=2, batch_size=32, group_size=4, lr=3e-3, warmup_steps=2, skip_init="probe",
+                      skip_lr_scale=0.0)
+    train(EmbedderConfig(**TINY, skip_path=True), cfg, f, None, tmp_path / "out", log=lambda *_: None)
+    model = load_embedder(tmp_path / "out")
+    after = model.state_dict()
+    for k, v in starts.items():
+        if k.startswith("skip_"):
+            torch.testing.assert_close(after[k], v, msg=f"{k} moved")
+    assert (after["head.1.weight"] - starts["head.1.weight"]).abs().max() > 1e-4  # the residual learns
+    groups = te.param_groups(list(model.named_parameters()), TrainConfig(skip_lr_scale=0.5, lr=1e-3))
+    skip_ids = {id(p) for n, p in model.named_parameters() if n.startswith("skip_")}
+    assert {g["lr"] for g in groups if any(id(p) in skip_ids for p in g["params"])} == {5e-4}
