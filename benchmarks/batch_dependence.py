@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         table = render_markdown(json.loads(Path(args.render).read_text()))
         if args.markdown:
-            from sdk.bench import write_marked
+            from sdk.reports import write_marked
 
             write_marked(args.markdown, BEGIN, END, table)
         else:

@@ -55,8 +55,8 @@ def teacher_vectors(request, products):
     n = max(BATCHES)
     # The inputs plus everything that makes the teacher's vectors: weights, model and preprocessing code.
     digest = hashlib.sha256()
-    for f in sorted((ROOT / "train" / "weights").glob("embedder*")) + [
-        ROOT / "train" / "reference.py", ROOT / "train" / "embedder.py", ROOT / "train" / "towers.py",
+    for f in sorted((ROOT / "sdk" / "train" / "weights").glob("embedder*")) + [
+        *(ROOT / "sdk" / "train" / name for name in ("reference.py", "embedder.py", "towers.py")),
         ROOT / "sdk" / "preprocess.py",
     ]:
         if f.is_file():

@@ -14,7 +14,7 @@
 # MOON3_ENGINE_FP32 and MOON3_ENGINE_FP16 default to .cache/bench/moon3-fp32.engine and
 # moon3-fp16.engine, built once with `moon3 build --precision fp32|fp16` (about 2-3 minutes each)
 # when missing; MOON3_TRACE_ENGINE defaults to .cache/bench/moon3-trace.engine (`moon3 build --weights
-# train/weights/trace`, about 3 minutes, built when missing); MOON3_ENGINE_SINGLE (optional) adds a one-graph
+# sdk/train/weights/trace`, about 3 minutes, built when missing); MOON3_ENGINE_SINGLE (optional) adds a one-graph
 # engine (`moon3 build --layout single`) for comparison. Knobs: BENCH_OUT (default benchmarks/results),
 # BENCH_ROUNDS (min rounds, default 5), BENCH_MAX_TIME (s per benchmark, default 0.5),
 # BENCH_THREADS (threads of every runner, default 1: see bench_common.py).
@@ -51,7 +51,7 @@ if [ "${BENCH_REASONER:-1}" != 0 ]; then
     export MOON3_TRACE_ENGINE=${MOON3_TRACE_ENGINE:-.cache/bench/moon3-trace.engine}
     if [ ! -f "$MOON3_TRACE_ENGINE" ]; then
         mkdir -p "$(dirname "$MOON3_TRACE_ENGINE")"
-        .venv/bin/moon3 build --weights train/weights/trace --out "$MOON3_TRACE_ENGINE"
+        .venv/bin/moon3 build --weights sdk/train/weights/trace --out "$MOON3_TRACE_ENGINE"
     fi
     .venv/bin/python -m pytest benchmarks/test_bench_reasoner.py benchmarks/test_bench_pipeline.py \
         --benchmark-json="$OUT/reasoner.json" "${OPTS[@]}"

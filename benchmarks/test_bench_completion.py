@@ -31,7 +31,7 @@ def embedder():
         pytest.skip(f"no engine at {engine}: build one with `moon3 build` or set MOON3_ENGINE")
     e = Embedder(engine)
     if "image" not in e.completes:
-        pytest.skip(f"{engine} has no completion part (train/weights/completion did not fit its embedder)")
+        pytest.skip(f"{engine} has no completion part (sdk/train/weights/completion did not fit its embedder)")
     return e
 
 

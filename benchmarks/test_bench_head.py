@@ -42,10 +42,10 @@ IMPLS = ["c", "numpy", "onnxruntime"]
 
 @pytest.fixture(scope="module")
 def model():
+    from sdk.paths import WEIGHTS
     from sdk.train.embedder import load_embedder
-    from sdk.train.reference import WEIGHTS_DIR
 
-    return load_embedder(WEIGHTS_DIR)
+    return load_embedder(WEIGHTS)
 
 
 def _onnx(module, args, names, dynamic, path):

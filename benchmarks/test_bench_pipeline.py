@@ -1,6 +1,6 @@
 """Think-then-embed latency against the reasoning-token budget, in one run.
 
-    moon3 build --weights train/weights/trace --out trace.engine      # an engine that may reason
+    moon3 build --weights sdk/train/weights/trace --out trace.engine      # an engine that may reason
     MOON3_TRACE_ENGINE=trace.engine .venv/bin/python -m pytest benchmarks/test_bench_pipeline.py \
         --benchmark-group-by=group
 
@@ -33,7 +33,7 @@ def trace_engine():
 
     manifest = EngineFile.open(path).manifest
     if not manifest.get("embedder", {}).get("trace_trained"):
-        pytest.skip(f"{path}: its embedder was not trained with traces (build with --weights train/weights/trace)")
+        pytest.skip(f"{path}: its embedder was not trained with traces (build with --weights sdk/train/weights/trace)")
     if not isinstance(manifest.get("reasoner"), dict):
         pytest.skip(f"{path}: the engine has no reasoner")
     return path

@@ -5,7 +5,7 @@
     MOON3_ENGINE=moon3.engine .venv/bin/python -m pytest benchmarks/test_bench_reasoner.py   # + that engine's reasoner
 
 Engines: reasoner-only engines of every precision (fp32, int8, int4; the build's default settings)
-built from the committed weights at the start (`sdk.export.build.build_reasoner_engines`, about
+built from the committed weights at the start (`sdk.export.reasoner_build.build_reasoner_engines`, about
 30 s), and the reasoner of MOON3_ENGINE when set. Skipped, with the reason, when the weights or the toolchain
 are missing.
 
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from bench_common import ROOT, SAMPLES, THREADS, record
 
-WEIGHTS = ROOT / "train" / "weights" / "reasoner"
+WEIGHTS = ROOT / "sdk" / "train" / "weights" / "reasoner"
 MAX_NEW = 64
 N_PROMPTS = 6
 PRECISIONS = ("fp32", "int8", "int4")
@@ -70,7 +70,7 @@ def prompts(torch_reasoner, cases) -> list[list[int]]:
 def reasoner_engines(torch_reasoner, tmp_path_factory) -> dict[str, Path]:
     """precision -> reasoner-only engine built from the committed weights (the build's defaults)."""
     pytest.importorskip("onnxscript", reason="building engines needs moon3-sdk[export]")
-    from sdk.export.build import build_reasoner_engines
+    from sdk.export.reasoner_build import build_reasoner_engines
 
     return build_reasoner_engines(WEIGHTS, tmp_path_factory.mktemp("reasoner-engines"), PRECISIONS, log=lambda *_: None)
 
@@ -82,7 +82,7 @@ def torch_tokens(torch_reasoner, prompts) -> list[list[int]]:
 
 
 def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
-    from sdk.export.eval_reasoner import agreement
+    from sdk.train.eval_reasoner import agreement
 
     return agreement({"x": got}, {"x": want})["tokens"]
 

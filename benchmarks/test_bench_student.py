@@ -1,8 +1,8 @@
 """The distilled student engine against the teacher engine, same inputs, same run.
 
     moon3 build --out moon3.engine --no-reasoner                                   # teacher, INT8
-    # the weights first (not in the repository): see train/weights/student/MODEL_CARD.md
-    moon3 build --weights train/weights/student --out student.engine --no-reasoner  # student, INT8
+    # the weights first (not in the repository): see sdk/train/weights/student/MODEL_CARD.md
+    moon3 build --weights sdk/train/weights/student --out student.engine --no-reasoner  # student, INT8
     MOON3_ENGINE=moon3.engine MOON3_STUDENT_ENGINE=student.engine \
         .venv/bin/python -m pytest benchmarks/test_bench_student.py --benchmark-group-by=group
 
@@ -43,7 +43,7 @@ def student_reference(products):
     pytest.importorskip("torch", reason="the student's FP32 model needs moon3-sdk[export]")
     from sdk.train.reference import ReferenceEmbedder
 
-    weights = Path(os.environ.get("MOON3_STUDENT_WEIGHTS", ROOT / "train" / "weights" / "student"))
+    weights = Path(os.environ.get("MOON3_STUDENT_WEIGHTS", ROOT / "sdk" / "train" / "weights" / "student"))
     if not (weights / "embedder.safetensors").is_file():
         pytest.skip(f"no student weights in {weights} (MOON3_STUDENT_WEIGHTS; the students' weights are not in the "
                     f"repository: their model cards restore or retrain them)")

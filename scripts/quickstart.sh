@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-newest=train/weights/embedder.safetensors
-if [ train/weights/reasoner/reasoner.safetensors -nt "$newest" ]; then newest=train/weights/reasoner/reasoner.safetensors; fi
+newest=sdk/train/weights/embedder.safetensors
+if [ sdk/train/weights/reasoner/reasoner.safetensors -nt "$newest" ]; then newest=sdk/train/weights/reasoner/reasoner.safetensors; fi
 if [ ! moon3.engine -nt "$newest" ]; then
   .venv/bin/moon3 build --out moon3.engine --precision int8
 fi

@@ -3,14 +3,8 @@
 `import sdk` stays light: it never imports torch, onnxruntime or tensorrt.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from sdk.errors import SdkError
-
-try:
-    __version__ = version("moon3-sdk")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
+from sdk.version import __version__
 
 __all__ = ["Embedder", "Pipeline", "Reasoner", "SdkError", "__version__"]
 

@@ -37,25 +37,10 @@ import numpy as np
 from sdk.errors import SdkError, TruncationWarning
 
 __all__ = ["MODALITIES", "TTE_BUDGETS", "bench_reasoner", "bench_think_then_embed", "latency_stats", "load_inputs",
-           "make_call", "probe_process", "run_bench", "time_calls", "write_marked"]
+           "make_call", "probe_process", "run_bench", "time_calls"]
 
 MODALITIES = ("image+text", "text", "image")
 TTE_BUDGETS = (0, 16, 32, 64)  # reasoning-token budgets of `bench_think_then_embed` (0: reason="off")
-DEFAULT_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"  # present in a source checkout
-
-
-def write_marked(path: str | os.PathLike, begin: str, end: str, body: str) -> Path:
-    """Write a generated table into a docs page: between the `begin`/`end` marker lines where the
-    page has them (the rest of the page is kept), else as the whole file."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
-    else:
-        text = body
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 _WORDS = ("Men", "Women", "Black", "White", "Red", "Blue", "Running", "Casual", "Leather", "Cotton", "Shoes",
@@ -322,8 +307,8 @@ def run_bench(
     """Benchmark an engine through `sdk.Embedder` (and `sdk.Reasoner` when the engine has one and
     `reasoner`; `sdk.Pipeline` think-then-embed per budget in `budgets` when its embedder was
     trained with traces and `think_then_embed`) -> a JSON-ready report (see the module doc)."""
-    from sdk import __version__
     from sdk.embedder import Embedder
+    from sdk.version import __version__
 
     for m in modalities:
         make_call(m, [], [])  # rejects unknown names before any work

@@ -20,7 +20,9 @@ from sdk.errors import SdkError
 
 def _cmd_build(args: argparse.Namespace) -> int:
     try:
-        from sdk.export.build import BuildConfig, FidelityGates, GateError, ReasonerGates, build_engine
+        from sdk.export.build import BuildConfig, build_engine
+        from sdk.export.gates import FidelityGates, GateError
+        from sdk.train.eval_reasoner import ReasonerGates
     except ImportError as exc:
         raise SdkError(f"`build` needs the export toolchain ({exc}): pip install 'moon3-sdk[export]'") from exc
     cfg = BuildConfig(
@@ -58,7 +60,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     try:
-        from sdk.export.build import FidelityGates, validate_engine
+        from sdk.export.gates import FidelityGates, validate_engine
     except ImportError as exc:
         raise SdkError(f"`validate` needs the export toolchain ({exc}): pip install 'moon3-sdk[export]'") from exc
     report = validate_engine(
@@ -380,9 +382,10 @@ def _search_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sdk.bench import DEFAULT_SAMPLES, TTE_BUDGETS, run_bench
+    from sdk.bench import TTE_BUDGETS, run_bench
+    from sdk.paths import SAMPLES
 
-    samples = args.samples if args.samples else (DEFAULT_SAMPLES if (DEFAULT_SAMPLES / "items.jsonl").is_file() else None)
+    samples = args.samples if args.samples else (SAMPLES if (SAMPLES / "items.jsonl").is_file() else None)
     report = run_bench(
         args.engine,
         modalities=args.modality or ("image+text", "text", "image"),

@@ -581,7 +581,7 @@ class Embedder(ActiveBackend):
         if complete is not None and complete not in self.completes:
             raise EngineError(f"{self._path}: this engine cannot complete a missing {complete} (it completes "
                               f"{list(self.completes) or 'nothing'}); build it with the completion weights "
-                              f"(train/weights/completion) and the split layout")
+                              f"(sdk/train/weights/completion) and the split layout")
         dim = self._check_dim(dim)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")

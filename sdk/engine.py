@@ -344,7 +344,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 def _warn_if_newer(path: Path, manifest: dict) -> None:
     """An engine written by a newer sdk may use manifest fields this one ignores: say so."""
-    from sdk import __version__
+    from sdk.version import __version__
 
     versions = manifest.get("versions")
     built = versions.get("moon3-sdk") if isinstance(versions, dict) else None

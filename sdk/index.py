@@ -218,7 +218,7 @@ class VectorIndex:
             with open(folder / name, "wb") as f:
                 write(f)
             sums[name] = _sha256_file(folder / name)
-        from sdk import __version__
+        from sdk.version import __version__
 
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "count": len(self),
                     "metric": "inner_product", "config": asdict(self.config), "engine": self.engine,

@@ -215,7 +215,7 @@ class Pipeline:
                                   f'use reason="off" (complete_title=True still uses the reasoner)')
             if complete_image and "image" not in self.embedder.completes:
                 raise EngineError(f"{path}: this engine has no image completion part; build it with the completion "
-                                  f"weights (train/weights/completion) or use complete_image=False")
+                                  f"weights (sdk/train/weights/completion) or use complete_image=False")
             if (reason != "off" or complete_title) and not isinstance(manifest.get("reasoner"), dict):
                 raise EngineError(f"{path}: this engine has no reasoner; build one with `moon3 build --reasoner`")
             if reason == "off" and not complete_title:

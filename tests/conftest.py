@@ -112,8 +112,8 @@ def tiny_int8_engines(tiny_engine, tiny_split_engine, tmp_path_factory):
     """The tiny split engine with both graphs dynamic INT8: {"per-tensor": path, "per-token": path}
     (ONNX Runtime's one activation scale per batch, and `sdk.export.per_token`'s one per token)."""
     from sdk.engine import EngineFile
-    from sdk.export.build import fold_constants, quantize_int8
     from sdk.export.bundle import package_split_embedder
+    from sdk.export.quantize import fold_constants, quantize_int8
     from sdk.preprocess import ImagePreprocess
 
     d = tmp_path_factory.mktemp("int8_tiny")

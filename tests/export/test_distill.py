@@ -82,7 +82,7 @@ def test_the_model_card_lists_every_run_of_a_chained_student():
                 "continued_from": "runs/x" if init else None, "init_report": init}
 
     first = run(160, 2, 6)
-    last = {**run(128, 1, 4, init=first), "teacher": {"weights": "train/weights", "image_size": 224, "text_layers": 6,
+    last = {**run(128, 1, 4, init=first), "teacher": {"weights": "sdk/train/weights", "image_size": 224, "text_layers": 6,
                                                       "fusion_layers": 2},
             "recall": {"text->image R@10": {"teacher": 0.85, "student": 0.83, "ratio": 0.976}},
             "before_training": {"text->image R@10": 0.8}, "cosine_to_teacher": {"mm": {"mean": 0.95, "min": 0.8}},

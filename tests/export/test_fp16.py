@@ -7,14 +7,15 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.transformers.float16")
 
-from sdk.export.build import FP16_KEEP_FP32, BuildConfig, convert_fp16  # noqa: E402
+from sdk.export.build import BuildConfig  # noqa: E402
+from sdk.export.quantize import FP16_KEEP_FP32, convert_fp16  # noqa: E402
 
 F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
 @pytest.fixture(scope="module")
 def fp16_parts(tiny_split_engine, tmp_path_factory):
-    from sdk.export.build import fold_constants
+    from sdk.export.quantize import fold_constants
 
     tmp = tmp_path_factory.mktemp("fp16")
     parts = tiny_split_engine.parts

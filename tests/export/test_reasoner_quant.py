@@ -11,8 +11,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from sdk.export.eval_reasoner import ReasonerGates, agreement, gate  # noqa: E402
 from sdk.export.reasoner_quant import ReasonerQuantConfig, quantize_reasoner, summarize_graph  # noqa: E402
+from sdk.train.eval_reasoner import ReasonerGates, agreement, gate  # noqa: E402
 
 # decoder matmuls with weights per layer: qkv, o, ffn in, ffn out; plus the tied LM head
 TINY_LAYERS = 2
@@ -167,7 +167,8 @@ def broken_engine(exported, tmp_path_factory):
 
 
 def test_gate_passes_identical_engines_and_refuses_a_bad_quantization(exported, broken_engine, tmp_path):
-    from sdk.export.build import GateError, gate_reasoner
+    from sdk.export.gates import GateError
+    from sdk.export.reasoner_build import gate_reasoner
 
     fp32_folder, fp32_record = _quantized(exported, tmp_path, precision="fp32")
     ref = _engine(fp32_folder, fp32_record, tmp_path, "fp32")
@@ -237,7 +238,7 @@ def test_cli_build_validates_reasoner_options(capsys):
 
 
 def test_eval_script_measures_engines_against_the_reference(exported, broken_engine, tmp_path, capsys):
-    from sdk.export.eval_reasoner import main
+    from sdk.train.eval_reasoner import main
 
     folder, record = _quantized(exported, tmp_path, precision="fp32")
     ref = _engine(folder, record, tmp_path, "fp32")

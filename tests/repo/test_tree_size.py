@@ -1,7 +1,7 @@
 """The tracked tree stays small enough to travel: a GPU machine receives the whole working tree,
 at most 64 MiB with the wheels and builds it needs, so the tracked files get at most 48 MiB.
 
-Most of the tree is trained weights (train/weights): the shipped ones are stored FP16
+Most of the tree is trained weights (sdk/train/weights): the shipped ones are stored FP16
 (sdk.train.storage), variants that neither ship nor back a document are not kept (their model
 cards say how to restore or retrain them). Sizes are those of the files in the working tree
 (tracked paths deleted but not yet committed do not count).

@@ -25,7 +25,7 @@ def test_stage3_subsection_adds_the_retrained_column_only_when_its_report_exists
     assert "| traces on the catalog side only | 0.410 / 0.820 | 0.408 / 0.817 | 0.418 / 0.837 |" in card
     assert "(+0.003 text->image R@10 over no traces" in card and "the first model: -0.012" in card
     assert "still lead on text->image R@10 (0.849)" in card
-    assert "--init train/weights --epochs 3 --lr 0.0005 --warmup-steps 10 --freeze-image --out runs/full_trace3" in card
+    assert "--init sdk/train/weights --epochs 3 --lr 0.0005 --warmup-steps 10 --freeze-image --out runs/full_trace3" in card
     # the shipped (fp16) copy's own measurement wins over the training run's
     shipped = {"final": _recalls(0.834, 0.821, 0.838, 0.868)}
     assert "| 0.419 / 0.838 |" in "\n".join(_stage3_traces(with_new_traces, score, first, retrained, shipped, 0.849))
@@ -76,13 +76,13 @@ def test_card_adds_the_validation_suite_when_given():
 
     from sdk.train.model_card import _model_config, features_record, render
 
-    weights = Path(__file__).resolve().parents[2] / "train" / "weights"
+    weights = Path(__file__).resolve().parents[2] / "sdk" / "train" / "weights"
     reports = {p.stem: json.loads(p.read_text()) for p in (weights / "reports").glob("*.json")}
     if "full_trace" in reports and "full_trace_eval" in reports:
         reports["full_trace"]["final"] = {**reports["full_trace"]["final"], **reports["full_trace_eval"]["final"]}
     meta, cfg = features_record(weights / "reports", weights / "no-cache"), _model_config(weights / "reports")
     # the committed card is generated (with the committed suite report), never edited by hand
-    committed = json.loads((weights.parents[1] / "docs" / "results" / "suite.json").read_text())
+    committed = json.loads((weights.parents[2] / "docs" / "results" / "suite.json").read_text())
     assert render(reports, meta, cfg, committed) == (weights / "MODEL_CARD.md").read_text()
     assert "## Validation suite" not in render(reports, meta, cfg)
     cm = lambda r1, r10: {"title->photo": {"R@1": r1, "R@10": r10}, "photo->title": {"R@1": r1, "R@10": r10}}  # noqa: E731

@@ -43,10 +43,10 @@ def test_card_labels_the_gates_as_tanh_and_reproduces_a_continued_run():
     m = {"params": 1e6, "gates": gates, "items": 3, "train_items": 7482,
          "train_config": {**TrainConfig().__dict__, "epochs": 4, "lr": 5e-4, "warmup": 20},
          "continued_from": {"train_config": {"epochs": 6, "tasks_per_item": 2, "lr": 7e-4}}}
-    card = model_card(m, ReasonerConfig(), out="train/weights/reasoner", init="runs/reasoner_stage2")
+    card = model_card(m, ReasonerConfig(), out="sdk/train/weights/reasoner", init="runs/reasoner_stage2")
     assert card.startswith(GENERATED_MARK + "\n# moon3 reasoner: model card")
     assert f"Learned gates, tanh(g_l) per layer:\n{[round(g, 3) for g in gates]}." in card
-    assert ("--out train/weights/reasoner --init runs/reasoner_stage2 --epochs 4 --lr 0.0005 --warmup 20\n"
+    assert ("--out sdk/train/weights/reasoner --init runs/reasoner_stage2 --epochs 4 --lr 0.0005 --warmup 20\n"
             in card)
     assert "Continued from `runs/reasoner_stage2` (its run: 6 epochs x 2 task(s) per product, lr 0.0007" in card
     assert "trained on 7,482 products" in card and "is not applied yet" not in card

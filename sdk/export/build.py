@@ -1,0 +1,589 @@
+"""Build `moon3.engine` from the trained reference embedder: export, quantize, gate, package.
+
+    moon3 build --out moon3.engine --precision int8            # gates measured on data/samples
+    moon3 build --out moon3.engine --catalog ../shared/data/catalog --eval-items 400
+
+Steps: (1) the FP32 PyTorch graph (towers + committed fusion weights) is exported to one ONNX
+graph and checked against PyTorch on padded mixed-length batches; (2) for int8 the graph's
+MatMul/Gemm weights are quantized per channel with onnxruntime's dynamic quantizer, trying
+`INT8_CANDIDATES` in order (each keeps more layer groups in FP32) until one passes; (3) the
+candidate engine is loaded with the runtime (`sdk.Embedder`, exactly what users run) and
+measured against the FP32 teacher on real products: cosine (mean, min) of photo+title,
+photo-only and title-only vectors, and the text->image recall@10 delta; (4) gates decide, and
+the report goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sdk.train.eval_reasoner import ReasonerGates
+
+from ..paths import CALIB, COMPLETION_WEIGHTS, REASONER_WEIGHTS, SAMPLES, WEIGHTS
+from .gates import FidelityGates, GateError, embed_views, eval_products, measure_engine
+from .quantize import (
+    FP16_KEEP_FP32,
+    INT8_ACTIVATIONS,
+    convert_fp16,
+    fold_constants,
+    int8_candidates,
+    matmul_scopes,
+    quantize_int8,
+    text_layer_groups,
+)
+from .reasoner_build import reasoner_section
+from .reasoner_quant import ReasonerQuantConfig
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+# `precision="auto"` builds these, keeps those that pass the fidelity gates, and picks the fastest
+AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
+AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
+LAYOUTS = ("split", "single")
+IMAGE_CONVS = ("fp32", "int8")  # the image tower's convolutions in an "int8" split engine
+# Image-convolution candidates: the k convolutions most sensitive to static INT8 (each measured
+# alone) stay FP32; the first k whose engine passes the gates wins, else every convolution stays FP32.
+IMAGE_CONV_LADDER = (0, 2, 4, 8, 16)
+IMAGE_SWEEP_MIN_COSINE = 0.98  # image-token cosine a candidate needs before it is gated end to end
+SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
+
+
+@dataclass
+class BuildConfig:
+    """What to build and how to check it.
+
+    Attributes:
+        out: the engine file to write.
+        precision: "fp32", "fp16", "int8" (dynamic per-channel INT8 MatMul/Gemm weights),
+            "int8-static" or "auto".
+        weights: folder with the trained fusion weights (default: the committed ones).
+        samples: catalog folder (items.jsonl + images) of the evaluation products, used when
+            `catalog` is None (default: the repo's data/samples).
+        catalog: a full catalog; its validation split (ids ending in 0) is used for the gates.
+        eval_items: at most this many evaluation products (photo + title).
+        gates: fidelity gates; enforce=False writes the engine even when a gate fails.
+        threads: onnxruntime threads while measuring (0 = default).
+        calib_method, calib_items: calibrator ("minmax", "entropy", "percentile") and number of
+            titles (stratified by article type; the catalog's train split) for "int8-static" and
+            for SmoothQuant.
+        smooth_alpha: "int8" applies SmoothQuant with this migration strength
+            (`sdk.calib.smooth_matmul_inputs`, calibrated on `calib_items` titles) before
+            quantizing, for every candidate that keeps text matmuls INT8 (all of them, then the
+            FFN down-projections FP32, then the FFN FP32); None quantizes the plain graph.
+        reasoner: folder of trained reasoner weights to add (exported to ONNX, greedy parity
+            checked); "auto" adds the committed ones when present; None leaves it out.
+        layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
+            for the items that have its modality) or "single" (one ONNX graph).
+        completion: folder of trained image completion weights (`sdk.train.completion`) to add
+            as the engine's optional "completion" part (split layout only); "auto" adds the
+            committed ones when present and trained against the embedder weights used; None
+            leaves it out.
+        reasoner_precision: "fp32", "int8" (dynamic) or "int4" (weight-only MatMulNBits) for the
+            reasoner's graphs; a quantized reasoner is measured against the FP32 one through the
+            runtime on `reasoner_eval_items` evaluation products and gated by `reasoner_gates`.
+        reasoner_block_size, reasoner_lm_head, reasoner_accuracy_level: INT4 block length; quantize
+            the tied LM head too; MatMulNBits compute type (see `ReasonerQuantConfig`).
+        image_convs: "fp32" keeps the image tower's convolutions in FP32; "int8" (precision
+            "int8", split layout) quantizes them statically (per-channel INT8 weights, unsigned
+            INT8 activations calibrated on `calib_images` photos), after a sensitivity sweep
+            keeps the most sensitive ones FP32 as `IMAGE_CONV_LADDER` says, each candidate gated
+            end to end; when none passes, the convolutions stay FP32.
+        calib_images: photos (stratified; the catalog's train split) for the image calibration.
+        int8_activations: "per-tensor" (ONNX Runtime's dynamic quantization: one activation scale
+            per batch, so an item's vector moves slightly with its batch neighbours) or "per-token"
+            (one scale per token, `sdk.export.per_token`: an item's vector is the same alone or in
+            any batch); precision "int8" only.
+        calib_titles: folder (items.jsonl) of the text calibration titles when no `catalog` is
+            given. None: the repo's data/calib (the titles the catalog would give) while
+            `samples` is the repo's data/samples, else `samples` itself (your own products).
+    """
+
+    out: str | Path = "moon3.engine"
+    precision: str = "int8"
+    weights: str | Path | None = None
+    samples: str | Path = SAMPLES
+    catalog: str | Path | None = None
+    calib_titles: str | Path | None = None
+    eval_items: int = 400
+    gates: FidelityGates = field(default_factory=FidelityGates)
+    enforce: bool = True
+    threads: int = 0
+    layout: str = "split"
+    reasoner: str | Path | None = "auto"
+    calib_method: str = "percentile"
+    calib_items: int = 256
+    smooth_alpha: float | None = 0.7
+    completion: str | Path | None = "auto"
+    reasoner_precision: str = "int4"
+    reasoner_block_size: int = 32
+    reasoner_lm_head: bool = False
+    reasoner_accuracy_level: int | None = 4
+    reasoner_gates: ReasonerGates = field(default_factory=ReasonerGates)
+    reasoner_eval_items: int = 150
+    auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
+    auto_rounds: int = 15
+    image_convs: str = "fp32"
+    calib_images: int = 64
+    int8_activations: str = "per-tensor"
+
+    def completion_dir(self) -> Path | None:
+        if self.completion is None or self.layout != "split":
+            return None
+        if self.completion == "auto":
+            d = COMPLETION_WEIGHTS
+            return d if (d / "completion.safetensors").is_file() else None
+        return Path(self.completion)
+
+    def reasoner_dir(self) -> Path | None:
+        if self.reasoner is None:
+            return None
+        if self.reasoner == "auto":
+            d = REASONER_WEIGHTS
+            return d if (d / "reasoner.safetensors").is_file() else None
+        return Path(self.reasoner)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.precision in SPLIT_ONLY and self.layout != "split":
+            raise ValueError(f"precision {self.precision!r} needs layout 'split'")
+        from sdk.calib import METHODS
+
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha}")
+        if self.calib_method not in METHODS:
+            raise ValueError(f"calib_method must be one of {METHODS}, got {self.calib_method!r}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"precision must be one of {(*PRECISIONS, 'auto')}, got {self.precision!r}")
+        bad = [p for p in self.auto_candidates if p not in PRECISIONS]
+        if not self.auto_candidates or bad:
+            raise ValueError(f"auto_candidates must be precisions of {PRECISIONS}, got {self.auto_candidates}")
+        split_only = [p for p in self.auto_candidates if p in SPLIT_ONLY]
+        if self.precision == "auto" and self.layout != "split" and split_only:
+            raise ValueError(f"auto_candidates {split_only} need layout 'split'")
+        if self.eval_items < 20:
+            raise ValueError(f"eval_items must be >= 20 for a meaningful recall, got {self.eval_items}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.image_convs not in IMAGE_CONVS:
+            raise ValueError(f"image_convs must be one of {IMAGE_CONVS}, got {self.image_convs!r}")
+        if self.image_convs == "int8" and (self.precision not in ("int8", "auto") or self.layout != "split"):
+            raise ValueError(f"image_convs 'int8' needs precision 'int8' (or 'auto') and layout 'split', got "
+                             f"precision {self.precision!r}, layout {self.layout!r}")
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"int8_activations must be one of {INT8_ACTIVATIONS}, got {self.int8_activations!r}")
+        if self.int8_activations != "per-tensor" and self.precision not in ("int8", "auto"):
+            raise ValueError(f"int8_activations {self.int8_activations!r} needs precision 'int8' (or 'auto'), "
+                             f"got {self.precision!r}")
+        if self.calib_images < 8:
+            raise ValueError(f"calib_images must be >= 8 (one calibration batch), got {self.calib_images}")
+        self.reasoner_quant()  # validates precision and block size
+        if self.reasoner_eval_items < 1:
+            raise ValueError(f"reasoner_eval_items must be >= 1, got {self.reasoner_eval_items}")
+
+    def reasoner_quant(self) -> ReasonerQuantConfig:
+        return ReasonerQuantConfig(self.reasoner_precision, self.reasoner_block_size, self.reasoner_lm_head,
+                                   self.reasoner_accuracy_level)
+
+
+def build_engine(cfg: BuildConfig, log=print) -> Path:
+    """Build, measure and write the engine described by `cfg`.
+
+    Returns:
+        The engine path.
+
+    Raises:
+        GateError: a fidelity gate failed and cfg.enforce is True (nothing is written).
+        ExportError: ONNX export or its parity check failed.
+    """
+    if cfg.precision == "auto":
+        return build_auto(cfg, log)
+    from sdk.train.reference import ReferenceEmbedder
+    from sdk.train.towers import text_tower_path
+
+    from .bundle import package_embedder, package_split_embedder
+    from .onnx_embedder import OnnxExportConfig, build_reference_graph, export_embedder_onnx
+    from .onnx_split import SplitExportConfig, export_split_onnx
+
+    t0 = time.time()
+    weights = Path(cfg.weights or WEIGHTS)
+    products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
+    log(f"[1/4] teacher: FP32 reference embedder on {len(products)} evaluation products")
+    teacher = ReferenceEmbedder(weights)
+    teacher_views = embed_views(teacher.embed, products)
+    dims = list(teacher.model.cfg.matryoshka_dims)
+    text_len = teacher.tokenizer.max_length
+    image_pre = teacher.preprocess  # the photo size the fusion model was trained for (224, or a student's)
+    trace_trained = bool(teacher.metrics.get("trace_trained", False))
+    del teacher
+    tokenizer_path = text_tower_path() / "tokenizer.json"
+    tokenizer_json = tokenizer_path.read_bytes()
+    precision = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
+    if cfg.precision == "int8" and cfg.int8_activations == "per-token":
+        precision = "int8-dynamic-per-token"
+    common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
+                  trace_trained=trace_trained, image=image_pre)
+    with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
+        tmp = Path(tmp)
+        graph = build_reference_graph(weights)
+        if cfg.layout == "split":
+            log("[2/4] export: image graph + text graph + head, parity vs PyTorch on padded batches")
+            # The static Q/DQ graph is TensorRT's format: the exporter's plain ops, no com.microsoft ones.
+            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split", image_size=image_pre.size,
+                                                               fused_text=cfg.precision != "int8-static"))
+            parity = json.loads((tmp / "split" / "split.parity.json").read_text())
+            text_graph, image_graph = paths["text"], paths["image"]
+        else:
+            log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
+            text_graph = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx", image_size=image_pre.size))
+            parity = json.loads(text_graph.with_suffix(".parity.json").read_text())
+        del graph
+        if cfg.precision.startswith("int8"):
+            # The candidates name text-tower modules; in a split engine the image graph (its
+            # image-encoder matmuls) is quantized once, whole, dynamically.
+            scopes = matmul_scopes(text_graph)
+            folded = fold_constants(text_graph, tmp / "text.folded.onnx")
+            if cfg.layout == "split":
+                folded_image = fold_constants(image_graph, tmp / "image.folded.onnx")
+                image_graph = quantize_int8(folded_image, tmp / "image.int8.onnx", activations=cfg.int8_activations)
+        sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
+        if cfg.precision == "int8":
+            listed = int8_candidates(scopes, cfg.smooth_alpha)
+            candidates = [(label, exclude) for label, exclude, _ in listed]
+            if cfg.smooth_alpha is not None:
+                from sdk.calib import smooth_matmul_inputs
+
+                smoothed = tmp / "text.smoothed.onnx"
+                smoothing = smooth_matmul_inputs(folded, smoothed, _calibration(cfg, tokenizer_path),
+                                                 alpha=cfg.smooth_alpha)
+                log(f"[3/4] SmoothQuant: {smoothing['matmuls']} text-graph matmuls rescaled "
+                    f"({smoothing['groups']} inputs, calibrated on {smoothing['calibration']})")
+                sources = {label: smoothed for label, _, smooth in listed if smooth}
+        elif cfg.precision == "int8-static":
+            candidates = _static_candidates(folded, scopes, tokenizer_path, cfg, tmp, log)
+        else:
+            candidates = [(cfg.precision, [])]
+        if cfg.precision == "fp16":  # split layout only (checked by BuildConfig)
+            image_graph = convert_fp16(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.fp16.onnx")
+
+        def package(out: Path, graph: Path, image: Path | None = None, **extra) -> Path:
+            if cfg.layout == "split":  # with `image_graph`, or the given image graph
+                return package_split_embedder(out, (image or image_graph).read_bytes(), graph.read_bytes(),
+                                              paths["head"].read_bytes(), tokenizer_json, **common, **extra)
+            return package_embedder(out, graph.read_bytes(), tokenizer_json, **common, **extra)
+
+        tried = []
+        for n, (label, exclude) in enumerate(candidates, 1):
+            if cfg.precision.startswith("int8"):
+                kind = "static Q/DQ" if cfg.precision == "int8-static" else "dynamic"
+                log(f"[3/4] quantize: INT8 {kind} per channel, candidate {n}/{len(candidates)}: {label} "
+                    f"({len(exclude)} of {len(scopes)} text-graph matmuls fp32)")
+                if cfg.precision == "int8":
+                    graph = quantize_int8(sources.get(label, folded), tmp / f"text.int8.{n}.onnx", exclude,
+                                          activations=cfg.int8_activations)
+                else:
+                    graph = _quantize_static(folded, tmp / f"text.qdq.{n}.onnx", exclude, tmp, cfg)
+            elif cfg.precision == "fp16":
+                log(f"[3/4] convert: FP16 weights and activations ({', '.join(FP16_KEEP_FP32)} in FP32; "
+                    "float32 inputs and outputs)")
+                graph = convert_fp16(fold_constants(text_graph, tmp / "text.folded.onnx"), tmp / "text.fp16.onnx")
+            else:
+                log("[3/4] quantize: skipped (fp32)")
+                graph = text_graph
+            candidate = package(tmp / "candidate.engine", graph)
+            log("[4/4] fidelity: the candidate engine through sdk.Embedder vs the FP32 teacher")
+            report = measure_engine(candidate, teacher_views, products, cfg.gates, cfg.threads, log)
+            tried.append({"candidate": label, "passed": report["passed"], "failed": report["failed"],
+                          "views": report["views"], "text->image R@10": report["text->image R@10"]})
+            if report["passed"]:
+                break
+        if cfg.image_convs == "int8" and cfg.precision == "int8":
+            if report["passed"]:  # the passing text graph with each image-graph candidate
+                image_graph, report = _gate_image_convs(
+                    folded_image, image_graph, lambda image: package(tmp / "candidate.engine", graph, image=image),
+                    report, teacher_views, products, image_pre, cfg, tmp, log)
+            else:
+                log("      image convolutions: not tried, no text-graph candidate passed the gates")
+                report["image_convolutions"] = "fp32 (not tried: the text graph failed the gates)"
+        extra, extra_parts = {}, {}
+        rdir = cfg.reasoner_dir()
+        if rdir is not None:
+            extra, extra_parts = reasoner_section(rdir, tmp / "reasoner", cfg, log)
+        cdir = cfg.completion_dir()
+        if cdir is not None:
+            section, parts = _completion_section(cdir, weights, tmp / "completion", explicit=cfg.completion != "auto",
+                                                 log=log)
+            if section is not None:
+                extra, extra_parts = {**extra, "completion": section}, {**extra_parts, **parts}
+            else:
+                cdir = None
+        report["candidate"] = tried[-1]["candidate"]
+        # not a gate: whether TensorRT's ONNX parser would read these graphs (sdk.export.trt_ops)
+        from .trt_ops import parser_report
+
+        graphs = {"text": graph, **({"image": image_graph} if cfg.layout == "split" else {})}
+        report["tensorrt_parser"] = parser_report(graphs)
+        report["candidates_tried"] = tried
+        report["onnx_parity"] = {k: parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
+        report["eval_source"] = str(cfg.catalog or cfg.samples)
+        if not report["passed"]:
+            msg = f"engine failed its fidelity gates: {'; '.join(report['failed'])}"
+            if cfg.enforce:
+                raise GateError(msg + " (nothing written; --no-enforce writes it anyway)", report)
+            log(f"WARNING: {msg}; written anyway (--no-enforce)")
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
+            "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
+            "image_convs": report.get("image_convolutions", "fp32"),
+            "int8_activations": cfg.int8_activations if cfg.precision == "int8" else None,
+            "reasoner": str(rdir) if rdir else None, "reasoner_precision": cfg.reasoner_precision if rdir else None,
+            "completion": str(cdir) if cdir else None,
+            "seconds": round(time.time() - t0, 1)}})
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {precision}) in {time.time() - t0:.0f} s; "
+        f"gates {'passed' if report['passed'] else 'FAILED'}")
+    return out
+
+
+def measure_latency(engine: Path, products: list[tuple[Path, str]], threads: int = 0, rounds: int = 15) -> dict:
+    """Median batch-1 latency (ms) of an engine through `sdk.Embedder` per view of `AUTO_VIEWS`,
+    cycling over `products` (3 warm-up calls first)."""
+    from sdk.embedder import Embedder
+
+    emb = Embedder(engine, threads=threads or None)
+    try:
+        out = {}
+        for view in AUTO_VIEWS:
+            times = []
+            for k in range(rounds + 3):
+                img, title = products[k % len(products)]
+                t0 = time.perf_counter()
+                emb.embed(images=[img] if view == "photo+title" else None, texts=[title], errors="raise")
+                if k >= 3:
+                    times.append(time.perf_counter() - t0)
+            out[view] = round(float(np.median(times)) * 1e3, 3)
+        return out
+    finally:
+        emb.close()
+
+
+def pick_precision(results: list[dict]) -> tuple[dict, str]:
+    """The fastest candidate that passed its gates (by the sum of its `AUTO_VIEWS` medians), and why.
+
+    Raises:
+        GateError: no candidate passed.
+    """
+    passed = [r for r in results if r["passed"]]
+    if not passed:
+        why = "; ".join(f"{r['precision']}: {'; '.join(r.get('failed') or ['failed'])}" for r in results)
+        raise GateError(f"no precision passed the fidelity gates ({why})", {"auto": results, "passed": False})
+    score = lambda r: sum(r["latency_ms"][v] for v in AUTO_VIEWS)  # noqa: E731
+    best = min(passed, key=score)
+    others = [f"{r['precision']} {score(r):.1f} ms" for r in passed if r is not best]
+    failed = [r["precision"] for r in results if not r["passed"]]
+    why = (f"{best['precision']}: the fastest that passed the gates ({score(best):.1f} ms for one photo+title "
+           f"plus one title" + (f"; vs {', '.join(others)}" if others else "") + ")"
+           + (f"; failed the gates: {', '.join(failed)}" if failed else ""))
+    return best, why
+
+
+def build_auto(cfg: BuildConfig, log=print) -> Path:
+    """`precision="auto"`: build each of cfg.auto_candidates (embedder only), measure its fidelity
+    (the gates) and its batch-1 latency on this machine, then build the fastest that passed, with
+    the reasoner and completion parts, and record the comparison in its manifest (build.auto)."""
+    from sdk.engine import EngineFile, write_engine
+
+    products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="moon3-auto-") as tmp:
+        for n, precision in enumerate(cfg.auto_candidates, 1):
+            log(f"[auto {n}/{len(cfg.auto_candidates)}] candidate {precision}")
+            c = dataclasses.replace(cfg, precision=precision, out=Path(tmp) / f"{precision}.engine", reasoner=None,
+                                    image_convs=cfg.image_convs if precision == "int8" else "fp32",
+                                    completion=None, enforce=True)
+            try:
+                path = build_engine(c, log=lambda msg, p=precision: log(f"  [{p}] {msg}"))
+            except GateError as exc:
+                results.append({"precision": precision, "passed": False, "failed": list(exc.report.get("failed", []))})
+                log(f"  {precision}: failed its gates")
+                continue
+            with EngineFile.open(path) as f:
+                fid = f.manifest["fidelity"]
+            lat = measure_latency(path, products, cfg.threads, cfg.auto_rounds)
+            results.append({"precision": precision, "passed": True, "latency_ms": lat,
+                            "size_mib": round(path.stat().st_size / 2**20, 1),
+                            "cosine_min": min(v["cosine_min"] for v in fid["views"].values()),
+                            "text->image R@10 drop": fid["text->image R@10"]["drop"]})
+            log(f"  {precision}: passed; batch-1 latency {lat}")
+    best, why = pick_precision(results)
+    log(f"[auto] chose {why}")
+    out = build_engine(dataclasses.replace(cfg, precision=best["precision"],
+                                           image_convs=cfg.image_convs if best["precision"] == "int8" else "fp32"), log)
+    engine = EngineFile.read(out)
+    manifest = json.loads(json.dumps(engine.manifest))
+    manifest.setdefault("build", {})["auto"] = {"chosen": best["precision"], "why": why, "candidates": results}
+    manifest["build"]["precision"] = "auto"
+    manifest.pop("parts", None)
+    write_engine(out, manifest, {name: engine.part(name) for name in engine.part_names})
+    return out
+
+
+def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool, log=print):
+    """Export the image completion weights in `folder` -> (manifest section, parts), or (None, {})
+    when they were trained against other embedder weights and were not asked for explicitly."""
+    from sdk.train.completion import load_completion
+    from sdk.train.embedder import embedder_sha256s
+
+    from .bundle import completion_parts
+    from .onnx_completion import CompletionExportConfig, export_completion_onnx
+    from .onnx_embedder import ExportError
+
+    model, meta = load_completion(folder)
+    # the file's own hash, and for an fp16 copy the FP32 file it was converted from (trained against)
+    names = embedder_sha256s(weights)
+    sha = names[0]
+    if meta.get("embedder_sha256") not in names:
+        msg = (f"the completion weights in {folder} were trained against other embedder weights "
+               f"(sha256 {str(meta.get('embedder_sha256'))[:12]}..., these are {sha[:12]}...); re-train them with "
+               f"python -m sdk.train.completion")
+        if explicit:
+            raise ExportError(msg)
+        log(f"WARNING: {msg}; the engine is built without image completion")
+        return None, {}
+    log(f"[+] completion: {folder} -> completion graph, parity vs PyTorch on padded batches")
+    path = export_completion_onnx(model, CompletionExportConfig(work))
+    parity = json.loads((work / "completion.parity.json").read_text())
+    section, parts = completion_parts(path, embedder_sha256=sha, metrics=meta.get("metrics"),
+                                      parity={k: parity.get(k) for k in ("min_cosine", "max_abs_err", "rows")})
+    return section, parts
+
+
+def _calibration(cfg: BuildConfig, tokenizer_path: Path):
+    from sdk.calib import CalibrationSet
+
+    return CalibrationSet.text_from_catalog(Path(calibration_root(cfg)), tokenizer_path, n=cfg.calib_items)
+
+
+def calibration_root(cfg: BuildConfig) -> Path:
+    """Where the build's text calibration titles come from (see `BuildConfig.calib_titles`)."""
+    if cfg.catalog:
+        return Path(cfg.catalog)
+    if cfg.calib_titles is not None:
+        return Path(cfg.calib_titles)
+    repo = Path(cfg.samples).resolve() == SAMPLES.resolve()
+    return CALIB if repo and (CALIB / "items.jsonl").is_file() else Path(cfg.samples)
+
+
+def _static_candidates(folded: Path, scopes: dict[str, str], tokenizer_path: Path, cfg: BuildConfig, tmp: Path, log):
+    """Static INT8 candidates: the sublayers most sensitive to quantization return to FP32 first."""
+    from sdk.calib import sensitivity_sweep
+
+    cal = _calibration(cfg, tokenizer_path)
+    log(f"[3/4] calibrate: {cfg.calib_method} on {cal.source}; sensitivity of each text sublayer alone")
+    groups = text_layer_groups(scopes)
+
+    def mean_tokens(y, feed):  # token states -> masked mean per title (what the head pools)
+        m = feed["attention_mask"][..., None].astype(np.float64)
+        return (y * m).sum(1) / np.maximum(m.sum(1), 1.0)
+
+    ranking = sensitivity_sweep(folded, groups, cal, tmp / "sweep", method=cfg.calib_method,
+                                cache=tmp / "text.calib.json", reduce=mean_tokens, log=log)
+    out = []
+    for k in sorted({0, 1, 2, 4, 8, 12, len(ranking)}):
+        if k <= len(ranking):
+            keep = [name for name, _ in ranking[:k]]
+            label = ("all static" if not k else "text graph fp32" if k == len(ranking)
+                     else f"{k} most sensitive fp32 ({', '.join(keep)})")
+            out.append((label, sorted(n for g in keep for n in groups[g])))
+    return out
+
+
+def _quantize_static(folded: Path, dst: Path, exclude: list[str], tmp: Path, cfg: BuildConfig) -> Path:
+    from sdk.calib import quantize_static_qdq
+
+    return quantize_static_qdq(folded, dst, None, method=cfg.calib_method, exclude=exclude, cache=tmp / "text.calib.json")
+
+
+def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
+                           log) -> tuple[Iterator[tuple[str, list[str], float, Path]], list[tuple[str, float]]]:
+    """Static INT8 candidates for the image tower's convolutions: a sensitivity sweep (each
+    convolution quantized alone, image-token cosine to FP32 on the calibration photos), then one
+    candidate per `IMAGE_CONV_LADDER` step with the k most sensitive kept FP32.
+
+    Returns:
+        (candidates, ranking): an iterator of (label, FP32 convolution names, image-token cosine,
+        the candidate's Q/DQ graph) per ladder step, fewest FP32 convolutions first, each
+        quantized and measured only when the iteration reaches it (the gate stops at the first
+        that passes); and (convolution, image-token cosine quantized alone), most sensitive first.
+    """
+    import onnx
+
+    from sdk.calib import CalibrationSet, output_cosine, quantize_static_qdq, sensitivity_sweep
+
+    root = Path(cfg.catalog or cfg.samples)
+    cal = CalibrationSet.image_from_catalog(root, n=cfg.calib_images, image=image_pre)
+    convs = [n.name for n in onnx.load(str(folded), load_external_data=False).graph.node if n.op_type == "Conv"]
+    log(f"[3/4] image convolutions: {cfg.calib_method} calibration on {cal.source}; sensitivity of each of "
+        f"{len(convs)} convolutions alone")
+    quant = dict(method=cfg.calib_method, cache=tmp / "image.calib.json", op_types=["Conv"], symmetric=False)
+    ranking = sensitivity_sweep(folded, {c: [c] for c in convs}, cal, tmp / "image.sweep", log=lambda *_: None, **quant)
+    worst = ", ".join(f"{n} {c:.4f}" for n, c in ranking[:4])
+    log(f"      most sensitive: {worst}")
+
+    def candidates():
+        for k in IMAGE_CONV_LADDER:
+            if k >= len(convs):
+                return
+            keep = [name for name, _ in ranking[:k]]
+            dst = quantize_static_qdq(folded, tmp / f"image.qdq.{k}.onnx", None, exclude=keep, **quant)
+            cos = output_cosine(folded, dst, cal.feeds)
+            label = f"image convolutions int8, {k} most sensitive fp32" if k else "image convolutions all int8"
+            log(f"      {label}: image-token cosine {cos:.5f}")
+            yield label, keep, cos, dst
+
+    return candidates(), ranking
+
+
+def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teacher_views: dict, products,
+                      image_pre, cfg: BuildConfig, tmp: Path, log) -> tuple[Path, dict]:
+    """Gate the image-convolution candidates end to end with the passing text graph.
+
+    Args:
+        folded: the constant-folded FP32 image graph; fallback: the image graph that passed
+            (convolutions FP32, matmuls dynamic INT8); package: image graph -> candidate engine.
+        report: the passing fidelity report of `fallback`.
+
+    Returns:
+        (image graph, its fidelity report): the first candidate that passes, else `fallback`;
+        the report's "image_candidates_tried" lists every candidate gated and why it lost.
+    """
+    tried = []
+    candidates, ranking = _image_conv_candidates(folded, cfg, image_pre, tmp, log)
+    sensitivity = [[name, round(cos, 6)] for name, cos in ranking]
+    for n, (label, keep, cos, static) in enumerate(candidates, 1):
+        if cos < IMAGE_SWEEP_MIN_COSINE:  # too far off to be worth a gate run
+            tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
+                          "passed": False, "failed": [f"not gated: image-token cosine {cos:.4f} < "
+                                                      f"{IMAGE_SWEEP_MIN_COSINE}"]})
+            continue
+        # + the matmuls dynamic INT8, as before
+        image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx", activations=cfg.int8_activations)
+        log(f"[4/4] fidelity: {label} (image-token cosine {cos:.5f}), through sdk.Embedder vs the FP32 teacher")
+        rep = measure_engine(package(image), teacher_views, products, cfg.gates, cfg.threads, log)
+        tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
+                      "passed": rep["passed"], "failed": rep["failed"]})
+        if rep["passed"]:
+            rep.update(image_candidates_tried=tried, image_convolutions=label, image_sensitivity=sensitivity)
+            return image, rep
+    log("      no image-convolution candidate passed: the convolutions stay FP32")
+    report.update(image_candidates_tried=tried, image_convolutions="fp32 (no INT8 candidate passed)",
+                  image_sensitivity=sensitivity)
+    return fallback, report
+

@@ -1,0 +1,154 @@
+"""Export the image completion module (`sdk.train.completion.ImageCompletion`) as an ONNX part, then prove it.
+
+    path = export_completion_onnx(model, CompletionExportConfig("build/completion"))
+    # -> build/completion/completion.onnx, completion.parity.json
+
+    completion.onnx   token_states (B, T, C) float32, attention_mask (B, T) int64
+                      -> image_tokens (B, N, d) float32
+
+The runtime (`sdk.head.SplitRunner` with `complete_image=True`) feeds it the text graph's title
+token states of the items that have a title but no photo, and hands the completed image tokens
+to the fusion head with the image marked present. The parity check runs the exported graph with
+ONNX Runtime against the PyTorch module on padded, mixed-length batches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdk.export.onnx_embedder import PARITY_FORMAT, ExportError, _ort_session, _require, export_module, row_cosine
+from sdk.version import library_versions
+
+COMPLETION_PART = "completion.onnx"
+COMPLETION_INPUTS = ("token_states", "attention_mask")
+COMPLETION_OUTPUT = "image_tokens"
+
+
+class CompletionGraph(nn.Module):
+    """The ONNX contract around `ImageCompletion`: an int64 mask, as the text graph takes."""
+
+    def __init__(self, completion: nn.Module):
+        super().__init__()
+        self.completion = completion
+
+    def forward(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.completion(token_states, attention_mask.to(token_states.dtype))  # (B, N, d)
+
+
+@dataclass
+class CompletionExportConfig:
+    """Where and how to export the completion module.
+
+    Attributes:
+        folder: output folder (completion.onnx, completion.parity.json).
+        opset: ONNX opset.
+        check_batches: (batch, text_len) of the padded parity batches.
+        min_cosine: gate on the per-row cosine of the flattened image tokens, ONNX vs PyTorch.
+        seed: seed of the check batches.
+        num_threads: ONNX Runtime intra-op threads for the check (0 = its default).
+    """
+
+    folder: str | Path
+    opset: int = 18
+    check_batches: tuple[tuple[int, int], ...] = ((1, 4), (5, 11), (3, 32))
+    min_cosine: float = 0.9999
+    seed: int = 0
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
+        if not self.check_batches or any(len(s) != 2 or min(s) < 1 for s in self.check_batches):
+            raise ValueError(f"check_batches must be (batch, text_len) pairs >= 1, got {self.check_batches}")
+
+    @property
+    def path(self) -> Path:
+        return self.folder / COMPLETION_PART
+
+    @property
+    def parity_path(self) -> Path:
+        return self.folder / "completion.parity.json"
+
+
+def padded_states(batch: int, length: int, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token states (B, T, C) and a right-padded int64 mask (B, T) whose rows have 1..T real
+    tokens (the first row full), with zeros on the padding, as the runtime passes them."""
+    rng = np.random.default_rng(seed)
+    states = rng.standard_normal((batch, length, dim)).astype(np.float32)
+    lengths = np.concatenate([[length], rng.integers(1, length + 1, size=batch - 1)])
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
+    states *= mask[..., None]
+    return {"token_states": states, "attention_mask": mask}
+
+
+def export_completion_onnx(model: nn.Module, cfg: CompletionExportConfig) -> Path:
+    """Export an `ImageCompletion` to cfg.path and check it against PyTorch.
+
+    Returns:
+        The path of completion.onnx.
+
+    Raises:
+        ExportError: the export failed or parity is below cfg.min_cosine (the report is still
+            written, with "passed": false).
+        BackendUnavailableError: onnx or onnxruntime is missing.
+    """
+    _require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
+    from torch.export import Dim
+
+    graph = CompletionGraph(model).eval()
+    cfg.folder.mkdir(parents=True, exist_ok=True)
+    for p in (cfg.path, cfg.parity_path):
+        p.unlink(missing_ok=True)  # nothing stale survives a failed export
+    dim = int(model.cfg.text_dim)
+    ex = padded_states(3, 7, dim, cfg.seed)
+    batch, seq = Dim("batch", min=1), Dim("text_len", min=1)
+    try:
+        export_module(graph, (torch.from_numpy(ex["token_states"]), torch.from_numpy(ex["attention_mask"])),
+                      {"token_states": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                      [COMPLETION_OUTPUT], cfg.path, cfg.opset)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"completion export failed: {type(exc).__name__}: {first}") from exc
+    report = verify_completion(graph, cfg)
+    cfg.parity_path.write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise ExportError(report["failure"], report)
+    return cfg.path
+
+
+def verify_completion(graph: nn.Module, cfg: CompletionExportConfig) -> dict[str, Any]:
+    """Per-row cosine and max abs error of the ONNX graph vs PyTorch on cfg.check_batches (a report)."""
+    sess = _ort_session(cfg.path, cfg.num_threads)
+    dim = int(graph.completion.cfg.text_dim)
+    batches, cos_all, failure = [], [], None
+    for k, (b, t) in enumerate(cfg.check_batches):
+        feed = padded_states(b, t, dim, cfg.seed + 1 + k)
+        got = sess.run([COMPLETION_OUTPUT], feed)[0]
+        with torch.inference_mode():
+            want = graph(*(torch.from_numpy(feed[n]) for n in COMPLETION_INPUTS)).float().numpy()
+        cos = row_cosine(got.reshape(b, -1), want.reshape(b, -1))
+        err = float(np.abs(got.astype(np.float64) - want).max())
+        worst = float(np.nan if np.isnan(cos).any() else cos.min())
+        batches.append({"batch": b, "text_len": t, "min_cosine": worst, "max_abs_err": err})
+        cos_all.append(cos)
+        if failure is None and not bool(np.all(cos >= cfg.min_cosine)):
+            failure = (f"completion parity failed on check batch {k} (batch={b}, text_len={t}): worst cosine "
+                       f"{worst:.6f} < min_cosine {cfg.min_cosine}; max abs error {err:.3g}")
+    cos = np.concatenate(cos_all)
+    report = {"format": PARITY_FORMAT, "model": "completion", "min_cosine_gate": cfg.min_cosine,
+              "min_cosine": float(np.nan if np.isnan(cos).any() else cos.min()),
+              "max_abs_err": max(b["max_abs_err"] for b in batches), "rows": int(cos.size), "batches": batches,
+              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset, "versions": library_versions()}
+    if failure:
+        report["failure"] = failure
+    return report

@@ -1,0 +1,19 @@
+"""Where things live: the package's own folders, and a source checkout's data and reports.
+
+`WEIGHTS` ships inside the package (the trained teacher, the completion part and their model
+cards); `SAMPLES`, `CALIB` and `RESULTS` exist in a source checkout only (an installed wheel has
+no `data/` or `docs/`), so their readers check that they are there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+REPO = PACKAGE.parent  # a source checkout's root
+WEIGHTS = PACKAGE / "train" / "weights"  # the shipped teacher (embedder.json + .safetensors)
+COMPLETION_WEIGHTS = WEIGHTS / "completion"
+REASONER_WEIGHTS = WEIGHTS / "reasoner"
+SAMPLES = REPO / "data" / "samples"  # validation-split products with photos (the examples, the quickstart)
+CALIB = REPO / "data" / "calib"  # training-split products (calibration, the INT8 text gate)
+RESULTS = REPO / "docs" / "results"  # committed experiment reports

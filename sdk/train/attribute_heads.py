@@ -1,0 +1,307 @@
+"""Attribute heads: what a product photo shows, read by classifiers on the frozen image tower.
+
+The reasoner has to *see* a product before it can write about it. Here each field the reasoner
+is asked for (article type, colour, gender, usage, season and the catalog's attributes: pattern,
+sleeve length, fit, ...) gets a softmax classifier over its training values plus "absent", on
+the image tower's mean-pooled features (EfficientNet-Lite0, the cached `img_deep`), optionally
+with the cached renditions as extra training photos. A field is written only when its class
+probability clears a threshold picked on a group-held-out tenth of the training split, so the
+heads say what they are sure of and leave the rest out: the confidence a completion needs.
+
+They are scored exactly like the reasoner's attribute task (micro-F1 over key: value pairs of
+`record_attributes`, the first 8 of a record) and its category task (exact `article_type`), on
+the leak-free validation split; `--reasoner-engine` scores an engine's reasoner on the same
+products in the same run.
+
+    python -m sdk.train.attribute_heads --catalog ../shared/data/catalog --features .cache/features \\
+        --reasoner-engine moon3.engine --report docs/results/attribute_heads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+ABSENT = "<absent>"
+THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+@dataclass
+class HeadConfig:
+    """How the heads are trained."""
+
+    hidden: int = 0  # 0: one linear map per field; > 0: a shared ReLU layer of this width first
+    epochs: int = 300  # full-batch Adam steps
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    min_count: int = 5  # a value needs this many training products to be a class
+    renditions: bool = True  # the cached renditions of training photos as extra examples
+    seed: int = 0
+    thresholds: tuple[float, ...] = field(default=THRESHOLDS)
+
+
+def fields() -> list[tuple[str, str | None]]:
+    """(pair key as `record_attributes` writes it, record field or None for an `attributes` key), in its order."""
+    from sdk.train.reasoner import ATTRIBUTE_KEYS, RECORD_FIELDS
+
+    return [(name, f) for f, name in RECORD_FIELDS] + [(k.lower(), None) for k in ATTRIBUTE_KEYS]
+
+
+def value_of(record: dict, key: str, record_field: str | None) -> str:
+    if record_field is not None:
+        return str(record.get(record_field) or "").strip()
+    attrs = record.get("attributes") or {}
+    hit = next((k for k in attrs if k.lower() == key), None)
+    return str(attrs[hit]).strip() if hit else ""
+
+
+class Heads:
+    """Fitted heads: `predict(features)` -> per product, the (key, value) pairs they are sure of.
+
+    `thresholds`: per field, the class probability a value needs to be written (picked on dev).
+    """
+
+    def __init__(self, classes: dict[str, list[str]], mean: np.ndarray, std: np.ndarray, model):
+        self.classes, self.mean, self.std, self.model = classes, mean, std, model
+        self.thresholds = {k: 0.0 for k in classes}
+
+    def probabilities(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(((x - self.mean) / self.std).astype(np.float32)))
+        return {k: torch.softmax(v, -1).numpy() for k, v in logits.items()}
+
+    def predict(self, x: np.ndarray, thresholds: dict[str, float] | None = None, probs: dict | None = None,
+                max_pairs: int | None = None) -> list[list[tuple]]:
+        from sdk.train.reasoner import MAX_ATTRIBUTES
+
+        t = {**self.thresholds, **(thresholds or {})}
+        probs = self.probabilities(x) if probs is None else probs
+        keys = [k for k, _ in fields() if k in probs]  # record_attributes' order
+        best = {k: probs[k].argmax(1) for k in keys}
+        sure = {k: (best[k] != 0) & (probs[k].max(1) >= t[k]) for k in keys}  # class 0 is ABSENT
+        return [[(k, self.classes[k][best[k][i]]) for k in keys if sure[k][i]][: max_pairs or MAX_ATTRIBUTES]
+                for i in range(len(x))]
+
+
+def _model(dims: int, classes: dict[str, list[str]], hidden: int):
+    import torch
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(dims, hidden), nn.ReLU()) if hidden else nn.Identity()
+            width = hidden or dims
+            self.out = nn.ModuleDict({_safe(k): nn.Linear(width, len(v)) for k, v in classes.items()})
+            self.keys = list(classes)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.trunk(x)
+            return {k: self.out[_safe(k)](h) for k in self.keys}
+
+    return Model()
+
+
+def _safe(key: str) -> str:
+    return "field_" + key.replace(" ", "_").replace(".", "_")
+
+
+def fit(x: np.ndarray, records: Sequence[dict], cfg: HeadConfig, extra_x: np.ndarray | None = None,
+        extra_rows: np.ndarray | None = None) -> Heads:
+    """Train the heads on features `x` (one row per record) and, optionally, extra rows
+    `extra_x` labelled like `records[extra_rows]` (renditions of the same photos)."""
+    import torch
+
+    if len(x) != len(records):
+        raise ValueError(f"fit needs one feature row per record, got {len(x)} rows and {len(records)} records")
+    torch.manual_seed(cfg.seed)
+    classes, targets = {}, {}
+    for key, f in fields():
+        values = [value_of(r, key, f) for r in records]
+        counts: dict[str, int] = {}
+        for v in values:
+            if v:
+                counts[v] = counts.get(v, 0) + 1
+        kept = sorted(v for v, c in counts.items() if c >= cfg.min_count)
+        if not kept:
+            continue
+        classes[key] = [ABSENT, *kept]
+        index = {v: n for n, v in enumerate(classes[key])}
+        targets[key] = np.array([index.get(v, -100) if v else 0 for v in values], np.int64)  # rare values: ignored
+    if not classes:
+        raise ValueError(f"no field has a value on at least min_count={cfg.min_count} of the {len(records)} records: "
+                         "nothing to learn (more records, or a lower min_count)")
+    if extra_x is not None:
+        x = np.concatenate([x, extra_x])
+        targets = {k: np.concatenate([t, t[extra_rows]]) for k, t in targets.items()}
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy(((x - mean) / std).astype(np.float32))
+    yt = {k: torch.from_numpy(t) for k, t in targets.items()}
+    model = _model(x.shape[1], classes, cfg.hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)
+    for _ in range(cfg.epochs):
+        opt.zero_grad()
+        logits = model(xt)
+        loss = sum(loss_fn(logits[k], yt[k]) for k in classes)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return Heads(classes, mean, std, model)
+
+
+def tune_thresholds(heads: Heads, x: np.ndarray, records: Sequence[dict], grid: Sequence[float],
+                    rounds: int = 2) -> dict[str, float]:
+    """Per-field thresholds by coordinate ascent on micro-F1 over `records` (two passes)."""
+    probs = heads.probabilities(x)
+    best = dict(heads.thresholds)
+    top = score(heads.predict(x, best, probs), records)["attribute_f1"]
+    for _ in range(rounds):
+        for key in heads.classes:
+            for t in grid:
+                trial = {**best, key: t}
+                f1 = score(heads.predict(x, trial, probs), records)["attribute_f1"]
+                if f1 > top + 1e-9:
+                    top, best = f1, trial
+    return best
+
+
+def score(pairs: Sequence[Sequence[tuple[str, str]]], records: Sequence[dict]) -> dict:
+    """The reasoner's metrics: attribute micro-F1 (pairs) and exact article-type accuracy."""
+    from sdk.train.reasoner import record_attributes
+    from sdk.train.train_reasoner import attribute_f1
+
+    golds = [dict(record_attributes(r)) for r in records]
+    preds = [dict(p) for p in pairs]
+    return {"attribute_f1": attribute_f1(preds, golds),
+            "category_acc": float(np.mean([p.get("article type") == r.get("article_type")
+                                           for p, r in zip(preds, records)])),
+            "items": len(records)}
+
+
+def pooled(features: Path, name: str = "img_deep") -> np.ndarray:
+    """Mean-pooled tower features of every cache row (float32; renditions: (N, K, C)), computed once
+    and kept beside the cache (`pooled_<name>.npy`)."""
+    cached = features / f"pooled_{name}.npy"
+    if cached.is_file() and cached.stat().st_mtime >= (features / f"{name}.npy").stat().st_mtime:
+        return np.load(cached)
+    arr = np.load(features / f"{name}.npy", mmap_mode="r")
+    out = np.concatenate([np.asarray(arr[i:i + 256], np.float32).mean(-2) for i in range(0, len(arr), 256)])
+    np.save(cached, out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--catalog", required=True)
+    ap.add_argument("--features", required=True, type=Path, help="feature cache of sdk.train.features")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[0, 512], help="trunk widths to try (0: linear)")
+    ap.add_argument("--no-renditions", action="store_true", help="train on the original photos only")
+    ap.add_argument("--reasoner-engine", help="also score this engine's reasoner on the same validation products")
+    ap.add_argument("--reasoner-items", type=int, default=300, help="validation products for the reasoner (slow)")
+    ap.add_argument("--report", type=Path, required=True)
+    args = ap.parse_args(argv)
+    from sdk.train.catalog import catalog_split, read_catalog
+
+    t0 = time.time()
+    meta = json.loads((args.features / "meta.json").read_text())
+    has = np.load(args.features / "has_image.npy")
+    row_of = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
+    split = catalog_split(args.catalog)
+    products = [p for p in read_catalog(args.catalog) if p.id in row_of]
+    train = [p for p in products if not split.is_validation(p.id)]
+    val = [p for p in products if split.is_validation(p.id)]
+    # model selection on a group-held-out tenth of the training split (whole title groups)
+    groups = np.unique([split.group[p.id] for p in train])
+    dev_groups = set(np.random.default_rng(0).choice(groups, size=len(groups) // 10, replace=False).tolist())
+    fit_part = [p for p in train if split.group[p.id] not in dev_groups]
+    dev_part = [p for p in train if split.group[p.id] in dev_groups]
+    parts = {"train": train, "fit": fit_part, "dev": dev_part, "val": val}
+    rows = {name: np.array([row_of[p.id] for p in ps]) for name, ps in parts.items()}
+    records = {name: [p.record for p in ps] for name, ps in parts.items()}
+    every = pooled(args.features)
+    x = {name: every[r] for name, r in rows.items()}
+    renditions = not args.no_renditions and (args.features / "img_deep_aug.npy").is_file()
+    aug = pooled(args.features, "img_deep_aug") if renditions else None
+
+    def extra(name):
+        if aug is None:
+            return None, None
+        xs = aug[rows[name]]  # (n, K, C)
+        return xs.reshape(-1, xs.shape[-1]), np.repeat(np.arange(len(rows[name])), xs.shape[1])
+
+    sweep = []
+    ex_fit = extra("fit")
+    for hidden in args.hidden:
+        cfg = HeadConfig(hidden=hidden, renditions=renditions)
+        heads = fit(x["fit"], records["fit"], cfg, *ex_fit)
+        for t in cfg.thresholds:
+            m = score(heads.predict(x["dev"], {k: t for k in heads.classes}), records["dev"])
+            sweep.append({"hidden": hidden, "threshold": t, **m})
+            print(f"dev: hidden {hidden} threshold {t}: attribute F1 {m['attribute_f1']:.4f} "
+                  f"category {m['category_acc']:.4f}", flush=True)
+        tuned = tune_thresholds(heads, x["dev"], records["dev"], cfg.thresholds)
+        m = score(heads.predict(x["dev"], tuned), records["dev"])
+        sweep.append({"hidden": hidden, "threshold": "per field", "thresholds": tuned, **m})
+        print(f"dev: hidden {hidden} per-field thresholds: attribute F1 {m['attribute_f1']:.4f} "
+              f"category {m['category_acc']:.4f}", flush=True)
+    best = max(sweep, key=lambda s: (s["attribute_f1"], s["category_acc"]))
+    cfg = HeadConfig(hidden=best["hidden"], renditions=renditions)
+    heads = fit(x["train"], records["train"], cfg, *extra("train"))
+    heads.thresholds = best.get("thresholds") or {k: best["threshold"] for k in heads.classes}
+    pairs = heads.predict(x["val"])
+    n_r = min(args.reasoner_items, len(val))
+    report = {
+        "command": "python -m sdk.train.attribute_heads " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "config": {**asdict(cfg), "thresholds": heads.thresholds},
+        "split": split.summary(), "train_photos": len(train), "validation_photos": len(val),
+        "classes": {k: len(v) - 1 for k, v in heads.classes.items()},
+        "dev_sweep": sweep,
+        "heads": {"all validation photos": score(pairs, records["val"]),
+                  f"first {n_r} validation photos": score(pairs[:n_r], records["val"][:n_r])},
+        "per_field_accuracy": _per_field(heads, x["val"], records["val"]),
+    }
+    print(f"heads, {len(val)} validation photos: {report['heads']['all validation photos']}", flush=True)
+    if args.reasoner_engine:
+        from sdk.train.eval_reasoner import eval_records, evaluate_engine
+
+        recs = eval_records(args.catalog, None, n_r)
+        assert [r["id"] for r in recs] == [r["id"] for r in records["val"][:n_r]], "validation orders differ"
+        m, _ = evaluate_engine(args.reasoner_engine, recs, threads=1, trace_items=0)
+        report["reasoner"] = {"engine": str(args.reasoner_engine), "items": n_r,
+                              "attribute_f1": m["attribute_f1_photo"], "category_acc": m["category_acc_photo"],
+                              "attribute_f1_from_title": m["attribute_f1_title"], "precision": m["precision"]}
+        print(f"reasoner of {args.reasoner_engine}, first {n_r}: {report['reasoner']}", flush=True)
+    report["seconds"] = round(time.time() - t0, 1)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.report}")
+    return 0
+
+
+def _per_field(heads: Heads, x: np.ndarray, records: Sequence[dict]) -> dict:
+    """Per field: accuracy of the argmax (absent counted as a class) on the validation photos."""
+    probs = heads.probabilities(x)
+    out = {}
+    for key, f in fields():
+        if key not in probs:
+            continue
+        pred = [heads.classes[key][j] for j in probs[key].argmax(1)]
+        gold = [value_of(r, key, f) or ABSENT for r in records]
+        out[key] = round(float(np.mean([p.lower() == g.lower() for p, g in zip(pred, gold)])), 4)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

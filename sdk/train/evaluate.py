@@ -1,0 +1,813 @@
+"""The validation suite: task families on the catalog's leak-free split, each beside a linear probe.
+
+    python -m sdk.train.evaluate --catalog ../shared/data/catalog --features .cache/features \
+        --subject teacher=sdk/train/weights --subject engine=moon3.engine \
+        --ood-subject teacher=.cache/holdout_footwear --out docs/results/suite.json
+
+A subject is a trained embedder folder (`embedder.json` + safetensors: the PyTorch teacher or a
+student, run end to end by `ReferenceEmbedder`) or a compiled engine (`*.engine`, run through the
+torch-free runtime `sdk.Embedder`). Every subject is scored on the same validation products
+(`catalog.Split`: no normalised title and no photo on both sides) and the families:
+
+- cross_modal: title -> photo and photo -> title, R@1/R@10 (relevant: the same normalised title,
+  which includes the product itself); also on the old id split's products, once, for continuity;
+- renditions: each validation photo degraded (`RENDITIONS`: 60x80 thumbnail and back, JPEG
+  quality 20, 70% centre crop, grayscale) against the full photos, image only, R@1/R@10
+  (relevant: the same photo);
+- zero_shot: photo -> nearest class prompt ("a photo of a {label}", ...) for article type,
+  gender and base colour, weighted F1 (classes with at least `min_class` validation photos);
+- mm_rendition: the thumbnail + title -> full photo + title, R@1/R@10 (relevant: the same photo);
+- knn: leave-one-out 1-NN article type of the photo + title vectors, a product's own design
+  (same normalised title) left out as well, accuracy;
+- ood: a model trained by the same recipe with one whole master category held out
+  (`--holdout`, default Footwear), against a probe trained the same way, on retrieval, kNN and
+  zero-shot inside that category (the family judges the recipe; the shipped model trains on all).
+
+The linear probe is the simple alternative at the same deployment cost: the frozen towers the
+engines use (EfficientNet-Lite0 mean-pooled, MiniLM-L6 mean-pooled), one linear map each, trained
+with symmetric InfoNCE on the training split in this run, its learning rate picked on a
+group-held-out slice of the training split (the curve is in the report), then retrained on the
+whole training split. Every subject's number is reported beside it; a subject `beats_probe` when
+every family's every metric is at least `--margin` above the probe's, or, where the probe is
+within 2 x margin of a perfect score, halfway from the probe's value to it (`required_margin`).
+
+The report (JSON) renders as the model card's table (`render_markdown`, `--markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from .catalog import Product, Split, catalog_split, legacy_is_validation, normalize_title, read_catalog
+
+FORMAT = 1
+FAMILIES = ("cross_modal", "renditions", "zero_shot", "mm_rendition", "knn", "ood")
+ZERO_SHOT_FIELDS = ("article_type", "gender", "base_colour")
+TEMPLATES = {
+    "article_type": ("a photo of a {}", "a product photo of {}", "{}"),
+    "gender": ("a photo of a product for {}", "{} fashion"),
+    "base_colour": ("a photo of a {} product", "{} colour"),
+}
+LOWRES = (60, 80)  # (width, height) of the thumbnail rendition, the catalog's 3:4 photos
+JPEG_QUALITY = 20
+CROP = 0.7
+
+
+# ---------------------------------------------------------------------------------------- renditions
+
+
+def _lowres(img):
+    from PIL import Image
+
+    return img.resize(LOWRES, Image.BILINEAR).resize(img.size, Image.BILINEAR)
+
+
+def _jpeg(img):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _crop(img):
+    w, h = img.size
+    cw, ch = round(w * CROP), round(h * CROP)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def _gray(img):
+    return img.convert("L").convert("RGB")
+
+
+RENDITIONS: dict[str, Callable] = {"lowres": _lowres, "jpeg": _jpeg, "crop": _crop, "gray": _gray}
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def recall_at_k(q: np.ndarray, g: np.ndarray, q_key: np.ndarray, g_key: np.ndarray, ks=(1, 10)) -> dict[str, float]:
+    """Recall@k of L2-normalised queries (Q, D) against a gallery (G, D); a gallery row is relevant
+    when its key equals the query's."""
+    sim = q @ g.T  # (Q, G)
+    kmax = min(max(ks), sim.shape[1])
+    top = np.argpartition(-sim, kmax - 1, axis=1)[:, :kmax]
+    order = np.take_along_axis(sim, top, 1).argsort(1)[:, ::-1]
+    top = np.take_along_axis(top, order, 1)  # (Q, kmax), best first
+    hit = g_key[top] == q_key[:, None]
+    return {f"R@{k}": round(float(hit[:, :k].any(1).mean()), 4) for k in ks}
+
+
+def weighted_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """F1 per class of `y`, averaged with the classes' support as weights (sklearn's "weighted")."""
+    total, score = len(y), 0.0
+    for c in np.unique(y):
+        tp = float(np.sum((pred == c) & (y == c)))
+        prec = tp / max(1.0, float(np.sum(pred == c)))
+        rec = tp / float(np.sum(y == c))
+        f1 = 0.0 if tp == 0 else 2 * prec * rec / (prec + rec)
+        score += f1 * np.sum(y == c) / total
+    return round(float(score), 4)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ------------------------------------------------------------------------------------------ subjects
+
+
+class Subject(Protocol):
+    """Anything that embeds products: item i uses images[i] and texts[i] where not None."""
+
+    def embed(self, images: Sequence | None = None, texts: Sequence[str | None] | None = None) -> np.ndarray: ...
+
+
+def load_subject(path: str | Path, threads: int | None = None) -> Subject:
+    """An embedder folder (PyTorch, `ReferenceEmbedder`) or an engine file (`sdk.Embedder`).
+
+    Raises:
+        FileNotFoundError: the path is neither.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "embedder.json").is_file():
+        from .reference import ReferenceEmbedder
+
+        return ReferenceEmbedder(path)
+    if path.is_file():
+        from sdk import Embedder
+
+        return Embedder(path, threads=threads)
+    raise FileNotFoundError(f"{path}: not an embedder folder (embedder.json + embedder.safetensors) nor an engine file")
+
+
+class MemoImageTower:
+    """An image tower that remembers its (deep, shallow) maps per input photo (keyed by the pixel
+    bytes), so the suite runs EfficientNet once per photo and rendition for the probe and every
+    PyTorch subject that reads the same tower (224 px, no fine-tuned blocks)."""
+
+    def __init__(self, tower):
+        self.tower, self.memo = tower, {}
+        self.grid = getattr(tower, "grid", 7)
+
+    def __call__(self, x):
+        import hashlib
+
+        import torch
+
+        keys = [hashlib.sha1(row.numpy().tobytes()).digest() for row in x]  # x: (B, 3, H, W)
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            with torch.no_grad():
+                deep, shallow = self.tower(x[todo])
+            for j, i in enumerate(todo):
+                self.memo[keys[i]] = (deep[j].clone(), shallow[j].clone())
+        return torch.stack([self.memo[k][0] for k in keys]), torch.stack([self.memo[k][1] for k in keys])
+
+
+def share_tower(subject, tower: MemoImageTower):
+    """Give a PyTorch subject (`ReferenceEmbedder`) the suite's memoised image tower where it
+    reads the same one; other subjects are returned as they are."""
+    cfg = getattr(getattr(subject, "model", None), "cfg", None)
+    if cfg is not None and hasattr(subject, "image_tower") and cfg.image_size == 224 and not cfg.image_tuned_blocks:
+        subject.image_tower = tower
+    return subject
+
+
+class ProbeTowers(Protocol):
+    """Frozen features a linear probe reads: (N, Di) per photo and (N, Dt) per text."""
+
+    def image_features(self, images: Sequence) -> np.ndarray: ...
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class FrozenTowers:
+    """The default engine's pretrained towers as they come: EfficientNet-Lite0's final 1280-d map
+    mean-pooled (224 px, the engine's preprocessing) and MiniLM-L6's token states mean-pooled."""
+
+    def __init__(self, batch_size: int = 32):
+        from sdk.preprocess import ImagePreprocess, TextTokenizer
+
+        from .features import TITLE_LEN
+        from .towers import load_image_tower, load_text_tower, text_tower_path
+
+        self.image, self.text = MemoImageTower(load_image_tower()), load_text_tower()
+        self.preprocess = ImagePreprocess()
+        self.tokenizer = TextTokenizer(text_tower_path() / "tokenizer.json", TITLE_LEN)
+        self.batch_size = batch_size
+
+    def image_features(self, images: Sequence) -> np.ndarray:
+        import torch
+
+        from sdk.preprocess import image_to_array, load_image
+
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(images), self.batch_size):
+                x = np.stack([image_to_array(load_image(im), self.preprocess) for im in images[s : s + self.batch_size]])
+                out.append(self.image(torch.from_numpy(x))[0].mean(1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1280), np.float32)
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(texts), 256):
+                ids, mask = self.tokenizer(list(texts[s : s + 256]))
+                h = self.text(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+                m = torch.from_numpy(mask).float()[..., None]
+                out.append(((h * m).sum(1) / m.sum(1).clamp(min=1.0)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
+@dataclass
+class ProbeConfig:
+    """How the linear probe trains (validated on creation)."""
+
+    dim: int = 256
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    max_epochs: int = 40
+    batch_size: int = 512
+    temperature: float = 0.05
+    weight_decay: float = 1e-4
+    dev_fraction: float = 0.1  # of the training split's groups, to pick lr and epochs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.lrs = tuple(float(x) for x in self.lrs)
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"ProbeConfig.lrs must be positive learning rates, got {self.lrs}")
+        if self.max_epochs < 1 or self.batch_size < 2 or self.dim < 1:
+            raise ValueError(f"ProbeConfig: max_epochs >= 1, batch_size >= 2, dim >= 1, got {self}")
+        if not 0.0 < self.temperature < 1.0 or not 0.0 < self.dev_fraction < 0.5:
+            raise ValueError(f"ProbeConfig: temperature in (0, 1), dev_fraction in (0, 0.5), got {self}")
+
+
+class LinearProbe:
+    """One linear map per modality over frozen features, L2-normalised; photo + title is the
+    normalised sum of both vectors. A `Subject`."""
+
+    def __init__(self, towers: ProbeTowers, w_img: np.ndarray, w_txt: np.ndarray, stats: dict[str, np.ndarray]):
+        self.towers, self.w_img, self.w_txt, self.stats = towers, w_img, w_txt, stats
+
+    def _project(self, x: np.ndarray, kind: str) -> np.ndarray:
+        x = (x - self.stats[f"{kind}_mean"]) / self.stats[f"{kind}_std"]
+        w = self.w_img if kind == "img" else self.w_txt
+        return _normalize(np.concatenate([x, np.ones((len(x), 1), x.dtype)], 1) @ w)
+
+    def embed(self, images: Sequence | None = None, texts: Sequence[str | None] | None = None) -> np.ndarray:
+        n = len(images if images is not None else texts)
+        out = np.zeros((n, self.w_img.shape[1]), np.float32)
+        for kind, seq in (("img", images), ("txt", texts)):
+            rows = [i for i in range(n) if seq is not None and seq[i] is not None]
+            if rows:
+                feats = (self.towers.image_features if kind == "img" else self.towers.text_features)([seq[i] for i in rows])
+                out[rows] += self._project(np.asarray(feats, np.float32), kind)
+        return _normalize(out)
+
+
+def train_probe(img: np.ndarray, txt: np.ndarray, title_key: np.ndarray, group: np.ndarray, towers: ProbeTowers,
+                cfg: ProbeConfig = ProbeConfig(), log=print) -> tuple[LinearProbe, dict]:
+    """Train the linear probe on paired (photo, title) features of training products.
+
+    The learning rate and epoch count are picked by mean R@10 (both directions) on a dev slice of
+    whole groups (`group`), then the probe is retrained on every row with them.
+
+    Returns:
+        (probe, report): the report holds the sweep's curves and the pick.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    img, txt = np.asarray(img, np.float32), np.asarray(txt, np.float32)
+    if len(img) != len(txt) or len(img) < cfg.batch_size // 4:
+        raise ValueError(f"the probe needs paired photo and title features of at least {cfg.batch_size // 4} "
+                         f"products, got {len(img)} photos and {len(txt)} titles")
+    rng = np.random.default_rng(cfg.seed)
+    groups = np.unique(group)
+    dev_groups = rng.choice(groups, size=max(1, round(len(groups) * cfg.dev_fraction)), replace=False)
+    dev = np.isin(group, dev_groups)
+
+    def fit(rows: np.ndarray, lr: float, epochs: int, eval_rows: np.ndarray | None):
+        torch.manual_seed(cfg.seed)
+        stats = {"img_mean": img[rows].mean(0), "img_std": img[rows].std(0) + 1e-6,
+                 "txt_mean": txt[rows].mean(0), "txt_std": txt[rows].std(0) + 1e-6}
+        xi = torch.from_numpy((img - stats["img_mean"]) / stats["img_std"])
+        xt = torch.from_numpy((txt - stats["txt_mean"]) / stats["txt_std"])
+        li, lt = torch.nn.Linear(img.shape[1], cfg.dim), torch.nn.Linear(txt.shape[1], cfg.dim)
+        opt = torch.optim.AdamW([*li.parameters(), *lt.parameters()], lr=lr, weight_decay=cfg.weight_decay)
+        keys = torch.from_numpy(title_key)
+        curve, order_rng = [], np.random.default_rng(cfg.seed)
+        for epoch in range(epochs):
+            perm = rows[order_rng.permutation(len(rows))]
+            total = 0.0
+            for s in range(0, len(perm) - 1, cfg.batch_size):
+                b = torch.from_numpy(perm[s : s + cfg.batch_size])
+                if len(b) < 2:
+                    continue
+                a, t = F.normalize(li(xi[b]), dim=-1), F.normalize(lt(xt[b]), dim=-1)
+                logits = a @ t.T / cfg.temperature
+                same = (keys[b][:, None] == keys[b][None, :]) & ~torch.eye(len(b), dtype=torch.bool)
+                logits = logits.masked_fill(same, -1e4)
+                target = torch.arange(len(b))
+                loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(b)
+            point = {"epoch": epoch + 1, "loss": round(total / len(rows), 4)}
+            if eval_rows is not None:
+                with torch.no_grad():
+                    a = F.normalize(li(xi[eval_rows]), dim=-1).numpy()
+                    t = F.normalize(lt(xt[eval_rows]), dim=-1).numpy()
+                k = title_key[eval_rows]
+                r_it, r_ti = recall_at_k(a, t, k, k), recall_at_k(t, a, k, k)
+                point["dev_R@10"] = round((r_it["R@10"] + r_ti["R@10"]) / 2, 4)
+            curve.append(point)
+        w = lambda lin: np.concatenate([lin.weight.detach().numpy().T, lin.bias.detach().numpy()[None]], 0)  # noqa: E731
+        return LinearProbe(towers, w(li), w(lt), stats), curve
+
+    train_rows, dev_rows = np.flatnonzero(~dev), np.flatnonzero(dev)
+    sweep = {}
+    for lr in cfg.lrs:
+        _, curve = fit(train_rows, lr, cfg.max_epochs, dev_rows)
+        sweep[str(lr)] = curve
+        best = max(curve, key=lambda p: p["dev_R@10"])
+        log(f"probe lr={lr:g}: best dev R@10 {best['dev_R@10']} at epoch {best['epoch']}")
+    lr, best = max(((float(lr), max(c, key=lambda p: p["dev_R@10"])) for lr, c in sweep.items()),
+                   key=lambda x: x[1]["dev_R@10"])
+    probe, curve = fit(np.arange(len(img)), lr, best["epoch"], None)
+    report = {"lr": lr, "epochs": best["epoch"], "dev_R@10": best["dev_R@10"], "train_products": int(len(img)),
+              "dev_products": int(len(dev_rows)), "sweep": sweep, "final_curve": curve, "config": asdict(cfg)}
+    return probe, report
+
+
+# -------------------------------------------------------------------------------------------- the suite
+
+
+@dataclass
+class SuiteConfig:
+    """What the suite measures (validated on creation).
+
+    Attributes:
+        min_class: a zero-shot class counts when at least this many validation photos have it.
+        margin: how far above the probe a subject must be on every metric to `beats_probe`.
+        holdout: the master category the ood family's models were trained without.
+        limit: score only the first N validation products (smoke runs); 0 = all.
+        batch_size: items per embed call.
+    """
+
+    min_class: int = 5
+    margin: float = 0.02
+    holdout: str = "Footwear"
+    limit: int = 0
+    batch_size: int = 64
+    families: tuple[str, ...] = FAMILIES
+
+    def __post_init__(self) -> None:
+        self.families = tuple(self.families)
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad:
+            raise ValueError(f"unknown families {bad}; choose from {list(FAMILIES)}")
+        if self.min_class < 1 or self.limit < 0 or self.batch_size < 1:
+            raise ValueError(f"SuiteConfig: min_class >= 1, limit >= 0, batch_size >= 1, got {self}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"SuiteConfig.margin must be in [0, 1), got {self.margin}")
+
+
+class MissingField(Exception):
+    """A family cannot run on this catalog: it names the family and the field."""
+
+
+@dataclass
+class ValidationSet:
+    """The validation products of a catalog, their photos (decoded once) and relevance keys."""
+
+    products: list[Product]  # every validation product, photo or not
+    photos: list  # PIL images of `with_photo`
+    with_photo: np.ndarray  # indices into products
+    title_key: np.ndarray  # per product: its normalised title's number
+    photo_key: np.ndarray  # per product with a photo: its photo's number (byte-identical photos share one)
+    field_values: dict[str, np.ndarray] = field(default_factory=dict)
+    _rendered: dict[str, list] = field(default_factory=dict)
+
+    def rendered(self) -> dict[str, list]:
+        """Each of `RENDITIONS` of every photo, made once and shared by every subject (the same
+        pixels, so a memoised tower runs on them once)."""
+        if not self._rendered:
+            self._rendered.update({name: [fn(im) for im in self.photos] for name, fn in RENDITIONS.items()})
+        return self._rendered
+
+    @classmethod
+    def of(cls, products: Sequence[Product], limit: int = 0) -> "ValidationSet":
+        from sdk.preprocess import load_image
+
+        from .catalog import file_sha256
+
+        products = list(products)[: limit or None]
+        with_photo = np.array([i for i, p in enumerate(products) if p.image is not None], np.int64)
+        photos = [load_image(products[i].image, name=f"product {products[i].id} photo") for i in with_photo]
+        titles: dict[str, int] = {}
+        digests: dict[str, int] = {}
+        title_key = np.array([titles.setdefault(normalize_title(p.title), len(titles)) for p in products])
+        photo_key = np.array([digests.setdefault(file_sha256(products[i].image), len(digests)) for i in with_photo])
+        return cls(products, photos, with_photo, title_key, photo_key)
+
+    def values(self, name: str, family: str) -> np.ndarray:
+        """The field of every product as strings ("" where absent).
+
+        Raises:
+            MissingField: no product has it.
+        """
+        if name not in self.field_values:
+            v = np.array([str(p.record.get(name) or "").strip() for p in self.products], dtype=object)
+            self.field_values[name] = v
+        v = self.field_values[name]
+        if not any(v):
+            raise MissingField(f"family {family!r} needs the catalog field {name!r}, which no validation product has")
+        return v
+
+    def subset(self, keep: np.ndarray) -> "ValidationSet":
+        """The products where `keep` (a mask over products) holds."""
+        idx = np.flatnonzero(keep)
+        pos = {int(i): k for k, i in enumerate(self.with_photo)}
+        photo_rows = [pos[int(i)] for i in idx if int(i) in pos]
+        new_with = np.array([k for k, i in enumerate(idx) if int(i) in pos], np.int64)
+        return ValidationSet([self.products[i] for i in idx], [self.photos[r] for r in photo_rows], new_with,
+                             self.title_key[idx], self.photo_key[photo_rows])
+
+
+def _embed(subject: Subject, images=None, texts=None, batch_size: int = 64) -> np.ndarray:
+    n = len(images if images is not None else texts)
+    out = []
+    for s in range(0, n, batch_size):
+        out.append(subject.embed(images=None if images is None else images[s : s + batch_size],
+                                 texts=None if texts is None else texts[s : s + batch_size]))
+    return _normalize(np.concatenate(out).astype(np.float32)) if out else np.zeros((0, 1), np.float32)
+
+
+def _zero_shot(subject: Subject, img: np.ndarray, labels: np.ndarray, templates: Sequence[str], min_class: int,
+               batch_size: int) -> dict:
+    counts = {c: int(np.sum(labels == c)) for c in set(labels) if c}
+    classes = sorted(c for c, n in counts.items() if n >= min_class)
+    keep = np.isin(labels, classes)
+    if len(classes) < 2:
+        return {"skipped": f"fewer than 2 classes with >= {min_class} validation photos"}
+    prompts = [t.format(c.lower()) for c in classes for t in templates]
+    e = _embed(subject, texts=prompts, batch_size=batch_size).reshape(len(classes), len(templates), -1)
+    centers = _normalize(_normalize(e).mean(1))  # (C, D)
+    pred = np.array(classes, dtype=object)[(img[keep] @ centers.T).argmax(1)]
+    y = labels[keep]
+    return {"weighted_F1": weighted_f1(y, pred), "accuracy": round(float(np.mean(pred == y)), 4),
+            "classes": len(classes), "photos": int(keep.sum())}
+
+
+def _knn(mm: np.ndarray, labels: np.ndarray, title_key: np.ndarray) -> dict:
+    sim = mm @ mm.T
+    sim[title_key[:, None] == title_key[None, :]] = -np.inf  # itself and its own design
+    ok = np.isfinite(sim).any(1) & (labels != "")
+    nn_ = sim.argmax(1)
+    return {"accuracy": round(float(np.mean(labels[nn_][ok] == labels[ok])), 4), "products": int(ok.sum())}
+
+
+def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, families: Sequence[str] | None = None,
+                  log=print) -> dict:
+    """Every family (but ood, which `run_suite` scores on the held-out models) for one subject.
+
+    A family that cannot run on this catalog says why under its name ({"skipped": reason}); the
+    others still run.
+    """
+    families = [f for f in (families or cfg.families) if f != "ood"]
+    res: dict = {}
+    P = val.with_photo
+    if len(P) == 0:
+        return {f: {"skipped": f"family {f!r} needs the catalog field 'image', which no validation product has"}
+                for f in families}
+    titles = [p.title for p in val.products]
+    bs = cfg.batch_size
+    t0 = time.time()
+    img = _embed(subject, images=val.photos, batch_size=bs)
+    need_mm = {"knn", "mm_rendition"} & set(families)
+    mm = _embed(subject, images=val.photos, texts=[titles[i] for i in P], batch_size=bs) if need_mm else None
+    if "cross_modal" in families:
+        ttl = _embed(subject, texts=titles, batch_size=bs)
+        k = val.title_key
+        out = {"title->photo": recall_at_k(ttl[P], img, k[P], k[P]), "photo->title": recall_at_k(img, ttl, k[P], k)}
+        legacy = np.array([legacy_is_validation(p.id) for p in val.products])
+        lp = P[legacy[P]]
+        if len(lp) and legacy.sum():
+            pos = {int(i): r for r, i in enumerate(P)}
+            li = img[[pos[int(i)] for i in lp]]
+            out["old_split"] = {"products": int(legacy.sum()),
+                                "title->photo": recall_at_k(ttl[lp], li, k[lp], k[lp]),
+                                "photo->title": recall_at_k(li, ttl[legacy], k[lp], k[legacy])}
+        res["cross_modal"] = out
+    if "renditions" in families or "mm_rendition" in families:
+        rendered = val.rendered()
+    if "renditions" in families:
+        res["renditions"] = {name: recall_at_k(_embed(subject, images=r, batch_size=bs), img, val.photo_key, val.photo_key)
+                             for name, r in rendered.items()}
+    if "mm_rendition" in families:
+        q = _embed(subject, images=rendered["lowres"], texts=[titles[i] for i in P], batch_size=bs)
+        res["mm_rendition"] = {"lowres+title": recall_at_k(q, mm, val.photo_key, val.photo_key)}
+    if "zero_shot" in families:
+        out = {}
+        for name in ZERO_SHOT_FIELDS:
+            try:
+                labels = val.values(name, "zero_shot")[P]
+            except MissingField as exc:
+                out[name] = {"skipped": str(exc)}
+                continue
+            out[name] = _zero_shot(subject, img, labels, TEMPLATES[name], cfg.min_class, bs)
+        res["zero_shot"] = out
+    if "knn" in families:
+        try:
+            res["knn"] = {"article_type": _knn(mm, val.values("article_type", "knn")[P], val.title_key[P])}
+        except MissingField as exc:
+            res["knn"] = {"skipped": str(exc)}
+    log(f"  scored in {time.time() - t0:.0f} s")
+    return res
+
+
+def headline(family_result: dict, family: str) -> dict[str, float]:
+    """The metrics a family is judged on, flattened as "task R@k" -> value (zero-shot: weighted F1;
+    kNN: accuracy). The old split's numbers are for continuity, not judged."""
+    flat: dict[str, float] = {}
+    if not isinstance(family_result, dict) or "skipped" in family_result:
+        return flat
+    for task, v in family_result.items():
+        if task == "old_split" or not isinstance(v, dict) or "skipped" in v:
+            continue
+        if family == "zero_shot":
+            flat[f"{task} weighted F1"] = v["weighted_F1"]
+        elif family == "knn":
+            flat[f"{task} accuracy"] = v["accuracy"]
+        elif family == "ood":  # the held-out category's own families
+            flat.update({f"{FAMILY_TITLES.get(task, task)}: {m}": x for m, x in headline(v, task).items()})
+        else:
+            flat.update({f"{task} {m}": x for m, x in v.items() if m.startswith("R@")})
+    return flat
+
+
+def required_margin(probe_value: float, margin: float) -> float:
+    """How far above the probe's `probe_value` (a recall, F1 or accuracy in [0, 1]) a subject must
+    be: `margin`, or half the probe's remaining headroom where that is smaller (a probe at 0.996
+    leaves 0.4 points; the subject must then close half of them)."""
+    return min(margin, max(0.0, 1.0 - probe_value) / 2)
+
+
+def compare(subject: dict, probe: dict, margin: float) -> dict:
+    """Per family: every judged metric's margin over the probe, what it needed
+    (`required_margin`), and whether all reach it; `min_excess` is the worst delta - required."""
+    out = {}
+    for family, res in subject.items():
+        mine, theirs = headline(res, family), headline(probe.get(family, {}), family)
+        deltas = {m: round(v - theirs[m], 4) for m, v in mine.items() if m in theirs}
+        if deltas:
+            need = {m: round(required_margin(theirs[m], margin), 4) for m in deltas}
+            excess = min(deltas[m] - need[m] for m in deltas)
+            out[family] = {"min_delta": min(deltas.values()), "min_excess": round(excess, 4),
+                           "beats_probe": bool(excess >= -1e-9), "deltas": deltas, "required": need}
+    return out
+
+
+def _probe_features(products: Sequence[Product], towers: ProbeTowers, features: str | Path | None, log=print):
+    """(image, title) probe features of products that have a photo: pooled from a feature cache of
+    the same catalog (`sdk.train.features`, 224 px, all MiniLM layers) when given, else computed."""
+    if features is not None:
+        folder = Path(features)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("image_size", 224) != 224 or meta.get("text_layers", 6) != 6:
+            raise ValueError(f"{folder} caches a student's towers ({meta.get('image_size')} px, "
+                             f"{meta.get('text_layers')} MiniLM layers); the probe reads the full towers")
+        row = {int(i): r for r, i in enumerate(meta["ids"])}
+        missing = [p.id for p in products if p.id not in row]
+        if missing:
+            raise ValueError(f"{folder} holds no features for {len(missing)} products (e.g. id {missing[0]}): "
+                             "it was written for another catalog")
+        rows = np.array([row[p.id] for p in products])
+        deep = np.load(folder / "img_deep.npy", mmap_mode="r")
+        img = np.stack([deep[r].astype(np.float32).mean(0) for r in rows])
+        tok, mask = np.load(folder / "title_tok.npy", mmap_mode="r"), np.load(folder / "title_mask.npy")[rows]
+        m = mask[..., None].astype(np.float32)
+        txt = np.stack([tok[r].astype(np.float32) for r in rows])
+        return img, (txt * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    log(f"probe features: {len(products)} training photos and titles through the frozen towers")
+    return towers.image_features([p.image for p in products]), towers.text_features([p.title for p in products])
+
+
+def _train_probe_on(products: Sequence[Product], split: Split, towers: ProbeTowers, features, probe_cfg: ProbeConfig,
+                    log=print) -> tuple[LinearProbe, dict]:
+    train = [p for p in products if p.image is not None and not split.is_validation(p.id)]
+    img, txt = _probe_features(train, towers, features, log)
+    titles: dict[str, int] = {}
+    key = np.array([titles.setdefault(normalize_title(p.title), len(titles)) for p in train])
+    group = np.array([split.group[p.id] for p in train])
+    return train_probe(img, txt, key, group, towers, probe_cfg, log)
+
+
+def run_suite(catalog: str | Path, subjects: dict[str, Subject], *, ood_subjects: dict[str, Subject] | None = None,
+              cfg: SuiteConfig = SuiteConfig(), probe_cfg: ProbeConfig = ProbeConfig(), towers: ProbeTowers | None = None,
+              features: str | Path | None = None, log=print) -> dict:
+    """Score subjects and the linear probe (trained here) on the catalog's validation split.
+
+    Args:
+        catalog: a catalog folder (items.jsonl + images).
+        subjects: name -> `Subject` (see `load_subject`); "probe" is reserved.
+        ood_subjects: name -> a subject trained with `cfg.holdout` held out (the ood family).
+        towers: the probe's frozen features (default: `FrozenTowers`).
+        features: a feature cache of this catalog to read the probe's training features from.
+
+    Returns:
+        The report (see the module docstring); `report["verdict"][name]["beats_probe"]`.
+    """
+    if "probe" in subjects or "probe" in (ood_subjects or {}):
+        raise ValueError("'probe' names the suite's own linear probe; give the subject another name")
+    t0 = time.time()
+    products = read_catalog(catalog)
+    split = catalog_split(catalog)
+    val = ValidationSet.of([p for p in products if split.is_validation(p.id)], cfg.limit)
+    log(f"validation: {len(val.products)} products, {len(val.with_photo)} with a photo ({split.summary()})")
+    towers = towers or FrozenTowers()
+    if isinstance(getattr(towers, "image", None), MemoImageTower):
+        subjects = {n: share_tower(s, towers.image) for n, s in subjects.items()}
+        ood_subjects = {n: share_tower(s, towers.image) for n, s in (ood_subjects or {}).items()}
+    report: dict = {"format": FORMAT, "catalog": str(catalog), "split": split.summary(),
+                    "validation_products": len(val.products), "validation_photos": int(len(val.with_photo)),
+                    "config": asdict(cfg), "probe": {}, "results": {}, "verdict": {}}
+    probe, report["probe"]["training"] = _train_probe_on(products, split, towers, features, probe_cfg, log)
+    for name, subject in {"probe": probe, **subjects}.items():
+        log(f"scoring {name}")
+        report["results"][name] = score_subject(subject, val, cfg, log=log)
+    if "ood" in cfg.families:
+        report["results"]["probe"]["ood"] = {}
+        try:
+            cats = val.values("master_category", "ood")
+            held = cats == cfg.holdout
+            if not held.any():
+                raise MissingField(f"family 'ood': no validation product is in master category {cfg.holdout!r}")
+        except MissingField as exc:
+            report["ood"] = {"skipped": str(exc)}
+        else:
+            inner = ("cross_modal", "knn", "zero_shot")
+            sub = val.subset(held)
+            kept = [p for p in products if (p.record.get("master_category") or "") != cfg.holdout]
+            ood_probe, report["probe"]["ood_training"] = _train_probe_on(kept, split, towers, features, probe_cfg, log)
+            report["ood"] = {"holdout": cfg.holdout, "products": len(sub.products),
+                             "photos": int(len(sub.with_photo))}
+            for name, subject in {"probe": ood_probe, **(ood_subjects or {})}.items():
+                log(f"scoring {name} inside {cfg.holdout} (trained without it)")
+                res = score_subject(subject, sub, cfg, families=inner, log=log)
+                res.get("cross_modal", {}).pop("old_split", None)
+                report["results"].setdefault(name, {})["ood"] = res
+    for name, res in report["results"].items():
+        if name == "probe":
+            continue
+        fams = compare(res, report["results"]["probe"], cfg.margin)
+        judged = [f for f in cfg.families if headline(report["results"]["probe"].get(f, {}), f)]
+        missing = [f for f in judged if f not in fams]
+        report["verdict"][name] = {"beats_probe": bool(not missing and all(f["beats_probe"] for f in fams.values())),
+                                   "margin": cfg.margin, "not_scored": missing, "families": fams}
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+FAMILY_TITLES = {
+    "cross_modal": "cross-modal",
+    "renditions": "rendition → photo, image only",
+    "zero_shot": "zero-shot prompts",
+    "mm_rendition": "thumbnail + title → photo + title",
+    "knn": "kNN (leave-one-design-out)",
+    "ood": "held-out category",
+}
+
+
+def render_markdown(report: dict) -> str:
+    """The report as a markdown table: every judged metric, the probe first, each subject with its
+    margin over the probe (points), then the verdict and the old split's cross-modal numbers."""
+    results, verdict = report["results"], report.get("verdict", {})
+    names = [n for n in results if n != "probe"]
+    head = "| family | metric | linear probe | " + " | ".join(f"{n} | Δ" for n in names) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(names))]
+    for family in report["config"]["families"]:
+        for metric, base in headline(results["probe"].get(family, {}), family).items():
+            cells = []
+            for n in names:
+                v = headline(results[n].get(family, {}), family).get(metric)
+                cells += ["—", ""] if v is None else [f"{v:.3f}", f"{100 * (v - base):+.1f}"]
+            title = FAMILY_TITLES[family]
+            if family == "ood" and "holdout" in report.get("ood", {}):
+                title = f"held-out category ({report['ood']['holdout']}, trained without it)"
+            lines.append(f"| {title} | {metric} | {base:.3f} | " + " | ".join(cells) + " |")
+    margin = report["config"]["margin"]
+    lines.append("")
+    for n in names:
+        v = verdict.get(n, {})
+        fams = v.get("families", {}).items()
+        worst = min(((f, d.get("min_excess", d["min_delta"] - margin)) for f, d in fams), key=lambda x: x[1], default=None)
+        state = "beats the probe on every family" if v.get("beats_probe") else "does not beat the probe everywhere"
+        extra = (f"; worst family {FAMILY_TITLES[worst[0]]}, {100 * worst[1]:+.1f} points from what it needs"
+                 if worst else "")
+        missing = f"; not scored: {', '.join(v['not_scored'])}" if v.get("not_scored") else ""
+        lines.append(f"- **{n}** {state} (margin {100 * margin:.0f} points{extra}{missing}).")
+    old = {n: r["cross_modal"]["old_split"] for n, r in results.items() if "old_split" in r.get("cross_modal", {})}
+    if old:
+        lines.append("")
+        lines.append("Cross-modal R@1 / R@10 on the old split's validation products (ids ending in 0, "
+                     f"{next(iter(old.values()))['products']} products), for continuity:")
+        for n, o in old.items():
+            lines.append(f"- {n}: title → photo {o['title->photo']['R@1']:.3f} / {o['title->photo']['R@10']:.3f}, "
+                         f"photo → title {o['photo->title']['R@1']:.3f} / {o['photo->title']['R@10']:.3f}")
+    sp = report["split"]
+    lines.append("")
+    lines.append(f"Split {sp['rule']}: {sp['validation']} validation / {sp['train']} training products "
+                 f"({report['validation_photos']} validation photos); probe lr {report['probe']['training']['lr']:g}, "
+                 f"{report['probe']['training']['epochs']} epochs.")
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- suite table: generated by python -m sdk.train.evaluate --render -->", "<!-- end of suite table -->"
+
+
+def write_table(report: dict, path: str | Path) -> Path:
+    """Write the report's table to `path`: between the BEGIN/END markers where the file has them
+    (the rest of the page is kept), else as the whole file."""
+    from sdk.reports import write_marked
+
+    return write_marked(path, BEGIN, END, render_markdown(report))
+
+
+def _named(specs: Sequence[str], what: str) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{what} must be NAME=PATH, got {spec!r}")
+        if name in out or name == "probe":
+            raise SystemExit(f"{what} name {name!r} is {'reserved' if name == 'probe' else 'given twice'}")
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sdk.train.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", help="catalog folder (items.jsonl + images/)")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only render an existing report's table (to --markdown, or printed)")
+    ap.add_argument("--subject", action="append", default=[], metavar="NAME=PATH",
+                    help="an embedder folder or an engine file to score (repeatable)")
+    ap.add_argument("--ood-subject", action="append", default=[], metavar="NAME=PATH",
+                    help="the same recipe trained with --holdout left out (repeatable; NAME pairs it with --subject)")
+    ap.add_argument("--holdout", default=SuiteConfig.holdout, help="master category the ood subjects were trained without")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--features", default=None, help="feature cache of this catalog (sdk.train.features): the "
+                    "probe's training features are pooled from it instead of recomputed")
+    ap.add_argument("--margin", type=float, default=SuiteConfig.margin)
+    ap.add_argument("--min-class", type=int, default=SuiteConfig.min_class)
+    ap.add_argument("--limit", type=int, default=0, help="score only the first N validation products (smoke runs)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads of engine subjects")
+    ap.add_argument("--out", default=None, help="report JSON")
+    ap.add_argument("--markdown", default=None,
+                    help="also write the table here (between the suite-table markers where the page has them)")
+    args = ap.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        if args.markdown:
+            write_table(report, args.markdown)
+        print(render_markdown(report))
+        return
+    if not args.catalog or not args.out:
+        ap.error("--catalog and --out are required (or --render JSON)")
+    subjects, ood = _named(args.subject, "--subject"), _named(args.ood_subject, "--ood-subject")
+    try:
+        cfg = SuiteConfig(min_class=args.min_class, margin=args.margin, holdout=args.holdout, limit=args.limit,
+                          families=tuple(args.families))
+    except ValueError as exc:
+        ap.error(str(exc))
+    report = run_suite(args.catalog, {n: load_subject(p, args.threads) for n, p in subjects.items()},
+                       ood_subjects={n: load_subject(p, args.threads) for n, p in ood.items()}, cfg=cfg,
+                       features=args.features)
+    report["subjects"] = {**subjects, **{f"{n} (ood)": p for n, p in ood.items()}}
+    report["command"] = "python -m sdk.train.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        write_table(report, args.markdown)
+    print(render_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
