@@ -463,10 +463,8 @@ def _gate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-recall-drop", type=float, default=0.01)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moon3", description="moon3-sdk: build, inspect and run product-embedding engines")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _parser_build(sub) -> None:
+    """`moon3 build`."""
     b = sub.add_parser("build", help="build moon3.engine from the trained reference embedder (needs [export])")
     b.add_argument("--out", default="moon3.engine")
     b.add_argument("--precision", choices=("fp32", "fp16", "int8", "int8-static", "auto"), default="int8",
@@ -517,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_build)
 
+
+
+def _parser_validate(sub) -> None:
+    """`moon3 validate`."""
     v = sub.add_parser("validate",
                        help="measure an engine against the FP32 teacher (needs [export]); exit 3 if a gate fails")
     v.add_argument("engine")
@@ -529,11 +531,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, default=0)
     v.set_defaults(func=_cmd_validate)
 
+
+
+def _parser_inspect(sub) -> None:
+    """`moon3 inspect`."""
     i = sub.add_parser("inspect", help="print an engine's manifest: precision, dims, fidelity, parts")
     i.add_argument("engine")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(func=_cmd_inspect)
 
+
+
+def _parser_embed(sub) -> None:
+    """`moon3 embed`."""
     e = sub.add_parser("embed", help="embed catalog records (JSONL: title, image path) into a .npy file")
     e.add_argument("engine")
     e.add_argument("--input", required=True, help="items.jsonl; image paths relative to its folder or --root")
@@ -543,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(e)
     e.set_defaults(func=_cmd_embed)
 
+
+
+def _parser_reason(sub) -> None:
+    """`moon3 reason`."""
     r = sub.add_parser("reason", help="let the engine's reasoner describe a product (photo and/or title)")
     r.add_argument("engine")
     r.add_argument("--image", default=None, help="product photo")
@@ -555,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     r.set_defaults(func=_cmd_reason)
 
+
+
+def _parser_embed_catalog(sub) -> None:
+    """`moon3 embed-catalog`."""
     c = sub.add_parser(
         "embed-catalog",
         help="embed a catalog (JSONL/Parquet: id, title, image) into Parquet shards; resumable (needs [ray])",
@@ -579,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="start over if OUT holds another job")
     c.set_defaults(func=_cmd_embed_catalog)
 
+
+
+def _parser_search(sub) -> None:
+    """`moon3 search`."""
     s = sub.add_parser("search", help="nearest products for text or photo queries, from an index or a catalog folder")
     s.add_argument("engine")
     s.add_argument("--index", default=None, help="vector index folder from `moon3 index build`")
@@ -592,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(s)
     s.set_defaults(func=_cmd_search)
 
+
+
+def _parser_index(sub) -> None:
+    """`moon3 index`."""
     x = sub.add_parser("index", help="vector indexes for `moon3 search` (faiss with `pip install 'moon3-sdk[search]'`)")
     xs = x.add_subparsers(dest="index_cmd", required=True)
     xb = xs.add_parser("build", help="embed a catalog folder and write a vector index",
@@ -615,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(xb, threads_help="ONNX Runtime intra-op and faiss threads")
     xb.set_defaults(func=_cmd_index_build)
 
+
+
+def _parser_bench(sub) -> None:
+    """`moon3 bench`."""
     n = sub.add_parser("bench", help="latency p50/p99, throughput, cold start and peak RSS of an engine (runtime only)")
     n.add_argument("engine")
     n.add_argument("--modality", action="append", choices=("image+text", "text", "image"),
@@ -636,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", default=None, help="write the full report (JSON) here")
     n.set_defaults(func=_cmd_bench)
 
+
+
+def _parser_serve(sub) -> None:
+    """`moon3 serve`."""
     sv = sub.add_parser("serve", help="HTTP embedding server with dynamic batching (needs [serve]; docs/serve.md)",
                         description="Serve an engine over HTTP: POST /v1/embeddings (OpenAI-compatible), /v1/embed "
                         "(photo + title products), /v1/reason; GET /health, /ready, /metrics. Concurrent requests "
@@ -664,6 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                     help="ONNX Runtime intra-op threads (default: physical cores - 1, at least 1; the rest serve HTTP)")
     sv.set_defaults(func=_cmd_serve)
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moon3", description="moon3-sdk: build, inspect and run product-embedding engines")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in (_parser_build, _parser_validate, _parser_inspect, _parser_embed, _parser_reason,
+                _parser_embed_catalog, _parser_search, _parser_index, _parser_bench, _parser_serve):
+        add(sub)
     return ap
 
 
