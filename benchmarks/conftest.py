@@ -56,7 +56,7 @@ def teacher_vectors(request, products):
     # The inputs plus everything that makes the teacher's vectors: weights, model and preprocessing code.
     digest = hashlib.sha256()
     for f in sorted((ROOT / "sdk" / "train" / "weights").glob("embedder*")) + [
-        *(ROOT / "sdk" / "train" / name for name in ("reference.py", "embedder.py", "towers.py")),
+        *(ROOT / "sdk" / "train" / name for name in ("reference.py", "fusion_model.py", "towers.py")),
         ROOT / "sdk" / "preprocess.py",
     ]:
         if f.is_file():

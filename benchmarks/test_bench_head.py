@@ -43,7 +43,7 @@ IMPLS = ["c", "numpy", "onnxruntime"]
 @pytest.fixture(scope="module")
 def model():
     from sdk.paths import WEIGHTS
-    from sdk.train.embedder import load_embedder
+    from sdk.train.fusion_model import load_embedder
 
     return load_embedder(WEIGHTS)
 

@@ -44,7 +44,7 @@ def torch_reasoner():
         pytest.skip(f"no reasoner weights in {WEIGHTS}")
     import torch
 
-    from sdk.train.reasoner import load_reasoner
+    from sdk.train.reasoner_model import load_reasoner
 
     torch.set_num_threads(THREADS)
     return load_reasoner(WEIGHTS)
@@ -60,7 +60,7 @@ def cases() -> list[tuple[str, str]]:
 @pytest.fixture(scope="session")
 def prompts(torch_reasoner, cases) -> list[list[int]]:
     """The cases' token ids, as training encodes them (the runtime's `prompt_ids` is tested equal)."""
-    from sdk.train.reasoner import TASKS, encode_example
+    from sdk.train.reasoner_model import TASKS, encode_example
 
     _, tok = torch_reasoner
     return [encode_example(tok, TASKS[task], None, title)[0] for task, title in cases]

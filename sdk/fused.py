@@ -6,7 +6,7 @@
     fire_residual      FIRE on a block of visual tokens: h += s * sigmoid(w^T GELU(W LN(h))) * MLP(shallow)
     project_normalize  LayerNorm -> projection to the embedding -> Matryoshka truncation -> L2 norm
 
-Each reference mirrors the PyTorch modules of `sdk.train.embedder` (LayerNorm eps 1e-5, exact
+Each reference mirrors the PyTorch modules of `sdk.train.fusion_model` (LayerNorm eps 1e-5, exact
 erf GELU, the same finite mask value), in float32. The compiled kernels agree with the references
 to within `FUSED_ATOL` per element. Like `sdk.ops`, the compiled path is chosen at each call
 (`sdk.ops.HAVE_C`; MOON3_DISABLE_C=1 turns it off) and the reference is the fallback. This module
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default
-NEG = -1e4  # additive mask value of sdk.train.embedder (finite: a fully masked row stays NaN-free)
+NEG = -1e4  # additive mask value of sdk.train.fusion_model (finite: a fully masked row stays NaN-free)
 # Max |compiled - reference| per element, on unit-scale inputs: float32 sums in other orders, and
 # the compiled GELU's erf against the reference's (both within 2e-7 of the exact one).
 FUSED_ATOL = 2e-5
@@ -145,7 +145,7 @@ def fusion_epilogue(q, outs, logits, present, out_w, out_b, ln_w, ln_b, *, out=N
 
 @dataclass(frozen=True)
 class FireParams:
-    """Weights of one FIRE block (`sdk.train.embedder.FIRE`), float32 C-contiguous.
+    """Weights of one FIRE block (`sdk.train.fusion_model.FIRE`), float32 C-contiguous.
 
     norm_w/norm_b (d,); gate_in_w (H, d), gate_in_b (H,); gate_out_w (H,), gate_out_b ();
     mlp_norm_w/mlp_norm_b (Cs,); mlp_in_w (H, Cs), mlp_in_b (H,); mlp_out_w (d, H), mlp_out_b (d,);

@@ -12,7 +12,7 @@ modality, and this head on the CPU:
         -> FFN residual
     `project_normalize` (LayerNorm, projection, Matryoshka truncation, L2 norm)
 
-It computes what `sdk.train.embedder.FusionEmbedder.forward` computes (given the image token
+It computes what `sdk.train.fusion_model.FusionEmbedder.forward` computes (given the image token
 states), in float32; the export check holds the two to cosine >= 0.9999. An absent modality's
 states are never read into the result: its gate weight is exactly 0 and the query start skips it,
 so callers pass zeros for them without running a tower. This module never imports torch.

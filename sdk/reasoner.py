@@ -28,7 +28,7 @@ import numpy as np
 from sdk.embedder import ActiveBackend
 from sdk.errors import EngineError, InvalidInputError
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner too)
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner_model too)
 PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdk.train.embedder import EmbedderConfig, FusionEmbedder
+from sdk.train.fusion_model import EmbedderConfig, FusionEmbedder
 
 VOCAB = 100
 TEXT_DIM = 16
@@ -74,7 +74,7 @@ def tiny_reasoner_export(folder):
     import json
 
     from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
-    from sdk.train.reasoner import Reasoner, ReasonerConfig
+    from sdk.train.reasoner_model import Reasoner, ReasonerConfig
 
     torch.manual_seed(0)
     model = Reasoner(ReasonerConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64, n_visual=4,
@@ -93,6 +93,6 @@ def tiny_reasoner_export(folder):
 
 
 def tiny_reasoner_tokenizer():
-    from sdk.train.reasoner import TASKS, train_tokenizer
+    from sdk.train.reasoner_model import TASKS, train_tokenizer
 
     return train_tokenizer(["red shoe blue shirt black watch title colour", *TASKS.values()] * 5, vocab_size=300)

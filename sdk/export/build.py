@@ -439,7 +439,7 @@ def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool,
     """Export the image completion weights in `folder` -> (manifest section, parts), or (None, {})
     when they were trained against other embedder weights and were not asked for explicitly."""
     from sdk.train.completion import load_completion
-    from sdk.train.embedder import embedder_sha256s
+    from sdk.train.fusion_model import embedder_sha256s
 
     from .bundle import completion_parts
     from .onnx_completion import CompletionExportConfig, export_completion_onnx

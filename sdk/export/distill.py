@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdk.train.embedder import EmbedderConfig, build_embedder, copy_half, load_embedder
+from sdk.train.fusion_model import EmbedderConfig, build_embedder, copy_half, load_embedder
 from sdk.train.towers import image_grid
 from sdk.train.train_embedder import Features, TrainConfig, evaluate, title_keys, train, view_embeddings
 
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tower-lr-scale", type=float, default=TrainConfig.tower_lr_scale,
                     help="learning rate of the fine-tuned tower layers, as a share of --lr")
     args = ap.parse_args(argv)
-    from sdk.train.embedder import MAX_IMAGE_TUNED_BLOCKS
+    from sdk.train.fusion_model import MAX_IMAGE_TUNED_BLOCKS
 
     if args.tune_text_layers is not None and args.tune_text_layers < 0:
         ap.error("--tune-text-layers must be >= 0")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdk.train.reasoner import TASKS, Reasoner, encode_example, load_reasoner
+from sdk.train.reasoner_model import TASKS, Reasoner, encode_example, load_reasoner
 from sdk.train.train_reasoner import TrainConfig, train
 
 from ..paths import REASONER_WEIGHTS

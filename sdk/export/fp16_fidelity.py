@@ -6,8 +6,8 @@
 
 The FP32 originals are read from git (`git show REV:PATH`, the commit before the conversion)
 into a temporary folder, or from the folder given as `--embedder FP16_DIR=FP32_DIR`; the FP16
-copies are the folders given (written by `python -m sdk.train.embedder SRC DST` and
-`python -m sdk.train.reasoner SRC DST`). Both load into FP32 models (`sdk.train.storage`), so the
+copies are the folders given (written by `python -m sdk.train.fusion_model SRC DST` and
+`python -m sdk.train.reasoner_model SRC DST`). Both load into FP32 models (`sdk.train.storage`), so the
 difference is the weights' rounding alone. On the sample products (data/samples; or the
 validation split of `--catalog`):
 

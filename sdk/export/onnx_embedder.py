@@ -49,7 +49,7 @@ PARITY_FORMAT = 1
 EXPORTERS = ("auto", "dynamo", "torchscript")
 OPSET_MIN, OPSET_MAX = 18, 23  # the dynamo exporter's range in torch 2.13
 TORCHSCRIPT_OPSET_MAX = 20
-# modality order of `present`, as in sdk.train.embedder (IMAGE, TEXT, TRACE)
+# modality order of `present`, as in sdk.train.fusion_model (IMAGE, TEXT, TRACE)
 _IMAGE, _TEXT, _TRACE = 0, 1, 2
 # (present image, text, trace) per row of a check batch, cycled: every absence pattern appears
 _PRESENCE_CYCLE = ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
@@ -89,7 +89,7 @@ class EmbedderGraph(nn.Module):
     Args:
         image_tower: module returning (deep, shallow) token maps for (B, 3, H, W) pixels.
         text_encoder: transformers `AutoModel`-style encoder with `last_hidden_state`.
-        fusion: the trained part (`sdk.train.embedder.FusionEmbedder` / `LinearEmbedder`).
+        fusion: the trained part (`sdk.train.fusion_model.FusionEmbedder` / `LinearEmbedder`).
     """
 
     def __init__(self, image_tower: nn.Module, text_encoder: nn.Module, fusion: nn.Module):
@@ -426,7 +426,7 @@ def build_reference_graph(weights_dir: str | Path | None = None) -> nn.Module:
         FileNotFoundError: the fusion weights are missing.
         BackendUnavailableError: a tower's package is not installed.
     """
-    from sdk.train.embedder import load_embedder
+    from sdk.train.fusion_model import load_embedder
     from sdk.train.towers import load_towers
 
     if weights_dir is None:

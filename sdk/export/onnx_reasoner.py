@@ -49,7 +49,7 @@ class VisualGraph(nn.Module):
 class StepGraph(nn.Module):
     """Logits of the last new position and the grown cache; P = 0 reads a whole prompt.
 
-    The decoder layers of `sdk.train.reasoner.Reasoner`, written for export with ONNX Runtime's
+    The decoder layers of `sdk.train.reasoner_model.Reasoner`, written for export with ONNX Runtime's
     fused attention (com.microsoft MultiHeadAttention): one node per attention instead of the
     exporter's reshapes, transposes, mask and concat ops; causal (`unidirectional`) over the cache
     it appends to, and a second one over the layer's visual keys/values (a separate softmax, as in

@@ -31,7 +31,7 @@ def reasoner_section(folder: Path, work: Path, cfg: BuildConfig, log=print) -> t
         GateError: the quantized reasoner failed its gates against the FP32 one and cfg.enforce.
     """
     from sdk.train.eval_reasoner import eval_records
-    from sdk.train.reasoner import TASKS, load_reasoner
+    from sdk.train.reasoner_model import TASKS, load_reasoner
     from sdk.train.towers import load_image_tower
 
     from .bundle import package_reasoner, reasoner_parts
@@ -77,7 +77,7 @@ def build_reasoner_engines(folder: str | Path, out_dir: str | Path, precisions=R
     """Engines holding only the reasoner in `folder`, one per precision (exported once, greedy parity
     checked, then quantized; no gate): `out_dir/reasoner-{precision}.engine`. For benchmarks and
     `python -m sdk.train.eval_reasoner`; `build_engine` is what gates and ships."""
-    from sdk.train.reasoner import TASKS, load_reasoner
+    from sdk.train.reasoner_model import TASKS, load_reasoner
     from sdk.train.towers import load_image_tower
 
     from .bundle import package_reasoner, reasoner_parts

@@ -50,7 +50,7 @@ class HeadConfig:
 
 def fields() -> list[tuple[str, str | None]]:
     """(pair key as `record_attributes` writes it, record field or None for an `attributes` key), in its order."""
-    from sdk.train.reasoner import ATTRIBUTE_KEYS, RECORD_FIELDS
+    from sdk.train.reasoner_model import ATTRIBUTE_KEYS, RECORD_FIELDS
 
     return [(name, f) for f, name in RECORD_FIELDS] + [(k.lower(), None) for k in ATTRIBUTE_KEYS]
 
@@ -82,7 +82,7 @@ class Heads:
 
     def predict(self, x: np.ndarray, thresholds: dict[str, float] | None = None, probs: dict | None = None,
                 max_pairs: int | None = None) -> list[list[tuple]]:
-        from sdk.train.reasoner import MAX_ATTRIBUTES
+        from sdk.train.reasoner_model import MAX_ATTRIBUTES
 
         t = {**self.thresholds, **(thresholds or {})}
         probs = self.probabilities(x) if probs is None else probs
@@ -178,7 +178,7 @@ def tune_thresholds(heads: Heads, x: np.ndarray, records: Sequence[dict], grid: 
 
 def score(pairs: Sequence[Sequence[tuple[str, str]]], records: Sequence[dict]) -> dict:
     """The reasoner's metrics: attribute micro-F1 (pairs) and exact article-type accuracy."""
-    from sdk.train.reasoner import record_attributes
+    from sdk.train.reasoner_model import record_attributes
     from sdk.train.train_reasoner import attribute_f1
 
     golds = [dict(record_attributes(r)) for r in records]

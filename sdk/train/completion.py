@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ..paths import COMPLETION_WEIGHTS, WEIGHTS
 from .catalog import file_sha256
-from .embedder import FFN, IMAGE, TEXT, Attention
+from .fusion_model import FFN, IMAGE, TEXT, Attention
 
 
 @dataclass
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from .embedder import load_embedder
+    from .fusion_model import load_embedder
     from .train_embedder import Features, title_keys
 
     torch.set_num_threads(1)

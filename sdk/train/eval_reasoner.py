@@ -84,7 +84,7 @@ def generate_all(reasoner, records: Sequence[dict], *, max_new_tokens: int = 64,
 
 def score(decode: Callable[[Sequence[int]], str], outputs: dict[str, list[list[int]]], records: Sequence[dict]) -> dict:
     """The model card's metrics of `generate_all` outputs (`decode`: token ids -> text)."""
-    from sdk.train.reasoner import parse_attributes, record_attributes
+    from sdk.train.reasoner_model import parse_attributes, record_attributes
     from sdk.train.train_reasoner import attribute_f1, token_f1
 
     text = {k: [decode(ids) for ids in v] for k, v in outputs.items()}

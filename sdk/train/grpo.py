@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ..paths import REASONER_WEIGHTS, WEIGHTS
 from .catalog import read_catalog
-from .reasoner import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
+from .reasoner_model import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
 from .traces import _rows
 
 
@@ -191,7 +191,7 @@ class TraceScorer:
     def embed(self, rows: list[int], traces: list[str], batch: int = 128) -> torch.Tensor:
         if len(rows) > batch:
             return torch.cat([self.embed(rows[s : s + batch], traces[s : s + batch]) for s in range(0, len(rows), batch)])
-        from .embedder import TEXT, TRACE
+        from .fusion_model import TEXT, TRACE
 
         ids, m = self.text_tok(traces)
         tr = self.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(m)).last_hidden_state
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdk.preprocess import TextTokenizer
 
-    from .embedder import load_embedder
     from .features import TRACE_LEN
+    from .fusion_model import load_embedder
     from .towers import load_text_tower, text_tower_path
     from .train_embedder import Features, embed_rows, recall_at, title_keys
 

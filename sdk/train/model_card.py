@@ -248,7 +248,7 @@ def _traces(reports: dict) -> list[str]:
             lines += _stage3_grpo(reports["grpo"], reports["grpo3"])
     lines += ["Reproduce (after the commands below):", "```bash",
               *[c.format(epochs=tc["epochs"], lr=tc["lr"], warmup=tc["warmup_steps"]) for c in TRACE_CMDS],
-              ".venv/bin/python -m sdk.train.embedder runs/full_trace runs/full_trace_fp16   # fp16 copy", "```", ""]
+              ".venv/bin/python -m sdk.train.fusion_model runs/full_trace runs/full_trace_fp16   # fp16 copy", "```", ""]
     return lines
 
 
@@ -314,7 +314,7 @@ def _stage3_traces(e: dict, score: dict, before: dict, retrained: dict | None = 
             ".venv/bin/python -m sdk.train.train_embedder --features .cache/features --traces .cache/traces3 "
             f"--init sdk/train/weights --epochs {tc['epochs']} --lr {tc['lr']} --warmup-steps {tc['warmup_steps']} "
             "--freeze-image --out runs/full_trace3",
-            ".venv/bin/python -m sdk.train.embedder runs/full_trace3 sdk/train/weights/trace   # fp16 copy",
+            ".venv/bin/python -m sdk.train.fusion_model runs/full_trace3 sdk/train/weights/trace   # fp16 copy",
             "```",
         ]
     lines.append("")
@@ -401,7 +401,7 @@ def _suite(suite: dict | None) -> list[str]:
 
     return ["## Validation suite (leak-free split)",
             "Every task family beside a linear probe over the same frozen towers, trained and measured in",
-            "the same run ([docs/validation.md](../../docs/validation.md) says what each family measures).",
+            "the same run ([docs/validation.md](../../../docs/validation.md) says what each family measures).",
             f"Command: `{suite.get('command', 'python -m sdk.train.evaluate')}`.",
             *[f"These weights are `{name}` in the table." for name, path in suite.get("subjects", {}).items()
               if str(path).rstrip("/") in ("sdk/train/weights", "sdk/train/weights")], "",
@@ -503,7 +503,7 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         ".venv/bin/python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features "
         "--compare-scaling 800",
         *[CMD.format(v=v) for v, _ in VARIANTS],
-        *([".venv/bin/python -m sdk.train.embedder runs/full sdk/train/weights   # stored fp16",
+        *([".venv/bin/python -m sdk.train.fusion_model runs/full sdk/train/weights   # stored fp16",
            ".venv/bin/python -m sdk.export.fp16_fidelity --embedder sdk/train/weights=runs/full "
            "--out docs/results/weights_fp16.json"] if stored["dtype"] != "float32"
           else ["cp runs/full/embedder.* sdk/train/weights/"]),

@@ -23,8 +23,8 @@ from sdk.ops import check_dim, l2_normalize
 from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_image
 
 from ..paths import WEIGHTS
-from .embedder import IMAGE, TEXT, TRACE, load_embedder
 from .features import TITLE_LEN, TRACE_LEN
+from .fusion_model import IMAGE, TEXT, TRACE, load_embedder
 from .towers import load_towers, text_tower_path
 
 

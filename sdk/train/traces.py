@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..paths import REASONER_WEIGHTS
 from .catalog import read_catalog
 from .features import TRACE_LEN
-from .reasoner import EOS, PAD, TASKS, decode, encode_example, load_reasoner, trace_target
+from .reasoner_model import EOS, PAD, TASKS, decode, encode_example, load_reasoner, trace_target
 
 VIEWS = {"photo+title": (True, True), "title": (False, True), "photo": (True, False)}
 ORACLE = "oracle"  # not generated: the SFT target built from the catalog's own fields (an upper bound)

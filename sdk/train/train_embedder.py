@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .catalog import SPLIT_RULE, catalog_split, legacy_is_validation, normalize_title
-from .embedder import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
+from .fusion_model import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
 
 
 @dataclass
@@ -992,7 +992,7 @@ def main(argv: list[str] | None = None) -> None:
         f.load_traces(args.traces, views=args.trace_views)
     init = None
     if args.init:
-        from .embedder import load_embedder
+        from .fusion_model import load_embedder
 
         init = load_embedder(args.init)
     if args.eval_only:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sdk.train.catalog import catalog_split, read_catalog
-from sdk.train.reasoner import (
+from sdk.train.reasoner_model import (
     PAD,
     TASKS,
     Reasoner,
@@ -231,7 +231,7 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
         model.train()
         mcfg = model.cfg
     elif init is not None:  # continue from saved weights (their tokenizer and architecture)
-        from sdk.train.reasoner import load_reasoner
+        from sdk.train.reasoner_model import load_reasoner
 
         model, tok = load_reasoner(init)
         model.train()
@@ -381,7 +381,7 @@ export cannot consume; so the language model is learned from the catalog's own t
 vocabulary and fields, not general English.
 
 ## Training (supervised, answers only)
-Tasks (one instruction template each, `sdk.train.reasoner.TASKS`): captioning (title from photo), category
+Tasks (one instruction template each, `sdk.train.reasoner_model.TASKS`): captioning (title from photo), category
 QA, attribute extraction (`key: value` pairs), attribute QA, free-form QA over record fields, and the
 Think-Then-Embed trace (`<think> the article type is ...; the colour is ... </think> summary`), all built
 from the catalog's fields. {tc.get('epochs')} epochs x {tc.get('tasks_per_item')} task(s) per product, batch

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=TTEConfig.epochs)
     args = ap.parse_args(argv)
 
-    from .embedder import load_embedder
+    from .fusion_model import load_embedder
     from .train_embedder import Features, embed_rows, title_keys
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -194,7 +194,7 @@ def test_built_engine_completes_a_missing_photo_when_the_weights_fit(int8_engine
     from sdk.embedder import Embedder
     from sdk.engine import EngineFile
     from sdk.paths import COMPLETION_WEIGHTS, WEIGHTS
-    from sdk.train.embedder import embedder_sha256s
+    from sdk.train.fusion_model import embedder_sha256s
 
     meta = json.loads((COMPLETION_WEIGHTS / "completion.json").read_text())
     e = Embedder(int8_engine)

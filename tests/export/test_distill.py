@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_training import TINY, write_cache  # noqa: E402
 
 from sdk.export.distill import distill, init_from_teacher, student_config  # noqa: E402
-from sdk.train.embedder import EmbedderConfig, FusionEmbedder, load_embedder  # noqa: E402
+from sdk.train.fusion_model import EmbedderConfig, FusionEmbedder, load_embedder  # noqa: E402
 from sdk.train.train_embedder import Features, TrainConfig, distill_terms, train  # noqa: E402
 
 
@@ -207,7 +207,7 @@ def test_a_minilm_layer_matches_the_towers_layer_on_padded_text():
     """The fine-tunable layer loads a BERT layer's weights by name and gives its output."""
     from tiny_models import VOCAB, tiny_bert
 
-    from sdk.train.embedder import MiniLMLayer
+    from sdk.train.fusion_model import MiniLMLayer
 
     torch.manual_seed(0)
     bert = tiny_bert()

@@ -97,7 +97,7 @@ def test_build_adds_completion_only_for_the_embedder_it_was_trained_against(tmp_
     assert "trained against other embedder weights" in logged[-1] and "built without image completion" in logged[-1]
     with pytest.raises(ExportError, match="re-train them"):
         _completion_section(stale, weights, tmp_path / "w3", explicit=True, log=logged.append)
-    # an fp16 copy of that embedder (sdk.train.embedder.copy_half) still matches: its record names the
+    # an fp16 copy of that embedder (sdk.train.fusion_model.copy_half) still matches: its record names the
     # FP32 file it came from; the engine records the copy's own hash
     half = tmp_path / "half"
     half.mkdir()

@@ -45,7 +45,7 @@ def reasoner_engine(exported, tmp_path_factory):
 
     from sdk.engine import FORMAT_VERSION, write_engine
     from sdk.export.bundle import reasoner_parts
-    from sdk.train.reasoner import TASKS
+    from sdk.train.reasoner_model import TASKS
 
     model, _, paths, parity = exported
     tok = tiny_reasoner_tokenizer()
@@ -61,7 +61,7 @@ def test_sdk_reasoner_generates_what_pytorch_generates(exported, reasoner_engine
 
     from sdk.preprocess import ImagePreprocess, image_to_array
     from sdk.reasoner import Reasoner
-    from sdk.train.reasoner import encode_example
+    from sdk.train.reasoner_model import encode_example
 
     model, tower, _, _ = exported
     path, tok = reasoner_engine
@@ -214,7 +214,7 @@ def test_runtime_still_reads_engines_with_older_cache_layouts(exported, tmp_path
     from sdk.export.onnx_embedder import export_module
     from sdk.export.onnx_reasoner import STEP_PART
     from sdk.reasoner import Reasoner
-    from sdk.train.reasoner import TASKS, encode_example
+    from sdk.train.reasoner_model import TASKS, encode_example
 
     model, _, paths, parity = exported
     c = model.cfg

@@ -112,7 +112,7 @@ def _engine(folder, record, tmp_path, name):
     from tiny_models import tiny_reasoner_tokenizer
 
     from sdk.export.bundle import package_reasoner, reasoner_parts
-    from sdk.train.reasoner import TASKS
+    from sdk.train.reasoner_model import TASKS
 
     section, parts = reasoner_parts(folder, tiny_reasoner_tokenizer().to_str().encode(), tasks=TASKS, max_len=64,
                                     precision=record["precision"], quantization=record)
@@ -155,7 +155,7 @@ def broken_engine(exported, tmp_path_factory):
     from tiny_models import PooledImageTower
 
     from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
-    from sdk.train.reasoner import Reasoner as TorchReasoner
+    from sdk.train.reasoner_model import Reasoner as TorchReasoner
 
     tmp = tmp_path_factory.mktemp("broken")
     torch.manual_seed(5)

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sdk.errors import EngineError  # noqa: E402
-from sdk.train.embedder import EmbedderConfig, FusionEmbedder  # noqa: E402
+from sdk.train.fusion_model import EmbedderConfig, FusionEmbedder  # noqa: E402
 
 
 def _tiny_graph():

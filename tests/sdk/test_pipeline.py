@@ -18,7 +18,7 @@ def engines(tiny_split_engine, tmp_path_factory):
 
     from sdk.engine import EngineFile, write_engine
     from sdk.export.bundle import reasoner_parts
-    from sdk.train.reasoner import TASKS
+    from sdk.train.reasoner_model import TASKS
 
     folder = tmp_path_factory.mktemp("pipe")
     model, tower, paths, parity = tiny_reasoner_export(folder / "r")

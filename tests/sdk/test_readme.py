@@ -76,8 +76,8 @@ def readme_engine(tmp_path_factory):
     from sdk.export.bundle import package_embedder, reasoner_parts
     from sdk.export.onnx_embedder import EmbedderGraph, OnnxExportConfig, export_embedder_onnx
     from sdk.preprocess import ImagePreprocess
-    from sdk.train.embedder import EmbedderConfig, FusionEmbedder
-    from sdk.train.reasoner import TASKS
+    from sdk.train.fusion_model import EmbedderConfig, FusionEmbedder
+    from sdk.train.reasoner_model import TASKS
 
     folder = tmp_path_factory.mktemp("readme")
     before = torch.get_num_threads()
@@ -239,10 +239,12 @@ def test_readme_maps_every_docs_page():
     assert not missing, f"README.md's map of docs/ does not link {missing}"
 
 
-@pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")), ids=lambda p: p.name)
+@pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")) + sorted((REPO / "sdk").rglob("MODEL_CARD.md")),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_docs_links_resolve(page):
-    """A page under docs/ links repository files as ../path; moved text must keep its links working."""
-    assert not _broken_links(page), f"docs/{page.name}: broken links {_broken_links(page)}"
+    """A docs page or a model card links repository files by relative paths; moved text (or a moved
+    folder) must keep its links working."""
+    assert not _broken_links(page), f"{page.relative_to(REPO)}: broken links {_broken_links(page)}"
 
 
 def test_ci_runs_the_readme_test_command():

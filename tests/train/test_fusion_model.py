@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sdk.train.embedder import (  # noqa: E402
+from sdk.train.fusion_model import (  # noqa: E402
     IMAGE,
     TEXT,
     EmbedderConfig,

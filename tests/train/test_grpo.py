@@ -18,7 +18,7 @@ from sdk.train.grpo import (  # noqa: E402
     token_logprobs,
     well_formed,
 )
-from sdk.train.reasoner import END_THINK, EOS, THINK, Reasoner, ReasonerConfig  # noqa: E402
+from sdk.train.reasoner_model import END_THINK, EOS, THINK, Reasoner, ReasonerConfig  # noqa: E402
 
 
 def tiny(seed=0):

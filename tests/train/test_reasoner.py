@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
-from sdk.train.reasoner import (  # noqa: E402
+from sdk.train.reasoner_model import (  # noqa: E402
     BOS,
     END_THINK,
     EOS,

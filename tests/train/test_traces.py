@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sdk.train.reasoner import TASKS, Reasoner, ReasonerConfig, encode_example  # noqa: E402
+from sdk.train.reasoner_model import TASKS, Reasoner, ReasonerConfig, encode_example  # noqa: E402
 from sdk.train.traces import catalog_traces, generate_batch, pooled_hidden  # noqa: E402
 from tests.tiny_models import tiny_reasoner_tokenizer  # noqa: E402
 

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 pytest.importorskip("tqdm")
 
-from sdk.train.reasoner import ReasonerConfig, load_reasoner  # noqa: E402
+from sdk.train.reasoner_model import ReasonerConfig, load_reasoner  # noqa: E402
 from sdk.train.train_reasoner import (  # noqa: E402
     GENERATED_MARK,
     TrainConfig,

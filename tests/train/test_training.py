@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sdk.train.embedder import EmbedderConfig, load_embedder  # noqa: E402
+from sdk.train.fusion_model import EmbedderConfig, load_embedder  # noqa: E402
 from sdk.train.train_embedder import Features, TrainConfig, info_nce, make_batches, train  # noqa: E402
 
 TINY = dict(d_model=32, n_heads=4, image_dim=24, shallow_dim=8, text_dim=16, n_image_tokens=9,
@@ -401,7 +401,7 @@ def test_field_prompts_take_the_training_products_classes(tmp_path, monkeypatch)
 
 def test_prompt_term_rewards_photos_near_their_class_prompt(monkeypatch):
     import sdk.train.train_embedder as te
-    from sdk.train.embedder import build_embedder
+    from sdk.train.fusion_model import build_embedder
 
     torch.manual_seed(0)
     model = build_embedder(EmbedderConfig(**TINY)).eval()
@@ -440,7 +440,7 @@ def test_training_with_the_skip_path_and_prompts(tmp_path, monkeypatch):
 
 def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
     import sdk.train.train_embedder as te
-    from sdk.train.embedder import build_embedder
+    from sdk.train.fusion_model import build_embedder
 
     cache = write_cache(tmp_path / "cache")
     f = Features(cache)
