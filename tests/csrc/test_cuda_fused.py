@@ -494,3 +494,22 @@ EMULATED = {
 @pytest.mark.parametrize("case", list(EMULATED))
 def test_emulated_kernels_match_references(emulated, case):
     EMULATED[case](emulated)
+
+
+@needs_sources
+def test_ctypes_signatures_are_the_headers():
+    """sdk.cuda_ops declares each host entry point's argument types by hand: they must be
+    fused.h's, for the float32 and the float16 variant alike (a pointer of any type is a void*)."""
+    import re
+
+    header = (ROOT / "csrc/cuda/fused.h").read_text()
+    kinds = {"int64_t": ctypes.c_int64, "float": ctypes.c_float}
+    for op, argtypes in cuda_ops._SIGNATURES.items():
+        for suffix in ("", "_f16"):
+            name = f"moon3_cuda_{op}{suffix}_host"
+            decl = re.search(rf"\bint {name}\(([^)]*)\);", header)
+            assert decl, f"fused.h does not declare {name}"
+            params = [" ".join(p.split()) for p in decl.group(1).split(",")]
+            want = [ctypes.c_void_p if "*" in p else kinds[p.split()[-2]] for p in params]
+            assert argtypes == want, f"{name}: sdk.cuda_ops passes {argtypes}, fused.h declares {params}"
+    assert f"#define MOON3_CUDA_ABI_VERSION {cuda_ops.ABI_VERSION}\n" in header
