@@ -47,12 +47,12 @@ from typing import Any, Callable
 import numpy as np
 
 from sdk.errors import BatchError, InvalidInputError, SdkError, TruncationWarning
+from sdk.paths import file_sha256
 
 __all__ = ["CatalogJob", "JobSummary", "Plan", "Shard", "ShardEmbedder", "finalize", "plan", "read_vectors",
            "run_local"]
 
 FORMAT = 1  # of job.json and the shard files
-_READ_CHUNK = 1 << 20
 
 
 def _pyarrow():
@@ -202,14 +202,6 @@ def _scan_jsonl(path: Path, shard_size: int) -> tuple[str, list[Any], list[tuple
     return h.hexdigest(), ids, bounds
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _scan_parquet(path: Path, shard_size: int) -> tuple[str, list[Any], list[tuple[int, int, int, int]]]:
     pa = _pyarrow()
     try:
@@ -220,7 +212,7 @@ def _scan_parquet(path: Path, shard_size: int) -> tuple[str, list[Any], list[tup
     for row, v in enumerate(ids):
         _check_id(v, f"{path} row {row}")
     bounds = [(s, min(s + shard_size, len(ids)), 0, 0) for s in range(0, len(ids), shard_size)]
-    return _file_sha256(path), ids, bounds
+    return file_sha256(path), ids, bounds
 
 
 def _engine_identity(engine: Path) -> tuple[str, int]:

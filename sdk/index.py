@@ -24,7 +24,6 @@ the SHA-256 of every other file), `vectors.npy`, `ids.json` and, for the approxi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -36,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sdk.errors import BackendUnavailableError, IndexFileError, InvalidInputError
+from sdk.paths import file_sha256
 
 FORMAT = "moon3-index"
 FORMAT_VERSION = 1
@@ -132,14 +132,6 @@ def _check_vectors(vectors: Any, dim: int | None, what: str) -> np.ndarray:
     return np.ascontiguousarray(v)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class VectorIndex:
     """Top-k inner-product search over vectors with ids. Build with `build`, or `load` a saved one.
 
@@ -217,7 +209,7 @@ class VectorIndex:
         for name, write in files.items():
             with open(folder / name, "wb") as f:
                 write(f)
-            sums[name] = _sha256_file(folder / name)
+            sums[name] = file_sha256(folder / name)
         from sdk.version import __version__
 
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "count": len(self),
@@ -279,7 +271,7 @@ class VectorIndex:
                 raise IndexFileError(f"{man_path}: the manifest lists no checksum for {name}")
             if not path.is_file():
                 raise IndexFileError(f"{folder}: {name} is missing; the index is incomplete (rebuild it)")
-            if _sha256_file(path) != sums[name]:
+            if file_sha256(path) != sums[name]:
                 raise IndexFileError(f"{path}: checksum mismatch; the index file was modified or corrupted (rebuild it)")
         try:
             v = np.load(folder / "vectors.npy", allow_pickle=False)

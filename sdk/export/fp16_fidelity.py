@@ -64,7 +64,7 @@ def _pair(spec: str, rev: str | None, names: Sequence[str], tmp: Path) -> tuple[
 def _file(path: Path) -> dict:
     from safetensors import safe_open
 
-    from sdk.train.catalog import file_sha256
+    from sdk.paths import file_sha256
     from sdk.train.storage import load_fp32_state
 
     with safe_open(str(path), "pt") as f:

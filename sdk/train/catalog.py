@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ..paths import file_sha256
 
 SPLIT_RULE = "leak-free-v1"  # recorded beside every feature cache and report that used the split
 
@@ -26,15 +27,6 @@ def legacy_is_validation(item_id: int) -> bool:
 def normalize_title(title: str) -> str:
     """A title's design key: lower case, runs of anything but letters and digits become one space."""
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(title).lower()).split())
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..paths import COMPLETION_WEIGHTS, WEIGHTS
-from .catalog import file_sha256
+from ..paths import COMPLETION_WEIGHTS, WEIGHTS, file_sha256
 from .fusion_model import FFN, IMAGE, TEXT, Attention
 
 

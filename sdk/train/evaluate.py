@@ -414,7 +414,7 @@ class ValidationSet:
     def of(cls, products: Sequence[Product], limit: int = 0) -> "ValidationSet":
         from sdk.preprocess import load_image
 
-        from .catalog import file_sha256
+        from ..paths import file_sha256
 
         products = list(products)[: limit or None]
         with_photo = np.array([i for i, p in enumerate(products) if p.image is not None], np.int64)

@@ -30,7 +30,7 @@ FP16_REPORT = RESULTS / "weights_fp16.json"
 def stored_precision(weights: Path = WEIGHTS, report: Path = FP16_REPORT) -> dict:
     """How the shipped teacher weights are stored: {"dtype", "mib"}, plus "fidelity" (the
     `sdk.export.fp16_fidelity` measurement) when `report` measured exactly this file."""
-    from .catalog import file_sha256
+    from ..paths import file_sha256
 
     meta_path, w = weights / "embedder.json", weights / "embedder.safetensors"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

@@ -43,7 +43,7 @@ def write_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> dict
     """
     from safetensors.torch import load_file, save_file
 
-    from .catalog import file_sha256
+    from ..paths import file_sha256
 
     if dtype not in STORED_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(STORED_DTYPES)}, got {dtype!r}")
@@ -75,7 +75,7 @@ def merge_record(meta: dict, record: dict) -> dict:
 def weights_sha256s(path: str | Path, meta: dict | None = None) -> tuple[str, ...]:
     """The SHA-256s that name the weights file `path`: its own and, for a half copy whose JSON
     record `meta` describes exactly this file, the FP32 file it was converted from."""
-    from .catalog import file_sha256
+    from ..paths import file_sha256
 
     own = file_sha256(path)
     meta = meta or {}

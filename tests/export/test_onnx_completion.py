@@ -78,7 +78,7 @@ def test_bad_export_config_is_refused(tmp_path):
 def test_build_adds_completion_only_for_the_embedder_it_was_trained_against(tmp_path):
     from sdk.export.build import BuildConfig, _completion_section
     from sdk.export.onnx_embedder import ExportError
-    from sdk.train.catalog import file_sha256
+    from sdk.paths import file_sha256
     from sdk.train.completion import save_completion
 
     weights = tmp_path / "embedder"

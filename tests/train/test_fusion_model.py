@@ -149,7 +149,7 @@ def test_save_load_roundtrip(tmp_path):
 def test_fp16_copy_loads_into_the_fp32_model_and_keeps_naming_its_source(tmp_path):
     from safetensors import safe_open
 
-    from sdk.train.catalog import file_sha256
+    from sdk.paths import file_sha256
 
     torch.manual_seed(0)
     model = trained_like(FusionEmbedder(EmbedderConfig(**TINY)))

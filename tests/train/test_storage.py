@@ -7,7 +7,7 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sdk.train.catalog import file_sha256  # noqa: E402
+from sdk.paths import file_sha256  # noqa: E402
 from sdk.train.storage import load_fp32_state, merge_record, weights_sha256s, write_half  # noqa: E402
 
 
