@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sdk.errors import SdkError
+from sdk.train.metrics import recall_at_k
 
 from ..paths import SAMPLES, WEIGHTS
 
@@ -62,8 +63,7 @@ def eval_products(catalog, samples, limit: int) -> list[tuple[Path, str]]:
 def recall_at_10(text: np.ndarray, photos: np.ndarray, titles: list[str]) -> float:
     """Text->image R@10 where a hit is a photo whose product has the query's title."""
     keys = np.array([t.strip().lower() for t in titles])
-    top = np.argsort(-(text @ photos.T), axis=1)[:, :10]
-    return float((keys[top] == keys[:, None]).any(1).mean())
+    return recall_at_k(text, photos, keys, keys, ks=(10,))["R@10"]
 
 
 def probe_trace(title: str) -> str:

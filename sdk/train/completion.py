@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from ..paths import COMPLETION_WEIGHTS, WEIGHTS, file_sha256
 from .fusion_model import FFN, IMAGE, TEXT, Attention
+from .metrics import recall_at_k
 
 
 @dataclass
@@ -265,8 +266,7 @@ def evaluate(model, embedder, features, tokens: dict, rows: np.ndarray, keys: np
     k = keys[rows]
 
     def r10(q, g):
-        top = (q @ g.T).topk(10, dim=1).indices.numpy()
-        return float((k[top] == k[:, None]).any(1).mean())
+        return recall_at_k(q, g, k, k, ks=(10,))["R@10"]
 
     return {"cos(completed, real) mean": float((comp * real).sum(-1).mean()),
             "cos(text-only, real) mean": float((text_only * real).sum(-1).mean()),

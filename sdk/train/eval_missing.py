@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .metrics import recall_at_k
+
 RATES = (0.2, 0.5, 0.8)
 SEEDS = (0, 1, 2, 3, 4)
 QUERIES = ("text->mm", "image->mm", "mm->mm")
@@ -94,13 +96,6 @@ def corpus_bleu(candidates: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(candidates, [references]).score)
 
 
-def recall_at(q: torch.Tensor, g: torch.Tensor, keys: np.ndarray) -> tuple[float, float]:
-    """(R@1, R@10) of queries q (Q, D) over gallery g (Q, D), row i of both being product i."""
-    top = (q @ g.T).topk(10, dim=1).indices.numpy()
-    hit = keys[top] == keys[:, None]  # (Q, 10)
-    return float(hit[:, 0].mean()), float(hit.any(1).mean())
-
-
 @torch.no_grad()
 def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, rows: np.ndarray,
              gen_states: tuple[torch.Tensor, torch.Tensor], empty_states: tuple[torch.Tensor, torch.Tensor],
@@ -138,8 +133,8 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
     n = len(rows)
     result: dict = {"products": n, "rates": list(rates), "seeds": list(seeds), "R@10": {}, "R@10 std": {},
                     "R@1": {}, "R@1 std": {},
-                    "full gallery R@10": {q: round(recall_at(v[q], v["real"], k)[1], 4) for q in QUERIES},
-                    "full gallery R@1": {q: round(recall_at(v[q], v["real"], k)[0], 4) for q in QUERIES}}
+                    "full gallery R@10": {q: recall_at_k(v[q], v["real"], k, k)["R@10"] for q in QUERIES},
+                    "full gallery R@1": {q: recall_at_k(v[q], v["real"], k, k)["R@1"] for q in QUERIES}}
     settings = {"image missing": ("completion", "zero-filled", "image dropped"),
                 "title missing": ("generated", "empty", "title dropped")}
     for setting, methods in settings.items():
@@ -152,7 +147,7 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
                         lost = np.random.default_rng(seed).permutation(n)[: int(round(rate * n))]
                         g = v["real"].clone()
                         g[lost] = v[method][lost]
-                        got.append(recall_at(v[q], g, k))
+                        got.append(tuple(recall_at_k(v[q], g, k, k).values()))
                     per_rate.append((np.mean(got, 0), np.std(got, 0)))  # (R@1, R@10) each
                 key = f"{setting} | {method} | {q}"
                 for j, name in enumerate(("R@1", "R@10")):

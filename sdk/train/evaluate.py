@@ -48,6 +48,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .catalog import Product, Split, catalog_split, legacy_is_validation, normalize_title, read_catalog
+from .metrics import recall_at_k, weighted_f1
 
 FORMAT = 1
 FAMILIES = ("cross_modal", "renditions", "zero_shot", "mm_rendition", "knn", "ood")
@@ -94,30 +95,6 @@ RENDITIONS: dict[str, Callable] = {"lowres": _lowres, "jpeg": _jpeg, "crop": _cr
 
 
 # ------------------------------------------------------------------------------------------- metrics
-
-
-def recall_at_k(q: np.ndarray, g: np.ndarray, q_key: np.ndarray, g_key: np.ndarray, ks=(1, 10)) -> dict[str, float]:
-    """Recall@k of L2-normalised queries (Q, D) against a gallery (G, D); a gallery row is relevant
-    when its key equals the query's."""
-    sim = q @ g.T  # (Q, G)
-    kmax = min(max(ks), sim.shape[1])
-    top = np.argpartition(-sim, kmax - 1, axis=1)[:, :kmax]
-    order = np.take_along_axis(sim, top, 1).argsort(1)[:, ::-1]
-    top = np.take_along_axis(top, order, 1)  # (Q, kmax), best first
-    hit = g_key[top] == q_key[:, None]
-    return {f"R@{k}": round(float(hit[:, :k].any(1).mean()), 4) for k in ks}
-
-
-def weighted_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    """F1 per class of `y`, averaged with the classes' support as weights (sklearn's "weighted")."""
-    total, score = len(y), 0.0
-    for c in np.unique(y):
-        tp = float(np.sum((pred == c) & (y == c)))
-        prec = tp / max(1.0, float(np.sum(pred == c)))
-        rec = tp / float(np.sum(y == c))
-        f1 = 0.0 if tp == 0 else 2 * prec * rec / (prec + rec)
-        score += f1 * np.sum(y == c) / total
-    return round(float(score), 4)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

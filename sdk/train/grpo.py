@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from .features import TRACE_LEN
     from .fusion_model import load_embedder
+    from .metrics import recall_at_k
     from .towers import load_text_tower, text_tower_path
-    from .train_embedder import Features, embed_rows, recall_at, title_keys
+    from .train_embedder import Features, embed_rows, title_keys
 
     cfg = GRPOConfig(steps=args.steps)
     torch.manual_seed(cfg.seed)
@@ -290,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         grpo = scorer.embed([int(r) for r in val_rows], texts)
         no_trace = embed_rows(embedder, f, val_rows, image=False, text="title")
         result["validation"] = {
-            "text->image R@10, query without trace": recall_at(no_trace, g, k, k)["R@10"],
-            "text->image R@10, SFT query traces": recall_at(sft, g, k, k)["R@10"],
-            "text->image R@10, GRPO query traces": recall_at(grpo, g, k, k)["R@10"],
+            "text->image R@10, query without trace": recall_at_k(no_trace, g, k, k)["R@10"],
+            "text->image R@10, SFT query traces": recall_at_k(sft, g, k, k)["R@10"],
+            "text->image R@10, GRPO query traces": recall_at_k(grpo, g, k, k)["R@10"],
             "GRPO trace tokens (mean)": float(np.mean(counts)),
             "GRPO traces well formed": float(np.mean([t.startswith("<think>") and "</think>" in t for t in texts])),
             "example": texts[0],

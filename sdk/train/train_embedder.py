@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from .catalog import SPLIT_RULE, catalog_split, legacy_is_validation, normalize_title
 from .fusion_model import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
+from .metrics import recall_at_k
 
 
 @dataclass
@@ -394,14 +395,6 @@ def embed_rows(model, f: Features, rows, *, image: bool, text: str | None, flip:
     return torch.cat(out)
 
 
-def recall_at(q: torch.Tensor, g: torch.Tensor, q_key: np.ndarray, g_key: np.ndarray, ks=(1, 10)) -> dict:
-    """Recall@k where a gallery item is relevant when its key (title group) equals the query's."""
-    sim = q @ g.T
-    top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices.numpy()
-    hit = g_key[top] == q_key[:, None]  # (Q, kmax)
-    return {f"R@{k}": float(hit[:, :k].any(1).mean()) for k in ks}
-
-
 def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, dims=(256,)) -> dict:
     """Validation retrieval; relevance = same id or same title (one design)."""
     img_rows = val_rows[f.has_image[val_rows].numpy().astype(bool)]
@@ -444,7 +437,7 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
         m = lambda e: matryoshka(e, d)  # noqa: E731
         sfx = "" if d == max(dims) else f"@{d}d"
         for name, q, g, qk, gk in tasks:
-            for key, v in recall_at(m(q), m(g), qk, gk).items():
+            for key, v in recall_at_k(m(q), m(g), qk, gk).items():
                 res[f"{name} {key}{sfx}"] = round(v, 4)
     return res
 

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..paths import WEIGHTS
+from .metrics import recall_at_k
 
 VIEWS = ("title", "photo", "photo+title")
 
@@ -96,11 +97,6 @@ def train_head(cfg: TTEConfig, inputs: dict[str, np.ndarray], targets: dict[str,
     return head.eval()
 
 
-def recall_at_10(q: np.ndarray, g: np.ndarray, q_key: np.ndarray, g_key: np.ndarray) -> float:
-    top = np.argsort(-(q @ g.T), axis=1)[:, :10]
-    return float((g_key[top] == q_key[:, None]).any(1).mean())
-
-
 # The held-out score that picks the layer: retrieval with the head on both sides, the TTE_u case
 # the head exists for (the other rows lean on the embedder's gallery).
 SELECT_BY = "text->image R@10 (TTE_u both sides)"
@@ -124,11 +120,15 @@ def scores(head: TTEHead, hidden: dict[str, np.ndarray], emb: dict[str, np.ndarr
     """
     v = {view: head(torch.from_numpy(hidden[view][rows])).detach().numpy() for view in VIEWS}
     k = keys[rows]
+
+    def r10(q, g):
+        return recall_at_k(q, g, k, k, ks=(10,))["R@10"]
+
     return {
-        "text->image R@10 (TTE_u query, embedder gallery)": recall_at_10(v["title"], emb["photo"][rows], k, k),
-        "text->image R@10 (TTE_u both sides)": recall_at_10(v["title"], v["photo"], k, k),
-        "image->text R@10 (TTE_u both sides)": recall_at_10(v["photo"], v["title"], k, k),
-        "mm->mm R@10 (TTE_u query, embedder gallery)": recall_at_10(v["photo+title"], emb["photo"][rows], k, k),
+        "text->image R@10 (TTE_u query, embedder gallery)": r10(v["title"], emb["photo"][rows]),
+        "text->image R@10 (TTE_u both sides)": r10(v["title"], v["photo"]),
+        "image->text R@10 (TTE_u both sides)": r10(v["photo"], v["title"]),
+        "mm->mm R@10 (TTE_u query, embedder gallery)": r10(v["photo+title"], emb["photo"][rows]),
         "cosine to the embedder's vector (title view)": float((v["title"] * emb["title"][rows]).sum(1).mean()),
     }
 
@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
         val = scores(best_head, {v: hidden[v][:, layer] for v in VIEWS}, emb, keys, val_rows)
     k = keys[val_rows]
     two_model = {
-        "text->image R@10 (two models, trace on)": recall_at_10(emb["title"][val_rows], emb["photo"][val_rows], k, k),
-        "image->text R@10 (two models, trace on)": recall_at_10(emb["photo"][val_rows], emb["title"][val_rows], k, k),
+        "text->image R@10 (two models, trace on)": recall_at_k(emb["title"][val_rows], emb["photo"][val_rows], k, k,
+                                                               ks=(10,))["R@10"],
+        "image->text R@10 (two models, trace on)": recall_at_k(emb["photo"][val_rows], emb["title"][val_rows], k, k,
+                                                               ks=(10,))["R@10"],
     }
     result = {"layer": layer, "validation": {**{k2: round(x, 4) for k2, x in val.items()},
                                              **{k2: round(x, 4) for k2, x in two_model.items()}},

@@ -309,10 +309,10 @@ def test_auto_precision_builds_and_records_the_choice(tmp_path, capsys):
 
 @pytest.mark.parametrize("engine_recall, passed", [(0.895, True), (0.8925, False)])
 def test_recall_gate_allows_exactly_its_drop(monkeypatch, engine_recall, passed):
-    import sdk.export.build as build
+    import sdk.export.gates as gates
 
     recalls = iter([0.905, engine_recall])  # teacher, engine: 0.905 - 0.895 is 0.01000000000000001 in floats
-    monkeypatch.setattr(build, "recall_at_10", lambda *a: next(recalls))
+    monkeypatch.setattr(gates, "recall_at_10", lambda *a: next(recalls))
     t = _views()
     rep = fidelity_report(t, t, [f"item {i}" for i in range(30)], FidelityGates(max_recall_drop=0.01))
     assert rep["passed"] is passed

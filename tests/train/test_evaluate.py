@@ -16,11 +16,9 @@ from sdk.train.evaluate import (
     ValidationSet,
     _named,
     load_subject,
-    recall_at_k,
     render_markdown,
     run_suite,
     train_probe,
-    weighted_f1,
 )
 from tests.catalogs import SAMPLES
 
@@ -148,18 +146,6 @@ def test_a_catalog_without_a_field_skips_only_that_family(tmp_path):
     assert "weighted_F1" in zs["article_type"]
     assert "'master_category'" in report["ood"]["skipped"]
     assert "R@10" in report["results"]["probe"]["cross_modal"]["title->photo"]
-
-
-def test_recall_and_weighted_f1():
-    e = np.eye(4, dtype=np.float32)
-    q = np.stack([e[1], e[0], e[2], e[3]])
-    assert recall_at_k(q, e, np.arange(4), np.arange(4), ks=(1, 2)) == {"R@1": 0.5, "R@2": 1.0}
-    # relevance by key: query 0 finds item 1, which shares its key
-    assert recall_at_k(q, e, np.array([0, 0, 2, 3]), np.array([0, 0, 2, 3]), ks=(1,))["R@1"] == 1.0
-    y = np.array(["a", "a", "b", "c"])
-    assert weighted_f1(y, y) == 1.0
-    # a: P=1 R=.5 F=2/3 (w .5); b: P=.5 R=1 F=2/3 (w .25); c: 1 (w .25)
-    assert weighted_f1(y, np.array(["a", "b", "b", "c"])) == pytest.approx(0.5 * 2 / 3 + 0.25 * 2 / 3 + 0.25, abs=1e-4)
 
 
 def test_renditions_degrade_but_keep_the_size():

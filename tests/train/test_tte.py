@@ -11,7 +11,6 @@ from sdk.train.tte import (  # noqa: E402
     TTEConfig,
     TTEHead,
     choose_layer,
-    recall_at_10,
     scores,
     train_head,
 )
@@ -55,14 +54,6 @@ def test_head_output_is_l2_normalised():
     out = head(torch.randn(7, D_IN) * 5)
     assert out.shape == (7, D_OUT)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(7), atol=1e-5, rtol=0)
-
-
-def test_recall_at_10_counts_a_hit_in_the_top_ten():
-    g = np.eye(12, dtype=np.float32)
-    keys = np.arange(12)
-    assert recall_at_10(g, g, keys, keys) == 1.0
-    q = -g  # each query's own item is ranked last of 12
-    assert recall_at_10(q, g, keys, keys) == 0.0
 
 
 def test_training_beats_an_untrained_head_on_held_out_products():
