@@ -106,7 +106,7 @@ def ort_session(graph: bytes):
     (`sdk.embedder.session_kwargs`), with BENCH_THREADS threads."""
     import onnxruntime as ort
 
-    from sdk.embedder import session_kwargs
+    from sdk.sessions import session_kwargs
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS

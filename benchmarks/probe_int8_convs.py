@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from sdk.calib import CalibrationSet, _reader
+    from sdk.calib import CalibrationSet, feeds_reader
     from sdk.engine import EngineFile
 
     work = Path(tempfile.mkdtemp(prefix="moon3-int8conv-"))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for k, (name, (fmt, exclude)) in enumerate(variants.items()):
         dst = work / f"variant{k}.onnx"
-        quantize_static(str(pre), str(dst), _reader(cal.feeds), quant_format=fmt, op_types_to_quantize=["Conv"],
+        quantize_static(str(pre), str(dst), feeds_reader(cal.feeds), quant_format=fmt, op_types_to_quantize=["Conv"],
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax)
         sess = session(dst)

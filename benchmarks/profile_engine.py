@@ -44,8 +44,9 @@ def profile(engine: str, modality: str, batch: int, rounds: int, threads: int) -
     from bench_common import SAMPLES  # the same inputs as the suites
 
     from sdk.bench import load_inputs, make_call
-    from sdk.embedder import Embedder, session_kwargs
+    from sdk.embedder import Embedder
     from sdk.engine import EngineFile
+    from sdk.sessions import session_kwargs
 
     emb = Embedder(engine, threads=threads)
     images, titles, _ = load_inputs(SAMPLES, batch)

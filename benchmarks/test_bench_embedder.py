@@ -29,7 +29,7 @@ _embedders: dict = {}
 
 def _embedder(precision: str, backend: str):
     path = engine_from_env(ENGINE_VARS[precision])
-    from sdk.embedder import available_backends
+    from sdk.sessions import available_backends
 
     if backend not in available_backends():
         pytest.skip(f"backend {backend!r} is not in this onnxruntime build (it has {available_backends()})")

@@ -430,7 +430,7 @@ _budget = _int_at_least(0, "a token budget >= 0")
 
 def _backend_list(text: str) -> list[str]:
     """Parse "cuda,cpu" into ["cuda", "cpu"], names that `sdk.Embedder(providers=...)` accepts."""
-    from sdk.embedder import BACKENDS
+    from sdk.sessions import BACKENDS
 
     names = [n.strip() for n in text.split(",")]
     if not all(names):

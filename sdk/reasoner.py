@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from sdk.embedder import ActiveBackend
 from sdk.errors import EngineError, InvalidInputError
+from sdk.sessions import ActiveBackend
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<think>", "</think>")  # token ids 0..5 (sdk.train.reasoner_model too)
 PAD, BOS, EOS, SEP, THINK, END_THINK = range(len(SPECIALS))
@@ -136,8 +136,8 @@ class Reasoner(ActiveBackend):
 
     def __init__(self, path: str | os.PathLike | EngineFile, threads: int | None = None,
                  providers: str | Sequence[str] | None = None):
-        from sdk.embedder import runtime_backends
         from sdk.engine import EngineFile
+        from sdk.sessions import runtime_backends
 
         names, ort = runtime_backends(providers, threads)
         # Lazy: only the reasoner's parts are read, each verified against its checksum when read.
@@ -150,8 +150,8 @@ class Reasoner(ActiveBackend):
                 engine.close()
 
     def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
-        from sdk.embedder import BACKENDS, _refuse_external_data, session_kwargs
         from sdk.preprocess import ImagePreprocess
+        from sdk.sessions import BACKENDS, refuse_external_data, session_kwargs
 
         self._path = engine.path
         spec = engine.manifest.get("reasoner")
@@ -174,7 +174,7 @@ class Reasoner(ActiveBackend):
             if parts[k] in sessions:
                 continue
             graph = engine.part(parts[k])  # EngineError on a checksum mismatch, before ONNX Runtime sees it
-            _refuse_external_data(graph, self._path, parts[k], ort.__version__)
+            refuse_external_data(graph, self._path, parts[k], ort.__version__)
             try:
                 sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=requested,
                                                           **session_kwargs(requested))

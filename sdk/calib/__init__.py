@@ -96,7 +96,8 @@ class CalibrationSet:
         return cls(feeds, f"{root} ({len(pix)} photos, stratified)", ids)
 
 
-def _reader(feeds: Sequence[Mapping[str, np.ndarray]]):
+def feeds_reader(feeds: Sequence[Mapping[str, np.ndarray]]):
+    """onnxruntime's CalibrationDataReader over a list of named feeds (rewindable)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Feeds(CalibrationDataReader):
@@ -151,7 +152,7 @@ def quantize_static_qdq(src: str | Path, dst: str | Path, calibration: Calibrati
     if method == "percentile":
         extra.update(CalibPercentile=percentile, CalibTensorRangeSymmetric=symmetric)
     quantize_static(
-        str(src), str(dst), None if calibration is None else _reader(calibration.feeds),
+        str(src), str(dst), None if calibration is None else feeds_reader(calibration.feeds),
         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=True,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
         nodes_to_exclude=list(exclude),

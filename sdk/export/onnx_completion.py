@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdk.export.onnx_embedder import PARITY_FORMAT, ExportError, _ort_session, _require, export_module, row_cosine
+from sdk.export.onnx_embedder import PARITY_FORMAT, ExportError, export_module, ort_session, require, row_cosine
 from sdk.version import library_versions
 
 COMPLETION_PART = "completion.onnx"
@@ -100,7 +100,7 @@ def export_completion_onnx(model: nn.Module, cfg: CompletionExportConfig) -> Pat
             written, with "passed": false).
         BackendUnavailableError: onnx or onnxruntime is missing.
     """
-    _require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
+    require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
     from torch.export import Dim
 
     graph = CompletionGraph(model).eval()
@@ -128,7 +128,7 @@ def export_completion_onnx(model: nn.Module, cfg: CompletionExportConfig) -> Pat
 
 def verify_completion(graph: nn.Module, cfg: CompletionExportConfig) -> dict[str, Any]:
     """Per-row cosine and max abs error of the ONNX graph vs PyTorch on cfg.check_batches (a report)."""
-    sess = _ort_session(cfg.path, cfg.num_threads)
+    sess = ort_session(cfg.path, cfg.num_threads)
     dim = int(graph.completion.cfg.text_dim)
     batches, cos_all, failure = [], [], None
     for k, (b, t) in enumerate(cfg.check_batches):

@@ -301,7 +301,7 @@ def verify_embedder_onnx(
             `.report` holds the full report, with "passed": false).
     """
     onnx_path = Path(onnx_path)
-    sess = _ort_session(onnx_path, cfg.num_threads)
+    sess = ort_session(onnx_path, cfg.num_threads)
     if feeds is None:
         vocab = int(graph.text_encoder.config.vocab_size)
         feeds = [
@@ -373,7 +373,7 @@ def export_embedder_onnx(graph: nn.Module, cfg: OnnxExportConfig) -> Path:
             cfg.min_cosine (the report is still written, with "passed": false).
         BackendUnavailableError: onnx or onnxruntime is missing.
     """
-    _require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
+    require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
     graph.eval()
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     example = make_padded_batch(
@@ -441,7 +441,8 @@ def build_reference_graph(weights_dir: str | Path | None = None) -> nn.Module:
 # internals
 
 
-def _require(module: str, hint: str):
+def require(module: str, hint: str):
+    """Import `module`, or raise BackendUnavailableError with `hint` (what to install) when it is missing."""
     import importlib
 
     try:
@@ -450,13 +451,15 @@ def _require(module: str, hint: str):
         raise BackendUnavailableError(hint) from exc
 
 
-def _ort_session(path: Path, num_threads: int):
-    ort = _require("onnxruntime", "the parity check needs onnxruntime: pip install onnxruntime")
+def ort_session(path: Path, num_threads: int):
+    """A CPU onnxruntime session of an exported graph for the export's parity checks, with the
+    runtime's session settings (`sdk.sessions.session_kwargs`)."""
+    ort = require("onnxruntime", "the parity check needs onnxruntime: pip install onnxruntime")
     opts = ort.SessionOptions()
     if num_threads:
         opts.intra_op_num_threads = num_threads
     try:
-        from sdk.embedder import session_kwargs  # the runtime's session settings
+        from sdk.sessions import session_kwargs  # the runtime's session settings
 
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                     **session_kwargs(["CPUExecutionProvider"]))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdk.export.onnx_embedder import ExportError, _ort_session, export_module
+from sdk.export.onnx_embedder import ExportError, export_module, ort_session
 
 VISUAL_PART, STEP_PART = "reasoner_visual.onnx", "reasoner_step.onnx"
 
@@ -165,9 +165,9 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
 def verify_reasoner(image_tower, reasoner, paths, cfg: ReasonerExportConfig, prompts=None) -> dict[str, Any]:
     from sdk.reasoner import OnnxDecoder
 
-    step = _ort_session(paths["decode"], cfg.num_threads)
-    prefill = step if paths["prefill"] == paths["decode"] else _ort_session(paths["prefill"], cfg.num_threads)
-    dec = OnnxDecoder(_ort_session(paths["visual"], cfg.num_threads), prefill, step)
+    step = ort_session(paths["decode"], cfg.num_threads)
+    prefill = step if paths["prefill"] == paths["decode"] else ort_session(paths["prefill"], cfg.num_threads)
+    dec = OnnxDecoder(ort_session(paths["visual"], cfg.num_threads), prefill, step)
     rcfg = reasoner.cfg
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1

@@ -31,10 +31,10 @@ from sdk.export.onnx_embedder import (
     INPUT_NAMES,
     PARITY_FORMAT,
     ExportError,
-    _ort_session,
-    _require,
     export_module,
     make_padded_batch,
+    ort_session,
+    require,
     row_cosine,
 )
 from sdk.version import library_versions
@@ -187,7 +187,7 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
     """
     from sdk.head import FusionHead, image_graph_outputs
 
-    _require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
+    require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
     fusion = graph.fusion
     if not hasattr(fusion, "encode_image") or getattr(fusion.cfg, "variant", "") == "linear":
         raise ExportError("a split engine needs a FusionEmbedder (the 'linear' variant exports as one graph)")
@@ -231,7 +231,7 @@ def split_runner(paths: dict[str, Path], num_threads: int = 0):
     """A `sdk.head.SplitRunner` over exported parts (CPU)."""
     from sdk.head import FusionHead, SplitRunner
 
-    return SplitRunner(_ort_session(Path(paths["image"]), num_threads), _ort_session(Path(paths["text"]), num_threads),
+    return SplitRunner(ort_session(Path(paths["image"]), num_threads), ort_session(Path(paths["text"]), num_threads),
                        FusionHead.from_bytes(Path(paths["head"]).read_bytes(), str(paths["head"])))
 
 

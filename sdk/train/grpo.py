@@ -46,7 +46,7 @@ from tqdm import tqdm
 from ..paths import REASONER_WEIGHTS, WEIGHTS
 from .catalog import read_catalog
 from .reasoner_model import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
-from .traces import _rows
+from .traces import token_rows
 
 
 @dataclass
@@ -84,7 +84,7 @@ def sample(model, prompt: list[int], n: int, max_new_tokens: int, temperature: f
         if bool(done.all()):
             break
         step = nxt[:, None]
-    return _rows(out, lengths), done.tolist()
+    return token_rows(out, lengths), done.tolist()
 
 
 def token_logprobs(model, prompt: list[int], conts: list[list[int]], ended: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,10 +102,11 @@ def generate_batch(model, prompts: list[list[int]], deep: torch.Tensor | None, m
             h.remove()
     if pooled is not None:
         pooled[:] = (sums / seen[:, None, None]).numpy()
-    return _rows(out, lengths)
+    return token_rows(out, lengths)
 
 
-def _rows(out: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+def token_rows(out: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Each row's first `lengths[i]` generated token ids."""
     return [out[i, : int(n)].tolist() for i, n in enumerate(lengths)]
 
 

@@ -22,11 +22,11 @@ def test_greedy_tokens_match_pytorch(exported):
 
 
 def test_runtime_decoder_matches_on_other_prompts_and_reports_speed(exported):
-    from sdk.export.onnx_embedder import _ort_session
+    from sdk.export.onnx_embedder import ort_session
     from sdk.reasoner import OnnxDecoder
 
     model, tower, paths, _ = exported
-    dec = OnnxDecoder(*(_ort_session(paths[k], 1) for k in ("visual", "prefill", "decode")))
+    dec = OnnxDecoder(*(ort_session(paths[k], 1) for k in ("visual", "prefill", "decode")))
     pixels = torch.rand(1, 3, 224, 224) * 2 - 1
     vkv = dec.visual(pixels.numpy())
     with torch.inference_mode():
@@ -108,9 +108,9 @@ def test_sdk_reasoner_bad_input(reasoner_engine, tmp_path):
 def test_reasoner_unknown_or_missing_backend_and_bad_threads(reasoner_engine):
     import onnxruntime as ort
 
-    from sdk.embedder import BACKENDS
     from sdk.errors import BackendUnavailableError
     from sdk.reasoner import Reasoner
+    from sdk.sessions import BACKENDS
 
     path = reasoner_engine[0]
     with pytest.raises(ValueError, match=r"unknown backend 'rocm'; available: \['cpu', 'cuda', 'tensorrt'\]"):

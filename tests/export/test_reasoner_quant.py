@@ -34,10 +34,10 @@ def _quantized(exported, tmp_path, **kw):
 
 
 def _sessions(folder):
-    from sdk.export.onnx_embedder import _ort_session
+    from sdk.export.onnx_embedder import ort_session
     from sdk.reasoner import OnnxDecoder
 
-    return OnnxDecoder(_ort_session(folder / "reasoner_visual.onnx", 1), _ort_session(folder / "reasoner_step.onnx", 1))
+    return OnnxDecoder(ort_session(folder / "reasoner_visual.onnx", 1), ort_session(folder / "reasoner_step.onnx", 1))
 
 
 def _ops(path):

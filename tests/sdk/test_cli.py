@@ -176,7 +176,7 @@ def test_runtime_flags_reach_the_embedder(tiny_engine, tmp_path, spy, command, c
 
 
 def test_a_backend_this_onnxruntime_lacks_is_named(tiny_engine, tmp_path, capsys):
-    from sdk.embedder import available_backends
+    from sdk.sessions import available_backends
 
     if "cuda" in available_backends():
         pytest.skip("this onnxruntime has CUDA")

@@ -395,7 +395,7 @@ def test_unknown_backend_lists_the_available_ones(tiny_engine):
 @pytest.mark.parametrize("name, extra", [("tensorrt", r"moon3-sdk\[gpu,trt\]"), ("cuda", r"moon3-sdk\[gpu\]")])
 def test_backend_missing_from_this_onnxruntime_names_the_extra(tiny_engine, name, extra):
     from sdk import Embedder
-    from sdk.embedder import BACKENDS, available_backends
+    from sdk.sessions import BACKENDS, available_backends
 
     if BACKENDS[name].provider in ort.get_available_providers():
         pytest.skip(f"this onnxruntime has {BACKENDS[name].provider}")
@@ -548,7 +548,7 @@ def test_engine_output_problems_are_not_silent(tiny_engine):
 
 
 def test_cpu_sessions_turn_off_the_slow_skip_layernorm_fusion():
-    from sdk.embedder import session_kwargs
+    from sdk.sessions import session_kwargs
 
     assert session_kwargs(["CPUExecutionProvider"]) == {"disabled_optimizers": ["SkipLayerNormFusion"]}
     assert session_kwargs("CPUExecutionProvider") == session_kwargs(("CPUExecutionProvider",))  # one name as a str
@@ -561,7 +561,7 @@ def test_add_layernorm_gives_what_the_fused_skip_layernorm_gives():
     pytest.importorskip("onnx", reason="builds its graph with onnx (the [export] extra)")
     from onnx import TensorProto, helper, numpy_helper
 
-    from sdk.embedder import session_kwargs
+    from sdk.sessions import session_kwargs
 
     rng = np.random.default_rng(0)
     g, b = rng.random(24).astype(np.float32), rng.random(24).astype(np.float32)

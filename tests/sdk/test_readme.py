@@ -152,7 +152,7 @@ def test_using_an_engine_example_runs(readme_engine, tmp_path, monkeypatch, caps
 def test_backend_comment_shows_a_real_backend_name():
     """The comment on `print(emb.backend, ...)` gives an example value; it must be a name `emb.backend`
     can return (a key of `sdk.embedder.BACKENDS`), not an ONNX Runtime provider name."""
-    from sdk.embedder import BACKENDS
+    from sdk.sessions import BACKENDS
 
     lines = [ln for _, code in section_blocks(README.read_text(encoding="utf-8"), SECTION, "python")
              for ln in code.splitlines() if "print(emb.backend" in ln and "e.g." in ln]
