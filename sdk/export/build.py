@@ -21,13 +21,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from sdk.train.eval_reasoner import ReasonerGates
 
-from ..paths import CALIB, COMPLETION_WEIGHTS, REASONER_WEIGHTS, SAMPLES, WEIGHTS
+from ..paths import COMPLETION_WEIGHTS, REASONER_WEIGHTS, SAMPLES, WEIGHTS
 from .gates import FidelityGates, GateError, embed_views, eval_products, measure_engine
 from .quantize import (
     FP16_KEEP_FP32,
@@ -37,10 +37,10 @@ from .quantize import (
     int8_candidates,
     matmul_scopes,
     quantize_int8,
-    text_layer_groups,
 )
 from .reasoner_build import reasoner_section
 from .reasoner_quant import ReasonerQuantConfig
+from .static_int8 import gate_image_convs, quantize_static_text, static_text_candidates, text_calibration
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 # `precision="auto"` builds these, keeps those that pass the fidelity gates, and picks the fastest
@@ -48,10 +48,6 @@ AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
 AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
 IMAGE_CONVS = ("fp32", "int8")  # the image tower's convolutions in an "int8" split engine
-# Image-convolution candidates: the k convolutions most sensitive to static INT8 (each measured
-# alone) stay FP32; the first k whose engine passes the gates wins, else every convolution stays FP32.
-IMAGE_CONV_LADDER = (0, 2, 4, 8, 16)
-IMAGE_SWEEP_MIN_COSINE = 0.98  # image-token cosine a candidate needs before it is gated end to end
 SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
 
 
@@ -93,7 +89,7 @@ class BuildConfig:
         image_convs: "fp32" keeps the image tower's convolutions in FP32; "int8" (precision
             "int8", split layout) quantizes them statically (per-channel INT8 weights, unsigned
             INT8 activations calibrated on `calib_images` photos), after a sensitivity sweep
-            keeps the most sensitive ones FP32 as `IMAGE_CONV_LADDER` says, each candidate gated
+            keeps the most sensitive ones FP32 as `sdk.export.static_int8.IMAGE_CONV_LADDER` says, each candidate gated
             end to end; when none passes, the convolutions stay FP32.
         calib_images: photos (stratified; the catalog's train split) for the image calibration.
         int8_activations: "per-tensor" (ONNX Runtime's dynamic quantization: one activation scale
@@ -194,6 +190,149 @@ class BuildConfig:
                                    self.reasoner_accuracy_level)
 
 
+@dataclass
+class _Teacher:
+    """The FP32 teacher's vectors of the evaluation products, and what an engine copies from it."""
+
+    products: list[tuple[Path, str]]
+    views: dict[str, np.ndarray]
+    dims: list[int]
+    text_len: int
+    image_pre: Any  # sdk.preprocess.ImagePreprocess: the photo size the fusion model was trained for
+    trace_trained: bool
+
+
+@dataclass
+class _Graphs:
+    """The exported FP32 graphs (the single layout's one graph is `text`), then the build's choices."""
+
+    text: Path
+    image: Path | None
+    head: Path | None
+    parity: dict
+    folded_image: Path | None = None  # an int8 split build's constant-folded FP32 image graph
+
+
+def _measure_teacher(cfg: BuildConfig, weights: Path, log) -> _Teacher:
+    from sdk.train.reference import ReferenceEmbedder
+
+    products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
+    log(f"[1/4] teacher: FP32 reference embedder on {len(products)} evaluation products")
+    teacher = ReferenceEmbedder(weights)
+    return _Teacher(products, embed_views(teacher.embed, products), list(teacher.model.cfg.matryoshka_dims),
+                    teacher.tokenizer.max_length, teacher.preprocess,
+                    bool(teacher.metrics.get("trace_trained", False)))
+
+
+def _export_graphs(cfg: BuildConfig, weights: Path, image_pre, tmp: Path, log) -> _Graphs:
+    from .onnx_embedder import OnnxExportConfig, build_reference_graph, export_embedder_onnx
+    from .onnx_split import SplitExportConfig, export_split_onnx
+
+    graph = build_reference_graph(weights)
+    if cfg.layout == "split":
+        log("[2/4] export: image graph + text graph + head, parity vs PyTorch on padded batches")
+        # The static Q/DQ graph is TensorRT's format: the exporter's plain ops, no com.microsoft ones.
+        paths = export_split_onnx(graph, SplitExportConfig(tmp / "split", image_size=image_pre.size,
+                                                           fused_text=cfg.precision != "int8-static"))
+        parity = json.loads((tmp / "split" / "split.parity.json").read_text())
+        return _Graphs(paths["text"], paths["image"], paths["head"], parity)
+    log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
+    path = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx", image_size=image_pre.size))
+    return _Graphs(path, None, None, json.loads(path.with_suffix(".parity.json").read_text()))
+
+
+def _text_candidates(cfg: BuildConfig, graphs: _Graphs, tokenizer_path: Path, tmp: Path,
+                     log) -> list[tuple[str, Callable[[int, int], Path]]]:
+    """The text-graph candidates in the order the gates try them: (label, make(n, total) -> the
+    candidate's text graph). Converts the split layout's image graph on the way (int8: matmuls
+    dynamic INT8, once; fp16: FP16), in `graphs.image`."""
+    if cfg.precision == "fp32":
+        def fp32(n: int, total: int) -> Path:
+            log("[3/4] quantize: skipped (fp32)")
+            return graphs.text
+
+        return [("fp32", fp32)]
+    if cfg.precision == "fp16":  # split layout only (checked by BuildConfig)
+        graphs.image = convert_fp16(fold_constants(graphs.image, tmp / "image.folded.onnx"), tmp / "image.fp16.onnx")
+
+        def fp16(n: int, total: int) -> Path:
+            log(f"[3/4] convert: FP16 weights and activations ({', '.join(FP16_KEEP_FP32)} in FP32; "
+                "float32 inputs and outputs)")
+            return convert_fp16(fold_constants(graphs.text, tmp / "text.folded.onnx"), tmp / "text.fp16.onnx")
+
+        return [("fp16", fp16)]
+    # The candidates name text-tower modules; in a split engine the image graph (its image-encoder
+    # matmuls) is quantized once, whole, dynamically.
+    scopes = matmul_scopes(graphs.text)
+    folded = fold_constants(graphs.text, tmp / "text.folded.onnx")
+    if cfg.layout == "split":
+        graphs.folded_image = fold_constants(graphs.image, tmp / "image.folded.onnx")
+        graphs.image = quantize_int8(graphs.folded_image, tmp / "image.int8.onnx", activations=cfg.int8_activations)
+    sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
+    if cfg.precision == "int8":
+        listed = int8_candidates(scopes, cfg.smooth_alpha)
+        candidates = [(label, exclude) for label, exclude, _ in listed]
+        if cfg.smooth_alpha is not None:
+            from sdk.calib import smooth_matmul_inputs
+
+            smoothed = tmp / "text.smoothed.onnx"
+            smoothing = smooth_matmul_inputs(folded, smoothed, text_calibration(cfg, tokenizer_path), alpha=cfg.smooth_alpha)
+            log(f"[3/4] SmoothQuant: {smoothing['matmuls']} text-graph matmuls rescaled "
+                f"({smoothing['groups']} inputs, calibrated on {smoothing['calibration']})")
+            sources = {label: smoothed for label, _, smooth in listed if smooth}
+    else:
+        candidates = static_text_candidates(folded, scopes, tokenizer_path, cfg, tmp, log)
+    kind = "static Q/DQ" if cfg.precision == "int8-static" else "dynamic"
+
+    def quantized(label: str, exclude: list[str]) -> Callable[[int, int], Path]:
+        def make(n: int, total: int) -> Path:
+            log(f"[3/4] quantize: INT8 {kind} per channel, candidate {n}/{total}: {label} "
+                f"({len(exclude)} of {len(scopes)} text-graph matmuls fp32)")
+            if cfg.precision == "int8":
+                return quantize_int8(sources.get(label, folded), tmp / f"text.int8.{n}.onnx", exclude,
+                                     activations=cfg.int8_activations)
+            return quantize_static_text(folded, tmp / f"text.qdq.{n}.onnx", exclude, tmp, cfg)
+
+        return make
+
+    return [(label, quantized(label, exclude)) for label, exclude in candidates]
+
+
+def _gate_text_candidates(cfg: BuildConfig, candidates, package, teacher: _Teacher, tmp: Path,
+                          log) -> tuple[Path, dict, list[dict]]:
+    """Package and gate each text-graph candidate in turn until one passes -> (its text graph, its
+    fidelity report, every candidate tried); the last one when none passes."""
+    tried = []
+    for n, (label, make) in enumerate(candidates, 1):
+        graph = make(n, len(candidates))
+        candidate = package(tmp / "candidate.engine", graph)
+        log("[4/4] fidelity: the candidate engine through sdk.Embedder vs the FP32 teacher")
+        report = measure_engine(candidate, teacher.views, teacher.products, cfg.gates, cfg.threads, log)
+        tried.append({"candidate": label, "passed": report["passed"], "failed": report["failed"],
+                      "views": report["views"], "text->image R@10": report["text->image R@10"]})
+        if report["passed"]:
+            break
+    return graph, report, tried
+
+
+def _optional_sections(cfg: BuildConfig, weights: Path, tmp: Path, log) -> tuple[dict, dict, Path | None, Path | None]:
+    """The reasoner and image-completion parts the engine carries -> (manifest sections, parts,
+    reasoner folder, completion folder); a folder is None when its part is left out."""
+    extra, extra_parts = {}, {}
+    rdir = cfg.reasoner_dir()
+    if rdir is not None:
+        extra, extra_parts = reasoner_section(rdir, tmp / "reasoner", cfg, log)
+    cdir = cfg.completion_dir()
+    if cdir is not None:
+        section, parts = _completion_section(cdir, weights, tmp / "completion", explicit=cfg.completion != "auto",
+                                             log=log)
+        if section is not None:
+            extra, extra_parts = {**extra, "completion": section}, {**extra_parts, **parts}
+        else:
+            cdir = None
+    return extra, extra_parts, rdir, cdir
+
+
 def build_engine(cfg: BuildConfig, log=print) -> Path:
     """Build, measure and write the engine described by `cfg`.
 
@@ -206,133 +345,48 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
     """
     if cfg.precision == "auto":
         return build_auto(cfg, log)
-    from sdk.train.reference import ReferenceEmbedder
     from sdk.train.towers import text_tower_path
 
     from .bundle import package_embedder, package_split_embedder
-    from .onnx_embedder import OnnxExportConfig, build_reference_graph, export_embedder_onnx
-    from .onnx_split import SplitExportConfig, export_split_onnx
+    from .trt_ops import parser_report
 
     t0 = time.time()
     weights = Path(cfg.weights or WEIGHTS)
-    products = eval_products(cfg.catalog, cfg.samples, cfg.eval_items)
-    log(f"[1/4] teacher: FP32 reference embedder on {len(products)} evaluation products")
-    teacher = ReferenceEmbedder(weights)
-    teacher_views = embed_views(teacher.embed, products)
-    dims = list(teacher.model.cfg.matryoshka_dims)
-    text_len = teacher.tokenizer.max_length
-    image_pre = teacher.preprocess  # the photo size the fusion model was trained for (224, or a student's)
-    trace_trained = bool(teacher.metrics.get("trace_trained", False))
-    del teacher
+    teacher = _measure_teacher(cfg, weights, log)
     tokenizer_path = text_tower_path() / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_bytes()
     precision = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-dynamic", "int8-static": "int8-static-qdq"}[cfg.precision]
     if cfg.precision == "int8" and cfg.int8_activations == "per-token":
         precision = "int8-dynamic-per-token"
-    common = dict(dim=dims[-1], matryoshka_dims=dims, precision=precision, text_max_length=text_len,
-                  trace_trained=trace_trained, image=image_pre)
+    common = dict(dim=teacher.dims[-1], matryoshka_dims=teacher.dims, precision=precision,
+                  text_max_length=teacher.text_len, trace_trained=teacher.trace_trained, image=teacher.image_pre)
     with tempfile.TemporaryDirectory(prefix="moon3-build-") as tmp:
         tmp = Path(tmp)
-        graph = build_reference_graph(weights)
-        if cfg.layout == "split":
-            log("[2/4] export: image graph + text graph + head, parity vs PyTorch on padded batches")
-            # The static Q/DQ graph is TensorRT's format: the exporter's plain ops, no com.microsoft ones.
-            paths = export_split_onnx(graph, SplitExportConfig(tmp / "split", image_size=image_pre.size,
-                                                               fused_text=cfg.precision != "int8-static"))
-            parity = json.loads((tmp / "split" / "split.parity.json").read_text())
-            text_graph, image_graph = paths["text"], paths["image"]
-        else:
-            log("[2/4] export: one ONNX graph (towers + fusion), parity vs PyTorch on padded batches")
-            text_graph = export_embedder_onnx(graph, OnnxExportConfig(tmp / "embedder.onnx", image_size=image_pre.size))
-            parity = json.loads(text_graph.with_suffix(".parity.json").read_text())
-        del graph
-        if cfg.precision.startswith("int8"):
-            # The candidates name text-tower modules; in a split engine the image graph (its
-            # image-encoder matmuls) is quantized once, whole, dynamically.
-            scopes = matmul_scopes(text_graph)
-            folded = fold_constants(text_graph, tmp / "text.folded.onnx")
-            if cfg.layout == "split":
-                folded_image = fold_constants(image_graph, tmp / "image.folded.onnx")
-                image_graph = quantize_int8(folded_image, tmp / "image.int8.onnx", activations=cfg.int8_activations)
-        sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
-        if cfg.precision == "int8":
-            listed = int8_candidates(scopes, cfg.smooth_alpha)
-            candidates = [(label, exclude) for label, exclude, _ in listed]
-            if cfg.smooth_alpha is not None:
-                from sdk.calib import smooth_matmul_inputs
-
-                smoothed = tmp / "text.smoothed.onnx"
-                smoothing = smooth_matmul_inputs(folded, smoothed, _calibration(cfg, tokenizer_path),
-                                                 alpha=cfg.smooth_alpha)
-                log(f"[3/4] SmoothQuant: {smoothing['matmuls']} text-graph matmuls rescaled "
-                    f"({smoothing['groups']} inputs, calibrated on {smoothing['calibration']})")
-                sources = {label: smoothed for label, _, smooth in listed if smooth}
-        elif cfg.precision == "int8-static":
-            candidates = _static_candidates(folded, scopes, tokenizer_path, cfg, tmp, log)
-        else:
-            candidates = [(cfg.precision, [])]
-        if cfg.precision == "fp16":  # split layout only (checked by BuildConfig)
-            image_graph = convert_fp16(fold_constants(image_graph, tmp / "image.folded.onnx"), tmp / "image.fp16.onnx")
+        graphs = _export_graphs(cfg, weights, teacher.image_pre, tmp, log)
+        candidates = _text_candidates(cfg, graphs, tokenizer_path, tmp, log)
 
         def package(out: Path, graph: Path, image: Path | None = None, **extra) -> Path:
-            if cfg.layout == "split":  # with `image_graph`, or the given image graph
-                return package_split_embedder(out, (image or image_graph).read_bytes(), graph.read_bytes(),
-                                              paths["head"].read_bytes(), tokenizer_json, **common, **extra)
+            if cfg.layout == "split":  # with the chosen image graph, or the given one
+                return package_split_embedder(out, (image or graphs.image).read_bytes(), graph.read_bytes(),
+                                              graphs.head.read_bytes(), tokenizer_json, **common, **extra)
             return package_embedder(out, graph.read_bytes(), tokenizer_json, **common, **extra)
 
-        tried = []
-        for n, (label, exclude) in enumerate(candidates, 1):
-            if cfg.precision.startswith("int8"):
-                kind = "static Q/DQ" if cfg.precision == "int8-static" else "dynamic"
-                log(f"[3/4] quantize: INT8 {kind} per channel, candidate {n}/{len(candidates)}: {label} "
-                    f"({len(exclude)} of {len(scopes)} text-graph matmuls fp32)")
-                if cfg.precision == "int8":
-                    graph = quantize_int8(sources.get(label, folded), tmp / f"text.int8.{n}.onnx", exclude,
-                                          activations=cfg.int8_activations)
-                else:
-                    graph = _quantize_static(folded, tmp / f"text.qdq.{n}.onnx", exclude, tmp, cfg)
-            elif cfg.precision == "fp16":
-                log(f"[3/4] convert: FP16 weights and activations ({', '.join(FP16_KEEP_FP32)} in FP32; "
-                    "float32 inputs and outputs)")
-                graph = convert_fp16(fold_constants(text_graph, tmp / "text.folded.onnx"), tmp / "text.fp16.onnx")
-            else:
-                log("[3/4] quantize: skipped (fp32)")
-                graph = text_graph
-            candidate = package(tmp / "candidate.engine", graph)
-            log("[4/4] fidelity: the candidate engine through sdk.Embedder vs the FP32 teacher")
-            report = measure_engine(candidate, teacher_views, products, cfg.gates, cfg.threads, log)
-            tried.append({"candidate": label, "passed": report["passed"], "failed": report["failed"],
-                          "views": report["views"], "text->image R@10": report["text->image R@10"]})
-            if report["passed"]:
-                break
+        graph, report, tried = _gate_text_candidates(cfg, candidates, package, teacher, tmp, log)
         if cfg.image_convs == "int8" and cfg.precision == "int8":
             if report["passed"]:  # the passing text graph with each image-graph candidate
-                image_graph, report = _gate_image_convs(
-                    folded_image, image_graph, lambda image: package(tmp / "candidate.engine", graph, image=image),
-                    report, teacher_views, products, image_pre, cfg, tmp, log)
+                graphs.image, report = gate_image_convs(
+                    graphs.folded_image, graphs.image, lambda image: package(tmp / "candidate.engine", graph, image=image),
+                    report, teacher.views, teacher.products, teacher.image_pre, cfg, tmp, log)
             else:
                 log("      image convolutions: not tried, no text-graph candidate passed the gates")
                 report["image_convolutions"] = "fp32 (not tried: the text graph failed the gates)"
-        extra, extra_parts = {}, {}
-        rdir = cfg.reasoner_dir()
-        if rdir is not None:
-            extra, extra_parts = reasoner_section(rdir, tmp / "reasoner", cfg, log)
-        cdir = cfg.completion_dir()
-        if cdir is not None:
-            section, parts = _completion_section(cdir, weights, tmp / "completion", explicit=cfg.completion != "auto",
-                                                 log=log)
-            if section is not None:
-                extra, extra_parts = {**extra, "completion": section}, {**extra_parts, **parts}
-            else:
-                cdir = None
+        extra, extra_parts, rdir, cdir = _optional_sections(cfg, weights, tmp, log)
         report["candidate"] = tried[-1]["candidate"]
         # not a gate: whether TensorRT's ONNX parser would read these graphs (sdk.export.trt_ops)
-        from .trt_ops import parser_report
-
-        graphs = {"text": graph, **({"image": image_graph} if cfg.layout == "split" else {})}
-        report["tensorrt_parser"] = parser_report(graphs)
+        report["tensorrt_parser"] = parser_report({"text": graph, **({"image": graphs.image} if cfg.layout == "split"
+                                                                     else {})})
         report["candidates_tried"] = tried
-        report["onnx_parity"] = {k: parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
+        report["onnx_parity"] = {k: graphs.parity.get(k) for k in ("min_cosine", "mean_cosine", "max_abs_err", "rows")}
         report["eval_source"] = str(cfg.catalog or cfg.samples)
         if not report["passed"]:
             msg = f"engine failed its fidelity gates: {'; '.join(report['failed'])}"
@@ -464,126 +518,4 @@ def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool,
                                       parity={k: parity.get(k) for k in ("min_cosine", "max_abs_err", "rows")})
     return section, parts
 
-
-def _calibration(cfg: BuildConfig, tokenizer_path: Path):
-    from sdk.calib import CalibrationSet
-
-    return CalibrationSet.text_from_catalog(Path(calibration_root(cfg)), tokenizer_path, n=cfg.calib_items)
-
-
-def calibration_root(cfg: BuildConfig) -> Path:
-    """Where the build's text calibration titles come from (see `BuildConfig.calib_titles`)."""
-    if cfg.catalog:
-        return Path(cfg.catalog)
-    if cfg.calib_titles is not None:
-        return Path(cfg.calib_titles)
-    repo = Path(cfg.samples).resolve() == SAMPLES.resolve()
-    return CALIB if repo and (CALIB / "items.jsonl").is_file() else Path(cfg.samples)
-
-
-def _static_candidates(folded: Path, scopes: dict[str, str], tokenizer_path: Path, cfg: BuildConfig, tmp: Path, log):
-    """Static INT8 candidates: the sublayers most sensitive to quantization return to FP32 first."""
-    from sdk.calib import sensitivity_sweep
-
-    cal = _calibration(cfg, tokenizer_path)
-    log(f"[3/4] calibrate: {cfg.calib_method} on {cal.source}; sensitivity of each text sublayer alone")
-    groups = text_layer_groups(scopes)
-
-    def mean_tokens(y, feed):  # token states -> masked mean per title (what the head pools)
-        m = feed["attention_mask"][..., None].astype(np.float64)
-        return (y * m).sum(1) / np.maximum(m.sum(1), 1.0)
-
-    ranking = sensitivity_sweep(folded, groups, cal, tmp / "sweep", method=cfg.calib_method,
-                                cache=tmp / "text.calib.json", reduce=mean_tokens, log=log)
-    out = []
-    for k in sorted({0, 1, 2, 4, 8, 12, len(ranking)}):
-        if k <= len(ranking):
-            keep = [name for name, _ in ranking[:k]]
-            label = ("all static" if not k else "text graph fp32" if k == len(ranking)
-                     else f"{k} most sensitive fp32 ({', '.join(keep)})")
-            out.append((label, sorted(n for g in keep for n in groups[g])))
-    return out
-
-
-def _quantize_static(folded: Path, dst: Path, exclude: list[str], tmp: Path, cfg: BuildConfig) -> Path:
-    from sdk.calib import quantize_static_qdq
-
-    return quantize_static_qdq(folded, dst, None, method=cfg.calib_method, exclude=exclude, cache=tmp / "text.calib.json")
-
-
-def _image_conv_candidates(folded: Path, cfg: BuildConfig, image_pre, tmp: Path,
-                           log) -> tuple[Iterator[tuple[str, list[str], float, Path]], list[tuple[str, float]]]:
-    """Static INT8 candidates for the image tower's convolutions: a sensitivity sweep (each
-    convolution quantized alone, image-token cosine to FP32 on the calibration photos), then one
-    candidate per `IMAGE_CONV_LADDER` step with the k most sensitive kept FP32.
-
-    Returns:
-        (candidates, ranking): an iterator of (label, FP32 convolution names, image-token cosine,
-        the candidate's Q/DQ graph) per ladder step, fewest FP32 convolutions first, each
-        quantized and measured only when the iteration reaches it (the gate stops at the first
-        that passes); and (convolution, image-token cosine quantized alone), most sensitive first.
-    """
-    import onnx
-
-    from sdk.calib import CalibrationSet, output_cosine, quantize_static_qdq, sensitivity_sweep
-
-    root = Path(cfg.catalog or cfg.samples)
-    cal = CalibrationSet.image_from_catalog(root, n=cfg.calib_images, image=image_pre)
-    convs = [n.name for n in onnx.load(str(folded), load_external_data=False).graph.node if n.op_type == "Conv"]
-    log(f"[3/4] image convolutions: {cfg.calib_method} calibration on {cal.source}; sensitivity of each of "
-        f"{len(convs)} convolutions alone")
-    quant = dict(method=cfg.calib_method, cache=tmp / "image.calib.json", op_types=["Conv"], symmetric=False)
-    ranking = sensitivity_sweep(folded, {c: [c] for c in convs}, cal, tmp / "image.sweep", log=lambda *_: None, **quant)
-    worst = ", ".join(f"{n} {c:.4f}" for n, c in ranking[:4])
-    log(f"      most sensitive: {worst}")
-
-    def candidates():
-        for k in IMAGE_CONV_LADDER:
-            if k >= len(convs):
-                return
-            keep = [name for name, _ in ranking[:k]]
-            dst = quantize_static_qdq(folded, tmp / f"image.qdq.{k}.onnx", None, exclude=keep, **quant)
-            cos = output_cosine(folded, dst, cal.feeds)
-            label = f"image convolutions int8, {k} most sensitive fp32" if k else "image convolutions all int8"
-            log(f"      {label}: image-token cosine {cos:.5f}")
-            yield label, keep, cos, dst
-
-    return candidates(), ranking
-
-
-def _gate_image_convs(folded: Path, fallback: Path, package, report: dict, teacher_views: dict, products,
-                      image_pre, cfg: BuildConfig, tmp: Path, log) -> tuple[Path, dict]:
-    """Gate the image-convolution candidates end to end with the passing text graph.
-
-    Args:
-        folded: the constant-folded FP32 image graph; fallback: the image graph that passed
-            (convolutions FP32, matmuls dynamic INT8); package: image graph -> candidate engine.
-        report: the passing fidelity report of `fallback`.
-
-    Returns:
-        (image graph, its fidelity report): the first candidate that passes, else `fallback`;
-        the report's "image_candidates_tried" lists every candidate gated and why it lost.
-    """
-    tried = []
-    candidates, ranking = _image_conv_candidates(folded, cfg, image_pre, tmp, log)
-    sensitivity = [[name, round(cos, 6)] for name, cos in ranking]
-    for n, (label, keep, cos, static) in enumerate(candidates, 1):
-        if cos < IMAGE_SWEEP_MIN_COSINE:  # too far off to be worth a gate run
-            tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
-                          "passed": False, "failed": [f"not gated: image-token cosine {cos:.4f} < "
-                                                      f"{IMAGE_SWEEP_MIN_COSINE}"]})
-            continue
-        # + the matmuls dynamic INT8, as before
-        image = quantize_int8(static, tmp / f"image.cand.{n}.int8.onnx", activations=cfg.int8_activations)
-        log(f"[4/4] fidelity: {label} (image-token cosine {cos:.5f}), through sdk.Embedder vs the FP32 teacher")
-        rep = measure_engine(package(image), teacher_views, products, cfg.gates, cfg.threads, log)
-        tried.append({"candidate": label, "fp32_convolutions": keep, "image_token_cosine": round(cos, 6),
-                      "passed": rep["passed"], "failed": rep["failed"]})
-        if rep["passed"]:
-            rep.update(image_candidates_tried=tried, image_convolutions=label, image_sensitivity=sensitivity)
-            return image, rep
-    log("      no image-convolution candidate passed: the convolutions stay FP32")
-    report.update(image_candidates_tried=tried, image_convolutions="fp32 (no INT8 candidate passed)",
-                  image_sensitivity=sensitivity)
-    return fallback, report
 

@@ -91,13 +91,13 @@ def _tiny_conv_graph(path: Path) -> Path:
 def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypatch):
     import onnx
 
-    from sdk.export import build
+    from sdk.export import static_int8
     from sdk.preprocess import ImagePreprocess
 
     folded = _tiny_conv_graph(tmp_path / "image.onnx")
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8", calib_images=16, calib_method="minmax")
     lines = []
-    cands, ranking = build._image_conv_candidates(folded, cfg, ImagePreprocess(size=16), tmp_path, lines.append)
+    cands, ranking = static_int8.image_conv_candidates(folded, cfg, ImagePreprocess(size=16), tmp_path, lines.append)
     assert not list(tmp_path.glob("image.qdq.*.onnx"))  # candidates are quantized only when reached
     cands = list(cands)
     assert sorted(n for n, _ in ranking) == ["conv_0", "conv_1", "conv_2"]
@@ -116,21 +116,21 @@ def test_image_conv_candidates_follow_the_sensitivity_ladder(tmp_path, monkeypat
 
 
 def test_image_conv_gate_takes_the_first_candidate_that_passes(tmp_path, monkeypatch):
-    from sdk.export import build
+    from sdk.export import static_int8
 
     cands = [("cand far off", [], 0.5, tmp_path / "q.onnx")]  # below IMAGE_SWEEP_MIN_COSINE: recorded, not gated
     cands += [(f"cand {k}", [f"conv_{i}" for i in range(k)], 0.99, tmp_path / f"q{k}.onnx") for k in (0, 2)]
-    monkeypatch.setattr(build, "_image_conv_candidates", lambda *a: (cands, [("conv_1", 0.9), ("conv_0", 0.95)]))
-    monkeypatch.setattr(build, "quantize_int8", lambda src, dst, **kw: dst)
+    monkeypatch.setattr(static_int8, "image_conv_candidates", lambda *a: (cands, [("conv_1", 0.9), ("conv_0", 0.95)]))
+    monkeypatch.setattr(static_int8, "quantize_int8", lambda src, dst, **kw: dst)
     packaged = []
     cfg = BuildConfig(out=tmp_path / "x.engine", image_convs="int8")
     fallback, before = tmp_path / "fp32.onnx", {"passed": True, "failed": []}
 
     def gate(results):
         it = iter(results)
-        monkeypatch.setattr(build, "measure_engine", lambda engine, *a: {"passed": (ok := next(it)),
+        monkeypatch.setattr(static_int8, "measure_engine", lambda engine, *a: {"passed": (ok := next(it)),
                                                                           "failed": [] if ok else ["cosine mean"]})
-        return build._gate_image_convs(tmp_path / "f.onnx", fallback, lambda img: packaged.append(img) or img,
+        return static_int8.gate_image_convs(tmp_path / "f.onnx", fallback, lambda img: packaged.append(img) or img,
                                        dict(before), {}, [], None, cfg, tmp_path, lambda *_: None)
 
     image, report = gate([False, True])
@@ -336,7 +336,7 @@ def test_int8_candidates_quantize_the_smoothed_graph_until_the_text_tower_is_fp3
 
 def test_text_calibration_uses_the_shipped_train_split_titles_by_default(tmp_path):
     from sdk.calib import CalibrationSet
-    from sdk.export.build import calibration_root
+    from sdk.export.static_int8 import calibration_root
     from sdk.paths import CALIB, SAMPLES
     from sdk.train.catalog import Split, legacy_is_validation, normalize_title, read_catalog
 
