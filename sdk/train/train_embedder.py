@@ -42,6 +42,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -118,6 +119,8 @@ class TrainConfig:
     # and gender among short class prompts ("a {type} item", "{colour} coloured", "for {gender}")
     # embedded by the model's own title path, so field words and photos share directions
     prompt_weight: float = 0.0
+    # the fields of `PROMPT_FIELDS` the prompt term uses, comma-separated
+    prompt_fields: str = "article_type,base_colour,gender"
     # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
     cross_modal_weight: float = 1.0
     # decay per step of an exponential moving average of the weights; when > 0 the average is what
@@ -155,6 +158,9 @@ class TrainConfig:
             raise ValueError(f"skip_init must be 'zero' or 'probe', got {self.skip_init!r}")
         if not 0.0 <= self.skip_lr_scale <= 1.0:
             raise ValueError(f"skip_lr_scale must be in [0, 1], got {self.skip_lr_scale}")
+        unknown = sorted(set(self.prompt_fields.split(",")) - set(PROMPT_FIELDS))
+        if unknown or not self.prompt_fields:
+            raise ValueError(f"prompt_fields: {unknown or 'none given'}; the fields are {sorted(PROMPT_FIELDS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -486,6 +492,7 @@ PROMPT_FIELDS = {  # field -> training templates (the validation suite's zero-sh
     "article_type": ("a {} item", "{} for sale"),
     "base_colour": ("{} coloured", "in {}"),
     "gender": ("for {}", "{} style"),
+    "brand": ("by {}", "a {} product"),
 }
 PROMPT_MIN_ROWS = 5  # a class is prompted when at least this many training products have it
 
@@ -502,13 +509,15 @@ class FieldPrompts:
     classes: list[str]
 
 
-def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarray) -> list[FieldPrompts]:
-    """The prompt term's classes: per field of `PROMPT_FIELDS`, the values at least
+def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarray,
+                  fields: Sequence[str] = ("article_type", "base_colour", "gender")) -> list[FieldPrompts]:
+    """The prompt term's classes: per field (of `PROMPT_FIELDS`), the values at least
     `PROMPT_MIN_ROWS` training products have, their prompts run through the frozen text tower."""
     if catalog is None:
         raise ValueError("prompt_weight needs the catalog (its product fields)")
     out = []
-    for name, templates in PROMPT_FIELDS.items():
+    for name in fields:
+        templates = PROMPT_FIELDS[name]
         vals = np.array([str(v or "").strip() for v in _row_values(f, catalog, lambda p, n=name: p.record.get(n))],
                         dtype=object)
         counts = Counter(vals[train_rows])
@@ -519,7 +528,7 @@ def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarra
         states, mask = prompt_states([t.format(c.lower()) for c in classes for t in templates])
         out.append(FieldPrompts(name, states, mask, np.array([index.get(v, -1) for v in vals]), classes))
     if not out:
-        raise ValueError(f"prompt_weight: no field of {sorted(PROMPT_FIELDS)} has two classes with "
+        raise ValueError(f"prompt_weight: no field of {sorted(fields)} has two classes with "
                          f">= {PROMPT_MIN_ROWS} training products")
     return out
 
@@ -726,7 +735,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
             model.skip_text.set_stats(*(text_stats or title_stats(f, train_rows)))
     elif cfg.skip_init != "zero":
         raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
-    prompts = field_prompts(f, catalog, train_rows) if cfg.prompt_weight else []
+    prompts = field_prompts(f, catalog, train_rows, cfg.prompt_fields.split(",")) if cfg.prompt_weight else []
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     n_params = sum(p.numel() for p in model.parameters())
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
@@ -947,6 +956,7 @@ VIEW_FLAGS = {
     "skip_init": "how a skip-path model starts: 'zero' or 'probe' (the suite's linear probe, trained here)",
     "skip_lr_scale": "learning rate of the skip maps as a share of --lr (0: they stay as they start)",
     "prompt_weight": "weight of the term where each photo picks its type, colour and gender among class prompts",
+    "prompt_fields": f"comma-separated fields of the prompt term, of {','.join(PROMPT_FIELDS)}",
     "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
 }
 

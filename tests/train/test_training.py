@@ -345,8 +345,8 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
     cache = write_cache(tmp_path / "cache")
     seen = {}
     monkeypatch.setattr(te, "train", lambda model_cfg, cfg, *a, **kw: seen.setdefault("cfg", cfg) and {"final": {}})
-    flags = {name: 0.25 + i / 100 for i, name in enumerate(te.VIEW_FLAGS) if name != "skip_init"}
-    flags["skip_init"] = "probe"
+    flags = {name: 0.25 + i / 100 for i, name in enumerate(te.VIEW_FLAGS) if name not in ("skip_init", "prompt_fields")}
+    flags.update(skip_init="probe", prompt_fields="brand,gender")
     argv = ["--features", str(cache)] + [x for n, v in flags.items() for x in (f"--{n.replace('_', '-')}", str(v))]
     te.main(argv)
     assert {n: getattr(seen["cfg"], n) for n in flags} == flags
@@ -397,6 +397,13 @@ def test_field_prompts_take_the_training_products_classes(tmp_path, monkeypatch)
     assert p.classes == ["Tshirts", "Watches"] and (p.label[[i % 3 == 1 for i in ids]] == -1).all()
     with pytest.raises(ValueError, match="prompt_weight needs the catalog"):
         te.field_prompts(f, None, rows)
+    with pytest.raises(ValueError, match="no field of \\['brand'\\] has two classes"):
+        te.field_prompts(f, catalog, rows, ["brand"])  # this catalog names no brand
+    items = [json.loads(x) for x in (catalog / "items.jsonl").read_text().splitlines()]
+    (catalog / "items.jsonl").write_text("".join(json.dumps({**r, "brand": ["Nike", "Puma"][r["id"] % 2]}) + "\n"
+                                                 for r in items))
+    p = te.field_prompts(f, catalog, rows, ["brand", "gender"])
+    assert [x.field for x in p] == ["brand"] and p[0].classes == ["Nike", "Puma"] and "by nike" in seen
 
 
 def test_prompt_term_rewards_photos_near_their_class_prompt(monkeypatch):
@@ -465,6 +472,8 @@ def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
         TrainConfig(skip_init="random")
     with pytest.raises(ValueError, match="skip_lr_scale must be"):
         TrainConfig(skip_lr_scale=-0.1)
+    with pytest.raises(ValueError, match="prompt_fields: \\['size'\\]"):
+        TrainConfig(prompt_fields="gender,size")
     with pytest.raises(ValueError, match="needs a new model with a skip path"):
         train(EmbedderConfig(**TINY), TrainConfig(batch_size=32, group_size=4, skip_init="probe"), f, None, None)
 
