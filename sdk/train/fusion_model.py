@@ -406,6 +406,12 @@ class FusionEmbedder(nn.Module):
         image_tokens: torch.Tensor | None = None,  # (B, 49, d) from encode_image, to reuse across calls
         image_pooled: torch.Tensor | None = None,  # (B, 1280) the skip path's photo features (default: img_deep's mean)
     ) -> torch.Tensor:
+        return F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present,
+                                    image_keep, image_tokens, image_pooled), dim=-1)
+
+    def raw(self, img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_keep=None,
+            image_tokens=None, image_pooled=None) -> torch.Tensor:
+        """`forward`'s output before the L2 norm (B, out_dim)."""
         img = self.encode_image(img_deep, img_shallow) if image_tokens is None else image_tokens
         img_mask = torch.ones(img.shape[:2], dtype=img.dtype, device=img.device)
         if image_keep is not None:
@@ -423,7 +429,7 @@ class FusionEmbedder(nn.Module):
         out = self.head(q.squeeze(1))  # (B, out_dim)
         if self.cfg.skip_path:
             out = out + self.skip(img_deep, image_pooled, text_tok, masks[TEXT], present)
-        return F.normalize(out, dim=-1)
+        return out
 
     def skip(self, img_deep, image_pooled, text_tok, text_mask, present) -> torch.Tensor:
         """The skip path's term (B, out_dim): the linear maps of the present modalities' pooled

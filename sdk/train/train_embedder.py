@@ -128,6 +128,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     # train without this master category (the validation suite's out-of-domain family)
     holdout_master_category: str | None = None
+    # after training, close the modality gap (`center_modalities`): the photo-only and title-only
+    # vectors' means over the training products move to the origin (a skip-path model only)
+    center_modalities: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.group_size < 1:
@@ -644,6 +647,54 @@ def _copy_probe(model, probe, img: np.ndarray, txt: np.ndarray) -> None:
     model.head[1].bias.zero_()
 
 
+def training_rows(f: Features, catalog, holdout_master_category: str | None = None) -> np.ndarray:
+    """The feature rows of the training split, less the products of `holdout_master_category`."""
+    rows = np.flatnonzero(~f.is_val)
+    if holdout_master_category is None:
+        return rows
+    if catalog is None:
+        raise ValueError("holdout_master_category needs the catalog (its master categories)")
+    from .catalog import read_catalog
+
+    cats = {p.id: p.record.get("master_category") or "" for p in read_catalog(catalog)}
+    held = np.array([cats[int(i)] == holdout_master_category for i in f.ids])
+    if not held.any():
+        raise ValueError(f"no product is in master category {holdout_master_category!r}")
+    return rows[~held[rows]]
+
+
+CENTER_ROWS = 2000  # training products (with a photo) whose vectors estimate each modality's mean
+
+
+@torch.no_grad()
+def center_modalities(model, f: Features, train_rows: np.ndarray, n: int = CENTER_ROWS, seed: int = 0,
+                      log=print) -> dict:
+    """Close the modality gap of a skip-path model, in place: photo-only vectors crowd into one
+    narrow cone and title-only vectors into another, so a photo's nearest titles are the ones
+    nearest the title cone's centre, whatever the photo shows. Over `n` training products with a
+    photo, each modality's mean unit vector m and mean output norm r (before the L2 norm) are
+    measured, and r * m is subtracted from that modality's skip-map bias: the photo-only and
+    title-only vectors are then centred on the origin (a photo + title vector moves by both).
+    The engine needs nothing new: the skip maps are already in it. Returns what moved."""
+    if not getattr(model.cfg, "skip_path", False):
+        raise ValueError("center_modalities needs a skip-path model (EmbedderConfig.skip_path): its skip biases "
+                         "carry the offsets")
+    model.eval()
+    rows = train_rows[f.has_image[torch.as_tensor(train_rows)].numpy().astype(bool)]
+    rows = np.sort(np.random.default_rng(seed).choice(rows, min(n, len(rows)), replace=False))
+    record = {"rows": int(len(rows))}
+    for name, skip, image, text in (("photo", model.skip_image, True, None), ("title", model.skip_text, False, "title")):
+        raw = torch.cat([model.raw(*batch_inputs(f, rows[i : i + 256], image=image, text=text))
+                         for i in range(0, len(rows), 256)])
+        mean_unit = F.normalize(raw, dim=-1).mean(0)
+        offset = raw.norm(dim=-1).mean() * mean_unit
+        skip.proj.bias.sub_(offset)
+        record[name] = {"mean_vector_norm": round(mean_unit.norm().item(), 4), "offset_norm": round(offset.norm().item(), 4)}
+    log(f"modality gap closed on {len(rows)} training products: mean photo vector norm "
+        f"{record['photo']['mean_vector_norm']}, mean title vector norm {record['title']['mean_vector_norm']}")
+    return record
+
+
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
     """AdamW groups: matrices decay, vectors/positions/queries do not; fine-tuned pretrained tower
     layers (`text_tail.*`, `image_tail.*`) learn at cfg.tower_lr_scale of the rate with a light
@@ -686,17 +737,9 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     rng = np.random.default_rng(cfg.seed)
     keys = title_keys(f, catalog)
     types = article_types(f, catalog)
-    train_rows, val_rows = np.flatnonzero(~f.is_val), np.flatnonzero(f.is_val)
-    if cfg.holdout_master_category is not None:
-        if catalog is None:
-            raise ValueError("holdout_master_category needs the catalog (its master categories)")
-        from .catalog import read_catalog
-
-        cats = {p.id: p.record.get("master_category") or "" for p in read_catalog(catalog)}
-        held = np.array([cats[int(i)] == cfg.holdout_master_category for i in f.ids])
-        if not held.any():
-            raise ValueError(f"no product is in master category {cfg.holdout_master_category!r}")
-        train_rows = train_rows[~held[train_rows]]
+    train_rows, val_rows = training_rows(f, catalog, cfg.holdout_master_category), np.flatnonzero(f.is_val)
+    if cfg.center_modalities and not getattr(model_cfg, "skip_path", False):
+        raise ValueError("center_modalities needs a skip-path model (--skip-path): its skip biases carry the offsets")
     if cfg.uses_renditions and not f.renditions:
         raise ValueError("rendition_prob, image_instance and caption_weight need renditions and captions in the "
                          "feature cache (python -m sdk.train.features ... --renditions K)")
@@ -917,6 +960,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     bar.close()
     if ema is not None:
         model = ema.module  # the average is the trained model
+    centering = center_modalities(model, f, train_rows, log=log) if cfg.center_modalities else None
     final = evaluate(model, f, val_rows, keys, dims=dims)
     fire_scales = {
         f"fire@{k}": round(m.scale.item(), 4) for k, m in getattr(getattr(model, "image", None), "fire", {}).items()
@@ -932,6 +976,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         "history": history,
         "train_config": cfg.__dict__,
         "trace_trained": bool(f.traces),
+        **({"centering": centering} if centering else {}),
     }
     if out is not None:
         save_embedder(model, out, metrics=result)
@@ -958,6 +1003,7 @@ VIEW_FLAGS = {
     "prompt_weight": "weight of the term where each photo picks its type, colour and gender among class prompts",
     "prompt_fields": f"comma-separated fields of the prompt term, of {','.join(PROMPT_FIELDS)}",
     "ema_decay": "decay per step of the weight average that is validated and saved (0: off)",
+    "center_modalities": "after training, centre the photo-only and title-only vectors (a skip-path model)",
 }
 
 
@@ -976,11 +1022,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-views", nargs="+", default=["photo+title", "title", "photo"],
                     help="trace views to load (add 'oracle' to also measure the catalog fields' own traces)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the --init embedder on the validation split")
+    ap.add_argument("--center-only", action="store_true",
+                    help="close the --init embedder's modality gap (center_modalities), measure it, save it to --out")
     ap.add_argument("--skip-path", action="store_true",
                     help="add linear maps of the towers' pooled features to the output (EmbedderConfig.skip_path)")
     for name, text in VIEW_FLAGS.items():
         default = getattr(TrainConfig, name)
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=text)
+        if isinstance(default, bool):
+            ap.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
+        else:
+            ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=text)
     ap.add_argument("--holdout-master-category", default=None, metavar="NAME",
                     help="train without this master category (the validation suite's ood family)")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -1003,6 +1054,19 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--eval-only needs --init")
         f.tune_with(init)
         res = {"final": evaluate(init, f, np.flatnonzero(f.is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)}
+        print(json.dumps(res["final"], indent=2))
+        if args.report:
+            Path(args.report).write_text(json.dumps(res, indent=2))
+        return
+    if args.center_only:
+        if init is None or not args.out:
+            raise SystemExit("--center-only needs --init and --out")
+        f.tune_with(init)
+        centering = center_modalities(init, f, training_rows(f, catalog, args.holdout_master_category))
+        res = {**json.loads((Path(args.init) / "embedder.json").read_text()).get("metrics", {}), "centering": centering,
+               "centered_from": str(args.init)}
+        res["final"] = evaluate(init, f, np.flatnonzero(f.is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)
+        save_embedder(init, args.out, metrics=res)
         print(json.dumps(res["final"], indent=2))
         if args.report:
             Path(args.report).write_text(json.dumps(res, indent=2))

@@ -345,9 +345,11 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
     cache = write_cache(tmp_path / "cache")
     seen = {}
     monkeypatch.setattr(te, "train", lambda model_cfg, cfg, *a, **kw: seen.setdefault("cfg", cfg) and {"final": {}})
-    flags = {name: 0.25 + i / 100 for i, name in enumerate(te.VIEW_FLAGS) if name not in ("skip_init", "prompt_fields")}
-    flags.update(skip_init="probe", prompt_fields="brand,gender")
-    argv = ["--features", str(cache)] + [x for n, v in flags.items() for x in (f"--{n.replace('_', '-')}", str(v))]
+    special = {"skip_init": "probe", "prompt_fields": "brand,gender", "center_modalities": True}
+    flags = {name: special.get(name, 0.25 + i / 100) for i, name in enumerate(te.VIEW_FLAGS)}
+    argv = ["--features", str(cache)] + [x for n, v in flags.items()
+                                         for x in ((f"--{n.replace('_', '-')}",) if v is True
+                                                   else (f"--{n.replace('_', '-')}", str(v)))]
     te.main(argv)
     assert {n: getattr(seen["cfg"], n) for n in flags} == flags
     with pytest.raises(SystemExit):
@@ -504,3 +506,54 @@ def test_a_frozen_probe_skip_path_keeps_the_probe_and_trains_the_fusion(tmp_path
     groups = te.param_groups(list(model.named_parameters()), TrainConfig(skip_lr_scale=0.5, lr=1e-3))
     skip_ids = {id(p) for n, p in model.named_parameters() if n.startswith("skip_")}
     assert {g["lr"] for g in groups if any(id(p) in skip_ids for p in g["params"])} == {5e-4}
+
+
+def _modality_means(model, f, rows):
+    import sdk.train.train_embedder as te
+
+    with torch.no_grad():
+        p = te.embed_rows(model, f, rows, image=True, text=None)
+        t = te.embed_rows(model, f, rows, image=False, text="title")
+    return p.mean(0).norm().item(), t.mean(0).norm().item()
+
+
+def test_centering_closes_the_modality_gap_through_the_skip_biases(tmp_path):
+    import sdk.train.train_embedder as te
+    from sdk.train.fusion_model import build_embedder
+
+    f = Features(write_cache(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(**TINY, skip_path=True)).eval()
+    with torch.no_grad():  # a gap: every photo-only output leans one way, every title-only output another
+        model.skip_image.proj.bias.copy_(torch.linspace(-3.0, 3.0, 32))
+        model.skip_text.proj.bias.copy_(torch.linspace(3.0, -1.0, 32).roll(5))
+    rows = np.flatnonzero(~f.is_val)
+    before = _modality_means(model, f, rows)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    record = te.center_modalities(model, f, rows, log=lambda *_: None)
+    after = _modality_means(model, f, rows)
+    assert min(before) > 0.5 and max(after) < 0.35 * min(before), (before, after)
+    assert record["photo"]["mean_vector_norm"] == pytest.approx(before[0], abs=0.05)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])}
+    assert changed == {"skip_image.proj.bias", "skip_text.proj.bias"}  # what an engine's skip maps carry
+    with pytest.raises(ValueError, match="needs a skip-path model"):
+        te.center_modalities(build_embedder(EmbedderConfig(**TINY)), f, rows)
+
+
+def test_center_only_writes_a_centred_copy_and_training_can_end_centred(tmp_path, capsys):
+    import sdk.train.train_embedder as te
+
+    cache = write_cache(tmp_path / "cache")
+    f = Features(cache)
+    cfg = TrainConfig(epochs=1, batch_size=32, group_size=4, warmup_steps=2, center_modalities=True)
+    res = train(EmbedderConfig(**TINY, skip_path=True), cfg, f, None, tmp_path / "a", log=lambda *_: None)
+    assert set(res["centering"]) == {"rows", "photo", "title"} and res["train_config"]["center_modalities"]
+    te.main(["--features", str(cache), "--init", str(tmp_path / "a"), "--center-only", "--out", str(tmp_path / "b")])
+    meta = json.loads((tmp_path / "b" / "embedder.json").read_text())["metrics"]
+    assert meta["centered_from"] == str(tmp_path / "a") and meta["centering"]["photo"]["offset_norm"] >= 0
+    # centring a centred model moves it little more
+    assert meta["centering"]["photo"]["mean_vector_norm"] < 0.35
+    with pytest.raises(SystemExit):
+        te.main(["--features", str(cache), "--center-only"])
+    with pytest.raises(ValueError, match="needs a skip-path model"):  # before any training
+        train(EmbedderConfig(**TINY), cfg, f, None, None)
