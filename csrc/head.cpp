@@ -45,7 +45,7 @@ struct Norm {  // LayerNorm affine
     Vec w, b;
 };
 
-struct Round {  // one modality-fusion round (sdk.train.embedder.ModalityFusion)
+struct Round {  // one modality-fusion round (sdk.train.fusion_model.ModalityFusion)
     Norm q_norm, kv_norm[kModalities], ffn_norm;
     Dense q[kModalities], kv[kModalities], o[kModalities], gate_in, ffn_in, ffn_out;
     Raw out;
