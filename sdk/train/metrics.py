@@ -8,6 +8,11 @@ from typing import Sequence
 import numpy as np
 
 
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (rows of zeros stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def recall_at_k(q, g, q_key: np.ndarray, g_key: np.ndarray, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
     """Recall@k of L2-normalised queries (Q, D) against a gallery (G, D): the share of queries with
     a relevant gallery row among their k most similar, a row being relevant when its key equals the

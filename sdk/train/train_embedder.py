@@ -611,11 +611,11 @@ SKIP_INIT_NORM = 4.0  # mean norm of each modality's probe-initialised skip term
 
 def init_skip_from_probe(model, f: Features, catalog, train_rows: np.ndarray, keys: np.ndarray, log=print) -> dict:
     """Start a skip-path model from a linear probe: train the probe of the validation suite
-    (`sdk.train.evaluate.train_probe`, its learning-rate sweep included) on the training rows'
+    (`sdk.train.probe.train_probe`, its learning-rate sweep included) on the training rows'
     pooled photo and title features, copy its maps into the skip path (scaled so each modality's
     term has mean norm `SKIP_INIT_NORM`), and zero the head's output projection, so the model
     starts as the probe and the fusion learns a residual on it. Returns the probe's report."""
-    from .evaluate import ProbeConfig, train_probe
+    from .probe import ProbeConfig, train_probe
 
     rows = train_rows[f.has_image[torch.as_tensor(train_rows)].numpy().astype(bool)]
     idx = torch.as_tensor(rows)

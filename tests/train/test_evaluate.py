@@ -10,16 +10,14 @@ from sdk.train.catalog import catalog_split, read_catalog
 from sdk.train.evaluate import (
     FAMILIES,
     RENDITIONS,
-    LinearProbe,
-    ProbeConfig,
     SuiteConfig,
     ValidationSet,
     _named,
     load_subject,
     render_markdown,
     run_suite,
-    train_probe,
 )
+from sdk.train.probe import LinearProbe, ProbeConfig, train_probe
 from tests.catalogs import SAMPLES
 
 pytest.importorskip("torch")
@@ -225,7 +223,8 @@ def test_linear_probe_embeds_each_modality():
 def test_memo_tower_runs_each_photo_once_and_is_shared_only_where_it_fits():
     import torch
 
-    from sdk.train.evaluate import MemoImageTower, share_tower
+    from sdk.train.evaluate import share_tower
+    from sdk.train.probe import MemoImageTower
 
     calls = []
 
