@@ -61,7 +61,6 @@ from sdk.sessions import (  # BACKENDS, Backend and available_backends: also pub
     Backend,
     available_backends,
     refuse_external_data,
-    runtime_backends,
     session_kwargs,
 )
 
@@ -175,17 +174,7 @@ class Embedder(ActiveBackend):
         providers: str | Sequence[str] | None = None,
         threads: int | None = None,
     ):
-        names, ort = runtime_backends(providers, threads)
-
-        # Lazy: only the parts the embedder uses are read, each verified against its checksum
-        # when read (a reasoner's graphs are never read here). A given EngineFile stays open.
-        own = not isinstance(path, EngineFile)
-        engine = EngineFile.open(path) if own else path
-        try:
-            self._init(engine, names, threads, ort)
-        finally:
-            if own:
-                engine.close()
+        self._load(path, providers, threads)  # reads only the embedder's parts (never a reasoner's graphs)
 
     def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
         self._path = engine.path

@@ -136,18 +136,7 @@ class Reasoner(ActiveBackend):
 
     def __init__(self, path: str | os.PathLike | EngineFile, threads: int | None = None,
                  providers: str | Sequence[str] | None = None):
-        from sdk.engine import EngineFile
-        from sdk.sessions import runtime_backends
-
-        names, ort = runtime_backends(providers, threads)
-        # Lazy: only the reasoner's parts are read, each verified against its checksum when read.
-        own = not isinstance(path, EngineFile)
-        engine = EngineFile.open(path) if own else path
-        try:
-            self._init(engine, names, threads, ort)
-        finally:
-            if own:
-                engine.close()
+        self._load(path, providers, threads)  # reads only the reasoner's parts
 
     def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
         from sdk.preprocess import ImagePreprocess

@@ -58,9 +58,27 @@ class ActiveBackend:
         """Name (as in `BACKENDS`) of the highest-priority backend really active."""
         return backend_of(self._providers)
 
+    def _load(self, path, providers: str | Sequence[str] | None, threads: int | None) -> None:
+        """Check `providers` and `threads`, open the engine file at `path` (lazily: each part is
+        read, and checked against its checksum, when `_init` reads it; a given `EngineFile` stays
+        open) and run the subclass's `_init(engine, backend names, threads, onnxruntime)` on it."""
+        from sdk.engine import EngineFile
+
+        names, ort = runtime_backends(providers, threads)
+        own = not isinstance(path, EngineFile)
+        engine = EngineFile.open(path) if own else path
+        try:
+            self._init(engine, names, threads, ort)
+        finally:
+            if own:
+                engine.close()
+
+    def _init(self, engine, names: list[str], threads: int | None, ort) -> None:
+        raise NotImplementedError
+
     def _activate(self, active: Sequence[str], names: Sequence[str], what: str) -> None:
         """Record the providers a session really got and warn, naming what runs, when a requested
-        backend (of `names`) is not among them. Called from `_init`, itself called from `__init__`."""
+        backend (of `names`) is not among them. Called from `_init`, called by `_load` from `__init__`."""
         self._providers = tuple(active)
         missing = [n for n in names if BACKENDS[n].provider not in self._providers]
         if missing:
@@ -69,7 +87,7 @@ class ActiveBackend:
                 f"{list(self._providers)}); {what} runs on {self.backend!r}. Check the GPU drivers / CUDA / "
                 f"TensorRT libraries.",
                 RuntimeWarning,
-                stacklevel=4,  # the caller of __init__
+                stacklevel=5,  # the caller of __init__ (__init__ -> _load -> _init -> _activate)
             )
 
 
