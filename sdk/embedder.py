@@ -59,9 +59,8 @@ from sdk.sessions import (  # BACKENDS, Backend and available_backends: also pub
     BACKENDS,
     ActiveBackend,
     Backend,
+    EngineSessions,
     available_backends,
-    refuse_external_data,
-    session_kwargs,
 )
 
 __all__ = ["BACKENDS", "Backend", "Embedder", "Embeddings", "available_backends"]
@@ -189,21 +188,7 @@ class Embedder(ActiveBackend):
         self._text_tok: _Tokenizer = spec["text_tokenizer"]
         self._trace_tok: _Tokenizer = spec["trace_tokenizer"]
 
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        requested = [BACKENDS[n].provider for n in names]
-
-        def load(part: str):
-            graph = engine.part(part)
-            refuse_external_data(graph, self._path, part, ort.__version__)
-            try:
-                return ort.InferenceSession(graph, opts, providers=requested, **session_kwargs(requested))
-            except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
-                raise EngineError(
-                    f"{self._path}: onnxruntime {ort.__version__} cannot load part {part!r}: {exc}"
-                ) from exc
-
+        load = EngineSessions(engine, names, threads, ort).open
         self._layout: str = spec["layout"]
         if self._layout == "split":
             from sdk.head import FusionHead, SplitRunner

@@ -140,7 +140,7 @@ class Reasoner(ActiveBackend):
 
     def _init(self, engine: EngineFile, names: list[str], threads: int | None, ort) -> None:
         from sdk.preprocess import ImagePreprocess
-        from sdk.sessions import BACKENDS, refuse_external_data, session_kwargs
+        from sdk.sessions import EngineSessions
 
         self._path = engine.path
         spec = engine.manifest.get("reasoner")
@@ -154,21 +154,11 @@ class Reasoner(ActiveBackend):
             self._image = ImagePreprocess(**image_kw)
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{self._path}: the reasoner section is unusable ({type(exc).__name__}: {exc})") from exc
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        requested = [BACKENDS[n].provider for n in names]
+        opener = EngineSessions(engine, names, threads, ort)
         sessions: dict[str, Any] = {}  # one session per part: prefill and decode may name one step graph
         for k in ("visual", "prefill", "decode"):
-            if parts[k] in sessions:
-                continue
-            graph = engine.part(parts[k])  # EngineError on a checksum mismatch, before ONNX Runtime sees it
-            refuse_external_data(graph, self._path, parts[k], ort.__version__)
-            try:
-                sessions[parts[k]] = ort.InferenceSession(graph, opts, providers=requested,
-                                                          **session_kwargs(requested))
-            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-                raise EngineError(f"{self._path}: onnxruntime cannot load reasoner part {parts[k]!r}: {exc}") from exc
+            if parts[k] not in sessions:
+                sessions[parts[k]] = opener.open(parts[k], what="reasoner part")
         # every session was asked for the same providers; the step graph runs nearly all the work
         self._activate(sessions[parts["decode"]].get_providers(), names, "the reasoner")
         from tokenizers import Tokenizer

@@ -178,6 +178,34 @@ def session_kwargs(providers: str | Sequence[str]) -> dict[str, Any]:
     return {}
 
 
+class EngineSessions:
+    """Opens an engine's ONNX parts as onnxruntime sessions, all with one set of options: the
+    requested backends' providers in order, `threads` intra-op threads, `session_kwargs`."""
+
+    def __init__(self, engine, names: Sequence[str], threads: int | None, ort):
+        self.engine, self.ort = engine, ort
+        self.options = ort.SessionOptions()
+        if threads is not None:
+            self.options.intra_op_num_threads = threads
+        self.providers = [BACKENDS[n].provider for n in names]
+
+    def open(self, part: str, what: str = "part"):
+        """The session of engine part `part` (checksum-verified when read; a graph with external
+        data is refused first).
+
+        Raises:
+            EngineError: onnxruntime cannot load it, naming the engine, `what` and the part.
+        """
+        graph = self.engine.part(part)
+        refuse_external_data(graph, self.engine.path, part, self.ort.__version__)
+        try:
+            return self.ort.InferenceSession(graph, self.options, providers=self.providers,
+                                             **session_kwargs(self.providers))
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
+            raise EngineError(f"{self.engine.path}: onnxruntime {self.ort.__version__} cannot load {what} "
+                              f"{part!r}: {exc}") from exc
+
+
 def refuse_external_data(graph: bytes, where: Path, part: str, ort_version: str) -> None:
     """An engine is self-contained: a graph naming external data files (which ONNX Runtime would
     read relative to the working directory) is refused before it is loaded."""
