@@ -406,7 +406,7 @@ def embed_rows(model, f: Features, rows, *, image: bool, text: str | None, flip:
 
 def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, dims=(256,)) -> dict:
     """Validation retrieval; relevance = same id or same title (one design)."""
-    img_rows = val_rows[f.has_image[val_rows].numpy().astype(bool)]
+    img_rows = with_photo(f, val_rows)
     e_img = embed_rows(model, f, img_rows, image=True, text=None)
     e_txt_img = embed_rows(model, f, img_rows, image=False, text="title")
     e_txt_all = embed_rows(model, f, val_rows, image=False, text="title")
@@ -447,7 +447,7 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
         sfx = "" if d == max(dims) else f"@{d}d"
         for name, q, g, qk, gk in tasks:
             for key, v in recall_at_k(m(q), m(g), qk, gk).items():
-                res[f"{name} {key}{sfx}"] = round(v, 4)
+                res[f"{name} {key}{sfx}"] = v
     return res
 
 
@@ -513,7 +513,7 @@ class FieldPrompts:
 
 
 def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarray,
-                  fields: Sequence[str] = ("article_type", "base_colour", "gender")) -> list[FieldPrompts]:
+                  fields: Sequence[str] = tuple(TrainConfig.prompt_fields.split(","))) -> list[FieldPrompts]:
     """The prompt term's classes: per field (of `PROMPT_FIELDS`), the values at least
     `PROMPT_MIN_ROWS` training products have, their prompts run through the frozen text tower."""
     if catalog is None:
@@ -572,6 +572,11 @@ def prompt_term(model, prompts: list[FieldPrompts], e_img: torch.Tensor, rows: n
     return total / max(n, 1)
 
 
+def with_photo(f: Features, rows: np.ndarray) -> np.ndarray:
+    """The rows of `rows` whose product has a photo."""
+    return rows[f.has_image[torch.as_tensor(rows)].numpy().astype(bool)]
+
+
 def pooled_photo(f: Features, rows: torch.Tensor) -> torch.Tensor:
     """The image tower's mean-pooled deep features of `rows` (B, C): what the skip path and the
     probe read of a photo."""
@@ -586,7 +591,7 @@ def pooled_title(f: Features, rows: torch.Tensor) -> torch.Tensor:
 def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the image tower's mean-pooled deep features over `rows` that
     have a photo: what standardises the tower's own view of a photo (the relational term)."""
-    rows = rows[f.has_image[torch.as_tensor(rows)].numpy().astype(bool)]
+    rows = with_photo(f, rows)
     return _mean_std(lambda r: pooled_photo(f, r), rows, chunk)
 
 
@@ -617,7 +622,7 @@ def init_skip_from_probe(model, f: Features, catalog, train_rows: np.ndarray, ke
     starts as the probe and the fusion learns a residual on it. Returns the probe's report."""
     from .probe import ProbeConfig, train_probe
 
-    rows = train_rows[f.has_image[torch.as_tensor(train_rows)].numpy().astype(bool)]
+    rows = with_photo(f, train_rows)
     idx = torch.as_tensor(rows)
     with torch.no_grad():
         img, txt = (torch.cat([pool(f, idx[s : s + 512]) for s in range(0, len(rows), 512)]).numpy()
@@ -680,7 +685,7 @@ def center_modalities(model, f: Features, train_rows: np.ndarray, n: int = CENTE
         raise ValueError("center_modalities needs a skip-path model (EmbedderConfig.skip_path): its skip biases "
                          "carry the offsets")
     model.eval()
-    rows = train_rows[f.has_image[torch.as_tensor(train_rows)].numpy().astype(bool)]
+    rows = with_photo(f, train_rows)
     rows = np.sort(np.random.default_rng(seed).choice(rows, min(n, len(rows)), replace=False))
     record = {"rows": int(len(rows))}
     for name, skip, image, text in (("photo", model.skip_image, True, None), ("title", model.skip_text, False, "title")):
@@ -1049,35 +1054,34 @@ def main(argv: list[str] | None = None) -> None:
         from .fusion_model import load_embedder
 
         init = load_embedder(args.init)
-    if args.eval_only:
-        if init is None:
-            raise SystemExit("--eval-only needs --init")
+    if args.eval_only or args.center_only:  # no training: measure (and centre) the --init embedder
+        if init is None or (args.center_only and not args.out):
+            raise SystemExit("--eval-only needs --init" if args.eval_only else "--center-only needs --init and --out")
         f.tune_with(init)
-        res = {"final": evaluate(init, f, np.flatnonzero(f.is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)}
-        print(json.dumps(res["final"], indent=2))
-        if args.report:
-            Path(args.report).write_text(json.dumps(res, indent=2))
-        return
-    if args.center_only:
-        if init is None or not args.out:
-            raise SystemExit("--center-only needs --init and --out")
-        f.tune_with(init)
-        centering = center_modalities(init, f, training_rows(f, catalog, args.holdout_master_category))
-        res = {**json.loads((Path(args.init) / "embedder.json").read_text()).get("metrics", {}), "centering": centering,
-               "centered_from": str(args.init)}
+        res = {}
+        if args.center_only:
+            centering = center_modalities(init, f, training_rows(f, catalog, args.holdout_master_category))
+            res = {**json.loads((Path(args.init) / "embedder.json").read_text()).get("metrics", {}),
+                   "centering": centering, "centered_from": str(args.init)}
         res["final"] = evaluate(init, f, np.flatnonzero(f.is_val), title_keys(f, catalog), dims=init.cfg.matryoshka_dims)
-        save_embedder(init, args.out, metrics=res)
-        print(json.dumps(res["final"], indent=2))
-        if args.report:
-            Path(args.report).write_text(json.dumps(res, indent=2))
-        return
+        if args.center_only:
+            save_embedder(init, args.out, metrics=res)
+    else:
+        res = _train_from_args(args, ap, init, f, catalog)
+    print(json.dumps(res["final"], indent=2))
+    if args.report:
+        Path(args.report).write_text(json.dumps(res, indent=2))
+
+
+def _train_from_args(args, ap, init, f: Features, catalog) -> dict:
+    """`train` with the command line's configuration (a bad one exits with the reason)."""
     try:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                           freeze_image=args.freeze_image, holdout_master_category=args.holdout_master_category,
                           seed=args.seed, **{name: getattr(args, name) for name in VIEW_FLAGS})
     except ValueError as exc:
         ap.error(str(exc))
-    res = train(
+    return train(
         init.cfg if init is not None else EmbedderConfig(variant=args.variant, skip_path=args.skip_path),
         cfg,
         f,
@@ -1087,9 +1091,6 @@ def main(argv: list[str] | None = None) -> None:
         init=init,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
     )
-    print(json.dumps(res["final"], indent=2))
-    if args.report:
-        Path(args.report).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
