@@ -37,18 +37,32 @@ from typing import Sequence
 
 import numpy as np
 
-from ..paths import REPO
+from ..paths import PACKAGE, REPO, SAMPLES
 
 
 def fp32_from_git(rev: str, folder: Path, names: Sequence[str], dst: Path) -> Path:
-    """Copy `folder/<name>` of each name as of commit `rev` into `dst` (`git show`, no checkout)."""
-    rel = folder.resolve().relative_to(REPO)
+    """Copy `folder/<name>` of each name as of commit `rev` into `dst` (`git show`, no checkout).
+
+    A folder inside the package is looked up where `rev` kept it: at its path in the repository,
+    or, in commits from before `sdk.train`, `sdk.export` and `sdk.calib` moved under `sdk/`, at its
+    path within the package (`train/weights` for `sdk/train/weights`)."""
+    folder = folder.resolve()
+    places = [folder.relative_to(REPO)]
+    if folder.is_relative_to(PACKAGE):
+        places.append(folder.relative_to(PACKAGE))
+    rel = next((p for p in places if _in_commit(rev, p)), places[0])
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         blob = subprocess.run(["git", "show", f"{rev}:{(rel / name).as_posix()}"], cwd=REPO, check=True,
                               capture_output=True).stdout
         (dst / name).write_bytes(blob)
     return dst
+
+
+def _in_commit(rev: str, path: Path) -> bool:
+    """Whether commit `rev` has `path` (a folder or file of the repository)."""
+    return subprocess.run(["git", "cat-file", "-e", f"{rev}:{path.as_posix()}"], cwd=REPO,
+                          capture_output=True).returncode == 0
 
 
 def _pair(spec: str, rev: str | None, names: Sequence[str], tmp: Path) -> tuple[Path, Path, str]:
@@ -160,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--completion", type=Path, default=None,
                     help="image completion folder, measured under the first embedder's FP32 and FP16 weights")
     ap.add_argument("--catalog", type=Path, default=None, help="measure on this catalog's validation split")
-    ap.add_argument("--samples", type=Path, default=REPO / "data" / "samples", help="else on these sample products")
+    ap.add_argument("--samples", type=Path, default=SAMPLES, help="else on these sample products")
     ap.add_argument("--eval-items", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True, help="JSON report")

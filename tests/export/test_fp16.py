@@ -70,3 +70,22 @@ def test_fp16_engine_embeds_like_the_fp32_one(tiny_split_engine, fp16_parts, tmp
 def test_fp16_needs_the_split_layout(kw):
     with pytest.raises(ValueError, match="need(s)? layout 'split'"):
         BuildConfig(**kw)
+
+
+def test_fp32_originals_are_found_in_commits_from_before_the_package_moved(tmp_path):
+    """`--fp32-rev` names commits from before train/ moved under sdk/: the weights are read where
+    that commit kept them (train/weights), and from a later commit where they are now."""
+    import subprocess
+
+    from sdk.export.fp16_fidelity import fp32_from_git
+    from sdk.paths import REPO, WEIGHTS
+
+    before, after = "2ab5527", "b5434fb"  # the last commit with train/ at the top, the move itself
+    if any(subprocess.run(["git", "cat-file", "-e", rev], cwd=REPO, capture_output=True).returncode for rev in
+           (before, after)):
+        pytest.skip("needs the repository's history (a full clone)")
+    for rev in (before, after):
+        out = fp32_from_git(rev, WEIGHTS, ["embedder.json"], tmp_path / rev)
+        old = subprocess.run(["git", "show", f"{rev}:{'train' if rev == before else 'sdk/train'}/weights/embedder.json"],
+                             cwd=REPO, check=True, capture_output=True).stdout
+        assert (out / "embedder.json").read_bytes() == old
