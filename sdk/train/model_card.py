@@ -403,8 +403,9 @@ def _suite(suite: dict | None) -> list[str]:
             "Every task family beside a linear probe over the same frozen towers, trained and measured in",
             "the same run ([docs/validation.md](../../../docs/validation.md) says what each family measures).",
             f"Command: `{suite.get('command', 'python -m sdk.train.evaluate')}`.",
+            # the shipped weights, named as now or as reports from before the move under sdk/ named them
             *[f"These weights are `{name}` in the table." for name, path in suite.get("subjects", {}).items()
-              if str(path).rstrip("/") in ("sdk/train/weights", "sdk/train/weights")], "",
+              if str(path).rstrip("/") in ("sdk/train/weights", "train/weights")], "",
             *render_markdown(suite).rstrip("\n").split("\n"), ""]
 
 
