@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sdk import ops
+from sdk.contract import image_graph_outputs
 from sdk.errors import EngineError
 from sdk.fused import NEG, fusion_epilogue, gelu, layer_norm, linear, project_normalize
 
@@ -79,12 +80,6 @@ def head_weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         need |= {"skip_text.mean": (c,), "skip_text.inv_std": (c,), "skip_text.proj.weight": (out, c),
                  "skip_text.proj.bias": (out,)}
     return need
-
-
-def image_graph_outputs(skip_path: bool) -> list[str]:
-    """The outputs a split engine's image graph gives: the image token states, and each photo's
-    skip-path term where the model has one (`EmbedderConfig.skip_path`)."""
-    return ["image_tokens", "image_skip"] if skip_path else ["image_tokens"]
 
 
 class FusionHead:
@@ -352,7 +347,7 @@ class SplitRunner:
     def __call__(
         self, feed: Mapping[str, np.ndarray], dim: int | None = None, complete_image: bool = False
     ) -> np.ndarray:
-        """Embeddings (B, dim) of a feed keyed like `sdk.export.onnx_embedder.INPUT_NAMES`;
+        """Embeddings (B, dim) of a feed keyed like `sdk.contract.INPUT_NAMES`;
         complete_image=True fills a missing photo from the title (needs `completion_session`)."""
         present = np.array(feed["present"], _F32)  # (B, 3), a copy: completion marks rows present
         pixels = feed["pixels"]  # (B, 3, H, W)

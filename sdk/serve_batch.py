@@ -293,13 +293,12 @@ def _renumber(msg: str, index: int) -> str:
 def _token_counts(emb: Any, items: list[BatchItem]) -> list[int]:
     """Tokens of each item's title and trace, as the engine's tokenizers cut them (OpenAI `usage`);
     0 for items that do not ask (`count_tokens=False`)."""
-    text_tok = getattr(emb, "_text_tok", None)
-    trace_tok = getattr(emb, "_trace_tok", None)
+    count = getattr(emb, "count_tokens", None)
     counts = [0] * len(items)
-    for tok, get in ((text_tok, lambda it: it.text), (trace_tok, lambda it: it.trace)):
+    for which, get in (("text", lambda it: it.text), ("trace", lambda it: it.trace)):
         idx = [i for i, it in enumerate(items) if it.count_tokens and isinstance(get(it), str) and get(it).strip()]
-        if tok is None or not idx:
+        if count is None or not idx:
             continue
-        for i, (ids, _) in zip(idx, tok.encode([get(items[i]) for i in idx])):
-            counts[i] += len(ids)
+        for i, n in zip(idx, count([get(items[i]) for i in idx], which)):
+            counts[i] += n
     return counts

@@ -34,18 +34,10 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from sdk.contract import EMBEDDER_INPUTS, MODALITIES, OUTPUT_NAME, SINGLE_PART, SPLIT_PARTS, TOKENIZER_PART
 from sdk.engine import FORMAT_VERSION, write_engine
 from sdk.preprocess import ImagePreprocess
 from sdk.version import library_versions
-
-EMBEDDER_INPUTS = {
-    "pixels": {"dtype": "float32", "shape": ["batch", 3, "size", "size"]},
-    "input_ids": {"dtype": "int64", "shape": ["batch", "text_len"]},
-    "attention_mask": {"dtype": "int64", "shape": ["batch", "text_len"]},
-    "trace_ids": {"dtype": "int64", "shape": ["batch", "trace_len"]},
-    "trace_mask": {"dtype": "int64", "shape": ["batch", "trace_len"]},
-    "present": {"dtype": "float32", "shape": ["batch", 3]},
-}
 
 
 def package_embedder(
@@ -85,10 +77,10 @@ def package_embedder(
     Raises:
         ValueError: inconsistent dims or lengths.
     """
-    embedder = {"part": "embedder.onnx", "precision": precision, "inputs": EMBEDDER_INPUTS, "output": "embedding"}
+    embedder = {"part": SINGLE_PART, "precision": precision, "inputs": EMBEDDER_INPUTS, "output": OUTPUT_NAME}
     manifest = _manifest(embedder, dim=dim, matryoshka_dims=matryoshka_dims, image=image, text_max_length=text_max_length,
                          trace_max_length=trace_max_length, fidelity=fidelity, extra=extra, trace_trained=trace_trained)
-    return write_engine(out, manifest, {"embedder.onnx": onnx_model, "tokenizer.json": tokenizer_json,
+    return write_engine(out, manifest, {SINGLE_PART: onnx_model, TOKENIZER_PART: tokenizer_json,
                                         **dict(extra_parts or {})})
 
 
@@ -110,11 +102,11 @@ def package_split_embedder(
         ValueError: inconsistent dims or lengths.
     """
     extra_parts = options.pop("extra_parts", None)
-    embedder = {"layout": "split", "parts": {"image": "image.onnx", "text": "text.onnx", "head": "head.npz"},
-                "precision": options.pop("precision", "fp32"), "output": "embedding"}
+    embedder = {"layout": "split", "parts": dict(SPLIT_PARTS), "precision": options.pop("precision", "fp32"),
+                "output": OUTPUT_NAME}
     manifest = _manifest(embedder, **options)
-    parts = {"image.onnx": image_onnx, "text.onnx": text_onnx, "head.npz": head, "tokenizer.json": tokenizer_json,
-             **dict(extra_parts or {})}
+    graphs = {"image": image_onnx, "text": text_onnx, "head": head}
+    parts = {**{SPLIT_PARTS[k]: v for k, v in graphs.items()}, TOKENIZER_PART: tokenizer_json, **dict(extra_parts or {})}
     return write_engine(out, manifest, parts)
 
 
@@ -184,13 +176,13 @@ def _manifest(embedder: dict, *, dim: int, matryoshka_dims: Sequence[int], image
             **embedder,
             "dim": int(dim),
             "matryoshka_dims": dims,
-            "modalities": ["image", "text", "trace"],
+            "modalities": list(MODALITIES),
             "trace_trained": bool(trace_trained),
         },
         "preprocess": {
             "image": dataclasses.asdict(image),
-            "text": {"tokenizer": "tokenizer.json", "max_length": int(text_max_length)},
-            "trace": {"tokenizer": "tokenizer.json", "max_length": int(trace_max_length)},
+            "text": {"tokenizer": TOKENIZER_PART, "max_length": int(text_max_length)},
+            "trace": {"tokenizer": TOKENIZER_PART, "max_length": int(trace_max_length)},
         },
         "fidelity": dict(fidelity or {}),
         **dict(extra or {}),

@@ -41,16 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from sdk.contract import IMAGE, INPUT_NAMES, OUTPUT_NAME, TEXT, TRACE
 from sdk.errors import BackendUnavailableError, SdkError
 
-INPUT_NAMES = ("pixels", "input_ids", "attention_mask", "trace_ids", "trace_mask", "present")
-OUTPUT_NAME = "embedding"
 PARITY_FORMAT = 1
 EXPORTERS = ("auto", "dynamo", "torchscript")
 OPSET_MIN, OPSET_MAX = 18, 23  # the dynamo exporter's range in torch 2.13
 TORCHSCRIPT_OPSET_MAX = 20
-# modality order of `present`, as in sdk.train.fusion_model (IMAGE, TEXT, TRACE)
-_IMAGE, _TEXT, _TRACE = 0, 1, 2
 # (present image, text, trace) per row of a check batch, cycled: every absence pattern appears
 _PRESENCE_CYCLE = ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
 # Exporter warnings known to be harmless here, as (category, message regex), ignored only around
@@ -121,8 +118,8 @@ class EmbedderGraph(nn.Module):
         trace_tok = self.text_encoder(input_ids=trace_ids, attention_mask=trace_mask).last_hidden_state
         # As ReferenceEmbedder._text_states: the encoder sees the tokenizer's mask, the fusion
         # sees it multiplied by presence (an absent text is the tokenized "" and must not count).
-        text_m = attention_mask.to(text_tok.dtype) * present[:, _TEXT : _TEXT + 1]  # (B, T)
-        trace_m = trace_mask.to(trace_tok.dtype) * present[:, _TRACE : _TRACE + 1]  # (B, S)
+        text_m = attention_mask.to(text_tok.dtype) * present[:, TEXT : TEXT + 1]  # (B, T)
+        trace_m = trace_mask.to(trace_tok.dtype) * present[:, TRACE : TRACE + 1]  # (B, S)
         return self.fusion(deep, shallow, text_tok, text_m, trace_tok, trace_m, present)  # (B, out_dim)
 
 
@@ -241,7 +238,7 @@ def make_padded_batch(
         raise ValueError(f"presence has {len(pres)} rows, batch is {batch}")
     present = np.asarray(pres, np.float32).reshape(batch, 3)
     pixels = rng.uniform(-1.0, 1.0, (batch, 3, image_size, image_size)).astype(np.float32)
-    pixels[present[:, _IMAGE] == 0] = 0.0
+    pixels[present[:, IMAGE] == 0] = 0.0
 
     def tokens(length: int, col: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.zeros((batch, length), np.int64)
@@ -259,8 +256,8 @@ def make_padded_batch(
             mask[i, :n] = 1
         return ids, mask
 
-    input_ids, attention_mask = tokens(text_len, _TEXT)
-    trace_ids, trace_mask = tokens(trace_len, _TRACE)
+    input_ids, attention_mask = tokens(text_len, TEXT)
+    trace_ids, trace_mask = tokens(trace_len, TRACE)
     return {
         "pixels": pixels,
         "input_ids": input_ids,

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sdk.contract import INPUT_NAMES
 from sdk.export.onnx_embedder import (
-    INPUT_NAMES,
     PARITY_FORMAT,
     ExportError,
     export_module,
@@ -185,7 +185,8 @@ def export_split_onnx(graph: nn.Module, cfg: SplitExportConfig) -> dict[str, Pat
             cfg.min_cosine (the report is still written, with "passed": false).
         BackendUnavailableError: onnx or onnxruntime is missing.
     """
-    from sdk.head import FusionHead, image_graph_outputs
+    from sdk.contract import image_graph_outputs
+    from sdk.head import FusionHead
 
     require("onnx", "ONNX export needs onnx: pip install 'moon3-sdk[export]'")
     fusion = graph.fusion

@@ -1,7 +1,8 @@
 import pytest
 
+from sdk.contract import EMBEDDER_INPUTS
 from sdk.engine import EngineFile
-from sdk.export.bundle import EMBEDDER_INPUTS, package_embedder
+from sdk.export.bundle import package_embedder
 
 
 def test_manifest_contract(tmp_path):

@@ -14,10 +14,10 @@ ort = pytest.importorskip("onnxruntime")
 
 from tiny_models import VOCAB  # noqa: E402  (the tiny BERT vocabulary)
 
+from sdk.contract import INPUT_NAMES  # noqa: E402
 from sdk.errors import SdkError  # noqa: E402
 from sdk.export import onnx_embedder  # noqa: E402
 from sdk.export.onnx_embedder import (  # noqa: E402
-    INPUT_NAMES,
     EmbedderGraph,
     ExportError,
     OnnxExportConfig,

@@ -80,7 +80,8 @@ def test_split_export_carries_the_skip_path(skip_split):
 
 @pytest.mark.parametrize("presence", [(1, 0, 0), (0, 1, 0), (1, 1, 0), (1, 1, 1), (0, 1, 1)])
 def test_split_runner_matches_the_torch_model(skip_split, presence):
-    from sdk.export.onnx_embedder import INPUT_NAMES, make_padded_batch
+    from sdk.contract import INPUT_NAMES
+    from sdk.export.onnx_embedder import make_padded_batch
     from sdk.export.onnx_split import split_runner
 
     graph, paths = skip_split
@@ -125,12 +126,12 @@ def test_fused_head_adds_the_skip_term_like_the_reference(skip_split):
 def test_an_engine_whose_image_graph_lacks_the_skip_output_is_refused(skip_split):
     import onnxruntime as ort
 
-    from sdk.embedder import _check_split_graphs
+    from sdk.contract import check_split_graphs
 
     _, paths = skip_split
     image = ort.InferenceSession(str(paths["image"]), providers=["CPUExecutionProvider"])
     text = ort.InferenceSession(str(paths["text"]), providers=["CPUExecutionProvider"])
-    _check_split_graphs(image, text, paths["image"], 224, skip_path=True)
+    check_split_graphs(image, text, paths["image"], 224, skip_path=True)
 
     class NoSkip:
         def __init__(self, s):
@@ -143,7 +144,7 @@ def test_an_engine_whose_image_graph_lacks_the_skip_output_is_refused(skip_split
             return [o for o in self.s.get_outputs() if o.name != "image_skip"]
 
     with pytest.raises(EngineError, match="image_skip"):
-        _check_split_graphs(NoSkip(image), text, paths["image"], 224, skip_path=True)
+        check_split_graphs(NoSkip(image), text, paths["image"], 224, skip_path=True)
 
 
 def test_split_engine_embeds_like_the_single_graph_engine(skip_split, tiny_engine, tmp_path):

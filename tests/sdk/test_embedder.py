@@ -168,7 +168,7 @@ def test_length_bucketing_pads_little(tiny_engine):
     from sdk import Embedder
 
     e = Embedder(tiny_engine.path, threads=1)
-    e._session = rec = _Recorder(e._session)
+    e._runner.session = rec = _Recorder(e._runner.session)
     short, long = "red", "red blue black white shoe shirt running cotton"  # 3 and 10 tokens
     texts = [short, long] * 4
     v = e.embed(texts=texts, batch_size=4)
@@ -537,12 +537,12 @@ def test_engine_output_problems_are_not_silent(tiny_engine):
     from sdk import Embedder
 
     e = Embedder(tiny_engine.path, threads=1)
-    real = e._session
-    e._session = _Broken(real)
+    real = e._runner.session
+    e._runner.session = _Broken(real)
     res = e.embed_batch(texts=["red", "blue"], dim=16)  # one batch, sorted: "red" is row 0
     assert list(res.errors) == [0] and "item 0: the engine produced a non-finite vector" in res.errors[0]
     assert np.isnan(res.vectors[0]).all() and np.isfinite(res.vectors[1]).all()
-    e._session = _Broken(real, fail=True)
+    e._runner.session = _Broken(real, fail=True)
     with pytest.raises(EngineError, match=r"the embedder graph failed on inputs .*simulated kernel failure"):
         e.embed(texts=["red"])
 

@@ -56,8 +56,8 @@ def test_each_tower_runs_only_on_items_with_its_modality(tiny_split_engine):
     from sdk import Embedder
 
     e = Embedder(tiny_split_engine.path, threads=1)
-    image = e._split.image_session = _Counting(e._split.image_session)
-    text = e._split.text_session = _Counting(e._split.text_session)
+    image = e._runner.image_session = _Counting(e._runner.image_session)
+    text = e._runner.text_session = _Counting(e._runner.text_session)
     e.embed(texts=["red shoe", "blue shirt", "black bag"])
     assert image.rows == [] and text.rows == [3]  # text-only: no image tower; no traces: one text run
     img = np.full((20, 20, 3), 128, np.uint8)
@@ -124,13 +124,13 @@ def test_texts_of_very_different_lengths_run_in_length_groups_with_unchanged_vec
     texts = [w[i % len(w)] for i in range(10)]
     texts[3:3] = [long]
     texts.append(" ".join(reversed(long.split())))
-    text = split._split.text_session = _Counting(split._split.text_session)
+    text = split._runner.text_session = _Counting(split._runner.text_session)
     try:
         got = split.embed(texts=texts)
         assert text.rows == [10, 2]  # 10 one-word titles, then the 2 long ones
         alone = np.stack([split.embed(texts=[t])[0] for t in texts])
     finally:
-        split._split.text_session = text.session
+        split._runner.text_session = text.session
     np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
 
 
