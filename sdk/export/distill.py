@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdk.train.feature_cache import Features, title_keys
 from sdk.train.fusion_model import EmbedderConfig, build_embedder, copy_half, load_embedder
 from sdk.train.towers import image_grid
-from sdk.train.train_embedder import Features, TrainConfig, evaluate, title_keys, train, view_embeddings
+from sdk.train.train_embedder import TrainConfig, evaluate, train, view_embeddings
 
 from ..paths import REPO
 

@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    from .feature_cache import Features, title_keys
     from .fusion_model import load_embedder
-    from .train_embedder import Features, title_keys
 
     torch.set_num_threads(1)
     embedder = load_embedder(args.embedder)

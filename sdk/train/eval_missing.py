@@ -232,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     from ..paths import COMPLETION_WEIGHTS, WEIGHTS
     from .catalog import read_catalog
     from .completion import image_tokens, load_completion
+    from .feature_cache import Features, title_keys
     from .features import TITLE_LEN, text_features
     from .fusion_model import embedder_sha256s, load_embedder
     from .towers import load_text_tower, text_tower_path
-    from .train_embedder import Features, title_keys
 
     torch.set_num_threads(1)
     t0 = time.time()

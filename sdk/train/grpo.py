@@ -220,11 +220,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdk.preprocess import TextTokenizer
 
+    from .feature_cache import Features, embed_rows, title_keys
     from .features import TRACE_LEN
     from .fusion_model import load_embedder
     from .metrics import recall_at_k
     from .towers import load_text_tower, text_tower_path
-    from .train_embedder import Features, embed_rows, title_keys
 
     cfg = GRPOConfig(steps=args.steps)
     torch.manual_seed(cfg.seed)

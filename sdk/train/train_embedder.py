@@ -39,20 +39,33 @@ import argparse
 import json
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .catalog import SPLIT_RULE, catalog_split, legacy_is_validation, normalize_title
-from .fusion_model import IMAGE, TEXT, TRACE, EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
+from .feature_cache import (
+    Features,
+    article_types,
+    batch_inputs,
+    embed_rows,
+    field_keys,
+    labelled_rows,
+    pooled_stats,
+    standardized,
+    title_keys,
+    title_stats,
+    training_rows,
+    with_photo,
+)
+from .fusion_model import EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
+from .losses import category_term, distill_terms, info_nce, relational_kl
 from .metrics import recall_at_k
+from .modality_gap import center_modalities, init_skip_from_probe
+from .prompts import DEFAULT_PROMPT_FIELDS, PROMPT_FIELDS, field_prompts, prompt_term
 
 
 @dataclass
@@ -120,7 +133,7 @@ class TrainConfig:
     # embedded by the model's own title path, so field words and photos share directions
     prompt_weight: float = 0.0
     # the fields of `PROMPT_FIELDS` the prompt term uses, comma-separated
-    prompt_fields: str = "article_type,base_colour,gender"
+    prompt_fields: str = DEFAULT_PROMPT_FIELDS
     # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
     cross_modal_weight: float = 1.0
     # decay per step of an exponential moving average of the weights; when > 0 the average is what
@@ -172,201 +185,6 @@ class TrainConfig:
         return bool(self.rendition_prob or self.image_instance or self.caption_weight)
 
 
-class Features:
-    """Cached tower features in memory (fp16), with per-row lookups as fp32 tensors."""
-
-    def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        if not (folder / "meta.json").is_file():
-            raise FileNotFoundError(f"no feature cache in {folder}: run python -m sdk.train.features first")
-        self.meta = json.loads((folder / "meta.json").read_text())
-        load = lambda name: torch.from_numpy(np.load(folder / f"{name}.npy"))  # noqa: E731
-        self.ids = np.asarray(self.meta["ids"], np.int64)
-        self.deep, self.shallow, self.has_image = load("img_deep"), load("img_shallow"), load("has_image")
-        self.title, self.title_mask = load("title_tok"), load("title_mask")
-        self.detail, self.detail_mask = load("detail_tok"), load("detail_mask")
-        self.flip_rows = np.load(folder / "val_flip_rows.npy")
-        self.is_val = self._validation_mask(folder)
-        self.deep_flip, self.shallow_flip = load("img_deep_flip"), load("img_shallow_flip")
-        self.traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.text_layers = int(self.meta.get("text_layers", 6))
-        # the map entering the image tower's last blocks (sdk.train.features --image-mid-blocks)
-        self.mid_block = self.meta.get("image_mid_block")
-        self.mid = self.mid_flip = None
-        if self.mid_block is not None:
-            self.mid, self.mid_flip = load("img_mid"), load("img_mid_flip")
-        self.text_model: nn.Module | None = None
-        self.image_model: nn.Module | None = None
-        # renditions and field captions (sdk.train.features --renditions K), memory-mapped
-        self.renditions = int(self.meta.get("renditions", 0))
-        self.deep_aug = self.shallow_aug = self.caption = self.caption_mask = None
-        if self.renditions:
-            mm = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
-            self.deep_aug, self.shallow_aug = mm("img_deep_aug"), mm("img_shallow_aug")
-            self.caption, self.caption_mask = mm("caption_tok"), mm("caption_mask")
-
-    def _validation_mask(self, folder: Path) -> np.ndarray:
-        """Validation rows: the ids the cache recorded (its catalog's leak-free split); for a cache
-        written before the split was recorded, the split of the catalog it names; a cache with no
-        catalog (no titles, no photos to group by) puts the ids ending in 0 in validation."""
-        if "validation_ids" in self.meta:
-            mask = np.isin(self.ids, np.asarray(self.meta["validation_ids"], np.int64))
-        elif self.meta.get("catalog"):
-            if not (Path(self.meta["catalog"]) / "items.jsonl").is_file():
-                raise FileNotFoundError(f"the feature cache in {folder} records no split and its catalog "
-                                        f"{self.meta['catalog']} is gone: rebuild it (python -m sdk.train.features)")
-            mask = catalog_split(self.meta["catalog"]).mask(self.ids)
-        else:
-            mask = np.array([legacy_is_validation(i) for i in self.ids], dtype=bool)
-        with_photo = np.flatnonzero(mask & self.has_image.numpy().astype(bool))
-        if not np.isin(with_photo, self.flip_rows).all():
-            raise ValueError(f"the feature cache in {folder} was written for another train/validation split "
-                             f"(validation photos without their flipped view): rebuild it with "
-                             f"python -m sdk.train.features (split {SPLIT_RULE})")
-        return mask
-
-    def tune_with(self, model: nn.Module) -> "Features":
-        """Run `model`'s fine-tuned tower layers over the cache in every `batch_inputs` from now
-        on: its last text layers (`text_tuned_layers`) over the cached title and description
-        states, which must be those of the layers below them, and its last image blocks
-        (`image_tuned_blocks`) over the cached map entering them. A model without such layers
-        detaches any earlier one."""
-        cfg = model.cfg
-        tuned, blocks = cfg.text_tuned_layers, cfg.image_tuned_blocks
-        if tuned and self.text_layers != cfg.text_tuned_first:
-            raise ValueError(f"the feature cache holds the states after {self.text_layers} MiniLM layers; a model that "
-                             f"fine-tunes layers {cfg.text_tuned_first + 1}..{cfg.text_layers} needs the states after "
-                             f"{cfg.text_tuned_first} (sdk.train.features --text-layers {cfg.text_tuned_first})")
-        if blocks and self.mid_block != cfg.image_tuned_first:
-            held = "no image map" if self.mid_block is None else f"the map entering block {self.mid_block + 1}"
-            raise ValueError(f"the feature cache holds {held}; a model that fine-tunes the image tower's last {blocks} "
-                             f"blocks needs the map entering block {cfg.image_tuned_first + 1} "
-                             f"(sdk.train.features --image-mid-blocks {blocks})")
-        self.text_model = model if tuned else None
-        self.image_model = model if blocks else None
-        return self
-
-    def load_traces(self, folder: str | Path, views=("photo+title", "title", "photo")) -> None:
-        """Attach the reasoner's traces (MiniLM token states per view) from `sdk.train.traces`."""
-        folder = Path(folder)
-        for view in views:
-            lines = (folder / f"{view}.jsonl").read_text(encoding="utf-8").splitlines()
-            ids = [json.loads(line)["id"] for line in lines if line.strip()]
-            if ids != [int(i) for i in self.ids]:
-                raise ValueError(f"{folder / view}.jsonl rows do not match the feature cache's ids")
-            tok = torch.from_numpy(np.load(folder / f"{view}_tok.npy"))
-            self.traces[view] = (tok, torch.from_numpy(np.load(folder / f"{view}_mask.npy")))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def batch_inputs(f: Features, rows, *, image: bool, text: str | None, flip: bool = False, image_features=None,
-                 trace: str | None = None, trace_keep: torch.Tensor | None = None, text_states=None):
-    """Model inputs for rows: image on/off, text None/'title'/'detail', trace None or a view of
-    `f.traces` (rows with `trace_keep` 0 go without it).
-
-    `image_features` (deep, shallow) and `text_states` (tokens, mask of the same text) of these
-    rows from an earlier call are reused as they are, so the views of one training step gather
-    the features, and run fine-tuned text layers, once.
-    """
-    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    B = len(rows)
-    if image_features is not None:
-        deep, shallow = image_features
-    elif flip:
-        pos = {int(r): i for i, r in enumerate(f.flip_rows)}
-        sel = torch.tensor([pos[int(r)] for r in rows], dtype=torch.long)
-        deep, shallow = f.deep_flip[sel].float(), f.shallow_flip[sel].float()
-        if f.image_model is not None and image:
-            deep = f.image_model.tune_image(f.mid_flip[sel].float())
-    else:
-        deep, shallow = f.deep[rows].float(), f.shallow[rows].float()
-        if f.image_model is not None and image:  # a view without the photo never reads them
-            deep = f.image_model.tune_image(f.mid[rows].float())
-    if text_states is not None:
-        tok, mask = text_states
-    else:
-        if text == "detail":
-            tok, mask = f.detail[rows].float(), f.detail_mask[rows].float()
-        else:
-            tok, mask = f.title[rows].float(), f.title_mask[rows].float()
-        t = int(mask.sum(1).max().clamp(min=1))
-        tok, mask = tok[:, :t], mask[:, :t]
-        if text is not None and f.text_model is not None:
-            tok = f.text_model.tune_text(tok, mask)
-    present = torch.zeros(B, 3)
-    present[:, IMAGE] = f.has_image[rows].float() if image else 0.0
-    if text is not None:
-        present[:, TEXT] = 1.0
-    else:
-        mask = torch.zeros_like(mask)
-    if trace is None:
-        trace_tok, trace_mask = torch.zeros(B, 1, tok.shape[-1]), torch.zeros(B, 1)
-    else:
-        trace_tok, trace_mask = f.traces[trace][0][rows].float(), f.traces[trace][1][rows].float()
-        if trace_keep is not None:
-            trace_mask = trace_mask * trace_keep[:, None]
-        s = int(trace_mask.sum(1).max().clamp(min=1))
-        trace_tok, trace_mask = trace_tok[:, :s], trace_mask[:, :s]
-        present[:, TRACE] = (trace_mask.sum(1) > 0).float()
-    return deep, shallow, tok, mask, trace_tok, trace_mask, present
-
-
-def info_nce(a, b, same, valid_a, valid_b, scale):
-    """Symmetric InfoNCE between rows of a and b (B, D); `same` (B, B) masks non-diagonal positives."""
-    logits = scale * a @ b.T  # (B, B)
-    eye = torch.eye(len(a), dtype=torch.bool)
-    blocked = (same & ~eye) | ~valid_b[None, :]
-    l_ab = logits.masked_fill(blocked, -1e4)
-    blocked_t = (same & ~eye) | ~valid_a[None, :]
-    l_ba = logits.T.masked_fill(blocked_t, -1e4)
-    target = torch.arange(len(a))
-    ce_ab = F.cross_entropy(l_ab, target, reduction="none")[valid_a & valid_b]
-    ce_ba = F.cross_entropy(l_ba, target, reduction="none")[valid_a & valid_b]
-    if ce_ab.numel() == 0:
-        return logits.sum() * 0.0
-    return 0.5 * (ce_ab.mean() + ce_ba.mean())
-
-
-def category_term(e: torch.Tensor, labels: np.ndarray, valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al., 2020) over rows of e (B, D), L2-normalised: each
-    valid row's log-probability of the other valid rows with its label (B,), averaged over those
-    positives; rows without a positive take no part."""
-    lab = np.asarray(labels)
-    same = torch.as_tensor(lab[:, None] == lab[None, :])
-    eye = torch.eye(len(e), dtype=torch.bool)
-    logits = (scale * e @ e.T).masked_fill(eye | ~valid[None, :], -1e4)
-    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = same & ~eye & valid[None, :] & valid[:, None]
-    n = pos.sum(1)
-    rows = n > 0
-    if not rows.any():
-        return e.sum() * 0.0
-    return (-(logp * pos).sum(1)[rows] / n[rows]).mean()
-
-
-def distill_terms(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float):
-    """(1 - cosine, relational KL) of student rows to the teacher's rows of the same items.
-
-    Both are L2-normalised (B, D); the relational term compares each row's softmax over its
-    in-batch similarities (teacher as the target), so the student keeps the teacher's geometry,
-    not only its directions. Rows where `valid` is False take no part.
-    """
-    s, t = student[valid], teacher[valid]
-    if len(s) < 2:
-        return student.sum() * 0.0, student.sum() * 0.0
-    cos = (1.0 - (s * t).sum(-1)).mean()
-    return cos, relational_kl(s, t, temperature)
-
-
-def relational_kl(s: torch.Tensor, t: torch.Tensor, temperature: float, t_temperature: float | None = None):
-    """KL from the teacher rows' in-batch similarity distributions to the student's: s (B, Ds)
-    and t (B, Dt) L2-normalised, any widths."""
-    return F.kl_div(F.log_softmax(s @ s.T / temperature, -1), F.softmax(t @ t.T / (t_temperature or temperature), -1),
-                    reduction="batchmean")
-
-
 @torch.no_grad()
 def view_embeddings(model, f: "Features", rows) -> dict[str, torch.Tensor]:
     """The views of rows without augmentation: photo+title, photo+description, photo alone, title
@@ -393,15 +211,6 @@ def make_batches(rows: np.ndarray, groups: np.ndarray, cfg: TrainConfig, rng: np
     order = rng.permutation(len(chunks))
     flat = np.concatenate([chunks[i] for i in order])
     return [flat[i : i + cfg.batch_size] for i in range(0, len(flat) - cfg.batch_size + 1, cfg.batch_size)]
-
-
-@torch.no_grad()
-def embed_rows(model, f: Features, rows, *, image: bool, text: str | None, flip: bool = False, trace: str | None = None,
-               bs: int = 256):
-    model.eval()
-    out = [model(*batch_inputs(f, rows[i : i + bs], image=image, text=text, flip=flip, trace=trace))
-           for i in range(0, len(rows), bs)]
-    return torch.cat(out)
 
 
 def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, dims=(256,)) -> dict:
@@ -449,255 +258,6 @@ def evaluate(model, f: Features, val_rows: np.ndarray, title_key: np.ndarray, di
             for key, v in recall_at_k(m(q), m(g), qk, gk).items():
                 res[f"{name} {key}{sfx}"] = v
     return res
-
-
-def _row_values(f: Features, catalog: str | Path, value) -> list:
-    """`value(product)` of each cached row's product, in row order."""
-    from .catalog import read_catalog
-
-    got = {p.id: value(p) for p in read_catalog(catalog)}
-    return [got[int(i)] for i in f.ids]
-
-
-def _keys(values: list) -> np.ndarray:
-    """An integer per value; equal values share one."""
-    index: dict = {}
-    return np.array([index.setdefault(v, len(index)) for v in values])
-
-
-def field_keys(f: Features, catalog: str | Path | None, value) -> np.ndarray:
-    """Integer key per row of `value(product)` (rows with equal values share a key); without a
-    catalog every row gets 0."""
-    if catalog is None:
-        return np.zeros(len(f), np.int64)
-    return _keys(_row_values(f, catalog, value))
-
-
-def title_keys(f: Features, catalog: str | Path | None) -> np.ndarray:
-    """Integer key per row: rows sharing a normalised title (one design) share a key (without a
-    catalog, the row index)."""
-    if catalog is None:
-        return np.arange(len(f))
-    return field_keys(f, catalog, lambda p: normalize_title(p.title))
-
-
-def labelled_rows(f: Features, catalog: str | Path, value) -> tuple[np.ndarray, np.ndarray]:
-    """(integer key per row of `value(product)`, whether the product has a value at all)."""
-    vals = [str(v or "") for v in _row_values(f, catalog, value)]
-    return _keys(vals), np.array([bool(v) for v in vals])
-
-
-def article_types(f: Features, catalog: str | Path | None) -> np.ndarray:
-    return field_keys(f, catalog, lambda p: p.article_type)
-
-
-PROMPT_FIELDS = {  # field -> training templates (the validation suite's zero-shot prompts are other words)
-    "article_type": ("a {} item", "{} for sale"),
-    "base_colour": ("{} coloured", "in {}"),
-    "gender": ("for {}", "{} style"),
-    "brand": ("by {}", "a {} product"),
-}
-PROMPT_MIN_ROWS = 5  # a class is prompted when at least this many training products have it
-
-
-@dataclass
-class FieldPrompts:
-    """One field's class prompts: MiniLM states (C * templates, L, 384) + mask, each training
-    row's class (-1: none of the prompted classes) and the class names."""
-
-    field: str
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    label: np.ndarray
-    classes: list[str]
-
-
-def field_prompts(f: Features, catalog: str | Path | None, train_rows: np.ndarray,
-                  fields: Sequence[str] = tuple(TrainConfig.prompt_fields.split(","))) -> list[FieldPrompts]:
-    """The prompt term's classes: per field (of `PROMPT_FIELDS`), the values at least
-    `PROMPT_MIN_ROWS` training products have, their prompts run through the frozen text tower."""
-    if catalog is None:
-        raise ValueError("prompt_weight needs the catalog (its product fields)")
-    out = []
-    for name in fields:
-        templates = PROMPT_FIELDS[name]
-        vals = np.array([str(v or "").strip() for v in _row_values(f, catalog, lambda p, n=name: p.record.get(n))],
-                        dtype=object)
-        counts = Counter(vals[train_rows])
-        classes = sorted(v for v, n in counts.items() if v and n >= PROMPT_MIN_ROWS)
-        if len(classes) < 2:
-            continue
-        index = {c: i for i, c in enumerate(classes)}
-        states, mask = prompt_states([t.format(c.lower()) for c in classes for t in templates])
-        out.append(FieldPrompts(name, states, mask, np.array([index.get(v, -1) for v in vals]), classes))
-    if not out:
-        raise ValueError(f"prompt_weight: no field of {sorted(fields)} has two classes with "
-                         f">= {PROMPT_MIN_ROWS} training products")
-    return out
-
-
-def prompt_states(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Short texts through the frozen text tower, as the feature cache's captions are: token
-    states (N, L, 384) float32 and mask (N, L)."""
-    from sdk.preprocess import TextTokenizer
-
-    from .features import CAPTION_LEN
-    from .towers import load_text_tower, text_tower_path
-
-    ids, mask = TextTokenizer(text_tower_path() / "tokenizer.json", CAPTION_LEN)(texts)
-    with torch.no_grad():
-        states = load_text_tower()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-    return states.float(), torch.from_numpy(mask).float()
-
-
-def prompt_term(model, prompts: list[FieldPrompts], e_img: torch.Tensor, rows: np.ndarray, has_img: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """Mean over fields of the cross-entropy of each photo-only vector (e_img, B x D) picking its
-    class among the field's prompt vectors (each class: the mean of its templates' title-only
-    vectors, through the model being trained)."""
-    total, n = e_img.sum() * 0.0, 0
-    for p in prompts:
-        label = torch.as_tensor(p.label[rows])
-        ok = has_img & (label >= 0)
-        if not ok.any():
-            continue
-        b = len(p.tokens)
-        d = model.cfg.d_model
-        present = torch.tensor([[0.0, 1.0, 0.0]]).expand(b, 3)
-        e = model(None, None, p.tokens, p.mask, torch.zeros(b, 1, p.tokens.shape[-1]), torch.zeros(b, 1), present,
-                  image_tokens=torch.zeros(b, model.cfg.n_image_tokens, d))
-        centers = F.normalize(e.reshape(len(p.classes), -1, e.shape[-1]).mean(1), dim=-1)  # (C, D)
-        total = total + F.cross_entropy(e_img[ok] @ centers.T * scale, label[ok])
-        n += 1
-    return total / max(n, 1)
-
-
-def with_photo(f: Features, rows: np.ndarray) -> np.ndarray:
-    """The rows of `rows` whose product has a photo."""
-    return rows[f.has_image[torch.as_tensor(rows)].numpy().astype(bool)]
-
-
-def pooled_photo(f: Features, rows: torch.Tensor) -> torch.Tensor:
-    """The image tower's mean-pooled deep features of `rows` (B, C): what the skip path and the
-    probe read of a photo."""
-    return f.deep[rows].float().mean(1)
-
-
-def pooled_title(f: Features, rows: torch.Tensor) -> torch.Tensor:
-    """The text tower's mean title states of `rows` (B, C), padding left out."""
-    return masked_mean(f.title[rows].float(), f.title_mask[rows].float())
-
-
-def pooled_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the image tower's mean-pooled deep features over `rows` that
-    have a photo: what standardises the tower's own view of a photo (the relational term)."""
-    rows = with_photo(f, rows)
-    return _mean_std(lambda r: pooled_photo(f, r), rows, chunk)
-
-
-def title_stats(f: Features, rows: np.ndarray, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the text tower's mean-pooled title states over `rows`."""
-    return _mean_std(lambda r: pooled_title(f, r), rows, chunk)
-
-
-def _mean_std(pool, rows: np.ndarray, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (+1e-6) of `pool(row indices)` (B, C) over `rows`, `chunk` at a time."""
-    pooled = torch.cat([pool(torch.as_tensor(rows[s : s + chunk])) for s in range(0, len(rows), chunk)])
-    return pooled.mean(0), pooled.std(0) + 1e-6
-
-
-def standardized(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Pooled tower features (B, C), standardised by `stats` and L2-normalised."""
-    return F.normalize((x - stats[0]) / stats[1], dim=-1)
-
-
-SKIP_INIT_NORM = 4.0  # mean norm of each modality's probe-initialised skip term over the training rows
-
-
-def init_skip_from_probe(model, f: Features, catalog, train_rows: np.ndarray, keys: np.ndarray, log=print) -> dict:
-    """Start a skip-path model from a linear probe: train the probe of the validation suite
-    (`sdk.train.probe.train_probe`, its learning-rate sweep included) on the training rows'
-    pooled photo and title features, copy its maps into the skip path (scaled so each modality's
-    term has mean norm `SKIP_INIT_NORM`), and zero the head's output projection, so the model
-    starts as the probe and the fusion learns a residual on it. Returns the probe's report."""
-    from .probe import ProbeConfig, train_probe
-
-    rows = with_photo(f, train_rows)
-    idx = torch.as_tensor(rows)
-    with torch.no_grad():
-        img, txt = (torch.cat([pool(f, idx[s : s + 512]) for s in range(0, len(rows), 512)]).numpy()
-                    for pool in (pooled_photo, pooled_title))
-    if catalog is not None:
-        split = catalog_split(catalog)
-        group = np.array([split.group[int(i)] for i in f.ids[rows]])
-    else:
-        group = keys[rows]
-    probe, report = train_probe(img, txt, keys[rows], group, towers=None, cfg=ProbeConfig(dim=model.cfg.out_dim),
-                                log=log)
-    with torch.no_grad():
-        _copy_probe(model, probe, img, txt)
-    log(f"skip path initialised from a probe (lr {report['lr']}, {report['epochs']} epochs, dev R@10 {report['dev_R@10']})")
-    return report
-
-
-def _copy_probe(model, probe, img: np.ndarray, txt: np.ndarray) -> None:
-    for skip, w, kind, x in ((model.skip_image, probe.w_img, "img", img), (model.skip_text, probe.w_txt, "txt", txt)):
-        skip.set_stats(torch.from_numpy(probe.stats[f"{kind}_mean"]), torch.from_numpy(probe.stats[f"{kind}_std"]))
-        skip.proj.weight.copy_(torch.from_numpy(w[:-1].T))
-        skip.proj.bias.copy_(torch.from_numpy(w[-1]))
-        norm = skip(torch.from_numpy(x)).norm(dim=-1).mean().clamp(min=1e-6)
-        skip.proj.weight.mul_(SKIP_INIT_NORM / norm)
-        skip.proj.bias.mul_(SKIP_INIT_NORM / norm)
-    model.head[1].weight.zero_()
-    model.head[1].bias.zero_()
-
-
-def training_rows(f: Features, catalog, holdout_master_category: str | None = None) -> np.ndarray:
-    """The feature rows of the training split, less the products of `holdout_master_category`."""
-    rows = np.flatnonzero(~f.is_val)
-    if holdout_master_category is None:
-        return rows
-    if catalog is None:
-        raise ValueError("holdout_master_category needs the catalog (its master categories)")
-    from .catalog import read_catalog
-
-    cats = {p.id: p.record.get("master_category") or "" for p in read_catalog(catalog)}
-    held = np.array([cats[int(i)] == holdout_master_category for i in f.ids])
-    if not held.any():
-        raise ValueError(f"no product is in master category {holdout_master_category!r}")
-    return rows[~held[rows]]
-
-
-CENTER_ROWS = 2000  # training products (with a photo) whose vectors estimate each modality's mean
-
-
-@torch.no_grad()
-def center_modalities(model, f: Features, train_rows: np.ndarray, n: int = CENTER_ROWS, seed: int = 0,
-                      log=print) -> dict:
-    """Close the modality gap of a skip-path model, in place: photo-only vectors crowd into one
-    narrow cone and title-only vectors into another, so a photo's nearest titles are the ones
-    nearest the title cone's centre, whatever the photo shows. Over `n` training products with a
-    photo, each modality's mean unit vector m and mean output norm r (before the L2 norm) are
-    measured, and r * m is subtracted from that modality's skip-map bias: the photo-only and
-    title-only vectors are then centred on the origin (a photo + title vector moves by both).
-    The engine needs nothing new: the skip maps are already in it. Returns what moved."""
-    if not getattr(model.cfg, "skip_path", False):
-        raise ValueError("center_modalities needs a skip-path model (EmbedderConfig.skip_path): its skip biases "
-                         "carry the offsets")
-    model.eval()
-    rows = with_photo(f, train_rows)
-    rows = np.sort(np.random.default_rng(seed).choice(rows, min(n, len(rows)), replace=False))
-    record = {"rows": int(len(rows))}
-    for name, skip, image, text in (("photo", model.skip_image, True, None), ("title", model.skip_text, False, "title")):
-        raw = torch.cat([model.raw(*batch_inputs(f, rows[i : i + 256], image=image, text=text))
-                         for i in range(0, len(rows), 256)])
-        mean_unit = F.normalize(raw, dim=-1).mean(0)
-        offset = raw.norm(dim=-1).mean() * mean_unit
-        skip.proj.bias.sub_(offset)
-        record[name] = {"mean_vector_norm": round(mean_unit.norm().item(), 4), "offset_norm": round(offset.norm().item(), 4)}
-    log(f"modality gap closed on {len(rows)} training products: mean photo vector norm "
-        f"{record['photo']['mean_vector_norm']}, mean title vector norm {record['title']['mean_vector_norm']}")
-    return record
 
 
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:

@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=TTEConfig.epochs)
     args = ap.parse_args(argv)
 
+    from .feature_cache import Features, embed_rows, title_keys
     from .fusion_model import load_embedder
-    from .train_embedder import Features, embed_rows, title_keys
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()

@@ -13,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_training import TINY, write_cache  # noqa: E402
 
 from sdk.export.distill import distill, init_from_teacher, student_config  # noqa: E402
+from sdk.train.feature_cache import Features  # noqa: E402
 from sdk.train.fusion_model import EmbedderConfig, FusionEmbedder, load_embedder  # noqa: E402
-from sdk.train.train_embedder import Features, TrainConfig, distill_terms, train  # noqa: E402
+from sdk.train.losses import distill_terms  # noqa: E402
+from sdk.train.train_embedder import TrainConfig, train  # noqa: E402
 
 
 def test_distill_terms_are_zero_for_the_teacher_and_grow_with_distortion():

@@ -7,8 +7,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import sdk.train.feature_cache as fc  # noqa: E402
+import sdk.train.modality_gap as mg  # noqa: E402
+import sdk.train.prompts as pr  # noqa: E402
+from sdk.train.feature_cache import Features  # noqa: E402
 from sdk.train.fusion_model import EmbedderConfig, load_embedder  # noqa: E402
-from sdk.train.train_embedder import Features, TrainConfig, info_nce, make_batches, train  # noqa: E402
+from sdk.train.losses import info_nce  # noqa: E402
+from sdk.train.train_embedder import TrainConfig, make_batches, train  # noqa: E402
 
 TINY = dict(d_model=32, n_heads=4, image_dim=24, shallow_dim=8, text_dim=16, n_image_tokens=9,
             n_image_layers=2, fire_hidden=16, n_fusion_layers=1, out_dim=32, matryoshka_dims=(16, 32), dropout=0.0)
@@ -214,7 +219,7 @@ def test_training_with_renditions_captions_and_tower_relations(tmp_path):
 
 
 def test_title_stats_standardise_the_pooled_title_states(tmp_path):
-    from sdk.train.train_embedder import standardized, title_stats
+    from sdk.train.feature_cache import standardized, title_stats
 
     f = Features(write_cache(tmp_path / "cache"))
     rows = np.arange(0, len(f), 2)
@@ -228,7 +233,7 @@ def test_title_stats_standardise_the_pooled_title_states(tmp_path):
 
 
 def test_category_term_gathers_rows_of_one_label():
-    from sdk.train.train_embedder import category_term
+    from sdk.train.losses import category_term
 
     labels = np.array([0, 0, 1, 1, 2])
     valid = torch.ones(5, dtype=torch.bool)
@@ -358,7 +363,7 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
 
 def _fake_prompt_states(monkeypatch, dim=16):
     """Prompts through a stand-in text tower: each word a fixed random state (no MiniLM in tests)."""
-    import sdk.train.train_embedder as te
+    import sdk.train.prompts as prompts_module
 
     seen = []
 
@@ -372,65 +377,63 @@ def _fake_prompt_states(monkeypatch, dim=16):
                 mask[i, j] = 1.0
         return out, mask
 
-    monkeypatch.setattr(te, "prompt_states", states)
+    monkeypatch.setattr(prompts_module, "prompt_states", states)
     return seen
 
 
 def test_field_prompts_take_the_training_products_classes(tmp_path, monkeypatch):
-    import sdk.train.train_embedder as te
 
     cache = write_cache(tmp_path / "cache")
     catalog = write_catalog_for(cache, tmp_path)
     seen = _fake_prompt_states(monkeypatch)
     f = Features(cache)
     rows = np.arange(len(f))
-    prompts = {p.field: p for p in te.field_prompts(f, catalog, rows)}
+    prompts = {p.field: p for p in pr.field_prompts(f, catalog, rows)}
     # every product is "Men": one class is no choice, so gender is not prompted
     assert set(prompts) == {"article_type", "base_colour"}
     assert prompts["article_type"].classes == ["Shoes", "Tshirts", "Watches"]
-    assert prompts["base_colour"].tokens.shape[0] == 2 * len(te.PROMPT_FIELDS["base_colour"])
+    assert prompts["base_colour"].tokens.shape[0] == 2 * len(pr.PROMPT_FIELDS["base_colour"])
     assert "red coloured" in seen and "a shoes item" in seen
     ids = json.loads((cache / "meta.json").read_text())["ids"]
     assert [prompts["base_colour"].classes[k] for k in prompts["base_colour"].label[:4]] == \
         [["Red", "Blue"][i % 2] for i in ids[:4]]
     # a class the training rows lack is not prompted, and its rows carry no label
     no_shoes = rows[np.array([i % 3 != 1 for i in ids])]
-    p = {p.field: p for p in te.field_prompts(f, catalog, no_shoes)}["article_type"]
+    p = {p.field: p for p in pr.field_prompts(f, catalog, no_shoes)}["article_type"]
     assert p.classes == ["Tshirts", "Watches"] and (p.label[[i % 3 == 1 for i in ids]] == -1).all()
     with pytest.raises(ValueError, match="prompt_weight needs the catalog"):
-        te.field_prompts(f, None, rows)
+        pr.field_prompts(f, None, rows)
     with pytest.raises(ValueError, match="no field of \\['brand'\\] has two classes"):
-        te.field_prompts(f, catalog, rows, ["brand"])  # this catalog names no brand
+        pr.field_prompts(f, catalog, rows, ["brand"])  # this catalog names no brand
     items = [json.loads(x) for x in (catalog / "items.jsonl").read_text().splitlines()]
     (catalog / "items.jsonl").write_text("".join(json.dumps({**r, "brand": ["Nike", "Puma"][r["id"] % 2]}) + "\n"
                                                  for r in items))
-    p = te.field_prompts(f, catalog, rows, ["brand", "gender"])
+    p = pr.field_prompts(f, catalog, rows, ["brand", "gender"])
     assert [x.field for x in p] == ["brand"] and p[0].classes == ["Nike", "Puma"] and "by nike" in seen
 
 
 def test_prompt_term_rewards_photos_near_their_class_prompt(monkeypatch):
-    import sdk.train.train_embedder as te
     from sdk.train.fusion_model import build_embedder
 
     torch.manual_seed(0)
     model = build_embedder(EmbedderConfig(**TINY)).eval()
     _fake_prompt_states(monkeypatch)
-    tok, mask = te.prompt_states(["a tee item", "tee for sale", "a shoe item", "shoe for sale"])
-    p = te.FieldPrompts("article_type", tok, mask, np.array([0, 1, 0, 1]), ["tee", "shoe"])
+    tok, mask = pr.prompt_states(["a tee item", "tee for sale", "a shoe item", "shoe for sale"])
+    p = pr.FieldPrompts("article_type", tok, mask, np.array([0, 1, 0, 1]), ["tee", "shoe"])
     with torch.no_grad():
         e = model(None, None, tok, mask, torch.zeros(4, 1, 16), torch.zeros(4, 1), torch.tensor([[0.0, 1.0, 0.0]] * 4),
                   image_tokens=torch.zeros(4, 9, 32))
     centers = torch.nn.functional.normalize(e.reshape(2, 2, -1).mean(1), dim=-1)
     rows, has = np.arange(4), torch.ones(4, dtype=torch.bool)
-    right = te.prompt_term(model, [p], centers[[0, 1, 0, 1]], rows, has, 20.0)
-    wrong = te.prompt_term(model, [p], centers[[1, 0, 1, 0]], rows, has, 20.0)
+    right = pr.prompt_term(model, [p], centers[[0, 1, 0, 1]], rows, has, 20.0)
+    wrong = pr.prompt_term(model, [p], centers[[1, 0, 1, 0]], rows, has, 20.0)
     assert right < wrong
     # rows without a photo or a prompted class take no part
-    assert te.prompt_term(model, [p], centers[[1, 0, 1, 0]], rows, torch.zeros(4, dtype=torch.bool), 20.0) == 0.0
+    assert pr.prompt_term(model, [p], centers[[1, 0, 1, 0]], rows, torch.zeros(4, dtype=torch.bool), 20.0) == 0.0
 
 
 def test_training_with_the_skip_path_and_prompts(tmp_path, monkeypatch):
-    from sdk.train.train_embedder import pooled_stats
+    from sdk.train.feature_cache import pooled_stats
 
     cache = add_views(write_cache(tmp_path / "cache"))
     catalog = write_catalog_for(cache, tmp_path)
@@ -448,7 +451,6 @@ def test_training_with_the_skip_path_and_prompts(tmp_path, monkeypatch):
 
 
 def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
-    import sdk.train.train_embedder as te
     from sdk.train.fusion_model import build_embedder
 
     cache = write_cache(tmp_path / "cache")
@@ -456,20 +458,20 @@ def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
     torch.manual_seed(0)
     model = build_embedder(EmbedderConfig(**TINY, skip_path=True)).eval()
     rows = np.flatnonzero(~f.is_val)
-    keys = te.title_keys(f, None)
-    report = te.init_skip_from_probe(model, f, None, rows, keys, log=lambda *_: None)
+    keys = fc.title_keys(f, None)
+    report = mg.init_skip_from_probe(model, f, None, rows, keys, log=lambda *_: None)
     assert report["epochs"] >= 1
     val = np.flatnonzero(f.is_val & f.has_image.numpy().astype(bool))
     with torch.no_grad():
-        img = model(*te.batch_inputs(f, val, image=True, text=None))
-        txt = model(*te.batch_inputs(f, val, image=False, text="title"))
+        img = model(*fc.batch_inputs(f, val, image=True, text=None))
+        txt = model(*fc.batch_inputs(f, val, image=False, text="title"))
         # the head's projection is zero: each vector is its skip term alone, normalised
-        inputs = te.batch_inputs(f, val, image=True, text=None)
+        inputs = fc.batch_inputs(f, val, image=True, text=None)
         want = torch.nn.functional.normalize(model.skip(inputs[0], None, inputs[2], inputs[3], inputs[6]), dim=-1)
     torch.testing.assert_close(img, want)
     assert (txt @ img.T).argmax(1).eq(torch.arange(len(val))).float().mean() > 0.4  # the probe already retrieves
     mean_norm = model.skip_image(f.deep[torch.as_tensor(rows)].float().mean(1)).norm(dim=-1).mean()
-    assert abs(mean_norm.item() - te.SKIP_INIT_NORM) < 0.2 * te.SKIP_INIT_NORM  # (mean over photos and blanks)
+    assert abs(mean_norm.item() - mg.SKIP_INIT_NORM) < 0.2 * mg.SKIP_INIT_NORM  # (mean over photos and blanks)
     with pytest.raises(ValueError, match="skip_init must be"):
         TrainConfig(skip_init="random")
     with pytest.raises(ValueError, match="skip_lr_scale must be"):
@@ -509,16 +511,14 @@ def test_a_frozen_probe_skip_path_keeps_the_probe_and_trains_the_fusion(tmp_path
 
 
 def _modality_means(model, f, rows):
-    import sdk.train.train_embedder as te
 
     with torch.no_grad():
-        p = te.embed_rows(model, f, rows, image=True, text=None)
-        t = te.embed_rows(model, f, rows, image=False, text="title")
+        p = fc.embed_rows(model, f, rows, image=True, text=None)
+        t = fc.embed_rows(model, f, rows, image=False, text="title")
     return p.mean(0).norm().item(), t.mean(0).norm().item()
 
 
 def test_centering_closes_the_modality_gap_through_the_skip_biases(tmp_path):
-    import sdk.train.train_embedder as te
     from sdk.train.fusion_model import build_embedder
 
     f = Features(write_cache(tmp_path / "cache"))
@@ -530,14 +530,14 @@ def test_centering_closes_the_modality_gap_through_the_skip_biases(tmp_path):
     rows = np.flatnonzero(~f.is_val)
     before = _modality_means(model, f, rows)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    record = te.center_modalities(model, f, rows, log=lambda *_: None)
+    record = mg.center_modalities(model, f, rows, log=lambda *_: None)
     after = _modality_means(model, f, rows)
     assert min(before) > 0.5 and max(after) < 0.35 * min(before), (before, after)
     assert record["photo"]["mean_vector_norm"] == pytest.approx(before[0], abs=0.05)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])}
     assert changed == {"skip_image.proj.bias", "skip_text.proj.bias"}  # what an engine's skip maps carry
     with pytest.raises(ValueError, match="needs a skip-path model"):
-        te.center_modalities(build_embedder(EmbedderConfig(**TINY)), f, rows)
+        mg.center_modalities(build_embedder(EmbedderConfig(**TINY)), f, rows)
 
 
 def test_center_only_writes_a_centred_copy_and_training_can_end_centred(tmp_path, capsys):
