@@ -39,7 +39,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +281,294 @@ def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> lis
     return groups
 
 
+@dataclass
+class _Plan:
+    """What a training run reads besides the model: its rows, the per-row keys that tell positives
+    apart, the towers' statistics and the supervised and prompt terms' labels."""
+
+    keys: np.ndarray  # one key per design (products sharing a title are not each other's negatives)
+    types: np.ndarray  # article type per row: batches are built of groups of one type
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    cap_keys: np.ndarray | None = None  # (rows, captions): products sharing a caption
+    tower_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (weight, whether it applies to the photo + title vectors, label key per row, whether the row
+    # has that label) of each supervised term; all apply to the photo-only vectors
+    supervised: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+
+
+@dataclass
+class _Views:
+    """One step's embeddings of its rows, (B, D) each; None where the configuration has no such view."""
+
+    same: torch.Tensor  # (B, B) rows of one design
+    has_img: torch.Tensor  # (B,)
+    feats: tuple  # (deep, shallow) image features of the rows
+    title_states: tuple  # (tokens, mask) of the titles
+    mm1: torch.Tensor  # photo + title
+    mm2: torch.Tensor  # photo (tokens dropped, maybe a rendition) + description
+    img: torch.Tensor  # photo alone (tokens dropped, maybe a rendition)
+    txt: torch.Tensor  # title alone
+    clean: torch.Tensor | None = None  # the original photo alone
+    aug: torch.Tensor | None = None  # a rendition alone
+    cap: torch.Tensor | None = None  # a field caption
+    same_cap: torch.Tensor | None = None
+    traced: list = field(default_factory=list)  # photo+title, title, photo with their traces
+    detail: torch.Tensor | None = None  # description alone (distillation only)
+
+
+def _check_config(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog) -> None:
+    if cfg.center_modalities and not getattr(model_cfg, "skip_path", False):
+        raise ValueError("center_modalities needs a skip-path model (--skip-path): its skip biases carry the offsets")
+    if cfg.uses_renditions and not f.renditions:
+        raise ValueError("rendition_prob, image_instance and caption_weight need renditions and captions in the "
+                         "feature cache (python -m sdk.train.features ... --renditions K)")
+    if cfg.uses_renditions and (model_cfg.image_tuned_blocks or model_cfg.text_tuned_layers):
+        raise ValueError("renditions and captions are cached as the whole towers' features; a model that fine-tunes "
+                         "tower layers cannot read them")
+    if cfg.caption_weight and catalog is None:
+        raise ValueError("caption_weight needs the catalog (products that share a caption are not negatives)")
+
+
+def _plan(cfg: TrainConfig, f: Features, catalog) -> _Plan:
+    plan = _Plan(title_keys(f, catalog), article_types(f, catalog),
+                 training_rows(f, catalog, cfg.holdout_master_category), np.flatnonzero(f.is_val))
+    if cfg.caption_weight:
+        from .augment import CAPTIONS, captions
+
+        plan.cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c])
+                                  for c in range(CAPTIONS)], 1)
+    colour = lambda p: p.record.get("base_colour")  # noqa: E731
+    for name, w, mm, value in (("category_weight", cfg.category_weight, True, lambda p: p.article_type),
+                               ("colour_weight", cfg.colour_weight, True, colour),
+                               ("photo_colour_weight", cfg.photo_colour_weight, False, colour)):
+        if w:
+            if catalog is None:
+                raise ValueError(f"{name} needs the catalog (its product fields)")
+            plan.supervised.append((w, mm, *labelled_rows(f, catalog, value)))
+    if cfg.tower_relational or cfg.mm_relational:
+        plan.tower_stats = pooled_stats(f, plan.train_rows)
+    if cfg.text_relational or cfg.mm_relational:
+        plan.text_stats = title_stats(f, plan.train_rows)
+    return plan
+
+
+def _model(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, plan: _Plan, init: nn.Module | None,
+           log) -> nn.Module:
+    """The model to train: `init`, or a new one whose skip path (if any) starts as `cfg.skip_init` says;
+    frozen parts have requires_grad off."""
+    model = build_embedder(model_cfg) if init is None else init
+    if init is None and model_cfg.skip_path:
+        if cfg.skip_init == "probe":  # the probe's own statistics and maps
+            init_skip_from_probe(model, f, catalog, plan.train_rows, plan.keys, log)
+        else:
+            model.skip_image.set_stats(*(plan.tower_stats or pooled_stats(f, plan.train_rows)))
+            model.skip_text.set_stats(*(plan.text_stats or title_stats(f, plan.train_rows)))
+    elif cfg.skip_init != "zero":
+        raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
+    if cfg.prompt_weight:
+        plan.prompts = field_prompts(f, catalog, plan.train_rows, cfg.prompt_fields.split(","))
+    f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
+    if cfg.freeze_image:
+        for p in model.image.parameters():
+            p.requires_grad_(False)
+    if model_cfg.skip_path and not cfg.skip_lr_scale:
+        for p in (*model.skip_image.parameters(), *model.skip_text.parameters()):
+            p.requires_grad_(False)
+    return model
+
+
+@dataclass
+class _Optimizer:
+    named: list  # the trained parameters, by name
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: nn.Module | None  # the weight average that is measured and saved
+    steps_per_epoch: int
+    total: int
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, n_train: int) -> _Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr)
+    steps_per_epoch = n_train // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n_train} training products are fewer than one batch of {cfg.batch_size}")
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+    # the weight average (a copy of the model, updated after each step) that is measured and saved
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None)
+    return _Optimizer(named, opt, sched, ema, steps_per_epoch, total)
+
+
+def _resume(checkpoint: Path, model_cfg: EmbedderConfig, cfg: TrainConfig, model: nn.Module, o: _Optimizer,
+            rng: np.random.Generator) -> tuple[int, list]:
+    """Load a run's checkpoint into the model, optimiser, schedule and random states -> (epochs done, history)."""
+    state = torch.load(checkpoint, weights_only=False)  # our own training state (never shipped)
+    # a field added since the checkpoint was written takes its default (what that run trained with)
+    written = {**TrainConfig().__dict__, **state["train_config"]}
+    if written != cfg.__dict__ or state["model_config"] != json.loads(model_cfg.to_json()):
+        raise ValueError(f"{checkpoint} was written by another configuration; remove it or give the same arguments")
+    model.load_state_dict(state["model"])
+    if o.ema is not None:
+        o.ema.load_state_dict(state["ema"])
+    o.opt.load_state_dict(state["optimizer"])
+    o.sched.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.bit_generator.state = state["numpy_rng"]
+    return state["epoch"], state["history"]
+
+
+def _save_checkpoint(checkpoint: Path, epoch: int, history: list, model_cfg: EmbedderConfig, cfg: TrainConfig,
+                     model: nn.Module, o: _Optimizer, rng: np.random.Generator) -> None:
+    Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{checkpoint}.tmp")
+    torch.save({"epoch": epoch, "history": history, "model": model.state_dict(), "optimizer": o.opt.state_dict(),
+                "schedule": o.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "ema": None if o.ema is None else o.ema.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "train_config": cfg.__dict__,
+                "model_config": json.loads(model_cfg.to_json())}, tmp)
+    tmp.replace(checkpoint)
+
+
+def _views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, rows: np.ndarray,
+           plan: _Plan, rng: np.random.Generator, distilling: bool) -> _Views:
+    """Embed one batch's rows in every view the configuration trains (the random draws in a fixed order)."""
+    rows_t = torch.as_tensor(rows)
+    keys = plan.keys
+    same = torch.as_tensor(keys[rows][:, None] == keys[rows][None, :])
+    has_img = f.has_image[rows_t].bool()
+    keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
+    title = batch_inputs(f, rows, image=True, text="title")
+    feats = title[:2]  # (deep, shallow), gathered once for the four views
+    with torch.set_grad_enabled(not cfg.freeze_image):
+        img_tok = model.encode_image(*feats)  # shared by the views with a photo
+    e_mm1 = model(*title, image_tokens=img_tok)
+    img_only = batch_inputs(f, rows, image=True, text=None, image_features=feats)
+    view_tok, e_aug, view_pooled = img_tok, None, None
+    if cfg.uses_renditions:
+        # a cached rendition of each photo: the description and photo-only views read it
+        # at rendition_prob, and its photo-only vector must find its original's
+        pick = rng.integers(0, f.renditions, len(rows))
+        aug_deep = torch.from_numpy(f.deep_aug[rows, pick].astype(np.float32))
+        aug_tok = model.encode_image(aug_deep, torch.from_numpy(f.shallow_aug[rows, pick].astype(np.float32)))
+        use = (torch.rand(len(rows)) < cfg.rendition_prob)[:, None, None]
+        view_tok = torch.where(use, aug_tok, img_tok)
+        # the skip path reads the pooled features of the photo each view shows
+        aug_pooled = aug_deep.mean(1)
+        view_pooled = torch.where(use[:, 0], aug_pooled, feats[0].mean(1))
+        if cfg.image_instance:
+            e_aug = model(*img_only, image_tokens=aug_tok, image_pooled=aug_pooled)
+    e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational) else None
+    detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
+    e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled)
+    title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
+    keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
+    e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok, image_pooled=view_pooled)
+    v = _Views(same, has_img, feats, title_states, e_mm1, e_mm2, e_img, None, e_clean, e_aug)
+    if cfg.caption_weight:
+        c = rng.integers(0, plan.cap_keys.shape[1], len(rows))
+        cap = (torch.from_numpy(f.caption[rows, c].astype(np.float32)),
+               torch.from_numpy(f.caption_mask[rows, c].astype(np.float32)))
+        t = int(cap[1].sum(1).max().clamp(min=1))
+        v.cap = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
+                                    text_states=(cap[0][:, :t], cap[1][:, :t])), image_tokens=img_tok)
+        k = plan.cap_keys[rows, c]
+        v.same_cap = same | torch.as_tensor(k[:, None] == k[None, :])
+    v.txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats, text_states=title_states),
+                  image_tokens=img_tok)
+    if f.traces:
+        for view, image, text in (("photo+title", True, "title"), ("title", False, "title"), ("photo", True, None)):
+            keep = (torch.rand(len(rows)) >= cfg.trace_drop).float()
+            inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep,
+                                  text_states=title_states if text else None)
+            v.traced.append(model(*inputs, image_tokens=img_tok))
+    if distilling:
+        # the description-only view is not among the contrastive terms; a student whose text
+        # tower lost layers must still learn where descriptions land
+        v.detail = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats,
+                                       text_states=detail_states), image_tokens=img_tok)
+    return v
+
+
+def _contrastive(v: _Views, cfg: TrainConfig, dims: tuple[int, ...]) -> torch.Tensor:
+    """The InfoNCE terms of the views, averaged over the Matryoshka prefixes."""
+    scale, same, has_img = 1.0 / cfg.temperature, v.same, v.has_img
+    all_ok = torch.ones(len(same), dtype=torch.bool)
+    total = 0.0
+    for d in dims:
+        mm1, mm2, im, tx = (matryoshka(e, d) for e in (v.mm1, v.mm2, v.img, v.txt))
+        total = total + (
+            info_nce(tx, mm1, same, all_ok, all_ok, scale)
+            + info_nce(im, mm1, same, has_img, all_ok, scale)
+            + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
+            + cfg.cross_modal_weight * info_nce(im, tx, same, has_img, all_ok, scale)
+        ) / len(dims)
+        if v.aug is not None:
+            total = total + cfg.image_instance * info_nce(
+                matryoshka(v.aug, d), matryoshka(v.clean, d), same, has_img, has_img, scale) / len(dims)
+        if v.cap is not None:
+            cp = matryoshka(v.cap, d)
+            total = total + cfg.caption_weight * (
+                info_nce(cp, mm1, v.same_cap, all_ok, all_ok, scale)
+                + info_nce(cp, im, v.same_cap, all_ok, has_img, scale)
+            ) / len(dims)
+        if v.traced:
+            mm_t, tx_t, im_t = (matryoshka(e, d) for e in v.traced)
+            total = total + (
+                info_nce(tx_t, mm_t, same, all_ok, all_ok, scale)
+                + info_nce(im_t, mm_t, same, has_img, all_ok, scale)
+                + info_nce(mm_t, mm2, same, all_ok, all_ok, scale)
+                + info_nce(tx_t, mm1, same, all_ok, all_ok, scale)
+                + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
+            ) / len(dims)
+    return total
+
+
+def _distillation(v: _Views, cfg: TrainConfig, teacher: tuple[nn.Module, Features], rows: np.ndarray) -> torch.Tensor:
+    t_views = view_embeddings(teacher[0], teacher[1], rows)
+    all_ok = torch.ones(len(rows), dtype=torch.bool)
+    views = (("mm", v.mm1, all_ok), ("mm_detail", v.mm2, all_ok), ("image", v.img, v.has_img),
+             ("text", v.txt, all_ok), ("detail", v.detail, all_ok))
+    loss = 0.0
+    for name, e, valid in views:
+        cos, rel = distill_terms(e, t_views[name], valid, cfg.distill_temperature)
+        loss = loss + (cfg.distill_cosine * cos + cfg.distill_relational * rel) / len(views)
+    return loss
+
+
+def _loss(model: nn.Module, v: _Views, cfg: TrainConfig, plan: _Plan, rows: np.ndarray, dims: tuple[int, ...],
+          teacher: tuple[nn.Module, Features] | None) -> torch.Tensor:
+    """The step's loss: distillation (with a teacher), the contrastive terms, then the terms that keep
+    what the towers know (relational), the supervised and prompt terms."""
+    loss = 0.0 if teacher is None else _distillation(v, cfg, teacher, rows)
+    loss = loss + cfg.contrastive_weight * _contrastive(v, cfg, dims)
+    has_img = v.has_img
+    rel = lambda e, ref: relational_kl(e, ref, cfg.temperature, cfg.tower_temperature)  # noqa: E731
+    ref_img = standardized(v.feats[0][has_img].mean(1), plan.tower_stats) if plan.tower_stats is not None else None
+    ref_txt = standardized(masked_mean(*v.title_states), plan.text_stats) if plan.text_stats is not None else None
+    if cfg.tower_relational and has_img.sum() > 1:
+        loss = loss + cfg.tower_relational * rel(v.clean[has_img], ref_img)
+    if cfg.text_relational:
+        loss = loss + cfg.text_relational * rel(v.txt, ref_txt)
+    for w, mm, labels, known in plan.supervised:
+        sc, k = 1.0 / cfg.category_temperature, torch.as_tensor(known[rows])
+        photo = category_term(v.img, labels[rows], k & has_img, sc)
+        loss = loss + w * (0.5 * (category_term(v.mm1, labels[rows], k, sc) + photo) if mm else photo)
+    if plan.prompts:
+        loss = loss + cfg.prompt_weight * prompt_term(model, plan.prompts, v.img, rows, has_img, 1.0 / cfg.temperature)
+    if cfg.mm_relational and has_img.sum() > 1:
+        ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
+        loss = loss + cfg.mm_relational * rel(v.mm1[has_img], ref_mm)
+    return loss
+
+
 def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print,
           init: nn.Module | None = None, teacher: tuple[nn.Module, Features] | None = None,
           checkpoint: Path | None = None) -> dict:
@@ -300,244 +588,54 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
         teacher[0].eval()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    keys = title_keys(f, catalog)
-    types = article_types(f, catalog)
-    train_rows, val_rows = training_rows(f, catalog, cfg.holdout_master_category), np.flatnonzero(f.is_val)
-    if cfg.center_modalities and not getattr(model_cfg, "skip_path", False):
-        raise ValueError("center_modalities needs a skip-path model (--skip-path): its skip biases carry the offsets")
-    if cfg.uses_renditions and not f.renditions:
-        raise ValueError("rendition_prob, image_instance and caption_weight need renditions and captions in the "
-                         "feature cache (python -m sdk.train.features ... --renditions K)")
-    if cfg.uses_renditions and (model_cfg.image_tuned_blocks or model_cfg.text_tuned_layers):
-        raise ValueError("renditions and captions are cached as the whole towers' features; a model that fine-tunes "
-                         "tower layers cannot read them")
-    cap_keys = tower_stats = None
-    if cfg.caption_weight:
-        if catalog is None:
-            raise ValueError("caption_weight needs the catalog (products that share a caption are not negatives)")
-        from .augment import CAPTIONS, captions
-
-        cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c]) for c in range(CAPTIONS)], 1)
-    text_stats = None
-    # (weight, whether it applies to the photo + title vectors, label key per row, whether the row
-    # has that label) of each supervised term; all apply to the photo-only vectors
-    supervised = []
-    colour = lambda p: p.record.get("base_colour")  # noqa: E731
-    for name, w, mm, value in (("category_weight", cfg.category_weight, True, lambda p: p.article_type),
-                               ("colour_weight", cfg.colour_weight, True, colour),
-                               ("photo_colour_weight", cfg.photo_colour_weight, False, colour)):
-        if w:
-            if catalog is None:
-                raise ValueError(f"{name} needs the catalog (its product fields)")
-            supervised.append((w, mm, *labelled_rows(f, catalog, value)))
-    if cfg.tower_relational or cfg.mm_relational:
-        tower_stats = pooled_stats(f, train_rows)
-    if cfg.text_relational or cfg.mm_relational:
-        text_stats = title_stats(f, train_rows)
-    model = build_embedder(model_cfg) if init is None else init
-    if init is None and model_cfg.skip_path:
-        if cfg.skip_init == "probe":  # the probe's own statistics and maps
-            init_skip_from_probe(model, f, catalog, train_rows, keys, log)
-        else:
-            model.skip_image.set_stats(*(tower_stats or pooled_stats(f, train_rows)))
-            model.skip_text.set_stats(*(text_stats or title_stats(f, train_rows)))
-    elif cfg.skip_init != "zero":
-        raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
-    prompts = field_prompts(f, catalog, train_rows, cfg.prompt_fields.split(",")) if cfg.prompt_weight else []
-    f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
+    _check_config(model_cfg, cfg, f, catalog)
+    plan = _plan(cfg, f, catalog)
+    model = _model(model_cfg, cfg, f, catalog, plan, init, log)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(train_rows)} val={len(val_rows)}")
-    if cfg.freeze_image:
-        for p in model.image.parameters():
-            p.requires_grad_(False)
-    if model_cfg.skip_path and not cfg.skip_lr_scale:
-        for p in (*model.skip_image.parameters(), *model.skip_text.parameters()):
-            p.requires_grad_(False)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr)
-    steps_per_epoch = len(train_rows) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_rows)} training products are fewer than one batch of {cfg.batch_size}")
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
-    # the weight average (a copy of the model, updated after each step) that is measured and saved
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None)
-    scale = 1.0 / cfg.temperature
+    log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(plan.train_rows)} val={len(plan.val_rows)}")
+    o = _optimizer(model, cfg, len(plan.train_rows))
     dims = model_cfg.matryoshka_dims
-    history = []
+    history: list = []
     t0 = time.time()
-    bar = tqdm(total=total, desc=f"train {model_cfg.variant}", unit="step")
-    metrics: dict = {}
+    bar = tqdm(total=o.total, desc=f"train {model_cfg.variant}", unit="step")
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, weights_only=False)  # our own training state (never shipped)
-        # a field added since the checkpoint was written takes its default (what that run trained with)
-        written = {**TrainConfig().__dict__, **state["train_config"]}
-        if written != cfg.__dict__ or state["model_config"] != json.loads(model_cfg.to_json()):
-            raise ValueError(f"{checkpoint} was written by another configuration; remove it or give the same arguments")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        rng.bit_generator.state = state["numpy_rng"]
-        start, history = state["epoch"], state["history"]
-        bar.update(start * steps_per_epoch)
+        start, history = _resume(checkpoint, model_cfg, cfg, model, o, rng)
+        bar.update(start * o.steps_per_epoch)
         log(f"resumed from {checkpoint} after epoch {start}")
     for epoch in range(start, cfg.epochs):
         model.train()
-        for rows in make_batches(train_rows, types[train_rows], cfg, rng):
-            rows_t = torch.as_tensor(rows)
-            same = torch.as_tensor(keys[rows][:, None] == keys[rows][None, :])
-            has_img = f.has_image[rows_t].bool()
-            all_ok = torch.ones(len(rows), dtype=torch.bool)
-            keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-            title = batch_inputs(f, rows, image=True, text="title")
-            feats = title[:2]  # (deep, shallow), gathered once for the four views
-            with torch.set_grad_enabled(not cfg.freeze_image):
-                img_tok = model.encode_image(*feats)  # shared by the views with a photo
-            e_mm1 = model(*title, image_tokens=img_tok)
-            img_only = batch_inputs(f, rows, image=True, text=None, image_features=feats)
-            view_tok, e_aug = img_tok, None
-            if cfg.uses_renditions:
-                # a cached rendition of each photo: the description and photo-only views read it
-                # at rendition_prob, and its photo-only vector must find its original's
-                pick = rng.integers(0, f.renditions, len(rows))
-                aug_deep = torch.from_numpy(f.deep_aug[rows, pick].astype(np.float32))
-                aug_tok = model.encode_image(aug_deep, torch.from_numpy(f.shallow_aug[rows, pick].astype(np.float32)))
-                use = (torch.rand(len(rows)) < cfg.rendition_prob)[:, None, None]
-                view_tok = torch.where(use, aug_tok, img_tok)
-                # the skip path reads the pooled features of the photo each view shows
-                aug_pooled = aug_deep.mean(1)
-                view_pooled = torch.where(use[:, 0], aug_pooled, feats[0].mean(1))
-                if cfg.image_instance:
-                    e_aug = model(*img_only, image_tokens=aug_tok, image_pooled=aug_pooled)
-            else:
-                view_pooled = None
-            e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational) else None
-            detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
-            e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled)
-            title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
-            keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-            e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok, image_pooled=view_pooled)
-            e_cap = same_cap = None
-            if cfg.caption_weight:
-                c = rng.integers(0, cap_keys.shape[1], len(rows))
-                cap = (torch.from_numpy(f.caption[rows, c].astype(np.float32)),
-                       torch.from_numpy(f.caption_mask[rows, c].astype(np.float32)))
-                t = int(cap[1].sum(1).max().clamp(min=1))
-                e_cap = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
-                                            text_states=(cap[0][:, :t], cap[1][:, :t])), image_tokens=img_tok)
-                k = cap_keys[rows, c]
-                same_cap = same | torch.as_tensor(k[:, None] == k[None, :])
-            e_txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
-                                        text_states=title_states), image_tokens=img_tok)
-            traced = []
-            if f.traces:
-                for view, image, text in (("photo+title", True, "title"), ("title", False, "title"), ("photo", True, None)):
-                    keep = (torch.rand(len(rows)) >= cfg.trace_drop).float()
-                    inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep,
-                                          text_states=title_states if text else None)
-                    traced.append(model(*inputs, image_tokens=img_tok))
-            loss = 0.0
-            if teacher is not None:
-                # the description-only view is not among the contrastive terms; a student whose
-                # text tower lost layers must still learn where descriptions land
-                e_det = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats,
-                                            text_states=detail_states), image_tokens=img_tok)
-                t_views = view_embeddings(teacher[0], teacher[1], rows)
-                views = (("mm", e_mm1, all_ok), ("mm_detail", e_mm2, all_ok), ("image", e_img, has_img),
-                         ("text", e_txt, all_ok), ("detail", e_det, all_ok))
-                for name, e, valid in views:
-                    cos, rel = distill_terms(e, t_views[name], valid, cfg.distill_temperature)
-                    loss = loss + (cfg.distill_cosine * cos + cfg.distill_relational * rel) / len(views)
-            contrastive = 0.0
-            for d in dims:
-                mm1, mm2, im, tx = (matryoshka(e, d) for e in (e_mm1, e_mm2, e_img, e_txt))
-                contrastive = contrastive + (
-                    info_nce(tx, mm1, same, all_ok, all_ok, scale)
-                    + info_nce(im, mm1, same, has_img, all_ok, scale)
-                    + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
-                    + cfg.cross_modal_weight * info_nce(im, tx, same, has_img, all_ok, scale)
-                ) / len(dims)
-                if e_aug is not None:
-                    contrastive = contrastive + cfg.image_instance * info_nce(
-                        matryoshka(e_aug, d), matryoshka(e_clean, d), same, has_img, has_img, scale) / len(dims)
-                if e_cap is not None:
-                    cp = matryoshka(e_cap, d)
-                    contrastive = contrastive + cfg.caption_weight * (
-                        info_nce(cp, mm1, same_cap, all_ok, all_ok, scale)
-                        + info_nce(cp, im, same_cap, all_ok, has_img, scale)
-                    ) / len(dims)
-                if traced:
-                    mm_t, tx_t, im_t = (matryoshka(e, d) for e in traced)
-                    contrastive = contrastive + (
-                        info_nce(tx_t, mm_t, same, all_ok, all_ok, scale)
-                        + info_nce(im_t, mm_t, same, has_img, all_ok, scale)
-                        + info_nce(mm_t, mm2, same, all_ok, all_ok, scale)
-                        + info_nce(tx_t, mm1, same, all_ok, all_ok, scale)
-                        + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
-                    ) / len(dims)
-            loss = loss + cfg.contrastive_weight * contrastive
-            rel = lambda e, ref: relational_kl(e, ref, cfg.temperature, cfg.tower_temperature)  # noqa: E731
-            ref_img = standardized(feats[0][has_img].mean(1), tower_stats) if tower_stats is not None else None
-            ref_txt = standardized(masked_mean(*title_states), text_stats) if text_stats is not None else None
-            if cfg.tower_relational and has_img.sum() > 1:
-                loss = loss + cfg.tower_relational * rel(e_clean[has_img], ref_img)
-            if cfg.text_relational:
-                loss = loss + cfg.text_relational * rel(e_txt, ref_txt)
-            for w, mm, labels, known in supervised:
-                sc, k = 1.0 / cfg.category_temperature, torch.as_tensor(known[rows])
-                photo = category_term(e_img, labels[rows], k & has_img, sc)
-                loss = loss + w * (0.5 * (category_term(e_mm1, labels[rows], k, sc) + photo) if mm else photo)
-            if prompts:
-                loss = loss + cfg.prompt_weight * prompt_term(model, prompts, e_img, rows, has_img, scale)
-            if cfg.mm_relational and has_img.sum() > 1:
-                ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
-                loss = loss + cfg.mm_relational * rel(e_mm1[has_img], ref_mm)
-            opt.zero_grad(set_to_none=True)
+        for rows in make_batches(plan.train_rows, plan.types[plan.train_rows], cfg, rng):
+            views = _views(model, model_cfg, cfg, f, rows, plan, rng, distilling=teacher is not None)
+            loss = _loss(model, views, cfg, plan, rows, dims, teacher)
+            o.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            torch.nn.utils.clip_grad_norm_([p for _, p in o.named], 1.0)
+            o.opt.step()
+            o.sched.step()
+            if o.ema is not None:
+                o.ema.update_parameters(model)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = evaluate(model if ema is None else ema.module, f, val_rows, keys)
+        metrics = evaluate(model if o.ema is None else o.ema.module, f, plan.val_rows, plan.keys)
         history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1),
                         **metrics})
         log(json.dumps(history[-1]))
         if checkpoint is not None:
-            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{checkpoint}.tmp")
-            torch.save({"epoch": epoch + 1, "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "schedule": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "ema": None if ema is None else ema.state_dict(),
-                        "numpy_rng": rng.bit_generator.state, "train_config": cfg.__dict__,
-                        "model_config": json.loads(model_cfg.to_json())}, tmp)
-            tmp.replace(checkpoint)
+            _save_checkpoint(checkpoint, epoch + 1, history, model_cfg, cfg, model, o, rng)
     bar.close()
-    if ema is not None:
-        model = ema.module  # the average is the trained model
-    centering = center_modalities(model, f, train_rows, log=log) if cfg.center_modalities else None
-    final = evaluate(model, f, val_rows, keys, dims=dims)
-    fire_scales = {
-        f"fire@{k}": round(m.scale.item(), 4) for k, m in getattr(getattr(model, "image", None), "fire", {}).items()
-    }
+    if o.ema is not None:
+        model = o.ema.module  # the average is the trained model
+    centering = center_modalities(model, f, plan.train_rows, log=log) if cfg.center_modalities else None
     result = {
         "variant": model_cfg.variant,
         "params": n_params,
-        "train_items": int(len(train_rows)),
-        "val_items": int(len(val_rows)),
+        "train_items": int(len(plan.train_rows)),
+        "val_items": int(len(plan.val_rows)),
         "seconds": round(time.time() - t0, 1),
-        "final": final,
-        "fire_scales": fire_scales,
+        "final": evaluate(model, f, plan.val_rows, plan.keys, dims=dims),
+        "fire_scales": {f"fire@{k}": round(m.scale.item(), 4)
+                        for k, m in getattr(getattr(model, "image", None), "fire", {}).items()},
         "history": history,
         "train_config": cfg.__dict__,
         "trace_trained": bool(f.traces),
