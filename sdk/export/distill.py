@@ -46,7 +46,8 @@ from torch import nn
 from sdk.train.feature_cache import Features, title_keys
 from sdk.train.fusion_model import EmbedderConfig, build_embedder, copy_half, load_embedder
 from sdk.train.towers import image_grid
-from sdk.train.train_embedder import TrainConfig, evaluate, train, view_embeddings
+from sdk.train.train_embedder import TrainConfig, evaluate, train
+from sdk.train.train_step import view_embeddings
 
 from ..paths import REPO
 

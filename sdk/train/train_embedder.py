@@ -39,7 +39,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,156 +49,19 @@ from tqdm import tqdm
 
 from .feature_cache import (
     Features,
-    article_types,
-    batch_inputs,
     embed_rows,
-    field_keys,
-    labelled_rows,
     pooled_stats,
-    standardized,
     title_keys,
     title_stats,
     training_rows,
     with_photo,
 )
-from .fusion_model import EmbedderConfig, build_embedder, masked_mean, matryoshka, save_embedder
-from .losses import category_term, distill_terms, info_nce, relational_kl
+from .fusion_model import EmbedderConfig, build_embedder, matryoshka, save_embedder
 from .metrics import recall_at_k
 from .modality_gap import center_modalities, init_skip_from_probe
-from .prompts import DEFAULT_PROMPT_FIELDS, PROMPT_FIELDS, field_prompts, prompt_term
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 256
-    group_size: int = 8  # products of one article type placed together in a batch
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 30
-    temperature: float = 0.05
-    image_token_drop: float = 0.3
-    trace_drop: float = 0.2  # share of rows of the trace views trained without their trace
-    freeze_image: bool = False  # keep the image encoder as it is (continued training; a third of the step time)
-    seed: int = 0
-    # distillation from a teacher embedder (sdk.export.distill): weights of the InfoNCE terms, of
-    # 1 - cosine to the teacher's vector of the same view, and of the relational term (KL between
-    # the teacher's and the student's in-batch similarity distributions at distill_temperature)
-    contrastive_weight: float = 1.0
-    distill_cosine: float = 0.0
-    distill_relational: float = 0.0
-    distill_temperature: float = 0.05
-    # learning rate of fine-tuned pretrained tower layers (EmbedderConfig.text_tuned_layers,
-    # image_tuned_blocks), as a share of lr
-    tower_lr_scale: float = 0.1
-    # views that keep what the towers know (they need `sdk.train.features --renditions K`):
-    # the share of photo-only and description views whose photo is a cached rendition; the weight
-    # of the image-image instance term (a rendition's photo-only vector against its original's);
-    # the weight of the field-caption terms (caption -> photo + title, caption <-> photo); the
-    # weight of the relational term that keeps the photo vectors' in-batch similarities those of
-    # the frozen tower's pooled features (at tower_temperature)
-    rendition_prob: float = 0.0
-    image_instance: float = 0.0
-    caption_weight: float = 0.0
-    tower_relational: float = 0.0
-    tower_temperature: float = 0.05
-    # the same relational term for the title-only vectors against MiniLM's standardised pooled
-    # title states, and for the photo + title vectors against both towers' (each standardised,
-    # normalised, concatenated: the probe's sum of the two): what nearest-neighbour categories
-    # and zero-shot prompts read
-    text_relational: float = 0.0
-    mm_relational: float = 0.0
-    # supervised contrastive term over article types (`category_term`): photo + title and photo-only
-    # vectors of one article type gather (what nearest-neighbour categories and zero-shot type
-    # prompts read), at category_temperature
-    category_weight: float = 0.0
-    category_temperature: float = 0.1
-    # the same over base colours: keeps colour in the vectors that the article-type term would
-    # otherwise make colour-blind (zero-shot colour prompts)
-    colour_weight: float = 0.0
-    # the base-colour term on the photo-only vectors alone (what zero-shot colour prompts read),
-    # leaving the photo + title vectors' neighbourhoods to the article-type term
-    photo_colour_weight: float = 0.0
-    # how a model with a skip path (EmbedderConfig.skip_path) starts: "zero" (the skip maps at
-    # zero: the fusion's output) or "probe" (the skip maps are a linear probe trained here on the
-    # training rows' pooled features, and the fusion's output projection starts at zero: training
-    # starts from the probe and the fusion learns a residual on it)
-    skip_init: str = "zero"
-    # learning rate of the skip maps as a share of lr; 0 keeps them as they start (with
-    # skip_init="probe": the probe stays as its own early-stopped training left it, and the fusion
-    # learns a residual on it)
-    skip_lr_scale: float = 1.0
-    # field-prompt term (`prompt_term`): each photo-only vector picks its article type, base colour
-    # and gender among short class prompts ("a {type} item", "{colour} coloured", "for {gender}")
-    # embedded by the model's own title path, so field words and photos share directions
-    prompt_weight: float = 0.0
-    # the fields of `PROMPT_FIELDS` the prompt term uses, comma-separated
-    prompt_fields: str = DEFAULT_PROMPT_FIELDS
-    # weight of the photo-only <-> title-only term among the InfoNCE terms (cross-modal search)
-    cross_modal_weight: float = 1.0
-    # decay per step of an exponential moving average of the weights; when > 0 the average is what
-    # each epoch's validation measures and what is saved (0: the last step's weights)
-    ema_decay: float = 0.0
-    # train without this master category (the validation suite's out-of-domain family)
-    holdout_master_category: str | None = None
-    # after training, close the modality gap (`center_modalities`): the photo-only and title-only
-    # vectors' means over the training products move to the origin (a skip-path model only)
-    center_modalities: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.group_size < 1:
-            raise ValueError(f"bad TrainConfig sizes: {self}")
-        if self.batch_size % self.group_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
-        if not 0.0 < self.temperature < 1.0:
-            raise ValueError(f"temperature must be in (0, 1), got {self.temperature}")
-        if not 0.0 <= self.image_token_drop < 1.0:
-            raise ValueError(f"image_token_drop must be in [0, 1), got {self.image_token_drop}")
-        if min(self.contrastive_weight, self.distill_cosine, self.distill_relational) < 0:
-            raise ValueError(f"loss weights must be >= 0: {self}")
-        if not 0.0 < self.tower_lr_scale <= 1.0:
-            raise ValueError(f"tower_lr_scale must be in (0, 1], got {self.tower_lr_scale}")
-        if not 0.0 < self.distill_temperature < 1.0:
-            raise ValueError(f"distill_temperature must be in (0, 1), got {self.distill_temperature}")
-        if not 0.0 <= self.rendition_prob <= 1.0:
-            raise ValueError(f"rendition_prob must be in [0, 1], got {self.rendition_prob}")
-        if min(self.image_instance, self.caption_weight, self.tower_relational, self.text_relational,
-               self.mm_relational, self.category_weight, self.colour_weight, self.photo_colour_weight,
-               self.cross_modal_weight, self.prompt_weight) < 0:
-            raise ValueError(f"image_instance, caption_weight and the relational weights must be >= 0: {self}")
-        if not 0.0 < self.tower_temperature < 1.0:
-            raise ValueError(f"tower_temperature must be in (0, 1), got {self.tower_temperature}")
-        if not 0.0 < self.category_temperature < 1.0:
-            raise ValueError(f"category_temperature must be in (0, 1), got {self.category_temperature}")
-        if self.skip_init not in ("zero", "probe"):
-            raise ValueError(f"skip_init must be 'zero' or 'probe', got {self.skip_init!r}")
-        if not 0.0 <= self.skip_lr_scale <= 1.0:
-            raise ValueError(f"skip_lr_scale must be in [0, 1], got {self.skip_lr_scale}")
-        unknown = sorted(set(self.prompt_fields.split(",")) - set(PROMPT_FIELDS))
-        if unknown or not self.prompt_fields:
-            raise ValueError(f"prompt_fields: {unknown or 'none given'}; the fields are {sorted(PROMPT_FIELDS)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-    @property
-    def uses_renditions(self) -> bool:
-        return bool(self.rendition_prob or self.image_instance or self.caption_weight)
-
-
-@torch.no_grad()
-def view_embeddings(model, f: "Features", rows) -> dict[str, torch.Tensor]:
-    """The views of rows without augmentation: photo+title, photo+description, photo alone, title
-    alone and description alone (what a teacher gives its student as targets)."""
-    title = batch_inputs(f, rows, image=True, text="title")
-    feats = title[:2]
-    img_tok = model.encode_image(*feats)
-    return {
-        "mm": model(*title, image_tokens=img_tok),
-        "mm_detail": model(*batch_inputs(f, rows, image=True, text="detail", image_features=feats), image_tokens=img_tok),
-        "image": model(*batch_inputs(f, rows, image=True, text=None, image_features=feats), image_tokens=img_tok),
-        "text": model(*batch_inputs(f, rows, image=False, text="title", image_features=feats), image_tokens=img_tok),
-        "detail": model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats), image_tokens=img_tok),
-    }
+from .prompts import PROMPT_FIELDS, field_prompts
+from .train_config import TrainConfig
+from .train_step import TrainPlan, plan_run, step_loss, step_views
 
 
 def make_batches(rows: np.ndarray, groups: np.ndarray, cfg: TrainConfig, rng: np.random.Generator):
@@ -281,44 +144,6 @@ def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> lis
     return groups
 
 
-@dataclass
-class _Plan:
-    """What a training run reads besides the model: its rows, the per-row keys that tell positives
-    apart, the towers' statistics and the supervised and prompt terms' labels."""
-
-    keys: np.ndarray  # one key per design (products sharing a title are not each other's negatives)
-    types: np.ndarray  # article type per row: batches are built of groups of one type
-    train_rows: np.ndarray
-    val_rows: np.ndarray
-    cap_keys: np.ndarray | None = None  # (rows, captions): products sharing a caption
-    tower_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-    text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-    # (weight, whether it applies to the photo + title vectors, label key per row, whether the row
-    # has that label) of each supervised term; all apply to the photo-only vectors
-    supervised: list = field(default_factory=list)
-    prompts: list = field(default_factory=list)
-
-
-@dataclass
-class _Views:
-    """One step's embeddings of its rows, (B, D) each; None where the configuration has no such view."""
-
-    same: torch.Tensor  # (B, B) rows of one design
-    has_img: torch.Tensor  # (B,)
-    feats: tuple  # (deep, shallow) image features of the rows
-    title_states: tuple  # (tokens, mask) of the titles
-    mm1: torch.Tensor  # photo + title
-    mm2: torch.Tensor  # photo (tokens dropped, maybe a rendition) + description
-    img: torch.Tensor  # photo alone (tokens dropped, maybe a rendition)
-    txt: torch.Tensor  # title alone
-    clean: torch.Tensor | None = None  # the original photo alone
-    aug: torch.Tensor | None = None  # a rendition alone
-    cap: torch.Tensor | None = None  # a field caption
-    same_cap: torch.Tensor | None = None
-    traced: list = field(default_factory=list)  # photo+title, title, photo with their traces
-    detail: torch.Tensor | None = None  # description alone (distillation only)
-
-
 def _check_config(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog) -> None:
     if cfg.center_modalities and not getattr(model_cfg, "skip_path", False):
         raise ValueError("center_modalities needs a skip-path model (--skip-path): its skip biases carry the offsets")
@@ -332,30 +157,7 @@ def _check_config(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, cata
         raise ValueError("caption_weight needs the catalog (products that share a caption are not negatives)")
 
 
-def _plan(cfg: TrainConfig, f: Features, catalog) -> _Plan:
-    plan = _Plan(title_keys(f, catalog), article_types(f, catalog),
-                 training_rows(f, catalog, cfg.holdout_master_category), np.flatnonzero(f.is_val))
-    if cfg.caption_weight:
-        from .augment import CAPTIONS, captions
-
-        plan.cap_keys = np.stack([field_keys(f, catalog, lambda p, c=c: captions(p.record)[c])
-                                  for c in range(CAPTIONS)], 1)
-    colour = lambda p: p.record.get("base_colour")  # noqa: E731
-    for name, w, mm, value in (("category_weight", cfg.category_weight, True, lambda p: p.article_type),
-                               ("colour_weight", cfg.colour_weight, True, colour),
-                               ("photo_colour_weight", cfg.photo_colour_weight, False, colour)):
-        if w:
-            if catalog is None:
-                raise ValueError(f"{name} needs the catalog (its product fields)")
-            plan.supervised.append((w, mm, *labelled_rows(f, catalog, value)))
-    if cfg.tower_relational or cfg.mm_relational:
-        plan.tower_stats = pooled_stats(f, plan.train_rows)
-    if cfg.text_relational or cfg.mm_relational:
-        plan.text_stats = title_stats(f, plan.train_rows)
-    return plan
-
-
-def _model(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, plan: _Plan, init: nn.Module | None,
+def _model(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, plan: TrainPlan, init: nn.Module | None,
            log) -> nn.Module:
     """The model to train: `init`, or a new one whose skip path (if any) starts as `cfg.skip_init` says;
     frozen parts have requires_grad off."""
@@ -437,138 +239,6 @@ def _save_checkpoint(checkpoint: Path, epoch: int, history: list, model_cfg: Emb
     tmp.replace(checkpoint)
 
 
-def _views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, rows: np.ndarray,
-           plan: _Plan, rng: np.random.Generator, distilling: bool) -> _Views:
-    """Embed one batch's rows in every view the configuration trains (the random draws in a fixed order)."""
-    rows_t = torch.as_tensor(rows)
-    keys = plan.keys
-    same = torch.as_tensor(keys[rows][:, None] == keys[rows][None, :])
-    has_img = f.has_image[rows_t].bool()
-    keep = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-    title = batch_inputs(f, rows, image=True, text="title")
-    feats = title[:2]  # (deep, shallow), gathered once for the four views
-    with torch.set_grad_enabled(not cfg.freeze_image):
-        img_tok = model.encode_image(*feats)  # shared by the views with a photo
-    e_mm1 = model(*title, image_tokens=img_tok)
-    img_only = batch_inputs(f, rows, image=True, text=None, image_features=feats)
-    view_tok, e_aug, view_pooled = img_tok, None, None
-    if cfg.uses_renditions:
-        # a cached rendition of each photo: the description and photo-only views read it
-        # at rendition_prob, and its photo-only vector must find its original's
-        pick = rng.integers(0, f.renditions, len(rows))
-        aug_deep = torch.from_numpy(f.deep_aug[rows, pick].astype(np.float32))
-        aug_tok = model.encode_image(aug_deep, torch.from_numpy(f.shallow_aug[rows, pick].astype(np.float32)))
-        use = (torch.rand(len(rows)) < cfg.rendition_prob)[:, None, None]
-        view_tok = torch.where(use, aug_tok, img_tok)
-        # the skip path reads the pooled features of the photo each view shows
-        aug_pooled = aug_deep.mean(1)
-        view_pooled = torch.where(use[:, 0], aug_pooled, feats[0].mean(1))
-        if cfg.image_instance:
-            e_aug = model(*img_only, image_tokens=aug_tok, image_pooled=aug_pooled)
-    e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational) else None
-    detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
-    e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled)
-    title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
-    keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-    e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok, image_pooled=view_pooled)
-    v = _Views(same, has_img, feats, title_states, e_mm1, e_mm2, e_img, None, e_clean, e_aug)
-    if cfg.caption_weight:
-        c = rng.integers(0, plan.cap_keys.shape[1], len(rows))
-        cap = (torch.from_numpy(f.caption[rows, c].astype(np.float32)),
-               torch.from_numpy(f.caption_mask[rows, c].astype(np.float32)))
-        t = int(cap[1].sum(1).max().clamp(min=1))
-        v.cap = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats,
-                                    text_states=(cap[0][:, :t], cap[1][:, :t])), image_tokens=img_tok)
-        k = plan.cap_keys[rows, c]
-        v.same_cap = same | torch.as_tensor(k[:, None] == k[None, :])
-    v.txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats, text_states=title_states),
-                  image_tokens=img_tok)
-    if f.traces:
-        for view, image, text in (("photo+title", True, "title"), ("title", False, "title"), ("photo", True, None)):
-            keep = (torch.rand(len(rows)) >= cfg.trace_drop).float()
-            inputs = batch_inputs(f, rows, image=image, text=text, image_features=feats, trace=view, trace_keep=keep,
-                                  text_states=title_states if text else None)
-            v.traced.append(model(*inputs, image_tokens=img_tok))
-    if distilling:
-        # the description-only view is not among the contrastive terms; a student whose text
-        # tower lost layers must still learn where descriptions land
-        v.detail = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats,
-                                       text_states=detail_states), image_tokens=img_tok)
-    return v
-
-
-def _contrastive(v: _Views, cfg: TrainConfig, dims: tuple[int, ...]) -> torch.Tensor:
-    """The InfoNCE terms of the views, averaged over the Matryoshka prefixes."""
-    scale, same, has_img = 1.0 / cfg.temperature, v.same, v.has_img
-    all_ok = torch.ones(len(same), dtype=torch.bool)
-    total = 0.0
-    for d in dims:
-        mm1, mm2, im, tx = (matryoshka(e, d) for e in (v.mm1, v.mm2, v.img, v.txt))
-        total = total + (
-            info_nce(tx, mm1, same, all_ok, all_ok, scale)
-            + info_nce(im, mm1, same, has_img, all_ok, scale)
-            + info_nce(mm1, mm2, same, all_ok, all_ok, scale)
-            + cfg.cross_modal_weight * info_nce(im, tx, same, has_img, all_ok, scale)
-        ) / len(dims)
-        if v.aug is not None:
-            total = total + cfg.image_instance * info_nce(
-                matryoshka(v.aug, d), matryoshka(v.clean, d), same, has_img, has_img, scale) / len(dims)
-        if v.cap is not None:
-            cp = matryoshka(v.cap, d)
-            total = total + cfg.caption_weight * (
-                info_nce(cp, mm1, v.same_cap, all_ok, all_ok, scale)
-                + info_nce(cp, im, v.same_cap, all_ok, has_img, scale)
-            ) / len(dims)
-        if v.traced:
-            mm_t, tx_t, im_t = (matryoshka(e, d) for e in v.traced)
-            total = total + (
-                info_nce(tx_t, mm_t, same, all_ok, all_ok, scale)
-                + info_nce(im_t, mm_t, same, has_img, all_ok, scale)
-                + info_nce(mm_t, mm2, same, all_ok, all_ok, scale)
-                + info_nce(tx_t, mm1, same, all_ok, all_ok, scale)
-                + info_nce(im_t, tx_t, same, has_img, all_ok, scale)
-            ) / len(dims)
-    return total
-
-
-def _distillation(v: _Views, cfg: TrainConfig, teacher: tuple[nn.Module, Features], rows: np.ndarray) -> torch.Tensor:
-    t_views = view_embeddings(teacher[0], teacher[1], rows)
-    all_ok = torch.ones(len(rows), dtype=torch.bool)
-    views = (("mm", v.mm1, all_ok), ("mm_detail", v.mm2, all_ok), ("image", v.img, v.has_img),
-             ("text", v.txt, all_ok), ("detail", v.detail, all_ok))
-    loss = 0.0
-    for name, e, valid in views:
-        cos, rel = distill_terms(e, t_views[name], valid, cfg.distill_temperature)
-        loss = loss + (cfg.distill_cosine * cos + cfg.distill_relational * rel) / len(views)
-    return loss
-
-
-def _loss(model: nn.Module, v: _Views, cfg: TrainConfig, plan: _Plan, rows: np.ndarray, dims: tuple[int, ...],
-          teacher: tuple[nn.Module, Features] | None) -> torch.Tensor:
-    """The step's loss: distillation (with a teacher), the contrastive terms, then the terms that keep
-    what the towers know (relational), the supervised and prompt terms."""
-    loss = 0.0 if teacher is None else _distillation(v, cfg, teacher, rows)
-    loss = loss + cfg.contrastive_weight * _contrastive(v, cfg, dims)
-    has_img = v.has_img
-    rel = lambda e, ref: relational_kl(e, ref, cfg.temperature, cfg.tower_temperature)  # noqa: E731
-    ref_img = standardized(v.feats[0][has_img].mean(1), plan.tower_stats) if plan.tower_stats is not None else None
-    ref_txt = standardized(masked_mean(*v.title_states), plan.text_stats) if plan.text_stats is not None else None
-    if cfg.tower_relational and has_img.sum() > 1:
-        loss = loss + cfg.tower_relational * rel(v.clean[has_img], ref_img)
-    if cfg.text_relational:
-        loss = loss + cfg.text_relational * rel(v.txt, ref_txt)
-    for w, mm, labels, known in plan.supervised:
-        sc, k = 1.0 / cfg.category_temperature, torch.as_tensor(known[rows])
-        photo = category_term(v.img, labels[rows], k & has_img, sc)
-        loss = loss + w * (0.5 * (category_term(v.mm1, labels[rows], k, sc) + photo) if mm else photo)
-    if plan.prompts:
-        loss = loss + cfg.prompt_weight * prompt_term(model, plan.prompts, v.img, rows, has_img, 1.0 / cfg.temperature)
-    if cfg.mm_relational and has_img.sum() > 1:
-        ref_mm = torch.cat([ref_img, ref_txt[has_img]], -1) * math.sqrt(0.5)
-        loss = loss + cfg.mm_relational * rel(v.mm1[has_img], ref_mm)
-    return loss
-
-
 def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out: Path | None, log=print,
           init: nn.Module | None = None, teacher: tuple[nn.Module, Features] | None = None,
           checkpoint: Path | None = None) -> dict:
@@ -589,7 +259,7 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     _check_config(model_cfg, cfg, f, catalog)
-    plan = _plan(cfg, f, catalog)
+    plan = plan_run(cfg, f, catalog)
     model = _model(model_cfg, cfg, f, catalog, plan, init, log)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"variant={model_cfg.variant} params={n_params/1e6:.2f}M train={len(plan.train_rows)} val={len(plan.val_rows)}")
@@ -606,8 +276,8 @@ def train(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, out
     for epoch in range(start, cfg.epochs):
         model.train()
         for rows in make_batches(plan.train_rows, plan.types[plan.train_rows], cfg, rng):
-            views = _views(model, model_cfg, cfg, f, rows, plan, rng, distilling=teacher is not None)
-            loss = _loss(model, views, cfg, plan, rows, dims, teacher)
+            views = step_views(model, model_cfg, cfg, f, rows, plan, rng, distilling=teacher is not None)
+            loss = step_loss(model, views, cfg, plan, rows, dims, teacher)
             o.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in o.named], 1.0)

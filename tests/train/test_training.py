@@ -192,13 +192,13 @@ VIEWS = dict(rendition_prob=0.5, image_instance=1.0, caption_weight=0.5, tower_r
 
 
 def test_the_photo_colour_term_reads_only_photo_vectors(tmp_path, monkeypatch):
-    import sdk.train.train_embedder as te
+    import sdk.train.train_step as step
 
     cache = add_views(write_cache(tmp_path / "cache"))
     catalog = write_catalog_for(cache, tmp_path)
     calls = []  # the vectors each supervised term reads, in order
-    real = te.category_term
-    monkeypatch.setattr(te, "category_term", lambda e, *a: calls.append(e.data_ptr()) or real(e, *a))
+    real = step.category_term
+    monkeypatch.setattr(step, "category_term", lambda e, *a: calls.append(e.data_ptr()) or real(e, *a))
     cfg = TrainConfig(epochs=1, batch_size=32, group_size=4, category_weight=0.5, photo_colour_weight=0.5)
     train(EmbedderConfig(**TINY), cfg, Features(cache), catalog, None, log=lambda *_: None)
     # each step: article types over the photo and the photo + title vectors, then colours over the photo ones
