@@ -12,10 +12,11 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_training import TINY, write_cache  # noqa: E402
 
-from sdk.export.distill import distill, init_from_teacher, student_config  # noqa: E402
+from sdk.export.distill import distill  # noqa: E402
 from sdk.train.feature_cache import Features  # noqa: E402
 from sdk.train.fusion_model import EmbedderConfig, FusionEmbedder, load_embedder  # noqa: E402
 from sdk.train.losses import distill_terms  # noqa: E402
+from sdk.train.student import init_from_teacher, student_config  # noqa: E402
 from sdk.train.train_embedder import TrainConfig, train  # noqa: E402
 
 
@@ -318,8 +319,8 @@ def test_the_image_tail_gives_the_towers_deep_tokens_and_loads_into_the_tower(mo
     pytest.importorskip("efficientnet_lite_pytorch")
     from tiny_models import efficientnet_tower, tiny_bert
 
-    from sdk.export.distill import init_image_tail
     from sdk.train import towers
+    from sdk.train.student import init_image_tail
 
     torch.manual_seed(0)
     tower = efficientnet_tower().eval()
@@ -401,7 +402,7 @@ def test_a_student_fine_tunes_its_last_image_blocks(tmp_path):
 def test_a_start_with_tuned_layers_at_other_depths_does_not_lend_them():
     """Tail names number the tuned layers, not the tower's: a start whose tuned layers sit at
     other depths must not have them copied (same shapes, wrong layers)."""
-    from sdk.export.distill import stale_tails
+    from sdk.train.student import stale_tails
 
     text = {**TINY, "text_heads": 2, "text_ffn": 32}
     src = EmbedderConfig(**{**text, "text_layers": 2, "text_tuned_layers": 1})  # tunes layer 2
