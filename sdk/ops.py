@@ -113,6 +113,22 @@ def l2_normalize(
             become infinite when converted); `dim` is not an integer in [1, D]; or `out` has the
             wrong type, dtype, shape or layout, is read-only, or overlaps `x`.
     """
+    arr, squeeze, dim = _finite_rows(x, dim)  # (B, dim) or wider, float32, C-contiguous
+    out2d = None if out is None else _checked_out(out, x, arr, dim, squeeze)  # (B, dim)
+    if HAVE_C:
+        result = _C.l2_normalize(arr, dim, out2d)  # (B, dim)
+    else:
+        result = l2_normalize_ref(arr, dim)  # (B, dim)
+        if out2d is not None:
+            out2d[...] = result
+    if out is not None:
+        return out
+    return result[0] if squeeze else result
+
+
+def _finite_rows(x: npt.ArrayLike, dim: int | None) -> tuple[npt.NDArray[np.float32], bool, int]:
+    """`l2_normalize`'s input as C-contiguous float32 rows (B, >= dim) with finite kept columns ->
+    (rows, whether `x` was 1-D, dim)."""
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError) as exc:  # ragged nested lists, unconvertible objects
@@ -128,7 +144,7 @@ def l2_normalize(
     squeeze = arr.ndim == 1
     if squeeze:
         arr = arr[None, :]  # (1, D)
-    batch, width = arr.shape
+    width = arr.shape[1]
     if width == 0:
         raise InvalidInputError(f"x has no components (shape {arr.shape[1:] if squeeze else arr.shape})")
 
@@ -148,34 +164,26 @@ def l2_normalize(
             f"x has NaN or infinite values{cast}{where}; fix or drop those embeddings before "
             "normalising (a NaN usually means the model produced a bad output)"
         )
+    return arr, squeeze, dim
 
-    out2d = None
-    if out is not None:
-        expected = (dim,) if squeeze else (batch, dim)
-        if not isinstance(out, np.ndarray):
-            raise InvalidInputError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        if out.dtype != np.float32:
-            raise InvalidInputError(f"out must have dtype float32, got {out.dtype}")
-        if out.shape != expected:
-            raise InvalidInputError(f"out must have shape {expected}, got {out.shape}")
-        if not (out.flags.c_contiguous and out.flags.aligned):
-            raise InvalidInputError(
-                "out must be C-contiguous and aligned; allocate it with np.empty(shape, np.float32)"
-            )
-        if not out.flags.writeable:
-            raise InvalidInputError("out is read-only")
-        if out is not x and np.may_share_memory(out, arr):
-            raise InvalidInputError(
-                "out overlaps x; pass a separate buffer, or x itself to normalise in place"
-            )
-        out2d = out[None, :] if squeeze else out  # (B, dim)
 
-    if HAVE_C:
-        result = _C.l2_normalize(arr, dim, out2d)  # (B, dim)
-    else:
-        result = l2_normalize_ref(arr, dim)  # (B, dim)
-        if out2d is not None:
-            out2d[...] = result
-    if out is not None:
-        return out
-    return result[0] if squeeze else result
+def _checked_out(out: Any, x: Any, arr: np.ndarray, dim: int, squeeze: bool) -> npt.NDArray[np.float32]:
+    """`l2_normalize`'s `out` checked -> its (B, dim) view."""
+    expected = (dim,) if squeeze else (arr.shape[0], dim)
+    if not isinstance(out, np.ndarray):
+        raise InvalidInputError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != np.float32:
+        raise InvalidInputError(f"out must have dtype float32, got {out.dtype}")
+    if out.shape != expected:
+        raise InvalidInputError(f"out must have shape {expected}, got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.aligned):
+        raise InvalidInputError(
+            "out must be C-contiguous and aligned; allocate it with np.empty(shape, np.float32)"
+        )
+    if not out.flags.writeable:
+        raise InvalidInputError("out is read-only")
+    if out is not x and np.may_share_memory(out, arr):
+        raise InvalidInputError(
+            "out overlaps x; pass a separate buffer, or x itself to normalise in place"
+        )
+    return out[None, :] if squeeze else out  # (B, dim)
