@@ -123,9 +123,9 @@ TRACE_CMDS = (
     "--epochs {epochs} --lr {lr} --warmup-steps {warmup} --freeze-image --out runs/full_trace --report runs/full_trace.json",
     ".venv/bin/python -m sdk.train.train_embedder --features .cache/features --traces .cache/traces "
     "--trace-views photo+title title photo oracle --init runs/full_trace --eval-only --report runs/full_trace_eval.json",
-    ".venv/bin/python -m sdk.train.tte --features .cache/features --traces .cache/traces --catalog ../shared/data/catalog "
+    ".venv/bin/python -m research.tte --features .cache/features --traces .cache/traces --catalog ../shared/data/catalog "
     "--embedder runs/full_trace --out runs/tte && cp runs/tte/tte.json runs/tte.json",
-    ".venv/bin/python -m sdk.train.grpo --catalog ../shared/data/catalog --features .cache/features --traces .cache/traces "
+    ".venv/bin/python -m research.grpo --catalog ../shared/data/catalog --features .cache/features --traces .cache/traces "
     "--embedder runs/full_trace --out runs/reasoner_grpo --eval && cp runs/reasoner_grpo/grpo.json runs/grpo.json",
 )
 
@@ -335,7 +335,7 @@ def _stage3_tte(before: dict, after: dict) -> list[str]:
     v0, v1 = before["validation"], after["validation"]
     return [
         "TTE_u (one model for trace and vector) on the stage-3 reasoner's hidden states, trained against",
-        "the retrained trace embedder (`python -m sdk.train.tte --features .cache/features --traces",
+        "the retrained trace embedder (`python -m research.tte --features .cache/features --traces",
         ".cache/traces3 --catalog ../shared/data/catalog --embedder sdk/train/weights/trace`, "
         f"layer {after['layer']} chosen on",
         f"held-out training products, {after.get('seconds', 0) / 60:.0f} min), validation R@10:",
@@ -378,7 +378,7 @@ def _stage3_grpo(before: dict, after: dict) -> list[str]:
         f"GRPO from the stage-3 reasoner, same recipe ({c['steps']} steps, lr {c['lr']}, beta {c['beta']}; "
         "the embedder frozen,",
         "as above), with the retrained trace embedder and the stage-3 photo traces on the catalog side",
-        "(`python -m sdk.train.grpo --catalog ../shared/data/catalog --features .cache/features --traces",
+        "(`python -m research.grpo --catalog ../shared/data/catalog --features .cache/features --traces",
         ".cache/traces3 --reasoner sdk/train/weights/reasoner --embedder sdk/train/weights/trace --eval`,",
         f"{after['seconds'] / 60:.1f} min), validation text->image R@10:",
         "",

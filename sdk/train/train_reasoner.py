@@ -415,7 +415,7 @@ Trace example: `{m.get('trace_example', '')}`
 ## Limits
 A small model trained on {n_train} products: it names categories and attributes the catalog uses and writes
 titles in the catalog's style; it does not hold open conversations. These are supervised weights: the GRPO
-stage (`sdk.train.grpo`: a retrieval reward from a frozen embedder, only the reasoner updated) is a
+stage (`research.grpo`: a retrieval reward from a frozen embedder, only the reasoner updated) is a
 separate run and is not applied to them.
 """
 

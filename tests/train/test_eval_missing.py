@@ -1,4 +1,4 @@
-"""sdk.train.eval_missing: the metrics and the benchmark protocol, on tiny models and random features."""
+"""research.eval_missing: the metrics and the benchmark protocol, on tiny models and random features."""
 
 from types import SimpleNamespace
 
@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from tiny_completion import tiny_completion  # noqa: E402
 from tiny_models import tiny_fusion  # noqa: E402
 
-from sdk.train.eval_missing import QUERIES, evaluate, rouge_l  # noqa: E402
+from research.eval_missing import QUERIES, evaluate, rouge_l  # noqa: E402
 
 
 def test_rouge_l():

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sdk.train.grpo import (  # noqa: E402
+from research.grpo import (  # noqa: E402
     GRPOConfig,
     group_advantages,
     grpo_step,
@@ -117,7 +117,7 @@ def test_group_advantages_are_zero_mean_and_unit_std_per_group(rewards):
 
 def test_grpo_step_normalises_advantages_within_each_group(monkeypatch):
     """Two prompts with rewards on very different scales: each group is normalised on its own."""
-    import sdk.train.grpo as grpo
+    import research.grpo as grpo
 
     seen = []
     real = grpo.group_advantages

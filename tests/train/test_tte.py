@@ -1,11 +1,11 @@
-"""TTE_u head (`sdk.train.tte`) on toy hidden states built in code: L2 output, learning, layer choice."""
+"""TTE_u head (`research.tte`) on toy hidden states built in code: L2 output, learning, layer choice."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from sdk.train.tte import (  # noqa: E402
+from research.tte import (  # noqa: E402
     SELECT_BY,
     VIEWS,
     TTEConfig,

@@ -1,7 +1,7 @@
 """GRPO on the reasoner's query-side traces with a retrieval reward (MOON3.0-style RL after SFT).
 
     python -m sdk.train.traces --catalog ../shared/data/catalog --out .cache/traces
-    python -m sdk.train.grpo --catalog ../shared/data/catalog --features .cache/features \
+    python -m research.grpo --catalog ../shared/data/catalog --features .cache/features \
         --traces .cache/traces --out runs/reasoner_grpo
 
 For a batch of training products, the SFT reasoner (the policy, initialised from the committed
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..paths import REASONER_WEIGHTS, WEIGHTS
-from .catalog import read_catalog
-from .reasoner_model import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
-from .traces import token_rows
+from sdk.paths import REASONER_WEIGHTS, WEIGHTS
+from sdk.train.catalog import read_catalog
+from sdk.train.reasoner_model import END_THINK, EOS, PAD, TASKS, THINK, decode, encode_example, load_reasoner, save_reasoner
+from sdk.train.traces import token_rows
 
 
 @dataclass
@@ -191,7 +191,7 @@ class TraceScorer:
     def embed(self, rows: list[int], traces: list[str], batch: int = 128) -> torch.Tensor:
         if len(rows) > batch:
             return torch.cat([self.embed(rows[s : s + batch], traces[s : s + batch]) for s in range(0, len(rows), batch)])
-        from .fusion_model import TEXT, TRACE
+        from sdk.train.fusion_model import TEXT, TRACE
 
         ids, m = self.text_tok(traces)
         tr = self.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(m)).last_hidden_state
@@ -219,12 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from sdk.preprocess import TextTokenizer
-
-    from .feature_cache import Features, embed_rows, title_keys
-    from .features import TRACE_LEN
-    from .fusion_model import load_embedder
-    from .metrics import recall_at_k
-    from .towers import load_text_tower, text_tower_path
+    from sdk.train.feature_cache import Features, embed_rows, title_keys
+    from sdk.train.features import TRACE_LEN
+    from sdk.train.fusion_model import load_embedder
+    from sdk.train.metrics import recall_at_k
+    from sdk.train.towers import load_text_tower, text_tower_path
 
     cfg = GRPOConfig(steps=args.steps)
     torch.manual_seed(cfg.seed)
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     save_reasoner(policy, tok, out, metrics={"grpo": result})
 
     if args.eval:
-        from .traces import catalog_traces
+        from sdk.train.traces import catalog_traces
 
         val_rows = np.flatnonzero(is_val & has)
         k = keys[val_rows]

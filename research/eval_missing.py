@@ -1,6 +1,6 @@
 """Missing-modality benchmark (MMPCBench-style) on the validation split.
 
-    python -m sdk.train.eval_missing --catalog ../shared/data/catalog --features .cache/features \
+    python -m research.eval_missing --catalog ../shared/data/catalog --features .cache/features \
         --engine moon3.engine --captions runs/mmpc/captions.json --out runs/mmpc/eval_missing.json
 
 Protocol. Products: the validation split (ids ending in 0) that have a photo (both modalities
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .metrics import recall_at_k
+from sdk.train.metrics import recall_at_k
 
 RATES = (0.2, 0.5, 0.8)
 SEEDS = (0, 1, 2, 3, 4)
@@ -101,7 +101,7 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
              gen_states: tuple[torch.Tensor, torch.Tensor], empty_states: tuple[torch.Tensor, torch.Tensor],
              rates=RATES, seeds=SEEDS, bs: int = 256) -> dict:
     """The benchmark on `rows` (feature rows of validation products with a photo); see the module doc."""
-    from .completion import fuse, title_states
+    from sdk.train.completion import fuse, title_states
 
     pos = {int(r): i for i, r in enumerate(features.flip_rows)}
     views: dict[str, list[torch.Tensor]] = {}
@@ -166,8 +166,7 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
 def check_engine(engine: str | Path, features, embedder, completion, rows: np.ndarray, products) -> dict:
     """Cosine of the runtime's completed vectors (title, no photo, complete_missing="image") to PyTorch's."""
     from sdk import Embedder
-
-    from .completion import fuse, title_states
+    from sdk.train.completion import fuse, title_states
 
     want = []
     for s in range(0, len(rows), 256):
@@ -227,15 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/mmpc/eval_missing.json")
     args = ap.parse_args(argv)
 
+    from sdk.paths import COMPLETION_WEIGHTS, WEIGHTS
     from sdk.preprocess import TextTokenizer
-
-    from ..paths import COMPLETION_WEIGHTS, WEIGHTS
-    from .catalog import read_catalog
-    from .completion import image_tokens, load_completion
-    from .feature_cache import Features, title_keys
-    from .features import TITLE_LEN, text_features
-    from .fusion_model import embedder_sha256s, load_embedder
-    from .towers import load_text_tower, text_tower_path
+    from sdk.train.catalog import read_catalog
+    from sdk.train.completion import image_tokens, load_completion
+    from sdk.train.feature_cache import Features, title_keys
+    from sdk.train.features import TITLE_LEN, text_features
+    from sdk.train.fusion_model import embedder_sha256s, load_embedder
+    from sdk.train.towers import load_text_tower, text_tower_path
 
     torch.set_num_threads(1)
     t0 = time.time()

@@ -3,7 +3,7 @@ reasoning trace and the vector (Think-Then-Embed, unified variant), compared wit
 path (the reasoner writes the trace, the embedder reads photo, title and trace).
 
     python -m sdk.train.traces --catalog ../shared/data/catalog --out .cache/traces
-    python -m sdk.train.tte --features .cache/features --traces .cache/traces \
+    python -m research.tte --features .cache/features --traces .cache/traces \
         --catalog ../shared/data/catalog --out sdk/train/weights/tte
 
 The head reads one layer of the reasoner's hidden states, mean-pooled over the prompt and the
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..paths import WEIGHTS
-from .metrics import recall_at_k
+from sdk.paths import WEIGHTS
+from sdk.train.metrics import recall_at_k
 
 VIEWS = ("title", "photo", "photo+title")
 
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=TTEConfig.epochs)
     args = ap.parse_args(argv)
 
-    from .feature_cache import Features, embed_rows, title_keys
-    from .fusion_model import load_embedder
+    from sdk.train.feature_cache import Features, embed_rows, title_keys
+    from sdk.train.fusion_model import load_embedder
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
