@@ -21,7 +21,7 @@ from .gates import GateError
 from .reasoner_quant import REASONER_PRECISIONS, ReasonerQuantConfig, quantize_reasoner
 
 if TYPE_CHECKING:
-    from .build import BuildConfig
+    from .build_config import BuildConfig
 
 
 def reasoner_section(folder: Path, work: Path, cfg: BuildConfig, log=print) -> tuple[dict, dict[str, bytes]]:

@@ -15,7 +15,7 @@ from .gates import measure_engine
 from .quantize import quantize_int8, text_layer_groups
 
 if TYPE_CHECKING:
-    from .build import BuildConfig
+    from .build_config import BuildConfig
 
 # Image-convolution candidates: the k convolutions most sensitive to static INT8 (each measured
 # alone) stay FP32; the first k whose engine passes the gates wins, else every convolution stays FP32.
