@@ -397,7 +397,7 @@ def _suite(suite: dict | None) -> list[str]:
     """The validation suite's table (sdk.train.evaluate) on the leak-free split, when given."""
     if suite is None:
         return []
-    from .evaluate import render_markdown
+    from .suite_report import render_markdown
 
     return ["## Validation suite (leak-free split)",
             "Every task family beside a linear probe over the same frozen towers, trained and measured in",

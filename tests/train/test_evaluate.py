@@ -253,7 +253,7 @@ def test_the_documented_table_is_the_committed_reports():
     """docs/validation.md's table is generated from docs/results/suite.json, never edited by hand."""
     from pathlib import Path
 
-    from sdk.train.evaluate import BEGIN, END
+    from sdk.train.suite_report import BEGIN, END
 
     docs = Path(__file__).resolve().parents[2] / "docs"
     report = json.loads((docs / "results" / "suite.json").read_text())
@@ -265,7 +265,7 @@ def test_the_documented_table_is_the_committed_reports():
 
 
 def test_write_table_keeps_the_rest_of_the_page(tmp_path, suite):
-    from sdk.train.evaluate import BEGIN, END, write_table
+    from sdk.train.suite_report import BEGIN, END, write_table
 
     _, report = suite
     page = tmp_path / "page.md"
@@ -280,7 +280,7 @@ def test_write_table_keeps_the_rest_of_the_page(tmp_path, suite):
 
 
 def test_near_a_perfect_score_the_margin_is_half_the_headroom():
-    from sdk.train.evaluate import compare, required_margin
+    from sdk.train.suite_report import compare, required_margin
 
     assert required_margin(0.5, 0.02) == 0.02 and required_margin(0.996, 0.02) == pytest.approx(0.002)
     assert required_margin(1.0, 0.02) == 0.0
