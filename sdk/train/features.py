@@ -41,7 +41,8 @@ from sdk.preprocess import ImagePreprocess, TextTokenizer, image_to_array, load_
 
 from .augment import CAPTIONS, captions, rendition
 from .catalog import Product, Split, read_catalog
-from .fusion_model import IMAGE_BLOCKS, MAX_IMAGE_TUNED_BLOCKS
+from .fusion_model import MAX_IMAGE_TUNED_BLOCKS
+from .tower_tails import IMAGE_BLOCKS
 from .towers import (
     DEEP_DIM,
     SHALLOW_DIM,

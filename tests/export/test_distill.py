@@ -210,7 +210,7 @@ def test_a_minilm_layer_matches_the_towers_layer_on_padded_text():
     """The fine-tunable layer loads a BERT layer's weights by name and gives its output."""
     from tiny_models import VOCAB, tiny_bert
 
-    from sdk.train.fusion_model import MiniLMLayer
+    from sdk.train.tower_tails import MiniLMLayer
 
     torch.manual_seed(0)
     bert = tiny_bert()
