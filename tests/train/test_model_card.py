@@ -1,6 +1,6 @@
 """The reference embedder's model card: the stage-3 traces subsection renders what the reports hold."""
 
-from sdk.train.model_card import _stage3_traces
+from sdk.train.model_card_traces import _stage3_traces
 
 
 def _recalls(no, both, catalog, oracle=None):
@@ -32,7 +32,7 @@ def test_stage3_subsection_adds_the_retrained_column_only_when_its_report_exists
 
 
 def test_tte_u_rows_compare_the_two_reasoners():
-    from sdk.train.model_card import TTE_ROWS, _stage3_tte
+    from sdk.train.model_card_traces import TTE_ROWS, _stage3_tte
 
     before = {"layer": 4, "validation": {k: 0.1 for k in TTE_ROWS}}
     after = {"layer": 3, "seconds": 420.0, "validation": {**{k: 0.2 for k in TTE_ROWS}, TTE_ROWS[1]: 0.152}}
@@ -42,7 +42,7 @@ def test_tte_u_rows_compare_the_two_reasoners():
 
 
 def test_grpo_rows_compare_the_two_reasoners():
-    from sdk.train.model_card import GRPO_ROWS, _stage3_grpo
+    from sdk.train.model_card_traces import GRPO_ROWS, _stage3_grpo
 
     before = {"validation": {k: 0.8 for _, k in GRPO_ROWS}}
     after = {"seconds": 430.0, "config": {"steps": 60, "lr": 1e-5, "beta": 0.05},
