@@ -51,13 +51,13 @@ def test_embed_bad_input_file(tiny_engine, tmp_path, capsys, content, match):
 
 def test_bad_records_are_numbered_in_the_file_across_chunks(tiny_engine, tmp_path):
     from sdk import Embedder
-    from sdk.cli import _embed_records
+    from sdk.commands import embed_records
 
     w = tiny_engine.words
     records = [{"title": w[i]} for i in range(5)]
     records[3] = {"title": w[3], "image": "missing.jpg"}
     with Embedder(tiny_engine.path, threads=1) as emb:
-        vecs, errors = _embed_records(emb, records, tmp_path, None, chunk=2)
+        vecs, errors = embed_records(emb, records, tmp_path, None, chunk=2)
     assert list(errors) == [3] and errors[3].startswith("record 3 image:")
     assert np.isnan(vecs[3]).all() and np.isfinite(np.delete(vecs, 3, 0)).all()
 
