@@ -347,7 +347,7 @@ def _completion_section(folder: Path, weights: Path, work: Path, explicit: bool,
 
     from .bundle import completion_parts
     from .onnx_completion import CompletionExportConfig, export_completion_onnx
-    from .onnx_embedder import ExportError
+    from .onnx_tools import ExportError
 
     model, meta = load_completion(folder)
     # the file's own hash, and for an fp16 copy the FP32 file it was converted from (trained against)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdk.export.onnx_embedder import PARITY_FORMAT, ExportError, export_module, ort_session, require, row_cosine
+from sdk.export.onnx_embedder import PARITY_FORMAT, row_cosine
+from sdk.export.onnx_tools import ExportError, export_module, ort_session, require
 from sdk.version import library_versions
 
 COMPLETION_PART = "completion.onnx"

@@ -28,9 +28,7 @@ Whatever the exporter, parity on padded mixed-length batches of other shapes dec
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -42,7 +40,15 @@ import torch
 from torch import nn
 
 from sdk.contract import IMAGE, INPUT_NAMES, OUTPUT_NAME, TEXT, TRACE
-from sdk.errors import BackendUnavailableError, SdkError
+
+from .onnx_tools import (
+    ExportError,
+    check_valid,
+    harmless_warnings_ignored,
+    ort_session,
+    rename_output,
+    require,
+)
 
 PARITY_FORMAT = 1
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -50,30 +56,6 @@ OPSET_MIN, OPSET_MAX = 18, 23  # the dynamo exporter's range in torch 2.13
 TORCHSCRIPT_OPSET_MAX = 20
 # (present image, text, trace) per row of a check batch, cycled: every absence pattern appears
 _PRESENCE_CYCLE = ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
-# Exporter warnings known to be harmless here, as (category, message regex), ignored only around
-# the exporter call; anything else reaches the caller.
-_HARMLESS_WARNINGS = (
-    # FusionEmbedder stores `last_gate` (a diagnostic) in forward; torch.export restores the
-    # attribute after tracing and the graph does not depend on it.
-    (UserWarning, r"The tensor attribute .*last_gate was assigned during export"),
-    # Each named Dim shared by several inputs (batch on all six) is reported once per extra use;
-    # the ONNX axes still get the names (checked by the tests).
-    (UserWarning, r"# The axis name: .* will not be used"),
-    # torch internals calling their own deprecated APIs.
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
-)
-
-
-class ExportError(SdkError):
-    """An export step failed or its artifact failed its numeric check against the source model.
-
-    Attributes:
-        report: the parity report when the numeric check failed (else None).
-    """
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 class EmbedderGraph(nn.Module):
@@ -438,60 +420,12 @@ def build_reference_graph(weights_dir: str | Path | None = None) -> nn.Module:
 # internals
 
 
-def require(module: str, hint: str):
-    """Import `module`, or raise BackendUnavailableError with `hint` (what to install) when it is missing."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailableError(hint) from exc
-
-
-def ort_session(path: Path, num_threads: int):
-    """A CPU onnxruntime session of an exported graph for the export's parity checks, with the
-    runtime's session settings (`sdk.sessions.session_kwargs`)."""
-    ort = require("onnxruntime", "the parity check needs onnxruntime: pip install onnxruntime")
-    opts = ort.SessionOptions()
-    if num_threads:
-        opts.intra_op_num_threads = num_threads
-    try:
-        from sdk.sessions import session_kwargs  # the runtime's session settings
-
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                    **session_kwargs(["CPUExecutionProvider"]))
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
-        raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
-
-
 def _run_onnx(sess, feed: Mapping[str, np.ndarray]) -> np.ndarray:
     try:
         return np.asarray(sess.run([OUTPUT_NAME], dict(feed))[0])
     except Exception as exc:  # noqa: BLE001
         shapes = {k: tuple(v.shape) for k, v in feed.items()}
         raise ExportError(f"ONNX Runtime failed on inputs {shapes}: {exc}") from exc
-
-
-_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
-
-
-@contextlib.contextmanager
-def _harmless_warnings_ignored():
-    # torch.onnx logs one "torchvision is not installed. Skipping torchvision::..." per torchvision
-    # op at every export, and onnxscript's optimizer that it skips folding multi-output Splits:
-    # noise for these graphs (no torchvision op; the Splits run as they are)
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            for category, message in _HARMLESS_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=category)
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> list[str]:
@@ -507,13 +441,13 @@ def _export_dynamo(graph, args, cfg: OnnxExportConfig) -> list[str]:
     }
     axes = cfg.dynamic_axes()
     dynamic_shapes = {name: {i: dims[a] for i, a in axes[name].items()} for name in INPUT_NAMES}
-    with _harmless_warnings_ignored(), torch.no_grad():
+    with harmless_warnings_ignored(), torch.no_grad():
         # Input names come from forward's parameters; `output_names` is not passed (pytorch#158094).
         program = torch.onnx.export(
             graph, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=cfg.opset,
             optimize=True, verbose=False,
         )
-    _rename_output(program.model, OUTPUT_NAME)
+    rename_output(program.model, OUTPUT_NAME)
     program.save(str(cfg.output), external_data=False)
     return []  # unknown warnings were not caught: they reached the caller
 
@@ -534,70 +468,11 @@ def _export_torchscript(graph, args, cfg: OnnxExportConfig) -> list[str]:
     return sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in caught})
 
 
-def _rename_output(model, name: str) -> None:
-    """Give the graph's single output `name`, first renaming any other value that holds it."""
-    if len(model.graph.outputs) != 1:
-        raise ExportError(f"expected one graph output, the exporter produced {len(model.graph.outputs)}")
-    _rename_outputs_to(model, [name])
-
-
-def _rename_outputs_to(model, names: list[str]) -> None:
-    """Give the graph's outputs `names` (in order), first renaming other values that hold them."""
-    graph = model.graph
-    outs = list(graph.outputs)
-    if len(outs) != len(names):
-        raise ExportError(f"expected {len(names)} graph outputs, the exporter produced {len(outs)}")
-    values = list(graph.inputs) + list(graph.initializers.values())
-    values += [v for node in graph.all_nodes() for v in node.outputs]
-    taken = {v.name for v in values}
-    for out, name in zip(outs, names):
-        if out.name == name:
-            continue
-        for v in values:
-            if v is not out and v.name == name:
-                k = 1
-                while f"{name}_{k}" in taken:
-                    k += 1
-                v.name = f"{name}_{k}"
-                taken.add(v.name)
-        out.name = name
-        taken.add(name)
-
-
-def _check_valid(path: Path) -> None:
-    """Reject a file the ONNX checker rejects."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path} is not a valid ONNX model: {exc}") from exc
-
-
-def export_module(module: nn.Module, args: tuple, dynamic: dict, outputs: list[str], path: Path, opset: int,
-                  inputs: list[str] | None = None) -> None:
-    """torch.onnx.export (dynamo) of one module to `path` (weights inline), its outputs named
-    `outputs` and, given `inputs`, its (flattened) inputs renamed in order; the file must pass the
-    ONNX checker."""
-    with _harmless_warnings_ignored(), torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                                    optimize=True, verbose=False)
-    if inputs is not None:
-        got = list(program.model.graph.inputs)
-        if len(got) != len(inputs):
-            raise ExportError(f"expected {len(inputs)} graph inputs, the exporter produced {len(got)}")
-        for value, name in zip(got, inputs):
-            value.name = name
-    _rename_outputs_to(program.model, outputs)
-    program.save(str(path), external_data=False)
-    _check_valid(path)
-
-
 def _check_structure(path: Path) -> None:
     """Reject files the checker rejects or where a value name is defined twice (exporter name clashes)."""
     import onnx
 
-    _check_valid(path)
+    check_valid(path)
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output if o]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdk.export.onnx_embedder import ExportError, export_module, ort_session
+from sdk.export.onnx_tools import ExportError, export_module, ort_session
 
 VISUAL_PART, STEP_PART = "reasoner_visual.onnx", "reasoner_step.onnx"
 

@@ -28,15 +28,8 @@ import torch
 from torch import nn
 
 from sdk.contract import INPUT_NAMES
-from sdk.export.onnx_embedder import (
-    PARITY_FORMAT,
-    ExportError,
-    export_module,
-    make_padded_batch,
-    ort_session,
-    require,
-    row_cosine,
-)
+from sdk.export.onnx_embedder import PARITY_FORMAT, make_padded_batch, row_cosine
+from sdk.export.onnx_tools import ExportError, export_module, ort_session, require
 from sdk.version import library_versions
 
 IMAGE_PART, TEXT_PART, HEAD_PART = "image.onnx", "text.onnx", "head.npz"

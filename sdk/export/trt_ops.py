@@ -118,7 +118,7 @@ def trt_unsupported(model) -> list[Unsupported]:
 
 def require_trt_parsable(model, what: str = "graph", show: int = 8) -> None:
     """Raise `ExportError` naming what TensorRT's parser would refuse in `model`, if anything."""
-    from sdk.export.onnx_embedder import ExportError
+    from sdk.export.onnx_tools import ExportError
 
     bad = trt_unsupported(model)
     if bad:

@@ -46,8 +46,8 @@ def test_sets_from_a_catalog_folder():
 def text_graph(tmp_path_factory):
     from tiny_models import VOCAB, tiny_bert
 
-    from sdk.export.onnx_embedder import export_module
     from sdk.export.onnx_split import TextGraph
+    from sdk.export.onnx_tools import export_module
     from sdk.export.quantize import fold_constants, matmul_scopes
 
     torch.manual_seed(0)

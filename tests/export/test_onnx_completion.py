@@ -53,7 +53,7 @@ def test_onnx_matches_torch_at_lengths_it_was_not_traced_on(exported):
 
 def test_failed_parity_raises_and_keeps_the_report(tmp_path, monkeypatch):
     from sdk.export import onnx_completion
-    from sdk.export.onnx_embedder import ExportError
+    from sdk.export.onnx_tools import ExportError
 
     real = onnx_completion.verify_completion
 
@@ -77,7 +77,7 @@ def test_bad_export_config_is_refused(tmp_path):
 
 def test_build_adds_completion_only_for_the_embedder_it_was_trained_against(tmp_path):
     from sdk.export.build import BuildConfig, _completion_section
-    from sdk.export.onnx_embedder import ExportError
+    from sdk.export.onnx_tools import ExportError
     from sdk.paths import file_sha256
     from sdk.train.completion import save_completion
 

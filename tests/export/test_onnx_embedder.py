@@ -19,13 +19,13 @@ from sdk.errors import SdkError  # noqa: E402
 from sdk.export import onnx_embedder  # noqa: E402
 from sdk.export.onnx_embedder import (  # noqa: E402
     EmbedderGraph,
-    ExportError,
     OnnxExportConfig,
     export_embedder_onnx,
     make_padded_batch,
     row_cosine,
     verify_embedder_onnx,
 )
+from sdk.export.onnx_tools import ExportError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "sdk" / "train" / "weights"

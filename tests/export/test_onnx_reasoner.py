@@ -22,7 +22,7 @@ def test_greedy_tokens_match_pytorch(exported):
 
 
 def test_runtime_decoder_matches_on_other_prompts_and_reports_speed(exported):
-    from sdk.export.onnx_embedder import ort_session
+    from sdk.export.onnx_tools import ort_session
     from sdk.reasoner import OnnxDecoder
 
     model, tower, paths, _ = exported
@@ -211,8 +211,8 @@ def test_runtime_still_reads_engines_with_older_cache_layouts(exported, tmp_path
 
     from sdk.engine import FORMAT_VERSION, write_engine
     from sdk.export.bundle import reasoner_parts
-    from sdk.export.onnx_embedder import export_module
     from sdk.export.onnx_reasoner import STEP_PART
+    from sdk.export.onnx_tools import export_module
     from sdk.reasoner import Reasoner
     from sdk.train.reasoner_model import TASKS, encode_example
 

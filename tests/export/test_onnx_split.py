@@ -101,7 +101,7 @@ def test_fusable_bert(overrides, fusable):
 def test_fusable_bert_refuses_other_modules():
     from torch import nn
 
-    from sdk.export.onnx_embedder import ExportError
+    from sdk.export.onnx_tools import ExportError
 
     assert not fusable_bert(nn.Linear(4, 4))
     with pytest.raises(ExportError, match="needs a BERT encoder with exact GELU"):
@@ -129,7 +129,7 @@ def test_trt_parser_reads_the_plain_graphs_and_names_what_it_would_refuse(export
     ONNX parser reads; the fused text graph's contrib ops, onnxruntime's dynamic INT8 and unsigned
     (asymmetric) Q/DQ are refused, each node named."""
     from sdk.calib import CalibrationSet, quantize_static_qdq
-    from sdk.export.onnx_embedder import ExportError
+    from sdk.export.onnx_tools import ExportError
     from sdk.export.quantize import fold_constants, quantize_int8
     from sdk.export.trt_ops import require_trt_parsable, trt_unsupported
 

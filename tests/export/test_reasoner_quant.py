@@ -34,7 +34,7 @@ def _quantized(exported, tmp_path, **kw):
 
 
 def _sessions(folder):
-    from sdk.export.onnx_embedder import ort_session
+    from sdk.export.onnx_tools import ort_session
     from sdk.reasoner import OnnxDecoder
 
     return OnnxDecoder(ort_session(folder / "reasoner_visual.onnx", 1), ort_session(folder / "reasoner_step.onnx", 1))
