@@ -157,28 +157,14 @@ def compare(student_metrics: dict, teacher_metrics: dict) -> dict[str, dict[str,
             for k, v in student_metrics.items() if k in teacher_metrics}
 
 
-def distill_student(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
-            log=print, init: Path | None = None, fusion_layers: int | None = None,
-            tune_text_layers: int | None = None, text_tower: nn.Module | None = None,
-            tune_image_blocks: int | None = None, image_tower: nn.Module | None = None) -> dict:
-    """Train a student on `features` (a cache made with the student's towers) against the teacher;
-    write it to `out` (fp16) with its report (distill_report.json). Returns the report.
-
-    `init`: start from an earlier student instead of the teacher's weights (its towers may differ:
-    the position table is resized as from the teacher). `fusion_layers`: keep only the first
-    fusion layers (default: as many as `init`, or the teacher). `tune_text_layers`: fine-tune
-    that many MiniLM layers above the ones `features` cached (default: as many as `init`, or 0);
-    they start from the text tower's own (`text_tower`, default MiniLM). `tune_image_blocks`:
-    fine-tune the image tower's last blocks and head convolution from the map `features` cached
-    (`--image-mid-blocks`; default: as many as `init`, or 0), from the image tower's own weights
-    (`image_tower`, default EfficientNet-Lite0).
-    """
-    f_t, f_s = Features(teacher_features), Features(features)
-    if not np.array_equal(f_t.ids, f_s.ids):
-        raise SystemExit(f"{features} and {teacher_features} hold other products; build both from one catalog")
+def _start_student(teacher: nn.Module, f_s: Features, features: Path, init: Path | None, fusion_layers: int | None,
+                   tune_text_layers: int | None, tune_image_blocks: int | None, text_tower: nn.Module | None,
+                   image_tower: nn.Module | None, log) -> tuple[nn.Module, EmbedderConfig]:
+    """The student before training: its config (from the features' towers and the tuning asked for,
+    defaults from `init`) and its weights (from `init` or the teacher, tuned tower layers from the
+    towers)."""
     image_size = int(f_s.meta.get("image_size", 224))
     cached_layers = f_s.text_layers
-    teacher = load_embedder(teacher_dir)
     source = teacher if init is None else load_embedder(init)
     if init is not None and fusion_layers is None:
         fusion_layers = source.cfg.n_fusion_layers
@@ -206,6 +192,33 @@ def distill_student(teacher_dir: Path, teacher_features: Path, features: Path, c
         f"fine-tuned), {text_layers} text layers ({tune_text_layers} fine-tuned), {s_cfg.n_fusion_layers} fusion "
         f"layers, from {'the teacher' if init is None else init}: {sum(v == 'copied' for v in how.values())} tensors "
         f"copied, resized: {resized}, from the towers: {len(from_towers)}, fresh: {len(fresh)}")
+    return student, s_cfg
+
+
+def distill_student(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
+                    log=print, init: Path | None = None, fusion_layers: int | None = None,
+                    tune_text_layers: int | None = None, text_tower: nn.Module | None = None,
+                    tune_image_blocks: int | None = None, image_tower: nn.Module | None = None) -> dict:
+    """Train a student on `features` (a cache made with the student's towers) against the teacher;
+    write it to `out` (fp16) with its report (distill_report.json). Returns the report.
+
+    `init`: start from an earlier student instead of the teacher's weights (its towers may differ:
+    the position table is resized as from the teacher). `fusion_layers`: keep only the first
+    fusion layers (default: as many as `init`, or the teacher). `tune_text_layers`: fine-tune
+    that many MiniLM layers above the ones `features` cached (default: as many as `init`, or 0);
+    they start from the text tower's own (`text_tower`, default MiniLM). `tune_image_blocks`:
+    fine-tune the image tower's last blocks and head convolution from the map `features` cached
+    (`--image-mid-blocks`; default: as many as `init`, or 0), from the image tower's own weights
+    (`image_tower`, default EfficientNet-Lite0).
+    """
+    f_t, f_s = Features(teacher_features), Features(features)
+    if not np.array_equal(f_t.ids, f_s.ids):
+        raise SystemExit(f"{features} and {teacher_features} hold other products; build both from one catalog")
+    teacher = load_embedder(teacher_dir)
+    student, s_cfg = _start_student(teacher, f_s, features, init, fusion_layers, tune_text_layers, tune_image_blocks,
+                                    text_tower, image_tower, log)
+    image_size, text_layers = s_cfg.image_size, s_cfg.text_layers
+    tune_text_layers, tune_image_blocks = s_cfg.text_tuned_layers, s_cfg.image_tuned_blocks
     try:
         f_s.tune_with(student)
     except ValueError as exc:
