@@ -204,6 +204,55 @@ def epoch_examples(records, rng: random.Random, cfg: TrainConfig, deep_rows: dic
     return data
 
 
+def _start_model(start, init: Path | None, mcfg: ReasonerConfig, tr: list[dict], log):
+    """The model to train, its tokenizer and config: `start`, the weights in `init`, or a new model
+    with a tokenizer trained on the training products."""
+    if start is not None:
+        model, tok = start
+        model.train()
+        mcfg = model.cfg
+    elif init is not None:  # continue from saved weights (their tokenizer and architecture)
+        from sdk.train.reasoner_model import load_reasoner
+
+        model, tok = load_reasoner(init)
+        model.train()
+        mcfg = model.cfg
+        log(f"continuing from {init}")
+    else:
+        tok = train_tokenizer(tokenizer_corpus(tr), mcfg.vocab_size)
+        model = Reasoner(mcfg)
+    log(f"reasoner: {n_params(model) / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d={mcfg.d_model}, "
+        f"vocab {mcfg.vocab_size}")
+    return model, tok, mcfg
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW: matrices decay, embeddings, vectors and the layers' gates do not; the gates learn at
+    cfg.gate_lr_mult of the rate."""
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    gates = [p for n, p in named if n.endswith(".gate")]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n) and not n.endswith(".gate")]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0},
+                              {"params": gates, "weight_decay": 0.0, "lr_mult": cfg.gate_lr_mult}],
+                             lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def _epoch_batches(tr: list[dict], rng: random.Random, cfg: TrainConfig, deep_rows: dict, trace_targets) -> list:
+    """One epoch's examples in batches: length-sorted chunks of 50 batches (little padding), the
+    batches shuffled across the epoch."""
+    data = epoch_examples(tr, rng, cfg, deep_rows, trace_targets)
+    rng.shuffle(data)
+    chunk = cfg.batch_size * 50
+    batches = []
+    for c in range(0, len(data), chunk):
+        part = sorted(data[c:c + chunk], key=lambda e: len(e[3]) + len(e[2]))
+        batches += [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: ReasonerConfig, log=print,
           init: Path | None = None, start=None, teacher=None, trace_targets: dict | None = None) -> dict:
     """Train a reasoner (from scratch, from `init`, or from a given `start` = (model, tokenizer)).
@@ -226,30 +275,8 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     tr = [r for r in records if not split.is_validation(r["id"])]
     va = [r for r in records if split.is_validation(r["id"])]
     log(f"catalog: {len(tr)} train / {len(va)} validation products; {len(deep_rows)} with photo features")
-    if start is not None:
-        model, tok = start
-        model.train()
-        mcfg = model.cfg
-    elif init is not None:  # continue from saved weights (their tokenizer and architecture)
-        from sdk.train.reasoner_model import load_reasoner
-
-        model, tok = load_reasoner(init)
-        model.train()
-        mcfg = model.cfg
-        log(f"continuing from {init}")
-    else:
-        tok = train_tokenizer(tokenizer_corpus(tr), mcfg.vocab_size)
-        model = Reasoner(mcfg)
-    log(f"reasoner: {n_params(model) / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d={mcfg.d_model}, "
-        f"vocab {mcfg.vocab_size}")
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    gates = [p for n, p in named if n.endswith(".gate")]
-    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n) and not n.endswith(".gate")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0},
-                             {"params": gates, "weight_decay": 0.0, "lr_mult": cfg.gate_lr_mult}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    model, tok, mcfg = _start_model(start, init, mcfg, tr, log)
+    opt = _optimizer(model, cfg)
     steps_per_epoch = (len(tr) * cfg.tasks_per_item) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     step, t0, history = 0, time.time(), []
@@ -257,15 +284,7 @@ def train(catalog: Path, features_dir: Path, out: Path, cfg: TrainConfig, mcfg: 
     bar = tqdm(total=total, desc="reasoner", unit="step")
     for epoch in range(cfg.epochs):
         model.train()
-        data = epoch_examples(tr, rng, cfg, deep_rows, trace_targets)
-        rng.shuffle(data)
-        # length-sorted chunks of 50 batches: little padding, still shuffled across the epoch
-        chunk = cfg.batch_size * 50
-        batches = []
-        for c in range(0, len(data), chunk):
-            part = sorted(data[c:c + chunk], key=lambda e: len(e[3]) + len(e[2]))
-            batches += [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
-        rng.shuffle(batches)
+        batches = _epoch_batches(tr, rng, cfg, deep_rows, trace_targets)
         losses = []
         for batch in batches[:steps_per_epoch]:
             ids, labels, deep, vmask = batch_tensors(tok, batch, deep_rows, features)
