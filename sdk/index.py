@@ -241,29 +241,7 @@ class VectorIndex:
         """
         folder = Path(folder)
         man_path = folder / MANIFEST
-        if not man_path.is_file():
-            raise IndexFileError(f"{folder}: no vector index here (no {MANIFEST}); build one with `moon3 index build`")
-        try:
-            man = json.loads(man_path.read_text(encoding="utf-8"))
-            if not isinstance(man, dict):
-                raise TypeError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
-            raise IndexFileError(f"{man_path}: not a readable index manifest ({type(exc).__name__}: {exc})") from None
-        if man.get("format") != FORMAT:
-            raise IndexFileError(f"{man_path}: not a moon3 vector index (format {str(man.get('format'))[:40]!r})")
-        if man.get("format_version") != FORMAT_VERSION:
-            raise IndexFileError(f"{man_path}: index format version {str(man.get('format_version'))[:20]} is not "
-                                 f"supported by this sdk (reads version {FORMAT_VERSION}); rebuild the index")
-        try:
-            dim, count, sums = man["dim"], man["count"], man["files"]
-            config = IndexConfig(**man["config"])
-            engine = man.get("engine") or {}
-            if type(dim) is not int or type(count) is not int or dim < 1 or count < 1:
-                raise ValueError(f"dim {dim!r} and count {count!r} must be positive ints")
-            if not isinstance(sums, dict) or not isinstance(engine, dict):
-                raise TypeError("files and engine must be objects")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IndexFileError(f"{man_path}: malformed index manifest ({type(exc).__name__}: {exc})") from None
+        dim, count, sums, config, engine = _read_manifest(folder, man_path)
         need = ["vectors.npy", "ids.json"] + (["faiss.index"] if "faiss.index" in sums else [])
         for name in need:
             path = folder / name
@@ -288,21 +266,7 @@ class VectorIndex:
             _check_engine(folder, engine, dim, embedder)
         backend = _pick_backend(backend, config)
         _set_threads(backend, threads)
-        faiss_index = None
-        if backend == "faiss":
-            if "faiss.index" in need:
-                faiss = _faiss()
-                raw = np.frombuffer((folder / "faiss.index").read_bytes(), dtype=np.uint8)
-                try:
-                    faiss_index = faiss.deserialize_index(raw)
-                except RuntimeError as exc:
-                    raise IndexFileError(f"{folder}: faiss cannot read faiss.index ({exc})") from None
-                if faiss_index.ntotal != count or faiss_index.d != dim:
-                    raise IndexFileError(f"{folder}: faiss.index holds {faiss_index.ntotal} x {faiss_index.d}, "
-                                         f"the manifest says {count} x {dim}")
-                _set_search_params(faiss_index, config)
-            else:
-                faiss_index = _faiss_build(v, config)
+        faiss_index = _load_faiss(folder, v, config, count, dim, "faiss.index" in need) if backend == "faiss" else None
         return cls(np.ascontiguousarray(v), ids, config, backend, engine, faiss_index)
 
     # ------------------------------------------------------------------ search
@@ -454,3 +418,49 @@ def _check_engine(folder: Path, engine: dict[str, Any], dim: int, embedder: Any)
         )
     if dim > embedder.dim:
         raise IndexFileError(f"{folder}: the index holds {dim}-d vectors; this engine gives at most {embedder.dim}")
+
+
+def _read_manifest(folder: Path, man_path: Path) -> tuple[int, int, dict, IndexConfig, dict]:
+    """An index folder's manifest, checked -> (dim, count, file checksums, config, engine record)."""
+    if not man_path.is_file():
+        raise IndexFileError(f"{folder}: no vector index here (no {MANIFEST}); build one with `moon3 index build`")
+    try:
+        man = json.loads(man_path.read_text(encoding="utf-8"))
+        if not isinstance(man, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise IndexFileError(f"{man_path}: not a readable index manifest ({type(exc).__name__}: {exc})") from None
+    if man.get("format") != FORMAT:
+        raise IndexFileError(f"{man_path}: not a moon3 vector index (format {str(man.get('format'))[:40]!r})")
+    if man.get("format_version") != FORMAT_VERSION:
+        raise IndexFileError(f"{man_path}: index format version {str(man.get('format_version'))[:20]} is not "
+                             f"supported by this sdk (reads version {FORMAT_VERSION}); rebuild the index")
+    try:
+        dim, count, sums = man["dim"], man["count"], man["files"]
+        config = IndexConfig(**man["config"])
+        engine = man.get("engine") or {}
+        if type(dim) is not int or type(count) is not int or dim < 1 or count < 1:
+            raise ValueError(f"dim {dim!r} and count {count!r} must be positive ints")
+        if not isinstance(sums, dict) or not isinstance(engine, dict):
+            raise TypeError("files and engine must be objects")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFileError(f"{man_path}: malformed index manifest ({type(exc).__name__}: {exc})") from None
+    return dim, count, sums, config, engine
+
+
+def _load_faiss(folder: Path, v: np.ndarray, config: IndexConfig, count: int, dim: int, saved: bool):
+    """The faiss index of a loaded folder: its saved faiss.index (checked against the manifest), or
+    one built from the vectors when none was saved."""
+    if not saved:
+        return _faiss_build(v, config)
+    faiss = _faiss()
+    raw = np.frombuffer((folder / "faiss.index").read_bytes(), dtype=np.uint8)
+    try:
+        faiss_index = faiss.deserialize_index(raw)
+    except RuntimeError as exc:
+        raise IndexFileError(f"{folder}: faiss cannot read faiss.index ({exc})") from None
+    if faiss_index.ntotal != count or faiss_index.d != dim:
+        raise IndexFileError(f"{folder}: faiss.index holds {faiss_index.ntotal} x {faiss_index.d}, "
+                             f"the manifest says {count} x {dim}")
+    _set_search_params(faiss_index, config)
+    return faiss_index
