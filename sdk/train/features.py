@@ -143,6 +143,52 @@ def add_views(out: Path, products: list[Product], tower, text, cfg: ImagePreproc
     return {"renditions": k, "rendition_seed": seed, "captions": CAPTIONS}
 
 
+def _cache_photos(out: Path, products: list, tower, cfg: ImagePreprocess, mid_block: int | None, meta: dict) -> None:
+    """Cache every photo's deep and shallow tokens (and the map entering `mid_block`), and the
+    validation photos' mirrored views; record the split in `meta`."""
+    has = np.array([p.image is not None for p in products])
+    deep = np.zeros((len(products), tower.grid ** 2, DEEP_DIM), np.float16)
+    shallow = np.zeros((len(products), tower.grid ** 2, SHALLOW_DIM), np.float16)
+    rows = np.flatnonzero(has)
+    got = image_features(tower, [products[i].image for i in rows], cfg, mid_block=mid_block)
+    if mid_block is not None and got[2] is None:
+        raise SystemExit("--image-mid-blocks needs products with a photo; this catalog has none")
+    deep[rows], shallow[rows] = got[0], got[1]
+    np.save(out / "img_deep.npy", deep)
+    np.save(out / "img_shallow.npy", shallow)
+    np.save(out / "has_image.npy", has)
+    if mid_block is not None:
+        mid = np.zeros((len(products), *got[2].shape[1:]), np.float16)
+        mid[rows] = got[2]
+        np.save(out / "img_mid.npy", mid)
+        del mid
+    del deep, shallow, got
+
+    split = Split.of(products)
+    meta["split"] = split.summary()
+    meta["validation_ids"] = sorted(split.validation_ids)
+    val_rows = np.array([i for i in rows if split.is_validation(products[i].id)], np.int64)
+    got = image_features(tower, [products[i].image for i in val_rows], cfg, flip=True, desc="val flipped",
+                         mid_block=mid_block)
+    np.save(out / "val_flip_rows.npy", val_rows)
+    np.save(out / "img_deep_flip.npy", got[0])
+    np.save(out / "img_shallow_flip.npy", got[1])
+    if mid_block is not None:
+        np.save(out / "img_mid_flip.npy", got[2])
+
+
+
+def _cache_texts(out: Path, products: list, text) -> None:
+    """Cache the titles' and the descriptions' MiniLM token states and masks."""
+    tok_path = text_tower_path() / "tokenizer.json"
+    st, m = text_features(text, TextTokenizer(tok_path, TITLE_LEN), [p.title for p in products], desc="titles")
+    np.save(out / "title_tok.npy", st)
+    np.save(out / "title_mask.npy", m)
+    st, m = text_features(text, TextTokenizer(tok_path, DETAIL_LEN), [p.detail_text for p in products], desc="details")
+    np.save(out / "detail_tok.npy", st)
+    np.save(out / "detail_mask.npy", m)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True, help="folder holding items.jsonl and images/")
@@ -194,43 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         print("input scaling, 1-NN article-type accuracy:", meta["scaling_1nn_article_type"])
     cfg = ImagePreprocess(scale=args.scale, size=args.image_size)
 
-    has = np.array([p.image is not None for p in products])
-    deep = np.zeros((len(products), tower.grid ** 2, DEEP_DIM), np.float16)
-    shallow = np.zeros((len(products), tower.grid ** 2, SHALLOW_DIM), np.float16)
-    rows = np.flatnonzero(has)
-    got = image_features(tower, [products[i].image for i in rows], cfg, mid_block=mid_block)
-    if mid_block is not None and got[2] is None:
-        ap.error("--image-mid-blocks needs products with a photo; this catalog has none")
-    deep[rows], shallow[rows] = got[0], got[1]
-    np.save(out / "img_deep.npy", deep)
-    np.save(out / "img_shallow.npy", shallow)
-    np.save(out / "has_image.npy", has)
-    if mid_block is not None:
-        mid = np.zeros((len(products), *got[2].shape[1:]), np.float16)
-        mid[rows] = got[2]
-        np.save(out / "img_mid.npy", mid)
-        del mid
-    del deep, shallow, got
-
-    split = Split.of(products)
-    meta["split"] = split.summary()
-    meta["validation_ids"] = sorted(split.validation_ids)
-    val_rows = np.array([i for i in rows if split.is_validation(products[i].id)], np.int64)
-    got = image_features(tower, [products[i].image for i in val_rows], cfg, flip=True, desc="val flipped",
-                         mid_block=mid_block)
-    np.save(out / "val_flip_rows.npy", val_rows)
-    np.save(out / "img_deep_flip.npy", got[0])
-    np.save(out / "img_shallow_flip.npy", got[1])
-    if mid_block is not None:
-        np.save(out / "img_mid_flip.npy", got[2])
-
-    tok_path = text_tower_path() / "tokenizer.json"
-    st, m = text_features(text, TextTokenizer(tok_path, TITLE_LEN), [p.title for p in products], desc="titles")
-    np.save(out / "title_tok.npy", st)
-    np.save(out / "title_mask.npy", m)
-    st, m = text_features(text, TextTokenizer(tok_path, DETAIL_LEN), [p.detail_text for p in products], desc="details")
-    np.save(out / "detail_tok.npy", st)
-    np.save(out / "detail_mask.npy", m)
+    _cache_photos(out, products, tower, cfg, mid_block, meta)
+    _cache_texts(out, products, text)
     if args.renditions:
         meta.update(add_views(out, products, tower, text, cfg, args.renditions, args.seed))
     meta["seconds"] = round(time.time() - t0, 1)
