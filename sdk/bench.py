@@ -288,6 +288,46 @@ def bench_think_then_embed(engine: str | os.PathLike, images: Sequence[Any], tit
     return rows
 
 
+def _latency_rows(emb, m: str, images: list, titles: list, batches: Sequence[int], rounds: int, warmup: int,
+                  log) -> list[dict[str, Any]]:
+    """Latency of one modality per batch size, each timed call's vectors checked against the same
+    items embedded one at a time."""
+    rows = []
+    # One item at a time is the reference the timed (batched, length-sorted) vectors must match.
+    n_ref = max(batches)
+    ref = emb.embed_batch(**make_call(m, images[:n_ref], titles[:n_ref]), batch_size=1)
+    if ref.errors:
+        raise SdkError(f"the benchmark inputs could not be embedded: {ref.errors}")
+    for b in batches:
+        call = make_call(m, images[:b], titles[:b])
+        with warnings.catch_warnings():  # truncation is counted once below, not warned per timed call
+            warnings.simplefilter("ignore", TruncationWarning)
+            times, v = time_calls(lambda: emb.embed(**call, batch_size=b), rounds, warmup)
+        row = {"modality": m, "batch": b, **latency_stats(times, b),
+               "cosine_min_vs_unbatched": float(_cosine_rows(v, ref.vectors[:b]).min()),
+               "truncated_items": sum(1 for i in ref.truncated if i < b)}
+        rows.append(row)
+        if log:
+            log(f"{m:10s} batch {b:3d}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
+                f"{row['items_per_s']:8.1f} items/s  cos>= {row['cosine_min_vs_unbatched']:.5f}")
+    return rows
+
+
+def _cold_starts(engine, images: list, titles: list, batches: Sequence[int], providers, threads, log) -> list[dict]:
+    """A fresh process per (modality, batch): import, load and first-vector times, peak memory."""
+    out: list[dict] = []
+    for m, b in (("text", 1), ("image+text", max(batches))):
+        if "image" in m and not images:
+            continue
+        p = probe_process(engine, make_call(m, images[:b], titles[:b]), b, providers=providers, threads=threads)
+        out.append({"modality": m, "batch": b, **p})
+        if log:
+            log(f"fresh process, {m} batch {b}: cold start {p['cold_start_s']:.3f} s (import {p['import_s']:.3f}, "
+                f"load {p['load_s']:.3f}, first vector {p['first_embed_s']:.3f}); whole process "
+                f"{p['process_s']:.3f} s; peak RSS {p['peak_rss_mb']:.0f} MiB")
+    return out
+
+
 def run_bench(
     engine: str | os.PathLike,
     *,
@@ -325,24 +365,8 @@ def run_bench(
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
         "latency": [], "process": [],
     }
-    for m in modalities:
-        # One item at a time is the reference the timed (batched, length-sorted) vectors must match.
-        n_ref = max(batches)
-        ref = emb.embed_batch(**make_call(m, images[:n_ref], titles[:n_ref]), batch_size=1)
-        if ref.errors:
-            raise SdkError(f"the benchmark inputs could not be embedded: {ref.errors}")
-        for b in batches:
-            call = make_call(m, images[:b], titles[:b])
-            with warnings.catch_warnings():  # truncation is counted once below, not warned per timed call
-                warnings.simplefilter("ignore", TruncationWarning)
-                times, v = time_calls(lambda: emb.embed(**call, batch_size=b), rounds, warmup)
-            row = {"modality": m, "batch": b, **latency_stats(times, b),
-                   "cosine_min_vs_unbatched": float(_cosine_rows(v, ref.vectors[:b]).min()),
-                   "truncated_items": sum(1 for i in ref.truncated if i < b)}
-            report["latency"].append(row)
-            if log:
-                log(f"{m:10s} batch {b:3d}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
-                    f"{row['items_per_s']:8.1f} items/s  cos>= {row['cosine_min_vs_unbatched']:.5f}")
+    report["latency"] = [row for m in modalities for row in _latency_rows(emb, m, images, titles, batches, rounds,
+                                                                        warmup, log)]
     from sdk.engine import EngineFile
 
     manifest = EngineFile.read(engine).manifest
@@ -364,15 +388,6 @@ def run_bench(
                 log(f"think-then-embed, budget {r['budget']:3d}: p50 {r['p50_ms']:8.2f} ms, "
                     f"{r['trace_tokens']:.1f} trace tokens{x}")
     if cold_start:
-        if source == "synthetic":
-            images = []
-        for m, b in (("text", 1), ("image+text", max(batches))):
-            if "image" in m and not images:
-                continue
-            p = probe_process(engine, make_call(m, images[:b], titles[:b]), b, providers=providers, threads=threads)
-            report["process"].append({"modality": m, "batch": b, **p})
-            if log:
-                log(f"fresh process, {m} batch {b}: cold start {p['cold_start_s']:.3f} s (import {p['import_s']:.3f}, "
-                    f"load {p['load_s']:.3f}, first vector {p['first_embed_s']:.3f}); whole process "
-                    f"{p['process_s']:.3f} s; peak RSS {p['peak_rss_mb']:.0f} MiB")
+        report["process"] = _cold_starts(engine, [] if source == "synthetic" else images, titles, batches, providers,
+                                         threads, log)
     return report
