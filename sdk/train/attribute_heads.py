@@ -201,6 +201,40 @@ def pooled(features: Path, name: str = "img_deep") -> np.ndarray:
     return out
 
 
+def _dev_sweep(widths: Sequence[int], renditions: bool, x: dict, records: dict, ex_fit) -> list[dict]:
+    """Heads of each trunk width fitted on the fit part and scored on the dev part, at each shared
+    threshold and with per-field tuned thresholds."""
+    sweep = []
+    for hidden in widths:
+        cfg = HeadConfig(hidden=hidden, renditions=renditions)
+        heads = fit(x["fit"], records["fit"], cfg, *ex_fit)
+        for t in cfg.thresholds:
+            m = score(heads.predict(x["dev"], {k: t for k in heads.classes}), records["dev"])
+            sweep.append({"hidden": hidden, "threshold": t, **m})
+            print(f"dev: hidden {hidden} threshold {t}: attribute F1 {m['attribute_f1']:.4f} "
+                  f"category {m['category_acc']:.4f}", flush=True)
+        tuned = tune_thresholds(heads, x["dev"], records["dev"], cfg.thresholds)
+        m = score(heads.predict(x["dev"], tuned), records["dev"])
+        sweep.append({"hidden": hidden, "threshold": "per field", "thresholds": tuned, **m})
+        print(f"dev: hidden {hidden} per-field thresholds: attribute F1 {m['attribute_f1']:.4f} "
+              f"category {m['category_acc']:.4f}", flush=True)
+    return sweep
+
+
+def _score_reasoner(engine, catalog, val_records: Sequence[dict], n_r: int) -> dict:
+    """The engine's reasoner on the first `n_r` validation photos, the heads' measures."""
+    from sdk.train.eval_reasoner import eval_records, evaluate_engine
+
+    recs = eval_records(catalog, None, n_r)
+    assert [r["id"] for r in recs] == [r["id"] for r in val_records[:n_r]], "validation orders differ"
+    m, _ = evaluate_engine(engine, recs, threads=1, trace_items=0)
+    out = {"engine": str(engine), "items": n_r,
+           "attribute_f1": m["attribute_f1_photo"], "category_acc": m["category_acc_photo"],
+           "attribute_f1_from_title": m["attribute_f1_title"], "precision": m["precision"]}
+    print(f"reasoner of {engine}, first {n_r}: {out}", flush=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--catalog", required=True)
@@ -240,21 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         xs = aug[rows[name]]  # (n, K, C)
         return xs.reshape(-1, xs.shape[-1]), np.repeat(np.arange(len(rows[name])), xs.shape[1])
 
-    sweep = []
-    ex_fit = extra("fit")
-    for hidden in args.hidden:
-        cfg = HeadConfig(hidden=hidden, renditions=renditions)
-        heads = fit(x["fit"], records["fit"], cfg, *ex_fit)
-        for t in cfg.thresholds:
-            m = score(heads.predict(x["dev"], {k: t for k in heads.classes}), records["dev"])
-            sweep.append({"hidden": hidden, "threshold": t, **m})
-            print(f"dev: hidden {hidden} threshold {t}: attribute F1 {m['attribute_f1']:.4f} "
-                  f"category {m['category_acc']:.4f}", flush=True)
-        tuned = tune_thresholds(heads, x["dev"], records["dev"], cfg.thresholds)
-        m = score(heads.predict(x["dev"], tuned), records["dev"])
-        sweep.append({"hidden": hidden, "threshold": "per field", "thresholds": tuned, **m})
-        print(f"dev: hidden {hidden} per-field thresholds: attribute F1 {m['attribute_f1']:.4f} "
-              f"category {m['category_acc']:.4f}", flush=True)
+    sweep = _dev_sweep(args.hidden, renditions, x, records, extra("fit"))
     best = max(sweep, key=lambda s: (s["attribute_f1"], s["category_acc"]))
     cfg = HeadConfig(hidden=best["hidden"], renditions=renditions)
     heads = fit(x["train"], records["train"], cfg, *extra("train"))
@@ -274,15 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(f"heads, {len(val)} validation photos: {report['heads']['all validation photos']}", flush=True)
     if args.reasoner_engine:
-        from sdk.train.eval_reasoner import eval_records, evaluate_engine
-
-        recs = eval_records(args.catalog, None, n_r)
-        assert [r["id"] for r in recs] == [r["id"] for r in records["val"][:n_r]], "validation orders differ"
-        m, _ = evaluate_engine(args.reasoner_engine, recs, threads=1, trace_items=0)
-        report["reasoner"] = {"engine": str(args.reasoner_engine), "items": n_r,
-                              "attribute_f1": m["attribute_f1_photo"], "category_acc": m["category_acc_photo"],
-                              "attribute_f1_from_title": m["attribute_f1_title"], "precision": m["precision"]}
-        print(f"reasoner of {args.reasoner_engine}, first {n_r}: {report['reasoner']}", flush=True)
+        report["reasoner"] = _score_reasoner(args.reasoner_engine, args.catalog, records["val"], n_r)
     report["seconds"] = round(time.time() - t0, 1)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1) + "\n")
