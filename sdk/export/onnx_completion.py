@@ -23,9 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdk.export.onnx_embedder import PARITY_FORMAT, row_cosine
-from sdk.export.onnx_tools import ExportError, export_module, ort_session, require
-from sdk.version import library_versions
+from sdk.export.onnx_tools import ExportError, ParityCheck, check_parity_settings, export_module, ort_session, require
 
 COMPLETION_PART = "completion.onnx"
 COMPLETION_INPUTS = ("token_states", "attention_mask")
@@ -65,10 +63,7 @@ class CompletionExportConfig:
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
-        if not 0.0 < self.min_cosine <= 1.0:
-            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
-        if not self.check_batches or any(len(s) != 2 or min(s) < 1 for s in self.check_batches):
-            raise ValueError(f"check_batches must be (batch, text_len) pairs >= 1, got {self.check_batches}")
+        check_parity_settings(self.min_cosine, self.check_batches, ("batch", "text_len"))
 
     @property
     def path(self) -> Path:
@@ -131,25 +126,12 @@ def verify_completion(graph: nn.Module, cfg: CompletionExportConfig) -> dict[str
     """Per-row cosine and max abs error of the ONNX graph vs PyTorch on cfg.check_batches (a report)."""
     sess = ort_session(cfg.path, cfg.num_threads)
     dim = int(graph.completion.cfg.text_dim)
-    batches, cos_all, failure = [], [], None
+    check = ParityCheck("completion", cfg.min_cosine, cfg.opset)
     for k, (b, t) in enumerate(cfg.check_batches):
         feed = padded_states(b, t, dim, cfg.seed + 1 + k)
         got = sess.run([COMPLETION_OUTPUT], feed)[0]
         with torch.inference_mode():
             want = graph(*(torch.from_numpy(feed[n]) for n in COMPLETION_INPUTS)).float().numpy()
-        cos = row_cosine(got.reshape(b, -1), want.reshape(b, -1))
-        err = float(np.abs(got.astype(np.float64) - want).max())
-        worst = float(np.nan if np.isnan(cos).any() else cos.min())
-        batches.append({"batch": b, "text_len": t, "min_cosine": worst, "max_abs_err": err})
-        cos_all.append(cos)
-        if failure is None and not bool(np.all(cos >= cfg.min_cosine)):
-            failure = (f"completion parity failed on check batch {k} (batch={b}, text_len={t}): worst cosine "
-                       f"{worst:.6f} < min_cosine {cfg.min_cosine}; max abs error {err:.3g}")
-    cos = np.concatenate(cos_all)
-    report = {"format": PARITY_FORMAT, "model": "completion", "min_cosine_gate": cfg.min_cosine,
-              "min_cosine": float(np.nan if np.isnan(cos).any() else cos.min()),
-              "max_abs_err": max(b["max_abs_err"] for b in batches), "rows": int(cos.size), "batches": batches,
-              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset, "versions": library_versions()}
-    if failure:
-        report["failure"] = failure
-    return report
+        check.add(got.reshape(b, -1), want.reshape(b, -1), {"batch": b, "text_len": t},
+                  f"check batch {k} (batch={b}, text_len={t})")
+    return check.report()

@@ -42,15 +42,17 @@ from torch import nn
 from sdk.contract import IMAGE, INPUT_NAMES, OUTPUT_NAME, TEXT, TRACE
 
 from .onnx_tools import (
+    PARITY_FORMAT,
     ExportError,
     check_valid,
     harmless_warnings_ignored,
     ort_session,
     rename_output,
     require,
+    row_cosine,
+    worst_cosine,
 )
 
-PARITY_FORMAT = 1
 EXPORTERS = ("auto", "dynamo", "torchscript")
 OPSET_MIN, OPSET_MAX = 18, 23  # the dynamo exporter's range in torch 2.13
 TORCHSCRIPT_OPSET_MAX = 20
@@ -250,13 +252,6 @@ def make_padded_batch(
     }
 
 
-def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine of two (B, D) arrays in float64; a zero row gives 0, a NaN stays NaN."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.where(den > 0, den, 1.0)
-
-
 def verify_embedder_onnx(
     graph: nn.Module,
     onnx_path: str | Path,
@@ -304,7 +299,7 @@ def verify_embedder_onnx(
         cos = row_cosine(got, want)
         err = float(np.abs(got.astype(np.float64) - want).max()) if got.size else 0.0
         worst = int(np.nanargmin(cos)) if np.isfinite(cos).any() else 0
-        worst_cos = float(np.nan if np.isnan(cos).any() else cos.min())
+        worst_cos = worst_cosine(cos)
         batches.append({**shape, "min_cosine": worst_cos, "mean_cosine": float(cos.mean()),
                         "max_abs_err": err, "worst_row": worst})
         cos_all.append(cos)
@@ -320,7 +315,7 @@ def verify_embedder_onnx(
         "format": PARITY_FORMAT,
         "model": onnx_path.name,
         "min_cosine_gate": cfg.min_cosine,
-        "min_cosine": float(np.nan if np.isnan(cos).any() else cos.min()),
+        "min_cosine": worst_cosine(cos),
         "mean_cosine": float(cos.mean()),
         "max_abs_err": worst_err,
         "rows": int(cos.size),

@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from sdk.contract import INPUT_NAMES
-from sdk.export.onnx_embedder import PARITY_FORMAT, make_padded_batch, row_cosine
-from sdk.export.onnx_tools import ExportError, export_module, ort_session, require
-from sdk.version import library_versions
+from sdk.export.onnx_embedder import make_padded_batch
+from sdk.export.onnx_tools import ExportError, ParityCheck, check_parity_settings, export_module, ort_session, require
 
 IMAGE_PART, TEXT_PART, HEAD_PART = "image.onnx", "text.onnx", "head.npz"
 
@@ -144,10 +143,7 @@ class SplitExportConfig:
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
-        if not 0.0 < self.min_cosine <= 1.0:
-            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
-        if not self.check_batches or any(len(s) != 3 or min(s) < 1 for s in self.check_batches):
-            raise ValueError(f"check_batches must be (batch, text_len, trace_len) triples >= 1, got {self.check_batches}")
+        check_parity_settings(self.min_cosine, self.check_batches, ("batch", "text_len", "trace_len"))
         if not isinstance(self.fused_text, bool):
             raise ValueError(f"fused_text must be True or False, got {self.fused_text!r}")
 
@@ -232,28 +228,12 @@ def split_runner(paths: dict[str, Path], num_threads: int = 0):
 def verify_split(graph: nn.Module, paths: dict[str, Path], cfg: SplitExportConfig) -> dict[str, Any]:
     """Row cosine of the split runtime vs the PyTorch graph on cfg.check_batches (a report dict)."""
     runner = split_runner(paths, cfg.num_threads)
-    batches, cos_all, failure = [], [], None
+    check = ParityCheck("split", cfg.min_cosine, cfg.opset, mean=True)
     for k, (b, t, s) in enumerate(cfg.check_batches):
         feed = make_padded_batch(b, t, s, vocab_size=graph.vocab_size, image_size=cfg.image_size, seed=cfg.seed + 1 + k)
         got = runner(feed)
         with torch.inference_mode():
             want = graph(*(torch.from_numpy(feed[n]) for n in INPUT_NAMES)).float().numpy()
-        cos = row_cosine(got, want)
-        err = float(np.abs(got.astype(np.float64) - want).max())
-        worst = float(np.nan if np.isnan(cos).any() else cos.min())
-        batches.append({"batch": b, "text_len": t, "trace_len": s, "min_cosine": worst,
-                        "mean_cosine": float(cos.mean()), "max_abs_err": err})
-        cos_all.append(cos)
-        if failure is None and not bool(np.all(cos >= cfg.min_cosine)):
-            failure = (f"split parity failed on check batch {k} (batch={b}, text_len={t}, trace_len={s}): "
-                       f"worst cosine {worst:.6f} < min_cosine {cfg.min_cosine}; max abs error {err:.3g}")
-    cos = np.concatenate(cos_all)
-    report = {"format": PARITY_FORMAT, "model": "split", "min_cosine_gate": cfg.min_cosine,
-              "min_cosine": float(np.nan if np.isnan(cos).any() else cos.min()), "mean_cosine": float(cos.mean()),
-              "max_abs_err": max(b["max_abs_err"] for b in batches), "rows": int(cos.size), "batches": batches,
-              "passed": failure is None, "exporter": "dynamo", "opset": cfg.opset,
-              "text_graph": cfg.text_graph_kind(graph.text_encoder),
-              "versions": library_versions()}
-    if failure:
-        report["failure"] = failure
-    return report
+        check.add(got, want, {"batch": b, "text_len": t, "trace_len": s},
+                  f"check batch {k} (batch={b}, text_len={t}, trace_len={s})")
+    return check.report(text_graph=cfg.text_graph_kind(graph.text_encoder))

@@ -11,10 +11,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from sdk.errors import BackendUnavailableError, SdkError
+from sdk.version import library_versions
+
+PARITY_FORMAT = 1  # version of the parity reports written beside exported graphs
 
 # Exporter warnings known to be harmless here, as (category, message regex), ignored only around
 # the exporter call; anything else reaches the caller.
@@ -147,3 +151,65 @@ def export_module(module: nn.Module, args: tuple, dynamic: dict, outputs: list[s
     rename_outputs_to(program.model, outputs)
     program.save(str(path), external_data=False)
     check_valid(path)
+
+
+def check_parity_settings(min_cosine: float, check_batches: Any, axes: tuple[str, ...]) -> None:
+    """An export config's parity settings: a cosine gate in (0, 1], and check batches that are
+    tuples of len(axes) sizes >= 1 (`axes` names them in the message)."""
+    if not 0.0 < min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
+    if not check_batches or any(len(s) != len(axes) or min(s) < 1 for s in check_batches):
+        kind = {2: "pairs", 3: "triples"}.get(len(axes), "tuples")
+        raise ValueError(f"check_batches must be ({', '.join(axes)}) {kind} >= 1, got {check_batches}")
+
+
+def parity_stats(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """An exported graph's rows `got` (B, D) against the source model's `want` -> (per-row cosine,
+    largest absolute error, worst cosine: NaN where any row's is NaN)."""
+    cos = row_cosine(got, want)
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    return cos, err, worst_cosine(cos)
+
+
+def worst_cosine(cos: np.ndarray) -> float:
+    """The smallest of per-row cosines, NaN where any is NaN."""
+    return float(np.nan if np.isnan(cos).any() else cos.min())
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine of two (B, D) arrays in float64; a zero row gives 0, a NaN stays NaN."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.where(den > 0, den, 1.0)
+
+
+class ParityCheck:
+    """An exported graph's parity with its source model, batch by batch: `add` each check batch's
+    outputs, then `report()` (passed, worst and mean cosine, largest error, the first failure)."""
+
+    def __init__(self, model: str, min_cosine: float, opset: int, mean: bool = False):
+        self.model, self.min_cosine, self.opset, self.mean = model, min_cosine, opset, mean
+        self.batches: list[dict[str, Any]] = []
+        self.failure: str | None = None
+        self._cos: list[np.ndarray] = []
+
+    def add(self, got: np.ndarray, want: np.ndarray, shape: dict[str, int], where: str) -> None:
+        """One check batch: rows `got` (B, D) of the export against `want` of the source model."""
+        cos, err, worst = parity_stats(got, want)
+        self.batches.append({**shape, "min_cosine": worst, **({"mean_cosine": float(cos.mean())} if self.mean else {}),
+                             "max_abs_err": err})
+        self._cos.append(cos)
+        if self.failure is None and not bool(np.all(cos >= self.min_cosine)):
+            self.failure = (f"{self.model} parity failed on {where}: worst cosine {worst:.6f} < min_cosine "
+                            f"{self.min_cosine}; max abs error {err:.3g}")
+
+    def report(self, **extra: Any) -> dict[str, Any]:
+        cos = np.concatenate(self._cos)
+        report = {"format": PARITY_FORMAT, "model": self.model, "min_cosine_gate": self.min_cosine,
+                  "min_cosine": worst_cosine(cos), **({"mean_cosine": float(cos.mean())} if self.mean else {}),
+                  "max_abs_err": max(b["max_abs_err"] for b in self.batches), "rows": int(cos.size),
+                  "batches": self.batches, "passed": self.failure is None, "exporter": "dynamo", "opset": self.opset,
+                  **extra, "versions": library_versions()}
+        if self.failure:
+            report["failure"] = self.failure
+        return report
