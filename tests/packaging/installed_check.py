@@ -182,15 +182,16 @@ def check_cli(engine: Path) -> dict:
             "output": (done.stdout or done.stderr).splitlines()[:3]}
 
 
-def readme_blocks(text: str, heading: str = "Using an engine") -> list[tuple[int, str]]:
-    """(first line, code) of each ```python block in the README section headed `heading`."""
+def readme_blocks(text: str, heading: str = "Using an engine", lang: str = "python") -> list[tuple[int, str]]:
+    """(first line, code) of each ```lang block in the README section whose heading starts with
+    `heading`, up to the next heading of the same or a higher level."""
     level, fence, blocks = None, None, []
     for n, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             if fence is None:
                 fence, start, code = line.strip()[3:].strip(), n + 1, []
             else:
-                if level is not None and fence.split()[:1] == ["python"]:
+                if level is not None and fence.split()[:1] == [lang]:
                     blocks.append((start, "\n".join(code) + "\n"))
                 fence = None
             continue

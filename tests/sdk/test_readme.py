@@ -25,42 +25,27 @@ DIM, MATRYOSHKA = 256, (64, 128, 256)
 
 def section_blocks(text: str, heading: str, lang: str) -> list[tuple[int, str]]:
     """(line number of the code's first line, code) of each ```lang block in the section whose
-    heading starts with `heading`, up to the next heading of the same or a higher level."""
-    level = None
-    fence = None  # info string of the open fence, or None outside code
-    blocks: list[tuple[int, str]] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith("```"):
-            if fence is None:
-                fence, start, code = line.strip()[3:].strip(), n + 1, []
-            else:
-                if level is not None and fence.split()[:1] == [lang]:
-                    blocks.append((start, "\n".join(code) + "\n"))
-                fence = None
-            continue
-        if fence is not None:
-            code.append(line)
-            continue
-        m = re.match(r"(#+)\s+(.*)", line)
-        if m and level is None and m.group(2).startswith(heading):
-            level = len(m.group(1))
-        elif m and level is not None and len(m.group(1)) <= level:
-            break
-    if level is None:
+    heading starts with `heading` (the extractor the installed-wheel check uses too)."""
+    if not re.search(rf"^#+\s+{re.escape(heading)}", text, re.M):
         raise AssertionError(f"README.md has no section headed {heading!r}")
-    return blocks
+    return _by_path("moon3_installed_check", "packaging/installed_check.py").readme_blocks(text, heading, lang)
+
+
+def _by_path(name: str, path: str):
+    """A file under tests/ as a module, loaded by its path (`tests/packaging` is no package, and
+    its name would be the PyPI `packaging`'s)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _root_conftest():
     """tests/conftest.py as a module (by path: `from conftest import` picks whichever conftest
     another test directory registered under that name first)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("moon3_tests_conftest",
-                                                  Path(__file__).resolve().parents[1] / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _by_path("moon3_tests_conftest", "conftest.py")
 
 
 @pytest.fixture(scope="module")
