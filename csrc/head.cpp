@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "py_arrays.h"
 #include "ops.h"
 
 namespace py = pybind11;

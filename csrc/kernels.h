@@ -1,18 +1,14 @@
 // Shared building blocks of the fused CPU ops (csrc/fused.cpp, csrc/head.cpp): float32 constants
-// matching torch's defaults, LayerNorm, exact-erf GELU, argument checks, and the matrix kernel
-// `linear_rows` in two versions -- a portable scalar one and an AVX2+FMA one compiled per function
-// (target attribute, no -march flags) and picked at run time from CPUID.
+// matching torch's defaults, LayerNorm, exact-erf GELU, and the matrix kernel `linear_rows` in two
+// versions -- a portable scalar one and an AVX2+FMA one compiled per function (target attribute,
+// no -march flags) and picked at run time from CPUID. Pure C++ on raw pointers: the Python glue
+// (array arguments and their checks) is csrc/py_arrays.h.
 #pragma once
-
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -26,8 +22,6 @@
 namespace moon3 {
 namespace kern {
 
-namespace py = pybind11;
-using Arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i64 = std::int64_t;
 
 constexpr float kLnEps = 1e-5f;   // torch.nn.LayerNorm's default
@@ -109,17 +103,27 @@ __attribute__((target("avx2,fma"))) inline void linear_avx2(const float* X, i64 
 }
 #endif
 
-inline bool use_avx2() {
-    static const bool ok = [] {
+// The CPU features the kernels dispatch on, read once from CPUID (libgcc / compiler-rt also
+// check that the OS saves the YMM registers, XGETBV).
+struct CpuFeatures {
+    bool avx2 = false;
+    bool fma = false;
+};
+
+inline const CpuFeatures& cpu_features() {
+    static const CpuFeatures features = [] {
+        CpuFeatures f;
 #if MOON3_FUSED_AVX2
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-        return false;
+        f.avx2 = __builtin_cpu_supports("avx2");
+        f.fma = __builtin_cpu_supports("fma");
 #endif
+        return f;
     }();
-    return ok;
+    return features;
 }
+
+inline bool use_avx2() { return cpu_features().avx2 && cpu_features().fma; }
 
 inline LinearKernel pick(bool force_scalar) {
 #if MOON3_FUSED_AVX2
@@ -141,28 +145,6 @@ inline void layer_norm(const float* x, const float* w, const float* b, i64 n, fl
 }
 
 inline float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
-
-// ---------------------------------------------------------------------------------------------
-// argument checks
-
-inline std::string shape_str(const Arr& a) {
-    std::string s = "(";
-    for (py::ssize_t k = 0; k < a.ndim(); ++k) s += (k ? ", " : "") + std::to_string(a.shape(k));
-    return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-inline void expect(const Arr& a, const char* name, std::initializer_list<i64> shape) {
-    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-    py::ssize_t k = 0;
-    for (i64 s : shape) ok = ok && a.shape(k++) == s;
-    if (!ok) {
-        std::string want = "(";
-        k = 0;
-        for (i64 s : shape) want += (k++ ? ", " : "") + std::to_string(s);
-        throw std::invalid_argument(std::string(name) + " must have shape " + want + (shape.size() == 1 ? ",)" : ")") +
-                                    ", got " + shape_str(a));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // op bodies shared by the single fused ops and the whole head

@@ -15,15 +15,9 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels.h"  // MOON3_FUSED_AVX2 (GCC/Clang on x86-64: target attributes and CPUID) and cpu_features
 #include "ops.h"
-
-// __attribute__((target)) and __builtin_cpu_supports are GCC/Clang extensions.
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define MOON3_HAVE_AVX2_KERNEL 1
-#include <immintrin.h>
-#else
-#define MOON3_HAVE_AVX2_KERNEL 0
-#endif
+#include "py_arrays.h"
 
 namespace py = pybind11;
 
@@ -58,7 +52,7 @@ void l2norm_rows_scalar(const float* x, float* y, std::int64_t rows, std::int64_
     }
 }
 
-#if MOON3_HAVE_AVX2_KERNEL
+#if MOON3_FUSED_AVX2
 
 __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // (4,)
@@ -107,26 +101,10 @@ __attribute__((target("avx2,fma"))) void l2norm_rows_avx2(const float* x, float*
     }
 }
 
-#endif  // MOON3_HAVE_AVX2_KERNEL
+#endif  // MOON3_FUSED_AVX2
 
-struct CpuFeatures {
-    bool avx2 = false;
-    bool fma = false;
-};
-
-const CpuFeatures& cpu_features() {
-    static const CpuFeatures features = [] {
-        CpuFeatures f;
-#if MOON3_HAVE_AVX2_KERNEL
-        // libgcc / compiler-rt also check that the OS saves the YMM registers (XGETBV).
-        __builtin_cpu_init();
-        f.avx2 = __builtin_cpu_supports("avx2");
-        f.fma = __builtin_cpu_supports("fma");
-#endif
-        return f;
-    }();
-    return features;
-}
+using kern::cpu_features;
+using kern::shape_str;
 
 struct Kernel {
     RowsKernel fn;
@@ -137,21 +115,12 @@ const Kernel kScalarKernel{l2norm_rows_scalar, "scalar"};
 
 const Kernel& dispatched_kernel() {
     static const Kernel kernel = [] {
-#if MOON3_HAVE_AVX2_KERNEL
+#if MOON3_FUSED_AVX2
         if (cpu_features().avx2 && cpu_features().fma) return Kernel{l2norm_rows_avx2, "avx2"};
 #endif
         return kScalarKernel;
     }();
     return kernel;
-}
-
-std::string shape_str(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t k = 0; k < a.ndim(); ++k) {
-        if (k) s += ", ";
-        s += std::to_string(a.shape(k));
-    }
-    return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
 using F32Matrix = py::array_t<float, py::array::c_style>;
