@@ -12,6 +12,12 @@ device-array library; code that keeps its tensors on the GPU calls the stream en
 C ABI with its own device pointers instead. Results agree with the NumPy references
 (`sdk.fused.*_ref`, `sdk.ops.l2_normalize_ref`) to `FUSED_ATOL` in float32; float16 results
 additionally carry their rounding to binary16 (`FUSED_F16_RTOL`).
+
+Experimental: nothing in the runtime calls these kernels yet. The split engine's head runs on the
+CPU (`sdk.head` over `sdk._C`), and on a GPU server its ONNX graphs run on onnxruntime's CUDA
+provider; the kernels wait for a GPU head (the TensorRT work), tested here against the references
+so that they are right when it comes. `fire_residual` is in the same position: FIRE runs inside the
+ONNX image graph, and its fused op is kept for a runtime that runs the image tokens' tail itself.
 """
 
 from __future__ import annotations

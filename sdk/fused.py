@@ -4,6 +4,8 @@
                        per-modality attention outputs -> output projection -> residual add ->
                        LayerNorm (the next FFN's input)
     fire_residual      FIRE on a block of visual tokens: h += s * sigmoid(w^T GELU(W LN(h))) * MLP(shallow)
+                       (not called by the runtime: FIRE runs inside the ONNX image graph; kept,
+                       with its CUDA twin in sdk.cuda_ops, for a runtime that runs the image tail)
     project_normalize  LayerNorm -> projection to the embedding -> Matryoshka truncation -> L2 norm
 
 Each reference mirrors the PyTorch modules of `sdk.train.fusion_model` (LayerNorm eps 1e-5, exact
