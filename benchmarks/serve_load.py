@@ -8,7 +8,7 @@ must get exactly one answer: its own vector or a 429).
         --out docs/results/serve_load.json --plot docs/results/serve_load.png
 
 Client, server and engine share this machine's cores: the client's own CPU time (the lean
-`sdk.serve_client`, not a full HTTP library) and the server process's are reported per level,
+`sdk.serve.client`, not a full HTTP library) and the server process's are reported per level,
 in cores and in milliseconds per answered item, with the mean engine batch (from /metrics).
 Bounded: each level stops after --requests or --seconds, whichever comes first.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdk.serve_client import Connection
+from sdk.serve.client import Connection
 
 try:  # the client checks every answer's id; orjson parses the 256-float answer in a few microseconds
     from orjson import loads as parse_json

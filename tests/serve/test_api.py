@@ -152,7 +152,7 @@ def test_json_beyond_orjson_is_answered_as_by_the_standard_library(server):
     """orjson (when installed) parses and writes the bodies; what it refuses (NaN, an int over 64
     bits to write) or would read differently (an int over 64 bits, as a float) goes to the json
     module, so such requests get the same answers as without orjson."""
-    from sdk.serve_requests import dumps, loads
+    from sdk.serve.parsing import dumps, loads
 
     big = 2**70
     r = post(server, "/v1/embed", json={"items": [{"id": big, "title": "rote Schuhe, Größe 42"}]})

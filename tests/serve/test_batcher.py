@@ -1,4 +1,4 @@
-"""sdk.serve_batch.DynamicBatcher on a fake engine: merging, the wait bound, the queue bound,
+"""sdk.serve.batch.DynamicBatcher on a fake engine: merging, the wait bound, the queue bound,
 engine failures isolated to the item that caused them, draining."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sdk.embedder import Embeddings
-from sdk.serve_batch import BatchItem, DynamicBatcher, QueueFull
+from sdk.serve.batch import BatchItem, DynamicBatcher, QueueFull
 
 
 class FakeEmbedder:

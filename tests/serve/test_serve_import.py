@@ -5,7 +5,7 @@ import sys
 
 
 def test_serve_module_imports_no_web_stack_and_no_torch():
-    code = ("import sys, sdk, sdk.serve, sdk.serve_batch, sdk.serve_client; "
+    code = ("import sys, sdk, sdk.serve, sdk.serve.batch, sdk.serve.client; "
             "heavy = [m for m in ('torch', 'starlette', 'uvicorn', 'prometheus_client', 'httpx') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from serve_helpers import TITLES, Server, b64, photo
 
-from sdk.serve_client import Connection
+from sdk.serve.client import Connection
 
 MAX_GROWTH = 0.05
 CONCURRENCY = 16

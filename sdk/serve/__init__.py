@@ -13,7 +13,7 @@ Endpoints (docs/serve.md has them in full):
   * GET /health (the process answers), /ready (engine loaded, warmed, batch worker alive, engine
     not failing, not draining), /metrics (Prometheus text), /v1/models.
 
-Items of concurrent requests are merged into engine batches by `sdk.serve_batch.DynamicBatcher`;
+Items of concurrent requests are merged into engine batches by `sdk.serve.batch.DynamicBatcher`;
 a bad item is reported by index (HTTP 207 when some items of a request were good, 422 when none
 was) and never costs the good ones or later requests. A full queue answers 429 with Retry-After.
 SIGTERM stops accepting connections, finishes the requests in flight, then exits.
@@ -29,9 +29,9 @@ import os
 import sys
 from typing import Any
 
-from sdk.serve_app import create_app
-from sdk.serve_requests import need_serve_extra
-from sdk.serve_state import ServeConfig, default_threads
+from sdk.serve.app import create_app
+from sdk.serve.parsing import need_serve_extra
+from sdk.serve.state import ServeConfig, default_threads
 
 __all__ = ["ServeConfig", "create_app", "default_threads", "serve"]
 
@@ -73,7 +73,7 @@ def serve(config: ServeConfig, embedder: Any = None, reasoner: Any = None) -> in
     if embedder is None:
         embedder, reasoner = load(config)
     app = create_app(config, embedder, reasoner)
-    state = app.state.moon3  # sdk.serve_state.ServerState
+    state = app.state.moon3  # sdk.serve.state.ServerState
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: /ready says 503 at once, then uvicorn drains

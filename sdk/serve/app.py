@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from sdk.errors import InvalidInputError, SdkError
-from sdk.serve_batch import BatchItem, DynamicBatcher, ItemResult, QueueFull
-from sdk.serve_requests import (
+from sdk.serve.batch import BatchItem, DynamicBatcher, ItemResult, QueueFull
+from sdk.serve.parsing import (
     EMBED_FIELDS,
     ERROR_TYPES,
     REASON_FIELDS,
@@ -36,7 +36,7 @@ from sdk.serve_requests import (
     unknown_fields,
     vector_out,
 )
-from sdk.serve_state import Metrics, ServeConfig, ServerState
+from sdk.serve.state import Metrics, ServeConfig, ServerState
 
 __all__ = ["create_app", "warmup_items"]
 

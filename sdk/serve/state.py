@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdk.serve_batch import DynamicBatcher
-from sdk.serve_requests import need_serve_extra
+from sdk.serve.batch import DynamicBatcher
+from sdk.serve.parsing import need_serve_extra
 
 __all__ = ["Metrics", "ServeConfig", "ServerState", "default_threads"]
 

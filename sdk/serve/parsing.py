@@ -16,7 +16,7 @@ import numpy as np
 
 from sdk.errors import BackendUnavailableError, InvalidInputError, SdkError
 from sdk.ops import check_dim, l2_normalize
-from sdk.serve_batch import BatchItem
+from sdk.serve.batch import BatchItem
 
 __all__ = ["ERROR_TYPES", "HttpError", "dumps", "loads", "parse_openai_input", "parse_products", "read_request"]
 
