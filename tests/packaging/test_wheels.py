@@ -140,10 +140,11 @@ def test_wheel_holds_the_runtime_and_the_compiled_module(x86_release):
     so = [n for n in names if re.fullmatch(r"sdk/_C\.[\w.-]+\.so", n)]
     assert len(so) == 1, f"expected one sdk/_C*.so, got {so}"
     for need in ("sdk/_C.pyi", "sdk/py.typed", "sdk/embedder.py", "sdk/batch.py", "sdk/ray.py", "sdk/cli.py",
-                 "sdk/export/build.py", "sdk/train/weights/embedder.safetensors", "sdk/train/weights/embedder.json"):
+                 "sdk/commands.py", "sdk/serve/app.py", "sdk/export/build.py",
+                 "sdk/train/weights/embedder.safetensors", "sdk/train/weights/embedder.json"):
         assert need in names, f"{need} missing from the wheel"
     unwanted = [n for n in names if n.split("/")[0] in ("tests", "benchmarks", "data", "csrc", "scripts", "calib",
-                                                         "export", "train")
+                                                         "export", "train", "research")
                 or n.endswith((".cpp", ".h", ".pyc", ".engine", ".onnx")) or "__pycache__" in n]
     assert not unwanted, f"not for the wheel: {unwanted[:10]}"
 
