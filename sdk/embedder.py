@@ -52,7 +52,7 @@ from sdk.errors import (
     SdkError,
     TruncationWarning,
 )
-from sdk.inputs import EngineTokenizer, Items, Tokenized, collect_items, feed, record_columns, tokenize
+from sdk.inputs import EngineTokenizer, Items, Tokenized, collect_items, feed, record_columns, text_column, tokenize
 from sdk.ops import check_dim, l2_normalize
 from sdk.preprocess import image_to_array, load_image
 from sdk.runners import Runner, open_runner
@@ -190,11 +190,16 @@ class Embedder(ActiveBackend):
 
     def count_tokens(self, texts: Sequence[str], field: str = "text") -> list[int]:
         """Tokens of each text as this engine's tokenizer cuts it for `field` ("text" for titles,
-        "trace" for reasoning traces): at most that field's token budget."""
+        "trace" for reasoning traces): at most that field's token budget.
+
+        Raises:
+            ValueError: `field` is neither "text" nor "trace".
+            InvalidInputError: `texts` is not a sequence of str (a single str included), naming the item.
+        """
         if field not in ("text", "trace"):
             raise ValueError(f"field must be 'text' or 'trace', got {field!r}")
         tok = self._text_tok if field == "text" else self._trace_tok
-        return [len(ids) for ids, _ in tok.encode(list(texts))]
+        return [len(ids) for ids, _ in tok.encode(text_column(texts, "texts"))]
 
     @property
     def path(self) -> Path:

@@ -18,7 +18,7 @@ from sdk.contract import IMAGE, INPUT_NAMES, TEXT, TRACE
 from sdk.errors import InvalidInputError
 
 __all__ = ["EngineTokenizer", "Items", "Tokenized", "collect_items", "feed", "pad_tokens", "record_columns",
-           "tokenize"]
+           "text_column", "tokenize"]
 
 
 class EngineTokenizer:
@@ -185,6 +185,25 @@ def feed(items: Items, chunk: list[int], tok: Tokenized, pixels: np.ndarray) -> 
     ids, mask = pad_tokens([tok.ids[i][0] for i in chunk])  # (B, T)
     tids, tmask = pad_tokens([tok.ids[i][1] for i in chunk])  # (B, S)
     return dict(zip(INPUT_NAMES, (pixels, ids, mask, tids, tmask, present)))
+
+
+def text_column(values: Any, name: str) -> list[str]:
+    """A column that must hold a str per item (e.g. texts to count tokens of).
+
+    Raises:
+        InvalidInputError: `values` is not a sequence (or is a single str), or an item is not a str
+            or is not valid Unicode; the message names the item.
+    """
+    col = _column(values, name)
+    if col is None:
+        raise InvalidInputError(f"{name} must be a sequence of str, got None")
+    for i, v in enumerate(col):
+        if not isinstance(v, str):
+            raise InvalidInputError(f"{name}[{i}] must be a str, got {type(v).__name__}")
+        if (bad := _lone_surrogate(v)) is not None:
+            raise InvalidInputError(f"{name}[{i}] is not valid Unicode (lone surrogate at character {bad}); "
+                                    "decode bytes with errors='replace'")
+    return col
 
 
 def _lone_surrogate(text: str) -> int | None:

@@ -18,7 +18,7 @@ from sdk.contract import (  # noqa: E402
     read_embedder_spec,
 )
 from sdk.engine import EngineFile  # noqa: E402
-from sdk.errors import EngineError  # noqa: E402
+from sdk.errors import EngineError, InvalidInputError  # noqa: E402
 
 
 def test_the_writer_and_the_reader_agree_on_both_layouts(tiny_engine, tiny_split_engine):
@@ -107,3 +107,10 @@ def test_count_tokens_counts_what_the_engine_reads(tiny_engine):
         assert emb.count_tokens([long], "trace")[0] > budget  # traces have a longer budget
         with pytest.raises(ValueError, match="field must be 'text' or 'trace', got 'title'"):
             emb.count_tokens(["x"], "title")
+        with pytest.raises(InvalidInputError, match="texts must be a sequence with one entry per item, got a "
+                                                    "single str; wrap it in a list"):
+            emb.count_tokens("red shoe")
+        with pytest.raises(InvalidInputError, match=r"texts\[1\] must be a str, got int"):
+            emb.count_tokens(["red", 7])
+        with pytest.raises(InvalidInputError, match=r"texts\[0\] is not valid Unicode"):
+            emb.count_tokens(["\udcff"])
