@@ -170,7 +170,7 @@ def _model(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, pl
             model.skip_text.set_stats(*(plan.text_stats or title_stats(f, plan.train_rows)))
     elif cfg.skip_init != "zero":
         raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
-    if cfg.prompt_weight:
+    if cfg.prompt_weight:  # after the skip path's start, as before: loading the text tower draws random numbers
         plan.prompts = field_prompts(f, catalog, plan.train_rows, cfg.prompt_fields.split(","))
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     if cfg.freeze_image:
