@@ -59,7 +59,7 @@ from .feature_cache import (
 from .fusion_model import EmbedderConfig, build_embedder, matryoshka, save_embedder
 from .metrics import recall_at_k
 from .modality_gap import center_modalities, init_skip_from_probe
-from .prompts import PROMPT_FIELDS, field_prompts
+from .prompts import PROMPT_FIELDS
 from .train_config import TrainConfig
 from .train_step import TrainPlan, plan_run, step_loss, step_views
 
@@ -170,8 +170,6 @@ def _model(model_cfg: EmbedderConfig, cfg: TrainConfig, f: Features, catalog, pl
             model.skip_text.set_stats(*(plan.text_stats or title_stats(f, plan.train_rows)))
     elif cfg.skip_init != "zero":
         raise ValueError("skip_init='probe' needs a new model with a skip path (EmbedderConfig.skip_path, no --init)")
-    if cfg.prompt_weight:  # after the skip path's start, as before: loading the text tower draws random numbers
-        plan.prompts = field_prompts(f, catalog, plan.train_rows, cfg.prompt_fields.split(","))
     f.tune_with(model)  # fine-tuned tower layers run over the cache; a model without them reads it as is
     if cfg.freeze_image:
         for p in model.image.parameters():

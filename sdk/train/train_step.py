@@ -27,7 +27,7 @@ from .feature_cache import (
 )
 from .fusion_model import EmbedderConfig, masked_mean, matryoshka
 from .losses import category_term, distill_terms, info_nce, relational_kl
-from .prompts import prompt_term
+from .prompts import field_prompts, prompt_term
 from .train_config import TrainConfig
 
 
@@ -105,6 +105,8 @@ def plan_run(cfg: TrainConfig, f: Features, catalog) -> TrainPlan:
         plan.tower_stats = pooled_stats(f, plan.train_rows)
     if cfg.text_relational or cfg.mm_relational:
         plan.text_stats = title_stats(f, plan.train_rows)
+    if cfg.prompt_weight:
+        plan.prompts = field_prompts(f, catalog, plan.train_rows, cfg.prompt_fields.split(","))
     return plan
 
 
