@@ -21,7 +21,8 @@ torch-free runtime `sdk.Embedder`). Every subject is scored on the same validati
   (same normalised title) left out as well, accuracy;
 - ood: a model trained by the same recipe with one whole master category held out
   (`--holdout`, default Footwear), against a probe trained the same way, on retrieval, kNN and
-  zero-shot inside that category (the family judges the recipe; the shipped model trains on all).
+  zero-shot inside that category (the family judges the recipe; the shipped model trains on all),
+  on every product of it by default (`--ood-scope`).
 
 The linear probe is the simple alternative at the same deployment cost: the frozen towers the
 engines use (EfficientNet-Lite0 mean-pooled, MiniLM-L6 mean-pooled), one linear map each, trained
@@ -143,6 +144,10 @@ class SuiteConfig:
         min_class: a zero-shot class counts when at least this many validation photos have it.
         margin: how far above the probe a subject must be on every metric to `beats_probe`.
         holdout: the master category the ood family's models were trained without.
+        ood_scope: where the ood family scores inside `holdout`: "category", every product of it
+            (the held-out models and probe trained on none of them, on either side of the split;
+            six times the validation side's products in this catalog, so a point is fewer photos'
+            luck), or "validation", its validation products only.
         limit: score only the first N validation products (smoke runs); 0 = all.
         batch_size: items per embed call.
     """
@@ -150,6 +155,7 @@ class SuiteConfig:
     min_class: int = 5
     margin: float = 0.02
     holdout: str = "Footwear"
+    ood_scope: str = "category"
     limit: int = 0
     batch_size: int = 64
     families: tuple[str, ...] = FAMILIES
@@ -163,6 +169,8 @@ class SuiteConfig:
             raise ValueError(f"SuiteConfig: min_class >= 1, limit >= 0, batch_size >= 1, got {self}")
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"SuiteConfig.margin must be in [0, 1), got {self.margin}")
+        if self.ood_scope not in ("category", "validation"):
+            raise ValueError(f"SuiteConfig.ood_scope must be 'category' or 'validation', got {self.ood_scope!r}")
 
 
 class MissingField(Exception):
@@ -353,26 +361,7 @@ def run_suite(catalog: str | Path, subjects: dict[str, Subject], *, ood_subjects
         log(f"scoring {name}")
         report["results"][name] = score_subject(subject, val, cfg, log=log)
     if "ood" in cfg.families:
-        report["results"]["probe"]["ood"] = {}
-        try:
-            cats = val.values("master_category", "ood")
-            held = cats == cfg.holdout
-            if not held.any():
-                raise MissingField(f"family 'ood': no validation product is in master category {cfg.holdout!r}")
-        except MissingField as exc:
-            report["ood"] = {"skipped": str(exc)}
-        else:
-            inner = ("cross_modal", "knn", "zero_shot")
-            sub = val.subset(held)
-            kept = [p for p in products if (p.record.get("master_category") or "") != cfg.holdout]
-            ood_probe, report["probe"]["ood_training"] = train_probe_on(kept, split, towers, features, probe_cfg, log)
-            report["ood"] = {"holdout": cfg.holdout, "products": len(sub.products),
-                             "photos": int(len(sub.with_photo))}
-            for name, subject in {"probe": ood_probe, **(ood_subjects or {})}.items():
-                log(f"scoring {name} inside {cfg.holdout} (trained without it)")
-                res = score_subject(subject, sub, cfg, families=inner, log=log)
-                res.get("cross_modal", {}).pop("old_split", None)
-                report["results"].setdefault(name, {})["ood"] = res
+        _score_ood(report, products, split, val, ood_subjects or {}, cfg, towers, features, probe_cfg, log)
     for name, res in report["results"].items():
         if name == "probe":
             continue
@@ -383,6 +372,36 @@ def run_suite(catalog: str | Path, subjects: dict[str, Subject], *, ood_subjects
                                    "margin": cfg.margin, "not_scored": missing, "families": fams}
     report["seconds"] = round(time.time() - t0, 1)
     return report
+
+
+def _score_ood(report: dict, products: list[Product], split, val: "ValidationSet", ood_subjects: dict[str, Subject],
+               cfg: SuiteConfig, towers: ProbeTowers, features, probe_cfg: ProbeConfig, log) -> None:
+    """The ood family into `report`: a probe trained without `cfg.holdout` and each held-out subject,
+    scored on retrieval, kNN and zero-shot inside that master category (`cfg.ood_scope`: all its
+    products, or its validation products only)."""
+    report["results"]["probe"]["ood"] = {}
+    try:
+        held = val.values("master_category", "ood") == cfg.holdout
+        if not held.any():
+            raise MissingField(f"family 'ood': no validation product is in master category {cfg.holdout!r}")
+    except MissingField as exc:
+        report["ood"] = {"skipped": str(exc)}
+        return
+    if cfg.ood_scope == "category":  # the held-out models saw none of them, whichever side of the split
+        sub = ValidationSet.of([p for p in products if (p.record.get("master_category") or "") == cfg.holdout],
+                               cfg.limit)
+    else:
+        sub = val.subset(held)
+    kept = [p for p in products if (p.record.get("master_category") or "") != cfg.holdout]
+    ood_probe, report["probe"]["ood_training"] = train_probe_on(kept, split, towers, features, probe_cfg, log)
+    report["ood"] = {"holdout": cfg.holdout, "scope": cfg.ood_scope, "products": len(sub.products),
+                     "photos": int(len(sub.with_photo))}
+    log(f"ood: {len(sub.products)} {cfg.holdout} products ({cfg.ood_scope})")
+    for name, subject in {"probe": ood_probe, **ood_subjects}.items():
+        log(f"scoring {name} inside {cfg.holdout} (trained without it)")
+        res = score_subject(subject, sub, cfg, families=("cross_modal", "knn", "zero_shot"), log=log)
+        res.get("cross_modal", {}).pop("old_split", None)
+        report["results"].setdefault(name, {})["ood"] = res
 
 
 def _named(specs: Sequence[str], what: str) -> dict[str, str]:
@@ -408,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ood-subject", action="append", default=[], metavar="NAME=PATH",
                     help="the same recipe trained with --holdout left out (repeatable; NAME pairs it with --subject)")
     ap.add_argument("--holdout", default=SuiteConfig.holdout, help="master category the ood subjects were trained without")
+    ap.add_argument("--ood-scope", choices=("category", "validation"), default=SuiteConfig.ood_scope,
+                    help="score the ood family on every product of --holdout (default) or on its validation products")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     ap.add_argument("--features", default=None, help="feature cache of this catalog (sdk.train.features): the "
                     "probe's training features are pooled from it instead of recomputed")
@@ -430,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     subjects, ood = _named(args.subject, "--subject"), _named(args.ood_subject, "--ood-subject")
     try:
         cfg = SuiteConfig(min_class=args.min_class, margin=args.margin, holdout=args.holdout, limit=args.limit,
-                          families=tuple(args.families))
+                          families=tuple(args.families), ood_scope=args.ood_scope)
     except ValueError as exc:
         ap.error(str(exc))
     report = run_suite(args.catalog, {n: load_subject(p, args.threads) for n, p in subjects.items()},

@@ -97,7 +97,7 @@ def test_split_of_the_test_catalog_is_leak_free(suite):
 
 
 def test_every_family_is_scored_beside_the_probe(suite):
-    _, report = suite
+    cat, report = suite
     probe, noise = report["results"]["probe"], report["results"]["noise"]
     assert set(probe) == set(FAMILIES)
     assert set(probe["renditions"]) == set(RENDITIONS)
@@ -108,12 +108,28 @@ def test_every_family_is_scored_beside_the_probe(suite):
     assert probe["renditions"]["gray"]["R@1"] > 0.2  # the thumbnail feature survives grayscale
     assert probe["knn"]["article_type"]["accuracy"] > noise["knn"]["article_type"]["accuracy"]
     assert report["ood"]["holdout"] == "Footwear" and report["ood"]["photos"] > 10
+    # the ood family scores every Footwear product, both sides of the split (the held-out models saw none)
+    footwear = [p for p in read_catalog(cat) if p.record.get("master_category") == "Footwear"]
+    assert report["ood"]["scope"] == "category" and report["ood"]["products"] == len(footwear)
     # the old split's products are the sample products here (ids ending in 0): all of them
     assert probe["cross_modal"]["old_split"]["products"] == 156
     # the probe's learning rate and epochs were picked on its dev slice, the curve kept
     training = report["probe"]["training"]
     assert training["lr"] in FAST.lrs and 1 <= training["epochs"] <= FAST.max_epochs
     assert len(training["sweep"]["0.003"]) == FAST.max_epochs and "ood_training" in report["probe"]
+
+
+def test_ood_scope_validation_scores_only_the_validation_side(suite):
+    cat, report = suite
+    cfg = SuiteConfig(min_class=3, holdout="Footwear", families=("ood",), ood_scope="validation")
+    small = run_suite(cat, {}, cfg=cfg, probe_cfg=FAST, towers=Histograms(), log=lambda *_: None)
+    split = catalog_split(cat)
+    val_footwear = [p for p in read_catalog(cat)
+                    if p.record.get("master_category") == "Footwear" and split.is_validation(p.id)]
+    assert small["ood"]["scope"] == "validation" and small["ood"]["products"] == len(val_footwear)
+    assert 0 < small["ood"]["products"] < report["ood"]["products"]
+    with pytest.raises(ValueError, match="ood_scope"):
+        SuiteConfig(ood_scope="train")
 
 
 def test_verdict_compares_with_the_probe(suite):
