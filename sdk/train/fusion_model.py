@@ -450,4 +450,4 @@ def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
 if __name__ == "__main__":
     from .storage import copy_half_main
 
-    copy_half_main("embedder", "embedder", copy_half)
+    copy_half_main("fusion_model", "embedder", copy_half)

@@ -401,4 +401,4 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 if __name__ == "__main__":
     from .storage import copy_half_main
 
-    copy_half_main("reasoner", "reasoner", copy_half)
+    copy_half_main("reasoner_model", "reasoner", copy_half)
