@@ -35,11 +35,16 @@ def write_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> dict
 
     `dst` may be `src` (the file is replaced atomically, after it was read).
 
+    A floating tensor that does not fit `dtype` (non-finite after the cast: FP16 tops out at
+    65504, e.g. the inverse standard deviation of a constant feature channel) stays float32 and
+    is named in the record.
+
     Returns:
-        The record for the copy's JSON: {"stored_dtype", "source_sha256", "sha256"}.
+        The record for the copy's JSON: {"stored_dtype", "source_sha256", "sha256"}, plus
+        "kept_float32" (names) when some tensors stayed float32.
 
     Raises:
-        ValueError: `dtype` is not a half precision, or a weight does not fit it (non-finite after the cast).
+        ValueError: `dtype` is not a half precision.
     """
     from safetensors.torch import load_file, save_file
 
@@ -49,12 +54,13 @@ def write_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> dict
         raise ValueError(f"dtype must be one of {tuple(STORED_DTYPES)}, got {dtype!r}")
     src, dst = Path(src), Path(dst)
     source_sha, mode = file_sha256(src), stat.S_IMODE(src.stat().st_mode)
-    half = {}
+    half, kept = {}, []
     for k, v in load_file(str(src)).items():
         if v.is_floating_point():
             h = v.to(STORED_DTYPES[dtype]).contiguous()
-            if not torch.isfinite(h).all():  # FP16 tops out at 65504
-                raise ValueError(f"{src}: tensor {k!r} does not fit {dtype} (max |w| {v.abs().max().item():.4g})")
+            if torch.isfinite(v).all() and not torch.isfinite(h).all():
+                kept.append(k)
+                h = v.float().contiguous()
             half[k] = h
         else:
             half[k] = v.contiguous()
@@ -63,7 +69,8 @@ def write_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> dict
     save_file(half, str(tmp))
     os.chmod(tmp, mode)  # the source's permissions, not the writer's private ones
     os.replace(tmp, dst)
-    return {"stored_dtype": dtype, "source_sha256": source_sha, "sha256": file_sha256(dst)}
+    record = {"stored_dtype": dtype, "source_sha256": source_sha, "sha256": file_sha256(dst)}
+    return {**record, "kept_float32": sorted(kept)} if kept else record
 
 
 def merge_record(meta: dict, record: dict) -> dict:

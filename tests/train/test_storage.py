@@ -31,14 +31,17 @@ def test_half_copy_rounds_floats_keeps_other_tensors_and_reads_back_fp32(tmp_pat
     assert again["source_sha256"] == record["source_sha256"] and again["config"] == 1
 
 
-def test_half_copy_refuses_weights_that_do_not_fit_and_unknown_dtypes(tmp_path):
+def test_tensors_that_do_not_fit_float16_stay_float32_and_unknown_dtypes_are_refused(tmp_path):
     src = tmp_path / "w.safetensors"
-    save_file({"w": torch.tensor([1.0, 1e6])}, str(src))
-    with pytest.raises(ValueError, match="does not fit float16"):
-        write_half(src, tmp_path / "h.safetensors")
-    assert not (tmp_path / "h.safetensors").exists()
+    # the inverse std of a constant feature channel (1e6) does not fit FP16 (max 65504)
+    save_file({"inv_std": torch.tensor([1.0, 1e6]), "w": torch.randn(4)}, str(src))
+    record = write_half(src, tmp_path / "h.safetensors")
+    stored = load_file(str(tmp_path / "h.safetensors"))
+    assert stored["inv_std"].dtype == torch.float32 and stored["inv_std"][1] == 1e6
+    assert stored["w"].dtype == torch.float16 and record["kept_float32"] == ["inv_std"]
+    assert "kept_float32" not in write_half(tmp_path / "h.safetensors", tmp_path / "h2.safetensors", "bfloat16")
     write_half(src, tmp_path / "b.safetensors", "bfloat16")  # bfloat16 keeps fp32's range
-    assert load_fp32_state(tmp_path / "b.safetensors")["w"][1] == pytest.approx(1e6, rel=1e-2)
+    assert load_fp32_state(tmp_path / "b.safetensors")["inv_std"][1] == pytest.approx(1e6, rel=1e-2)
     with pytest.raises(ValueError, match="dtype must be one of"):
         write_half(src, tmp_path / "x.safetensors", "int8")
 
