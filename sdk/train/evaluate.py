@@ -18,7 +18,8 @@ torch-free runtime `sdk.Embedder`). Every subject is scored on the same validati
   gender and base colour, weighted F1 (classes with at least `min_class` validation photos);
 - mm_rendition: the thumbnail + title -> full photo + title, R@1/R@10 (relevant: the same photo);
 - knn: leave-one-out 1-NN article type of the photo + title vectors, a product's own design
-  (same normalised title) left out as well, accuracy;
+  (same normalised title) left out as well, accuracy (judged); the same with the photo-only and
+  the title-only vectors, reported beside it;
 - ood: a model trained by the same recipe with one whole master category held out
   (`--holdout`, default Footwear), against a probe trained the same way, on retrieval, kNN and
   zero-shot inside that category (the family judges the recipe; the shipped model trains on all),
@@ -320,9 +321,14 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
         res["zero_shot"] = out
     if "knn" in families:
         try:
-            res["knn"] = {"article_type": _knn(mm, val.values("article_type", "knn")[P], val.title_key[P])}
+            labels, key = val.values("article_type", "knn")[P], val.title_key[P]
         except MissingField as exc:
             res["knn"] = {"skipped": str(exc)}
+        else:  # judged on the photo + title vectors; each modality alone says which one carries it
+            ttl_p = ttl[P] if "cross_modal" in families else _embed(subject, texts=[titles[i] for i in P], batch_size=bs)
+            res["knn"] = {"article_type": {**_knn(mm, labels, key),
+                                           "photo_only_accuracy": _knn(img, labels, key)["accuracy"],
+                                           "title_only_accuracy": _knn(ttl_p, labels, key)["accuracy"]}}
     log(f"  scored in {time.time() - t0:.0f} s")
     return res
 

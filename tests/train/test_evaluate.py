@@ -107,6 +107,11 @@ def test_every_family_is_scored_beside_the_probe(suite):
     assert noise["cross_modal"]["title->photo"]["R@10"] < 0.2
     assert probe["renditions"]["gray"]["R@1"] > 0.2  # the thumbnail feature survives grayscale
     assert probe["knn"]["article_type"]["accuracy"] > noise["knn"]["article_type"]["accuracy"]
+    # each modality's kNN is reported beside the judged photo + title one, but not judged
+    knn = probe["knn"]["article_type"]
+    assert 0 <= knn["photo_only_accuracy"] <= 1 and knn["title_only_accuracy"] > noise["knn"]["article_type"]["accuracy"]
+    assert "photo_only_accuracy" in report["results"]["same"]["ood"]["knn"]["article_type"]
+    assert list(report["verdict"]["same"]["families"]["knn"]["deltas"]) == ["article_type accuracy"]
     assert report["ood"]["holdout"] == "Footwear" and report["ood"]["photos"] > 10
     # the ood family scores every Footwear product, both sides of the split (the held-out models saw none)
     footwear = [p for p in read_catalog(cat) if p.record.get("master_category") == "Footwear"]
