@@ -19,7 +19,8 @@ mean, both unchanged when every token is repeated equally often, so 49 tokens ma
 ones fuse exactly as the 7 would; training fuses the 7 (7x cheaper), the exported graph gives
 the 49 the head expects.
 
-Loss, per batch of training products (ids not ending in 0) that have a photo:
+Loss, per batch of training products that have a photo (the feature cache's leak-free split,
+`Features.is_val`):
   pooled: MSE between the mean of the completed and of the real image tokens (what the head's
       query start reads), per channel divided by its variance (so every channel counts);
   fused: 1 - cosine between the frozen embedder's vector of (title + completed image) and of
