@@ -66,14 +66,15 @@ def profile(engine: str, modality: str, batch: int, rounds: int, threads: int) -
     # Profiling sessions of the same graphs (diagnostics only): a split engine has an image and a
     # text graph (its fusion head runs in NumPy, so it counts as outside the graphs), a one-graph
     # engine one embedder graph.
-    if getattr(emb, "_split", None) is not None:
+    runner = emb._runner  # sdk.head.SplitRunner or sdk.runners.GraphRunner (sdk.runners.open_runner)
+    if hasattr(runner, "image_session"):
         parts = emb.manifest["embedder"]["parts"]
-        emb._split.image_session = profiled(parts["image"])
-        emb._split.text_session = profiled(parts["text"])
-        sessions = [emb._split.image_session, emb._split.text_session]
+        runner.image_session = profiled(parts["image"])
+        runner.text_session = profiled(parts["text"])
+        sessions = [runner.image_session, runner.text_session]
     else:
-        emb._session = profiled(emb.manifest["embedder"].get("part") or emb.manifest["embedder"]["parts"]["embedder"])
-        sessions = [emb._session]
+        runner.session = profiled(emb.manifest["embedder"].get("part") or emb.manifest["embedder"]["parts"]["embedder"])
+        sessions = [runner.session]
     for _ in range(2):
         emb.embed(**call, batch_size=batch)
     warm_runs = [sess.runs for sess in sessions]
