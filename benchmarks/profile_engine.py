@@ -124,7 +124,8 @@ def main() -> int:
     if args.json:
         from sdk.engine import EngineFile
 
-        manifest = EngineFile.read(args.engine).manifest
+        with EngineFile.open(args.engine) as engine:  # the manifest only: no part is read or hashed
+            manifest = engine.manifest
         Path(args.json).write_text(json.dumps({
             "command": "python benchmarks/profile_engine.py " + " ".join(sys.argv[1:]),
             "precision": manifest["embedder"].get("precision"), "threads": args.threads, "rounds": args.rounds,

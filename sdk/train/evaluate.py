@@ -393,12 +393,12 @@ def _score_ood(report: dict, products: list[Product], split, val: "ValidationSet
     except MissingField as exc:
         report["ood"] = {"skipped": str(exc)}
         return
+    in_holdout = [(p.record.get("master_category") or "") == cfg.holdout for p in products]
     if cfg.ood_scope == "category":  # the held-out models saw none of them, whichever side of the split
-        sub = ValidationSet.of([p for p in products if (p.record.get("master_category") or "") == cfg.holdout],
-                               cfg.limit)
+        sub = ValidationSet.of([p for p, h in zip(products, in_holdout) if h], cfg.limit)
     else:
         sub = val.subset(held)
-    kept = [p for p in products if (p.record.get("master_category") or "") != cfg.holdout]
+    kept = [p for p, h in zip(products, in_holdout) if not h]
     ood_probe, report["probe"]["ood_training"] = train_probe_on(kept, split, towers, features, probe_cfg, log)
     report["ood"] = {"holdout": cfg.holdout, "scope": cfg.ood_scope, "products": len(sub.products),
                      "photos": int(len(sub.with_photo))}
