@@ -107,6 +107,14 @@ class FusionHead:
         # the skip path: the image graph gives each photo's term ("image_skip", B x out_dim) and the
         # head adds it and the title's own (a linear map of its mean token state) before the norm
         self.skip_path = bool(config.get("skip_path", False))
+        # the title's skip term's weight in photo + title vectors (EmbedderConfig.title_weight_with_photo)
+        try:
+            self.title_weight_with_photo = float(config.get("title_weight_with_photo", 1.0))
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"the head config's title_weight_with_photo is not a number: {exc}") from exc
+        if not (np.isfinite(self.title_weight_with_photo) and self.title_weight_with_photo > 0):
+            raise EngineError(f"the head config's title_weight_with_photo must be finite and > 0, "
+                              f"got {self.title_weight_with_photo}")
         self._w: dict[str, np.ndarray] = {}
         need = head_weight_shapes(config)
         for name, shape in need.items():
@@ -200,11 +208,13 @@ class FusionHead:
                   present: np.ndarray) -> np.ndarray:
         """The skip path's term (B, out_dim): the photo's (`image_skip`, from the image graph; None:
         no photo term, as for completed image tokens) where a photo is present, plus the linear
-        map of the standardised mean title state where a title is."""
+        map of the standardised mean title state where a title is (weighing `title_weight_with_photo`
+        where a photo is too)."""
         present = np.asarray(present, _F32)
         txt = _masked_mean(np.asarray(text_states, _F32), np.asarray(text_mask, _F32))  # (B, C)
         w = self._w
-        out = self._linear((txt - w["skip_text.mean"]) * w["skip_text.inv_std"], "skip_text.proj") * present[:, 1:2]
+        title = present[:, 1:2] * (1.0 + (self.title_weight_with_photo - 1.0) * present[:, :1])
+        out = self._linear((txt - w["skip_text.mean"]) * w["skip_text.inv_std"], "skip_text.proj") * title
         if image_skip is not None:
             image_skip = np.asarray(image_skip, _F32)
             if image_skip.shape != (present.shape[0], self.out_dim):

@@ -71,6 +71,10 @@ class EmbedderConfig:
     # features (photo: the image tower's deep map; title: the text tower's token states), added to
     # the head's output before the L2 norm, so what the frozen towers know stays reachable
     skip_path: bool = False
+    # the title's skip term's weight in a vector that also has a photo (1: the same as in a title-only
+    # vector). Photo + title vectors of unseen categories keep more of the text tower's own view of
+    # the title with a larger weight; title-only and photo-only vectors do not change
+    title_weight_with_photo: float = 1.0
 
     def __post_init__(self) -> None:
         self.fire_depths = tuple(int(k) for k in self.fire_depths)
@@ -107,6 +111,11 @@ class EmbedderConfig:
                              f"image_dim is {self.image_dim}")
         if self.skip_path and self.variant == "linear":
             raise ValueError("the 'linear' variant is a skip path already; skip_path needs 'full' or 'no_fire'")
+        self.title_weight_with_photo = float(self.title_weight_with_photo)
+        if not (math.isfinite(self.title_weight_with_photo) and self.title_weight_with_photo > 0):
+            raise ValueError(f"title_weight_with_photo must be a finite number > 0, got {self.title_weight_with_photo}")
+        if self.title_weight_with_photo != 1.0 and not self.skip_path:
+            raise ValueError("title_weight_with_photo weighs the skip path's title term: it needs skip_path")
         if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
             raise ValueError("the 'linear' variant cannot fine-tune tower layers")
         if self.text_tuned_layers and (self.text_heads < 1 or self.text_dim % self.text_heads or self.text_ffn < 1):
@@ -355,8 +364,9 @@ class FusionEmbedder(nn.Module):
     def skip(self, img_deep, image_pooled, text_tok, text_mask, present) -> torch.Tensor:
         """The skip path's term (B, out_dim): the linear maps of the present modalities' pooled
         tower features (a photo without `img_deep` or `image_pooled`, as completed tokens are,
-        adds nothing)."""
-        out = self.skip_text(masked_mean(text_tok, text_mask)) * present[:, TEXT:TEXT + 1]
+        adds nothing). The title's term weighs `cfg.title_weight_with_photo` where a photo is present."""
+        w = 1.0 + (self.cfg.title_weight_with_photo - 1.0) * present[:, IMAGE:IMAGE + 1]
+        out = self.skip_text(masked_mean(text_tok, text_mask)) * present[:, TEXT:TEXT + 1] * w
         if image_pooled is None and img_deep is not None:
             image_pooled = img_deep.mean(1)
         if image_pooled is not None:
@@ -447,7 +457,41 @@ def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
     return dst / "embedder.safetensors"
 
 
-if __name__ == "__main__":
-    from .storage import copy_half_main
+def set_title_weight_with_photo(folder: str | Path, weight: float) -> EmbedderConfig:
+    """Set a saved skip-path embedder's `title_weight_with_photo` (its embedder.json; the weights
+    do not change). Returns the new config.
 
-    copy_half_main("fusion_model", "embedder", copy_half)
+    Raises:
+        ValueError: the embedder has no skip path, or `weight` is not a finite number > 0.
+    """
+    path = Path(folder) / "embedder.json"
+    meta = json.loads(path.read_text())
+    cfg = EmbedderConfig(**{**meta["config"], "title_weight_with_photo": weight})
+    meta["config"] = json.loads(cfg.to_json())
+    path.write_text(json.dumps(meta, indent=2))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sdk.train.fusion_model",
+                                 description="Copy a saved embedder with fp16 weights (DST may be SRC: converted in "
+                                             "place), optionally setting its title weight in photo + title vectors")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    ap.add_argument("--title-weight-with-photo", type=float, default=None, metavar="W",
+                    help="EmbedderConfig.title_weight_with_photo of the copy (a skip-path embedder; default: the source's)")
+    a = ap.parse_args(argv)
+    if a.title_weight_with_photo is not None:  # refuse before writing anything
+        EmbedderConfig(**{**json.loads((Path(a.src) / "embedder.json").read_text())["config"],
+                          "title_weight_with_photo": a.title_weight_with_photo})
+    out = copy_half(a.src, a.dst, a.dtype)
+    if a.title_weight_with_photo is not None:
+        set_title_weight_with_photo(a.dst, a.title_weight_with_photo)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

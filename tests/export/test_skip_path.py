@@ -175,3 +175,34 @@ def test_split_engine_embeds_like_the_single_graph_engine(skip_split, tiny_engin
         assert (got * want).sum(1).min() > 0.9999
         alone = np.stack([b.embed([im], [t], [s])[0] for im, t, s in zip(images, texts, traces)])
         np.testing.assert_allclose(alone, got, atol=1e-5)
+
+
+def test_split_runner_weighs_the_title_like_the_torch_model(tmp_path):
+    """`title_weight_with_photo` reaches the engine's head through the exported config: photo +
+    title vectors match the PyTorch model's, and differ from the weight-1 model's."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from sdk.contract import INPUT_NAMES
+    from sdk.export.onnx_embedder import make_padded_batch
+    from sdk.export.onnx_split import SplitExportConfig, export_split_onnx, split_runner
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        graph = _tiny_graph()
+        graph.fusion.cfg.title_weight_with_photo = 2.5
+        paths = export_split_onnx(graph, SplitExportConfig(tmp_path, num_threads=1, check_batches=((3, 6, 4),)))
+        feed = make_padded_batch(3, 6, 3, vocab_size=graph.vocab_size, seed=3,
+                                 presence=[(1, 1, 0), (0, 1, 0), (1, 0, 0)])
+        got = split_runner(paths, num_threads=1)(feed)
+        with torch.inference_mode():
+            args = [torch.from_numpy(feed[n]) for n in INPUT_NAMES]
+            want = graph(*args).float().numpy()
+            graph.fusion.cfg.title_weight_with_photo = 1.0
+            plain = graph(*args).float().numpy()
+    finally:
+        torch.set_num_threads(before)
+    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+    assert cos(got, want).min() > 0.9999
+    assert cos(got, plain)[0] < 0.9999 and cos(got, plain)[1:].min() > 0.9999

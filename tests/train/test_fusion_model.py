@@ -16,6 +16,7 @@ from sdk.train.fusion_model import (  # noqa: E402
     copy_half,
     embedder_sha256s,
     load_embedder,
+    masked_mean,
     matryoshka,
     save_embedder,
 )
@@ -121,6 +122,9 @@ def test_matryoshka_prefix_is_normalised():
         ({"matryoshka_dims": (8, 16)}, "end at out_dim"),
         ({"matryoshka_dims": (16, 8, 32)}, "increasing"),
         ({"dropout": 1.0}, "dropout"),
+        ({"title_weight_with_photo": 0.0}, "title_weight_with_photo"),
+        ({"title_weight_with_photo": float("nan")}, "title_weight_with_photo"),
+        ({"title_weight_with_photo": 2.0}, "needs skip_path"),
     ],
 )
 def test_config_rejects_bad_values(kw, match):
@@ -179,3 +183,32 @@ def test_fp16_copy_loads_into_the_fp32_model_and_keeps_naming_its_source(tmp_pat
     (tmp_path / "other" / "embedder.safetensors").replace(w)
     assert embedder_sha256s(tmp_path / "fp16") == (file_sha256(w),)
 
+
+
+def test_title_weight_with_photo_moves_only_photo_and_title_vectors(tmp_path):
+    """The weight scales the title's skip term where a photo is present too: title-only and
+    photo-only vectors stay as they were; `python -m sdk.train.fusion_model --title-weight-with-photo`
+    sets it on a copy."""
+    from sdk.train.fusion_model import main
+
+    torch.manual_seed(0)
+    model = trained_like(FusionEmbedder(EmbedderConfig(**TINY, skip_path=True)))
+    with torch.no_grad():
+        for p in (*model.skip_text.parameters(), *model.skip_image.parameters()):
+            p.normal_(0, 0.5)
+    save_embedder(model, tmp_path / "a")
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--title-weight-with-photo", "3"])
+    main([str(tmp_path / "a"), str(tmp_path / "a16")])  # the same fp16 weights at weight 1
+    base, heavy = load_embedder(tmp_path / "a16"), load_embedder(tmp_path / "b")
+    assert heavy.cfg.title_weight_with_photo == 3.0 and base.cfg.title_weight_with_photo == 1.0
+    x = list(inputs(B=3))
+    x[6] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        a, b = base.raw(*x), heavy.raw(*x)
+        torch.testing.assert_close(a[:2], b[:2], rtol=1e-4, atol=1e-4)
+        title_term = base.skip_text(masked_mean(x[2], x[3]))[2]
+        torch.testing.assert_close(b[2] - a[2], 2.0 * title_term, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs skip_path"):  # refused before anything is written
+        save_embedder(trained_like(FusionEmbedder(EmbedderConfig(**TINY))), tmp_path / "plain")
+        main([str(tmp_path / "plain"), str(tmp_path / "c"), "--title-weight-with-photo", "2"])
+    assert not (tmp_path / "c").exists()
