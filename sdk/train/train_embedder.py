@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="close the --init embedder's modality gap (center_modalities), measure it, save it to --out")
     ap.add_argument("--skip-path", action="store_true",
                     help="add linear maps of the towers' pooled features to the output (EmbedderConfig.skip_path)")
+    ap.add_argument("--title-weight-with-photo", type=float, default=None, metavar="W",
+                    help="train with the title's skip term weighing W in photo + title vectors "
+                         "(EmbedderConfig.title_weight_with_photo; needs --skip-path; default 1)")
     for name, text in VIEW_FLAGS.items():
         default = getattr(TrainConfig, name)
         if isinstance(default, bool):
@@ -405,10 +408,16 @@ def _train_from_args(args, ap, init, f: Features, catalog) -> dict:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                           freeze_image=args.freeze_image, holdout_master_category=args.holdout_master_category,
                           seed=args.seed, **{name: getattr(args, name) for name in VIEW_FLAGS})
+        if init is not None and args.title_weight_with_photo is not None:
+            raise ValueError("--title-weight-with-photo sets a new model's config; with --init the model keeps its own "
+                             "(python -m sdk.train.fusion_model SRC DST --title-weight-with-photo W changes a copy)")
+        new_config = EmbedderConfig(variant=args.variant, skip_path=args.skip_path,
+                                    **({} if args.title_weight_with_photo is None
+                                       else {"title_weight_with_photo": args.title_weight_with_photo}))
     except ValueError as exc:
         ap.error(str(exc))
     return train(
-        init.cfg if init is not None else EmbedderConfig(variant=args.variant, skip_path=args.skip_path),
+        init.cfg if init is not None else new_config,
         cfg,
         f,
         catalog,

@@ -115,3 +115,30 @@ def test_card_says_how_the_weights_are_stored_and_what_fp16_cost():
     text = " ".join(_storage(stored)[1])
     assert "150 sample products" in text and "at most 6.6e-04 apart (L2) in each view (photo, title)" in text
     assert "R@10 moves: text->image 0.9267 / 0.9200" in text
+
+
+def test_a_leak_free_skip_path_recipe_card_names_its_split_terms_and_command():
+    """A card for the leak-free recipe: the split it was validated on, the skip path and the title's
+    weight, the training terms it used, and the command that retrains it (its flags from the report)."""
+    from sdk.train.model_card import _architecture, _recipe, _reproduce, train_flags
+    from sdk.train.train_config import TrainConfig
+
+    tc = {**TrainConfig().__dict__, "epochs": 10, "cross_modal_weight": 3.0, "ema_decay": 0.97,
+          "center_modalities": True, "prompt_fields": "article_type,brand", "holdout_master_category": None}
+    full = {"params": 5.8e6, "train_items": 7194, "val_items": 1323, "seconds": 2338.0, "train_config": tc,
+            "centering": {"rows": 2000}, "final": {}}
+    cfg = {"skip_path": True, "title_weight_with_photo": 3.0}
+    flags = train_flags(full, cfg)
+    assert flags.startswith("--skip-path") and "--cross-modal-weight 3" in flags and "--ema-decay 0.97" in flags
+    assert "--center-modalities" in flags and "--prompt-fields article_type,brand" in flags
+    assert "--epochs" not in flags and "holdout" not in flags  # defaults and unset options are left out
+    arch = "\n".join(_architecture(full, {}, cfg))
+    assert "Skip path" in arch and "title's skip term weighs 3" in arch and "--center-modalities" in arch
+    recipe = "\n".join(_recipe(full, 0.2, leak_free=True))
+    assert "split leak-free" in recipe and "(1323 products, never trained on) or training (7194)" in recipe
+    assert "`cross_modal_weight` 3" in recipe
+    steps = "\n".join(_reproduce({"dtype": "float16"}, {"split": {"rule": "leak-free-v1"}, "renditions": 2,
+                                                         "seconds": 960.0}, full, cfg, {"command": "python -m x"}))
+    assert f"--variant full {flags} --checkpoint runs/full.ckpt" in steps
+    assert "--holdout-master-category Footwear" in steps and "--title-weight-with-photo 3" in steps
+    assert ".venv/bin/python -m x" in steps and "--renditions 2" in steps

@@ -359,6 +359,14 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
     assert {n: getattr(seen["cfg"], n) for n in flags} == flags
     with pytest.raises(SystemExit):
         te.main(["--features", str(cache), "--category-temperature", "2"])
+    # the title's weight in photo + title vectors is a new model's config
+    models = []
+    monkeypatch.setattr(te, "train", lambda model_cfg, cfg, *a, **kw: models.append(model_cfg) or {"final": {}})
+    te.main(["--features", str(cache), "--skip-path", "--title-weight-with-photo", "3"])
+    te.main(["--features", str(cache), "--skip-path"])
+    assert [m.title_weight_with_photo for m in models] == [3.0, 1.0] and models[0].skip_path
+    with pytest.raises(SystemExit):  # it weighs the skip path's title term: none without one
+        te.main(["--features", str(cache), "--title-weight-with-photo", "3"])
 
 
 def _fake_prompt_states(monkeypatch, dim=16):
