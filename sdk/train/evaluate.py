@@ -17,6 +17,9 @@ torch-free runtime `sdk.Embedder`). Every subject is scored on the same validati
 - zero_shot: photo -> nearest class prompt ("a photo of a {label}", ...) for article type,
   gender and base colour, weighted F1 (classes with at least `min_class` validation photos);
 - mm_rendition: the thumbnail + title -> full photo + title, R@1/R@10 (relevant: the same photo);
+- catalog: a catalog indexed as photo + title vectors, searched by a title alone (relevant: the
+  same normalised title) and by a photo alone, its 70% centre crop (relevant: the same photo),
+  R@1/R@10: how search by text or by photo finds products whose vectors hold both;
 - knn: leave-one-out 1-NN article type of the photo + title vectors, a product's own design
   (same normalised title) left out as well, accuracy (judged); the same with the photo-only and
   the title-only vectors, reported beside it;
@@ -55,7 +58,7 @@ from .probe import FrozenTowers, MemoImageTower, ProbeConfig, ProbeTowers, train
 from .suite_report import compare, headline, render_markdown, write_table
 
 FORMAT = 1
-FAMILIES = ("cross_modal", "renditions", "zero_shot", "mm_rendition", "knn", "ood")
+FAMILIES = ("cross_modal", "renditions", "zero_shot", "mm_rendition", "catalog", "knn", "ood")
 ZERO_SHOT_FIELDS = ("article_type", "gender", "base_colour")
 TEMPLATES = {
     "article_type": ("a photo of a {}", "a product photo of {}", "{}"),
@@ -286,7 +289,7 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
     bs = cfg.batch_size
     t0 = time.time()
     img = _embed(subject, images=val.photos, batch_size=bs)
-    need_mm = {"knn", "mm_rendition"} & set(families)
+    need_mm = {"knn", "mm_rendition", "catalog"} & set(families)
     mm = _embed(subject, images=val.photos, texts=[titles[i] for i in P], batch_size=bs) if need_mm else None
     if "cross_modal" in families:
         ttl = _embed(subject, texts=titles, batch_size=bs)
@@ -301,14 +304,32 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
                                 "title->photo": recall_at_k(ttl[lp], li, k[lp], k[lp]),
                                 "photo->title": recall_at_k(li, ttl[legacy], k[lp], k[legacy])}
         res["cross_modal"] = out
-    if "renditions" in families or "mm_rendition" in families:
+    if {"renditions", "mm_rendition", "catalog"} & set(families):
         rendered = val.rendered()
+    degraded: dict[str, np.ndarray] = {}  # image-only vectors of the renditions, shared by the families
+    title_only: list[np.ndarray] = []  # the title-only vectors of the products with a photo, once
+
+    def photo_titles() -> np.ndarray:
+        if not title_only:
+            title_only.append(ttl[P] if "cross_modal" in families
+                              else _embed(subject, texts=[titles[i] for i in P], batch_size=bs))
+        return title_only[0]
+
+    def rendition(name: str) -> np.ndarray:
+        if name not in degraded:
+            degraded[name] = _embed(subject, images=rendered[name], batch_size=bs)
+        return degraded[name]
+
     if "renditions" in families:
-        res["renditions"] = {name: recall_at_k(_embed(subject, images=r, batch_size=bs), img, val.photo_key, val.photo_key)
-                             for name, r in rendered.items()}
+        res["renditions"] = {name: recall_at_k(rendition(name), img, val.photo_key, val.photo_key) for name in rendered}
     if "mm_rendition" in families:
         q = _embed(subject, images=rendered["lowres"], texts=[titles[i] for i in P], batch_size=bs)
         res["mm_rendition"] = {"lowres+title": recall_at_k(q, mm, val.photo_key, val.photo_key)}
+    if "catalog" in families:  # a catalog indexed as photo + title, searched by a title or by another photo
+        k = val.title_key[P]
+        ttl_p = photo_titles()
+        res["catalog"] = {"title": recall_at_k(ttl_p, mm, k, k),
+                          "crop": recall_at_k(rendition("crop"), mm, val.photo_key, val.photo_key)}
     if "zero_shot" in families:
         out = {}
         for name in ZERO_SHOT_FIELDS:
@@ -325,7 +346,7 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
         except MissingField as exc:
             res["knn"] = {"skipped": str(exc)}
         else:  # judged on the photo + title vectors; each modality alone says which one carries it
-            ttl_p = ttl[P] if "cross_modal" in families else _embed(subject, texts=[titles[i] for i in P], batch_size=bs)
+            ttl_p = photo_titles()
             res["knn"] = {"article_type": {**_knn(mm, labels, key),
                                            "photo_only_accuracy": _knn(img, labels, key)["accuracy"],
                                            "title_only_accuracy": _knn(ttl_p, labels, key)["accuracy"]}}

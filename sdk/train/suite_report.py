@@ -54,6 +54,7 @@ FAMILY_TITLES = {
     "renditions": "rendition → photo, image only",
     "zero_shot": "zero-shot prompts",
     "mm_rendition": "thumbnail + title → photo + title",
+    "catalog": "query → photo + title catalog",
     "knn": "kNN (leave-one-design-out)",
     "ood": "held-out category",
 }

@@ -107,6 +107,11 @@ def test_every_family_is_scored_beside_the_probe(suite):
     assert noise["cross_modal"]["title->photo"]["R@10"] < 0.2
     assert probe["renditions"]["gray"]["R@1"] > 0.2  # the thumbnail feature survives grayscale
     assert probe["knn"]["article_type"]["accuracy"] > noise["knn"]["article_type"]["accuracy"]
+    # a photo + title catalog searched by a title and by a crop of the photo: judged like the rest
+    assert set(probe["catalog"]) == {"title", "crop"}
+    assert probe["catalog"]["title"]["R@10"] > 0.5 and probe["catalog"]["crop"]["R@10"] > 0.2
+    assert set(report["verdict"]["same"]["families"]["catalog"]["deltas"]) == {
+        "title R@1", "title R@10", "crop R@1", "crop R@10"}
     # each modality's kNN is reported beside the judged photo + title one, but not judged
     knn = probe["knn"]["article_type"]
     assert 0 <= knn["photo_only_accuracy"] <= 1 and knn["title_only_accuracy"] > noise["knn"]["article_type"]["accuracy"]
