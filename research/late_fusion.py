@@ -50,16 +50,6 @@ class LateFusion:
         return out
 
 
-def _named(specs: list[str]) -> dict[str, str]:
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"expected NAME=PATH, got {spec!r}")
-        out[name] = path
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m research.late_fusion", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,22 +65,24 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    from sdk.train.evaluate import SuiteConfig, load_subject, run_suite
+    from sdk.train.evaluate import SuiteConfig, load_subject, named_paths, run_suite
 
     torch.set_num_threads(args.threads)
 
-    def blends(specs):
+    def blends(specs, what):
         out = {}
-        for name, path in _named(specs).items():
+        for name, path in named_paths(specs, what).items():
             base = load_subject(path, threads=args.threads)
             out[name] = base
             out.update({f"{name}_beta{b:g}": LateFusion(base, b) for b in args.beta if b})
         return out
 
-    report = run_suite(args.catalog, blends(args.embedder), ood_subjects=blends(args.ood_embedder),
+    report = run_suite(args.catalog, blends(args.embedder, "--embedder"),
+                       ood_subjects=blends(args.ood_embedder, "--ood-embedder"),
                        cfg=SuiteConfig(families=tuple(args.families)), features=args.features)
     report["command"] = "python -m research.late_fusion " + " ".join(sys.argv[1:] if argv is None else argv)
-    report["subjects"] = {**_named(args.embedder), **{f"{n} (held out)": p for n, p in _named(args.ood_embedder).items()}}
+    report["subjects"] = {**named_paths(args.embedder, "--embedder"),
+                          **{f"{n} (held out)": p for n, p in named_paths(args.ood_embedder, "--ood-embedder").items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     from sdk.train.suite_report import render_markdown

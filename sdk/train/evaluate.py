@@ -431,7 +431,7 @@ def _score_ood(report: dict, products: list[Product], split, val: "ValidationSet
         report["results"].setdefault(name, {})["ood"] = res
 
 
-def _named(specs: Sequence[str], what: str) -> dict[str, str]:
+def named_paths(specs: Sequence[str], what: str) -> dict[str, str]:
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.catalog or not args.out:
         ap.error("--catalog and --out are required (or --render JSON)")
-    subjects, ood = _named(args.subject, "--subject"), _named(args.ood_subject, "--ood-subject")
+    subjects, ood = named_paths(args.subject, "--subject"), named_paths(args.ood_subject, "--ood-subject")
     try:
         cfg = SuiteConfig(min_class=args.min_class, margin=args.margin, holdout=args.holdout, limit=args.limit,
                           families=tuple(args.families), ood_scope=args.ood_scope)

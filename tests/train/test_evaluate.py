@@ -12,8 +12,8 @@ from sdk.train.evaluate import (
     RENDITIONS,
     SuiteConfig,
     ValidationSet,
-    _named,
     load_subject,
+    named_paths,
     render_markdown,
     run_suite,
 )
@@ -204,9 +204,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an embedder folder"):
         load_subject(tmp_path)
     with pytest.raises(SystemExit, match="NAME=PATH"):
-        _named(["teacher"], "--subject")
+        named_paths(["teacher"], "--subject")
     with pytest.raises(SystemExit, match="reserved"):
-        _named(["probe=x"], "--subject")
+        named_paths(["probe=x"], "--subject")
     with pytest.raises(ValueError, match="reserved|linear probe"):
         run_suite(tmp_path, {"probe": object()})
     with pytest.raises(ValueError, match="at least"):
