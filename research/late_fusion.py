@@ -69,20 +69,19 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
 
-    def blends(specs, what):
+    def blends(paths: dict[str, str]) -> dict:
         out = {}
-        for name, path in named_paths(specs, what).items():
+        for name, path in paths.items():
             base = load_subject(path, threads=args.threads)
             out[name] = base
             out.update({f"{name}_beta{b:g}": LateFusion(base, b) for b in args.beta if b})
         return out
 
-    report = run_suite(args.catalog, blends(args.embedder, "--embedder"),
-                       ood_subjects=blends(args.ood_embedder, "--ood-embedder"),
+    paths, ood_paths = named_paths(args.embedder, "--embedder"), named_paths(args.ood_embedder, "--ood-embedder")
+    report = run_suite(args.catalog, blends(paths), ood_subjects=blends(ood_paths),
                        cfg=SuiteConfig(families=tuple(args.families)), features=args.features)
     report["command"] = "python -m research.late_fusion " + " ".join(sys.argv[1:] if argv is None else argv)
-    report["subjects"] = {**named_paths(args.embedder, "--embedder"),
-                          **{f"{n} (held out)": p for n, p in named_paths(args.ood_embedder, "--ood-embedder").items()}}
+    report["subjects"] = {**paths, **{f"{n} (held out)": p for n, p in ood_paths.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     from sdk.train.suite_report import render_markdown

@@ -91,7 +91,7 @@ class FusionHead:
         config: the `EmbedderConfig` fields as a dict (d_model, n_heads, n_fusion_layers, out_dim...).
 
     Raises:
-        EngineError: a weight is missing or has the wrong shape.
+        EngineError: a weight is missing or has the wrong shape, or a config value is not valid.
     """
 
     def __init__(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]):

@@ -411,13 +411,13 @@ def _train_from_args(args, ap, init, f: Features, catalog) -> dict:
         if init is not None and args.title_weight_with_photo is not None:
             raise ValueError("--title-weight-with-photo sets a new model's config; with --init the model keeps its own "
                              "(python -m sdk.train.fusion_model SRC DST --title-weight-with-photo W changes a copy)")
-        new_config = EmbedderConfig(variant=args.variant, skip_path=args.skip_path,
-                                    **({} if args.title_weight_with_photo is None
-                                       else {"title_weight_with_photo": args.title_weight_with_photo}))
+        model_cfg = init.cfg if init is not None else EmbedderConfig(
+            variant=args.variant, skip_path=args.skip_path,
+            title_weight_with_photo=1.0 if args.title_weight_with_photo is None else args.title_weight_with_photo)
     except ValueError as exc:
         ap.error(str(exc))
     return train(
-        init.cfg if init is not None else new_config,
+        model_cfg,
         cfg,
         f,
         catalog,

@@ -206,3 +206,14 @@ def test_split_runner_weighs_the_title_like_the_torch_model(tmp_path):
     cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
     assert cos(got, want).min() > 0.9999
     assert cos(got, plain)[0] < 0.9999 and cos(got, plain)[1:].min() > 0.9999
+
+
+@pytest.mark.parametrize("bad, match", [("heavy", "not a number"), (0.0, "finite and > 0"), (float("inf"), "finite")])
+def test_a_head_config_with_a_bad_title_weight_is_refused(skip_split, bad, match):
+    from sdk.head import FusionHead
+
+    _, paths = skip_split
+    head = FusionHead.from_bytes(paths["head"].read_bytes())
+    assert head.title_weight_with_photo == 1.0  # exported at the default: the title weighs the same everywhere
+    with pytest.raises(EngineError, match=f"title_weight_with_photo.*{match}"):
+        FusionHead(head._w, {**head.config, "title_weight_with_photo": bad})
