@@ -22,122 +22,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedder_config import MAX_IMAGE_TUNED_BLOCKS, EmbedderConfig  # noqa: F401 (re-exported)
 from .storage import load_fp32_state, merge_record, weights_sha256s, write_half
-from .tower_tails import IMAGE_BLOCKS, NEG, ImageTail, MiniLMLayer
+from .tower_tails import NEG, ImageTail, MiniLMLayer
 
 IMAGE, TEXT, TRACE = 0, 1, 2
 MODALITIES = ("image", "text", "trace")
-MAX_IMAGE_TUNED_BLOCKS = 5  # blocks 12-16: above the shallow taps (towers.SHALLOW_BLOCKS)
-
-
-@dataclass
-class EmbedderConfig:
-    """Architecture of the trained part of the embedder (validated on creation)."""
-
-    variant: str = "full"  # "full" | "no_fire" | "linear" (towers + linear projection only)
-    d_model: int = 256
-    n_heads: int = 4
-    image_dim: int = 1280
-    shallow_dim: int = 152
-    text_dim: int = 384
-    n_image_tokens: int = 49
-    n_image_layers: int = 2
-    fire_depths: tuple[int, ...] = (1, 2)  # FIRE after these image layers (1-based)
-    fire_hidden: int = 128
-    n_fusion_layers: int = 2
-    ffn_mult: int = 4
-    out_dim: int = 256
-    matryoshka_dims: tuple[int, ...] = (64, 128, 256)
-    dropout: float = 0.2
-    # the towers this fusion model reads (a distilled student uses cheaper ones; see towers.load_towers)
-    image_size: int = 224  # photo side in pixels; n_image_tokens = (image_size // 32) ** 2
-    text_layers: int = 6  # MiniLM layers kept (the first ones)
-    # the last `text_tuned_layers` of those were fine-tuned with this model: their weights are in
-    # this model's state under `text_tail.*` and replace MiniLM's (towers.load_towers)
-    text_tuned_layers: int = 0
-    text_heads: int = 12  # the text tower's attention heads and FFN width (MiniLM's), for those layers
-    text_ffn: int = 1536
-    # the last `image_tuned_blocks` of EfficientNet-Lite0's 16 blocks and its head convolution were
-    # fine-tuned with this model: their weights are in this model's state under `image_tail.*`
-    image_tuned_blocks: int = 0
-    # a skip path around the fusion: one linear map per modality from the towers' mean-pooled
-    # features (photo: the image tower's deep map; title: the text tower's token states), added to
-    # the head's output before the L2 norm, so what the frozen towers know stays reachable
-    skip_path: bool = False
-    # the title's skip term's weight in a vector that also has a photo (1: the same as in a title-only
-    # vector). Photo + title vectors of unseen categories keep more of the text tower's own view of
-    # the title with a larger weight; title-only and photo-only vectors do not change
-    title_weight_with_photo: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.fire_depths = tuple(int(k) for k in self.fire_depths)
-        self.matryoshka_dims = tuple(int(k) for k in self.matryoshka_dims)
-        if self.variant not in ("full", "no_fire", "linear"):
-            raise ValueError(f"variant must be 'full', 'no_fire' or 'linear', got {self.variant!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.variant == "no_fire":
-            self.fire_depths = ()
-        if self.variant == "full" and len(self.fire_depths) < 2:
-            raise ValueError(f"the full variant needs FIRE at >= 2 depths, got {self.fire_depths}")
-        bad = [k for k in self.fire_depths if not 1 <= k <= self.n_image_layers]
-        if bad:
-            raise ValueError(f"fire_depths {bad} outside 1..n_image_layers={self.n_image_layers}")
-        if not self.matryoshka_dims or self.matryoshka_dims[-1] != self.out_dim:
-            raise ValueError(f"matryoshka_dims must end at out_dim={self.out_dim}, got {self.matryoshka_dims}")
-        if list(self.matryoshka_dims) != sorted(set(self.matryoshka_dims)):
-            raise ValueError(f"matryoshka_dims must be increasing, got {self.matryoshka_dims}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.image_size < 64 or self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {self.image_size}")
-        if self.text_layers < 1:
-            raise ValueError(f"text_layers must be >= 1, got {self.text_layers}")
-        if isinstance(self.text_tuned_layers, bool) or not 0 <= self.text_tuned_layers <= self.text_layers:
-            raise ValueError(f"text_tuned_layers must be in 0..text_layers={self.text_layers}, "
-                             f"got {self.text_tuned_layers!r}")
-        if isinstance(self.image_tuned_blocks, bool) or not 0 <= self.image_tuned_blocks <= MAX_IMAGE_TUNED_BLOCKS:
-            raise ValueError(f"image_tuned_blocks must be in 0..{MAX_IMAGE_TUNED_BLOCKS} (the blocks above the "
-                             f"image tower's shallow taps), got {self.image_tuned_blocks!r}")
-        if self.image_tuned_blocks and self.image_dim != 1280:
-            raise ValueError("fine-tuned image blocks give EfficientNet-Lite0's 1280-d tokens; "
-                             f"image_dim is {self.image_dim}")
-        if self.skip_path and self.variant == "linear":
-            raise ValueError("the 'linear' variant is a skip path already; skip_path needs 'full' or 'no_fire'")
-        self.title_weight_with_photo = float(self.title_weight_with_photo)
-        if not (math.isfinite(self.title_weight_with_photo) and self.title_weight_with_photo > 0):
-            raise ValueError(f"title_weight_with_photo must be a finite number > 0, got {self.title_weight_with_photo}")
-        if self.title_weight_with_photo != 1.0 and not self.skip_path:
-            raise ValueError("title_weight_with_photo weighs the skip path's title term: it needs skip_path")
-        if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
-            raise ValueError("the 'linear' variant cannot fine-tune tower layers")
-        if self.text_tuned_layers and (self.text_heads < 1 or self.text_dim % self.text_heads or self.text_ffn < 1):
-            raise ValueError(f"text_dim ({self.text_dim}) must split into text_heads ({self.text_heads}) heads, "
-                             f"text_ffn ({self.text_ffn}) >= 1")
-
-    @property
-    def text_tuned_first(self) -> int:
-        """Index (0-based) of the first fine-tuned MiniLM layer: the layers below it are frozen."""
-        return self.text_layers - self.text_tuned_layers
-
-    @property
-    def image_tuned_first(self) -> int:
-        """Index (0-based) of the first fine-tuned EfficientNet block."""
-        return IMAGE_BLOCKS - self.image_tuned_blocks
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "EmbedderConfig":
-        return cls(**json.loads(text))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -335,9 +231,20 @@ class FusionEmbedder(nn.Module):
         image_keep: torch.Tensor | None = None,  # (B, 49) optional token dropout mask (training)
         image_tokens: torch.Tensor | None = None,  # (B, 49, d) from encode_image, to reuse across calls
         image_pooled: torch.Tensor | None = None,  # (B, 1280) the skip path's photo features (default: img_deep's mean)
+        parts: tuple[torch.Tensor, torch.Tensor] | None = None,  # (photo-only, title-only) unit vectors, if known
     ) -> torch.Tensor:
-        return F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present,
-                                    image_keep, image_tokens, image_pooled), dim=-1)
+        out = F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present,
+                                   image_keep, image_tokens, image_pooled), dim=-1)
+        beta = self.cfg.modality_blend
+        both = present[:, IMAGE] * present[:, TEXT]
+        if not beta or not bool(both.any()):
+            return out
+        if parts is None:  # the same inputs with one modality each (`parts` saves training these passes)
+            alone = lambda m: present * F.one_hot(torch.tensor(m), present.shape[1]).to(present.dtype)  # noqa: E731
+            parts = tuple(F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask,
+                                               alone(m), image_keep, image_tokens, image_pooled), dim=-1)
+                          for m in (IMAGE, TEXT))
+        return blend(out, parts[0], parts[1], beta * both)
 
     def raw(self, img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_keep=None,
             image_tokens=None, image_pooled=None) -> torch.Tensor:
@@ -372,6 +279,12 @@ class FusionEmbedder(nn.Module):
         if image_pooled is not None:
             out = out + self.skip_image(image_pooled) * present[:, IMAGE:IMAGE + 1]
         return out
+
+
+def blend(fused: torch.Tensor, photo: torch.Tensor, title: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
+    """normalise(fused + beta * (photo + title)) (`EmbedderConfig.modality_blend`); beta (B,) or a number."""
+    beta = torch.as_tensor(beta, dtype=fused.dtype).reshape(-1, 1)
+    return F.normalize(fused + beta * (photo + title), dim=-1)
 
 
 class LinearEmbedder(nn.Module):
@@ -457,19 +370,30 @@ def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
     return dst / "embedder.safetensors"
 
 
-def set_title_weight_with_photo(folder: str | Path, weight: float) -> EmbedderConfig:
-    """Set a saved skip-path embedder's `title_weight_with_photo` (its embedder.json; the weights
-    do not change). Returns the new config.
+def set_config(folder: str | Path, **fields) -> EmbedderConfig:
+    """Set fields of a saved embedder's config that need no new weights (`title_weight_with_photo`,
+    `modality_blend`) in its embedder.json. Returns the new config.
 
     Raises:
-        ValueError: the embedder has no skip path, or `weight` is not a finite number > 0.
+        ValueError: a field is not one of those, or the config refuses its value.
     """
+    bad = sorted(set(fields) - POST_HOC_FIELDS)
+    if bad:
+        raise ValueError(f"only {sorted(POST_HOC_FIELDS)} can be set on trained weights, not {bad}")
     path = Path(folder) / "embedder.json"
     meta = json.loads(path.read_text())
-    cfg = EmbedderConfig(**{**meta["config"], "title_weight_with_photo": weight})
+    cfg = EmbedderConfig(**{**meta["config"], **fields})
     meta["config"] = json.loads(cfg.to_json())
     path.write_text(json.dumps(meta, indent=2))
     return cfg
+
+
+def set_title_weight_with_photo(folder: str | Path, weight: float) -> EmbedderConfig:
+    """`set_config(folder, title_weight_with_photo=weight)`: the weight of a skip-path embedder's title term."""
+    return set_config(folder, title_weight_with_photo=weight)
+
+
+POST_HOC_FIELDS = {"title_weight_with_photo", "modality_blend"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,19 +401,22 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m sdk.train.fusion_model",
                                  description="Copy a saved embedder with fp16 weights (DST may be SRC: converted in "
-                                             "place), optionally setting its title weight in photo + title vectors")
+                                             "place), optionally setting how its photo + title vectors are made")
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     ap.add_argument("--title-weight-with-photo", type=float, default=None, metavar="W",
                     help="EmbedderConfig.title_weight_with_photo of the copy (a skip-path embedder; default: the source's)")
+    ap.add_argument("--modality-blend", type=float, default=None, metavar="B",
+                    help="EmbedderConfig.modality_blend of the copy (default: the source's)")
     a = ap.parse_args(argv)
-    if a.title_weight_with_photo is not None:  # refuse before writing anything
-        EmbedderConfig(**{**json.loads((Path(a.src) / "embedder.json").read_text())["config"],
-                          "title_weight_with_photo": a.title_weight_with_photo})
+    fields = {k: v for k, v in (("title_weight_with_photo", a.title_weight_with_photo),
+                                ("modality_blend", a.modality_blend)) if v is not None}
+    # refuse (ValueError) before writing anything
+    EmbedderConfig(**{**json.loads((Path(a.src) / "embedder.json").read_text())["config"], **fields})
     out = copy_half(a.src, a.dst, a.dtype)
-    if a.title_weight_with_photo is not None:
-        set_title_weight_with_photo(a.dst, a.title_weight_with_photo)
+    if fields:
+        set_config(a.dst, **fields)
     print(out)
 
 

@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--title-weight-with-photo", type=float, default=None, metavar="W",
                     help="train with the title's skip term weighing W in photo + title vectors "
                          "(EmbedderConfig.title_weight_with_photo; needs --skip-path; default 1)")
+    ap.add_argument("--modality-blend", type=float, default=None, metavar="B",
+                    help="train photo + title vectors as normalise(fused + B * (photo-only + title-only)) "
+                         "(EmbedderConfig.modality_blend; default 0: the fused vector alone)")
     for name, text in VIEW_FLAGS.items():
         default = getattr(TrainConfig, name)
         if isinstance(default, bool):
@@ -408,12 +411,13 @@ def _train_from_args(args, ap, init, f: Features, catalog) -> dict:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                           freeze_image=args.freeze_image, holdout_master_category=args.holdout_master_category,
                           seed=args.seed, **{name: getattr(args, name) for name in VIEW_FLAGS})
-        if init is not None and args.title_weight_with_photo is not None:
-            raise ValueError("--title-weight-with-photo sets a new model's config; with --init the model keeps its own "
-                             "(python -m sdk.train.fusion_model SRC DST --title-weight-with-photo W changes a copy)")
-        model_cfg = init.cfg if init is not None else EmbedderConfig(
-            variant=args.variant, skip_path=args.skip_path,
-            title_weight_with_photo=1.0 if args.title_weight_with_photo is None else args.title_weight_with_photo)
+        arch = {k: v for k, v in (("title_weight_with_photo", args.title_weight_with_photo),
+                                  ("modality_blend", args.modality_blend)) if v is not None}
+        if init is not None and arch:
+            raise ValueError(f"--{next(iter(arch)).replace('_', '-')} sets a new model's config; with --init the model "
+                             "keeps its own (python -m sdk.train.fusion_model SRC DST changes a copy's)")
+        model_cfg = init.cfg if init is not None else EmbedderConfig(variant=args.variant, skip_path=args.skip_path,
+                                                                     **arch)
     except ValueError as exc:
         ap.error(str(exc))
     return train(

@@ -122,7 +122,10 @@ def step_views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f:
     feats = title[:2]  # (deep, shallow), gathered once for the four views
     with torch.set_grad_enabled(not cfg.freeze_image):
         img_tok = model.encode_image(*feats)  # shared by the views with a photo
-    e_mm1 = model(*title, image_tokens=img_tok)
+    # a blended model's photo + title views blend in their own photo-only and text-only views, made
+    # first; without a blend the views keep the order (and random draws) of earlier recipes
+    blending = bool(getattr(model_cfg, "modality_blend", 0.0))
+    e_mm1 = None if blending else model(*title, image_tokens=img_tok)
     img_only = batch_inputs(f, rows, image=True, text=None, image_features=feats)
     view_tok, e_aug, view_pooled = img_tok, None, None
     if cfg.uses_renditions:
@@ -138,12 +141,28 @@ def step_views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f:
         view_pooled = torch.where(use[:, 0], aug_pooled, feats[0].mean(1))
         if cfg.image_instance:
             e_aug = model(*img_only, image_tokens=aug_tok, image_pooled=aug_pooled)
-    e_clean = model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational) else None
+    e_clean = (model(*img_only, image_tokens=img_tok) if (e_aug is not None or cfg.tower_relational or blending)
+               else None)
     detail = batch_inputs(f, rows, image=True, text="detail", image_features=feats)
-    e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled)
     title_states, detail_states = title[2:4], detail[2:4]  # (tokens, mask): one tail pass each
-    keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
-    e_img = model(*img_only, image_keep=keep_img, image_tokens=view_tok, image_pooled=view_pooled)
+
+    def text_alone(text: str, states: tuple) -> torch.Tensor:
+        return model(*batch_inputs(f, rows, image=False, text=text, image_features=feats, text_states=states),
+                     image_tokens=img_tok)
+
+    def photo_alone() -> torch.Tensor:
+        keep_img = (torch.rand(len(rows), model_cfg.n_image_tokens) >= cfg.image_token_drop).float()
+        return model(*img_only, image_keep=keep_img, image_tokens=view_tok, image_pooled=view_pooled)
+
+    e_txt = e_det = None
+    if blending:
+        e_txt = text_alone("title", title_states)
+        e_mm1 = model(*title, image_tokens=img_tok, parts=(e_clean, e_txt))
+        e_img, e_det = photo_alone(), text_alone("detail", detail_states)
+        e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled, parts=(e_img, e_det))
+    else:
+        e_mm2 = model(*detail, image_keep=keep, image_tokens=view_tok, image_pooled=view_pooled)
+        e_img = photo_alone()
     v = StepViews(same, has_img, feats, title_states, e_mm1, e_mm2, e_img, None, e_clean, e_aug)
     if cfg.caption_weight:
         c = rng.integers(0, plan.cap_keys.shape[1], len(rows))
@@ -154,8 +173,7 @@ def step_views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f:
                                     text_states=(cap[0][:, :t], cap[1][:, :t])), image_tokens=img_tok)
         k = plan.cap_keys[rows, c]
         v.same_cap = same | torch.as_tensor(k[:, None] == k[None, :])
-    v.txt = model(*batch_inputs(f, rows, image=False, text="title", image_features=feats, text_states=title_states),
-                  image_tokens=img_tok)
+    v.txt = e_txt if e_txt is not None else text_alone("title", title_states)
     if f.traces:
         for view, image, text in (("photo+title", True, "title"), ("title", False, "title"), ("photo", True, None)):
             keep = (torch.rand(len(rows)) >= cfg.trace_drop).float()
@@ -165,8 +183,7 @@ def step_views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f:
     if distilling:
         # the description-only view is not among the contrastive terms; a student whose text
         # tower lost layers must still learn where descriptions land
-        v.detail = model(*batch_inputs(f, rows, image=False, text="detail", image_features=feats,
-                                       text_states=detail_states), image_tokens=img_tok)
+        v.detail = e_det if e_det is not None else text_alone("detail", detail_states)
     return v
 
 

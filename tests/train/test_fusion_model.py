@@ -212,3 +212,37 @@ def test_title_weight_with_photo_moves_only_photo_and_title_vectors(tmp_path):
         save_embedder(trained_like(FusionEmbedder(EmbedderConfig(**TINY))), tmp_path / "plain")
         main([str(tmp_path / "plain"), str(tmp_path / "c"), "--title-weight-with-photo", "2"])
     assert not (tmp_path / "c").exists()
+
+
+def test_modality_blend_mixes_each_modalitys_own_vector_into_photo_and_title_vectors(tmp_path):
+    """A blended model's photo + title vector is normalise(fused + beta * (photo-only + title-only));
+    single-modality vectors do not change; `parts` given (as training does) gives the same vector;
+    `python -m sdk.train.fusion_model --modality-blend` sets it on a copy; a bad value is refused."""
+    from sdk.train.fusion_model import blend, main
+
+    torch.manual_seed(0)
+    save_embedder(trained_like(FusionEmbedder(EmbedderConfig(**TINY, skip_path=True))), tmp_path / "a")
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--modality-blend", "2"])
+    main([str(tmp_path / "a"), str(tmp_path / "a16")])
+    base, mixed = load_embedder(tmp_path / "a16"), load_embedder(tmp_path / "b")
+    assert mixed.cfg.modality_blend == 2.0 and base.cfg.modality_blend == 0.0
+    x = list(inputs(B=3))
+    x[6] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        a, b = base(*x), mixed(*x)
+        torch.testing.assert_close(a[:2], b[:2])
+        photo = base(*x[:6], torch.tensor([[1.0, 0.0, 0.0]] * 3))[2:]
+        title = base(*x[:6], torch.tensor([[0.0, 1.0, 0.0]] * 3))[2:]
+        want = torch.nn.functional.normalize(a[2:] + 2.0 * (photo + title), dim=-1)
+        torch.testing.assert_close(b[2:], want, rtol=1e-5, atol=1e-5)
+        assert (b[2:] - a[2:]).abs().max() > 1e-2  # it moved
+        photo3 = base(*x[:6], torch.tensor([[1.0, 0.0, 0.0]] * 3))
+        title3 = base(*x[:6], torch.tensor([[0.0, 1.0, 0.0]] * 3))
+        torch.testing.assert_close(mixed(*x, parts=(photo3, title3)), b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(blend(a[2:], photo, title, 0.0), a[2:])
+    for bad in ("-1", "nan"):
+        with pytest.raises(ValueError, match="modality_blend must be"):
+            main([str(tmp_path / "a"), str(tmp_path / "c"), "--modality-blend", bad])
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="linear"):
+        EmbedderConfig(**{**TINY, "variant": "linear"}, modality_blend=1.0)

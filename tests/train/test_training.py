@@ -367,6 +367,10 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
     assert [m.title_weight_with_photo for m in models] == [3.0, 1.0] and models[0].skip_path
     with pytest.raises(SystemExit):  # it weighs the skip path's title term: none without one
         te.main(["--features", str(cache), "--title-weight-with-photo", "3"])
+    te.main(["--features", str(cache), "--modality-blend", "1.5"])
+    assert models[-1].modality_blend == 1.5
+    with pytest.raises(SystemExit):
+        te.main(["--features", str(cache), "--modality-blend", "-1"])
 
 
 def _fake_prompt_states(monkeypatch, dim=16):
@@ -456,6 +460,30 @@ def test_training_with_the_skip_path_and_prompts(tmp_path, monkeypatch):
     torch.testing.assert_close(model.skip_image.mean, mean)
     torch.testing.assert_close(model.skip_image.inv_std, 1.0 / std)
     assert model.skip_image.proj.weight.abs().max() > 1e-3 and model.skip_text.proj.weight.abs().max() > 1e-3
+
+
+def test_training_a_blended_model_trains_the_blend_it_embeds_with(tmp_path, monkeypatch):
+    """With modality_blend the training step reuses its photo-only and title-only views as the
+    blend's parts; the saved model embeds photo + title items blended, and still learns."""
+    import sdk.train.fusion_model as fm
+
+    cache = add_views(write_cache(tmp_path / "cache"))
+    catalog = write_catalog_for(cache, tmp_path)
+    f = Features(cache)
+    calls = {"parts": 0}
+    forward = fm.FusionEmbedder.forward
+
+    def counting(self, *a, parts=None, **kw):
+        calls["parts"] += parts is not None
+        return forward(self, *a, parts=parts, **kw)
+
+    monkeypatch.setattr(fm.FusionEmbedder, "forward", counting)
+    cfg = TrainConfig(epochs=6, batch_size=32, group_size=4, lr=3e-3, warmup_steps=5, **VIEWS)
+    res = train(EmbedderConfig(**TINY, skip_path=True, modality_blend=1.0), cfg, f, catalog, tmp_path / "out",
+                log=lambda *_: None)
+    assert calls["parts"] > 0
+    assert res["final"]["text->image R@1"] > 0.4, res["final"]
+    assert load_embedder(tmp_path / "out").cfg.modality_blend == 1.0
 
 
 def test_a_probe_initialised_skip_path_starts_as_the_probe(tmp_path):
