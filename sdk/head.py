@@ -115,6 +115,13 @@ class FusionHead:
         if not (np.isfinite(self.title_weight_with_photo) and self.title_weight_with_photo > 0):
             raise EngineError(f"the head config's title_weight_with_photo must be finite and > 0, "
                               f"got {self.title_weight_with_photo}")
+        # photo + title vectors blend in their photo-only and title-only ones (EmbedderConfig.modality_blend)
+        try:
+            self.modality_blend = float(config.get("modality_blend", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"the head config's modality_blend is not a number: {exc}") from exc
+        if not (np.isfinite(self.modality_blend) and self.modality_blend >= 0):
+            raise EngineError(f"the head config's modality_blend must be finite and >= 0, got {self.modality_blend}")
         self._w: dict[str, np.ndarray] = {}
         need = head_weight_shapes(config)
         for name, shape in need.items():
@@ -194,8 +201,27 @@ class FusionHead:
 
         Runs the whole head in one compiled call (`sdk._C.FusionHeadKernel`) when the extension
         is built, `fused` is True and `sdk.ops.HAVE_C` holds; otherwise `forward_reference`.
-        Both take the arguments documented there and agree to cosine >= 0.99999.
+        Both take the arguments documented there and agree to cosine >= 0.99999. With
+        `modality_blend` B, a row with a photo and a title is normalise(fused + B * (photo-only +
+        title-only)), the three the head's full-width unit vectors, then cut to `dim`.
         """
+        present = np.asarray(present, _F32)
+        both = np.flatnonzero((present[:, 0] > 0) & (present[:, 1] > 0)) if self.modality_blend else ()
+        if not len(both):
+            return self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim, image_skip)
+        e = self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, None, image_skip)
+        parts = []
+        for m in (0, 1):  # the same rows with the photo alone, then the title alone
+            alone = np.zeros((len(both), 3), _F32)
+            alone[:, m] = 1.0
+            parts.append(self._embed(image_tokens[both], text_states[both], text_mask[both] * alone[:, 1:2],
+                                     trace_states[both], np.zeros_like(trace_mask[both], _F32), alone, None,
+                                     None if image_skip is None else image_skip[both]))
+        e[both] = ops.l2_normalize_ref(e[both] + _F32(self.modality_blend) * (parts[0] + parts[1]))
+        return e if dim is None or int(dim) == self.out_dim else ops.l2_normalize_ref(e[:, : int(dim)])
+
+    def _embed(self, image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim, image_skip):
+        """`__call__` without the blend: the head's own vectors of these rows."""
         skip = self.skip_term(image_skip, text_states, text_mask, present) if self.skip_path else None
         if self.fused and ops.HAVE_C and self._kernel is not None:
             f32 = lambda a: np.ascontiguousarray(a, _F32)  # noqa: E731

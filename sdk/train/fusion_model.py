@@ -237,8 +237,8 @@ class FusionEmbedder(nn.Module):
                                    image_keep, image_tokens, image_pooled), dim=-1)
         beta = self.cfg.modality_blend
         both = present[:, IMAGE] * present[:, TEXT]
-        if not beta or not bool(both.any()):
-            return out
+        if not beta or (not torch.onnx.is_in_onnx_export() and not bool(both.any())):
+            return out  # (an exported graph blends every row, by beta * both)
         if parts is None:  # the same inputs with one modality each (`parts` saves training these passes)
             alone = lambda m: present * F.one_hot(torch.tensor(m), present.shape[1]).to(present.dtype)  # noqa: E731
             parts = tuple(F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask,

@@ -217,3 +217,52 @@ def test_a_head_config_with_a_bad_title_weight_is_refused(skip_split, bad, match
     assert head.title_weight_with_photo == 1.0  # exported at the default: the title weighs the same everywhere
     with pytest.raises(EngineError, match=f"title_weight_with_photo.*{match}"):
         FusionHead(head._w, {**head.config, "title_weight_with_photo": bad})
+
+
+def test_split_runner_blends_like_the_torch_model(tmp_path):
+    """`modality_blend` reaches the engine's head through the exported config: photo + title vectors
+    (full width and a Matryoshka prefix) match the PyTorch model's, single-modality ones do not move;
+    the single-graph export blends the same way."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from sdk.contract import INPUT_NAMES
+    from sdk.export.onnx_embedder import OnnxExportConfig, export_embedder_onnx, make_padded_batch
+    from sdk.export.onnx_split import SplitExportConfig, export_split_onnx, split_runner
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        graph = _tiny_graph()
+        graph.fusion.cfg.modality_blend = 1.5
+        paths = export_split_onnx(graph, SplitExportConfig(tmp_path, num_threads=1, check_batches=((4, 6, 4),)))
+        single = export_embedder_onnx(graph, OnnxExportConfig(tmp_path / "single.onnx", exporter="dynamo",
+                                                              num_threads=1, check_batches=((4, 6, 4),)))
+        feed = make_padded_batch(4, 6, 4, vocab_size=graph.vocab_size, seed=3,
+                                 presence=[(1, 1, 0), (0, 1, 0), (1, 0, 0), (1, 1, 1)])
+        runner = split_runner(paths, num_threads=1)
+        got, got16 = runner(feed), runner(feed, dim=16)
+        sess = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"])
+        from_single = sess.run(None, {n: feed[n] for n in INPUT_NAMES})[0]
+        with torch.inference_mode():
+            args = [torch.from_numpy(feed[n]) for n in INPUT_NAMES]
+            want = graph(*args).float().numpy()
+            graph.fusion.cfg.modality_blend = 0.0
+            plain = graph(*args).float().numpy()
+    finally:
+        torch.set_num_threads(before)
+    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+    assert cos(got, want).min() > 0.9999 and cos(from_single, want).min() > 0.9999
+    assert cos(got16, want[:, :16]).min() > 0.9999
+    assert cos(got, plain)[[0, 3]].max() < 0.9999 and cos(got, plain)[1:3].min() > 0.9999
+
+
+@pytest.mark.parametrize("bad, match", [("much", "not a number"), (-1.0, "finite and >= 0"), (float("nan"), "finite")])
+def test_a_head_config_with_a_bad_modality_blend_is_refused(skip_split, bad, match):
+    from sdk.head import FusionHead
+
+    _, paths = skip_split
+    head = FusionHead.from_bytes(paths["head"].read_bytes())
+    assert head.modality_blend == 0.0
+    with pytest.raises(EngineError, match=f"modality_blend.*{match}"):
+        FusionHead(head._w, {**head.config, "modality_blend": bad})
