@@ -163,6 +163,17 @@ def _skip_path(full: dict, model_config: dict) -> list[str]:
     return lines
 
 
+def _blend(model_config: dict) -> list[str]:
+    """The photo + title blend's line, for a model trained with one (`EmbedderConfig.modality_blend`)."""
+    b = float(model_config.get("modality_blend", 0.0))
+    lines = []
+    if b:
+        lines += [f"- A photo + title vector is normalise(fused + {b:g} x (photo-only + title-only)), the three",
+                  "  the model's own unit vectors (`modality_blend`, trained with it): a title query meets its",
+                  "  own title vector inside every catalog item, a photo query its photo vector."]
+    return lines
+
+
 def _architecture(full: dict, scaling: dict, model_config: dict | None = None) -> list[str]:
     """The towers, the trained part and why these towers."""
     model_config = model_config or {}
@@ -185,6 +196,7 @@ def _architecture(full: dict, scaling: dict, model_config: dict | None = None) -
         "  text-only and image+text products share one space. These default weights are trained",
         "  without traces; a trace-trained copy is in `sdk/train/weights/trace` (see Reasoning traces).",
         *_skip_path(full, model_config),
+        *_blend(model_config),
         f"- FIRE scales learned: {full.get('fire_scales', {})}.",
         "",
         "## Why these towers",
@@ -241,6 +253,8 @@ def train_flags(full: dict, model_config: dict) -> str:
 
     tc, default = full["train_config"], TrainConfig()
     out = ["--skip-path"] if model_config.get("skip_path") else []
+    if float(model_config.get("modality_blend", 0.0)):
+        out.append(f"--modality-blend {float(model_config['modality_blend']):g}")
     for f in fields(TrainConfig):
         v = tc.get(f.name, getattr(default, f.name))
         if v == getattr(default, f.name) or v is None:

@@ -129,6 +129,9 @@ def test_a_leak_free_skip_path_recipe_card_names_its_split_terms_and_command():
             "centering": {"rows": 2000}, "final": {}}
     cfg = {"skip_path": True, "title_weight_with_photo": 3.0}
     flags = train_flags(full, cfg)
+    blended = {"skip_path": True, "modality_blend": 2.0}
+    assert train_flags(full, blended).startswith("--skip-path --modality-blend 2 ")
+    assert "normalise(fused + 2 x (photo-only + title-only))" in "\n".join(_architecture(full, {}, blended))
     assert flags.startswith("--skip-path") and "--cross-modal-weight 3" in flags and "--ema-decay 0.97" in flags
     assert "--center-modalities" in flags and "--prompt-fields article_type,brand" in flags
     assert "--epochs" not in flags and "holdout" not in flags  # defaults and unset options are left out
