@@ -101,7 +101,7 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
              gen_states: tuple[torch.Tensor, torch.Tensor], empty_states: tuple[torch.Tensor, torch.Tensor],
              rates=RATES, seeds=SEEDS, bs: int = 256) -> dict:
     """The benchmark on `rows` (feature rows of validation products with a photo); see the module doc."""
-    from sdk.train.completion import fuse, title_states
+    from sdk.train.completion import fuse, fuse_completed, real_skip, title_states
 
     pos = {int(r): i for i, r in enumerate(features.flip_rows)}
     views: dict[str, list[torch.Tensor]] = {}
@@ -113,20 +113,23 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
         r = rows[s : s + bs]
         title, mask = title_states(features, r)
         tok = torch.from_numpy(tokens["tokens"][r]).float()
-        flip = torch.from_numpy(tokens["flip"][[pos[int(i)] for i in r]]).float()
+        f = [pos[int(i)] for i in r]
+        flip = torch.from_numpy(tokens["flip"][f]).float()
+        # a skip-path embedder's real photos carry their skip terms (None without a skip path)
+        sk, fsk = real_skip(tokens, "skip", r), real_skip(tokens, "flip_skip", f)
         detail, dmask = features.detail[r].float(), features.detail_mask[r].float()
         gtitle, gmask = gen_states[0][s : s + bs], gen_states[1][s : s + bs]
         etitle, emask = (x.expand(len(r), *x.shape[1:]) for x in empty_states)
-        add("real", fuse(embedder, tok, title, mask))
-        add("completion", fuse(embedder, completion(title, mask), title, mask))
+        add("real", fuse(embedder, tok, title, mask, image_skip=sk))
+        add("completion", fuse_completed(embedder, completion, title, mask))
         add("zero-filled", fuse(embedder, torch.zeros_like(tok), title, mask))
         add("image dropped", fuse(embedder, tok, title, mask, image_present=False))
-        add("generated", fuse(embedder, tok, gtitle, gmask))
-        add("empty", fuse(embedder, tok, etitle, emask))
-        add("title dropped", fuse(embedder, tok, title, mask, text_present=False))
+        add("generated", fuse(embedder, tok, gtitle, gmask, image_skip=sk))
+        add("empty", fuse(embedder, tok, etitle, emask, image_skip=sk))
+        add("title dropped", fuse(embedder, tok, title, mask, text_present=False, image_skip=sk))
         add("text->mm", fuse(embedder, tok, title, mask, image_present=False))
-        add("image->mm", fuse(embedder, flip, title, mask, text_present=False))
-        add("mm->mm", fuse(embedder, flip, detail, dmask))
+        add("image->mm", fuse(embedder, flip, title, mask, text_present=False, image_skip=fsk))
+        add("mm->mm", fuse(embedder, flip, detail, dmask, image_skip=fsk))
         add("generated title", fuse(embedder, tok, gtitle, gmask, image_present=False))
     v = {k: torch.cat(x) for k, x in views.items()}
     k = keys[rows]
@@ -166,12 +169,12 @@ def evaluate(features, embedder, completion, tokens: dict, keys: np.ndarray, row
 def check_engine(engine: str | Path, features, embedder, completion, rows: np.ndarray, products) -> dict:
     """Cosine of the runtime's completed vectors (title, no photo, complete_missing="image") to PyTorch's."""
     from sdk import Embedder
-    from sdk.train.completion import fuse, title_states
+    from sdk.train.completion import fuse_completed, title_states
 
     want = []
     for s in range(0, len(rows), 256):
         title, mask = title_states(features, rows[s : s + 256])
-        want.append(fuse(embedder, completion(title, mask), title, mask))
+        want.append(fuse_completed(embedder, completion, title, mask))
     want = torch.cat(want).numpy()
     with Embedder(engine, threads=1) as e:
         got = e.embed(texts=[p.title for p in products], complete_missing="image")

@@ -398,7 +398,7 @@ class SplitRunner:
         elif rows.size or complete_image:
             image = np.zeros((B, n_tok, self.head.d), _F32)  # (B, N, d)
             if self.head.skip_path:
-                image_skip = np.zeros((B, self.head.out_dim), _F32)  # a completed photo gets no skip term
+                image_skip = np.zeros((B, self.head.out_dim), _F32)  # completion may write its rows
             if rows.size:
                 got = self.image_session.run(names, {"pixels": np.ascontiguousarray(pixels[rows])})
                 image[rows] = got[0]
@@ -417,7 +417,12 @@ class SplitRunner:
                 n = max(int(feed["attention_mask"][fill].sum(1).max()), 1)
                 cfeed = {"token_states": np.ascontiguousarray(text[fill, :n]),
                          "attention_mask": np.ascontiguousarray(feed["attention_mask"][fill, :n])}
-                image[fill] = self.completion_session.run(["image_tokens"], cfeed)[0]
+                outs = [o.name for o in self.completion_session.get_outputs()]
+                got = self.completion_session.run(["image_tokens"] + (["image_skip"] if "image_skip" in outs else []),
+                                                  cfeed)
+                image[fill] = got[0]
+                if image_skip is not None and len(got) > 1:  # the completed photo's skip term, where written
+                    image_skip[fill] = got[1]
                 present[fill, 0] = 1.0
         text_mask = feed["attention_mask"].astype(_F32) * present[:, 1:2]
         trace_mask = feed["trace_mask"].astype(_F32) * present[:, 2:3]

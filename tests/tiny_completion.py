@@ -3,15 +3,16 @@
 import json
 
 
-def tiny_completion(seed: int = 0):
-    """An `ImageCompletion` fitting the tiny fusion model of tiny_models.tiny_fusion (d 32, text 16)."""
+def tiny_completion(seed: int = 0, skip_dim: int = 0):
+    """An `ImageCompletion` fitting the tiny fusion model of tiny_models.tiny_fusion (d 32, text 16);
+    skip_dim: its out_dim when that model has a skip path."""
     import torch
 
     from sdk.train.completion import CompletionConfig, ImageCompletion
 
     torch.manual_seed(seed)
     return ImageCompletion(CompletionConfig(d_model=32, text_dim=16, n_tokens=49, n_queries=7, n_heads=4, n_layers=1,
-                                            ffn_mult=2, dropout=0.0)).eval()
+                                            ffn_mult=2, dropout=0.0, skip_dim=skip_dim)).eval()
 
 
 def engine_with_completion(split_engine_path, folder, model):

@@ -134,14 +134,14 @@ def _completed(ref, completion_dir: Path, titles: list[str], bs: int = 32) -> np
     """Title-only vectors with the photo completed from the title (PyTorch, as the engine's completion part)."""
     import torch
 
-    from sdk.train.completion import fuse, load_completion
+    from sdk.train.completion import fuse_completed, load_completion
 
     completion, _ = load_completion(completion_dir)
     out = []
     with torch.no_grad():
         for s in range(0, len(titles), bs):
             states, mask = ref._text_states(titles[s : s + bs], ref.tokenizer)  # (B, T, C), (B, T)
-            out.append(fuse(ref.model, completion(states, mask), states, mask).numpy())
+            out.append(fuse_completed(ref.model, completion, states, mask).numpy())
     return np.concatenate(out)
 
 

@@ -5,6 +5,8 @@
 
     completion.onnx   token_states (B, T, C) float32, attention_mask (B, T) int64
                       -> image_tokens (B, N, d) float32
+                         [, image_skip (B, out_dim) float32: the photo's skip term, for an
+                          embedder with a skip path (`CompletionConfig.skip_dim`)]
 
 The runtime (`sdk.head.SplitRunner` with `complete_image=True`) feeds it the text graph's title
 token states of the items that have a title but no photo, and hands the completed image tokens
@@ -28,6 +30,12 @@ from sdk.export.onnx_tools import ExportError, ParityCheck, check_parity_setting
 COMPLETION_PART = "completion.onnx"
 COMPLETION_INPUTS = ("token_states", "attention_mask")
 COMPLETION_OUTPUT = "image_tokens"
+COMPLETION_SKIP = "image_skip"
+
+
+def completion_outputs(model: nn.Module) -> list[str]:
+    """The completion graph's outputs: the image tokens, and the skip term where the module writes one."""
+    return [COMPLETION_OUTPUT] + ([COMPLETION_SKIP] if getattr(model.cfg, "skip_dim", 0) else [])
 
 
 class CompletionGraph(nn.Module):
@@ -37,8 +45,9 @@ class CompletionGraph(nn.Module):
         super().__init__()
         self.completion = completion
 
-    def forward(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.completion(token_states, attention_mask.to(token_states.dtype))  # (B, N, d)
+    def forward(self, token_states: torch.Tensor, attention_mask: torch.Tensor):
+        tokens, skip = self.completion.complete(token_states, attention_mask.to(token_states.dtype))
+        return tokens if skip is None else (tokens, skip)  # (B, N, d)[, (B, out_dim)]
 
 
 @dataclass
@@ -109,7 +118,7 @@ def export_completion_onnx(model: nn.Module, cfg: CompletionExportConfig) -> Pat
     try:
         export_module(graph, (torch.from_numpy(ex["token_states"]), torch.from_numpy(ex["attention_mask"])),
                       {"token_states": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                      [COMPLETION_OUTPUT], cfg.path, cfg.opset)
+                      completion_outputs(model), cfg.path, cfg.opset)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
@@ -127,11 +136,14 @@ def verify_completion(graph: nn.Module, cfg: CompletionExportConfig) -> dict[str
     sess = ort_session(cfg.path, cfg.num_threads)
     dim = int(graph.completion.cfg.text_dim)
     check = ParityCheck("completion", cfg.min_cosine, cfg.opset)
+    names = completion_outputs(graph.completion)
     for k, (b, t) in enumerate(cfg.check_batches):
         feed = padded_states(b, t, dim, cfg.seed + 1 + k)
-        got = sess.run([COMPLETION_OUTPUT], feed)[0]
+        got = sess.run(names, feed)
         with torch.inference_mode():
-            want = graph(*(torch.from_numpy(feed[n]) for n in COMPLETION_INPUTS)).float().numpy()
-        check.add(got.reshape(b, -1), want.reshape(b, -1), {"batch": b, "text_len": t},
-                  f"check batch {k} (batch={b}, text_len={t})")
+            want = graph(*(torch.from_numpy(feed[n]) for n in COMPLETION_INPUTS))
+        want = [w.float().numpy() for w in (want if isinstance(want, tuple) else (want,))]
+        for name, g, w in zip(names, got, want):  # each output's rows, tokens then skip term
+            check.add(g.reshape(b, -1), w.reshape(b, -1), {"batch": b, "text_len": t, "output": name},
+                      f"check batch {k} (batch={b}, text_len={t}), {name}")
     return check.report()

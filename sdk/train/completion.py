@@ -27,7 +27,10 @@ Loss, per batch of training products that have a photo (the feature cache's leak
       (title + real photo);
   contrast: in-batch InfoNCE between the (title + completed image) vectors and the frozen
       embedder's vectors of the photos alone (products sharing a title are not negatives): a
-      completed item must sit where its own photo points, not only near its title.
+      completed item must sit where its own photo points, not only near its title;
+  skip (a skip-path embedder): the photo's skip term, which the module writes from the mean of its
+      queries (LayerNorm -> Linear(d, out_dim)), MSE against the real photo's per channel over its
+      variance; the fused and contrast terms fuse the completed photo with it, as the runtime does.
 The embedder is frozen (its image tokens are cached once per weights file, see `image_tokens`);
 only the completion module trains.
 """
@@ -63,11 +66,16 @@ class CompletionConfig:
     n_layers: int = 2
     ffn_mult: int = 2
     dropout: float = 0.1
+    # the embedder's skip-path width (its out_dim) when it has one: the module also writes the photo's
+    # skip term, which a completed photo would otherwise lack (0: an embedder without a skip path)
+    skip_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("d_model", "text_dim", "n_tokens", "n_queries", "n_heads", "n_layers", "ffn_mult"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.skip_dim, bool) or int(self.skip_dim) < 0:
+            raise ValueError(f"skip_dim must be >= 0, got {self.skip_dim!r}")
         if self.n_tokens % self.n_queries:
             raise ValueError(f"n_queries ({self.n_queries}) must divide n_tokens ({self.n_tokens})")
         if self.d_model % self.n_heads:
@@ -79,7 +87,8 @@ class CompletionConfig:
     def for_embedder(cls, embedder_cfg, **kw) -> "CompletionConfig":
         """A config whose output fits `embedder_cfg` (an `EmbedderConfig`)."""
         return cls(d_model=embedder_cfg.d_model, text_dim=embedder_cfg.text_dim,
-                   n_tokens=embedder_cfg.n_image_tokens, **kw)
+                   n_tokens=embedder_cfg.n_image_tokens,
+                   skip_dim=embedder_cfg.out_dim if getattr(embedder_cfg, "skip_path", False) else 0, **kw)
 
 
 class CompletionLayer(nn.Module):
@@ -101,7 +110,8 @@ class CompletionLayer(nn.Module):
 
 
 class ImageCompletion(nn.Module):
-    """Title token states (B, T, text_dim) + mask (B, T) -> completed image token states (B, N, d)."""
+    """Title token states (B, T, text_dim) + mask (B, T) -> completed image token states (B, N, d)
+    and, for a skip-path embedder (`cfg.skip_dim`), the photo's skip term (B, skip_dim)."""
 
     def __init__(self, cfg: CompletionConfig):
         super().__init__()
@@ -111,15 +121,23 @@ class ImageCompletion(nn.Module):
         self.queries = nn.Parameter(torch.randn(1, cfg.n_queries, d) * 0.02)
         self.layers = nn.ModuleList(CompletionLayer(cfg) for _ in range(cfg.n_layers))
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+        if cfg.skip_dim:
+            self.skip = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.skip_dim))
 
     def forward(self, text_states: torch.Tensor, text_mask: torch.Tensor, repeat: bool = True) -> torch.Tensor:
         """(B, n_tokens, d) image tokens; repeat=False gives the (B, n_queries, d) distinct ones."""
+        return self.complete(text_states, text_mask, repeat)[0]
+
+    def complete(self, text_states: torch.Tensor, text_mask: torch.Tensor,
+                 repeat: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image tokens as `forward` gives them, the photo's skip term (B, skip_dim) or None)."""
         text = self.text_proj(text_states)  # (B, T, d)
         q = self.queries.expand(text.shape[0], -1, -1)  # (B, K, d)
         for layer in self.layers:
             q = layer(q, text, text_mask)
         y = self.out(q)  # (B, K, d)
-        return y.repeat(1, self.cfg.n_tokens // self.cfg.n_queries, 1) if repeat else y  # (B, N, d)
+        skip = self.skip(q.mean(1)) if self.cfg.skip_dim else None
+        return (y.repeat(1, self.cfg.n_tokens // self.cfg.n_queries, 1) if repeat else y), skip  # (B, N, d)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -161,12 +179,14 @@ def load_completion(folder: str | Path = COMPLETION_WEIGHTS) -> tuple[ImageCompl
 @torch.no_grad()
 def image_tokens(embedder, features, cache: str | Path, embedder_sha256: str, bs: int = 256) -> dict[str, np.ndarray]:
     """The frozen embedder's image token states of every product (and of the validation products'
-    mirrored photos), cached as fp16 in `cache` (keyed by the embedder weights' SHA-256)."""
+    mirrored photos), cached as fp16 in `cache` (keyed by the embedder weights' SHA-256); with a
+    skip path, each photo's skip term too ("skip", "flip_skip", float32)."""
     cache = Path(cache)
+    names = ("tokens", "flip") + (("skip", "flip_skip") if getattr(embedder.cfg, "skip_path", False) else ())
     if cache.is_file():
         with np.load(cache) as z:
-            if str(z["embedder_sha256"]) == embedder_sha256:
-                return {k: z[k] for k in ("tokens", "flip")}
+            if str(z["embedder_sha256"]) == embedder_sha256 and set(names) <= set(z.files):
+                return {k: z[k] for k in names}
     embedder.eval()
 
     def run(deep, shallow, desc):
@@ -175,22 +195,43 @@ def image_tokens(embedder, features, cache: str | Path, embedder_sha256: str, bs
             out[s : s + bs] = embedder.encode_image(deep[s : s + bs].float(), shallow[s : s + bs].float()).numpy()
         return out
 
-    tokens = run(features.deep, features.shallow, "image tokens")
-    flip = run(features.deep_flip, features.shallow_flip, "image tokens (mirrored)")
+    def skips(deep):
+        return np.concatenate([embedder.skip_image(deep[s : s + bs].float().mean(1)).numpy()
+                               for s in range(0, len(deep), bs)]).astype(np.float32)
+
+    got = {"tokens": run(features.deep, features.shallow, "image tokens"),
+           "flip": run(features.deep_flip, features.shallow_flip, "image tokens (mirrored)")}
+    if "skip" in names:
+        got.update(skip=skips(features.deep), flip_skip=skips(features.deep_flip))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, tokens=tokens, flip=flip, embedder_sha256=np.array(embedder_sha256))
-    return {"tokens": tokens, "flip": flip}
+    np.savez(cache, **got, embedder_sha256=np.array(embedder_sha256))
+    return got
 
 
-def fuse(embedder, img_tok, title, title_mask, image_present: bool = True, text_present: bool = True):
-    """The frozen embedder's vector of image tokens (B, N, d) + title states (B, T, C); trace absent."""
+def fuse(embedder, img_tok, title, title_mask, image_present: bool = True, text_present: bool = True,
+         image_skip: torch.Tensor | None = None):
+    """The frozen embedder's vector of image tokens (B, N, d) (and, for a skip-path embedder, the
+    photo's skip term (B, out_dim): without it the photo adds no skip term) + title states (B, T, C);
+    trace absent."""
     B = title.shape[0]
     present = torch.zeros(B, 3)
     present[:, IMAGE] = float(image_present)
     present[:, TEXT] = float(text_present)
     mask = title_mask if text_present else torch.zeros_like(title_mask)
     trace, trace_mask = torch.zeros(B, 1, title.shape[-1]), torch.zeros(B, 1)
-    return embedder(None, None, title, mask, trace, trace_mask, present, image_tokens=img_tok)
+    extra = {"image_skip": image_skip} if image_skip is not None else {}
+    return embedder(None, None, title, mask, trace, trace_mask, present, image_tokens=img_tok, **extra)
+
+
+def fuse_completed(embedder, completion, title, title_mask) -> torch.Tensor:
+    """The embedder's vector of a title with its photo completed from it (tokens and skip term)."""
+    tok, skip = completion.complete(title, title_mask)
+    return fuse(embedder, tok, title, title_mask, image_skip=skip)
+
+
+def real_skip(tokens: dict, key: str, rows) -> torch.Tensor | None:
+    """The cached skip terms (`image_tokens`' "skip" or "flip_skip") of rows, or None without a skip path."""
+    return torch.from_numpy(np.asarray(tokens[key][rows], np.float32)) if key in tokens else None
 
 
 def title_states(features, rows):
@@ -214,28 +255,35 @@ class CompletionTrainConfig:
     w_pooled: float = 0.5
     w_fused: float = 1.0
     w_contrast: float = 1.0
+    w_skip: float = 0.5  # the photo's skip term, per channel over its variance (a skip-path embedder)
     temperature: float = 0.05
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"epochs must be >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
-        if min(self.w_pooled, self.w_fused, self.w_contrast) < 0:
+        if min(self.w_pooled, self.w_fused, self.w_contrast, self.w_skip) < 0:
             raise ValueError("loss weights must be >= 0")
         if not 0.0 < self.temperature < 1.0:
             raise ValueError(f"temperature must be in (0, 1), got {self.temperature}")
 
 
 def completion_loss(model, embedder, title, title_mask, target, target_vec, photo_vec, same,
-                    cfg: CompletionTrainConfig, inv_var: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                    cfg: CompletionTrainConfig, inv_var: torch.Tensor,
+                    skip: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch (see the module docstring) and its terms.
 
     target: (B, N, d) real image tokens; target_vec / photo_vec: (B, D) the frozen embedder's
-    vectors of title + photo and of the photo alone; same: (B, B) products sharing a title.
+    vectors of title + photo and of the photo alone; same: (B, B) products sharing a title;
+    skip: for a skip-path embedder, the real photos' skip terms (B, out_dim) and their per-channel
+    inverse variance.
     """
-    pred = model(title, title_mask, repeat=False)  # (B, K, d): fuses as the repeated (B, N, d)
+    pred, pred_skip = model.complete(title, title_mask, repeat=False)  # (B, K, d): fuses as the repeated (B, N, d)
     pooled = (((pred.mean(1) - target.mean(1)) ** 2) * inv_var).mean()
-    vec = fuse(embedder, pred, title, title_mask)  # (B, D)
+    terms = {}
+    if pred_skip is not None and skip is not None:
+        terms["skip"] = (((pred_skip - skip[0]) ** 2) * skip[1]).mean()
+    vec = fuse(embedder, pred, title, title_mask, image_skip=pred_skip)  # (B, D)
     fused = (1.0 - (vec * target_vec).sum(-1)).mean()
     logits = (vec @ photo_vec.T) / cfg.temperature
     eye = torch.eye(len(vec), dtype=torch.bool)
@@ -243,7 +291,10 @@ def completion_loss(model, embedder, title, title_mask, target, target_vec, phot
     target_idx = torch.arange(len(vec))
     contrast = 0.5 * (F.cross_entropy(logits, target_idx) + F.cross_entropy(logits.T, target_idx))
     loss = cfg.w_pooled * pooled + cfg.w_fused * fused + cfg.w_contrast * contrast
-    return loss, {"pooled": pooled.item(), "fused": fused.item(), "contrast": contrast.item()}
+    if "skip" in terms:
+        loss = loss + cfg.w_skip * terms["skip"]
+    return loss, {"pooled": pooled.item(), "fused": fused.item(), "contrast": contrast.item(),
+                  **{k: v.item() for k, v in terms.items()}}
 
 
 @torch.no_grad()
@@ -258,11 +309,12 @@ def evaluate(model, embedder, features, tokens: dict, rows: np.ndarray, keys: np
         r = rows[s : s + bs]
         title, mask = title_states(features, r)
         tok = torch.from_numpy(tokens["tokens"][r]).float()
-        flip = torch.from_numpy(tokens["flip"][[pos[int(i)] for i in r]]).float()
-        real.append(fuse(embedder, tok, title, mask))
-        comp.append(fuse(embedder, model(title, mask, repeat=False), title, mask))
+        f = [pos[int(i)] for i in r]
+        flip = torch.from_numpy(tokens["flip"][f]).float()
+        real.append(fuse(embedder, tok, title, mask, image_skip=real_skip(tokens, "skip", r)))
+        comp.append(fuse_completed(embedder, model, title, mask))
         text_only.append(fuse(embedder, tok, title, mask, image_present=False))
-        photo_q.append(fuse(embedder, flip, title, mask, text_present=False))
+        photo_q.append(fuse(embedder, flip, title, mask, text_present=False, image_skip=real_skip(tokens, "flip_skip", f)))
     real, comp, text_only, photo_q = (torch.cat(x) for x in (real, comp, text_only, photo_q))
     k = keys[rows]
 
@@ -288,6 +340,8 @@ def train(features, embedder, tokens: dict, keys: np.ndarray, ccfg: CompletionCo
     # per-channel variance of the real pooled tokens (training rows, a sample) for the pooled loss
     sample = tokens["tokens"][rng.choice(train_rows, size=min(2000, len(train_rows)), replace=False)].astype(np.float32)
     inv_var = torch.from_numpy(1.0 / (sample.mean(1).var(0) + 1e-6))
+    skip_inv_var = (torch.from_numpy(1.0 / (tokens["skip"][train_rows].var(0) + 1e-6)).float()
+                    if "skip" in tokens else None)
     model = ImageCompletion(ccfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_rows) // cfg.batch_size
@@ -303,13 +357,13 @@ def train(features, embedder, tokens: dict, keys: np.ndarray, ccfg: CompletionCo
         for b in range(steps_per_epoch):
             r = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
             title, mask = title_states(features, r)
-            target = torch.from_numpy(tokens["tokens"][r]).float()
+            target, target_skip = torch.from_numpy(tokens["tokens"][r]).float(), real_skip(tokens, "skip", r)
             with torch.no_grad():
-                target_vec = fuse(embedder, target, title, mask)
-                photo_vec = fuse(embedder, target, title, mask, text_present=False)
+                target_vec = fuse(embedder, target, title, mask, image_skip=target_skip)
+                photo_vec = fuse(embedder, target, title, mask, text_present=False, image_skip=target_skip)
             same = torch.from_numpy(keys[r][:, None] == keys[r][None, :])
             loss, terms = completion_loss(model, embedder, title, mask, target, target_vec, photo_vec, same, cfg,
-                                          inv_var)
+                                          inv_var, None if target_skip is None else (target_skip, skip_inv_var))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -345,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--w-pooled", type=float, default=CompletionTrainConfig.w_pooled)
     ap.add_argument("--w-fused", type=float, default=CompletionTrainConfig.w_fused)
     ap.add_argument("--w-contrast", type=float, default=CompletionTrainConfig.w_contrast)
+    ap.add_argument("--w-skip", type=float, default=CompletionTrainConfig.w_skip,
+                    help="weight of the photo's skip term (an embedder with a skip path)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -359,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = title_keys(features, args.catalog)
     ccfg = CompletionConfig.for_embedder(embedder.cfg, n_layers=args.layers, n_queries=args.queries)
     cfg = CompletionTrainConfig(epochs=args.epochs, w_pooled=args.w_pooled, w_fused=args.w_fused,
-                                w_contrast=args.w_contrast, seed=args.seed)
+                                w_contrast=args.w_contrast, w_skip=args.w_skip, seed=args.seed)
     model, report = train(features, embedder, tokens, keys, ccfg, cfg)
     out = save_completion(model, args.out, sha, metrics=report["final"])
     report_path = Path(args.out) / "completion_report.json"

@@ -232,9 +232,10 @@ class FusionEmbedder(nn.Module):
         image_tokens: torch.Tensor | None = None,  # (B, 49, d) from encode_image, to reuse across calls
         image_pooled: torch.Tensor | None = None,  # (B, 1280) the skip path's photo features (default: img_deep's mean)
         parts: tuple[torch.Tensor, torch.Tensor] | None = None,  # (photo-only, title-only) unit vectors, if known
+        image_skip: torch.Tensor | None = None,  # (B, out_dim) the photo's skip term itself (a completed photo's)
     ) -> torch.Tensor:
         out = F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present,
-                                   image_keep, image_tokens, image_pooled), dim=-1)
+                                   image_keep, image_tokens, image_pooled, image_skip), dim=-1)
         beta = self.cfg.modality_blend
         both = present[:, IMAGE] * present[:, TEXT]
         if not beta or (not torch.onnx.is_in_onnx_export() and not bool(both.any())):
@@ -242,12 +243,12 @@ class FusionEmbedder(nn.Module):
         if parts is None:  # the same inputs with one modality each (`parts` saves training these passes)
             alone = lambda m: present * F.one_hot(torch.tensor(m), present.shape[1]).to(present.dtype)  # noqa: E731
             parts = tuple(F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask,
-                                               alone(m), image_keep, image_tokens, image_pooled), dim=-1)
+                                               alone(m), image_keep, image_tokens, image_pooled, image_skip), dim=-1)
                           for m in (IMAGE, TEXT))
         return blend(out, parts[0], parts[1], beta * both)
 
     def raw(self, img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_keep=None,
-            image_tokens=None, image_pooled=None) -> torch.Tensor:
+            image_tokens=None, image_pooled=None, image_skip=None) -> torch.Tensor:
         """`forward`'s output before the L2 norm (B, out_dim)."""
         img = self.encode_image(img_deep, img_shallow) if image_tokens is None else image_tokens
         img_mask = torch.ones(img.shape[:2], dtype=img.dtype, device=img.device)
@@ -265,15 +266,18 @@ class FusionEmbedder(nn.Module):
         self.last_gate = gate.detach()
         out = self.head(q.squeeze(1))  # (B, out_dim)
         if self.cfg.skip_path:
-            out = out + self.skip(img_deep, image_pooled, text_tok, masks[TEXT], present)
+            out = out + self.skip(img_deep, image_pooled, text_tok, masks[TEXT], present, image_skip)
         return out
 
-    def skip(self, img_deep, image_pooled, text_tok, text_mask, present) -> torch.Tensor:
+    def skip(self, img_deep, image_pooled, text_tok, text_mask, present, image_skip=None) -> torch.Tensor:
         """The skip path's term (B, out_dim): the linear maps of the present modalities' pooled
-        tower features (a photo without `img_deep` or `image_pooled`, as completed tokens are,
-        adds nothing). The title's term weighs `cfg.title_weight_with_photo` where a photo is present."""
+        tower features; `image_skip`, where given, is the photo's term itself (a completed photo's);
+        a photo with none of the three adds nothing. The title's term weighs
+        `cfg.title_weight_with_photo` where a photo is present."""
         w = 1.0 + (self.cfg.title_weight_with_photo - 1.0) * present[:, IMAGE:IMAGE + 1]
         out = self.skip_text(masked_mean(text_tok, text_mask)) * present[:, TEXT:TEXT + 1] * w
+        if image_skip is not None:
+            return out + image_skip * present[:, IMAGE:IMAGE + 1]
         if image_pooled is None and img_deep is not None:
             image_pooled = img_deep.mean(1)
         if image_pooled is not None:

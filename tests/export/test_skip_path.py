@@ -266,3 +266,44 @@ def test_a_head_config_with_a_bad_modality_blend_is_refused(skip_split, bad, mat
     assert head.modality_blend == 0.0
     with pytest.raises(EngineError, match=f"modality_blend.*{match}"):
         FusionHead(head._w, {**head.config, "modality_blend": bad})
+
+
+def test_a_completed_photo_gets_its_skip_term_in_the_engine_as_in_torch(tmp_path):
+    """A skip-path embedder's completion part writes the photo's skip term too; the split runtime
+    fuses a title-only row with its completed tokens and that term (blended, for a blended model) as
+    `sdk.train.completion.fuse_completed` does, and leaves the other rows alone."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from tiny_completion import tiny_completion
+
+    from sdk.export.onnx_completion import CompletionExportConfig, export_completion_onnx
+    from sdk.export.onnx_embedder import make_padded_batch
+    from sdk.export.onnx_split import SplitExportConfig, export_split_onnx
+    from sdk.export.onnx_tools import ort_session
+    from sdk.head import FusionHead, SplitRunner
+    from sdk.train.completion import fuse_completed
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        graph = _tiny_graph()
+        graph.fusion.cfg.modality_blend = 1.0
+        completion = tiny_completion(skip_dim=graph.out_dim)
+        paths = export_split_onnx(graph, SplitExportConfig(tmp_path, num_threads=1, check_batches=((3, 6, 4),)))
+        cpath = export_completion_onnx(completion, CompletionExportConfig(tmp_path / "c", num_threads=1))
+        runner = SplitRunner(ort_session(paths["image"], 1), ort_session(paths["text"], 1),
+                             FusionHead.from_bytes(paths["head"].read_bytes()), ort_session(cpath, 1))
+        feed = make_padded_batch(3, 6, 3, vocab_size=graph.vocab_size, seed=4,
+                                 presence=[(0, 1, 0), (1, 1, 0), (0, 1, 0)])
+        got, plain = runner(feed, complete_image=True), runner(feed)
+        with torch.inference_mode():
+            ids, mask = (torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask"))
+            states = graph.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            want = fuse_completed(graph.fusion, completion, states, mask.float()).numpy()
+    finally:
+        torch.set_num_threads(before)
+    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+    assert cos(got[[0, 2]], want[[0, 2]]).min() > 0.9999
+    np.testing.assert_allclose(got[1], plain[1], atol=1e-6)  # a real photo is not completed
+    assert cos(got[[0, 2]], plain[[0, 2]]).max() < 0.9999

@@ -109,3 +109,48 @@ def test_bad_train_config_is_refused():
     with pytest.raises(ValueError, match="temperature"):
         CompletionTrainConfig(temperature=0.0)
     assert np.isfinite(CompletionTrainConfig().lr)
+
+
+def test_a_skip_path_embedders_completion_writes_the_photos_skip_term_and_learns_it():
+    """Against a skip-path embedder the module also writes the photo's skip term: fused with it the
+    completed item is the embedder's vector of those tokens plus that term (a blended embedder too);
+    the loss has a skip term and one step moves the completed skip toward the real one."""
+    from sdk.train.completion import fuse_completed
+
+    fusion = tiny_fusion(skip_path=True)
+    cfg = CompletionConfig.for_embedder(fusion.cfg, n_layers=1, ffn_mult=2, dropout=0.0)
+    assert cfg.skip_dim == fusion.cfg.out_dim == 32
+    assert CompletionConfig.for_embedder(tiny_fusion().cfg).skip_dim == 0
+    model = tiny_completion(skip_dim=32)
+    title, mask, target = batch()
+    with torch.no_grad():
+        tok, skip = model.complete(title, mask)
+        assert tok.shape == (6, 49, 32) and skip.shape == (6, 32)
+        torch.testing.assert_close(model(title, mask), tok)
+        got, without = fuse_completed(fusion, model, title, mask), fuse(fusion, tok, title, mask)
+        assert (got * without).sum(-1).min() < 0.9999  # the skip term is part of the vector
+        raw = fusion.raw(None, None, title, mask, torch.zeros(6, 1, 16), torch.zeros(6, 1),
+                         torch.tensor([[1.0, 1.0, 0.0]] * 6), image_tokens=tok)
+        torch.testing.assert_close(got, torch.nn.functional.normalize(raw + skip, dim=-1), atol=1e-5, rtol=1e-5)
+        fusion.cfg.modality_blend = 1.0  # the blend's photo-only part keeps the completed skip term
+        photo = fuse(fusion, tok, title, mask, text_present=False, image_skip=skip)
+        alone = fuse(fusion, tok, title, mask, image_present=False)
+        want = torch.nn.functional.normalize(
+            torch.nn.functional.normalize(raw + skip, dim=-1) + photo + alone, dim=-1)
+        torch.testing.assert_close(fuse_completed(fusion, model, title, mask), want, atol=1e-5, rtol=1e-5)
+        fusion.cfg.modality_blend = 0.0
+    real_skip = torch.randn(6, 32)
+    model.train()
+    with torch.no_grad():
+        target_vec = fuse(fusion, target, title, mask, image_skip=real_skip)
+        photo_vec = fuse(fusion, target, title, mask, text_present=False, image_skip=real_skip)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    errs = []
+    for _ in range(4):
+        loss, terms = completion_loss(model, fusion, title, mask, target, target_vec, photo_vec, torch.eye(6, dtype=torch.bool),
+                                      CompletionTrainConfig(), torch.ones(32), (real_skip, torch.ones(32)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        errs.append(terms["skip"])
+    assert set(terms) == {"pooled", "fused", "contrast", "skip"} and errs[-1] < errs[0]
