@@ -2,6 +2,7 @@
 
     python -m research.int8_divergence --engine moon3.engine --engine fp32.engine \\
         --other .cache/wheels/aarch64/python --out docs/results/int8_divergence.json
+    python -m research.int8_divergence --render docs/results/int8_divergence.json   # the table
 
 `--other` is an interpreter of the other architecture with the runtime's requirements installed
 (`scripts/build_wheels.sh` leaves one: an emulated aarch64 Python 3.11); this checkout's `sdk` is
@@ -120,6 +121,34 @@ def compare(host: dict, other: dict, order: list[tuple[str, str]], mask: np.ndar
             "last_quantized_tensor": last_q, "pooled_token_states_cosine_min": round(float(cos.min()), 6)}
 
 
+def render(report: dict) -> str:
+    """The report as a markdown table, one column per engine."""
+    engines = report["engines"]
+    a = report["architectures"]
+
+    def q(g, key):
+        e = g.get(key)
+        return "none" if e is None else f"{100 * e['differing']:.3g} % of `{e['tensor']}` ({e['op']})"
+
+    rows = [
+        ("precision", lambda e: e["precision"]),
+        ("first tensor that differs", lambda e: "none" if e["graph"]["first_difference"] is None else
+         f"`{e['graph']['first_difference']['tensor']}` ({e['graph']['first_difference']['op']}), "
+         f"max abs {e['graph']['first_difference']['max_abs_diff']:.2g}"),
+        ("first quantized tensor that differs", lambda e: q(e["graph"], "first_quantized_difference")),
+        ("last quantized tensor, elements differing", lambda e: q(e["graph"], "last_quantized_tensor")),
+        ("title vectors, cosine min / mean", lambda e: f"{e['title_vector_cosine']['min']:.5f} / "
+                                                      f"{e['title_vector_cosine']['mean']:.5f}"),
+        (f"title -> photo R@1 / R@10, {a['host']} titles", lambda e: "{R@1:.3f} / {R@10:.3f}".format(
+            **e["title->photo"]["host titles"])),
+        (f"title -> photo R@1 / R@10, {a['other']} titles", lambda e: "{R@1:.3f} / {R@10:.3f}".format(
+            **e["title->photo"]["other titles"])),
+    ]
+    lines = ["| | " + " | ".join(f"`{n}`" for n in engines) + " |", "|---" * (len(engines) + 1) + "|"]
+    lines += ["| " + label + " | " + " | ".join(fn(e) for e in engines.values()) + " |" for label, fn in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m research.int8_divergence", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--worker"]:  # one interpreter's run: ENGINE DUMP TITLES OUT
         return _worker(*argv[1:5])
+    if argv[:1] == ["--render"]:
+        return print(render(json.loads(Path(argv[1]).read_text())))
     args = ap.parse_args(argv)
     from sdk import Embedder
 

@@ -29,9 +29,10 @@
 #   vectors   per engine, the cosine of each product's vector against the checkout's (this .venv,
 #             x86-64) and, for aarch64, against the x86-64 wheel's when both ran. An FP32 engine
 #             passes at cosine >= 0.9999. A quantized one passes at its build gate's mean cosine
-#             (0.995, `moon3 build --min-cosine-mean`): ONNX Runtime's dynamic-INT8 kernels round
-#             differently on each instruction set, and that difference must stay inside the error
-#             the build accepted against FP32.
+#             (0.995, `moon3 build --min-cosine-mean`): a last-bit difference of ONNX Runtime's float
+#             kernels between instruction sets tips values over quantization boundaries, layer after
+#             layer (research.int8_divergence measures it), and that must stay inside the error the
+#             build accepted against FP32.
 # --engine (repeatable) defaults to moon3.engine (scripts/quickstart.sh builds it); without one the
 # engine steps are skipped with that reason. --limit N embeds the first N products (default: all on
 # x86_64, 24 on aarch64, where the emulated image tower takes seconds per photo).

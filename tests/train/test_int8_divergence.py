@@ -37,3 +37,7 @@ def test_the_same_interpreter_on_both_sides_agrees_exactly(tiny_split_engine, tm
     assert eng["graph"]["first_difference"] is None and eng["graph"]["pooled_token_states_cosine_min"] >= 0.99999
     assert eng["title_vector_cosine"]["min"] >= 0.99999
     assert eng["title->photo"]["host titles"] == eng["title->photo"]["other titles"]
+    from research.int8_divergence import render
+
+    table = render(rep)
+    assert table.count("\n") == 8 and "| first tensor that differs | none |" in table
