@@ -24,6 +24,7 @@ def test_compare_names_the_first_differing_tensor_in_graph_order():
     assert compare(host, host, order, mask)["first_difference"] is None
 
 
+@pytest.mark.slow  # two interpreters, the tiny engine's photos: half a minute
 def test_the_same_interpreter_on_both_sides_agrees_exactly(tiny_split_engine, tmp_path):
     pytest.importorskip("onnx")
     from research.int8_divergence import main
