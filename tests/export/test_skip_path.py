@@ -177,35 +177,64 @@ def test_split_engine_embeds_like_the_single_graph_engine(skip_split, tiny_engin
         np.testing.assert_allclose(alone, got, atol=1e-5)
 
 
-def test_split_runner_weighs_the_title_like_the_torch_model(tmp_path):
-    """`title_weight_with_photo` reaches the engine's head through the exported config: photo +
-    title vectors match the PyTorch model's, and differ from the weight-1 model's."""
+def _with_config(tmp_path, field: str, value: float, presence, single: bool = False) -> dict:
+    """The tiny skip-path model with `field` set: the split runtime's vectors (full width and the
+    16-d prefix), the PyTorch model's, the PyTorch model's at the field's default, and (single) the
+    single-graph export's."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
+    ort = pytest.importorskip("onnxruntime")
     from sdk.contract import INPUT_NAMES
-    from sdk.export.onnx_embedder import make_padded_batch
+    from sdk.export.onnx_embedder import OnnxExportConfig, export_embedder_onnx, make_padded_batch
     from sdk.export.onnx_split import SplitExportConfig, export_split_onnx, split_runner
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    out = {}
     try:
         graph = _tiny_graph()
-        graph.fusion.cfg.title_weight_with_photo = 2.5
-        paths = export_split_onnx(graph, SplitExportConfig(tmp_path, num_threads=1, check_batches=((3, 6, 4),)))
-        feed = make_padded_batch(3, 6, 3, vocab_size=graph.vocab_size, seed=3,
-                                 presence=[(1, 1, 0), (0, 1, 0), (1, 0, 0)])
-        got = split_runner(paths, num_threads=1)(feed)
+        default = getattr(graph.fusion.cfg, field)
+        setattr(graph.fusion.cfg, field, value)
+        b = len(presence)
+        paths = export_split_onnx(graph, SplitExportConfig(tmp_path, num_threads=1, check_batches=((b, 6, 4),)))
+        feed = make_padded_batch(b, 6, 3, vocab_size=graph.vocab_size, seed=3, presence=presence)
+        runner = split_runner(paths, num_threads=1)
+        out["got"], out["got16"] = runner(feed), runner(feed, dim=16)
+        if single:
+            path = export_embedder_onnx(graph, OnnxExportConfig(tmp_path / "single.onnx", exporter="dynamo",
+                                                                num_threads=1, check_batches=((b, 6, 4),)))
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            out["single"] = sess.run(None, {n: feed[n] for n in INPUT_NAMES})[0]
         with torch.inference_mode():
             args = [torch.from_numpy(feed[n]) for n in INPUT_NAMES]
-            want = graph(*args).float().numpy()
-            graph.fusion.cfg.title_weight_with_photo = 1.0
-            plain = graph(*args).float().numpy()
+            out["want"] = graph(*args).float().numpy()
+            setattr(graph.fusion.cfg, field, default)
+            out["plain"] = graph(*args).float().numpy()
     finally:
         torch.set_num_threads(before)
-    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
-    assert cos(got, want).min() > 0.9999
-    assert cos(got, plain)[0] < 0.9999 and cos(got, plain)[1:].min() > 0.9999
+    return out
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_split_runner_weighs_the_title_like_the_torch_model(tmp_path):
+    """`title_weight_with_photo` reaches the engine's head through the exported config: photo +
+    title vectors match the PyTorch model's, and differ from the weight-1 model's."""
+    v = _with_config(tmp_path, "title_weight_with_photo", 2.5, [(1, 1, 0), (0, 1, 0), (1, 0, 0)])
+    assert _cos(v["got"], v["want"]).min() > 0.9999
+    assert _cos(v["got"], v["plain"])[0] < 0.9999 and _cos(v["got"], v["plain"])[1:].min() > 0.9999
+
+
+def test_split_runner_blends_like_the_torch_model(tmp_path):
+    """`modality_blend` reaches the engine's head through the exported config: photo + title vectors
+    (full width and a Matryoshka prefix) match the PyTorch model's, single-modality ones do not move;
+    the single-graph export blends the same way."""
+    v = _with_config(tmp_path, "modality_blend", 1.5, [(1, 1, 0), (0, 1, 0), (1, 0, 0), (1, 1, 1)], single=True)
+    assert _cos(v["got"], v["want"]).min() > 0.9999 and _cos(v["single"], v["want"]).min() > 0.9999
+    assert _cos(v["got16"], v["want"][:, :16]).min() > 0.9999
+    assert _cos(v["got"], v["plain"])[[0, 3]].max() < 0.9999 and _cos(v["got"], v["plain"])[1:3].min() > 0.9999
 
 
 @pytest.mark.parametrize("bad, match", [("heavy", "not a number"), (0.0, "finite and > 0"), (float("inf"), "finite")])
@@ -217,44 +246,6 @@ def test_a_head_config_with_a_bad_title_weight_is_refused(skip_split, bad, match
     assert head.title_weight_with_photo == 1.0  # exported at the default: the title weighs the same everywhere
     with pytest.raises(EngineError, match=f"title_weight_with_photo.*{match}"):
         FusionHead(head._w, {**head.config, "title_weight_with_photo": bad})
-
-
-def test_split_runner_blends_like_the_torch_model(tmp_path):
-    """`modality_blend` reaches the engine's head through the exported config: photo + title vectors
-    (full width and a Matryoshka prefix) match the PyTorch model's, single-modality ones do not move;
-    the single-graph export blends the same way."""
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
-    from sdk.contract import INPUT_NAMES
-    from sdk.export.onnx_embedder import OnnxExportConfig, export_embedder_onnx, make_padded_batch
-    from sdk.export.onnx_split import SplitExportConfig, export_split_onnx, split_runner
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        graph = _tiny_graph()
-        graph.fusion.cfg.modality_blend = 1.5
-        paths = export_split_onnx(graph, SplitExportConfig(tmp_path, num_threads=1, check_batches=((4, 6, 4),)))
-        single = export_embedder_onnx(graph, OnnxExportConfig(tmp_path / "single.onnx", exporter="dynamo",
-                                                              num_threads=1, check_batches=((4, 6, 4),)))
-        feed = make_padded_batch(4, 6, 4, vocab_size=graph.vocab_size, seed=3,
-                                 presence=[(1, 1, 0), (0, 1, 0), (1, 0, 0), (1, 1, 1)])
-        runner = split_runner(paths, num_threads=1)
-        got, got16 = runner(feed), runner(feed, dim=16)
-        sess = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"])
-        from_single = sess.run(None, {n: feed[n] for n in INPUT_NAMES})[0]
-        with torch.inference_mode():
-            args = [torch.from_numpy(feed[n]) for n in INPUT_NAMES]
-            want = graph(*args).float().numpy()
-            graph.fusion.cfg.modality_blend = 0.0
-            plain = graph(*args).float().numpy()
-    finally:
-        torch.set_num_threads(before)
-    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
-    assert cos(got, want).min() > 0.9999 and cos(from_single, want).min() > 0.9999
-    assert cos(got16, want[:, :16]).min() > 0.9999
-    assert cos(got, plain)[[0, 3]].max() < 0.9999 and cos(got, plain)[1:3].min() > 0.9999
 
 
 @pytest.mark.parametrize("bad, match", [("much", "not a number"), (-1.0, "finite and >= 0"), (float("nan"), "finite")])
