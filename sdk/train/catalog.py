@@ -29,6 +29,12 @@ def normalize_title(title: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(title).lower()).split())
 
 
+def title_words(title: str) -> tuple[str, ...]:
+    """A title's words whatever their order and number: `normalize_title`'s words with a plural
+    "s" taken off (words over three letters), sorted."""
+    return tuple(sorted(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in normalize_title(title).split()))
+
+
 @dataclass(frozen=True)
 class Split:
     """A catalog's leak-free train/validation split.

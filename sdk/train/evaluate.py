@@ -52,8 +52,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .catalog import Product, catalog_split, legacy_is_validation, normalize_title, read_catalog
-from .metrics import normalize_rows, recall_at_k, weighted_f1
+from .catalog import Product, catalog_split, legacy_is_validation, normalize_title, read_catalog, title_words
+from .metrics import normalize_rows, recall_at_k, top1_misses, weighted_f1
 from .probe import FrozenTowers, MemoImageTower, ProbeConfig, ProbeTowers, train_probe_on
 from .suite_report import compare, headline, render_markdown, write_table
 
@@ -328,7 +328,8 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
     if "catalog" in families:  # a catalog indexed as photo + title, searched by a title or by another photo
         k = val.title_key[P]
         ttl_p = photo_titles()
-        res["catalog"] = {"title": recall_at_k(ttl_p, mm, k, k),
+        res["catalog"] = {"title": {**recall_at_k(ttl_p, mm, k, k),  # (misses: not judged, for reading)
+                                    **top1_misses(ttl_p, mm, k, [title_words(titles[i]) for i in P])},
                           "crop": recall_at_k(rendition("crop"), mm, val.photo_key, val.photo_key)}
     if "zero_shot" in families:
         out = {}

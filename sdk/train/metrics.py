@@ -37,3 +37,14 @@ def weighted_f1(y: np.ndarray, pred: np.ndarray) -> float:
         f1 = 0.0 if tp == 0 else 2 * prec * rec / (prec + rec)
         score += f1 * np.sum(y == c) / total
     return round(float(score), 4)
+
+
+def top1_misses(q: np.ndarray, g: np.ndarray, keys: np.ndarray, words: Sequence) -> dict[str, int]:
+    """Queries `q` (n, D) against their own gallery `g` (n, D), row i relevant to row j when
+    keys[i] == keys[j]: how many first hits miss, and how many of those misses' first hit has the
+    query's own `words` (a title the query cannot tell from its own: "Men Check Blue Shirt" and
+    "Men Blue Check Shirts")."""
+    top = (np.asarray(q) @ np.asarray(g).T).argmax(1)
+    miss = np.flatnonzero(keys[top] != keys)
+    same = int(sum(words[top[i]] == words[i] for i in miss))
+    return {"first-hit misses": int(len(miss)), "first-hit misses, same words": same}

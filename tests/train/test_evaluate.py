@@ -110,6 +110,9 @@ def test_every_family_is_scored_beside_the_probe(suite):
     # a photo + title catalog searched by a title and by a crop of the photo: judged like the rest
     assert set(probe["catalog"]) == {"title", "crop"}
     assert probe["catalog"]["title"]["R@10"] > 0.5 and probe["catalog"]["crop"]["R@10"] > 0.2
+    misses = probe["catalog"]["title"]  # reported for reading, not judged
+    assert misses["first-hit misses"] == round((1 - misses["R@1"]) * report["validation_photos"])
+    assert 0 <= misses["first-hit misses, same words"] <= misses["first-hit misses"]
     assert set(report["verdict"]["same"]["families"]["catalog"]["deltas"]) == {
         "title R@1", "title R@10", "crop R@1", "crop R@10"}
     # each modality's kNN is reported beside the judged photo + title one, but not judged

@@ -38,3 +38,17 @@ def test_weighted_f1():
     assert weighted_f1(y, y) == 1.0
     # a: P=1 R=.5 F=2/3 (w .5); b: P=.5 R=1 F=2/3 (w .25); c: 1 (w .25)
     assert weighted_f1(y, np.array(["a", "b", "b", "c"])) == pytest.approx(0.5 * 2 / 3 + 0.25 * 2 / 3 + 0.25, abs=1e-4)
+
+
+def test_top1_misses_counts_the_misses_a_title_cannot_tell_apart():
+    from sdk.train.catalog import title_words
+    from sdk.train.metrics import top1_misses
+
+    titles = ["Men Check Blue Shirt", "Men Blue Check Shirts", "Women Red Heels", "Women Black Heels"]
+    words = [title_words(t) for t in titles]
+    assert words[0] == words[1] == ("blue", "check", "men", "shirt") and words[2] != words[3]
+    g = np.eye(4, dtype=np.float32)
+    q = g[[1, 0, 3, 3]]  # 0 and 1 swap (same words), 2 finds 3 (other words), 3 finds itself
+    keys = np.arange(4)
+    assert top1_misses(q, g, keys, words) == {"first-hit misses": 3, "first-hit misses, same words": 2}
+    assert top1_misses(g, g, keys, words) == {"first-hit misses": 0, "first-hit misses, same words": 0}
