@@ -21,8 +21,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 def default_threads() -> int:
     """ONNX Runtime intra-op threads when --threads is not given: the physical cores this process
-    may use, less one left for the HTTP event loop (at least 1). With every core in the engine's
-    pool, the event loop preempts a pool thread in each batch and the others spin at the barrier."""
+    may use, as an in-process `Embedder` gets. On a machine that serves (the load test, quiet) that
+    is the fastest setting; on one shared with other busy jobs, fewer (`--threads`) waste less CPU
+    at the pool's barrier (docs/serve.md, Load test)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     cores = set()
     for c in cpus:
@@ -31,7 +32,7 @@ def default_threads() -> int:
             cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
         except OSError:
             cores.add(("cpu", str(c)))
-    return max(1, len(cores) - 1)
+    return max(1, len(cores))
 
 
 @dataclass

@@ -31,10 +31,20 @@ def test_bad_settings_are_refused_with_the_value(capsys, tmp_path):
     assert "queue (32) must be >= max_batch (64)" in capsys.readouterr().err
 
 
-def test_default_threads_leave_a_core_for_the_event_loop():
+def test_default_threads_are_the_physical_cores_this_process_may_use():
+    """As many engine threads as physical cores (hyper-threads of one core count once), checked
+    against /proc/cpuinfo's (physical id, core id) pairs where it has them."""
     import os
+    import re
+    from pathlib import Path
 
     from sdk.serve import default_threads
 
     n = default_threads()
-    assert 1 <= n <= max(1, (os.cpu_count() or 1) - 1)
+    allowed = os.sched_getaffinity(0)
+    assert 1 <= n <= len(allowed)
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    blocks = [dict(re.findall(r"^(processor|physical id|core id)\s*:\s*(\S+)", b, re.M)) for b in info.split("\n\n")]
+    blocks = [b for b in blocks if "core id" in b and int(b["processor"]) in allowed]
+    if blocks:
+        assert n == len({(b.get("physical id"), b["core id"]) for b in blocks})
