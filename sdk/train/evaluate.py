@@ -326,8 +326,7 @@ def score_subject(subject: Subject, val: ValidationSet, cfg: SuiteConfig, famili
         q = _embed(subject, images=rendered["lowres"], texts=[titles[i] for i in P], batch_size=bs)
         res["mm_rendition"] = {"lowres+title": recall_at_k(q, mm, val.photo_key, val.photo_key)}
     if "catalog" in families:  # a catalog indexed as photo + title, searched by a title or by another photo
-        k = val.title_key[P]
-        ttl_p = photo_titles()
+        k, ttl_p = val.title_key[P], photo_titles()
         res["catalog"] = {"title": {**recall_at_k(ttl_p, mm, k, k),  # (misses: not judged, for reading)
                                     **top1_misses(ttl_p, mm, k, [title_words(titles[i]) for i in P])},
                           "crop": recall_at_k(rendition("crop"), mm, val.photo_key, val.photo_key)}
