@@ -147,8 +147,9 @@ def test_a_skip_path_embedders_completion_writes_the_photos_skip_term_and_learns
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     errs = []
     for _ in range(4):
-        loss, terms = completion_loss(model, fusion, title, mask, target, target_vec, photo_vec, torch.eye(6, dtype=torch.bool),
-                                      CompletionTrainConfig(), torch.ones(32), (real_skip, torch.ones(32)))
+        loss, terms = completion_loss(model, fusion, title, mask, target, target_vec, photo_vec,
+                                      torch.eye(6, dtype=torch.bool), CompletionTrainConfig(), torch.ones(32),
+                                      (real_skip, torch.ones(32)))
         opt.zero_grad()
         loss.backward()
         opt.step()
