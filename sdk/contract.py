@@ -184,9 +184,11 @@ def check_split_graphs(image: Any, text: Any, where: str | Path, size: int, skip
     _check_pixels(image.get_inputs()[0].shape, where, "the image graph's", size)
 
 
-def check_completion_graph(session: Any, where: str | Path, n_image_tokens: int, width: int) -> None:
+def check_completion_graph(session: Any, where: str | Path, n_image_tokens: int, width: int,
+                           skip_dim: int | None = None) -> None:
     """The completion graph takes title token states and gives (batch, n_image_tokens, width)
-    image tokens, what the head reads."""
+    image tokens, what the head reads, and, where it writes the photo's skip term ("image_skip"),
+    (batch, skip_dim) for a head with a skip path of that width (`skip_dim`; None: the head has none)."""
     got_in = sorted(i.name for i in session.get_inputs())
     outs = {o.name: o for o in session.get_outputs()}
     if got_in != sorted(COMPLETION_INPUTS) or COMPLETION_OUTPUT not in outs:
@@ -196,6 +198,14 @@ def check_completion_graph(session: Any, where: str | Path, n_image_tokens: int,
     if len(shape) != 3 or any(isinstance(s, int) and s != w for s, w in zip(shape[1:], (n_image_tokens, width))):
         raise EngineError(f"{where}: the completion graph gives image tokens of shape {shape}; the head reads "
                           f"(batch, {n_image_tokens}, {width})")
+    if "image_skip" in outs:
+        skip = outs["image_skip"].shape
+        if skip_dim is None:
+            raise EngineError(f"{where}: the completion graph writes a skip term (image_skip) but the head has no "
+                              "skip path; the completion part was trained against another embedder")
+        if len(skip) != 2 or (isinstance(skip[1], int) and skip[1] != skip_dim):
+            raise EngineError(f"{where}: the completion graph's image_skip has shape {skip}; the head adds "
+                              f"(batch, {skip_dim})")
 
 
 def _check_pixels(shape: Any, where: str | Path, graph: str, size: int) -> None:

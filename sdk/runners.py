@@ -69,5 +69,6 @@ def open_runner(engine: EngineFile, spec: EmbedderSpec, load: Callable[[str], An
     completion = None
     if engine.manifest.get("completion") is not None:
         completion = load(completion_part(engine.manifest["completion"], where))
-        check_completion_graph(completion, where, int(head.config.get("n_image_tokens", 49)), head.d)
+        check_completion_graph(completion, where, int(head.config.get("n_image_tokens", 49)), head.d,
+                               head.out_dim if head.skip_path else None)
     return SplitRunner(image_s, text_s, head, completion), image_s

@@ -78,6 +78,14 @@ class _Graph:
 def test_a_completion_graph_must_give_what_the_head_reads():
     ins = [_Out("token_states", ["b", "t", 8]), _Out("attention_mask", ["b", "t"])]
     check_completion_graph(_Graph(ins, [_Out("image_tokens", ["b", 4, 8])]), "e", 4, 8)
+    # a skip-path head: the completion's skip term, if it writes one, has the head's width
+    tok, skip = _Out("image_tokens", ["b", 4, 8]), _Out("image_skip", ["b", 16])
+    check_completion_graph(_Graph(ins, [tok, skip]), "e", 4, 8, skip_dim=16)
+    check_completion_graph(_Graph(ins, [tok]), "e", 4, 8, skip_dim=16)  # an older part: no term, allowed
+    with pytest.raises(EngineError, match=r"image_skip has shape \['b', 16\]; the head adds \(batch, 32\)"):
+        check_completion_graph(_Graph(ins, [tok, skip]), "e", 4, 8, skip_dim=32)
+    with pytest.raises(EngineError, match="head has no skip path"):
+        check_completion_graph(_Graph(ins, [tok, skip]), "e", 4, 8)
     with pytest.raises(EngineError, match=r"e: the completion graph gives image tokens of shape \['b', 5, 8\]"):
         check_completion_graph(_Graph(ins, [_Out("image_tokens", ["b", 5, 8])]), "e", 4, 8)
     with pytest.raises(EngineError, match=r"has inputs \['token_states'\]"):
