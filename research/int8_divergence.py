@@ -87,12 +87,6 @@ def _graph_order(dump: Path) -> list[tuple[str, str]]:
     return [(o, n.op_type) for n in onnx.load(dump).graph.node for o in n.output if o]
 
 
-def _recall(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
-    rank = (-(q @ g.T)).argsort(1)
-    hit = rank == np.arange(len(q))[:, None]
-    return {f"R@{k}": round(float(hit[:, :k].any(1).mean()), 4) for k in (1, 10)}
-
-
 def compare(host: dict, other: dict, order: list[tuple[str, str]], mask: np.ndarray) -> dict:
     """In graph order: the first tensor that differs, the first quantized (8-bit) tensor that does
     and the share of the last quantized tensor's elements that differ; the end's pooled cosine."""
@@ -165,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         return print(render(json.loads(Path(argv[1]).read_text())))
     args = ap.parse_args(argv)
     from sdk import Embedder
+    from sdk.train.metrics import recall_at_k
 
     items = [json.loads(line) for line in (Path(args.samples) / "items.jsonl").read_text().splitlines() if line.strip()]
     items = [it for it in items if it.get("title") and it.get("image")][: args.limit or None]
@@ -173,19 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     report = {"command": "python -m research.int8_divergence " + " ".join(argv),
               "products": len(items), "engines": {}}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    pythons = {"host": [sys.executable], "other": args.other.split()}
+    same = np.arange(len(items))  # a title's relevant photo: its own product's
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "titles.json").write_text(json.dumps(titles))
-        arch = {}
-        for label, py in (("host", [sys.executable]), ("other", args.other.split())):
-            r = subprocess.run([*py, "-c", "import platform; print(platform.machine())"], capture_output=True, text=True,
-                               env=env, check=True)
-            arch[label] = r.stdout.strip()
-        report["architectures"] = arch
+        report["architectures"] = {
+            label: subprocess.run([*py, "-c", "import platform; print(platform.machine())"], capture_output=True,
+                                  text=True, env=env, check=True).stdout.strip() for label, py in pythons.items()}
         for engine in args.engine:
             dump = _dump_graph(engine, titles, tmp, args.dump_batch)
             runs = {}
-            for label, py in (("host", [sys.executable]), ("other", args.other.split())):
+            for label, py in pythons.items():
                 out = tmp / f"{label}.npz"
                 subprocess.run([*py, "-m", "research.int8_divergence", "--worker", str(Path(engine).resolve()), str(dump),
                                 str(tmp / "titles.json"), str(out)],
@@ -202,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                 "precision": precision,
                 "graph": compare(runs["host"], runs["other"], _graph_order(dump), mask),
                 "title_vector_cosine": {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)},
-                "title->photo": {"host titles": _recall(host_t, img), "other titles": _recall(other_t, img)},
+                "title->photo": {f"{label} titles": recall_at_k(t, img, same, same)
+                                 for label, t in (("host", host_t), ("other", other_t))},
             }
             print(json.dumps(report["engines"][Path(engine).name], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
