@@ -358,6 +358,9 @@ class SplitRunner:
         self.text_session = text_session
         self.head = head
         self.completion_session = completion_session
+        # what the completion graph writes: its image tokens, and the photo's skip term where it has one
+        names = [o.name for o in completion_session.get_outputs()] if completion_session is not None else []
+        self._completion_outputs = ["image_tokens"] + (["image_skip"] if "image_skip" in names else [])
 
     def _states(self, ids: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
         B, T = ids.shape
@@ -417,9 +420,7 @@ class SplitRunner:
                 n = max(int(feed["attention_mask"][fill].sum(1).max()), 1)
                 cfeed = {"token_states": np.ascontiguousarray(text[fill, :n]),
                          "attention_mask": np.ascontiguousarray(feed["attention_mask"][fill, :n])}
-                outs = [o.name for o in self.completion_session.get_outputs()]
-                got = self.completion_session.run(["image_tokens"] + (["image_skip"] if "image_skip" in outs else []),
-                                                  cfeed)
+                got = self.completion_session.run(self._completion_outputs, cfeed)
                 image[fill] = got[0]
                 if image_skip is not None and len(got) > 1:  # the completed photo's skip term, where written
                     image_skip[fill] = got[1]
