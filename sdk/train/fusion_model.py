@@ -374,6 +374,16 @@ def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
     return dst / "embedder.safetensors"
 
 
+# the config fields that change how vectors are made from trained weights without new weights:
+# `set_config` and `python -m sdk.train.fusion_model` set them on a copy; `train_embedder` trains with them
+POST_HOC_FIELDS = ("title_weight_with_photo", "modality_blend")
+
+
+def config_flags(args) -> dict:
+    """The POST_HOC_FIELDS an argparse namespace sets (its --title-weight-with-photo, --modality-blend)."""
+    return {k: getattr(args, k) for k in POST_HOC_FIELDS if getattr(args, k, None) is not None}
+
+
 def set_config(folder: str | Path, **fields) -> EmbedderConfig:
     """Set fields of a saved embedder's config that need no new weights (`title_weight_with_photo`,
     `modality_blend`) in its embedder.json. Returns the new config.
@@ -381,9 +391,9 @@ def set_config(folder: str | Path, **fields) -> EmbedderConfig:
     Raises:
         ValueError: a field is not one of those, or the config refuses its value.
     """
-    bad = sorted(set(fields) - POST_HOC_FIELDS)
+    bad = sorted(set(fields) - set(POST_HOC_FIELDS))
     if bad:
-        raise ValueError(f"only {sorted(POST_HOC_FIELDS)} can be set on trained weights, not {bad}")
+        raise ValueError(f"only {list(POST_HOC_FIELDS)} can be set on trained weights, not {bad}")
     path = Path(folder) / "embedder.json"
     meta = json.loads(path.read_text())
     cfg = EmbedderConfig(**{**meta["config"], **fields})
@@ -395,9 +405,6 @@ def set_config(folder: str | Path, **fields) -> EmbedderConfig:
 def set_title_weight_with_photo(folder: str | Path, weight: float) -> EmbedderConfig:
     """`set_config(folder, title_weight_with_photo=weight)`: the weight of a skip-path embedder's title term."""
     return set_config(folder, title_weight_with_photo=weight)
-
-
-POST_HOC_FIELDS = {"title_weight_with_photo", "modality_blend"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -414,8 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modality-blend", type=float, default=None, metavar="B",
                     help="EmbedderConfig.modality_blend of the copy (default: the source's)")
     a = ap.parse_args(argv)
-    fields = {k: v for k, v in (("title_weight_with_photo", a.title_weight_with_photo),
-                                ("modality_blend", a.modality_blend)) if v is not None}
+    fields = config_flags(a)
     # refuse (ValueError) before writing anything
     EmbedderConfig(**{**json.loads((Path(a.src) / "embedder.json").read_text())["config"], **fields})
     out = copy_half(a.src, a.dst, a.dtype)

@@ -56,7 +56,7 @@ from .feature_cache import (
     training_rows,
     with_photo,
 )
-from .fusion_model import EmbedderConfig, build_embedder, matryoshka, save_embedder
+from .fusion_model import EmbedderConfig, build_embedder, config_flags, matryoshka, save_embedder
 from .metrics import recall_at_k
 from .modality_gap import center_modalities, init_skip_from_probe
 from .prompts import PROMPT_FIELDS
@@ -411,8 +411,7 @@ def _train_from_args(args, ap, init, f: Features, catalog) -> dict:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                           freeze_image=args.freeze_image, holdout_master_category=args.holdout_master_category,
                           seed=args.seed, **{name: getattr(args, name) for name in VIEW_FLAGS})
-        arch = {k: v for k, v in (("title_weight_with_photo", args.title_weight_with_photo),
-                                  ("modality_blend", args.modality_blend)) if v is not None}
+        arch = config_flags(args)
         if init is not None and arch:
             raise ValueError(f"--{next(iter(arch)).replace('_', '-')} sets a new model's config; with --init the model "
                              "keeps its own (python -m sdk.train.fusion_model SRC DST changes a copy's)")
