@@ -246,3 +246,8 @@ def test_modality_blend_mixes_each_modalitys_own_vector_into_photo_and_title_vec
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="linear"):
         EmbedderConfig(**{**TINY, "variant": "linear"}, modality_blend=1.0)
+    from sdk.train.fusion_model import set_config
+
+    with pytest.raises(ValueError, match=r"only \['title_weight_with_photo', 'modality_blend'\] can be set .*\['d_model'\]"):
+        set_config(tmp_path / "b", d_model=64)  # a field that needs other weights is refused, the file kept
+    assert load_embedder(tmp_path / "b").cfg.d_model == base.cfg.d_model
