@@ -56,8 +56,12 @@ def load(config: ServeConfig) -> tuple[Any, Any]:
     return embedder, reasoner
 
 
-def serve(config: ServeConfig, embedder: Any = None, reasoner: Any = None) -> int:
+def serve(config: ServeConfig, embedder: Any = None, reasoner: Any = None, exiting: bool = False) -> int:
     """Load the engine and serve it until SIGTERM / SIGINT (then drain); returns the exit code.
+
+    exiting: the process ends when this returns (`moon3 serve`): a SIGTERM that arrives after the
+    drain (a supervisor repeating its stop signal) is ignored, so a completed drain still exits 0
+    instead of dying of the signal during teardown.
 
     Raises:
         EngineError: the engine file is missing or damaged (before anything listens).
@@ -91,6 +95,8 @@ def serve(config: ServeConfig, embedder: Any = None, reasoner: Any = None) -> in
                 yield
                 return
             before = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            if exiting:
+                before[signal.SIGTERM] = signal.SIG_IGN
             try:
                 yield
             finally:
@@ -126,4 +132,4 @@ def main_args(args: Any) -> int:
     except ImportError as exc:
         raise need_serve_extra(exc) from exc
     print(f"moon3 serve: loading {cfg.engine}", file=sys.stderr, flush=True)
-    return serve(cfg)
+    return serve(cfg, exiting=True)

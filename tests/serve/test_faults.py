@@ -75,6 +75,20 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(engine_path):
     assert "Traceback" not in s.output()
 
 
+def test_a_repeated_sigterm_during_shutdown_still_exits_0(engine_path):
+    # supervisors repeat their stop signal; one that lands after the drain, while the process tears
+    # down, must not turn a clean exit into death by signal (status 143)
+    s = Server(engine_path)
+    assert httpx.post(s.url + "/v1/embed", json={"items": [{"title": TITLES[0]}]}).status_code == 200
+    deadline = time.monotonic() + 30
+    while s.proc.poll() is None and time.monotonic() < deadline:
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    rc = s.stop()
+    assert rc == 0, s.output()
+    assert "Traceback" not in s.output()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
 def test_a_damaged_engine_refuses_to_start(engine_path, tmp_path, capsys, damage):
     from sdk.cli import main
