@@ -15,6 +15,11 @@ products in the same run.
 
     python -m sdk.train.attribute_heads --catalog ../shared/data/catalog --features .cache/features \\
         --reasoner-engine moon3.engine --report docs/results/attribute_heads.json
+
+With `--out DIR` the fitted heads are written (`heads.safetensors`, FP16, and `heads.json`: the
+fields, their classes and thresholds): `moon3 build` puts them in the reasoner's visual graph
+(`sdk.export.onnx_reasoner`), and `sdk.Reasoner` answers the attribute, category and attribute-QA
+tasks of a photo from them.
 """
 
 from __future__ import annotations
@@ -91,6 +96,59 @@ class Heads:
         sure = {k: (best[k] != 0) & (probs[k].max(1) >= t[k]) for k in keys}  # class 0 is ABSENT
         return [[(k, self.classes[k][best[k][i]]) for k in keys if sure[k][i]][: max_pairs or MAX_ATTRIBUTES]
                 for i in range(len(x))]
+
+
+HEADS_FILE, HEADS_META = "heads.safetensors", "heads.json"
+FEATURE = "EfficientNet-Lite0 final map, mean-pooled, 224 px"
+
+
+def save_heads(heads: Heads, folder: str | Path, hidden: int, record: dict | None = None) -> Path:
+    """Write `heads` to `folder`: the trunk and per-field layers with the input normalisation
+    (`heads.safetensors`, floating tensors in FP16) and `heads.json` (fields in order, their classes
+    with "absent" first, thresholds, what the features are)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in heads.model.state_dict().items()}
+    state["mean"] = torch.from_numpy(np.asarray(heads.mean, np.float32)).to(torch.float16)
+    state["std"] = torch.from_numpy(np.asarray(heads.std, np.float32)).to(torch.float16)
+    save_file(state, str(folder / HEADS_FILE))
+    meta = {"feature": FEATURE, "dims": int(len(heads.mean)), "hidden": int(hidden),
+            "fields": [{"key": k, "classes": list(v), "threshold": float(heads.thresholds.get(k, 0.0))}
+                       for k, v in heads.classes.items()], **(record or {})}
+    (folder / HEADS_META).write_text(json.dumps(meta, indent=1) + "\n")
+    return folder
+
+
+def load_heads_module(folder: str | Path):
+    """The heads in `folder` as one module: pooled features (B, dims) -> every field's softmax,
+    concatenated in `heads.json`'s order (B, sum of class counts); and that metadata."""
+    import torch
+
+    from .storage import load_fp32_state
+
+    folder = Path(folder)
+    meta = json.loads((folder / HEADS_META).read_text())
+    classes = {f["key"]: f["classes"] for f in meta["fields"]}
+    state = load_fp32_state(folder / HEADS_FILE)
+    model = _model(meta["dims"], classes, meta["hidden"])
+    mean, std = state.pop("mean"), state.pop("std")
+    model.load_state_dict(state)
+
+    class HeadsModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.model((x - self.mean) / self.std)
+            return torch.cat([torch.softmax(logits[k], -1) for k in classes], -1)
+
+    return HeadsModule().eval(), meta
 
 
 def _model(dims: int, classes: dict[str, list[str]], hidden: int):
@@ -244,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reasoner-engine", help="also score this engine's reasoner on the same validation products")
     ap.add_argument("--reasoner-items", type=int, default=300, help="validation products for the reasoner (slow)")
     ap.add_argument("--report", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="write the fitted heads here (heads.safetensors + heads.json)")
     args = ap.parse_args(argv)
     from sdk.train.catalog import catalog_split, read_catalog
 
@@ -296,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reasoner_engine:
         report["reasoner"] = _score_reasoner(args.reasoner_engine, args.catalog, records["val"], n_r)
     report["seconds"] = round(time.time() - t0, 1)
+    if args.out:
+        save_heads(heads, args.out, cfg.hidden, {"command": report["command"], "commit": report["commit"],
+                                                 "validation": report["heads"]["all validation photos"]})
+        print(f"wrote {args.out}")
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.report}")
