@@ -104,6 +104,9 @@ def _parser_build(sub) -> None:
     _gate_args(b)
     b.add_argument("--reasoner", default=None, help="trained reasoner folder to add (default: the committed one, if any)")
     b.add_argument("--no-reasoner", action="store_true", help="leave the reasoner out of the engine")
+    b.add_argument("--attribute-heads", default=None,
+                   help="attribute heads folder the reasoner reads photos with (default: the committed one, if any)")
+    b.add_argument("--no-attribute-heads", action="store_true", help="a reasoner without attribute heads")
     b.add_argument("--completion", default=None,
                    help="trained image completion folder to add (default: the committed one, if it fits the embedder)")
     b.add_argument("--no-completion", action="store_true", help="leave image completion out of the engine")

@@ -36,6 +36,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         int8_activations=args.int8_activations,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         completion=None if args.no_completion else (args.completion or "auto"),
+        attribute_heads=None if args.no_attribute_heads else (args.attribute_heads or "auto"),
         reasoner_precision=args.reasoner_precision,
         reasoner_block_size=args.reasoner_block_size,
         reasoner_lm_head=args.reasoner_lm_head_int4,

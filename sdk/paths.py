@@ -16,6 +16,7 @@ REPO = PACKAGE.parent  # a source checkout's root
 WEIGHTS = PACKAGE / "train" / "weights"  # the shipped teacher (embedder.json + .safetensors)
 COMPLETION_WEIGHTS = WEIGHTS / "completion"
 REASONER_WEIGHTS = WEIGHTS / "reasoner"
+ATTRIBUTE_HEADS_WEIGHTS = WEIGHTS / "attribute_heads"  # the reasoner's attribute heads (sdk.train.attribute_heads)
 SAMPLES = REPO / "data" / "samples"  # validation-split products with photos (the examples, the quickstart)
 CALIB = REPO / "data" / "calib"  # training-split products (calibration, the INT8 text gate)
 RESULTS = REPO / "docs" / "results"  # committed experiment reports

@@ -176,6 +176,10 @@ class Reasoner(ActiveBackend):
         # "fp32", "int8" or "int4" (weight-only MatMulNBits); engines from before quantization are fp32
         self.precision: str = str(spec.get("precision", "fp32"))
         self.last_stats: dict = {}
+        self._heads = _heads_spec(spec.get("heads"), self._dec.visual_session, self._path)
+        # the fields the visual graph's attribute heads read from a photo (empty: no heads)
+        self.heads: tuple[str, ...] = tuple(k for k, *_ in self._heads)
+        self._max_pairs = int((spec.get("heads") or {}).get("max_pairs", 8))  # an "attributes" answer's length
 
     def prompt_ids(self, task: str, text: str | None = None, **fields: str) -> list[int]:
         """`<bos> instruction [title: text] <sep>` as token ids."""
@@ -188,9 +192,53 @@ class Reasoner(ActiveBackend):
         prompt = f"{instruction} title: {text}" if text else instruction
         return [BOS] + self._tok.encode(prompt).ids + [SEP]
 
+    def read(self, image: Any) -> dict[str, tuple[str, float]]:
+        """What the engine's attribute heads are sure of in a photo: {field: (value, probability)},
+        in field order, for the fields whose most likely value is not "absent" and clears the
+        field's threshold (picked on held-out training products when the heads were fitted).
+
+        Raises:
+            EngineError: the engine's reasoner has no attribute heads (`self.heads` is empty).
+            InvalidInputError: the image cannot be read.
+        """
+        if not self._heads:
+            raise EngineError(f"{self._path}: this engine's reasoner has no attribute heads; build it with "
+                              "`moon3 build` and committed heads, or --attribute-heads DIR")
+        from sdk.preprocess import image_to_array, load_image
+
+        pixels = image_to_array(load_image(image, name="image"), self._image)[None]
+        probs = self._dec.visual_session.run(["attributes"], {"pixels": pixels})[0][0]
+        return {k: (v, p) for k, (v, p, sure) in self._best(probs).items() if sure}
+
+    def _best(self, probs: np.ndarray) -> dict[str, tuple[str, float, bool]]:
+        """Per field: (most likely value other than "absent", its probability, whether the heads are sure of it)."""
+        out = {}
+        for key, classes, threshold, start in self._heads:
+            p = probs[start : start + len(classes)]
+            top = int(np.argmax(p))
+            value = int(np.argmax(p[1:])) + 1  # the best real value, even where "absent" wins
+            out[key] = (classes[value], float(p[value]), top != 0 and float(p[top]) >= threshold)
+        return out
+
+    def _heads_answer(self, probs: np.ndarray, task: str, fields: dict) -> str | None:
+        """The answer of a photo's attribute, category or attribute-QA task read from the heads (None: not theirs)."""
+        best = self._best(probs)
+        if task == "attributes":
+            pairs = [f"{k}: {v}" for k, (v, _, sure) in best.items() if sure and v][: self._max_pairs]
+            return "; ".join(pairs) or None
+        if task == "category" and "article type" in best:
+            return best["article type"][0]
+        if task == "attribute_qa" and str(fields.get("key", "")).lower() in best:
+            return best[str(fields["key"]).lower()][0]
+        return None
+
     def generate(self, image: Any = None, text: str | None = None, task: str = "trace", max_new_tokens: int = 96,
                  **fields: str) -> str:
         """Greedy text for one product (photo and/or title); see `self.tasks` for the tasks.
+
+        With a photo, an engine whose reasoner has attribute heads (`self.heads`) answers the
+        "attributes", "category" and "attribute_qa" tasks from them (they read the photo only):
+        the fields they are sure of, the most likely article type, the asked field's value.
 
         Args:
             image: a path, bytes, PIL image or HWC uint8 array; or None.
@@ -219,11 +267,21 @@ class Reasoner(ActiveBackend):
         if len(ids) >= self.max_len:
             raise InvalidInputError(f"the prompt is {len(ids)} tokens; the reasoner reads at most {self.max_len - 1}")
         vkv = None
+        budget = min(max_new_tokens, self.max_len - len(ids))
         if image is not None:
             pixels = image_to_array(load_image(image, name="image"), self._image)[None]
+            if self._heads and task in ("attributes", "category", "attribute_qa"):
+                t0 = time.perf_counter()
+                probs = self._dec.visual_session.run(["attributes"], {"pixels": pixels})[0][0]
+                answer = self._heads_answer(probs, task, fields)
+                if answer is not None:
+                    # the budget is the caller's: the language model's context does not bound the heads
+                    out = self._tok.encode(answer, add_special_tokens=False).ids[:max_new_tokens]
+                    self.last_stats = {"prompt_tokens": len(ids), "new_tokens": len(out), "heads": True,
+                                       "seconds": time.perf_counter() - t0}
+                    return out
             vkv = self._dec.visual(pixels)
         stats: dict = {}
-        budget = min(max_new_tokens, self.max_len - len(ids))
         out = self._dec.generate(ids, vkv, budget, stats=stats)
         self.last_stats = stats
         return out
@@ -231,6 +289,25 @@ class Reasoner(ActiveBackend):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated token ids (<think> / </think> kept as words)."""
         return decode_ids(self._tok, ids)
+
+
+def _heads_spec(spec: Any, visual_session, path) -> list[tuple[str, list[str], float, int]]:
+    """(key, classes, threshold, offset into the visual graph's "attributes" output) per field of
+    the reasoner section's "heads" record ([] without one)."""
+    if spec is None:
+        return []
+    try:
+        out, start = [], 0
+        for key, classes, threshold in spec["fields"]:
+            out.append((str(key), [str(c) for c in classes], float(threshold), start))
+            start += len(classes)
+        width = {o.name: o.shape for o in visual_session.get_outputs()}["attributes"][-1]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"{path}: the reasoner's attribute heads are unusable ({type(exc).__name__}: {exc})") from exc
+    if isinstance(width, int) and width != start:
+        raise EngineError(f"{path}: the reasoner's visual graph writes {width} attribute probabilities; "
+                          f"its heads name {start}")
+    return out
 
 
 def decode_ids(tok, ids: Sequence[int]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdk.train.eval_reasoner import ReasonerGates
 
-from ..paths import COMPLETION_WEIGHTS, REASONER_WEIGHTS, SAMPLES
+from ..paths import ATTRIBUTE_HEADS_WEIGHTS, COMPLETION_WEIGHTS, REASONER_WEIGHTS, SAMPLES
 from .gates import FidelityGates
 from .quantize import INT8_ACTIVATIONS
 from .reasoner_quant import ReasonerQuantConfig
@@ -46,6 +46,9 @@ class BuildConfig:
             FFN down-projections FP32, then the FFN FP32); None quantizes the plain graph.
         reasoner: folder of trained reasoner weights to add (exported to ONNX, greedy parity
             checked); "auto" adds the committed ones when present; None leaves it out.
+        attribute_heads: folder of attribute heads (`sdk.train.attribute_heads --out`) the
+            reasoner's visual graph carries, so `sdk.Reasoner` reads a photo's attributes and
+            category from them; "auto" adds the committed ones when present; None leaves them out.
         layout: "split" (image graph + text graph + NumPy/fused-op head: each tower runs only
             for the items that have its modality) or "single" (one ONNX graph).
         completion: folder of trained image completion weights (`sdk.train.completion`) to add
@@ -94,6 +97,7 @@ class BuildConfig:
     reasoner_accuracy_level: int | None = 4
     reasoner_gates: ReasonerGates = field(default_factory=ReasonerGates)
     reasoner_eval_items: int = 150
+    attribute_heads: str | Path | None = "auto"
     auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
     auto_rounds: int = 15
     image_convs: str = "fp32"
@@ -115,6 +119,15 @@ class BuildConfig:
             d = REASONER_WEIGHTS
             return d if (d / "reasoner.safetensors").is_file() else None
         return Path(self.reasoner)
+
+    def heads_dir(self) -> Path | None:
+        """The attribute heads the reasoner's visual graph carries: "auto" is the committed folder, if any."""
+        if self.attribute_heads is None:
+            return None
+        if self.attribute_heads == "auto":
+            d = ATTRIBUTE_HEADS_WEIGHTS
+            return d if (d / "heads.safetensors").is_file() else None
+        return Path(self.attribute_heads)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

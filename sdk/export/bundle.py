@@ -113,7 +113,8 @@ def package_split_embedder(
 def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[str, str], max_len: int,
                    image: ImagePreprocess = ImagePreprocess(), parity: Mapping[str, Any] | None = None,
                    metrics: Mapping[str, Any] | None = None, precision: str = "fp32",
-                   quantization: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, bytes]]:
+                   quantization: Mapping[str, Any] | None = None, heads: Mapping[str, Any] | None = None
+                   ) -> tuple[dict, dict[str, bytes]]:
     """The manifest's "reasoner" section and its parts, from the graphs in `folder` (written by
     `sdk.export.onnx_reasoner.export_reasoner_onnx`, or quantized by `sdk.export.reasoner_quant`).
 
@@ -132,6 +133,8 @@ def reasoner_parts(folder: str | Path, tokenizer_json: bytes, *, tasks: Mapping[
                "metrics": dict(metrics or {})}
     if quantization:
         section["quantization"] = dict(quantization)
+    if heads:  # the visual graph's "attributes" output: [key, classes ("absent" first), threshold] per field
+        section["heads"] = dict(heads)
     return section, parts
 
 

@@ -1,6 +1,7 @@
 """Export the product reasoner to the ONNX graphs the runtime generates with, then prove them.
 
     visual.onnx   pixels (B, 3, H, W) -> visual_k, visual_v (L, B, h, n, c)
+                  [, attributes (B, C): the attribute heads' softmaxes, when given heads]
                   image tower + resampler + every layer's PUMGPT adapter, run once per photo
     step.onnx     input_ids (B, T), visual_k, visual_v, visual_mask (B,), past_k_0..past_k_{L-1},
                   past_v_0..past_v_{L-1} (B, h, P, c) -> logits (B, V) of the last position,
@@ -35,15 +36,20 @@ VISUAL_PART, STEP_PART = "reasoner_visual.onnx", "reasoner_step.onnx"
 
 
 class VisualGraph(nn.Module):
-    def __init__(self, image_tower: nn.Module, reasoner: nn.Module):
+    """The photo's adapter keys/values and, with `heads` (`sdk.train.attribute_heads`), the attribute
+    heads' softmaxes over the same tower's mean-pooled map: one tower pass serves both."""
+
+    def __init__(self, image_tower: nn.Module, reasoner: nn.Module, heads: nn.Module | None = None):
         super().__init__()
         self.image_tower = image_tower
         self.reasoner = reasoner
+        self.heads = heads
 
     def forward(self, pixels):
         deep, _ = self.image_tower(pixels)  # (B, 49, 1280)
         kv = self.reasoner.visual(deep)
-        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])  # (L, B, h, n, c) each
+        out = torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])  # (L, B, h, n, c) each
+        return out if self.heads is None else (*out, self.heads(deep.mean(1)))
 
 
 class StepGraph(nn.Module):
@@ -108,8 +114,11 @@ class ReasonerExportConfig:
 
 
 def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: ReasonerExportConfig,
-                         check_prompts: list[list[int]] | None = None) -> dict[str, Path]:
-    """Write the visual and step graphs into cfg.folder and check them against PyTorch.
+                         check_prompts: list[list[int]] | None = None, heads: nn.Module | None = None
+                         ) -> dict[str, Path]:
+    """Write the visual and step graphs into cfg.folder and check them against PyTorch; with
+    `heads` (`sdk.train.attribute_heads.load_heads_module`) the visual graph also outputs their
+    softmaxes ("attributes"), checked against PyTorch too.
 
     Returns:
         {"visual": path, "prefill": path, "decode": path} (prefill and decode: the one step
@@ -139,8 +148,8 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
     cached = Dim("past", min=1, max=rcfg.max_len - 1)
     vis = {0: Dim.STATIC, 1: batch}  # layers: fixed
     jobs = (
-        (VisualGraph(image_tower, reasoner), (pixels,), {"pixels": {0: batch}}, ["visual_k", "visual_v"], "visual",
-         None),
+        (VisualGraph(image_tower, reasoner, heads), (pixels,), {"pixels": {0: batch}},
+         ["visual_k", "visual_v", *(["attributes"] if heads is not None else [])], "visual", None),
         # traced with a cache of P >= 1 positions; the graph is shape-generic and runs with P = 0
         # (verify_reasoner checks generation through it against PyTorch)
         (StepGraph(reasoner), (ids, vk, vv, vmask, past),
@@ -155,14 +164,14 @@ def export_reasoner_onnx(image_tower: nn.Module, reasoner: nn.Module, cfg: Reaso
         except Exception as exc:  # noqa: BLE001 - an exporter crash becomes an ExportError naming it
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ExportError(f"reasoner {key} export failed: {type(exc).__name__}: {first}") from exc
-    report = verify_reasoner(image_tower, reasoner, paths, cfg, check_prompts)
+    report = verify_reasoner(image_tower, reasoner, paths, cfg, check_prompts, heads)
     (cfg.folder / "reasoner.parity.json").write_text(json.dumps(report, indent=2))
     if not report["passed"]:
         raise ExportError(report["failure"], report)
     return paths
 
 
-def verify_reasoner(image_tower, reasoner, paths, cfg: ReasonerExportConfig, prompts=None) -> dict[str, Any]:
+def verify_reasoner(image_tower, reasoner, paths, cfg: ReasonerExportConfig, prompts=None, heads=None) -> dict[str, Any]:
     from sdk.reasoner import OnnxDecoder
 
     step = ort_session(paths["decode"], cfg.num_threads)
@@ -196,7 +205,15 @@ def verify_reasoner(image_tower, reasoner, paths, cfg: ReasonerExportConfig, pro
         failure = f"reasoner ONNX greedy tokens differ from PyTorch in {len(mismatches)} of {rows} generations"
     elif not worst <= cfg.max_abs_err:
         failure = f"reasoner ONNX logits differ from PyTorch by {worst:.3g} > {cfg.max_abs_err}"
-    report = {"generations": rows, "max_abs_err_logits": worst, "mismatches": mismatches[:3], "passed": failure is None}
+    report = {"generations": rows, "max_abs_err_logits": worst, "mismatches": mismatches[:3]}
+    if heads is not None:
+        with torch.inference_mode():
+            want = heads(deep.mean(1)).numpy()
+        got = dec.visual_session.run(["attributes"], {"pixels": pixels.numpy()})[0]
+        report["max_abs_err_attributes"] = err = float(np.abs(got - want).max())
+        if failure is None and not err <= cfg.max_abs_err:
+            failure = f"the attribute heads' ONNX softmaxes differ from PyTorch by {err:.3g} > {cfg.max_abs_err}"
+    report["passed"] = failure is None
     if failure:
         report["failure"] = failure
     return report

@@ -39,12 +39,13 @@ def reasoner_section(folder: Path, work: Path, cfg: BuildConfig, log=print) -> t
 
     log(f"[+] reasoner: {folder} -> visual + step graphs, greedy parity vs PyTorch")
     model, tok = load_reasoner(folder)
-    export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work / "fp32"))
+    heads, heads_meta = load_heads(cfg.heads_dir(), log)
+    export_reasoner_onnx(load_image_tower(), model, ReasonerExportConfig(work / "fp32"), heads=heads)
     parity = json.loads((work / "fp32" / "reasoner.parity.json").read_text())
     report = folder / "reasoner_report.json"
     metrics = json.loads(report.read_text()) if report.is_file() else {}
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    common = dict(tasks=TASKS, max_len=model.cfg.max_len, parity=parity, metrics=metrics)
+    common = dict(tasks=TASKS, max_len=model.cfg.max_len, parity=parity, metrics=metrics, heads=heads_meta)
     tok_json = tok.to_str().encode()
     del model
     qcfg = cfg.reasoner_quant()
@@ -70,6 +71,30 @@ def reasoner_section(folder: Path, work: Path, cfg: BuildConfig, log=print) -> t
     section, parts = reasoner_parts(work / qcfg.precision, tok_json, **common, precision=qcfg.precision,
                                     quantization=quant)
     return {"reasoner": section}, parts
+
+
+def load_heads(folder: Path | None, log=print):
+    """(module, the manifest's "heads" record) of the attribute heads in `folder`, or (None, None).
+
+    Raises:
+        ExportError: the heads read other features than the reasoner's image tower gives.
+    """
+    if folder is None:
+        return None, None
+    from sdk.train.attribute_heads import FEATURE, load_heads_module
+    from sdk.train.reasoner_model import MAX_ATTRIBUTES
+
+    from .onnx_tools import ExportError
+
+    module, meta = load_heads_module(folder)
+    if meta.get("feature") != FEATURE or meta.get("dims") != 1280:
+        raise ExportError(f"the attribute heads in {folder} read {meta.get('feature')!r} ({meta.get('dims')} dims); "
+                          f"the reasoner's visual graph gives {FEATURE!r} (1280)")
+    log(f"[+] reasoner: attribute heads from {folder} ({len(meta['fields'])} fields) in the visual graph")
+    record = {"output": "attributes", "feature": meta["feature"],
+              "fields": [[f["key"], f["classes"], f["threshold"]] for f in meta["fields"]], "max_pairs": MAX_ATTRIBUTES,
+              **({"validation": meta["validation"]} if "validation" in meta else {})}
+    return module, record
 
 
 def build_reasoner_engines(folder: str | Path, out_dir: str | Path, precisions=REASONER_PRECISIONS,

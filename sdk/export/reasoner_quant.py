@@ -81,6 +81,21 @@ def lm_head_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in transposed]
 
 
+def attribute_head_nodes(model) -> list[str]:
+    """Names of the weight MatMuls / Gemms that feed only the visual graph's "attributes" output
+    (the attribute heads: small, and their thresholds were picked on FP32 probabilities)."""
+    if "attributes" not in {o.name for o in model.graph.output}:
+        return []
+    reach: dict[str, set[str]] = {o.name: {o.name} for o in model.graph.output}  # tensor -> outputs it feeds
+    feeds = [set() for _ in model.graph.node]  # node -> outputs it feeds
+    for k in range(len(model.graph.node) - 1, -1, -1):  # the graph is topologically sorted
+        node = model.graph.node[k]
+        feeds[k] = set().union(*(reach.get(o, set()) for o in node.output))
+        for i in node.input:
+            reach.setdefault(i, set()).update(feeds[k])
+    return [n.name for n, f in zip(model.graph.node, feeds) if n.op_type in ("MatMul", "Gemm") and f == {"attributes"}]
+
+
 def summarize_graph(path: str | Path) -> dict[str, Any]:
     """Ops holding weights in a graph: quantized ops by type, FP32 MatMul/Gemm with constant weights, bytes."""
     import onnx
@@ -106,6 +121,7 @@ def quantize_graph(src: Path, dst: Path, cfg: ReasonerQuantConfig, work: Path) -
     # stays unfolded, reading the one table through its Transpose. (Every other weight of the step
     # graph is an initializer already; the visual graph has no head and is always folded.)
     graph = src if heads else fold_constants(src, work / f"{src.stem}.folded.onnx")
+    heads = heads + attribute_head_nodes(onnx.load(str(graph)))  # the visual graph's attribute heads stay FP32
     if cfg.precision == "int8":
         return quantize_int8(graph, dst, heads)
     import logging
