@@ -122,6 +122,56 @@ def save_heads(heads: Heads, folder: str | Path, hidden: int, record: dict | Non
     return folder
 
 
+def write_card(report: dict, folder: str | Path) -> Path:
+    """`folder/MODEL_CARD.md` from the run's report (every number in it is the report's) and the
+    report itself beside it (`heads_report.json`)."""
+    folder = Path(folder)
+    (folder / "heads_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    val = report["heads"]["all validation photos"]
+    cfg = report["config"]
+    rows = "\n".join(f"| {k} | {report['classes'].get(k, '-')} | {cfg['thresholds'].get(k, 0.0):g} | {a:.3f} |"
+                     for k, a in report["per_field_accuracy"].items())
+    trunk = f"a {cfg['hidden']}-wide ReLU layer" if cfg["hidden"] else "none (one linear map per field)"
+    card = f"""# Model card: attribute heads (what a product photo shows)
+
+One softmax classifier per field the reasoner is asked for (article type, colour, gender, usage,
+season, and the catalog's attributes), each over its training values plus "absent", on
+{FEATURE} features: the image tower the reasoner's visual graph already runs. `moon3 build` puts
+them in that graph (output "attributes", kept FP32 when the reasoner is quantized), and
+`sdk.Reasoner` answers a photo's "attributes", "category" and "attribute_qa" tasks from them
+(`Reasoner.read(photo)` gives the pairs with their probabilities). A field is written only when
+its most likely value is not "absent" and clears the field's threshold, picked on a group-held-out
+tenth of the training split. They read the photo only: a title given with it is not used.
+
+Files: `heads.safetensors` (FP16), `heads.json` (fields, classes, thresholds), `heads_report.json`
+(this run: the dev sweep, validation metrics, per-field accuracy).
+
+## Training
+{report['train_photos']} training-split photos of the leak-free split ({report['split']['rule']}), with
+their cached renditions as extra examples ({cfg['renditions']}); trunk: {trunk}; {cfg['epochs']} full-batch
+AdamW steps, lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; a value is a class when at least
+{cfg['min_count']} training products have it.
+
+```bash
+{report['command']}
+```
+
+## Validation ({report['validation_photos']} leak-free validation photos)
+Scored as the reasoner is (`sdk.train.eval_reasoner`): attribute micro-F1 over the key: value
+pairs of a record (its first 8) **{val['attribute_f1']:.3f}**, exact article type accuracy
+**{val['category_acc']:.3f}**. Per field (argmax, "absent" a class):
+
+| field | classes | threshold | accuracy |
+|---|---|---|---|
+{rows}
+
+Colour is the weak field: ImageNet features do not name catalog colours.
+"""
+    path = folder / "MODEL_CARD.md"
+    path.write_text(card)
+    return path
+
+
 def load_heads_module(folder: str | Path):
     """The heads in `folder` as one module: pooled features (B, dims) -> every field's softmax,
     concatenated in `heads.json`'s order (B, sum of class counts); and that metadata."""
@@ -358,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         save_heads(heads, args.out, cfg.hidden, {"command": report["command"], "commit": report["commit"],
                                                  "validation": report["heads"]["all validation photos"]})
+        write_card(report, args.out)
         print(f"wrote {args.out}")
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1) + "\n")

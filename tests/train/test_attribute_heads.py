@@ -67,3 +67,20 @@ def test_fit_refuses_what_it_cannot_learn():
         fit(x[:19], recs, HeadConfig(epochs=1))
     with pytest.raises(ValueError, match="no field has a value on at least min_count=50"):
         fit(x, recs, HeadConfig(epochs=1, min_count=50))
+
+
+def test_the_model_card_is_written_from_the_report(tmp_path):
+    import json
+
+    from sdk.train.attribute_heads import write_card
+
+    report = {"command": "python -m sdk.train.attribute_heads --hidden 512", "split": {"rule": "leak-free-v1"},
+              "train_photos": 600, "validation_photos": 200, "classes": {"article type": 3, "colour": 4},
+              "config": {"hidden": 512, "epochs": 300, "lr": 0.003, "weight_decay": 1e-4, "min_count": 5,
+                         "renditions": True, "thresholds": {"article type": 0.4, "colour": 0.7}},
+              "heads": {"all validation photos": {"attribute_f1": 0.7623, "category_acc": 0.8891, "items": 200}},
+              "per_field_accuracy": {"article type": 0.8895, "colour": 0.4674}}
+    card = write_card(report, tmp_path).read_text()
+    assert "**0.762**" in card and "**0.889**" in card and "| colour | 4 | 0.7 | 0.467 |" in card
+    assert report["command"] in card and "512-wide ReLU" in card
+    assert json.loads((tmp_path / "heads_report.json").read_text()) == report
