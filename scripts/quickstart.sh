@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 newest=sdk/train/weights/embedder.safetensors
-if [ sdk/train/weights/reasoner/reasoner.safetensors -nt "$newest" ]; then newest=sdk/train/weights/reasoner/reasoner.safetensors; fi
+for w in sdk/train/weights/reasoner/reasoner.safetensors sdk/train/weights/attribute_heads/heads.safetensors; do
+  if [ -f "$w" ] && [ "$w" -nt "$newest" ]; then newest=$w; fi
+done
 if [ ! moon3.engine -nt "$newest" ]; then
   .venv/bin/moon3 build --out moon3.engine --precision int8
 fi

@@ -100,6 +100,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               + (f"; vs FP32: {'passed' if q['fidelity']['passed'] else 'FAILED'} (attribute F1 drop "
                  f"{max(q['fidelity']['drop']['attribute_f1_photo'], q['fidelity']['drop']['attribute_f1_title']):+.4f}, "
                  f"token agreement {q['fidelity']['agreement']['tokens']:.4f})" if "fidelity" in q else ""))
+        hd = rs.get("heads")
+        if isinstance(hd, dict):
+            v = hd.get("validation") or {}
+            print(f"    attribute heads: {len(hd.get('fields', []))} fields read from the photo (FP32)"
+                  + (f"; validation attribute F1 {v['attribute_f1']:.3f}, article type {v['category_acc']:.3f}"
+                     if "attribute_f1" in v else ""))
     auto = (m.get("build") or {}).get("auto")
     if isinstance(auto, dict):
         print(f"  precision chosen by --precision auto: {auto.get('why')}")
@@ -202,8 +208,11 @@ def cmd_reason(args: argparse.Namespace) -> int:
         text = r.generate(image=args.image, text=args.text, task=task, max_new_tokens=args.max_new_tokens, **fields)
         st = r.last_stats
         print(f"{task:13s} {text}")
-        print(f"{'':13s} ({st['new_tokens']} tokens; prefill {st['prefill_tokens_per_s']:.0f} tok/s, "
-              f"decode {st['decode_tokens_per_s']:.0f} tok/s)", file=sys.stderr)
+        if st.get("heads"):
+            print(f"{'':13s} (read from the photo by the attribute heads in {st['seconds'] * 1e3:.0f} ms)", file=sys.stderr)
+        else:
+            print(f"{'':13s} ({st['new_tokens']} tokens; prefill {st['prefill_tokens_per_s']:.0f} tok/s, "
+                  f"decode {st['decode_tokens_per_s']:.0f} tok/s)", file=sys.stderr)
     return 0
 
 

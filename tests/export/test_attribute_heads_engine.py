@@ -137,6 +137,22 @@ def test_sdk_reasoner_reads_a_photo_with_its_heads(heads_export, heads_engine):
     assert "heads" not in r.last_stats
 
 
+def test_cli_reason_and_inspect_show_the_heads(heads_export, heads_engine, tmp_path, capsys):
+    from PIL import Image
+
+    from sdk.cli import main
+
+    heads = heads_export[0]
+    pixels, _ = _photos(1, 3)
+    Image.fromarray(_uint8(pixels[0])).save(tmp_path / "p.png")
+    path = str(heads_engine[0])
+    assert main(["reason", path, "--image", str(tmp_path / "p.png"), "--task", "attributes"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("attributes    article type: ") and "attribute heads" in cap.err
+    assert main(["inspect", path]) == 0
+    assert f"attribute heads: {len(heads.classes)} fields read from the photo" in capsys.readouterr().out
+
+
 def test_an_engine_without_heads_or_with_the_wrong_width_is_refused(heads_engine, exported_plain, tmp_path):
     from tiny_models import tiny_reasoner_tokenizer
 
