@@ -160,6 +160,21 @@ def format_metrics(m: dict) -> str:
             f"caption token F1 {m['caption_token_f1']:.4f}; traces well formed {m['trace_format_ok']}")
 
 
+def render(report: dict) -> str:
+    """A `--json` report as a markdown table: one row per engine (the reference first)."""
+    cols = (("attribute F1, photo", "attribute_f1_photo"), ("article type, photo", "category_acc_photo"),
+            ("attribute F1, title", "attribute_f1_title"), ("article type, title", "category_acc_title"),
+            ("caption token F1", "caption_token_f1"), ("seconds", "seconds"))
+    rows = ([("reference: " + str(report["reference"].get("engine", "")), report["reference"])] if "reference" in report
+            else []) + [(name, e["metrics"]) for name, e in report["engines"].items()]
+    out = [f"{report['items']} products of {report['source']}:", "", "| engine | " + " | ".join(c for c, _ in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for name, m in rows:
+        out.append(f"| {name} ({m.get('precision')}) | " + " | ".join(
+            f"{m[k]:.4f}" if k != "seconds" else f"{m[k]:.0f}" for _, k in cols) + " |")
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdk.train.eval_reasoner", description=__doc__.splitlines()[0])
     ap.add_argument("--engine", required=True, type=Path, action="append",
@@ -206,4 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--render":
+        print(render(json.loads(Path(sys.argv[2]).read_text())))
+        raise SystemExit(0)
     raise SystemExit(main())

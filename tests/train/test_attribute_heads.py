@@ -84,3 +84,15 @@ def test_the_model_card_is_written_from_the_report(tmp_path):
     assert "**0.762**" in card and "**0.889**" in card and "| colour | 4 | 0.7 | 0.467 |" in card
     assert report["command"] in card and "512-wide ReLU" in card
     assert json.loads((tmp_path / "heads_report.json").read_text()) == report
+
+
+def test_eval_reasoner_renders_its_report_as_a_table():
+    from sdk.train.eval_reasoner import render
+
+    m = {"attribute_f1_photo": 0.7637, "category_acc_photo": 0.8887, "attribute_f1_title": 0.5094,
+         "category_acc_title": 0.571, "caption_token_f1": 0.3147, "seconds": 112.6, "precision": "int4"}
+    table = render({"items": 1303, "source": "catalog", "engines": {"heads.engine": {"metrics": m},
+                                                                    "plain.engine": {"metrics": {**m, "seconds": 300}}}})
+    lines = table.splitlines()
+    assert lines[0] == "1303 products of catalog:" and len(lines) == 6
+    assert lines[4] == "| heads.engine (int4) | 0.7637 | 0.8887 | 0.5094 | 0.5710 | 0.3147 | 113 |"
