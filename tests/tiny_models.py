@@ -69,8 +69,26 @@ def tiny_fusion(variant="full", skip_path=False):
     return model.eval()
 
 
-def tiny_reasoner_export(folder):
-    """A tiny reasoner (adapters switched on) exported with `PooledImageTower`: (model, tower, paths, parity)."""
+def tiny_heads(folder):
+    """Tiny attribute heads (article type, colour, gender) fitted on random 1280-d features and saved
+    to `folder`: (module, the manifest's "heads" record)."""
+    import numpy as np
+
+    from sdk.train.attribute_heads import HeadConfig, fit, load_heads_module, save_heads
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 1280)).astype(np.float32)
+    records = [{"article_type": ["Tshirts", "Shoes"][i % 2], "base_colour": ["Black", "White"][i % 3 > 0],
+                "gender": "Men"} for i in range(40)]
+    heads = fit(x, records, HeadConfig(hidden=8, epochs=20, min_count=2))
+    module, meta = load_heads_module(save_heads(heads, folder, hidden=8))
+    return module, {"output": "attributes", "max_pairs": 8,
+                    "fields": [[f["key"], f["classes"], f["threshold"]] for f in meta["fields"]]}
+
+
+def tiny_reasoner_export(folder, heads=None):
+    """A tiny reasoner (adapters switched on) exported with `PooledImageTower`: (model, tower, paths, parity);
+    `heads` (a module from `tiny_heads`) join its visual graph."""
     import json
 
     from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
@@ -86,7 +104,8 @@ def tiny_reasoner_export(folder):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        paths = export_reasoner_onnx(tower, model, ReasonerExportConfig(folder, num_threads=1, check_new_tokens=12))
+        paths = export_reasoner_onnx(tower, model, ReasonerExportConfig(folder, num_threads=1, check_new_tokens=12),
+                                     heads=heads)
     finally:
         torch.set_num_threads(before)
     return model, tower, paths, json.loads((folder / "reasoner.parity.json").read_text())

@@ -50,13 +50,13 @@ def _root_conftest():
 
 @pytest.fixture(scope="module")
 def readme_engine(tmp_path_factory):
-    """A tiny single-graph engine with the README's widths and a tiny reasoner."""
+    """A tiny single-graph engine with the README's widths and a tiny reasoner with attribute heads."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     tiny_tokenizer_json = _root_conftest().tiny_tokenizer_json
-    from tiny_models import TEXT_DIM, PooledImageTower, tiny_bert, tiny_reasoner_export, tiny_reasoner_tokenizer
+    from tiny_models import TEXT_DIM, PooledImageTower, tiny_bert, tiny_heads, tiny_reasoner_export, tiny_reasoner_tokenizer
 
     from sdk.export.bundle import package_embedder, reasoner_parts
     from sdk.export.onnx_embedder import EmbedderGraph, OnnxExportConfig, export_embedder_onnx
@@ -78,11 +78,12 @@ def readme_engine(tmp_path_factory):
         graph = EmbedderGraph(PooledImageTower(), tiny_bert(), fusion.eval()).eval()
         onnx_path = export_embedder_onnx(graph, OnnxExportConfig(folder / "embedder.onnx", exporter="torchscript",
                                                                  num_threads=1, check_batches=((2, 5, 3),)))
-        _, _, _, parity = tiny_reasoner_export(folder / "r")
+        heads, record = tiny_heads(folder / "heads")
+        _, _, _, parity = tiny_reasoner_export(folder / "r", heads=heads)
     finally:
         torch.set_num_threads(before)
     section, parts = reasoner_parts(folder / "r", tiny_reasoner_tokenizer().to_str().encode(), tasks=TASKS,
-                                    max_len=64, parity=parity)
+                                    max_len=64, parity=parity, heads=record)
     # a budget that fits the example's titles: the tiny tokenizer spells unknown words letter by letter
     return package_embedder(folder / "readme.engine", onnx_path.read_bytes(), tiny_tokenizer_json().encode(),
                             dim=DIM, matryoshka_dims=MATRYOSHKA, image=ImagePreprocess(size=224),
