@@ -44,7 +44,7 @@ def test_completes_missing_titles_from_the_photo(engines, tmp_path):
     from sdk.reasoner import Reasoner
 
     both, _ = engines
-    p = Pipeline(both, complete_title=True, trace_cache=tmp_path / "c.sqlite", threads=1)
+    p = Pipeline(both, complete_title=True, trace_cache=tmp_path / "c.sqlite", threads=1, written_title_weight="joint")
     imgs, texts = [photo(0), photo(1), None], [None, "red shoe", "blue shirt"]
     v = p.embed(imgs, texts)
     caption = Reasoner(both, threads=1).generate(image=imgs[0], task="caption")
@@ -55,6 +55,35 @@ def test_completes_missing_titles_from_the_photo(engines, tmp_path):
     hits = p.cache_hits
     np.testing.assert_allclose(p.embed([photo(0)], [None]), v[:1], atol=1e-6)
     assert p.cache_hits == hits + 1
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.35])
+def test_a_written_title_enters_the_vector_only_as_far_as_its_weight(engines, weight):
+    from sdk import Embedder
+    from sdk.pipeline import Pipeline
+    from sdk.reasoner import Reasoner
+
+    both, _ = engines
+    caption = Reasoner(both, threads=1).generate(image=photo(0), task="caption", max_new_tokens=96)
+    assert caption  # the tiny reasoner writes something for this photo
+    emb = Embedder(both, threads=1)
+    imgs, texts = [photo(0), photo(1)], [None, "red shoe"]
+    for dim in (None, 16):
+        p = Pipeline(both, complete_title=True, threads=1, written_title_weight=weight)
+        v = p.embed(imgs, texts, dim=dim)
+        assert p.last_generated == {0: {"caption": caption}}
+        plain = emb.embed(imgs, texts, dim=dim)  # the photo alone for item 0
+        want = plain[0] + weight * emb.embed(texts=[caption], dim=dim)[0]
+        np.testing.assert_allclose(v[0], want / np.linalg.norm(want), atol=1e-6)
+        np.testing.assert_allclose(v[1], plain[1], atol=1e-6)  # a real title is untouched
+    with pytest.raises(BatchError) as exc:  # a bad item beside it: the good row is still blended
+        p.embed([photo(0), b"not an image"], [None, None], dim=dim)
+    np.testing.assert_allclose(exc.value.vectors[0], v[0], atol=1e-6)
+    assert list(exc.value.errors) == [1]
+    assert Pipeline(both).written_title_weight == 0.0  # the default trusts no written title
+    for bad in (-0.1, float("nan"), "fused", True):
+        with pytest.raises(ValueError, match="written_title_weight"):
+            Pipeline(both, complete_title=True, written_title_weight=bad)
 
 
 def test_reasoning_needs_a_trace_trained_embedder(engines, tmp_path):
