@@ -76,18 +76,12 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import sdk
-    from sdk.train.attribute_heads import pooled
-    from sdk.train.catalog import catalog_split, normalize_title, read_catalog
+    from sdk.train.attribute_heads import photo_split, pooled
+    from sdk.train.catalog import normalize_title
     from sdk.train.metrics import normalize_rows, recall_at_k
 
     t0 = time.time()
-    meta = json.loads((args.features / "meta.json").read_text())
-    has = np.load(args.features / "has_image.npy")
-    row = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
-    split = catalog_split(args.catalog)
-    products = [p for p in read_catalog(args.catalog) if p.id in row]
-    train = [p for p in products if not split.is_validation(p.id)]
-    val = [p for p in products if split.is_validation(p.id)]
+    row, split, train, val = photo_split(args.catalog, args.features)
     val = val[: args.limit] if args.limit else val
     brand_of = lambda p: str(p.record.get("brand") or "").strip()  # noqa: E731
 

@@ -105,29 +105,15 @@ class BuildConfig:
     int8_activations: str = "per-tensor"
 
     def completion_dir(self) -> Path | None:
-        if self.completion is None or self.layout != "split":
-            return None
-        if self.completion == "auto":
-            d = COMPLETION_WEIGHTS
-            return d if (d / "completion.safetensors").is_file() else None
-        return Path(self.completion)
+        return None if self.layout != "split" else _auto_dir(self.completion, COMPLETION_WEIGHTS,
+                                                               "completion.safetensors")
 
     def reasoner_dir(self) -> Path | None:
-        if self.reasoner is None:
-            return None
-        if self.reasoner == "auto":
-            d = REASONER_WEIGHTS
-            return d if (d / "reasoner.safetensors").is_file() else None
-        return Path(self.reasoner)
+        return _auto_dir(self.reasoner, REASONER_WEIGHTS, "reasoner.safetensors")
 
     def heads_dir(self) -> Path | None:
         """The attribute heads the reasoner's visual graph carries: "auto" is the committed folder, if any."""
-        if self.attribute_heads is None:
-            return None
-        if self.attribute_heads == "auto":
-            d = ATTRIBUTE_HEADS_WEIGHTS
-            return d if (d / "heads.safetensors").is_file() else None
-        return Path(self.attribute_heads)
+        return _auto_dir(self.attribute_heads, ATTRIBUTE_HEADS_WEIGHTS, "heads.safetensors")
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -172,3 +158,13 @@ class BuildConfig:
     def reasoner_quant(self) -> ReasonerQuantConfig:
         return ReasonerQuantConfig(self.reasoner_precision, self.reasoner_block_size, self.reasoner_lm_head,
                                    self.reasoner_accuracy_level)
+
+
+def _auto_dir(value: str | Path | None, committed: Path, marker: str) -> Path | None:
+    """A weights folder setting: None stays None, "auto" is `committed` when it holds `marker`
+    (else None), anything else is that folder."""
+    if value is None:
+        return None
+    if value == "auto":
+        return committed if (committed / marker).is_file() else None
+    return Path(value)

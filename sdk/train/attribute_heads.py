@@ -309,6 +309,20 @@ def pooled(features: Path, name: str = "img_deep") -> np.ndarray:
     return out
 
 
+def photo_split(catalog, features: Path):
+    """(feature-cache row of each product id with a photo, the catalog's split, its training-split
+    products with a photo, its validation-split products with a photo)."""
+    from sdk.train.catalog import catalog_split, read_catalog
+
+    meta = json.loads((features / "meta.json").read_text())
+    has = np.load(features / "has_image.npy")
+    row_of = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
+    split = catalog_split(catalog)
+    products = [p for p in read_catalog(catalog) if p.id in row_of]
+    return (row_of, split, [p for p in products if not split.is_validation(p.id)],
+            [p for p in products if split.is_validation(p.id)])
+
+
 def _dev_sweep(widths: Sequence[int], renditions: bool, x: dict, records: dict, ex_fit) -> list[dict]:
     """Heads of each trunk width fitted on the fit part and scored on the dev part, at each shared
     threshold and with per-field tuned thresholds."""
@@ -354,16 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, required=True)
     ap.add_argument("--out", type=Path, help="write the fitted heads here (heads.safetensors + heads.json)")
     args = ap.parse_args(argv)
-    from sdk.train.catalog import catalog_split, read_catalog
-
     t0 = time.time()
-    meta = json.loads((args.features / "meta.json").read_text())
-    has = np.load(args.features / "has_image.npy")
-    row_of = {int(i): n for n, i in enumerate(meta["ids"]) if has[n]}
-    split = catalog_split(args.catalog)
-    products = [p for p in read_catalog(args.catalog) if p.id in row_of]
-    train = [p for p in products if not split.is_validation(p.id)]
-    val = [p for p in products if split.is_validation(p.id)]
+    row_of, split, train, val = photo_split(args.catalog, args.features)
     # model selection on a group-held-out tenth of the training split (whole title groups)
     groups = np.unique([split.group[p.id] for p in train])
     dev_groups = set(np.random.default_rng(0).choice(groups, size=len(groups) // 10, replace=False).tolist())

@@ -190,3 +190,21 @@ def _parts(path):
 
     e = EngineFile.read(path)
     return {name: e.part(name) for name in e.part_names}
+
+
+def test_the_build_finds_the_committed_heads_and_refuses_heads_for_other_features(tmp_path):
+    from sdk.export.build_config import BuildConfig
+    from sdk.export.onnx_tools import ExportError
+    from sdk.export.reasoner_build import load_heads
+    from sdk.paths import ATTRIBUTE_HEADS_WEIGHTS
+    from sdk.train.attribute_heads import HeadConfig, fit, save_heads
+
+    assert BuildConfig().heads_dir() == ATTRIBUTE_HEADS_WEIGHTS  # committed with the reasoner
+    assert BuildConfig(attribute_heads=None).heads_dir() is None
+    assert BuildConfig(attribute_heads=tmp_path).heads_dir() == tmp_path
+    assert load_heads(None) == (None, None)
+    records = [{"article_type": ["Tshirts", "Shoes"][i % 2]} for i in range(20)]
+    x = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    save_heads(fit(x, records, HeadConfig(epochs=5, min_count=2)), tmp_path, hidden=0)
+    with pytest.raises(ExportError, match=r"\(16 dims\)"):
+        load_heads(tmp_path, log=lambda *_: None)
