@@ -12,7 +12,8 @@ embedder so that an item with both a photo and a title is embedded as
 
     normalise( fused + beta * (photo-only + title-only) )        (all three unit vectors)
 
-and every single-modality item as before: cross-modal, renditions and zero-shot do not change;
+and every single-modality item as before (`--title-beta b`: normalise(fused + b * title-only), the
+photo-only vector left out); cross-modal, renditions and zero-shot do not change;
 the families that read photo + title vectors (catalog search, kNN, thumbnail + title, and the
 held-out category's kNN) are scored for each beta beside the embedder itself (beta 0) and the
 suite's probe, in one run.
@@ -31,21 +32,24 @@ import numpy as np
 class LateFusion:
     """A suite subject: `base`'s vectors, its photo + title ones blended with its single-modality ones."""
 
-    def __init__(self, base, beta: float):
+    def __init__(self, base, beta: float, title_beta: float | None = None):
+        """Photo + title items get normalise(fused + beta * photo-only + title_beta * title-only);
+        title_beta defaults to beta."""
         self.base, self.beta = base, float(beta)
+        self.title_beta = self.beta if title_beta is None else float(title_beta)
 
     def __getattr__(self, name):  # the suite shares its memoised image tower through these
         return getattr(self.base, name)
 
     def embed(self, images=None, texts=None) -> np.ndarray:
         out = np.asarray(self.base.embed(images=images, texts=texts), np.float32)
-        if images is None or texts is None or not self.beta:
+        if images is None or texts is None or not (self.beta or self.title_beta):
             return out
         both = [i for i, (im, t) in enumerate(zip(images, texts)) if im is not None and t is not None]
         if both:
-            photo = np.asarray(self.base.embed(images=[images[i] for i in both]), np.float32)
-            title = np.asarray(self.base.embed(texts=[texts[i] for i in both]), np.float32)
-            mixed = out[both] + self.beta * (photo + title)
+            mixed = out[both] + self.title_beta * np.asarray(self.base.embed(texts=[texts[i] for i in both]), np.float32)
+            if self.beta:
+                mixed += self.beta * np.asarray(self.base.embed(images=[images[i] for i in both]), np.float32)
             out[both] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
         return out
 
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ood-embedder", action="append", default=[], metavar="NAME=PATH",
                     help="its held-out twin (the ood family), under the same NAME")
     ap.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0], help="weights of the single-modality vectors")
+    ap.add_argument("--title-beta", type=float, nargs="*", default=[],
+                    help="weights of the title-only vector alone (the photo-only one left out)")
     ap.add_argument("--families", nargs="+", default=["catalog", "knn", "mm_rendition", "ood"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             base = load_subject(path, threads=args.threads)
             out[name] = base
             out.update({f"{name}_beta{b:g}": LateFusion(base, b) for b in args.beta if b})
+            out.update({f"{name}_title{b:g}": LateFusion(base, 0.0, b) for b in args.title_beta if b})
         return out
 
     paths, ood_paths = named_paths(args.embedder, "--embedder"), named_paths(args.ood_embedder, "--ood-embedder")

@@ -29,3 +29,11 @@ def test_only_photo_and_title_items_are_blended():
     np.testing.assert_allclose(blend.embed(texts=["t"]), [[0, 0, 1]])
     np.testing.assert_allclose(LateFusion(Fixed(), 0).embed(images=["a"], texts=["t"]), [[1, 0, 0]])
     assert blend.image_tower == "own tower"  # the suite reads the wrapped embedder's attributes
+
+
+def test_a_title_only_blend_leaves_the_photo_vector_out():
+    got = LateFusion(Fixed(), 0.0, 2.0).embed(images=["a", "b"], texts=["t", None])
+    np.testing.assert_allclose(got[0], np.array([1, 0, 2]) / np.sqrt(5), rtol=1e-6)
+    np.testing.assert_allclose(got[1], [0, 1, 0])
+    mixed = LateFusion(Fixed(), 0.5, 1.0).embed(images=["a"], texts=["t"])[0]
+    np.testing.assert_allclose(mixed, np.array([1, 0.5, 1]) / 1.5, rtol=1e-6)
