@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0], help="weights of the single-modality vectors")
     ap.add_argument("--title-beta", type=float, nargs="*", default=[],
                     help="weights of the title-only vector alone (the photo-only one left out)")
+    ap.add_argument("--blend", nargs="*", default=[], metavar="PHOTO:TITLE",
+                    help="separate weights of the photo-only and the title-only vector, e.g. 0.5:1.5")
     ap.add_argument("--families", nargs="+", default=["catalog", "knn", "mm_rendition", "ood"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             out[name] = base
             out.update({f"{name}_beta{b:g}": LateFusion(base, b) for b in args.beta if b})
             out.update({f"{name}_title{b:g}": LateFusion(base, 0.0, b) for b in args.title_beta if b})
+            for spec in args.blend:
+                bp, bt = (float(x) for x in spec.split(":"))
+                out[f"{name}_p{bp:g}_t{bt:g}"] = LateFusion(base, bp, bt)
         return out
 
     paths, ood_paths = named_paths(args.embedder, "--embedder"), named_paths(args.ood_embedder, "--ood-embedder")
