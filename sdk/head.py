@@ -122,6 +122,13 @@ class FusionHead:
             raise EngineError(f"the head config's modality_blend is not a number: {exc}") from exc
         if not (np.isfinite(self.modality_blend) and self.modality_blend >= 0):
             raise EngineError(f"the head config's modality_blend must be finite and >= 0, got {self.modality_blend}")
+        try:  # the title-only vector's own weight in the blend (EmbedderConfig.title_blend; None: modality_blend)
+            tb = config.get("title_blend")
+            self.title_blend = self.modality_blend if tb is None else float(tb)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"the head config's title_blend is not a number: {exc}") from exc
+        if not (np.isfinite(self.title_blend) and self.title_blend >= 0):
+            raise EngineError(f"the head config's title_blend must be finite and >= 0, got {self.title_blend}")
         self._w: dict[str, np.ndarray] = {}
         need = head_weight_shapes(config)
         for name, shape in need.items():
@@ -203,10 +210,12 @@ class FusionHead:
         is built, `fused` is True and `sdk.ops.HAVE_C` holds; otherwise `forward_reference`.
         Both take the arguments documented there and agree to cosine >= 0.99999. With
         `modality_blend` B, a row with a photo and a title is normalise(fused + B * (photo-only +
-        title-only)), the three the head's full-width unit vectors, then cut to `dim`.
+        title-only)), the three the head's full-width unit vectors, then cut to `dim`; with
+        `title_blend` T the title-only vector weighs T instead.
         """
         present = np.asarray(present, _F32)
-        both = np.flatnonzero((present[:, 0] > 0) & (present[:, 1] > 0)) if self.modality_blend else ()
+        blends = self.modality_blend or self.title_blend
+        both = np.flatnonzero((present[:, 0] > 0) & (present[:, 1] > 0)) if blends else ()
         if not len(both):
             return self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim, image_skip)
         e = self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, None, image_skip)
@@ -217,7 +226,7 @@ class FusionHead:
             parts.append(self._embed(image_tokens[both], text_states[both], text_mask[both] * alone[:, 1:2],
                                      trace_states[both], np.zeros_like(trace_mask[both], _F32), alone, None,
                                      None if image_skip is None else image_skip[both]))
-        e[both] = ops.l2_normalize_ref(e[both] + _F32(self.modality_blend) * (parts[0] + parts[1]))
+        e[both] = ops.l2_normalize_ref(e[both] + _F32(self.modality_blend) * parts[0] + _F32(self.title_blend) * parts[1])
         return e if dim is None or int(dim) == self.out_dim else ops.l2_normalize_ref(e[:, : int(dim)])
 
     def _embed(self, image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim, image_skip):

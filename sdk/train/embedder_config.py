@@ -55,6 +55,14 @@ class EmbedderConfig:
     # own title vector inside every catalog item and a photo query its photo vector, as in a sum of
     # per-modality projections, while the fused part adds what neither modality says alone
     modality_blend: float = 0.0
+    # the title-only vector's weight in that blend, when it differs from the photo-only one's
+    # (None: modality_blend for both). A title query meets its own title vector more strongly with
+    # a larger one; a photo query its photo vector less
+    title_blend: float | None = None
+
+    def blend_weights(self) -> tuple[float, float]:
+        """(photo-only, title-only) weights of the photo + title blend."""
+        return self.modality_blend, self.modality_blend if self.title_blend is None else self.title_blend
 
     def __post_init__(self) -> None:
         self.fire_depths = tuple(int(k) for k in self.fire_depths)
@@ -99,7 +107,11 @@ class EmbedderConfig:
         self.modality_blend = float(self.modality_blend)
         if not (math.isfinite(self.modality_blend) and self.modality_blend >= 0):
             raise ValueError(f"modality_blend must be a finite number >= 0, got {self.modality_blend}")
-        if self.modality_blend and self.variant == "linear":
+        if self.title_blend is not None:
+            self.title_blend = float(self.title_blend)
+            if not (math.isfinite(self.title_blend) and self.title_blend >= 0):
+                raise ValueError(f"title_blend must be a finite number >= 0 or None, got {self.title_blend}")
+        if any(self.blend_weights()) and self.variant == "linear":
             raise ValueError("the 'linear' variant sums its modalities already; modality_blend needs 'full' or 'no_fire'")
         if (self.text_tuned_layers or self.image_tuned_blocks) and self.variant == "linear":
             raise ValueError("the 'linear' variant cannot fine-tune tower layers")

@@ -236,16 +236,16 @@ class FusionEmbedder(nn.Module):
     ) -> torch.Tensor:
         out = F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present,
                                    image_keep, image_tokens, image_pooled, image_skip), dim=-1)
-        beta = self.cfg.modality_blend
+        beta, title_beta = self.cfg.blend_weights()
         both = present[:, IMAGE] * present[:, TEXT]
-        if not beta or (not torch.onnx.is_in_onnx_export() and not bool(both.any())):
+        if not (beta or title_beta) or (not torch.onnx.is_in_onnx_export() and not bool(both.any())):
             return out  # (an exported graph blends every row, by beta * both)
         if parts is None:  # the same inputs with one modality each (`parts` saves training these passes)
             alone = lambda m: present * F.one_hot(torch.tensor(m), present.shape[1]).to(present.dtype)  # noqa: E731
             parts = tuple(F.normalize(self.raw(img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask,
                                                alone(m), image_keep, image_tokens, image_pooled, image_skip), dim=-1)
                           for m in (IMAGE, TEXT))
-        return blend(out, parts[0], parts[1], beta * both)
+        return blend(out, parts[0], parts[1], beta * both, title_beta * both)
 
     def raw(self, img_deep, img_shallow, text_tok, text_mask, trace_tok, trace_mask, present, image_keep=None,
             image_tokens=None, image_pooled=None, image_skip=None) -> torch.Tensor:
@@ -285,10 +285,13 @@ class FusionEmbedder(nn.Module):
         return out
 
 
-def blend(fused: torch.Tensor, photo: torch.Tensor, title: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
-    """normalise(fused + beta * (photo + title)) (`EmbedderConfig.modality_blend`); beta (B,) or a number."""
+def blend(fused: torch.Tensor, photo: torch.Tensor, title: torch.Tensor, beta: torch.Tensor | float,
+          title_beta: torch.Tensor | float | None = None) -> torch.Tensor:
+    """normalise(fused + beta * photo + title_beta * title) (`EmbedderConfig.modality_blend`,
+    `title_blend`); each weight (B,) or a number, title_beta None meaning beta."""
     beta = torch.as_tensor(beta, dtype=fused.dtype).reshape(-1, 1)
-    return F.normalize(fused + beta * (photo + title), dim=-1)
+    title_beta = beta if title_beta is None else torch.as_tensor(title_beta, dtype=fused.dtype).reshape(-1, 1)
+    return F.normalize(fused + beta * photo + title_beta * title, dim=-1)
 
 
 class LinearEmbedder(nn.Module):
@@ -376,17 +379,17 @@ def copy_half(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
 
 # the config fields that change how vectors are made from trained weights without new weights:
 # `set_config` and `python -m sdk.train.fusion_model` set them on a copy; `train_embedder` trains with them
-POST_HOC_FIELDS = ("title_weight_with_photo", "modality_blend")
+POST_HOC_FIELDS = ("title_weight_with_photo", "modality_blend", "title_blend")
 
 
 def config_flags(args) -> dict:
-    """The POST_HOC_FIELDS an argparse namespace sets (its --title-weight-with-photo, --modality-blend)."""
+    """The POST_HOC_FIELDS an argparse namespace sets (its --title-weight-with-photo, --modality-blend, --title-blend)."""
     return {k: getattr(args, k) for k in POST_HOC_FIELDS if getattr(args, k, None) is not None}
 
 
 def set_config(folder: str | Path, **fields) -> EmbedderConfig:
     """Set fields of a saved embedder's config that need no new weights (`title_weight_with_photo`,
-    `modality_blend`) in its embedder.json. Returns the new config.
+    `modality_blend`, `title_blend`) in its embedder.json. Returns the new config.
 
     Raises:
         ValueError: a field is not one of those, or the config refuses its value.
@@ -420,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="EmbedderConfig.title_weight_with_photo of the copy (a skip-path embedder; default: the source's)")
     ap.add_argument("--modality-blend", type=float, default=None, metavar="B",
                     help="EmbedderConfig.modality_blend of the copy (default: the source's)")
+    ap.add_argument("--title-blend", type=float, default=None, metavar="T",
+                    help="EmbedderConfig.title_blend of the copy: the title-only vector's weight in the blend "
+                         "(default: the source's)")
     a = ap.parse_args(argv)
     fields = config_flags(a)
     # refuse (ValueError) before writing anything

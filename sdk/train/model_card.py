@@ -166,10 +166,12 @@ def _skip_path(full: dict, model_config: dict) -> list[str]:
 def _blend(model_config: dict) -> list[str]:
     """The photo + title blend's line, for a model trained with one (`EmbedderConfig.modality_blend`)."""
     b = float(model_config.get("modality_blend", 0.0))
+    t = b if model_config.get("title_blend") is None else float(model_config["title_blend"])
     lines = []
-    if b:
-        lines += [f"- A photo + title vector is normalise(fused + {b:g} x (photo-only + title-only)), the three",
-                  "  the model's own unit vectors (`modality_blend`, trained with it): a title query meets its",
+    if b or t:
+        mix = f"{b:g} x (photo-only + title-only)" if b == t else f"{b:g} x photo-only + {t:g} x title-only"
+        lines += [f"- A photo + title vector is normalise(fused + {mix}), the three",
+                  "  the model's own unit vectors (`modality_blend`, `title_blend`): a title query meets its",
                   "  own title vector inside every catalog item, a photo query its photo vector."]
     return lines
 
@@ -255,6 +257,8 @@ def train_flags(full: dict, model_config: dict) -> str:
     out = ["--skip-path"] if model_config.get("skip_path") else []
     if float(model_config.get("modality_blend", 0.0)):
         out.append(f"--modality-blend {float(model_config['modality_blend']):g}")
+    if model_config.get("title_blend") is not None:
+        out.append(f"--title-blend {float(model_config['title_blend']):g}")
     for f in fields(TrainConfig):
         v = tc.get(f.name, getattr(default, f.name))
         if v == getattr(default, f.name) or v is None:

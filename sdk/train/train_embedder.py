@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modality-blend", type=float, default=None, metavar="B",
                     help="train photo + title vectors as normalise(fused + B * (photo-only + title-only)) "
                          "(EmbedderConfig.modality_blend; default 0: the fused vector alone)")
+    ap.add_argument("--title-blend", type=float, default=None, metavar="T",
+                    help="the title-only vector's weight in that blend, when it differs from B "
+                         "(EmbedderConfig.title_blend; default: B)")
     for name, text in VIEW_FLAGS.items():
         default = getattr(TrainConfig, name)
         if isinstance(default, bool):

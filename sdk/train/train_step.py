@@ -124,7 +124,7 @@ def step_views(model: nn.Module, model_cfg: EmbedderConfig, cfg: TrainConfig, f:
         img_tok = model.encode_image(*feats)  # shared by the views with a photo
     # a blended model's photo + title views blend in their own photo-only and text-only views, made
     # first; without a blend the views keep the order (and random draws) of earlier recipes
-    blending = bool(getattr(model_cfg, "modality_blend", 0.0))
+    blending = hasattr(model_cfg, "blend_weights") and any(model_cfg.blend_weights())
     e_mm1 = None if blending else model(*title, image_tokens=img_tok)
     img_only = batch_inputs(f, rows, image=True, text=None, image_features=feats)
     view_tok, e_aug, view_pooled = img_tok, None, None

@@ -237,6 +237,15 @@ def test_split_runner_blends_like_the_torch_model(tmp_path):
     assert _cos(v["got"], v["plain"])[[0, 3]].max() < 0.9999 and _cos(v["got"], v["plain"])[1:3].min() > 0.9999
 
 
+def test_split_runner_blends_the_title_alone_like_the_torch_model(tmp_path):
+    """`title_blend` without `modality_blend`: photo + title vectors are normalise(fused + T *
+    title-only) in the engine's head and the single graph as in PyTorch."""
+    v = _with_config(tmp_path, "title_blend", 2.0, [(1, 1, 0), (0, 1, 0), (1, 0, 0)], single=True)
+    assert _cos(v["got"], v["want"]).min() > 0.9999 and _cos(v["single"], v["want"]).min() > 0.9999
+    assert _cos(v["got16"], v["want"][:, :16]).min() > 0.9999
+    assert _cos(v["got"], v["plain"])[0] < 0.9999 and _cos(v["got"], v["plain"])[1:].min() > 0.9999
+
+
 @pytest.mark.parametrize("bad, match", [("heavy", "not a number"), (0.0, "finite and > 0"), (float("inf"), "finite")])
 def test_a_head_config_with_a_bad_title_weight_is_refused(skip_split, bad, match):
     from sdk.head import FusionHead
@@ -254,9 +263,11 @@ def test_a_head_config_with_a_bad_modality_blend_is_refused(skip_split, bad, mat
 
     _, paths = skip_split
     head = FusionHead.from_bytes(paths["head"].read_bytes())
-    assert head.modality_blend == 0.0
+    assert head.modality_blend == 0.0 and head.title_blend == 0.0
     with pytest.raises(EngineError, match=f"modality_blend.*{match}"):
         FusionHead(head._w, {**head.config, "modality_blend": bad})
+    with pytest.raises(EngineError, match=f"title_blend.*{match}"):
+        FusionHead(head._w, {**head.config, "title_blend": bad})
 
 
 def test_a_completed_photo_gets_its_skip_term_in_the_engine_as_in_torch(tmp_path):

@@ -248,6 +248,16 @@ def test_modality_blend_mixes_each_modalitys_own_vector_into_photo_and_title_vec
         EmbedderConfig(**{**TINY, "variant": "linear"}, modality_blend=1.0)
     from sdk.train.fusion_model import set_config
 
-    with pytest.raises(ValueError, match=r"only \['title_weight_with_photo', 'modality_blend'\] can be set .*\['d_model'\]"):
+    with pytest.raises(ValueError, match=r"only \['title_weight_with_photo', 'modality_blend', 'title_blend'\] can be "
+                                         r"set .*\['d_model'\]"):
         set_config(tmp_path / "b", d_model=64)  # a field that needs other weights is refused, the file kept
     assert load_embedder(tmp_path / "b").cfg.d_model == base.cfg.d_model
+    # the title's own weight: normalise(fused + 0.5 * photo-only + 3 * title-only)
+    main([str(tmp_path / "a"), str(tmp_path / "t"), "--modality-blend", "0.5", "--title-blend", "3"])
+    split = load_embedder(tmp_path / "t")
+    assert split.cfg.blend_weights() == (0.5, 3.0) and mixed.cfg.blend_weights() == (2.0, 2.0)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(a[2:] + 0.5 * photo + 3.0 * title, dim=-1)
+        torch.testing.assert_close(split(*x)[2:], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="title_blend must be"):
+        EmbedderConfig(**TINY, title_blend=-2.0)

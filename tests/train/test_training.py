@@ -369,6 +369,8 @@ def test_every_view_flag_reaches_the_train_config(tmp_path, monkeypatch):
         te.main(["--features", str(cache), "--title-weight-with-photo", "3"])
     te.main(["--features", str(cache), "--modality-blend", "1.5"])
     assert models[-1].modality_blend == 1.5
+    te.main(["--features", str(cache), "--modality-blend", "0.5", "--title-blend", "2"])
+    assert models[-1].blend_weights() == (0.5, 2.0)
     with pytest.raises(SystemExit):
         te.main(["--features", str(cache), "--modality-blend", "-1"])
 
