@@ -204,11 +204,14 @@ class Reasoner(ActiveBackend):
         if not self._heads:
             raise EngineError(f"{self._path}: this engine's reasoner has no attribute heads; build it with "
                               "`moon3 build` and committed heads, or --attribute-heads DIR")
+        probs = self._dec.visual_session.run(["attributes"], {"pixels": self._pixels(image)})[0][0]
+        return {k: (v, p) for k, (v, p, sure) in self._best(probs).items() if sure}
+
+    def _pixels(self, image: Any) -> np.ndarray:
+        """A photo as the visual graph reads it: (1, 3, H, W) float32 (InvalidInputError if unreadable)."""
         from sdk.preprocess import image_to_array, load_image
 
-        pixels = image_to_array(load_image(image, name="image"), self._image)[None]
-        probs = self._dec.visual_session.run(["attributes"], {"pixels": pixels})[0][0]
-        return {k: (v, p) for k, (v, p, sure) in self._best(probs).items() if sure}
+        return image_to_array(load_image(image, name="image"), self._image)[None]
 
     def _best(self, probs: np.ndarray) -> dict[str, tuple[str, float, bool]]:
         """Per field: (most likely value other than "absent", its probability, whether the heads are sure of it)."""
@@ -254,8 +257,6 @@ class Reasoner(ActiveBackend):
     def generate_ids(self, image: Any = None, text: str | None = None, task: str = "trace", max_new_tokens: int = 96,
                      **fields: str) -> list[int]:
         """The greedy token ids `generate` decodes (without <eos>); same arguments and errors."""
-        from sdk.preprocess import image_to_array, load_image
-
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InvalidInputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if text is not None and not isinstance(text, str):
@@ -269,18 +270,21 @@ class Reasoner(ActiveBackend):
         vkv = None
         budget = min(max_new_tokens, self.max_len - len(ids))
         if image is not None:
-            pixels = image_to_array(load_image(image, name="image"), self._image)[None]
+            pixels = self._pixels(image)
             if self._heads and task in ("attributes", "category", "attribute_qa"):
                 t0 = time.perf_counter()
-                probs = self._dec.visual_session.run(["attributes"], {"pixels": pixels})[0][0]
-                answer = self._heads_answer(probs, task, fields)
+                # one run gives the heads and, should they not answer, the decoder's visual keys/values
+                vk, vv, probs = self._dec.visual_session.run(["visual_k", "visual_v", "attributes"], {"pixels": pixels})
+                answer = self._heads_answer(probs[0], task, fields)
                 if answer is not None:
                     # the budget is the caller's: the language model's context does not bound the heads
                     out = self._tok.encode(answer, add_special_tokens=False).ids[:max_new_tokens]
                     self.last_stats = {"prompt_tokens": len(ids), "new_tokens": len(out), "heads": True,
                                        "seconds": time.perf_counter() - t0}
                     return out
-            vkv = self._dec.visual(pixels)
+                vkv = (vk, vv)
+            else:
+                vkv = self._dec.visual(pixels)
         stats: dict = {}
         out = self._dec.generate(ids, vkv, budget, stats=stats)
         self.last_stats = stats

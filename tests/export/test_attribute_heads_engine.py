@@ -133,6 +133,10 @@ def test_sdk_reasoner_reads_a_photo_with_its_heads(heads_export, heads_engine):
     # a title alone, and a task the heads do not answer, go through the language model
     r.generate(text="red shoe", task="category")
     assert "heads" not in r.last_stats
+    img = _uint8(pixels[0])  # a field the heads do not read: the decoder answers, from the same photo
+    got = r.generate_ids(image=img, task="attribute_qa", key="brand", max_new_tokens=6)
+    assert "heads" not in r.last_stats
+    assert got == r._dec.generate(r.prompt_ids("attribute_qa", key="brand"), r._dec.visual(r._pixels(img)), 6)
     r.generate(image=_uint8(pixels[0]), task="caption", max_new_tokens=4)
     assert "heads" not in r.last_stats
 
