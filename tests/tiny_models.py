@@ -74,16 +74,15 @@ def tiny_heads(folder):
     to `folder`: (module, the manifest's "heads" record)."""
     import numpy as np
 
-    from sdk.train.attribute_heads import HeadConfig, fit, load_heads_module, save_heads
+    from sdk.export.reasoner_build import load_heads
+    from sdk.train.attribute_heads import HeadConfig, fit, save_heads
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 1280)).astype(np.float32)
     records = [{"article_type": ["Tshirts", "Shoes"][i % 2], "base_colour": ["Black", "White"][i % 3 > 0],
                 "gender": "Men"} for i in range(40)]
     heads = fit(x, records, HeadConfig(hidden=8, epochs=20, min_count=2))
-    module, meta = load_heads_module(save_heads(heads, folder, hidden=8))
-    return module, {"output": "attributes", "max_pairs": 8,
-                    "fields": [[f["key"], f["classes"], f["threshold"]] for f in meta["fields"]]}
+    return load_heads(save_heads(heads, folder, hidden=8), log=lambda *_: None)
 
 
 def tiny_reasoner_export(folder, heads=None):

@@ -2,6 +2,8 @@
 graph's "attributes" output (parity with PyTorch), kept FP32 by the reasoner's quantizer, and read
 by `sdk.Reasoner` (`read`, and the photo's attribute, category and attribute-QA answers)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,8 @@ def heads_export(tmp_path_factory):
     from tiny_models import PooledImageTower
 
     from sdk.export.onnx_reasoner import ReasonerExportConfig, export_reasoner_onnx
-    from sdk.train.attribute_heads import HeadConfig, fit, load_heads_module, save_heads
+    from sdk.export.reasoner_build import load_heads
+    from sdk.train.attribute_heads import HEADS_META, HeadConfig, fit, save_heads
     from sdk.train.reasoner_model import Reasoner, ReasonerConfig
 
     torch.manual_seed(0)
@@ -41,7 +44,8 @@ def heads_export(tmp_path_factory):
     heads = fit(feats, records, HeadConfig(hidden=16, epochs=150, min_count=2))
     heads.thresholds = {k: 0.0 for k in heads.classes} | {"colour": 0.999}  # colour: never sure
     folder = save_heads(heads, tmp_path_factory.mktemp("heads"), hidden=16)
-    module, meta = load_heads_module(folder)
+    module, record = load_heads(folder, log=lambda *_: None)  # as `moon3 build` loads them
+    meta = {**json.loads((folder / HEADS_META).read_text()), "record": record}
     model = Reasoner(ReasonerConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64, n_visual=4,
                                     dropout=0.0)).eval()
     out = tmp_path_factory.mktemp("graphs")
@@ -61,8 +65,6 @@ def test_saved_heads_load_as_one_module_with_the_same_probabilities(heads_export
 
 
 def test_the_visual_graph_writes_the_heads_softmaxes_as_pytorch_does(heads_export):
-    import json
-
     *_, paths, _, _ = heads_export
     report = json.loads((paths["visual"].parent / "reasoner.parity.json").read_text())
     assert report["passed"] and report["max_abs_err_attributes"] < 1e-4
@@ -93,10 +95,8 @@ def heads_engine(heads_export, tmp_path_factory):
     from sdk.train.reasoner_model import TASKS
 
     *_, meta, paths, _, _ = heads_export
-    record = {"output": "attributes", "fields": [[f["key"], f["classes"], f["threshold"]] for f in meta["fields"]],
-              "max_pairs": 8}
     section, parts = reasoner_parts(paths["visual"].parent, tiny_reasoner_tokenizer().to_str().encode(), tasks=TASKS,
-                                    max_len=64, heads=record)
+                                    max_len=64, heads=meta["record"])
     path = tmp_path_factory.mktemp("eng") / "r.engine"
     write_engine(path, {"format": "moon3.engine", "format_version": FORMAT_VERSION, "reasoner": section}, parts)
     return path, section
