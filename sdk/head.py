@@ -82,6 +82,24 @@ def head_weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return need
 
 
+def _config_weight(config: Mapping[str, Any], key: str, default: float, zero: bool = True,
+                   nullable: bool = False) -> float:
+    """A weight of the head config (`default` where absent, or None and `nullable`): finite and
+    >= 0 (> 0 unless `zero`).
+
+    Raises:
+        EngineError: it is not a number, or out of that range.
+    """
+    value = config.get(key, default)
+    try:
+        w = default if value is None and nullable else float(value)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"the head config's {key} is not a number: {exc}") from exc
+    if not (np.isfinite(w) and (w >= 0 if zero else w > 0)):
+        raise EngineError(f"the head config's {key} must be finite and {'>=' if zero else '>'} 0, got {w}")
+    return w
+
+
 class FusionHead:
     """NumPy inference of the fusion embedder's head.
 
@@ -108,27 +126,11 @@ class FusionHead:
         # head adds it and the title's own (a linear map of its mean token state) before the norm
         self.skip_path = bool(config.get("skip_path", False))
         # the title's skip term's weight in photo + title vectors (EmbedderConfig.title_weight_with_photo)
-        try:
-            self.title_weight_with_photo = float(config.get("title_weight_with_photo", 1.0))
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"the head config's title_weight_with_photo is not a number: {exc}") from exc
-        if not (np.isfinite(self.title_weight_with_photo) and self.title_weight_with_photo > 0):
-            raise EngineError(f"the head config's title_weight_with_photo must be finite and > 0, "
-                              f"got {self.title_weight_with_photo}")
-        # photo + title vectors blend in their photo-only and title-only ones (EmbedderConfig.modality_blend)
-        try:
-            self.modality_blend = float(config.get("modality_blend", 0.0))
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"the head config's modality_blend is not a number: {exc}") from exc
-        if not (np.isfinite(self.modality_blend) and self.modality_blend >= 0):
-            raise EngineError(f"the head config's modality_blend must be finite and >= 0, got {self.modality_blend}")
-        try:  # the title-only vector's own weight in the blend (EmbedderConfig.title_blend; None: modality_blend)
-            tb = config.get("title_blend")
-            self.title_blend = self.modality_blend if tb is None else float(tb)
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"the head config's title_blend is not a number: {exc}") from exc
-        if not (np.isfinite(self.title_blend) and self.title_blend >= 0):
-            raise EngineError(f"the head config's title_blend must be finite and >= 0, got {self.title_blend}")
+        self.title_weight_with_photo = _config_weight(config, "title_weight_with_photo", 1.0, zero=False)
+        # photo + title vectors blend in their photo-only and title-only ones (EmbedderConfig.modality_blend),
+        # the title-only one by its own weight where given (EmbedderConfig.title_blend; None: modality_blend)
+        self.modality_blend = _config_weight(config, "modality_blend", 0.0)
+        self.title_blend = _config_weight(config, "title_blend", self.modality_blend, nullable=True)
         self._w: dict[str, np.ndarray] = {}
         need = head_weight_shapes(config)
         for name, shape in need.items():
