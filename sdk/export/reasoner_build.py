@@ -77,15 +77,19 @@ def load_heads(folder: Path | None, log=print):
     """(module, the manifest's "heads" record) of the attribute heads in `folder`, or (None, None).
 
     Raises:
-        ExportError: the heads read other features than the reasoner's image tower gives.
+        ExportError: `folder` holds no heads, or they read other features than the reasoner's image tower gives.
     """
     if folder is None:
         return None, None
-    from sdk.train.attribute_heads import FEATURE, load_heads_module
+    from sdk.train.attribute_heads import FEATURE, HEADS_FILE, HEADS_META, load_heads_module
     from sdk.train.reasoner_model import MAX_ATTRIBUTES
 
     from .onnx_tools import ExportError
 
+    missing = [name for name in (HEADS_META, HEADS_FILE) if not (Path(folder) / name).is_file()]
+    if missing:
+        raise ExportError(f"{folder} holds no attribute heads (no {' or '.join(missing)}); write them with "
+                          "`python -m sdk.train.attribute_heads ... --out DIR`, or build with --no-attribute-heads")
     module, meta = load_heads_module(folder)
     if meta.get("feature") != FEATURE or meta.get("dims") != 1280:
         raise ExportError(f"the attribute heads in {folder} read {meta.get('feature')!r} ({meta.get('dims')} dims); "

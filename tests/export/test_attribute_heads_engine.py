@@ -180,6 +180,10 @@ def test_an_engine_without_heads_or_with_the_wrong_width_is_refused(heads_engine
     assert r.heads == ()
     with pytest.raises(EngineError, match="no attribute heads"):
         r.read(np.zeros((8, 8, 3), np.uint8))
+    from sdk.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="image"):
+        Reasoner(path).read(b"not an image")
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +216,5 @@ def test_the_build_finds_the_committed_heads_and_refuses_heads_for_other_feature
     save_heads(fit(x, records, HeadConfig(epochs=5, min_count=2)), tmp_path, hidden=0)
     with pytest.raises(ExportError, match=r"\(16 dims\)"):
         load_heads(tmp_path, log=lambda *_: None)
+    with pytest.raises(ExportError, match=r"holds no attribute heads \(no heads.json or heads.safetensors\)"):
+        load_heads(tmp_path / "nowhere")
