@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("sdk/train/weights/MODEL_CARD.md"))
     ap.add_argument("--suite", type=Path, default=None, help="the validation suite's report (sdk.train.evaluate) to add")
     args = ap.parse_args(argv)
-    names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "full_trace", "full_trace_eval", "tte", "grpo",
+    names = [v for v, _ in VARIANTS] + ["full_v1", "linear_v1", "trace_base", "full_trace", "full_trace_eval", "tte", "grpo",
                                         "trace_score", "trace3_eval", "trace3_score", "trace3_train", "trace3_fp16_eval",
                                         "tte3", "grpo3"]
     reports = {v: json.loads((args.reports / f"{v}.json").read_text())

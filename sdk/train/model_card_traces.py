@@ -51,7 +51,9 @@ def trace_section(reports: dict) -> list[str]:
         "image encoder frozen) with the trace views added to the loss (text+trace -> mm+trace, "
         "image+trace -> mm+trace, mm+trace <->",
         f"mm, text+trace -> mm, image+trace <-> text+trace; {tc['trace_drop']:.0%} of traced rows drop the trace).",
-        f"Training took {r['seconds'] / 60:.1f} min. Validation R@1 / R@10 (same protocol as above):",
+        f"Training took {r['seconds'] / 60:.1f} min. Validation R@1 / R@10 (same protocol as above"
+        + ("; on that model's split, the\nearlier one: validation ids ending in 0, "
+           f"{base['val_items']} products" if "trace_base" in reports else "") + "):",
         "",
         "| model, traces | " + " | ".join(f"{t} R@1 / R@10" for t in TRACE_TASKS) + " |",
         "|" + "---|" * (len(TRACE_TASKS) + 1),

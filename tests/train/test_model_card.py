@@ -95,7 +95,10 @@ def test_card_adds_the_validation_suite_when_given():
     card = render(reports, meta, cfg, suite)
     assert "## Validation suite (leak-free split)" in card and "`python -m sdk.train.evaluate --catalog c`" in card
     assert "| cross-modal | title->photo R@10 | 0.500 | 0.600 | +10.0 |" in card
-    assert "measured when the model was trained, on the earlier split" in card.lower()
+    assert "measured when the model was trained, on the earlier split" in render(
+        reports, {k: v for k, v in meta.items() if k != "split"}, cfg, suite).lower()
+    assert "on the same\nleak-free validation products as the suite below" in render(
+        reports, {**meta, "split": {"rule": "leak-free-v1"}}, cfg, suite)
     assert card.index("## Validation suite") < card.index("## Reproduce")
 
 
