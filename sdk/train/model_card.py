@@ -255,6 +255,8 @@ def train_flags(full: dict, model_config: dict) -> str:
 
     tc, default = full["train_config"], TrainConfig()
     out = ["--skip-path"] if model_config.get("skip_path") else []
+    if float(model_config.get("title_weight_with_photo", 1.0)) != 1.0:
+        out.append(f"--title-weight-with-photo {float(model_config['title_weight_with_photo']):g}")
     if float(model_config.get("modality_blend", 0.0)):
         out.append(f"--modality-blend {float(model_config['modality_blend']):g}")
     if model_config.get("title_blend") is not None:
@@ -272,7 +274,6 @@ def _reproduce(stored: dict, features_meta: dict, full: dict | None = None, mode
                suite: dict | None = None) -> list[str]:
     """The commands that rebuild the weights and this card."""
     if full is not None and model_config is not None and features_meta.get("split"):  # the leak-free recipe
-        w = float(model_config.get("title_weight_with_photo", 1.0))
         flags = train_flags(full, model_config)
         run = (".venv/bin/python -m sdk.train.train_embedder --features .cache/features --catalog ../shared/data/catalog "
                f"--variant full {flags}")
@@ -286,8 +287,7 @@ def _reproduce(stored: dict, features_meta: dict, full: dict | None = None, mode
             "# the recipe's held-out twin, for the suite's held-out family",
             f"{run} --holdout-master-category Footwear --checkpoint runs/holdout.ckpt --out runs/holdout "
             "--report runs/holdout.json",
-            ".venv/bin/python -m sdk.train.fusion_model runs/full sdk/train/weights"
-            + (f" --title-weight-with-photo {w:g}" if w != 1.0 else "") + "   # stored fp16",
+            ".venv/bin/python -m sdk.train.fusion_model runs/full sdk/train/weights   # stored fp16",
             ".venv/bin/python -m sdk.export.fp16_fidelity --embedder sdk/train/weights=runs/full "
             "--out docs/results/weights_fp16.json",
             *([suite["command"].replace("python -m", ".venv/bin/python -m", 1)] if suite and suite.get("command") else []),

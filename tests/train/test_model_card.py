@@ -146,5 +146,7 @@ def test_a_leak_free_skip_path_recipe_card_names_its_split_terms_and_command():
     steps = "\n".join(_reproduce({"dtype": "float16"}, {"split": {"rule": "leak-free-v1"}, "renditions": 2,
                                                          "seconds": 960.0}, full, cfg, {"command": "python -m x"}))
     assert f"--variant full {flags} --checkpoint runs/full.ckpt" in steps
-    assert "--holdout-master-category Footwear" in steps and "--title-weight-with-photo 3" in steps
+    assert "--holdout-master-category Footwear" in steps and "--title-weight-with-photo 3" in flags
+    # the title's weight shapes training (photo + title views), so it is a training flag, not set afterwards
+    assert "fusion_model runs/full sdk/train/weights   # stored fp16" in steps
     assert ".venv/bin/python -m x" in steps and "--renditions 2" in steps
