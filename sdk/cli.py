@@ -90,6 +90,9 @@ def _parser_build(sub) -> None:
                    help="int8 (with --precision int8): the image tower's convolutions static INT8 (calibrated on "
                         "catalog photos), the most sensitive kept FP32 after a sensitivity sweep, each candidate "
                         "gated end to end; FP32 when none passes")
+    b.add_argument("--image-matmuls", choices=("int8", "fp32"), default="int8",
+                   help="fp32 (with --precision int8): the image graph's matmuls (the fusion model's image encoder) "
+                        "stay FP32, so photo vectors are the FP32 graph's; the text graph is quantized as usual")
     b.add_argument("--int8-activations", choices=("per-tensor", "per-token"), default="per-tensor",
                    help="int8: one activation scale per tensor (ONNX Runtime's dynamic quantization; an item's "
                         "vector moves slightly with its batch neighbours) or per token (batch-invariant: the "

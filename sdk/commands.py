@@ -33,6 +33,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         calib_method=args.calib_method,
         smooth_alpha=None if args.smooth_alpha < 0 else args.smooth_alpha,
         image_convs=args.image_convs,
+        image_matmuls=args.image_matmuls,
         int8_activations=args.int8_activations,
         reasoner=None if args.no_reasoner else (args.reasoner or "auto"),
         completion=None if args.no_completion else (args.completion or "auto"),

@@ -117,7 +117,8 @@ def _text_candidates(cfg: BuildConfig, graphs: _Graphs, tokenizer_path: Path, tm
     folded = fold_constants(graphs.text, tmp / "text.folded.onnx")
     if cfg.layout == "split":
         graphs.folded_image = fold_constants(graphs.image, tmp / "image.folded.onnx")
-        graphs.image = quantize_int8(graphs.folded_image, tmp / "image.int8.onnx", activations=cfg.int8_activations)
+        graphs.image = (graphs.folded_image if cfg.image_matmuls == "fp32" else
+                        quantize_int8(graphs.folded_image, tmp / "image.int8.onnx", activations=cfg.int8_activations))
     sources: dict[str, Path] = {}  # candidate label -> the graph it quantizes, when not `folded`
     if cfg.precision == "int8":
         listed = int8_candidates(scopes, cfg.smooth_alpha)
@@ -247,6 +248,7 @@ def build_engine(cfg: BuildConfig, log=print) -> Path:
         out = package(cfg.out, graph, fidelity=report, extra_parts=extra_parts, extra={**extra, "build": {
             "precision": cfg.precision, "layout": cfg.layout, "weights": str(weights),
             "image_convs": report.get("image_convolutions", "fp32"),
+            "image_matmuls": cfg.image_matmuls if cfg.precision == "int8" and cfg.layout == "split" else None,
             "int8_activations": cfg.int8_activations if cfg.precision == "int8" else None,
             "reasoner": str(rdir) if rdir else None, "reasoner_precision": cfg.reasoner_precision if rdir else None,
             "completion": str(cdir) if cdir else None,
@@ -311,6 +313,7 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
             log(f"[auto {n}/{len(cfg.auto_candidates)}] candidate {precision}")
             c = dataclasses.replace(cfg, precision=precision, out=Path(tmp) / f"{precision}.engine", reasoner=None,
                                     image_convs=cfg.image_convs if precision == "int8" else "fp32",
+                                    image_matmuls=cfg.image_matmuls if precision == "int8" else "int8",
                                     completion=None, enforce=True)
             try:
                 path = build_engine(c, log=lambda msg, p=precision: log(f"  [{p}] {msg}"))
@@ -329,7 +332,9 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
     best, why = pick_precision(results)
     log(f"[auto] chose {why}")
     out = build_engine(dataclasses.replace(cfg, precision=best["precision"],
-                                           image_convs=cfg.image_convs if best["precision"] == "int8" else "fp32"), log)
+                                           image_convs=cfg.image_convs if best["precision"] == "int8" else "fp32",
+                                           image_matmuls=cfg.image_matmuls if best["precision"] == "int8" else "int8"),
+                         log)
     engine = EngineFile.read(out)
     manifest = json.loads(json.dumps(engine.manifest))
     manifest.setdefault("build", {})["auto"] = {"chosen": best["precision"], "why": why, "candidates": results}

@@ -19,6 +19,7 @@ AUTO_CANDIDATES = ("int8", "int8-static", "fp16", "fp32")
 AUTO_VIEWS = ("photo+title", "title")  # the batch-1 calls timed per candidate; their medians are summed
 LAYOUTS = ("split", "single")
 IMAGE_CONVS = ("fp32", "int8")  # the image tower's convolutions in an "int8" split engine
+IMAGE_MATMULS = ("int8", "fp32")  # the image graph's matmuls (image encoder) in an "int8" split engine
 SPLIT_ONLY = ("int8-static", "fp16")  # precisions that build the split layout's graphs only
 
 
@@ -66,6 +67,9 @@ class BuildConfig:
             keeps the most sensitive ones FP32 as `sdk.export.static_int8.IMAGE_CONV_LADDER` says, each candidate gated
             end to end; when none passes, the convolutions stay FP32.
         calib_images: photos (stratified; the catalog's train split) for the image calibration.
+        image_matmuls: "int8" quantizes the image graph's matmuls (the fusion model's image encoder
+            and projection) dynamically, as the text graph's; "fp32" keeps them FP32 (precision
+            "int8", split layout): the photo vectors are then the FP32 graph's.
         int8_activations: "per-tensor" (ONNX Runtime's dynamic quantization: one activation scale
             per batch, so an item's vector moves slightly with its batch neighbours) or "per-token"
             (one scale per token, `sdk.export.per_token`: an item's vector is the same alone or in
@@ -101,6 +105,7 @@ class BuildConfig:
     auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
     auto_rounds: int = 15
     image_convs: str = "fp32"
+    image_matmuls: str = "int8"
     calib_images: int = 64
     int8_activations: str = "per-tensor"
 
@@ -144,6 +149,13 @@ class BuildConfig:
         if self.image_convs == "int8" and (self.precision not in ("int8", "auto") or self.layout != "split"):
             raise ValueError(f"image_convs 'int8' needs precision 'int8' (or 'auto') and layout 'split', got "
                              f"precision {self.precision!r}, layout {self.layout!r}")
+        if self.image_matmuls not in IMAGE_MATMULS:
+            raise ValueError(f"image_matmuls must be one of {IMAGE_MATMULS}, got {self.image_matmuls!r}")
+        if self.image_matmuls == "fp32" and (self.precision not in ("int8", "auto") or self.layout != "split"
+                                             or self.image_convs != "fp32"):
+            raise ValueError(f"image_matmuls 'fp32' needs precision 'int8' (or 'auto'), layout 'split' and image_convs "
+                             "'fp32', got "
+                             f"precision {self.precision!r}, layout {self.layout!r}, image_convs {self.image_convs!r}")
         if self.int8_activations not in INT8_ACTIVATIONS:
             raise ValueError(f"int8_activations must be one of {INT8_ACTIVATIONS}, got {self.int8_activations!r}")
         if self.int8_activations != "per-tensor" and self.precision not in ("int8", "auto"):

@@ -50,7 +50,11 @@ def test_recall_counts_title_groups():
      ({"image_convs": "int4"}, "image_convs must be one of"),
      ({"image_convs": "int8", "precision": "fp16"}, "image_convs 'int8' needs precision 'int8'"),
      ({"image_convs": "int8", "layout": "single"}, "needs precision 'int8' .* and layout 'split'"),
-     ({"calib_images": 4}, "calib_images must be >= 8")],
+     ({"calib_images": 4}, "calib_images must be >= 8"),
+     ({"image_matmuls": "int4"}, "image_matmuls must be one of"),
+     ({"image_matmuls": "fp32", "precision": "fp16"}, "image_matmuls 'fp32' needs precision 'int8'"),
+     ({"image_matmuls": "fp32", "layout": "single"}, "image_matmuls 'fp32' needs .* layout 'split'"),
+     ({"image_matmuls": "fp32", "image_convs": "int8"}, "image_matmuls 'fp32' needs .* image_convs 'fp32'")],
 )
 def test_build_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -358,3 +362,21 @@ def test_text_calibration_uses_the_shipped_train_split_titles_by_default(tmp_pat
     tok = text_tower_path() / "tokenizer.json"
     cal = CalibrationSet.text_from_catalog(CALIB, tok, n=256)
     assert sorted(cal.ids) == sorted(r["id"] for r in records)
+
+
+@pytest.mark.parametrize("image_matmuls", ["int8", "fp32"])
+def test_image_matmuls_choose_the_split_engines_image_graph(tiny_split_engine, tmp_path, image_matmuls):
+    """--image-matmuls fp32 keeps the image graph's matmuls FP32 (the folded FP32 graph); int8, the
+    default, quantizes them dynamically; the text candidates are the same either way."""
+    import onnx
+
+    from sdk.export.build import _Graphs, _text_candidates
+
+    parts = tiny_split_engine.parts
+    graphs = _Graphs(text=parts["text"], image=parts["image"], head=parts["head"], parity={})
+    cfg = BuildConfig(out=tmp_path / "x.engine", smooth_alpha=None, image_matmuls=image_matmuls)
+    candidates = _text_candidates(cfg, graphs, tmp_path / "unused-tokenizer.json", tmp_path, lambda *_: None)
+    ops = {n.op_type for n in onnx.load(str(graphs.image)).graph.node}
+    quantized = {"DynamicQuantizeLinear", "MatMulInteger"} & ops
+    assert bool(quantized) == (image_matmuls == "int8") and "MatMul" in ops
+    assert graphs.folded_image is not None and len(candidates) == 4
