@@ -300,6 +300,15 @@ def pick_precision(results: list[dict]) -> tuple[dict, str]:
     return best, why
 
 
+def as_precision(cfg: BuildConfig, precision: str, **changes) -> BuildConfig:
+    """`cfg` for one of `precision="auto"`'s candidates: the INT8-only options (image_convs,
+    image_matmuls, int8_activations) kept for "int8" and set to their defaults for the others,
+    which refuse them; `changes` as `dataclasses.replace`."""
+    int8_only = {} if precision == "int8" else {"image_convs": "fp32", "image_matmuls": "int8",
+                                                 "int8_activations": "per-tensor"}
+    return dataclasses.replace(cfg, precision=precision, **int8_only, **changes)
+
+
 def build_auto(cfg: BuildConfig, log=print) -> Path:
     """`precision="auto"`: build each of cfg.auto_candidates (embedder only), measure its fidelity
     (the gates) and its batch-1 latency on this machine, then build the fastest that passed, with
@@ -311,10 +320,8 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
     with tempfile.TemporaryDirectory(prefix="moon3-auto-") as tmp:
         for n, precision in enumerate(cfg.auto_candidates, 1):
             log(f"[auto {n}/{len(cfg.auto_candidates)}] candidate {precision}")
-            c = dataclasses.replace(cfg, precision=precision, out=Path(tmp) / f"{precision}.engine", reasoner=None,
-                                    image_convs=cfg.image_convs if precision == "int8" else "fp32",
-                                    image_matmuls=cfg.image_matmuls if precision == "int8" else "int8",
-                                    completion=None, enforce=True)
+            c = as_precision(cfg, precision, out=Path(tmp) / f"{precision}.engine", reasoner=None, completion=None,
+                             enforce=True)
             try:
                 path = build_engine(c, log=lambda msg, p=precision: log(f"  [{p}] {msg}"))
             except GateError as exc:
@@ -331,10 +338,7 @@ def build_auto(cfg: BuildConfig, log=print) -> Path:
             log(f"  {precision}: passed; batch-1 latency {lat}")
     best, why = pick_precision(results)
     log(f"[auto] chose {why}")
-    out = build_engine(dataclasses.replace(cfg, precision=best["precision"],
-                                           image_convs=cfg.image_convs if best["precision"] == "int8" else "fp32",
-                                           image_matmuls=cfg.image_matmuls if best["precision"] == "int8" else "int8"),
-                         log)
+    out = build_engine(as_precision(cfg, best["precision"]), log)
     engine = EngineFile.read(out)
     manifest = json.loads(json.dumps(engine.manifest))
     manifest.setdefault("build", {})["auto"] = {"chosen": best["precision"], "why": why, "candidates": results}

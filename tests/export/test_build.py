@@ -380,3 +380,18 @@ def test_image_matmuls_choose_the_split_engines_image_graph(tiny_split_engine, t
     quantized = {"DynamicQuantizeLinear", "MatMulInteger"} & ops
     assert bool(quantized) == (image_matmuls == "int8") and "MatMul" in ops
     assert graphs.folded_image is not None and len(candidates) == 4
+
+
+def test_auto_candidates_drop_the_int8_only_options_they_refuse(tmp_path):
+    """`--precision auto` with INT8-only options (per-token activations, FP32 image matmuls) builds
+    its int8 candidate with them and the other precisions without, instead of a ValueError."""
+    from sdk.export.build import as_precision
+
+    cfg = BuildConfig(out=tmp_path / "x.engine", precision="auto", int8_activations="per-token",
+                      image_matmuls="fp32")
+    int8 = as_precision(cfg, "int8", enforce=False)
+    assert (int8.int8_activations, int8.image_matmuls, int8.enforce) == ("per-token", "fp32", False)
+    for precision in ("int8-static", "fp16", "fp32"):
+        c = as_precision(cfg, precision)
+        assert (c.precision, c.int8_activations, c.image_matmuls, c.image_convs) == (precision, "per-tensor", "int8",
+                                                                                     "fp32")
