@@ -2,10 +2,18 @@
 call split into its parts: photo decode, preprocessing, the image and text graphs, the head, and
 the rest (tokenization, batching, Python).
 
-    .venv/bin/python benchmarks/compare_engines.py a.engine b.engine --call image+text:1 --call text:8
+    .venv/bin/python benchmarks/compare_engines.py a.engine b.engine --call image+text:1 --call text:8 \
+        [--json stages.json]
+
+With `--json`, the medians go to a JSON file with the command, commit and tree state
+(`benchmarks/run.sh` writes benchmarks/results/stages.json this way; `benchmarks/report.py
+--stages` renders it as the "where the time goes" table).
 
 One thread per engine; medians over `--rounds` calls after 20 warm-up calls each. The inputs are
-the sample products (data/samples).
+the sample products (data/samples). The vectors are checked too: every timed call of an engine
+must return the vectors of its first call (cosine >= 0.99999), and the two engines' vectors are
+compared (cosine mean and min, printed; below `--min-cosine` the script fails: two engines of one
+model that disagree more than that are not timing the same work).
 """
 
 from __future__ import annotations
@@ -45,8 +53,19 @@ class _Timed:
         return self._timed(self.target.run, *args, **kwargs)
 
 
-def compare(engines: list[str], modality: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
-    """{engine: {part: median ms}} for one call kind ("image+text", "text", "image") and batch."""
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def compare(engines: list[str], modality: str, batch: int, rounds: int
+            ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """({engine: {part: median ms}}, {engine: its vectors}) for one call kind ("image+text",
+    "text", "image") and batch.
+
+    Raises:
+        SystemExit: an engine's timed call returned other vectors than its first call.
+    """
     from bench_common import SAMPLES
 
     import sdk.embedder as embedder
@@ -61,8 +80,8 @@ def compare(engines: list[str], modality: str, batch: int, rounds: int) -> dict[
         embs = {}
         for path in engines:
             emb = embedder.Embedder(path, threads=1)
-            split = emb._split
-            if split is None:
+            split = emb._runner
+            if not hasattr(split, "image_session"):
                 raise SystemExit(f"{path}: a split engine is needed (its parts are timed)")
             split.image_session = _Timed(split.image_session, "image graph", acc)
             split.text_session = _Timed(split.text_session, "text graph", acc)
@@ -71,14 +90,18 @@ def compare(engines: list[str], modality: str, batch: int, rounds: int) -> dict[
         images, titles, _ = load_inputs(SAMPLES, batch)
         kw = make_call(modality, images, titles)
         samples: dict[str, dict[str, list[float]]] = {p: collections.defaultdict(list) for p in embs}
+        first: dict[str, np.ndarray] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)
             for r in range(20 + rounds):
                 for path, emb in embs.items():  # alternating: drift on a shared machine hits both
                     acc.clear()
                     t0 = time.perf_counter()
-                    emb.embed(**kw)
+                    v = emb.embed(**kw)
                     total = time.perf_counter() - t0
+                    first.setdefault(path, v)
+                    if _cosine_rows(v, first[path]).min() < 0.99999:
+                        raise SystemExit(f"{path}: call {r} returned other vectors than the first call")
                     if r >= 20:
                         samples[path]["total"].append(total)
                         for part, s in acc.items():
@@ -90,7 +113,7 @@ def compare(engines: list[str], modality: str, batch: int, rounds: int) -> dict[
         med = {part: float(np.median(v)) * 1e3 for part, v in parts.items()}
         med["rest"] = med["total"] - sum(v for k, v in med.items() if k != "total")
         out[path] = med
-    return out
+    return out, first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,16 +122,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--call", action="append", default=None, metavar="MODALITY:BATCH",
                     help="e.g. image+text:1 (repeatable; default image+text:1, image:1, text:1)")
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--min-cosine", type=float, default=0.99,
+                    help="fail when the two engines' vectors have a cosine mean below this (default 0.99)")
+    ap.add_argument("--json", type=Path, default=None, help="write the medians and vector checks here")
     args = ap.parse_args(argv)
+    cmd = "python benchmarks/compare_engines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report: dict = {"command": cmd,
+                    **_provenance(), "engines": list(args.engines), "rounds": args.rounds, "threads": 1, "calls": {}}
     for call in args.call or ["image+text:1", "image:1", "text:1"]:
         modality, _, batch = call.partition(":")
-        res = compare(args.engines, modality, int(batch or 1), args.rounds)
+        res, vectors = compare(args.engines, modality, int(batch or 1), args.rounds)
         a, b = (res[p] for p in args.engines)
-        print(f"== {modality}, batch {batch or 1}: medians of {args.rounds} calls, ms")
+        cos = _cosine_rows(*(vectors[p] for p in args.engines))
+        print(f"== {modality}, batch {batch or 1}: medians of {args.rounds} calls, ms; "
+              f"vectors of the two engines: cosine mean {cos.mean():.5f}, min {cos.min():.5f}")
+        if cos.mean() < args.min_cosine:
+            raise SystemExit(f"the two engines' vectors differ (cosine mean {cos.mean():.5f} < {args.min_cosine})")
+        report["calls"][f"{modality}:{batch or 1}"] = {"ms": [a, b], "cosine_mean": float(cos.mean()),
+                                                       "cosine_min": float(cos.min())}
         for part in ["total", *[k for k in a if k not in ("total", "rest")], "rest"]:
             ratio = a.get(part, 0) / max(b.get(part, 0), 1e-9)
             print(f"  {part:14s} {a.get(part, 0):9.3f} {b.get(part, 0):9.3f}   ratio {ratio:.2f}")
+    if args.json is not None:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
     return 0
+
+
+def _provenance() -> dict:
+    """Commit, tree state (uncommitted changes to tracked files), machine and load at the start."""
+    import os
+    import platform
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "tree_clean": None if status is None else not status,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "load_avg_at_start": list(os.getloadavg())}}
 
 
 if __name__ == "__main__":

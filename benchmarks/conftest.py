@@ -76,8 +76,24 @@ def teacher_vectors(request, products):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    # A shared machine's load explains a noisy run: keep it with the results.
+    # A shared machine's load explains a noisy run: keep it with the results, with the tree's state
+    # (uncommitted changes to tracked files make the figures not a committed state's) and how much
+    # of each engine file was in the page cache when the run started.
     import os
+    import subprocess
+
+    from sdk.pagecache import cached_fraction
 
     machine_info["loadavg_at_start"] = list(os.getloadavg())
     machine_info["bench_threads"] = THREADS
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        machine_info["tree_clean"] = status.returncode == 0 and not status.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        machine_info["tree_clean"] = None
+    machine_info["engines_page_cached"] = {
+        var: cached_fraction(os.environ[var]) for var in sorted(os.environ)
+        if var.startswith("MOON3_ENGINE") and Path(os.environ[var]).is_file()}
+    cpuinfo = Path("/proc/cpuinfo")
+    machine_info["avx512_vnni"] = "avx512_vnni" in cpuinfo.read_text() if cpuinfo.exists() else None

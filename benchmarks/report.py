@@ -30,11 +30,15 @@ FASTEMBED = "fastembed onnx"
 TORCH_REASONER = "torch-eager"
 DEFAULT_REASONER = "onnx-int4"  # the reasoner precision `moon3 build` ships
 
+PLAIN = "plain pipeline (PIL + FP32 onnxruntime)"
 # (what, target, how to read it) - the speed goals of the embedder
 TARGETS = {
-    "int8_vs_teacher_b1": ("INT8 engine latency / FP32 teacher (torch eager), batch 1", 0.15, "<="),
-    "text_vs_st_quint8": ("text-only throughput / sentence-transformers ONNX quint8", 1.5, ">="),
+    "int8_vs_teacher_b1": ("default engine latency / FP32 torch eager running only the towers the input needs, "
+                           "batch 1", 0.15, "<="),
+    "text_vs_st_quint8": ("text-only throughput / sentence-transformers ONNX quint8", 2.0, ">="),
     "text_vs_fastembed": ("text-only throughput / fastembed", 4.0, ">="),
+    "catalog_vs_plain": ("catalog photo + title items/s at batch 32, decode included, default engine / plain "
+                         "pipeline (PIL + the FP32 model in onnxruntime), same threads", 3.0, ">="),
     "cold_start": ("cold start: import sdk -> engine loaded -> first vector (s)", 1.0, "<="),
     "reasoner_decode_vs_torch": ("reasoner decode tokens/s, INT4 engine / torch eager generate", 4.0, ">="),
 }
@@ -55,6 +59,9 @@ def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             "cpu_count": (mi.get("cpu") or {}).get("count"),
             "python": mi.get("python_version"),
             "commit": (data.get("commit_info") or {}).get("id"),
+            "dirty": (not mi["tree_clean"]) if mi.get("tree_clean") is not None
+            else (data.get("commit_info") or {}).get("dirty"),
+            "avx512_vnni": mi.get("avx512_vnni"),
             "loadavg": mi.get("loadavg_at_start"),
             "threads": mi.get("bench_threads"),
         }
@@ -109,10 +116,18 @@ def targets(rows: list[dict]) -> list[dict]:
             out.append(_target("reasoner_decode_vs_torch", ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"], src,
                                f"{ours['decode_tokens_per_s']:.0f} vs {ref['decode_tokens_per_s']:.0f} decode tokens/s"
                                f"{best}"))
+        for threads in sorted({r["threads"] for r in rs if r.get("kind") == "catalog"}):
+            ours = _find(rs, kind="catalog", runner="moon3 engine", batch=32, threads=threads)
+            plain = _find(rs, kind="catalog", runner=PLAIN, batch=32, threads=threads)
+            if ours and plain:
+                out.append(_target("catalog_vs_plain", ours["items_per_s"] / plain["items_per_s"], src,
+                                   f"{threads} thread(s): {ours['items_per_s']:.1f} vs {plain['items_per_s']:.1f} items/s"))
         for r in rs:
-            if r.get("kind") == "cold-start" and r.get("modality") == "text" and r.get("batch") == 1:
+            if (r.get("kind") == "cold-start" and r.get("modality") == "text" and r.get("batch") == 1
+                    and r.get("precision", "").startswith("int8")):
+                cache = f", engine {r['cache']} in the page cache" if r.get("cache") else ""
                 out.append(_target("cold_start", r["cold_start_s"], src,
-                                   f"{r['runner']}: import sdk {r['import_s']:.2f} + load {r['load_s']:.2f} "
+                                   f"{r['runner']}{cache}: import sdk {r['import_s']:.2f} + load {r['load_s']:.2f} "
                                    f"(onnxruntime import {r.get('ort_import_s', float('nan')):.2f}) + first vector "
                                    f"{r['first_embed_s']:.3f} s; whole process {r['process_s']:.2f} s"))
     return out
@@ -136,7 +151,8 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
     for src, m in meta.items():
         load = f", load average {m['loadavg'][0]:.1f} at start" if m.get("loadavg") else ""
         lines.append(f"- run `{src}`: {m['datetime']}, {m['cpu']} ({m['cpu_count']} CPUs{load}), {m['threads']} threads "
-                     f"per runner, Python {m['python']}, commit {str(m['commit'])[:10]}")
+                     f"per runner, Python {m['python']}, commit {str(m['commit'])[:10]}"
+                     + {True: " (**dirty tree**: not a committed state)", False: " (clean tree)"}.get(m.get("dirty"), ""))
     lines.append("")
 
     eng = [r for r in rows if r.get("kind") in ("engine", "teacher")]
@@ -189,17 +205,20 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
     cold = [r for r in rows if r.get("kind") == "cold-start"]
     if cold:
         lines += ["## Cold start and memory (fresh process each, medians)", "",
-                  "| engine | call | import sdk | load engine (of it: import onnxruntime) | first vector | cold start "
-                  "| whole process | peak RSS |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| engine | call | engine file | import sdk | load engine (of it: import onnxruntime) | first vector "
+                  "| cold start | whole process | peak RSS |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in cold:
             ort_s = f" ({r['ort_import_s']:.2f} s)" if "ort_import_s" in r else ""
-            lines.append(f"| {r['runner']}, {r['precision']} | {r['modality']}, batch {r['batch']} "
+            frac = r.get("engine_cached_fraction")
+            cache = f"{r.get('cache', 'as found')}" + (f" ({frac:.0%} cached)" if frac is not None else "")
+            lines.append(f"| {r['runner']}, {r['precision']} | {r['modality']}, batch {r['batch']} | {cache} "
                          f"| {r['import_s']:.2f} s | "
                          f"{r['load_s']:.2f} s{ort_s} | {r['first_embed_s']:.3f} s | **{r['cold_start_s']:.2f} s** | "
                          f"{r['process_s']:.2f} s | {r['peak_rss_mb']:.0f} MiB |")
         lines.append("")
 
+    lines += _catalog_table(rows)
     reasoner = [r for r in rows if r.get("kind") == "reasoner"]
     for src in sorted({r["source"] for r in reasoner}):
         rs = [r for r in reasoner if r["source"] == src]
@@ -233,6 +252,51 @@ def markdown(rows: list[dict], meta: dict, tg: list[dict]) -> str:
                          f"{t['detail']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _catalog_table(rows: list[dict]) -> list[str]:
+    cat = [r for r in rows if r.get("kind") == "catalog"]
+    if not cat:
+        return []
+    lines = ["## Catalog throughput: photo + title items/s, JPEG decode included", "",
+             "| batch | threads | moon3 engine | plain pipeline (PIL + FP32 onnxruntime) | engine ÷ plain "
+             "| engine cosine vs teacher (mean / min) |", "|---|---|---|---|---|---|"]
+    for batch in sorted({r["batch"] for r in cat}):
+        for threads in sorted({r["threads"] for r in cat}):
+            e = _find(cat, runner="moon3 engine", batch=batch, threads=threads)
+            p = _find(cat, runner=PLAIN, batch=batch, threads=threads)
+            ratio = f"{e['items_per_s'] / p['items_per_s']:.2f}x" if e and p else "-"
+            cos = f"{e['cosine_mean']:.4f} / {e['cosine_min']:.4f}" if e and "cosine_mean" in e else "-"
+            lines.append(f"| {batch} | {threads} | {e['items_per_s']:.1f} | {p['items_per_s']:.1f} | {ratio} | {cos} |"
+                         if e and p else f"| {batch} | {threads} | - | - | - | - |")
+    return lines + [""]
+
+
+def plot_catalog(rows: list[dict], path: Path) -> None:
+    """Items/s against batch size, one line per runner and thread count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cat = [r for r in rows if r.get("kind") == "catalog"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name in dict.fromkeys(r["runner"] for r in cat):
+        for threads in sorted({r["threads"] for r in cat}):
+            pts = sorted((r["batch"], r["items_per_s"]) for r in cat if r["runner"] == name and r["threads"] == threads)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="-" if threads == 1 else "--", label=f"{name}, {threads} thread(s)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 8, 32], ["1", "8", "32"])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("photo + title items/s (decode included)")
+    ax.set_title("catalog throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    if cat:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_latency(rows: list[dict], path: Path) -> None:
@@ -325,7 +389,52 @@ def write_report(paths: list[Path], out: Path, plots: bool = True) -> dict[str, 
         written["fidelity_png"] = out / "fidelity_vs_speed.png"
         plot_latency(rows, written["latency_png"])
         plot_fidelity(rows, written["fidelity_png"])
+        if any(r.get("kind") == "catalog" for r in rows):
+            written["catalog_png"] = out / "catalog_throughput.png"
+            plot_catalog(rows, written["catalog_png"])
     return written
+
+
+def stages_markdown(st: dict) -> str:
+    """The per-stage medians of compare_engines.py --json as a table per call."""
+    names = [Path(e).name for e in st["engines"]]
+    tree = {True: "clean tree", False: "dirty tree"}.get(st.get("tree_clean"), "tree state unknown")
+    lines = ["## Where the time goes (one call, medians, ms)", "",
+             f"`{st['command']}`: {st['rounds']} alternating calls per engine, one thread, commit "
+             f"{str(st.get('commit'))[:10]} ({tree}).", ""]
+    for call, c in st["calls"].items():
+        a, b = c["ms"]
+        parts = ["total", *[k for k in a if k not in ("total", "rest")], "rest"]
+        lines += [f"`{call}` (vectors of the two engines: cosine mean {c['cosine_mean']:.4f}, min {c['cosine_min']:.4f}):",
+                  "", f"| stage | {names[0]} | {names[1]} |", "|---|---|---|"]
+        lines += [f"| {p} | {_ms(a.get(p))} | {_ms(b.get(p))} |" for p in parts]
+        lines.append("")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- begin: generated by benchmarks/report.py -->", "<!-- end: generated by benchmarks/report.py -->"
+
+
+def write_docs_section(page: Path, md: str, out: Path) -> None:
+    """Replace the text between BEGIN and END in `page` with the report's tables (its title
+    dropped, headings one level down, links to the plots relative to the page).
+
+    Raises:
+        ValueError: the page lacks the markers (or has them out of order).
+    """
+    import os
+
+    text = page.read_text(encoding="utf-8")
+    a, b = text.find(BEGIN), text.find(END)
+    if a < 0 or b < a:
+        raise ValueError(f"{page}: no '{BEGIN}' ... '{END}' section to fill")
+    body = [("#" + x if x.startswith("## ") else x) for x in md.splitlines() if not x.startswith("# ")]
+    rel = os.path.relpath(out, page.parent)
+    plots = [f"![{name}]({rel}/{name}.png)" for name in ("latency_vs_batch", "fidelity_vs_speed", "catalog_throughput")
+             if (out / f"{name}.png").is_file()]
+    section = "\n".join([BEGIN, f"_Generated from [{rel}/results.json]({rel}/results.json) by `benchmarks/report.py`; "
+                                "do not edit by hand._", *body, *plots, ""])
+    page.write_text(text[:a] + section + text[b:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,8 +442,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("json", nargs="+", type=Path, help="files written with --benchmark-json")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    ap.add_argument("--stages", type=Path, default=None,
+                    help="the JSON of benchmarks/compare_engines.py --json: adds the per-stage table")
+    ap.add_argument("--docs", type=Path, action="append", default=[],
+                    help="a Markdown page whose generated section (between the report's begin/end markers) is "
+                         "replaced by the tables (e.g. docs/speed.md; repeatable)")
     args = ap.parse_args(argv)
     written = write_report(args.json, args.out, plots=not args.no_plots)
+    if args.stages is not None:
+        md = written["md"].read_text().rstrip("\n") + "\n\n" + stages_markdown(json.loads(args.stages.read_text()))
+        written["md"].write_text(md)
+    for page in args.docs:
+        write_docs_section(page, written["md"].read_text(), args.out)
     print(written["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0

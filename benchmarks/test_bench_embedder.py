@@ -70,13 +70,16 @@ def test_embed(benchmark, request, products, teacher_vectors, modality, batch, r
     check_fidelity(benchmark, v, teacher_vectors[modality][:batch], against="FP32 teacher")
 
 
+@pytest.mark.parametrize("cache", ["cold", "warm"])
 @pytest.mark.parametrize("modality, batch", [("text", 1), ("image+text", 32)])
 @pytest.mark.parametrize("precision", list(ENGINE_VARS))
-def test_cold_start(benchmark, products, teacher_vectors, tmp_path, precision, modality, batch):
+def test_cold_start(benchmark, products, teacher_vectors, tmp_path, precision, modality, batch, cache):
     """A fresh `python` per round: import sdk, load the engine, embed once (cold), embed again (warm).
 
-    The benchmark's own time is the whole process (interpreter start and exit included);
-    extra_info holds the in-process split and the peak RSS.
+    `cache`: the engine file evicted from the page cache before each round (read from disk), or
+    read whole before it (a warm restart); `sdk.bench.probe_process`. The benchmark's own time is
+    the whole process (interpreter start and exit included); extra_info holds the in-process split,
+    the engine's page-cache fraction at the start and the peak RSS.
     """
     path = engine_from_env(ENGINE_VARS[precision])
     from sdk.bench import probe_process
@@ -84,17 +87,18 @@ def test_cold_start(benchmark, products, teacher_vectors, tmp_path, precision, m
     call = modality_call(modality, products, batch)
     out = tmp_path / "v.npy"
     runs: list[dict] = []
-    benchmark.group = "cold start (fresh process)"
+    benchmark.group = f"cold start (fresh process, engine {cache} in the page cache)"
 
     def probe():
-        runs.append(probe_process(path, call, batch, threads=THREADS, out=out))
+        runs.append(probe_process(path, call, batch, threads=THREADS, out=out, cache=cache))
 
-    benchmark.pedantic(probe, rounds=3, iterations=1, warmup_rounds=1)  # the warm-up run fills the page cache
+    benchmark.pedantic(probe, rounds=3, iterations=1, warmup_rounds=1)  # the warm-up run loads the libraries
     runs = runs[1:] or runs  # (one run only under --benchmark-disable)
     med = {k: float(np.median([r[k] for r in runs])) for k in
            ("cold_start_s", "import_s", "ort_import_s", "load_s", "first_embed_s", "warm_embed_s", "peak_rss_mb",
             "process_s")}
+    fractions = [r["engine_cached_fraction"] for r in runs if r["engine_cached_fraction"] is not None]
     record(benchmark, batch, runner=f"moon3 {precision} (cpu)", kind="cold-start",
            precision=runs[0]["precision"], backend=runs[0]["backend"], modality=modality, batch=batch,
-           threads=THREADS, **med)
+           threads=THREADS, cache=cache, engine_cached_fraction=max(fractions) if fractions else None, **med)
     check_fidelity(benchmark, np.load(out), teacher_vectors[modality][:batch], against="FP32 teacher")

@@ -160,8 +160,14 @@ def probe_process(
     python: str = sys.executable,
     timeout: float = 300.0,
     out: str | os.PathLike | None = None,
+    cache: str | None = None,
 ) -> dict[str, Any]:
     """Cold start and peak RSS of embedding `call` in a fresh Python process.
+
+    `cache` sets the engine file's page-cache state first: "cold" evicts it (`sdk.pagecache.evict`:
+    the engine is read from disk, the interpreter and libraries stay cached), "warm" reads it
+    whole (a restart of a process that ran moments ago); None leaves it as it is. The result's
+    `cache` and `engine_cached_fraction` (mincore, just before the process starts) say which it was.
 
     Returns the probe's JSON (import_s, load_s (onnxruntime import, engine read + checksums,
     session creation; ort_import_s of it is the import), first_embed_s, cold_start_s = import sdk ->
@@ -172,9 +178,20 @@ def probe_process(
     Raises:
         RuntimeError: the probe process failed (its stderr is in the message).
     """
+    from sdk.pagecache import cached_fraction, evict
+
     for img in call.get("images", []):
         if not isinstance(img, (str, os.PathLike)):
             raise ValueError("probe_process needs image paths (the call is sent to another process as JSON)")
+    if cache not in (None, "cold", "warm"):
+        raise ValueError(f"cache must be 'cold', 'warm' or None, got {cache!r}")
+    if cache == "cold":
+        evict(engine)
+    elif cache == "warm":
+        with open(engine, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    fraction = cached_fraction(engine)
     arg = json.dumps({
         "engine": str(engine), "providers": list(providers), "threads": threads, "batch": batch,
         "out": str(out) if out is not None else None,
@@ -186,7 +203,7 @@ def probe_process(
     if res.returncode != 0:
         raise RuntimeError(f"the cold-start probe failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    out["process_s"] = process_s
+    out.update(process_s=process_s, cache=cache or "as found", engine_cached_fraction=fraction)
     return out
 
 
@@ -314,15 +331,18 @@ def _latency_rows(emb, m: str, images: list, titles: list, batches: Sequence[int
 
 
 def _cold_starts(engine, images: list, titles: list, batches: Sequence[int], providers, threads, log) -> list[dict]:
-    """A fresh process per (modality, batch): import, load and first-vector times, peak memory."""
+    """A fresh process per (modality, batch, page cache): import, load and first-vector times, peak
+    memory; the engine file evicted from the page cache ("cold") and then read ("warm")."""
     out: list[dict] = []
-    for m, b in (("text", 1), ("image+text", max(batches))):
+    for m, b, cache in (("text", 1, "cold"), ("text", 1, "warm"), ("image+text", max(batches), "warm")):
         if "image" in m and not images:
             continue
-        p = probe_process(engine, make_call(m, images[:b], titles[:b]), b, providers=providers, threads=threads)
+        p = probe_process(engine, make_call(m, images[:b], titles[:b]), b, providers=providers, threads=threads,
+                          cache=cache)
         out.append({"modality": m, "batch": b, **p})
         if log:
-            log(f"fresh process, {m} batch {b}: cold start {p['cold_start_s']:.3f} s (import {p['import_s']:.3f}, "
+            log(f"fresh process, {m} batch {b}, engine {cache} in the page cache: cold start {p['cold_start_s']:.3f} s "
+                f"(import {p['import_s']:.3f}, "
                 f"load {p['load_s']:.3f}, first vector {p['first_embed_s']:.3f}); whole process "
                 f"{p['process_s']:.3f} s; peak RSS {p['peak_rss_mb']:.0f} MiB")
     return out

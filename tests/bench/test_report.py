@@ -121,3 +121,55 @@ def test_bad_input(report, tmp_path):
     empty = _file(tmp_path, "empty", [_bench("t", 0.1)])
     with pytest.raises(ValueError, match="no benchmark with a runner"):
         report.write_report([empty], tmp_path / "out")
+
+
+def _catalog(tmp_path, tree_clean=True):
+    rows = [_bench(f"c[{r}-{b}-{t}]", ms / 1e3, runner=r, kind="catalog", precision="x", modality="image+text",
+                   batch=b, threads=t, items=32, p50_ms=ms, items_per_s=32 / (ms / 1e3), cosine_mean=0.999,
+                   cosine_min=0.998)
+            for r, b, t, ms in (("moon3 engine", 32, 1, 400.0), ("plain pipeline (PIL + FP32 onnxruntime)", 32, 1, 800.0),
+                                ("moon3 engine", 32, 2, 250.0), ("plain pipeline (PIL + FP32 onnxruntime)", 32, 2, 500.0),
+                                ("moon3 engine", 1, 1, 600.0))]
+    path = _file(tmp_path, "catalog", rows)
+    data = json.loads(path.read_text())
+    data["machine_info"]["tree_clean"] = tree_clean
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_catalog_rows_target_table_and_plot(report, tmp_path):
+    rows, meta = report.load_rows([_catalog(tmp_path)])
+    tg = [t for t in report.targets(rows) if t["target"] == "catalog_vs_plain"]
+    assert [(round(t["measured"], 3), t["met"]) for t in tg] == [(2.0, False), (2.0, False)]  # 80 vs 40 items/s
+    assert "1 thread(s): 80.0 vs 40.0 items/s" in tg[0]["detail"]
+    written = report.write_report([_catalog(tmp_path)], tmp_path / "out", plots=False)
+    md = written["md"].read_text()
+    assert "| 32 | 1 | 80.0 | 40.0 | 2.00x | 0.9990 / 0.9980 |" in md
+    assert "| 1 | 2 | - | - | - | - |" in md  # a cell with no pair is a dash, not a ratio across runners
+    assert "(clean tree)" in md and meta["catalog"]["dirty"] is False
+    pytest.importorskip("matplotlib")
+    written = report.write_report([_catalog(tmp_path)], tmp_path / "out")
+    assert written["catalog_png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_dirty_tree_is_labelled(report, tmp_path):
+    written = report.write_report([_catalog(tmp_path, tree_clean=False)], tmp_path / "out", plots=False)
+    assert "**dirty tree**" in written["md"].read_text()
+
+
+def test_docs_section_is_replaced_between_the_markers(report, files, tmp_path):
+    out = tmp_path / "results"
+    report.write_report(files, out, plots=False)
+    page = tmp_path / "docs" / "speed.md"
+    page.parent.mkdir()
+    page.write_text(f"# Speed\n\nintro\n\n{report.BEGIN}\nold figures\n{report.END}\n\noutro\n")
+    report.write_docs_section(page, (out / "results.md").read_text(), out)
+    text = page.read_text()
+    assert "old figures" not in text and text.startswith("# Speed\n\nintro\n\n")
+    assert text.endswith(f"{report.END}\n\noutro\n")
+    assert "### Targets" in text and "# Benchmark results" not in text and "(../results/results.json)" in text
+    report.write_docs_section(page, (out / "results.md").read_text(), out)  # idempotent
+    assert page.read_text() == text
+    page.write_text("no markers")
+    with pytest.raises(ValueError, match="no '<!-- begin"):
+        report.write_docs_section(page, "x", out)

@@ -56,10 +56,19 @@ def test_cli_bench_tiny_engine(tiny_engine, tmp_path, capsys):
     for r in rep["latency"]:
         assert r["rounds"] == 2 and 0 < r["p50_ms"] <= r["p99_ms"] and r["items_per_s"] > 0
         assert r["cosine_min_vs_unbatched"] > 0.999  # fp32 graph: batching must not change a vector
-    assert [(p["modality"], p["batch"]) for p in rep["process"]] == [("text", 1), ("image+text", 3)]
+    assert [(p["modality"], p["batch"], p["cache"]) for p in rep["process"]] == [
+        ("text", 1, "cold"), ("text", 1, "warm"), ("image+text", 3, "warm")]
     for p in rep["process"]:
         assert p["shape"] == [p["batch"], 32] and p["peak_rss_mb"] > 10
         assert 0 < p["import_s"] < p["cold_start_s"] < p["process_s"]
+    assert rep["process"][1]["engine_cached_fraction"] in (1.0, None)  # read whole just before: all cached
+
+
+def test_probe_process_rejects_an_unknown_cache_state(tiny_engine):
+    from sdk.bench import probe_process
+
+    with pytest.raises(ValueError, match="cache must be 'cold', 'warm' or None"):
+        probe_process(tiny_engine.path, {"texts": ["a"]}, 1, cache="lukewarm")
 
 
 def test_cli_bench_bad_arguments(tiny_engine, tmp_path, capsys):
