@@ -15,6 +15,11 @@
 // additive -1e4 underflows exp), so skipping them changes nothing but the time. A modality
 // marked present with no valid token at all is attended over all its positions and pools to
 // zero, as the reference does. Masks are 0/1.
+//
+// `source` (optional, R ints) lets R query rows share B token rows: query row r reads the tokens of
+// row source[r] under its own `present` mask and skip term. The K/V projections of a token row are
+// computed once and shared by every query row that reads it, so the photo + title blend (the fused
+// vector plus the photo-only and title-only views of the same rows) costs one set of projections.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -93,10 +98,30 @@ class HeadKernel {
     }
 
     Arr forward(const Arr& image, const Arr& text, const Arr& text_mask, const Arr& trace, const Arr& trace_mask,
-                const Arr& present, i64 dim, const py::object& skip_obj, bool force_scalar) const {
-        if (present.ndim() != 2) throw std::invalid_argument("present must be (B, 3), got " + shape_str(present));
-        const i64 B = present.shape(0);
-        expect(present, "present", {B, kModalities});
+                const Arr& present, i64 dim, const py::object& skip_obj, bool force_scalar,
+                const py::object& source_obj) const {
+        if (present.ndim() != 2) throw std::invalid_argument("present must be (R, 3), got " + shape_str(present));
+        const i64 R = present.shape(0);
+        expect(present, "present", {R, kModalities});
+        if (image.ndim() < 1) throw std::invalid_argument("image_tokens must be (B, N, d), got " + shape_str(image));
+        const i64 B = image.shape(0);  // token rows; R query rows read them (through `source`)
+        std::vector<i64> source(static_cast<size_t>(R));
+        if (source_obj.is_none()) {
+            if (R != B)
+                throw std::invalid_argument("present has " + std::to_string(R) + " rows and image_tokens " +
+                                            std::to_string(B) + ": without source they must match");
+            for (i64 r = 0; r < R; ++r) source[r] = r;
+        } else {
+            const auto src = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(source_obj);
+            if (!src || src.ndim() != 1 || src.shape(0) != R)
+                throw std::invalid_argument("source must be " + std::to_string(R) + " ints (one per present row)");
+            for (i64 r = 0; r < R; ++r) {
+                source[r] = src.data()[r];
+                if (source[r] < 0 || source[r] >= B)
+                    throw std::invalid_argument("source[" + std::to_string(r) + "] = " + std::to_string(source[r]) +
+                                                " is not a token row (0.." + std::to_string(B - 1) + ")");
+            }
+        }
         if (image.ndim() != 3) throw std::invalid_argument("image_tokens must be (B, N, d), got " + shape_str(image));
         if (text.ndim() != 3) throw std::invalid_argument("text_states must be (B, T, C), got " + shape_str(text));
         if (trace.ndim() != 3) throw std::invalid_argument("trace_states must be (B, S, C), got " + shape_str(trace));
@@ -114,15 +139,15 @@ class HeadKernel {
         if (has_skip) {
             skip = Arr::ensure(skip_obj);
             if (!skip) throw std::invalid_argument("skip must be a float array");
-            expect(skip, "skip", {B, out_dim_});
+            expect(skip, "skip", {R, out_dim_});
         }
-        Arr out({B, dim});
+        Arr out({R, dim});
         const LinearKernel linear = pick(force_scalar);
         const PackedKernel gemm = pick_packed(force_scalar);
         {
             py::gil_scoped_release release;
             run(image.data(), N, text.data(), text_mask.data(), T, trace.data(), trace_mask.data(), S, present.data(),
-                B, dim, linear, gemm, out.mutable_data(), has_skip ? skip.data() : nullptr);
+                B, source, dim, linear, gemm, out.mutable_data(), has_skip ? skip.data() : nullptr);
         }
         return out;
     }
@@ -137,17 +162,25 @@ class HeadKernel {
     };
 
     void run(const float* image, i64 N, const float* text, const float* text_mask, i64 T, const float* trace,
-             const float* trace_mask, i64 S, const float* present, i64 B, i64 dim, LinearKernel linear,
-             PackedKernel gemm, float* out, const float* skip) const {
-        const i64 d = d_, c = d / heads_;
-        // projected title and trace tokens of every row, valid positions only
+             const float* trace_mask, i64 S, const float* present, i64 B, const std::vector<i64>& source, i64 dim,
+             LinearKernel linear, PackedKernel gemm, float* out, const float* skip) const {
+        const i64 d = d_, c = d / heads_, R = static_cast<i64>(source.size());
+        // which token rows each modality is read from, and by which query rows
+        std::vector<char> need(static_cast<size_t>(B * kModalities), 0);
+        std::vector<std::vector<i64>> users(static_cast<size_t>(B));
+        for (i64 r = 0; r < R; ++r) {
+            users[source[r]].push_back(r);
+            for (int m = 0; m < kModalities; ++m)
+                if (present[r * kModalities + m] > 0.0f) need[source[r] * kModalities + m] = 1;
+        }
+        // projected title and trace tokens of every token row that is read, valid positions only
         std::vector<Vec> projected(static_cast<size_t>(B * kModalities));
         std::vector<Tokens> tok(static_cast<size_t>(B * kModalities));
         Vec gather;
         for (i64 b = 0; b < B; ++b) {
-            if (present[b * kModalities] > 0.0f) tok[b * kModalities] = {image + b * N * d, N, false};
+            if (need[b * kModalities]) tok[b * kModalities] = {image + b * N * d, N, false};
             for (int m = 1; m < kModalities; ++m) {
-                if (!(present[b * kModalities + m] > 0.0f)) continue;
+                if (!need[b * kModalities + m]) continue;
                 const i64 L = m == 1 ? T : S;
                 const float* states = (m == 1 ? text : trace) + b * L * text_dim_;
                 const float* mask = (m == 1 ? text_mask : trace_mask) + b * L;
@@ -169,15 +202,15 @@ class HeadKernel {
             }
         }
         // query start: learned query + mean over the present modalities of their pooled tokens
-        Vec q(static_cast<size_t>(B * d)), pooled(static_cast<size_t>(d));
-        for (i64 b = 0; b < B; ++b) {
+        Vec q(static_cast<size_t>(R * d)), pooled(static_cast<size_t>(d));
+        for (i64 b = 0; b < R; ++b) {
             float* qb = q.data() + b * d;
             std::fill(qb, qb + d, 0.0f);
             float count = 0.0f;
             for (int m = 0; m < kModalities; ++m) {
                 const float p = present[b * kModalities + m];
                 count += p;
-                const Tokens& tk = tok[b * kModalities + m];
+                const Tokens& tk = tok[source[b] * kModalities + m];
                 if (!(p > 0.0f) || tk.pool_zero) continue;
                 mean_rows(tk.x, tk.n, d, pooled.data());
                 for (i64 i = 0; i < d; ++i) qb[i] += p * pooled[i];
@@ -188,69 +221,74 @@ class HeadKernel {
         i64 max_n = 1;
         for (const Tokens& tk : tok) max_n = std::max(max_n, tk.n);
         bool any_present[kModalities] = {};
-        for (i64 b = 0; b < B; ++b)
+        for (i64 b = 0; b < R; ++b)
             for (int m = 0; m < kModalities; ++m) any_present[m] = any_present[m] || present[b * kModalities + m] > 0.0f;
-        Vec qn(static_cast<size_t>(B * d)), qp(static_cast<size_t>(kModalities * B * d));
-        Vec y(static_cast<size_t>(kModalities * B * d)), outs(static_cast<size_t>(B * kModalities * d));
-        Vec logits(static_cast<size_t>(B * kModalities)), gate(static_cast<size_t>(B * kModalities));
+        Vec qn(static_cast<size_t>(R * d)), qp(static_cast<size_t>(kModalities * R * d));
+        Vec y(static_cast<size_t>(kModalities * R * d)), outs(static_cast<size_t>(R * kModalities * d));
+        Vec logits(static_cast<size_t>(R * kModalities)), gate(static_cast<size_t>(R * kModalities));
         Vec kvn(static_cast<size_t>(max_n * d)), kvp(static_cast<size_t>(max_n * 2 * d)), att(static_cast<size_t>(max_n));
-        Vec gin(static_cast<size_t>(2 * d)), gh(static_cast<size_t>(d)), hq(static_cast<size_t>(B * d));
+        Vec gin(static_cast<size_t>(2 * d)), gh(static_cast<size_t>(d)), hq(static_cast<size_t>(R * d));
+        Vec kv_mean(static_cast<size_t>(d));
         Vec ffn;
         const float scale = 1.0f / std::sqrt(static_cast<float>(c));
         for (const Round& r : rounds_) {
-            for (i64 b = 0; b < B; ++b) layer_norm(q.data() + b * d, r.q_norm.w.data(), r.q_norm.b.data(), d, qn.data() + b * d);
+            for (i64 b = 0; b < R; ++b) layer_norm(q.data() + b * d, r.q_norm.w.data(), r.q_norm.b.data(), d, qn.data() + b * d);
             std::fill(y.begin(), y.end(), 0.0f);
             std::fill(logits.begin(), logits.end(), 0.0f);
             for (int m = 0; m < kModalities; ++m) {
                 if (!any_present[m]) {  // no row has it: its outputs are zero, skip its projections
-                    for (i64 b = 0; b < B; ++b) {
+                    for (i64 b = 0; b < R; ++b) {
                         float* dst = outs.data() + (b * kModalities + m) * d;
                         std::fill(dst, dst + d, 0.0f);
                     }
                     continue;
                 }
-                float* qm = qp.data() + m * B * d;  // (B, d) this modality's projected queries
-                gemm(qn.data(), B, r.q[m], qm);
-                for (i64 b = 0; b < B; ++b) {
-                    const Tokens& tk = tok[b * kModalities + m];
-                    if (!(present[b * kModalities + m] > 0.0f)) continue;
+                float* qm = qp.data() + m * R * d;  // (R, d) this modality's projected queries
+                gemm(qn.data(), R, r.q[m], qm);
+                for (i64 s = 0; s < B; ++s) {  // each token row's K/V once, for every query row reading it
+                    if (!need[s * kModalities + m]) continue;
+                    const Tokens& tk = tok[s * kModalities + m];
                     const i64 n = tk.n;
                     for (i64 t = 0; t < n; ++t)
                         layer_norm(tk.x + t * d, r.kv_norm[m].w.data(), r.kv_norm[m].b.data(), d, kvn.data() + t * d);
                     gemm(kvn.data(), n, r.kv[m], kvp.data());  // (n, 2d): K | V
-                    float* yb = y.data() + (m * B + b) * d;
-                    for (i64 h = 0; h < heads_; ++h) {
-                        const float* qh = qm + b * d + h * c;
-                        float mx = -INFINITY;
-                        for (i64 t = 0; t < n; ++t) {
-                            att[t] = dot_scalar(qh, kvp.data() + t * 2 * d + h * c, c) * scale;
-                            mx = std::max(mx, att[t]);
-                        }
-                        float sum = 0.0f;
-                        for (i64 t = 0; t < n; ++t) sum += (att[t] = std::exp(att[t] - mx));
-                        const float inv = 1.0f / sum;
-                        float* yh = yb + h * c;
-                        for (i64 t = 0; t < n; ++t) {
-                            const float a = att[t] * inv;
-                            const float* v = kvp.data() + t * 2 * d + d + h * c;
-                            for (i64 i = 0; i < c; ++i) yh[i] += a * v[i];
-                        }
-                    }
-                    // gate logit from [LN(q), mean of the normed tokens]
-                    std::copy(qn.data() + b * d, qn.data() + (b + 1) * d, gin.data());
                     if (tk.pool_zero)
-                        std::fill(gin.data() + d, gin.data() + 2 * d, 0.0f);
+                        std::fill(kv_mean.begin(), kv_mean.end(), 0.0f);
                     else
-                        mean_rows(kvn.data(), n, d, gin.data() + d);
-                    gemm(gin.data(), 1, r.gate_in, gh.data());
-                    for (i64 i = 0; i < d; ++i) gh[i] = std::tanh(gh[i]);
-                    logits[b * kModalities + m] = dot_scalar(gh.data(), r.gate_out_w.data(), d) + r.gate_out_b;
+                        mean_rows(kvn.data(), n, d, kv_mean.data());
+                    for (const i64 b : users[s]) {
+                        if (!(present[b * kModalities + m] > 0.0f)) continue;
+                        float* yb = y.data() + (m * R + b) * d;
+                        for (i64 h = 0; h < heads_; ++h) {
+                            const float* qh = qm + b * d + h * c;
+                            float mx = -INFINITY;
+                            for (i64 t = 0; t < n; ++t) {
+                                att[t] = dot_scalar(qh, kvp.data() + t * 2 * d + h * c, c) * scale;
+                                mx = std::max(mx, att[t]);
+                            }
+                            float sum = 0.0f;
+                            for (i64 t = 0; t < n; ++t) sum += (att[t] = std::exp(att[t] - mx));
+                            const float inv = 1.0f / sum;
+                            float* yh = yb + h * c;
+                            for (i64 t = 0; t < n; ++t) {
+                                const float a = att[t] * inv;
+                                const float* v = kvp.data() + t * 2 * d + d + h * c;
+                                for (i64 i = 0; i < c; ++i) yh[i] += a * v[i];
+                            }
+                        }
+                        // gate logit from [LN(q), mean of the normed tokens]
+                        std::copy(qn.data() + b * d, qn.data() + (b + 1) * d, gin.data());
+                        std::copy(kv_mean.begin(), kv_mean.end(), gin.data() + d);
+                        gemm(gin.data(), 1, r.gate_in, gh.data());
+                        for (i64 i = 0; i < d; ++i) gh[i] = std::tanh(gh[i]);
+                        logits[b * kModalities + m] = dot_scalar(gh.data(), r.gate_out_w.data(), d) + r.gate_out_b;
+                    }
                 }
-                // per-modality output projection, into outs (B, M, d); absent rows stay zero
-                float* ym = y.data() + m * B * d;
-                float* om = qp.data() + m * B * d;  // the queries are spent: reuse their buffer
-                gemm(ym, B, r.o[m], om);
-                for (i64 b = 0; b < B; ++b) {
+                // per-modality output projection, into outs (R, M, d); absent rows stay zero
+                float* ym = y.data() + m * R * d;
+                float* om = qp.data() + m * R * d;  // the queries are spent: reuse their buffer
+                gemm(ym, R, r.o[m], om);
+                for (i64 b = 0; b < R; ++b) {
                     float* dst = outs.data() + (b * kModalities + m) * d;
                     if (present[b * kModalities + m] > 0.0f)
                         std::copy(om + b * d, om + (b + 1) * d, dst);
@@ -258,16 +296,16 @@ class HeadKernel {
                         std::fill(dst, dst + d, 0.0f);
                 }
             }
-            epilogue_rows(q.data(), outs.data(), logits.data(), present, B, kModalities, d, r.out.w.data(),
+            epilogue_rows(q.data(), outs.data(), logits.data(), present, R, kModalities, d, r.out.w.data(),
                           r.out.b.data(), r.ffn_norm.w.data(), r.ffn_norm.b.data(), linear, q.data(), hq.data(),
                           gate.data());
-            ffn.resize(static_cast<size_t>(B * r.ffn_in.m));
-            gemm(hq.data(), B, r.ffn_in, ffn.data());
+            ffn.resize(static_cast<size_t>(R * r.ffn_in.m));
+            gemm(hq.data(), R, r.ffn_in, ffn.data());
             for (float& v : ffn) v = gelu(v);
-            gemm(ffn.data(), B, r.ffn_out, hq.data());
-            for (i64 i = 0; i < B * d; ++i) q[i] += hq[i];
+            gemm(ffn.data(), R, r.ffn_out, hq.data());
+            for (i64 i = 0; i < R * d; ++i) q[i] += hq[i];
         }
-        project_normalize_rows(q.data(), B, d, head_norm_.w.data(), head_norm_.b.data(), head_proj_.w.data(),
+        project_normalize_rows(q.data(), R, d, head_norm_.w.data(), head_norm_.b.data(), head_proj_.w.data(),
                                head_proj_.b.data(), dim, linear, out, skip, out_dim_);
     }
 
@@ -318,9 +356,10 @@ void register_head(py::module_& m) {
              py::arg("ffn_mult") = 4)
         .def("__call__", &HeadKernel::forward, py::arg("image_tokens"), py::arg("text_states"), py::arg("text_mask"),
              py::arg("trace_states"), py::arg("trace_mask"), py::arg("present"), py::arg("dim"),
-             py::arg("skip") = py::none(), py::arg("force_scalar") = false,
-             "(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (B, 3), dim[, skip (B, out_dim) added before the "
-             "truncation and norm] -> (B, dim) L2-normalised embeddings.");
+             py::arg("skip") = py::none(), py::arg("force_scalar") = false, py::arg("source") = py::none(),
+             "(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (R, 3), dim[, skip (R, out_dim) added before the "
+             "truncation and norm][, source (R,) token row of each query row; default: R == B, row r reads row r] "
+             "-> (R, dim) L2-normalised embeddings.");
 }
 
 }  // namespace moon3

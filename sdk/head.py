@@ -220,14 +220,19 @@ class FusionHead:
         both = np.flatnonzero((present[:, 0] > 0) & (present[:, 1] > 0)) if blends else ()
         if not len(both):
             return self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim, image_skip)
-        e = self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, None, image_skip)
-        parts = []
+        views = []
         for m in (0, 1):  # the same rows with the photo alone, then the title alone
             alone = np.zeros((len(both), 3), _F32)
             alone[:, m] = 1.0
-            parts.append(self._embed(image_tokens[both], text_states[both], text_mask[both] * alone[:, 1:2],
-                                     trace_states[both], np.zeros_like(trace_mask[both], _F32), alone, None,
-                                     None if image_skip is None else image_skip[both]))
+            views.append(alone)
+        if self.fused and ops.HAVE_C and self._kernel is not None:
+            e, *parts = self._embed_views(image_tokens, text_states, text_mask, trace_states, trace_mask, present,
+                                          image_skip, both, views)
+        else:
+            e = self._embed(image_tokens, text_states, text_mask, trace_states, trace_mask, present, None, image_skip)
+            parts = [self._embed(image_tokens[both], text_states[both], text_mask[both] * alone[:, 1:2],
+                                 trace_states[both], np.zeros_like(trace_mask[both], _F32), alone, None,
+                                 None if image_skip is None else image_skip[both]) for alone in views]
         e[both] = ops.l2_normalize_ref(e[both] + _F32(self.modality_blend) * parts[0] + _F32(self.title_blend) * parts[1])
         return e if dim is None or int(dim) == self.out_dim else ops.l2_normalize_ref(e[:, : int(dim)])
 
@@ -240,6 +245,25 @@ class FusionHead:
                                 f32(trace_mask), f32(present), self.out_dim if dim is None else int(dim), skip)
         return self.forward_reference(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim,
                                       skip=skip)
+
+    def _embed_views(self, image_tokens, text_states, text_mask, trace_states, trace_mask, present, image_skip,
+                     rows: np.ndarray, views: list[np.ndarray]) -> list[np.ndarray]:
+        """Full-width vectors of every row under `present`, then of `rows` under each view's
+        present mask, in one kernel call: the view rows read the same token rows (`source`), so each
+        row's K/V projections are computed once for all of its views."""
+        B = present.shape[0]
+        pres = np.concatenate([present, *views]).astype(_F32)
+        source = np.concatenate([np.arange(B, dtype=np.int64), *[rows.astype(np.int64) for _ in views]])
+        skip = None
+        if self.skip_path:
+            skip = np.concatenate([self.skip_term(image_skip, text_states, text_mask, present)] + [
+                self.skip_term(None if image_skip is None else image_skip[rows], text_states[rows], text_mask[rows], v)
+                for v in views])
+        f32 = lambda a: np.ascontiguousarray(a, _F32)  # noqa: E731
+        out = self._kernel(f32(image_tokens), f32(text_states), f32(text_mask), f32(trace_states), f32(trace_mask),
+                           f32(pres), self.out_dim, skip, source=source)
+        bounds = np.cumsum([B] + [len(rows)] * len(views))[:-1]
+        return np.split(out, bounds)
 
     def skip_term(self, image_skip: np.ndarray | None, text_states: np.ndarray, text_mask: np.ndarray,
                   present: np.ndarray) -> np.ndarray:

@@ -151,8 +151,59 @@ def test_bad_shapes_name_the_argument():
         head._kernel(image[..., :30], text, tmask, trace, smask, present, 28)
     with pytest.raises(ValueError, match=r"dim must be in \[1, 28\], got 29"):
         head._kernel(image, text, tmask, trace, smask, present, 29)
-    with pytest.raises(ValueError, match=r"present must be \(B, 3\)"):
+    with pytest.raises(ValueError, match=r"present must be \(R, 3\)"):
         head._kernel(image, text, tmask, trace, smask, present[0], 28)
+    with pytest.raises(ValueError, match="present has 2 rows and image_tokens 3: without source they must match"):
+        head._kernel(image, text, tmask, trace, smask, present[:2], 28)
+    with pytest.raises(ValueError, match="source must be 2 ints"):
+        head._kernel(image, text, tmask, trace, smask, present[:2], 28, source=np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"source\[1\] = 3 is not a token row \(0..2\)"):
+        head._kernel(image, text, tmask, trace, smask, present[:2], 28, source=np.array([0, 3]))
+
+
+@pytest.mark.usefixtures("C")
+@KERNELS
+def test_query_rows_sharing_token_rows_match_gathered_rows(force_scalar):
+    """`source`: R query rows read B token rows; the result equals calling the kernel on the
+    gathered rows (each row's K/V projected once instead of once per reader)."""
+    cfg = config(36, 4, 20, 3, 28)
+    head = heads(cfg, seed=7)
+    image, text, tmask, trace, smask, _ = inputs(cfg, 4, seed=8)
+    tmask[:, 0] = 1.0
+    smask[:, 0] = 1.0
+    image = inputs(cfg, 4, seed=9)[0] + 0.5  # every row has image tokens
+    source = np.array([0, 1, 2, 3, 0, 2, 0, 2, 3], np.int64)
+    rng = np.random.default_rng(10)
+    present = (rng.uniform(size=(len(source), 3)) > 0.4).astype(np.float32)
+    present[4:6] = [1, 0, 0]  # photo-only and title-only views of rows 0 and 2
+    present[6:8] = [0, 1, 0]
+    skip = rand(rng, len(source), 28)
+    got = head._kernel(image, text, tmask, trace, smask, present, 28, skip, force_scalar=force_scalar, source=source)
+    want = head._kernel(image[source], text[source], tmask[source], trace[source], smask[source], present, 28, skip,
+                        force_scalar=force_scalar)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("C")
+def test_the_blend_in_one_call_matches_three_reference_heads():
+    """A head trained with the photo + title blend: the compiled path (the fused vector and the
+    photo-only and title-only views in one kernel call) gives the NumPy head's vectors."""
+    cfg = {**config(36, 4, 20, 3, 28), "skip_path": True, "modality_blend": 1.0, "title_blend": 2.0,
+           "title_weight_with_photo": 3.0}
+    head = heads(cfg, seed=11)
+    patterns = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [0, 1, 1]], np.float32)
+    image, text, tmask, trace, smask, _ = inputs(cfg, len(patterns), seed=12)
+    tmask[:, 0] = 1.0
+    smask[:, 0] = 1.0
+    image_skip = rand(np.random.default_rng(13), len(patterns), 28)
+    args = (image, text, tmask * patterns[:, 1:2], trace, smask * patterns[:, 2:3], patterns)
+    got = head(*args, image_skip=image_skip)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "HAVE_C", False)
+        want = head(*args, image_skip=image_skip)
+    assert_close(got, want)
+    assert_close(head(*args, dim=16, image_skip=image_skip), want[:, :16] / np.linalg.norm(want[:, :16], axis=1,
+                                                                                           keepdims=True))
 
 
 @pytest.mark.usefixtures("C")
