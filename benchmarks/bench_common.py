@@ -24,6 +24,21 @@ BATCHES = (1, 8, 32)
 MODALITIES = ("image+text", "text", "image")
 
 
+def tree_clean() -> bool | None:
+    """True when no tracked file differs from the commit, apart from what a benchmark run writes
+    itself (its output folder, BENCH_OUT or benchmarks/results, and docs/speed.md); None without git."""
+    import subprocess
+
+    out = os.environ.get("BENCH_OUT", "benchmarks/results")
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 f":(exclude){out}", ":(exclude)benchmarks/results", ":(exclude)docs/speed.md"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if status.returncode != 0 else not status.stdout.strip()
+
+
 def engine_from_env(var: str) -> Path:
     """The engine named by an environment variable, or a skip saying how to get one."""
     value = os.environ.get(var)

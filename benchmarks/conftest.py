@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench_common import BATCHES, CACHE, MODALITIES, ROOT, SAMPLES, THREADS, fastest_torch_threads, modality_call
+from bench_common import BATCHES, CACHE, MODALITIES, ROOT, SAMPLES, THREADS, fastest_torch_threads, modality_call, tree_clean
 
 
 def pytest_collection_modifyitems(items):
@@ -80,18 +80,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     # (uncommitted changes to tracked files make the figures not a committed state's) and how much
     # of each engine file was in the page cache when the run started.
     import os
-    import subprocess
 
     from sdk.pagecache import cached_fraction
 
     machine_info["loadavg_at_start"] = list(os.getloadavg())
     machine_info["bench_threads"] = THREADS
-    try:
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=30)
-        machine_info["tree_clean"] = status.returncode == 0 and not status.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        machine_info["tree_clean"] = None
+    machine_info["tree_clean"] = tree_clean()
     machine_info["engines_page_cached"] = {
         var: cached_fraction(os.environ[var]) for var in sorted(os.environ)
         if var.startswith("MOON3_ENGINE") and Path(os.environ[var]).is_file()}
