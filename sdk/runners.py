@@ -48,7 +48,7 @@ def open_runner(engine: EngineFile, spec: EmbedderSpec, load: Callable[[str], An
     """The runner of `spec.layout` over the engine's parts, each checked against the contract.
 
     Args:
-        load: part name -> ONNX Runtime session (e.g. `sdk.sessions.EngineSessions.open`).
+        load: (part name, what, spin=...) -> ONNX Runtime session (`sdk.sessions.EngineSessions.open`).
 
     Returns:
         (runner, the session whose providers tell the backend that runs).
@@ -61,14 +61,16 @@ def open_runner(engine: EngineFile, spec: EmbedderSpec, load: Callable[[str], An
         session = load(spec.parts["embedder"])
         check_graph(session, where, spec.output, spec.dim, spec.image.size)
         return GraphRunner(session, spec.output), session
-    image_s, text_s = load(spec.parts["image"]), load(spec.parts["text"])
+    # the image graph (and the completion graph) run before the text graph within a call: their
+    # thread pools must not spin-wait on the cores the text graph's pool needs next
+    image_s, text_s = load(spec.parts["image"], spin=False), load(spec.parts["text"])
     head = FusionHead.from_bytes(engine.part(spec.parts["head"]), f"{where}: part {spec.parts['head']!r}")
     check_split_graphs(image_s, text_s, where, spec.image.size, head.skip_path)
     if head.out_dim != spec.dim:
         raise EngineError(f"{where}: the head gives {head.out_dim}-d vectors, the manifest says dim {spec.dim}")
     completion = None
     if engine.manifest.get("completion") is not None:
-        completion = load(completion_part(engine.manifest["completion"], where))
+        completion = load(completion_part(engine.manifest["completion"], where), spin=False)
         check_completion_graph(completion, where, int(head.config.get("n_image_tokens", 49)), head.d,
                                head.out_dim if head.skip_path else None)
     return SplitRunner(image_s, text_s, head, completion), image_s

@@ -180,26 +180,39 @@ def session_kwargs(providers: str | Sequence[str]) -> dict[str, Any]:
 
 class EngineSessions:
     """Opens an engine's ONNX parts as onnxruntime sessions, all with one set of options: the
-    requested backends' providers in order, `threads` intra-op threads, `session_kwargs`."""
+    requested backends' providers in order, `threads` intra-op threads, `session_kwargs`.
+
+    A session whose graph another one follows within the same call (`open(..., spin=False)`: the
+    image graph, which the text graph follows for a photo + title) gets its pool's spin-waiting
+    off when it has more than one thread: otherwise its idle worker spins on a core the next
+    graph's pool needs. Titles alone keep spinning, which makes them faster. Both measured against
+    spinning everywhere and nowhere: `benchmarks/spin_wait.py`, docs/results/spin_wait.json.
+    """
 
     def __init__(self, engine, names: Sequence[str], threads: int | None, ort):
         self.engine, self.ort = engine, ort
         self.options = ort.SessionOptions()
+        self.quiet_options = ort.SessionOptions()  # the same, without spin-waiting between runs
+        self.quiet_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             self.options.intra_op_num_threads = threads
+            self.quiet_options.intra_op_num_threads = threads
+        self.threads = threads
         self.providers = [BACKENDS[n].provider for n in names]
 
-    def open(self, part: str, what: str = "part"):
+    def open(self, part: str, what: str = "part", spin: bool = True):
         """The session of engine part `part` (checksum-verified when read; a graph with external
-        data is refused first).
+        data is refused first); `spin=False`: a graph that another one follows in the same call
+        (see the class doc; no effect with one thread, which has no pool).
 
         Raises:
             EngineError: onnxruntime cannot load it, naming the engine, `what` and the part.
         """
         graph = self.engine.part(part)
         refuse_external_data(graph, self.engine.path, part, self.ort.__version__)
+        options = self.options if spin or self.threads == 1 else self.quiet_options
         try:
-            return self.ort.InferenceSession(graph, self.options, providers=self.providers,
+            return self.ort.InferenceSession(graph, options, providers=self.providers,
                                              **session_kwargs(self.providers))
         except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated exception types
             raise EngineError(f"{self.engine.path}: onnxruntime {self.ort.__version__} cannot load {what} "

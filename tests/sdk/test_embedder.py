@@ -555,6 +555,28 @@ def test_cpu_sessions_turn_off_the_slow_skip_layernorm_fusion():
     assert session_kwargs(["CUDAExecutionProvider", "CPUExecutionProvider"]) == {}  # the GPU kernel is the fast one
 
 
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_the_image_graph_pool_does_not_spin_when_the_text_graph_follows(tiny_split_engine, threads):
+    """With a thread pool (threads > 1 or onnxruntime's default), the image graph's session has
+    spin-waiting off (its idle worker would take the core the text graph's pool needs next); the
+    text graph's keeps it (titles alone run faster with it); one thread has no pool to configure."""
+    from sdk import Embedder
+
+    def spinning(session):  # "" where the session keeps onnxruntime's default (spin)
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # onnxruntime: "does not have configuration with key"
+            return ""
+
+    with Embedder(tiny_split_engine.path, threads=threads) as emb:
+        runner = emb._runner
+        assert spinning(runner.image_session) == ("0" if threads != 1 else "")
+        assert spinning(runner.text_session) == ""  # onnxruntime's default: spin
+        assert runner.image_session.get_session_options().intra_op_num_threads == (threads or 0)
+        v = emb.embed(images=[np.zeros((32, 32, 3), np.uint8)], texts=["red shoe"])
+        assert np.isfinite(v).all()
+
+
 def test_add_layernorm_gives_what_the_fused_skip_layernorm_gives():
     """The graph rewrite turned off on the CPU changes the time, not the arithmetic."""
     ort = pytest.importorskip("onnxruntime")
