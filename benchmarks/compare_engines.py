@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cmd = "python benchmarks/compare_engines.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict = {"command": cmd,
-                    **_provenance(), "engines": list(args.engines), "rounds": args.rounds, "threads": 1, "calls": {}}
+                    **provenance(), "engines": list(args.engines), "rounds": args.rounds, "threads": 1, "calls": {}}
     for call in args.call or ["image+text:1", "image:1", "text:1"]:
         modality, _, batch = call.partition(":")
         res, vectors = compare(args.engines, modality, int(batch or 1), args.rounds)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _provenance() -> dict:
+def provenance() -> dict:
     """Commit, tree state (uncommitted changes to tracked files other than the run's outputs),
     machine and load at the start."""
     import os

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compare_engines import _provenance
+    from compare_engines import provenance
 
     rounds: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     ref = None
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}, {variant}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in got["ms"].items()))
     med = {v: {call: float(np.median([x[call] for x in rs])) for call in rs[0]} for v, rs in rounds.items()}
     report = {"command": "python benchmarks/spin_wait.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **_provenance(), "threads": args.threads, "rounds": args.rounds, "median_ms": med,
+              **provenance(), "threads": args.threads, "rounds": args.rounds, "median_ms": med,
               "vs_default": {v: {c: med[v][c] / med["default"][c] for c in med[v]} for v in VARIANTS}}
     for v in VARIANTS:
         print(f"{v:16s} " + ", ".join(f"{c} {ms:.2f} ms ({report['vs_default'][v][c]:.2f}x)" for c, ms in med[v].items()))

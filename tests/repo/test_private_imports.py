@@ -13,6 +13,9 @@ def private_imports(root: Path) -> list[str]:
     """`file:line imports [names] from module` for each import of a private name from the package."""
     found = []
     for path in sorted(root.rglob("*.py")):
+        folders = [root / p for p in path.relative_to(root).parents if p != Path(".")]
+        if any((d / "pyvenv.cfg").is_file() for d in folders):
+            continue  # a virtual environment inside the tree (benchmarks/peers-venv): not our code
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "sdk"):
                 bad = [a.name for a in node.names if a.name.startswith("_") and a.name not in ALLOWED]
