@@ -286,14 +286,25 @@ def plot_catalog(rows: list[dict], path: Path) -> None:
             pts = sorted((r["batch"], r["items_per_s"]) for r in cat if r["runner"] == name and r["threads"] == threads)
             if pts:
                 ax.plot(*zip(*pts), marker="o", ls="-" if threads == 1 else "--", label=f"{name}, {threads} thread(s)")
+    _batch_axis(ax, "photo + title items/s (decode included)", "catalog throughput", legend=bool(cat))
+    _save(fig, path)
+
+
+def _batch_axis(ax, ylabel: str, title: str, legend: bool) -> None:
+    """A panel over batch sizes 1, 8, 32 (log2 x axis)."""
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 8, 32], ["1", "8", "32"])
     ax.set_xlabel("batch size")
-    ax.set_ylabel("photo + title items/s (decode included)")
-    ax.set_title("catalog throughput")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    if cat:
+    if legend:
         ax.legend(fontsize=7)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -318,18 +329,9 @@ def plot_latency(rows: list[dict], path: Path) -> None:
             b, p50, p99 = zip(*pts)
             line, = ax.plot(b, p50, marker="o", label=name)
             ax.plot(b, p99, ls=":", color=line.get_color(), alpha=0.7)
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks([1, 8, 32], ["1", "8", "32"])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("latency per call, ms (solid p50, dotted p99)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        if rs:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _batch_axis(ax, "latency per call, ms (solid p50, dotted p99)", title, legend=bool(rs))
+    _save(fig, path)
 
 
 def _scatter(ax, pts, xlabel, ylabel, title) -> None:
