@@ -18,7 +18,7 @@ from torch import nn
 
 from sdk.paths import REPO
 
-from .feature_cache import Features, title_keys
+from .feature_cache import Features, pooled_stats, title_keys, title_stats
 from .fusion_model import EmbedderConfig, build_embedder, copy_half, load_embedder
 from .towers import image_grid
 from .train_config import TrainConfig
@@ -195,6 +195,20 @@ def _start_student(teacher: nn.Module, f_s: Features, features: Path, init: Path
     return student, s_cfg
 
 
+def refit_skip_stats(student: nn.Module, f_s: Features, log=print) -> None:
+    """A skip path standardises the mean-pooled tower features by the training set's statistics:
+    those the student starts with describe its start's towers (the teacher's six text layers and
+    224-px photos), not its own, and on other towers they blow the skip term up by orders of
+    magnitude. Refit them on the student's own features (training rows); its skip maps then train
+    from inputs of unit scale."""
+    if not getattr(student.cfg, "skip_path", False):
+        return
+    train_rows = np.flatnonzero(~np.asarray(f_s.is_val, bool))
+    student.skip_image.set_stats(*pooled_stats(f_s, train_rows))
+    student.skip_text.set_stats(*title_stats(f_s, train_rows))
+    log(f"skip path: standardisation refitted on the student's towers ({len(train_rows)} training products)")
+
+
 def distill_student(teacher_dir: Path, teacher_features: Path, features: Path, catalog, out: Path, cfg: TrainConfig,
                     log=print, init: Path | None = None, fusion_layers: int | None = None,
                     tune_text_layers: int | None = None, text_tower: nn.Module | None = None,
@@ -223,6 +237,7 @@ def distill_student(teacher_dir: Path, teacher_features: Path, features: Path, c
         f_s.tune_with(student)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
+    refit_skip_stats(student, f_s, log)
     catalog = catalog or f_s.meta.get("catalog")
     keys = title_keys(f_s, catalog)
     val_rows = np.flatnonzero(f_s.is_val)

@@ -458,3 +458,31 @@ def test_tuned_pairs_match_each_tuned_module_with_the_towers_at_its_depth():
     assert [(a, b) for a, b in pairs] == [(model.text_tail[0], tower.encoder.layer[1]),
                                           (model.text_tail[1], tower.encoder.layer[2])]
     assert tuned_pairs(model) == [] and tuned_pairs(FusionEmbedder(EmbedderConfig(**TINY)), text=tower) == []
+
+
+def test_a_students_skip_path_is_standardised_on_its_own_towers(tmp_path):
+    """The skip path's statistics come from the start's towers; on the student's towers (here the
+    title states at 1000x the scale) they would blow the skip term up: they are refitted on the
+    student's own training rows, so its standardised pooled features have unit scale."""
+    from sdk.train.feature_cache import pooled_stats, title_stats
+    from sdk.train.student import refit_skip_stats
+
+    cache = write_cache(tmp_path / "student_cache")
+    tok = np.load(cache / "title_tok.npy").astype(np.float32)
+    np.save(cache / "title_tok.npy", (tok * 1000).astype(np.float32))
+    f = Features(cache)
+    torch.manual_seed(0)
+    student = FusionEmbedder(EmbedderConfig(**{**TINY, "skip_path": True}))
+    before = student.skip_text.inv_std.clone()
+    lines = []
+    refit_skip_stats(student, f, lines.append)
+    train_rows = np.flatnonzero(~np.asarray(f.is_val, bool))
+    mean, std = title_stats(f, train_rows)
+    assert torch.allclose(student.skip_text.mean, mean) and torch.allclose(student.skip_text.inv_std, 1 / std)
+    assert not torch.allclose(student.skip_text.inv_std, before)
+    i_mean, i_std = pooled_stats(f, train_rows)
+    assert torch.allclose(student.skip_image.mean, i_mean) and torch.allclose(student.skip_image.inv_std, 1 / i_std)
+    assert lines and "refitted" in lines[0]
+    plain = FusionEmbedder(EmbedderConfig(**TINY))  # no skip path: nothing to refit, nothing logged
+    refit_skip_stats(plain, f, lines.append)
+    assert len(lines) == 1
