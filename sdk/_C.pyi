@@ -77,10 +77,13 @@ class FusionHeadKernel:
     ) -> None: ...
     def __call__(
         self, image_tokens: _F32, text_states: _F32, text_mask: _F32, trace_states: _F32, trace_mask: _F32,
-        present: _F32, dim: int, force_scalar: bool = False,
+        present: _F32, dim: int, skip: _F32 | None = None, force_scalar: bool = False,
+        source: npt.NDArray[np.int64] | None = None,
     ) -> _F32:
-        """(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (B, 3) -> (B, dim) L2-normalised embeddings.
+        """(B, N, d), (B, T, C), (B, T), (B, S, C), (B, S), (R, 3) -> (R, dim) L2-normalised embeddings.
 
-        Masks are 0/1; padded and absent positions are never read into the result. The GIL is
-        released while it runs; one object may be called from many threads.
+        `skip` (R, out_dim) is added before the truncation and norm. `source` (R ints) names the
+        token row each query row reads (default: R == B, row r reads row r); rows that share a token
+        row share its K/V projections. Masks are 0/1; padded and absent positions are never read into
+        the result. The GIL is released while it runs; one object may be called from many threads.
         """
