@@ -100,6 +100,11 @@ def _config_weight(config: Mapping[str, Any], key: str, default: float, zero: bo
     return w
 
 
+def _f32(a) -> np.ndarray:
+    """`a` as the C-contiguous float32 array the compiled head reads (no copy when it already is)."""
+    return np.ascontiguousarray(a, _F32)
+
+
 class FusionHead:
     """NumPy inference of the fusion embedder's head.
 
@@ -240,9 +245,8 @@ class FusionHead:
         """`__call__` without the blend: the head's own vectors of these rows."""
         skip = self.skip_term(image_skip, text_states, text_mask, present) if self.skip_path else None
         if self.fused and ops.HAVE_C and self._kernel is not None:
-            f32 = lambda a: np.ascontiguousarray(a, _F32)  # noqa: E731
-            return self._kernel(f32(image_tokens), f32(text_states), f32(text_mask), f32(trace_states),
-                                f32(trace_mask), f32(present), self.out_dim if dim is None else int(dim), skip)
+            return self._kernel(*map(_f32, (image_tokens, text_states, text_mask, trace_states, trace_mask, present)),
+                                self.out_dim if dim is None else int(dim), skip)
         return self.forward_reference(image_tokens, text_states, text_mask, trace_states, trace_mask, present, dim,
                                       skip=skip)
 
@@ -259,9 +263,8 @@ class FusionHead:
             skip = np.concatenate([self.skip_term(image_skip, text_states, text_mask, present)] + [
                 self.skip_term(None if image_skip is None else image_skip[rows], text_states[rows], text_mask[rows], v)
                 for v in views])
-        f32 = lambda a: np.ascontiguousarray(a, _F32)  # noqa: E731
-        out = self._kernel(f32(image_tokens), f32(text_states), f32(text_mask), f32(trace_states), f32(trace_mask),
-                           f32(pres), self.out_dim, skip, source=source)
+        out = self._kernel(*map(_f32, (image_tokens, text_states, text_mask, trace_states, trace_mask, pres)),
+                           self.out_dim, skip, source=source)
         bounds = np.cumsum([B] + [len(rows)] * len(views))[:-1]
         return np.split(out, bounds)
 

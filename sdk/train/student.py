@@ -18,7 +18,7 @@ from torch import nn
 
 from sdk.paths import REPO
 
-from .feature_cache import Features, pooled_stats, title_keys, title_stats
+from .feature_cache import Features, pooled_stats, title_keys, title_stats, training_rows
 from .fusion_model import EmbedderConfig, build_embedder, copy_half, load_embedder
 from .towers import image_grid
 from .train_config import TrainConfig
@@ -203,7 +203,7 @@ def refit_skip_stats(student: nn.Module, f_s: Features, log=print) -> None:
     from inputs of unit scale."""
     if not getattr(student.cfg, "skip_path", False):
         return
-    train_rows = np.flatnonzero(~np.asarray(f_s.is_val, bool))
+    train_rows = training_rows(f_s, None)
     student.skip_image.set_stats(*pooled_stats(f_s, train_rows))
     student.skip_text.set_stats(*title_stats(f_s, train_rows))
     log(f"skip path: standardisation refitted on the student's towers ({len(train_rows)} training products)")

@@ -464,7 +464,7 @@ def test_a_students_skip_path_is_standardised_on_its_own_towers(tmp_path):
     """The skip path's statistics come from the start's towers; on the student's towers (here the
     title states at 1000x the scale) they would blow the skip term up: they are refitted on the
     student's own training rows, so its standardised pooled features have unit scale."""
-    from sdk.train.feature_cache import pooled_stats, title_stats
+    from sdk.train.feature_cache import pooled_stats, title_stats, training_rows
     from sdk.train.student import refit_skip_stats
 
     cache = write_cache(tmp_path / "student_cache")
@@ -476,7 +476,7 @@ def test_a_students_skip_path_is_standardised_on_its_own_towers(tmp_path):
     before = student.skip_text.inv_std.clone()
     lines = []
     refit_skip_stats(student, f, lines.append)
-    train_rows = np.flatnonzero(~np.asarray(f.is_val, bool))
+    train_rows = training_rows(f, None)
     mean, std = title_stats(f, train_rows)
     assert torch.allclose(student.skip_text.mean, mean) and torch.allclose(student.skip_text.inv_std, 1 / std)
     assert not torch.allclose(student.skip_text.inv_std, before)
